@@ -1,0 +1,332 @@
+"""Policy objectives: pure tensor functions, no model code (PAPER.md sections 3-6).
+
+Naming follows the paper: ``logp`` = log pi_theta (carries grad), ``old_logp`` = log pi_old
+(training engine, before this round of updates), ``rollout_logp`` = log mu_old (the inference
+engine that sampled the tokens). Two ratios decompose pi_theta / mu_old:
+
+    w = pi_old / mu_old       training-inference discrepancy, corrected by IS (always stop-grad)
+    r = pi_theta / pi_old     policy staleness, bounded by clipping
+
+Every algorithm is a function ``(ctx) -> (token_term, clip_low, clip_high, active)`` registered in
+``ALGORITHMS`` by name; ``policy_loss`` validates inputs, computes the IS weight, calls the
+algorithm, aggregates with a constant or per-response normalizer and returns ``-objective``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from stablerl.config import AGGREGATIONS, IS_MODES, LossConfig
+
+__all__ = ["LossConfig", "policy_loss", "aggregation_normalizer", "importance_weights", "ALGORITHMS"]
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation: bad input is a ValueError naming the argument, never a silent NaN loss.
+# --------------------------------------------------------------------------------------------
+def _validate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes and values; return (bool mask [B, T], advantages broadcast to [B, T])."""
+    named = {"logp": logp, "old_logp": old_logp, "rollout_logp": rollout_logp,
+             "advantages": advantages, "mask": mask}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
+    for name in ("old_logp", "rollout_logp", "mask"):
+        if named[name].shape != logp.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(named[name].shape)}, expected {tuple(logp.shape)} like logp"
+            )
+    for name in ("logp", "old_logp", "rollout_logp"):
+        if not named[name].is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must be boolean or contain only 0 and 1")
+        mask = mask.bool()
+    if not bool(mask.any()):
+        raise ValueError("mask has no response tokens: there is nothing to compute a loss on")
+    B, T = logp.shape
+    if advantages.shape == (B,):
+        advantages = advantages[:, None].expand(B, T)
+    elif advantages.shape != (B, T):
+        raise ValueError(
+            f"advantages must have shape [B]=({B},) or [B, T]=({B}, {T}), got {tuple(advantages.shape)}"
+        )
+    # Padding positions may hold anything (engines pad with 0, -inf or garbage); only the values
+    # that enter the loss must be finite.
+    for name in ("logp", "old_logp", "rollout_logp", "advantages"):
+        t = advantages if name == "advantages" else named[name]
+        bad = (~torch.isfinite(t.detach())) & mask
+        if bool(bad.any()):
+            raise ValueError(f"{name} has {int(bad.sum())} NaN/inf values at response-mask positions")
+    return mask, advantages
+
+
+# --------------------------------------------------------------------------------------------
+# IS correction of the training-inference discrepancy.
+# --------------------------------------------------------------------------------------------
+def _seq_mean(x: torch.Tensor, maskf: torch.Tensor) -> torch.Tensor:
+    """Per-response mean over response tokens, [B, T] -> [B]; empty rows give 0."""
+    return (x * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
+
+
+def importance_weights(
+    old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IS weight on w = pi_old/mu_old for every token, stop-gradient.
+
+    Returns ``(weight, truncated, dropped)``, all ``[B, T]``: the weight to multiply each token
+    term by (0 for dropped tokens) and boolean maps of the tokens whose weight was truncated or
+    that were dropped. The sequence modes use one weight per response, the geometric mean of its
+    token ratios ``exp(mean_t log w_t)``: unlike the product it does not explode or vanish with
+    response length, so one cap fits responses of every length.
+    """
+    maskf = mask.to(old_logp.dtype)
+    log_w = torch.where(mask, old_logp.detach() - rollout_logp.detach(), torch.zeros_like(old_logp))
+    if cfg.is_mode.startswith("sequence"):
+        log_w = _seq_mean(log_w, maskf)[:, None].expand_as(log_w)
+    w = log_w.exp()
+    no = torch.zeros_like(mask)
+    if cfg.is_mode == "none":
+        return torch.ones_like(w), no, no
+    if cfg.is_mode.endswith("truncate"):
+        truncated = (w > cfg.is_cap) & mask
+        return w.clamp(max=cfg.is_cap), truncated, no
+    if cfg.is_mode.endswith("mask"):
+        keep = (w >= cfg.is_low) & (w <= cfg.is_cap)
+        return torch.where(keep, w, torch.zeros_like(w)), no, (~keep) & mask
+    raise ValueError(f"unknown is_mode {cfg.is_mode!r}; allowed: {', '.join(IS_MODES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The algorithms. Each returns the per-token objective term whose gradient is the algorithm's
+# gradient, plus where the clip is active and which tokens can carry gradient.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Ctx:
+    logp: torch.Tensor        # log pi_theta, grad, zero at padding
+    log_r: torch.Tensor       # log pi_theta - sg[log pi_old], grad
+    adv: torch.Tensor         # [B, T]
+    is_weight: torch.Tensor   # [B, T], no grad
+    mask: torch.Tensor        # [B, T] bool
+    cfg: LossConfig
+
+    @property
+    def lo(self) -> float:
+        return 1.0 - self.cfg.eps_low if self.cfg.clip else 0.0
+
+    @property
+    def hi(self) -> float:
+        return 1.0 + self.cfg.eps_high if self.cfg.clip else float("inf")
+
+
+Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _ppo_clip_masks(ratio: torch.Tensor, ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens that PPO's clip stops: moved past the bound in the advantage's direction."""
+    ratio = ratio.detach()
+    low = (ctx.adv < 0) & (ratio < ctx.lo) & ctx.mask
+    high = (ctx.adv > 0) & (ratio > ctx.hi) & ctx.mask
+    return low, high
+
+
+def _minirl(ctx: _Ctx) -> Terms:
+    """PAPER.md s.6: M * sg[w] * r * A. Gradient of a kept token: w * r * A * grad log pi."""
+    r = ctx.log_r.exp()
+    low, high = _ppo_clip_masks(r, ctx)
+    keep = ctx.mask & ~low & ~high
+    # where (not multiply) so an overflowing ratio on a stopped token cannot turn into 0 * inf.
+    term = torch.where(keep, ctx.is_weight * r * ctx.adv, torch.zeros_like(r))
+    return term, low, high, keep & (ctx.is_weight != 0)
+
+
+def _grpo(ctx: _Ctx) -> Terms:
+    """sg[w] * min(r A, clip(r) A): the PPO/GRPO clipped surrogate (same gradient as MiniRL)."""
+    r = ctx.log_r.exp()
+    low, high = _ppo_clip_masks(r, ctx)
+    clipped_r = r.clamp(min=ctx.lo, max=ctx.hi)
+    term = ctx.is_weight * torch.minimum(r * ctx.adv, clipped_r * ctx.adv)
+    keep = ctx.mask & ~low & ~high
+    return torch.where(ctx.mask, term, torch.zeros_like(term)), low, high, keep & (ctx.is_weight != 0)
+
+
+def _cispo(ctx: _Ctx) -> Terms:
+    """sg[clip(r)] * sg[w] * A * log pi: clips the weight, never the gradient of a token."""
+    r = ctx.log_r.detach().exp()
+    low = (r < ctx.lo) & ctx.mask
+    high = (r > ctx.hi) & ctx.mask
+    term = r.clamp(min=ctx.lo, max=ctx.hi) * ctx.is_weight * ctx.adv * ctx.logp
+    return torch.where(ctx.mask, term, torch.zeros_like(term)), low, high, ctx.mask & (ctx.is_weight != 0)
+
+
+def _gspo(ctx: _Ctx) -> Terms:
+    """Sequence-level ratio s = exp(mean_t log r_t) with PPO clipping, broadcast to tokens.
+
+    With ``seq_mean_token_mean`` this is GSPO's per-response objective min(s A, clip(s) A);
+    with ``token_sum`` every token carries s A, i.e. gradient s * A * sum_t grad log pi_t.
+    """
+    maskf = ctx.mask.to(ctx.log_r.dtype)
+    s = _seq_mean(ctx.log_r, maskf).exp()[:, None].expand_as(ctx.log_r)
+    low, high = _ppo_clip_masks(s, ctx)
+    clipped_s = s.clamp(min=ctx.lo, max=ctx.hi)
+    term = ctx.is_weight * torch.minimum(s * ctx.adv, clipped_s * ctx.adv)
+    keep = ctx.mask & ~low & ~high
+    return torch.where(ctx.mask, term, torch.zeros_like(term)), low, high, keep & (ctx.is_weight != 0)
+
+
+def _reinforce(ctx: _Ctx) -> Terms:
+    """sg[w] * A * log pi: plain policy gradient with IS correction, no staleness ratio."""
+    term = ctx.is_weight * ctx.adv * ctx.logp
+    no = torch.zeros_like(ctx.mask)
+    return torch.where(ctx.mask, term, torch.zeros_like(term)), no, no, ctx.mask & (ctx.is_weight != 0)
+
+
+ALGORITHMS: dict[str, Callable[[_Ctx], Terms]] = {
+    "minirl": _minirl,
+    "grpo": _grpo,
+    "cispo": _cispo,
+    "gspo": _gspo,
+    "reinforce": _reinforce,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation. The normalizer is a property of the whole (mini-)batch, so gradient accumulation
+# over micro-batches is exact when every micro-batch is given the same normalizer.
+# --------------------------------------------------------------------------------------------
+def aggregation_normalizer(
+    mask: torch.Tensor, aggregation: str, max_response_len: int | None = None
+) -> float:
+    """The denominator ``aggregation`` uses, computed over a whole (mini-)batch.
+
+    token_sum: responses x max response length (a constant: per-response length normalization
+    would break the first-order argument, PAPER.md s.6); token_mean: response tokens;
+    seq_mean_token_mean: responses with at least one token. Compute it once on the batch that
+    makes one optimizer step and pass it to every micro-batch's ``policy_loss`` call.
+    """
+    if aggregation == "token_sum":
+        return float(mask.shape[0] * (max_response_len or mask.shape[1]))
+    if aggregation == "token_mean":
+        return float(mask.sum())
+    if aggregation == "seq_mean_token_mean":
+        return float((mask.sum(-1) > 0).sum())
+    raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+
+
+def _aggregate(term: torch.Tensor, mask: torch.Tensor, aggregation: str, normalizer: float) -> torch.Tensor:
+    maskf = mask.to(term.dtype)
+    if aggregation == "seq_mean_token_mean":
+        return ((term * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)).sum() / normalizer
+    return (term * maskf).sum() / normalizer
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point.
+# --------------------------------------------------------------------------------------------
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss (= -objective, to minimise) and metrics for one batch of sampled tokens.
+
+    Args:
+        logp: ``[B, T]`` log pi_theta of the sampled tokens; carries the gradient.
+        old_logp: ``[B, T]`` log pi_old (training engine, weights before this round of updates).
+        rollout_logp: ``[B, T]`` log mu_old (the inference engine that sampled the tokens).
+        advantages: ``[B]`` (one per response) or ``[B, T]``.
+        mask: ``[B, T]`` bool or 0/1; True at response tokens. Values at other positions are
+            ignored (they may be NaN/inf).
+        cfg: a :class:`LossConfig`.
+        normalizer: the aggregation's denominator. Pass ``aggregation_normalizer(...)`` of the
+            whole mini-batch when this call sees one micro-batch of it; ``None`` computes it on
+            this call's batch.
+
+    Metrics: ``n_tokens``, ``n_tokens_contrib`` (tokens whose gradient weight is non-zero),
+    ``clip_frac_low``/``clip_frac_high``, ``is_weight_mean/min/max`` (raw w over response tokens,
+    per-response geometric means in the sequence modes), ``is_frac_truncated``/``is_frac_masked``,
+    ``train_infer_kl`` (k3 estimate of KL(mu_old || pi_old)), ``staleness_kl`` (k3 estimate of
+    KL(pi_old || pi_theta)), ``ratio_mean``/``ratio_max`` (r). Token fractions are over the
+    response tokens of this call.
+    """
+    if not isinstance(cfg, LossConfig):
+        raise ValueError(f"cfg must be a stablerl LossConfig, got {type(cfg).__name__}")
+    mask, adv = _validate(logp, old_logp, rollout_logp, advantages, mask)
+    if normalizer is None:
+        normalizer = aggregation_normalizer(mask, cfg.aggregation)
+    if not (isinstance(normalizer, (int, float)) and normalizer > 0 and normalizer != float("inf")):
+        raise ValueError(f"normalizer must be a positive finite number, got {normalizer!r}")
+
+    zeros = torch.zeros_like(logp)
+    logp = torch.where(mask, logp, zeros)
+    old_logp = torch.where(mask, old_logp.detach(), zeros)
+    rollout_logp = torch.where(mask, rollout_logp.detach(), zeros)
+    adv = torch.where(mask, adv.detach().to(logp.dtype), zeros)
+
+    is_weight, truncated, dropped = importance_weights(old_logp, rollout_logp, mask, cfg)
+    ctx = _Ctx(logp=logp, log_r=logp - old_logp, adv=adv, is_weight=is_weight, mask=mask, cfg=cfg)
+    try:
+        algorithm = ALGORITHMS[cfg.algorithm]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {cfg.algorithm!r}; allowed: {', '.join(ALGORITHMS)}") from None
+    term, clip_low, clip_high, active = algorithm(ctx)
+    loss = -_aggregate(term, mask, cfg.aggregation, normalizer)
+    if not bool(torch.isfinite(loss.detach())):
+        # Inputs were finite, so the ratio overflowed (log r > ~88 in fp32): say so, loudly.
+        raise FloatingPointError(
+            f"policy_loss is not finite ({float(loss)}): max log-ratio log(pi_theta/pi_old) = "
+            f"{float(ctx.log_r.detach()[mask].max()):.3g}; enable clipping or lower the learning rate"
+        )
+    return loss, _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, clip_high, active)
+
+
+@torch.no_grad()
+def _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, clip_high, active) -> dict[str, float]:
+    mask = ctx.mask
+    n = float(mask.sum())
+    log_w = (old_logp - rollout_logp)[mask]
+    log_r = ctx.log_r.detach()[mask]
+    if ctx.cfg.is_mode.startswith("sequence"):
+        # the weight a sequence mode applies: one geometric mean per non-empty response
+        w_shown = _seq_mean(old_logp - rollout_logp, mask.to(old_logp.dtype)).exp()[mask.any(-1)]
+    else:
+        w_shown = log_w.exp()
+
+    def k3(log_ratio: torch.Tensor) -> float:
+        # k3 = ratio - 1 - log ratio >= 0, an unbiased low-variance estimate of KL (Schulman).
+        return float((log_ratio.exp() - 1 - log_ratio).mean())
+
+    r = log_r.exp()
+    return {
+        "loss": float(loss.detach()),
+        "n_tokens": n,
+        "n_tokens_contrib": float(active.sum()),
+        "clip_frac_low": float(clip_low.sum()) / n,
+        "clip_frac_high": float(clip_high.sum()) / n,
+        "is_weight_mean": float(w_shown.mean()),
+        "is_weight_min": float(w_shown.min()),
+        "is_weight_max": float(w_shown.max()),
+        "is_frac_truncated": float(truncated.sum()) / n,
+        "is_frac_masked": float(dropped.sum()) / n,
+        "train_infer_kl": k3(log_w),
+        "staleness_kl": k3(log_r),
+        "ratio_mean": float(r.mean()),
+        "ratio_max": float(r.max()),
+    }
