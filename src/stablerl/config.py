@@ -78,14 +78,19 @@ class LabConfig(StrictModel):
     hidden: int = Field(32, ge=4, le=512, description="Hidden width of the MLP policy.")
     init_scale: float = Field(1.5, gt=0, description="Std of the initial output logits (peakier policy).")
     seed: int = Field(0, description="Seed of the policy init and the numeric perturbations.")
+    warm_start_reward: float = Field(
+        0.3, ge=0, lt=1,
+        description="Cold start: Adam ascent on the exact objective until the expected reward "
+        "reaches this (0 = stay at the random init), so RL starts from partial accuracy.",
+    )
     discrepancy_noise: list[float] = Field(
         [0.0, 0.02, 0.05, 0.1, 0.2, 0.4],
         description="Relative weight-noise sizes that turn pi_old into the sampling policy mu_old.",
     )
     staleness_steps: list[int] = Field(
-        [0, 1, 2, 4, 8, 16], description="Optimizer steps theta is moved away from theta_old."
+        [0, 1, 2, 4, 8, 16, 32], description="Optimizer steps theta is moved away from theta_old."
     )
-    staleness_lr: float = Field(0.03, gt=0, description="Adam learning rate of the staleness steps.")
+    staleness_lr: float = Field(0.002, gt=0, description="Adam learning rate of the staleness steps.")
     casts: list[Literal["bf16", "fp8"]] = Field(
         ["bf16", "fp8"], description="Low-precision inference casts evaluated as extra discrepancy points."
     )
@@ -105,3 +110,90 @@ class LabConfig(StrictModel):
                 "sequences; the lab enumerates all of them, keep it <= 200000"
             )
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: a YAML/TOML file plus dotted command-line overrides (``loss.eps_high=0.28``).
+# --------------------------------------------------------------------------------------------
+def load_file(path: str) -> dict:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {path!r} does not exist")
+    text = p.read_text()
+    if p.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping at the top level")
+        return data
+    raise ValueError(f"config file {path!r}: allowed extensions are .yaml, .yml, .toml")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML scalars/lists)."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. loss.eps_high=0.28)")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def build_config(model: type[BaseModel], path: str | None, overrides: list[str]) -> BaseModel:
+    """File + overrides -> validated config; errors name the key and what is allowed."""
+    from pydantic import ValidationError
+
+    data = apply_overrides(load_file(path) if path else {}, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(model, err["loc"][:-1])
+                msg = f"unknown key; allowed here: {', '.join(allowed)}"
+            problems.append(f"  {loc}: {msg}")
+        raise ValueError(f"invalid {model.__name__}:\n" + "\n".join(problems)) from None
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def describe(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per key (dotted), with default and description, for ``--help``."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += describe(ann, f"{prefix}{name}.")
+        else:
+            lines.append(f"  {prefix}{name} = {field.default!r}\n      {field.description or ''}")
+    return lines
