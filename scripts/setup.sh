@@ -12,6 +12,9 @@ cd "$root"
 python_bin="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+quiet_pip() {  # pip with this machine's harmless "local index location is ignored" noise filtered
+  "${pip[@]}" "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 
 stamp=.venv/.stablerl-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
@@ -24,12 +27,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
     echo "[setup] installing $torch_spec" >&2
     if [ -n "${STABLERL_TORCH_INDEX_URL:-}" ]; then
-      "${pip[@]}" --index-url "$STABLERL_TORCH_INDEX_URL" "$torch_spec"
+      quiet_pip --index-url "$STABLERL_TORCH_INDEX_URL" "$torch_spec"
     else
-      "${pip[@]}" "$torch_spec"
+      quiet_pip "$torch_spec"
     fi
   fi
   echo "[setup] installing stablerl and its dependencies into .venv" >&2
-  "${pip[@]}" -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+  quiet_pip -e ".[dev]"
   echo "$want" > "$stamp"
 fi
