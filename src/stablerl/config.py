@@ -69,6 +69,18 @@ class LossConfig(StrictModel):
         return self
 
 
+class SamplingConfig(StrictModel):
+    """How the rollout engine samples. The rollout log-prob of a token is taken under the
+    distribution it was actually sampled from (after temperature, top-k and top-p): that is
+    mu_old, which the IS correction compares with pi_old (see docs/rollout.md)."""
+
+    temperature: float = Field(1.0, ge=0, description="Softmax temperature; 0 = greedy (log-prob 0).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = off).")
+    max_new_tokens: int = Field(32, ge=1, description="Response length limit.")
+    seed: int = Field(0, description="Base seed; request i uses seed + i unless seeds are given.")
+
+
 class LabConfig(StrictModel):
     """The exact first-order lab (stablerl.lab): an enumerable autoregressive toy policy."""
 

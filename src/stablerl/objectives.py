@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from stablerl.config import AGGREGATIONS, IS_MODES, LossConfig
+from stablerl.diagnostics import k3
 
 __all__ = ["LossConfig", "policy_loss", "aggregation_normalizer", "importance_weights", "ALGORITHMS"]
 
@@ -309,10 +310,6 @@ def _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, cl
     else:
         w_shown = log_w.exp()
 
-    def k3(log_ratio: torch.Tensor) -> float:
-        # k3 = ratio - 1 - log ratio >= 0, an unbiased low-variance estimate of KL (Schulman).
-        return float((log_ratio.exp() - 1 - log_ratio).mean())
-
     r = log_r.exp()
     return {
         "loss": float(loss.detach()),
@@ -325,8 +322,8 @@ def _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, cl
         "is_weight_max": float(w_shown.max()),
         "is_frac_truncated": float(truncated.sum()) / n,
         "is_frac_masked": float(dropped.sum()) / n,
-        "train_infer_kl": k3(log_w),
-        "staleness_kl": k3(log_r),
+        "train_infer_kl": float(k3(log_w).mean()),
+        "staleness_kl": float(k3(log_r).mean()),
         "ratio_mean": float(r.mean()),
         "ratio_max": float(r.max()),
     }

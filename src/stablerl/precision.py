@@ -46,13 +46,24 @@ def cast_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
     return weight.detach().to(torch.bfloat16)
 
 
-def cast_state_dict(state_dict: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+def cast_state_dict(
+    state_dict: dict[str, torch.Tensor], precision: str, keep: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
     """Every floating-point tensor of a state dict cast as ``cast_weight``; others unchanged.
 
-    fp8 applies to 2-D+ matrices only: norms, biases and 1-D tensors stay bfloat16, as in FP8
-    inference engines, which quantize the linear layers and keep the rest in higher precision.
+    fp8 applies to 2-D+ matrices not named in ``keep``; those, norms, biases and 1-D tensors stay
+    bfloat16, as FP8 inference engines quantize the linear layers and keep the rest in higher
+    precision.
     """
-    return {k: cast_weight(v, precision) if v.is_floating_point() else v for k, v in state_dict.items()}
+    out = {}
+    for k, v in state_dict.items():
+        if not v.is_floating_point():
+            out[k] = v
+        elif precision == "fp8" and k in keep:
+            out[k] = cast_weight(v, "bf16")
+        else:
+            out[k] = cast_weight(v, precision)
+    return out
 
 
 def _check(precision: str) -> None:

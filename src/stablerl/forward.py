@@ -1,0 +1,55 @@
+"""The training engine's forward over rollouts: log-probs of the sampled response tokens.
+
+One function serves every place the trainer needs pi: ``old_logp`` (recording the training
+routes for R2), ``logp`` with gradient, and replaying routes (R2: the recorded training routes,
+R3: the rollout engine's routes).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from stablerl.models import position_ids_from_mask
+from stablerl.rollout.base import RolloutBatch
+from stablerl.routing import capture_routes, replay_routes
+
+
+def response_logp(
+    model: nn.Module,
+    batch: RolloutBatch,
+    *,
+    replay: torch.Tensor | None = None,
+    capture: bool = False,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Log pi(y_t | x, y_<t) of every response token, ``[B, R]`` (0 at padding).
+
+    The logits are divided by ``temperature`` so that pi is compared with the distribution the
+    rollout engine sampled from (at temperature 1 this is the model's own distribution).
+    ``replay`` (``[B, P+R, layers, top_k]``) fixes the experts; ``capture`` returns the routes
+    this forward used under ``"routes"``; ``with_entropy`` adds the per-token entropy of pi.
+    """
+    P = batch.prompt_width
+    capture_ctx = capture_routes(model) if capture else nullcontext()
+    replay_ctx = replay_routes(model, replay) if replay is not None else nullcontext()
+    with replay_ctx, capture_ctx as cap:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=position_ids_from_mask(batch.attention_mask), use_cache=False)
+    # position t predicts token t+1: the logits for response token j sit at position P + j - 1
+    logits = out.logits[:, P - 1:-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    mask = batch.response_mask
+    result = {"logp": torch.where(mask, logp, torch.zeros_like(logp))}
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        result["entropy"] = torch.where(mask, entropy, torch.zeros_like(entropy)).detach()
+    if capture:
+        result["routes"] = cap.routes
+    return result

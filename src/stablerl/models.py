@@ -1,0 +1,71 @@
+"""Tiny model configurations built locally (nothing is downloaded), and model helpers.
+
+The default is a tiny Qwen3-MoE; tiny Qwen2-MoE, Mixtral, OLMoE and dense Qwen3 configs exist so
+routing and the engines are tested on every supported family.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "qwen3")
+
+
+def tiny_config(
+    family: str = "qwen3_moe",
+    vocab_size: int = 64,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_experts: int = 8,
+    top_k: int = 2,
+    expert_size: int = 64,
+    max_positions: int = 512,
+    **overrides,
+) -> PretrainedConfig:
+    """A tiny HF config of ``family``; ``overrides`` are passed to the config class."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    moe = dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
+               intermediate_size=2 * expert_size, output_router_logits=False)
+    if family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**common, **moe, head_dim=hidden_size // 4, norm_topk_prob=True)
+    elif family == "qwen2_moe":
+        cfg = Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=expert_size, norm_topk_prob=True)
+    elif family == "olmoe":
+        moe.pop("moe_intermediate_size")
+        cfg = OlmoeConfig(**common, **{**moe, "intermediate_size": expert_size}, norm_topk_prob=False)
+    elif family == "mixtral":
+        cfg = MixtralConfig(**common, num_local_experts=num_experts, num_experts_per_tok=top_k,
+                            intermediate_size=expert_size, output_router_logits=False)
+    elif family == "qwen3":
+        cfg = Qwen3Config(**common, intermediate_size=2 * expert_size, head_dim=hidden_size // 4)
+    else:
+        raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(FAMILIES)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A freshly initialized causal LM from ``config`` (deterministic given ``seed``)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each sequence's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,145 @@
+"""The local PyTorch rollout engine: mu_old with its own weight copy and precision."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from stablerl.config import SamplingConfig
+from stablerl.precision import PRECISIONS, cast_state_dict, compute_dtype
+from stablerl.rollout.base import RolloutBatch
+from stablerl.rollout.decoders import FastQwen3MoeDecoder, HFDecoder
+from stablerl.rollout.sampling import GumbelNoise, sample
+from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_routers, is_moe, route_shape
+
+
+def fp8_exempt_names(model: nn.Module) -> set[str]:
+    """Parameters an FP8 inference engine keeps in bf16: embeddings, LM head, norms, MoE routers
+    (a quantized router would flip expert choices far more than the paper's setting implies)."""
+    names = {n for n, _ in model.named_parameters() if "embed" in n or "lm_head" in n or "norm" in n}
+    names |= {n for n, _ in model.named_parameters() if n.endswith("shared_expert_gate.weight")}
+    if is_moe(model):
+        router_ids = {id(r) for r in moe_routers(model)}
+        for mod_name, mod in model.named_modules():
+            if id(mod) in router_ids:
+                names |= {f"{mod_name}.{p}" for p, _ in mod.named_parameters()}
+    return names
+
+
+class LocalEngine:
+    """Samples with a KV cache from its own copy of the weights in ``precision``.
+
+    ``fp32`` reproduces the training engine; ``bf16`` casts weights and compute; ``fp8`` stores
+    linear/expert weights as float8 e4m3 with per-output-channel scales (dequantized, computed in
+    bf16) and keeps embeddings, LM head, norms and routers in bf16. ``fast=None`` uses the lean
+    Qwen3-MoE decoder where it applies and the model's own forward elsewhere.
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "bf16", *, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int = 0, fast: bool | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown engine precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        self.precision = precision
+        config = model.config
+        self.model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(precision)).eval()
+        self.model.requires_grad_(False)
+        self._fp8_exempt = fp8_exempt_names(self.model)
+        if fast and not FastQwen3MoeDecoder.supports(self.model):
+            raise ValueError(f"the fast decoder supports qwen3_moe only, not {config.model_type!r}")
+        self.fast = FastQwen3MoeDecoder.supports(self.model) if fast is None else fast
+        eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+        self.eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
+        self.pad_token_id = pad_token_id
+        self.vocab_size = config.vocab_size
+        self.version = 0
+        self.load_weights(model.state_dict(), version=0)
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> None:
+        own = self.model.state_dict()
+        missing = set(own) - set(state_dict)
+        if missing:
+            raise ValueError(f"load_weights: state dict lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        cast = cast_state_dict({k: state_dict[k] for k in own}, self.precision, keep=self._fp8_exempt)
+        for name, tensor in own.items():
+            tensor.copy_(cast[name])  # in place: the decoders hold references to these tensors
+        self.version = self.version + 1 if version is None else int(version)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seeds: list[int] | None = None,
+                 capture_routes: bool = True) -> RolloutBatch:
+        # inference_mode (cheaper per op than no_grad: no view/version tracking); the outputs are
+        # cloned outside it so that training code may use them in autograd graphs
+        with torch.inference_mode():
+            batch = self._generate(prompts, sampling, seeds, capture_routes)
+        return batch.select(torch.arange(len(batch)))
+
+    def _generate(self, prompts, sampling, seeds, capture_routes) -> RolloutBatch:
+        ids, attention_mask = self._left_pad(prompts)
+        B, P = ids.shape
+        R = sampling.max_new_tokens
+        if seeds is None:
+            seeds = [sampling.seed + i for i in range(B)]
+        if len(seeds) != B:
+            raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
+        capture = capture_routes and is_moe(self.model)
+        decoder = (FastQwen3MoeDecoder(self.model, capture, B, P + R) if self.fast
+                   else HFDecoder(self.model, capture))
+        noise = GumbelNoise(seeds, self.vocab_size)
+
+        logits, routes = decoder.prefill(ids, attention_mask)
+        route_chunks = [_mask_routes(routes, attention_mask.bool())] if capture else []
+        positions = attention_mask.sum(-1)  # position of the first response token
+        tokens, logps, masks = [], [], []
+        finished = torch.zeros(B, dtype=torch.bool)
+        for s in range(R):
+            tok, lp = sample(logits, sampling, noise, s)
+            active = ~finished
+            tokens.append(torch.where(active, tok, torch.full_like(tok, self.pad_token_id)))
+            logps.append(torch.where(active, lp, torch.zeros_like(lp)))
+            masks.append(active)
+            finished = finished | (active & torch.isin(tok, self.eos_ids))
+            if bool(finished.all()) or s == R - 1:
+                break
+            # the token just sampled is real (valid) even if it was EOS; pads after it are not
+            logits, routes = decoder.step(tokens[-1], positions + s, active)
+            if capture:
+                route_chunks.append(_mask_routes(routes, active[:, None]))
+
+        response = torch.stack(tokens, dim=1)
+        response_mask = torch.stack(masks, dim=1)
+        batch = RolloutBatch(
+            input_ids=torch.cat([ids, response], dim=1),
+            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+            prompt_width=P,
+            response_mask=response_mask,
+            rollout_logp=torch.stack(logps, dim=1).float(),
+            finished=finished,
+            version=self.version,
+        )
+        if capture:
+            # the last sampled token is never fed back: its route is unknown (-1)
+            layers, top_k, _ = route_shape(self.model)
+            tail = torch.full((B, 1, layers, top_k), NO_ROUTE, dtype=ROUTE_DTYPE)
+            batch.routes = torch.cat(route_chunks + [tail], dim=1)
+        return batch
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+        flat = [t for p in prompts for t in p]
+        if min(flat) < 0 or max(flat) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        return ids, mask
+
+
+def _mask_routes(routes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Routes ``[B, T, L, k]`` with -1 where ``valid`` ``[B, T]`` is False (padding)."""
+    routes = routes.to(ROUTE_DTYPE)
+    return routes if bool(valid.all()) else routes.masked_fill(~valid[:, :, None, None], NO_ROUTE)

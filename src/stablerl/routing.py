@@ -1,0 +1,201 @@
+"""Capture and replay of MoE expert indices for HF ``transformers`` models (PAPER.md s.5).
+
+Routes are one integer tensor ``[B, T, num_moe_layers, top_k]`` (int16) aligned with the
+``input_ids`` of a forward pass; ``-1`` marks a position without a route (padding, or a token an
+engine could not report), and such positions fall back to live routing on replay.
+
+Routing Replay fixes *which* experts a token uses, not *how much* it trusts them: under replay
+the routing weights are recomputed from the current router logits (softmax, gather at the
+replayed indices, then the model's own top-k renormalization), so the router keeps its gradient.
+
+- **R2** (vanilla routing replay) replays the routes the training engine chose while computing
+  ``old_logp``: it removes the staleness part of routing drift and changes nothing on the first
+  mini-batch of a step.
+- **R3** (rollout routing replay) replays the routes the inference engine chose while sampling:
+  it removes the discrepancy part too, but biases even the first mini-batch.
+
+The paper (s.7): on-policy, R3 brought no gain; off-policy, R2 was best with few mini-batches
+per step and R3 with many.
+
+Implementation: every supported family has a router module returning
+``(router_logits, routing_weights, expert_indices)``; capture and replay are forward hooks on it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+ROUTE_DTYPE = torch.int16
+NO_ROUTE = -1
+
+# model_type -> (router class name, whether top-k weights are always renormalized)
+# For the qwen/olmoe families the router's own ``norm_topk_prob`` decides; Mixtral always
+# renormalizes over the chosen experts.
+SUPPORTED_ROUTERS: dict[str, tuple[str, bool | None]] = {
+    "qwen3_moe": ("Qwen3MoeTopKRouter", None),
+    "qwen2_moe": ("Qwen2MoeTopKRouter", None),
+    "olmoe": ("OlmoeTopKRouter", None),
+    "mixtral": ("MixtralTopKRouter", True),
+}
+
+
+def moe_routers(model: nn.Module) -> list[nn.Module]:
+    """The router modules of ``model`` in layer order; a clear error for anything unsupported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_ROUTERS:
+        raise ValueError(
+            f"routing capture/replay does not support model_type={model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_ROUTERS)}"
+        )
+    cls_name = SUPPORTED_ROUTERS[model_type][0]
+    routers = [m for m in model.modules() if type(m).__name__ == cls_name]
+    if not routers:
+        raise ValueError(f"{type(model).__name__} ({model_type}) has no MoE layers ({cls_name} modules)")
+    return routers
+
+
+def is_moe(model: nn.Module) -> bool:
+    try:
+        moe_routers(model)
+    except ValueError:
+        return False
+    return True
+
+
+def route_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(num_moe_layers, top_k, num_experts) of ``model``."""
+    routers = moe_routers(model)
+    return len(routers), int(routers[0].top_k), int(routers[0].num_experts)
+
+
+def _normalizes(model: nn.Module, router: nn.Module) -> bool:
+    fixed = SUPPORTED_ROUTERS[model.config.model_type][1]
+    return bool(router.norm_topk_prob) if fixed is None else fixed
+
+
+def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is None:
+        raise ValueError("routing hooks need input_ids or inputs_embeds to align routes with positions")
+    return int(ids.shape[0]), int(ids.shape[1])
+
+
+class RouteCapture:
+    """Holds the routes recorded by :func:`capture_routes`: ``routes`` is the last forward's."""
+
+    def __init__(self) -> None:
+        self.all_routes: list[torch.Tensor] = []
+
+    @property
+    def routes(self) -> torch.Tensor:
+        if not self.all_routes:
+            raise RuntimeError("no forward pass ran inside capture_routes()")
+        return self.all_routes[-1]
+
+
+@contextmanager
+def capture_routes(model: nn.Module) -> Iterator[RouteCapture]:
+    """After a forward inside this context, ``.routes`` is ``[B, T, num_moe_layers, top_k]``.
+
+    Positions where the forward's 2-D ``attention_mask`` is 0 (padding) are marked -1. Every
+    forward inside the context is kept in ``.all_routes`` (e.g. one per generation step).
+    """
+    routers = moe_routers(model)
+    cap = RouteCapture()
+    state: dict = {}
+
+    def pre_hook(_module, args, kwargs):
+        B, T = _input_shape(args, kwargs)
+        am = kwargs.get("attention_mask")
+        state.update(shape=(B, T), layers=[], pad=(am == 0) if am is not None and am.dim() == 2 and am.shape == (B, T) else None)
+
+    def router_hook(_module, _args, output):
+        B, T = state["shape"]
+        indices = output[2]
+        if indices.shape[0] != B * T:
+            raise RuntimeError(f"router saw {indices.shape[0]} tokens for an input of shape [{B}, {T}]")
+        state["layers"].append(indices.reshape(B, T, -1).to(ROUTE_DTYPE))
+
+    def post_hook(_module, _args, _output):
+        routes = torch.stack(state["layers"], dim=2)
+        if state["pad"] is not None:
+            routes = routes.masked_fill(state["pad"][:, :, None, None], NO_ROUTE)
+        cap.all_routes.append(routes)
+
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               model.register_forward_hook(post_hook)]
+    handles += [r.register_forward_hook(router_hook) for r in routers]  # after any replay hook
+    try:
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def validate_routes(model: nn.Module, routes: torch.Tensor) -> None:
+    layers, top_k, num_experts = route_shape(model)
+    if not isinstance(routes, torch.Tensor) or routes.is_floating_point() or routes.dim() != 4:
+        raise ValueError("routes must be an integer tensor [B, T, num_moe_layers, top_k]")
+    if routes.shape[2:] != (layers, top_k):
+        raise ValueError(
+            f"routes have {tuple(routes.shape[2:])} (layers, top_k); the model has ({layers}, {top_k})"
+        )
+    if bool(((routes < NO_ROUTE) | (routes >= num_experts)).any()):
+        raise ValueError(f"route indices must be -1 (no route) or in [0, {num_experts})")
+    missing = routes < 0
+    if bool((missing.any(-1) != missing.all(-1)).any()):
+        raise ValueError("a position must have all of its top_k experts or none (-1) in a layer")
+
+
+def replay_weights(router_logits: torch.Tensor, indices: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Routing weights over fixed experts, recomputed from live logits so the router has a gradient.
+
+    The softmax runs in fp32 as in HF's routers (fp64 for an fp64 model, so gradients can be
+    checked exactly)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.promote_types(router_logits.dtype, torch.float32))
+    weights = probs.gather(-1, indices)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype)
+
+
+@contextmanager
+def replay_routes(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
+    """Every forward inside this context uses ``routes`` ``[B, T, layers, top_k]`` as its experts.
+
+    The forward's input must have shape ``[B, T]`` (a mismatch is a ValueError, never a silent
+    misalignment). Positions whose route is -1 use the model's own top-k. A
+    :func:`capture_routes` inside or outside this context records the replayed routes.
+    """
+    validate_routes(model, routes)
+    routers = moe_routers(model)
+    layer_of = {id(r): i for i, r in enumerate(routers)}
+    routes = routes.to(torch.long)
+
+    def pre_hook(_module, args, kwargs):
+        shape = _input_shape(args, kwargs)
+        if shape != tuple(routes.shape[:2]):
+            raise ValueError(f"replayed routes are for inputs of shape {tuple(routes.shape[:2])}, the forward got {shape}")
+
+    def router_hook(module, _args, output):
+        logits, live_weights, live_indices = output
+        idx = routes[:, :, layer_of[id(module)]].reshape(-1, routes.shape[-1]).to(live_indices.device)
+        missing = idx[:, :1] < 0
+        idx = torch.where(missing, live_indices, idx)
+        weights = replay_weights(logits, idx, _normalizes(model, module), live_weights.dtype)
+        return logits, weights, idx
+
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    # prepend: replay rewrites the router output before any capture hook reads it
+    handles += [r.register_forward_hook(router_hook, prepend=True) for r in routers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,215 @@
+"""The local rollout engine: numerics against the training forward, sampling, layout, sync."""
+
+import math
+
+import pytest
+import torch
+
+from stablerl.config import SamplingConfig
+from stablerl.diagnostics import route_agreement, train_infer_kl
+from stablerl.forward import response_logp
+from stablerl.models import build_model, tiny_config
+from stablerl.rollout import LocalEngine
+from stablerl.rollout.sampling import GumbelNoise, filter_logits, sample
+from stablerl.routing import NO_ROUTE
+
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=EOS), seed=0).eval()
+
+
+def prompts(n=8, seed=0, lo=3, hi=10):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 64, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fp32_engine_reproduces_training_logp_and_routes(moe, fast):
+    engine = LocalEngine(moe, "fp32", fast=fast)
+    batch = engine.generate(prompts(), SamplingConfig(max_new_tokens=12, seed=3))
+    with torch.no_grad():
+        train = response_logp(moe, batch, capture=True)
+    mask = batch.response_mask
+    assert float((train["logp"] - batch.rollout_logp)[mask].abs().max()) < 1e-4
+    agreement = route_agreement(train["routes"], batch.routes)
+    assert bool((agreement == 1.0).all()), agreement
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3"])
+def test_other_families_through_the_generic_path(family):
+    model = build_model(tiny_config(family, pad_token_id=0, eos_token_id=EOS), seed=4).eval()
+    engine = LocalEngine(model, "fp32")
+    assert not engine.fast
+    batch = engine.generate(prompts(4, seed=1), SamplingConfig(max_new_tokens=8))
+    with torch.no_grad():
+        train = response_logp(model, batch, capture=family != "qwen3")
+    assert float((train["logp"] - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
+    if family == "qwen3":
+        assert batch.routes is None  # dense model: nothing to route
+    else:
+        assert bool((route_agreement(train["routes"], batch.routes) == 1.0).all())
+
+
+def test_low_precision_engines_show_a_measurable_discrepancy(moe):
+    ps = prompts(32, seed=2, lo=6, hi=12)
+    sampling = SamplingConfig(max_new_tokens=16, seed=5)
+    results = {}
+    for precision in ("bf16", "fp8"):
+        batch = LocalEngine(moe, precision, eos_token_id=[]).generate(ps, sampling)
+        with torch.no_grad():
+            train = response_logp(moe, batch, capture=True)
+        results[precision] = (train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask),
+                              float(route_agreement(train["routes"], batch.routes).mean()))
+    (kl_bf16, agree_bf16), (kl_fp8, agree_fp8) = results["bf16"], results["fp8"]
+    assert 0 < kl_bf16 < kl_fp8
+    assert agree_fp8 < agree_bf16 < 1.0
+    assert agree_fp8 > 0.8  # a discrepancy, not a different model
+
+
+def test_sampling_is_reproducible_and_per_request(moe):
+    engine = LocalEngine(moe, "bf16")
+    ps = prompts(6, seed=3)
+    sampling = SamplingConfig(max_new_tokens=10, seed=11)
+    a = engine.generate(ps, sampling)
+    b = engine.generate(ps, sampling)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.rollout_logp, b.rollout_logp)
+    c = engine.generate(ps, sampling.model_copy(update={"seed": 12}))
+    assert not torch.equal(a.response_ids, c.response_ids)
+    # a request's sample depends on its own seed, not on the rest of the batch
+    alone = LocalEngine(moe, "fp32").generate(ps[2:3], sampling, seeds=[11 + 2])
+    full = LocalEngine(moe, "fp32").generate(ps, sampling)
+    n = int(alone.response_mask.sum())
+    assert torch.equal(full.response_ids[2, :n], alone.response_ids[0, :n])
+
+
+def test_layout_eos_padding_and_routes(moe):
+    # half of the vocabulary ends a response, so most stop early
+    engine = LocalEngine(moe, "fp32", eos_token_id=list(range(1, 33)))
+    ps = prompts(8, seed=4)
+    batch = engine.generate(ps, SamplingConfig(max_new_tokens=10, seed=1))
+    P = batch.prompt_width
+    assert P == max(len(p) for p in ps)
+    for i, p in enumerate(ps):
+        assert batch.input_ids[i, P - len(p):P].tolist() == p
+        assert batch.attention_mask[i, :P].tolist() == [0] * (P - len(p)) + [1] * len(p)
+        m = batch.response_mask[i]
+        n = int(m.sum())
+        assert m.tolist() == [True] * n + [False] * (len(m) - n)  # a contiguous prefix
+        tokens = batch.response_ids[i, :n].tolist()
+        eos_at = [j for j, t in enumerate(tokens) if 1 <= t <= 32]
+        if batch.finished[i]:
+            assert eos_at == [n - 1]  # stops at its first EOS
+        else:
+            assert eos_at == [] and n == batch.response_ids.shape[1]
+        assert bool((batch.response_ids[i, n:] == 0).all()) and bool((batch.rollout_logp[i, n:] == 0).all())
+        routes = batch.routes[i]
+        real = batch.attention_mask[i].bool()
+        assert bool((routes[~real] == NO_ROUTE).all())          # padding: no route
+        last_step = batch.response_ids.shape[1] - 1
+        if n - 1 == last_step:  # sampled in the final step: never fed back, so no route
+            assert bool((routes[P + n - 1] == NO_ROUTE).all())
+            assert bool((routes[real][:-1] >= 0).all())
+        else:                   # an EOS fed back in the next step has its route
+            assert bool((routes[real] >= 0).all())
+    assert bool(batch.finished.any()) and batch.routes.shape == (8, batch.input_ids.shape[1], 4, 2)
+
+
+def test_temperature_and_greedy_match_the_training_distribution(moe):
+    engine = LocalEngine(moe, "fp32")
+    ps = prompts(4, seed=5)
+    batch = engine.generate(ps, SamplingConfig(max_new_tokens=8, temperature=0.7))
+    with torch.no_grad():
+        train = response_logp(moe, batch, temperature=0.7)
+    assert float((train["logp"] - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
+    greedy = engine.generate(ps, SamplingConfig(max_new_tokens=8, temperature=0))
+    with torch.no_grad():
+        logits = moe(input_ids=greedy.input_ids, attention_mask=greedy.attention_mask).logits
+    # each greedy token is the argmax of the training model's next-token logits
+    P = greedy.prompt_width
+    for i in range(4):
+        n = int(greedy.response_mask[i].sum())
+        pos = torch.arange(P - 1, P - 1 + n)
+        # left-padded rows need position ids from the mask; compare on the unpadded row instead
+        row = torch.tensor(ps[i] + greedy.response_ids[i, :n].tolist())[None]
+        with torch.no_grad():
+            row_logits = moe(input_ids=row).logits[0, len(ps[i]) - 1:-1]
+        assert row_logits.argmax(-1).tolist() == greedy.response_ids[i, :n].tolist()
+    assert bool((greedy.rollout_logp == 0).all()) and logits.shape[0] == 4 and len(pos) > 0
+
+
+def test_load_weights_syncs_and_versions(moe):
+    engine = LocalEngine(moe, "fp32")
+    assert engine.version == 0
+    trained = build_model(moe.config, seed=123).eval()
+    engine.load_weights(trained.state_dict())
+    assert engine.version == 1
+    batch = engine.generate(prompts(4, seed=6), SamplingConfig(max_new_tokens=6))
+    assert batch.version == 1
+    with torch.no_grad():
+        new, old = response_logp(trained, batch), response_logp(moe, batch)
+    assert float((new["logp"] - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
+    assert float((old["logp"] - batch.rollout_logp)[batch.response_mask].abs().max()) > 1e-2
+    engine.load_weights(moe.state_dict(), version=7)
+    assert engine.version == 7
+    with pytest.raises(ValueError, match="lacks"):
+        engine.load_weights({})
+
+
+def test_fp8_engine_holds_quantized_weights(moe):
+    engine = LocalEngine(moe, "fp8")
+    w_train = moe.model.layers[0].self_attn.q_proj.weight.detach()
+    w_engine = engine.model.model.layers[0].self_attn.q_proj.weight
+    assert w_engine.dtype == torch.bfloat16
+    # e4m3 has 3 mantissa bits: rounding error up to 2^-4 of a value (plus 2^-9 for the bf16
+    # result), so at most ~2^-4 of its row's largest value; bf16 alone would stay under 2^-9
+    rel = ((w_engine.float() - w_train) / w_train.abs().amax(-1, keepdim=True)).abs().max()
+    assert 2**-9 < float(rel) <= 2**-4 + 2**-8
+    # routers, norms and embeddings stay bf16 (not fp8-quantized)
+    router = engine.model.model.layers[0].mlp.gate.weight
+    torch.testing.assert_close(router.float(), moe.model.layers[0].mlp.gate.weight.bfloat16().float())
+
+
+def test_filter_logits_hand_worked():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda cfg: torch.isfinite(filter_logits(logits, cfg))[0].tolist()  # noqa: E731
+    assert kept(SamplingConfig(top_k=2)) == [True, True, False, False, False]
+    assert kept(SamplingConfig(top_p=0.5)) == [True, False, False, False, False]
+    assert kept(SamplingConfig(top_p=0.7)) == [True, True, False, False, False]
+    assert kept(SamplingConfig(top_p=0.71)) == [True, True, True, False, False]
+    assert kept(SamplingConfig(top_k=3, top_p=0.6)) == [True, True, False, False, False]
+
+
+def test_gumbel_sampling_matches_the_filtered_distribution():
+    """Empirical frequencies of 20000 draws against the renormalized top-p/temperature distribution,
+    and the returned log-prob is that distribution's."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9)
+    filtered = filter_logits(logits[None], cfg)[0]
+    target = filtered.softmax(-1)
+    n = 20000
+    noise = GumbelNoise(list(range(n)), 6)
+    tokens, logp = sample(logits[None].expand(n, 6), cfg, noise, 0)
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    for p, f in zip(target.tolist(), freq.tolist()):
+        assert abs(f - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9
+    torch.testing.assert_close(logp, target.log()[tokens])
+
+
+def test_engine_errors(moe):
+    with pytest.raises(ValueError, match="precision"):
+        LocalEngine(moe, "fp4")
+    engine = LocalEngine(moe, "bf16")
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.generate([[]], SamplingConfig())
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        engine.generate([[1, 99]], SamplingConfig())
+    with pytest.raises(ValueError, match="seeds"):
+        engine.generate([[1, 2]], SamplingConfig(), seeds=[1, 2])
+    with pytest.raises(ValueError, match="qwen3_moe only"):
+        LocalEngine(build_model(tiny_config("mixtral")), "fp32", fast=True)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0)
