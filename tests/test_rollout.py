@@ -39,6 +39,14 @@ def test_fp32_engine_reproduces_training_logp_and_routes(moe, fast):
     assert bool((agreement == 1.0).all()), agreement
 
 
+def test_fast_and_generic_paths_sample_the_same_tokens(moe):
+    ps, sampling = prompts(8, seed=9), SamplingConfig(max_new_tokens=12, seed=4)
+    fast = LocalEngine(moe, "fp32", fast=True).generate(ps, sampling)
+    generic = LocalEngine(moe, "fp32", fast=False).generate(ps, sampling)
+    assert torch.equal(fast.input_ids, generic.input_ids) and torch.equal(fast.routes, generic.routes)
+    torch.testing.assert_close(fast.rollout_logp, generic.rollout_logp, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3"])
 def test_other_families_through_the_generic_path(family):
     model = build_model(tiny_config(family, pad_token_id=0, eos_token_id=EOS), seed=4).eval()
