@@ -125,6 +125,123 @@ class LabConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------
+# The training run (`stablerl train` / `stablerl sft`).
+# --------------------------------------------------------------------------------------------
+class ModelConfig(StrictModel):
+    path: str | None = Field(None, description="HF checkpoint dir (model + tokenizer) to start from; "
+                             "none = the default tiny Qwen3-MoE, cold-started by SFT.")
+    hidden_size: int = Field(96, ge=16, description="Default model only: hidden size (also expert size).")
+    num_layers: int = Field(4, ge=1, description="Default model only: decoder layers.")
+    num_experts: int = Field(8, ge=2, description="Default model only: routed experts per MoE layer.")
+    top_k: int = Field(2, ge=1, description="Default model only: experts per token.")
+    init_seed: int = Field(0, description="Default model only: initialization seed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        return self
+
+
+class TaskConfig(StrictModel):
+    name: Literal["arithmetic", "math_file"] = Field("arithmetic", description="Built-in task or local files.")
+    levels: list[int] = Field([1, 2, 3], description="arithmetic: difficulty levels (level L adds L+1 numbers).")
+    style: Literal["steps", "direct", "noisy"] = Field(
+        "noisy", description="arithmetic: teacher solution style for SFT (noisy: 30% of worked solutions carry "
+        "one slip, so the cold start is imperfect and RL has something to fix).")
+    eval_size: int = Field(200, ge=1, description="Held-out problems.")
+    seed: int = Field(0, description="Task seed (problem stream and held-out split).")
+    train_file: str | None = Field(None, description="math_file: JSONL or Parquet training problems.")
+    eval_file: str | None = Field(None, description="math_file: held-out file (default: a slice of train_file).")
+    question_field: str = Field("question", description="math_file: question column.")
+    answer_field: str = Field("answer", description="math_file: answer column.")
+    solution_field: str | None = Field(None, description="math_file: teacher-solution column (for SFT).")
+    prompt_template: str = Field("{question}\n", description="math_file: prompt text around the question.")
+    reward_timeout_s: float = Field(10.0, gt=0, description="A verifier slower than this gives reward 0.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskConfig":
+        if self.name == "math_file" and not self.train_file:
+            raise ValueError("task.train_file is required when task.name is math_file")
+        return self
+
+
+class SFTConfig(StrictModel):
+    steps: int = Field(900, ge=1, description="Cold-start SFT optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Teacher solutions per SFT step.")
+    lr: float = Field(3e-3, gt=0, description="Peak SFT learning rate (warm-up, cosine to 10%).")
+    seed: int = Field(0, description="SFT seed.")
+    output_dir: str | None = Field(None, description="Where the cold-start checkpoint lives; none = "
+                                   "runs/sft/<hash of model, task and SFT settings> (reused if present).")
+
+
+class RolloutConfig(StrictModel):
+    precision: Literal["fp32", "bf16", "fp8"] = Field("bf16", description="Inference engine precision (mu_old).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (pi is scored at the same one).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1 = off; see docs/rollout.md).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    max_new_tokens: int = Field(40, ge=1, description="Response length limit.")
+
+
+class OptimConfig(StrictModel):
+    steps: int = Field(400, ge=1, description="RL steps (one rollout batch each).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per step.")
+    group_size: int = Field(8, ge=2, description="Responses per prompt (the group of the advantage baseline).")
+    minibatches_per_step: int = Field(1, ge=1, description="N: optimizer steps per rollout batch (1 = on-policy).")
+    micro_batch_size: int = Field(128, ge=1, description="Responses per forward/backward (memory only).")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    routing_replay: Literal["none", "R2", "R3"] = Field("none", description="MoE routing replay (docs/routing.md).")
+    std_normalize: bool = Field(False, description="Divide advantages by the group std (GRPO); MiniRL: false.")
+    seed: int = Field(0, description="Seed of sampling and mini-batch order.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many non-finite steps in a row.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        batch = self.prompts_per_step * self.group_size
+        if self.minibatches_per_step > batch:
+            raise ValueError(f"minibatches_per_step ({self.minibatches_per_step}) exceeds the rollout batch ({batch})")
+        return self
+
+
+class EvalConfig(StrictModel):
+    every: int = Field(50, ge=1, description="Evaluate the held-out split every this many steps (and at start/end).")
+    greedy: bool = Field(True, description="Report greedy accuracy.")
+    sampled: bool = Field(True, description="Report sampled accuracy (rollout temperature).")
+    precision: Literal["fp32", "bf16", "fp8"] = Field("fp32", description="Precision of the evaluation engine.")
+
+
+class CheckpointConfig(StrictModel):
+    every: int = Field(1, ge=1, description="Checkpoint every this many steps (1: a kill loses at most one step).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+
+
+class LogConfig(StrictModel):
+    tensorboard: bool = Field(True, description="Also write TensorBoard events to RUN_DIR/tb.")
+    progress: bool = Field(True, description="Live progress bar on the console.")
+    collapse_window: int = Field(30, ge=5, description="Steps of history for the collapse warning.")
+    collapse_factor: float = Field(3.0, gt=0, description="Warn when entropy or train-infer KL exceeds "
+                                   "max + factor * (max - min) of the window.")
+
+
+class RunConfig(StrictModel):
+    """Everything `stablerl train` needs; sections are set with dotted keys (loss.eps_high=0.28)."""
+
+    run_dir: str | None = Field(None, description="Run directory; none = runs/<timestamp>.")
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    sft: SFTConfig = SFTConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    train: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+
+# --------------------------------------------------------------------------------------------
 # Loading: a YAML/TOML file plus dotted command-line overrides (``loss.eps_high=0.28``).
 # --------------------------------------------------------------------------------------------
 def load_file(path: str) -> dict:

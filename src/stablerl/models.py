@@ -69,3 +69,31 @@ def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = to
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: 0 at each sequence's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The default tokenizer: character level over printable ASCII, built locally with `tokenizers`
+# and wrapped as a `transformers` fast tokenizer, so `save_pretrained` / `AutoTokenizer` work.
+# --------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def default_model_config(tokenizer, **overrides) -> PretrainedConfig:
+    """The default policy: a tiny Qwen3-MoE (4 layers, 8 experts, top-2) over ``tokenizer``."""
+    settings = dict(hidden_size=96, num_layers=4, num_experts=8, top_k=2, expert_size=96, max_positions=256)
+    settings.update(overrides)
+    return tiny_config("qwen3_moe", len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **settings)

@@ -56,6 +56,17 @@ class RolloutBatch:
         )
 
 
+    def trim(self) -> "RolloutBatch":
+        """Drop trailing response columns that are padding in every row (cheaper forwards)."""
+        R = int(self.response_mask.sum(-1).max())
+        end = self.prompt_width + R
+        return replace(
+            self, input_ids=self.input_ids[:, :end], attention_mask=self.attention_mask[:, :end],
+            response_mask=self.response_mask[:, :R], rollout_logp=self.rollout_logp[:, :R],
+            routes=None if self.routes is None else self.routes[:, :end], extras=dict(self.extras),
+        )
+
+
 class RolloutEngine(Protocol):
     """An inference policy mu: its own weights and numerics, sampling many responses at once."""
 

@@ -1,0 +1,90 @@
+"""Cold start: supervised fine-tuning on teacher solutions.
+
+The loss is the mean token cross-entropy of ``solution + EOS`` given ``BOS + prompt`` (prompt
+tokens are not trained on). The result is saved as an HF checkpoint (safetensors) plus the
+tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from stablerl.tasks.base import Problem, Task
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the solution)."""
+    rows, labels = [], []
+    for p in problems:
+        if not p.solution:
+            raise ValueError(f"problem {p.prompt!r} has no teacher solution to fine-tune on")
+        prompt = encode_prompt(tokenizer, p.prompt)
+        target = tokenizer(p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    T = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
+    return {"input_ids": ids, "attention_mask": (torch.arange(T)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(),
+            "labels": lab}
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+
+
+def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float, seed: int,
+            warmup: int = 20, log_every: int = 50, log=print) -> list[float]:
+    """Fine-tune ``model`` in place on ``task``'s training stream; returns the loss per step.
+
+    AdamW with linear warm-up then cosine decay to 10% of ``lr``. Problems are drawn from the
+    task's stream at indices offset by a large constant, so SFT and RL see different problems.
+    """
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        problems = [task.train_problem(10_000_000 + step * batch_size + i) for i in range(batch_size)]
+        loss = sft_loss(model, sft_batch(tokenizer, problems))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if log and (step + 1) % log_every == 0:
+            log(f"[sft] step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+    model.eval()
+    return losses
+
+
+def save_checkpoint_dir(model, tokenizer, path: str | Path) -> Path:
+    """``save_pretrained`` (safetensors) + tokenizer, written to a temp dir then renamed."""
+    import os
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path

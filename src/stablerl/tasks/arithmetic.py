@@ -1,0 +1,76 @@
+"""The built-in task: multi-step addition with a short worked solution.
+
+A problem at level L adds L + 1 numbers in [0, 99]:
+
+    prompt   "17+25+8="
+    steps    "17+25=42;42+8=50#50"      (teacher style 'steps', the default)
+    direct   "#50"                       (style 'direct': the answer only)
+    noisy    like 'steps', but 30% of solutions carry one arithmetic slip (style 'noisy')
+
+The reward is 1 iff the text after the last '#' is exactly the correct sum. Problems are generated
+from a seed, so the training stream is infinite and reproducible; the held-out split is a fixed
+set of prompts that the training stream skips.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from stablerl.tasks.base import Problem
+
+STYLES = ("steps", "direct", "noisy")
+_ANSWER = re.compile(r"#(-?\d+)\s*$")
+
+
+class ArithmeticTask:
+    name = "arithmetic"
+
+    def __init__(self, levels: list[int] = (1, 2, 3), style: str = "steps", eval_size: int = 200,
+                 seed: int = 0, max_operand: int = 99):
+        if style not in STYLES:
+            raise ValueError(f"unknown teacher style {style!r}; allowed: {', '.join(STYLES)}")
+        if not levels or any(not 1 <= lv <= 6 for lv in levels):
+            raise ValueError(f"levels must be a non-empty list of integers in [1, 6], got {list(levels)}")
+        self.levels, self.style, self.seed, self.max_operand = list(levels), style, seed, max_operand
+        rng = random.Random(f"eval-{seed}")
+        self._eval: list[Problem] = []
+        seen: set[str] = set()
+        while len(self._eval) < eval_size:
+            p = self._make(rng)
+            if p.prompt not in seen:
+                seen.add(p.prompt)
+                self._eval.append(p)
+        self._eval_prompts = seen
+
+    def _make(self, rng: random.Random) -> Problem:
+        level = rng.choice(self.levels)
+        nums = [rng.randint(0, self.max_operand) for _ in range(level + 1)]
+        prompt = "+".join(map(str, nums)) + "="
+        total = sum(nums)
+        return Problem(prompt=prompt, answer=str(total), solution=self._solution(nums, rng), level=level)
+
+    def _solution(self, nums: list[int], rng: random.Random) -> str:
+        if self.style == "direct":
+            return f"#{sum(nums)}"
+        slip = rng.randrange(len(nums) - 1) if self.style == "noisy" and rng.random() < 0.3 else -1
+        steps, acc = [], nums[0]
+        for i, n in enumerate(nums[1:]):
+            new = acc + n + (rng.choice([-10, -1, 1, 10]) if i == slip else 0)
+            steps.append(f"{acc}+{n}={new}")
+            acc = new
+        return ";".join(steps) + f"#{acc}"
+
+    def train_problem(self, index: int) -> Problem:
+        rng = random.Random(f"train-{self.seed}-{index}")
+        while True:  # the held-out prompts never appear in training
+            p = self._make(rng)
+            if p.prompt not in self._eval_prompts:
+                return p
+
+    def eval_problems(self) -> list[Problem]:
+        return list(self._eval)
+
+    def reward(self, response: str, problem: Problem) -> float:
+        m = _ANSWER.search(response)
+        return float(m is not None and m.group(1) == problem.answer)

@@ -1,0 +1,130 @@
+"""Tasks, verifiers, reward failures, and cold-start SFT."""
+
+import json
+import time
+from importlib.resources import files
+
+import pytest
+import torch
+
+from stablerl.models import build_model, build_tokenizer, default_model_config
+from stablerl.sft import run_sft, save_checkpoint_dir, sft_batch
+from stablerl.tasks import ArithmeticTask, MalformedDataError, MathFileTask, Problem, compute_rewards
+
+SAMPLE = str(files("stablerl.tasks") / "data" / "sample_math.jsonl")
+
+
+def test_arithmetic_reward_hand_worked():
+    task = ArithmeticTask()
+    p = Problem(prompt="17+25+8=", answer="50")
+    assert task.reward("17+25=42;42+8=50#50", p) == 1.0
+    assert task.reward("#50", p) == 1.0
+    assert task.reward("17+25=42;42+8=51#51", p) == 0.0
+    assert task.reward("17+25=42;42+8=50", p) == 0.0      # no final answer marker
+    assert task.reward("#50#49", p) == 0.0                 # the last answer counts
+    assert task.reward("#050", p) == 0.0                   # exact match
+
+
+@pytest.mark.parametrize("style", ["steps", "direct", "noisy"])
+def test_teacher_solutions(style):
+    task = ArithmeticTask(levels=[1, 2, 3], style=style, seed=1)
+    problems = [task.train_problem(i) for i in range(500)]
+    correct = sum(task.reward(p.solution, p) for p in problems) / len(problems)
+    if style == "noisy":
+        assert 0.6 < correct < 0.8  # 30% of solutions carry one slip
+    else:
+        assert correct == 1.0
+    if style == "steps":
+        p = problems[0]
+        nums = [int(x) for x in p.prompt[:-1].split("+")]
+        assert p.solution.count(";") == len(nums) - 2 and p.level == len(nums) - 1
+    assert {p.level for p in problems} == {1, 2, 3}
+
+
+def test_held_out_split_is_disjoint_and_deterministic():
+    task = ArithmeticTask(eval_size=300, seed=3)
+    held = {p.prompt for p in task.eval_problems()}
+    assert len(held) == 300
+    assert not held & {task.train_problem(i).prompt for i in range(5000)}
+    again = ArithmeticTask(eval_size=300, seed=3)
+    assert [p.prompt for p in again.eval_problems()] == [p.prompt for p in task.eval_problems()]
+    assert again.train_problem(123) == task.train_problem(123)
+    with pytest.raises(ValueError, match="teacher style"):
+        ArithmeticTask(style="fancy")
+    with pytest.raises(ValueError, match="levels"):
+        ArithmeticTask(levels=[0])
+
+
+def test_math_file_task_with_math_verify(tmp_path):
+    task = MathFileTask(SAMPLE, solution_field="solution", eval_size=4, seed=0)
+    assert len(task.eval_problems()) == 4
+    half = next(p for p in task.eval_problems() + [task.train_problem(i) for i in range(16)] if "half of 9" in p.prompt)
+    assert task.reward("so it is \\boxed{4.5}", half) == 1.0   # 4.5 == 9/2, symbolically
+    assert task.reward("The answer is \\boxed{5}", half) == 0.0
+    assert task.reward(half.solution, half) == 1.0
+    # Parquet, through datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"q": ["What is 2+2?", "What is 3+3?"], "a": ["4", "6"]}), tmp_path / "x.parquet")
+    ptask = MathFileTask(str(tmp_path / "x.parquet"), eval_file=str(tmp_path / "x.parquet"),
+                         question_field="q", answer_field="a")
+    assert ptask.reward("\\boxed{4}", ptask.eval_problems()[0]) == 1.0
+
+
+def test_malformed_rows_are_reported_with_their_number(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n')
+    with pytest.raises(MalformedDataError, match="line 2 is not valid JSON"):
+        MathFileTask(str(bad_json))
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text("\n".join(json.dumps(r) for r in [{"question": "a", "answer": "1"}, {"question": "b"},
+                                                           {"question": "", "answer": "3"}]) + "\n")
+    with pytest.raises(MalformedDataError, match="row 2: missing or empty answer.*row 3: missing or empty question"):
+        MathFileTask(str(missing))
+    with pytest.raises(ValueError, match="does not exist"):
+        MathFileTask(str(tmp_path / "nope.jsonl"))
+    csv = tmp_path / "x.csv"
+    csv.write_text("question,answer\n")
+    with pytest.raises(ValueError, match="allowed extensions"):
+        MathFileTask(str(csv))
+
+
+class FlakyTask(ArithmeticTask):
+    def reward(self, response, problem):
+        if "boom" in response:
+            raise RuntimeError("verifier crashed")
+        if "slow" in response:
+            time.sleep(0.5)
+        return super().reward(response, problem)
+
+
+def test_reward_failures_give_zero_and_are_counted():
+    task = FlakyTask()
+    p = Problem(prompt="1+1=", answer="2")
+    rewards, stats = compute_rewards(task, ["#2", "boom", "slow #2", "#3", "boom"], [p] * 5, timeout_s=0.1)
+    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert (stats.errors, stats.timeouts) == (2, 1)
+    assert "verifier crashed" in stats.first_error
+
+
+def test_sft_learns_and_saves_a_loadable_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = build_tokenizer()
+    model = build_model(default_model_config(tok, hidden_size=32, expert_size=32, num_layers=2), seed=0)
+    task = ArithmeticTask(levels=[1])
+    batch = sft_batch(tok, [task.train_problem(0)])
+    # labels cover exactly the solution and EOS
+    n_label = int((batch["labels"] != -100).sum())
+    assert n_label == len(task.train_problem(0).solution) + 1
+    losses = run_sft(model, tok, task, steps=60, batch_size=16, lr=3e-3, seed=0, log=None)
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    path = save_checkpoint_dir(model, tok, tmp_path / "ckpt")
+    assert (path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    tok2 = AutoTokenizer.from_pretrained(path)
+    ids = tok2("<bos>12+3=", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert tok2.decode(tok2("7+8=15#15").input_ids) == "7+8=15#15"

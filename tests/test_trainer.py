@@ -1,0 +1,159 @@
+"""The RL trainer end to end on very small configurations."""
+
+import json
+
+import pytest
+import torch
+
+from stablerl import checkpoint
+from stablerl.cli import main
+from stablerl.config import RunConfig, build_config
+from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
+from stablerl.runlog import CollapseDetector, read_metrics
+from stablerl.sft import run_sft, save_checkpoint_dir
+from stablerl.tasks import ArithmeticTask
+from stablerl.trainer import Trainer, TrainingAborted
+
+TIMING = {"step_time", "rollout_time", "train_time", "rollout_tokens_per_s", "train_tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    tok = build_tokenizer()
+    model = build_model(default_model_config(tok, hidden_size=32, expert_size=32, num_layers=2), seed=0)
+    run_sft(model, tok, ArithmeticTask(levels=[1]), steps=30, batch_size=16, lr=3e-3, seed=0, log=None)
+    return save_checkpoint_dir(model, tok, tmp_path_factory.mktemp("sft") / "ckpt")
+
+
+def config(ckpt, run_dir, *extra):
+    base = [f"model.path={ckpt}", f"run_dir={run_dir}", "train.prompts_per_step=2", "train.group_size=4",
+            "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=8", "eval.every=2",
+            "log.progress=false", "log.tensorboard=false", "train.steps=4"]
+    return build_config(RunConfig, None, base + list(extra))
+
+
+def run(ckpt, run_dir, *extra, resume=False):
+    cfg = config(ckpt, run_dir, *extra)
+    Trainer(cfg, run_dir, resume=resume, log=lambda *_: None).run()
+    return read_metrics(run_dir)
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_smoke_run_logs_every_diagnostic(sft_ckpt, tmp_path):
+    rows = run(sft_ckpt, tmp_path / "r", "log.tensorboard=true")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert "eval/greedy_acc" in rows[0] and "eval/sampled_acc" in rows[2] and "eval/greedy_acc" in rows[4]
+    step = rows[1]
+    for key in ("reward_mean", "groups_all_wrong", "entropy", "response_len_mean", "train_infer_kl",
+                "staleness_kl", "is_weight_mean", "is_frac_truncated", "clip_frac_low", "clip_frac_high",
+                "grad_norm", "first_order_gap", "route_agreement/train_infer", "route_agreement/train_infer/layer_1",
+                "step_time", "rollout_tokens_per_s", "train_tokens_per_s", "n_tokens_contrib", "policy_version"):
+        assert key in step, key
+    assert 0 <= step["route_agreement/train_infer"] <= 1 and step["entropy"] > 0
+    assert step["staleness_kl"] == pytest.approx(0.0, abs=1e-12)  # on-policy: pi_theta == pi_old
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "r")] == ["step_000003", "step_000004"]
+    assert any((tmp_path / "r" / "tb").iterdir())
+
+
+def test_resume_matches_an_uninterrupted_run(sft_ckpt, tmp_path):
+    full = run(sft_ckpt, tmp_path / "full")
+    run(sft_ckpt, tmp_path / "cut", "train.steps=2")
+    # a kill during step 3: a half-written metrics line and a half-written checkpoint directory
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward_me')
+    (tmp_path / "cut" / "checkpoints" / "step_000003.tmp").mkdir()
+    resumed = run(sft_ckpt, tmp_path / "cut", "train.steps=4", resume=True)
+    assert strip(resumed) == strip(full)
+    # the weights end up identical too
+    a = checkpoint.latest(tmp_path / "full") / "model.safetensors"
+    b = checkpoint.latest(tmp_path / "cut") / "model.safetensors"
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a), load_file(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_off_policy_minibatches_with_routing_replay(sft_ckpt, tmp_path):
+    for mode in ("none", "R2", "R3"):
+        rows = run(sft_ckpt, tmp_path / mode, "train.minibatches_per_step=2", f"train.routing_replay={mode}",
+                   "train.steps=2", "train.micro_batch_size=3")
+        step = rows[1]
+        assert step["staleness_kl/mb0"] == pytest.approx(0.0, abs=1e-10)  # first mini-batch: pi_theta == pi_old
+        assert "staleness_kl/mb1" in step and "route_agreement/train_infer" in step
+        if mode == "none":
+            assert "route_agreement/stale" in step  # current vs old training routes on the 2nd mini-batch
+
+
+def test_dense_model_trains_too(tmp_path):
+    tok = build_tokenizer()
+    dense = build_model(tiny_config("qwen3", len(tok), hidden_size=32, num_layers=2, pad_token_id=tok.pad_token_id,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    path = save_checkpoint_dir(dense, tok, tmp_path / "dense")
+    rows = run(path, tmp_path / "r", "train.steps=1")
+    assert "route_agreement/train_infer" not in rows[1] and rows[1]["policy_version"] == 1
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(sft_ckpt, tmp_path, monkeypatch):
+    import stablerl.trainer as trainer_mod
+
+    real = trainer_mod.response_logp
+    bad_steps = set()
+
+    def flaky(model, batch, **kw):
+        out = real(model, batch, **kw)
+        if current["step"] in bad_steps:
+            out["logp"] = out["logp"] * float("nan")
+        return out
+
+    current = {"step": 0}
+    real_update = Trainer.update
+
+    def update(self, step, batch):
+        current["step"] = step
+        return real_update(self, step, batch)
+
+    monkeypatch.setattr(trainer_mod, "response_logp", flaky)
+    monkeypatch.setattr(Trainer, "update", update)
+    bad_steps.update({2})  # one bad step: skipped, counted, training goes on
+    rows = run(sft_ckpt, tmp_path / "one", "train.steps=3")
+    assert rows[-1]["nonfinite_total"] == 1 and rows[-1]["step"] == 3
+
+    bad_steps.update({3, 4, 5})  # three in a row: the run stops, last good checkpoint intact
+    cfg = config(sft_ckpt, tmp_path / "stop", "train.steps=6")
+    with pytest.raises(TrainingAborted, match="3 non-finite steps in a row.*step_000001"):
+        Trainer(cfg, tmp_path / "stop", log=lambda *_: None).run()
+    assert checkpoint.latest(tmp_path / "stop").name == "step_000001"
+
+
+def test_collapse_detector():
+    det = CollapseDetector(window=5, factor=3.0)
+    flags = [det.update("kl", v) for v in [0.01, 0.012, 0.011, 0.013, 0.01, 0.012, 0.5, 0.012]]
+    assert flags == [False] * 6 + [True, False]
+
+
+def test_cli_train_config_errors_fail_before_any_work(tmp_path, capsys):
+    rc = main(["train", f"run_dir={tmp_path / 'x'}", "train.routing_replay=R4"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train.routing_replay" in err and "'none', 'R2' or 'R3'" in err
+    rc = main(["train", f"run_dir={tmp_path / 'x'}", "loss.eps_hihg=0.3"])
+    assert rc == 2 and "eps_high" in capsys.readouterr().err  # the allowed keys are listed
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_train_resume_and_plot(sft_ckpt, tmp_path, capsys):
+    run_dir = tmp_path / "cli"
+    args = [f"model.path={sft_ckpt}", "train.prompts_per_step=2", "train.group_size=4", "rollout.max_new_tokens=12",
+            "task.levels=[1]", "task.eval_size=8", "log.progress=false", "log.tensorboard=false"]
+    assert main(["train", f"run_dir={run_dir}", "train.steps=1", *args]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (greedy)" in out and "plots" in out
+    assert main(["train", f"run_dir={run_dir}", "train.steps=1", *args]) == 2  # will not overwrite a run
+    assert main(["train", "--resume", str(run_dir), "train.steps=2"]) == 0
+    assert read_metrics(run_dir)[-1]["step"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 10_000
