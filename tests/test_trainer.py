@@ -129,9 +129,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(sft_ckpt, tmp_path, monk
 
 
 def test_collapse_detector():
-    det = CollapseDetector(window=5, factor=3.0)
-    flags = [det.update("kl", v) for v in [0.01, 0.012, 0.011, 0.013, 0.01, 0.012, 0.5, 0.012]]
-    assert flags == [False] * 6 + [True, False]
+    base = [0.01, 0.012, 0.011, 0.013, 0.01]
+    # a one-step spike of a heavy-tailed estimate is not a collapse
+    det = CollapseDetector(window=5, factor=3.0, sustain=3)
+    assert not any(det.update("kl", v) for v in base + [0.012, 0.5, 0.012, 0.011, 0.4, 0.01])
+    # a jump that lasts `sustain` steps is, flagged once when it becomes sustained
+    det = CollapseDetector(window=5, factor=3.0, sustain=3)
+    flags = [det.update("kl", v) for v in base + [0.011, 0.012, 0.011, 0.3, 0.5, 0.6, 0.7, 0.8]]
+    assert flags == [False] * 10 + [True, False, False]
 
 
 def test_cli_train_config_errors_fail_before_any_work(tmp_path, capsys):

@@ -101,6 +101,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repro(args: argparse.Namespace) -> int:
+    from stablerl.repro import EXPERIMENTS, run_experiment, write_report
+
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    out = Path(args.out)
+    for name in names:
+        run_experiment(name, out, args.seeds, args.overrides)
+        paths = write_report(name, out, args.seeds)
+        print(f"[repro {name}] table: {paths['md']}  figure: {paths['png']}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from stablerl.plot import plot_runs
 
@@ -144,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config")
     ev.add_argument("overrides", nargs="*", metavar="key=value")
     ev.set_defaults(func=_eval)
+
+    rp = sub.add_parser("repro", help="the paper's experiments in miniature (docs/results.md)")
+    rp.add_argument("experiment", choices=["on-policy", "off-policy", "cold-start", "all"])
+    rp.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    rp.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
+    rp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run (after the experiment's)")
+    rp.set_defaults(func=_repro)
 
     pl = sub.add_parser("plot", help="PNG curves comparing runs")
     pl.add_argument("run_dirs", nargs="+")

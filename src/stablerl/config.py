@@ -149,7 +149,7 @@ class TaskConfig(StrictModel):
     style: Literal["steps", "direct", "noisy"] = Field(
         "noisy", description="arithmetic: teacher solution style for SFT (noisy: 30% of worked solutions carry "
         "one slip, so the cold start is imperfect and RL has something to fix).")
-    eval_size: int = Field(200, ge=1, description="Held-out problems.")
+    eval_size: int = Field(500, ge=1, description="Held-out problems.")
     seed: int = Field(0, description="Task seed (problem stream and held-out split).")
     train_file: str | None = Field(None, description="math_file: JSONL or Parquet training problems.")
     eval_file: str | None = Field(None, description="math_file: held-out file (default: a slice of train_file).")
@@ -184,7 +184,7 @@ class RolloutConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    steps: int = Field(400, ge=1, description="RL steps (one rollout batch each).")
+    steps: int = Field(600, ge=1, description="RL steps (one rollout batch each).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per step.")
     group_size: int = Field(8, ge=2, description="Responses per prompt (the group of the advantage baseline).")
     minibatches_per_step: int = Field(1, ge=1, description="N: optimizer steps per rollout batch (1 = on-policy).")
@@ -210,6 +210,8 @@ class EvalConfig(StrictModel):
     every: int = Field(50, ge=1, description="Evaluate the held-out split every this many steps (and at start/end).")
     greedy: bool = Field(True, description="Report greedy accuracy.")
     sampled: bool = Field(True, description="Report sampled accuracy (rollout temperature).")
+    samples: int = Field(4, ge=1, description="Samples per held-out problem for the sampled accuracy "
+                         "(its mean over samples: pass@1 with less noise).")
     precision: Literal["fp32", "bf16", "fp8"] = Field("fp32", description="Precision of the evaluation engine.")
 
 
@@ -222,8 +224,9 @@ class LogConfig(StrictModel):
     tensorboard: bool = Field(True, description="Also write TensorBoard events to RUN_DIR/tb.")
     progress: bool = Field(True, description="Live progress bar on the console.")
     collapse_window: int = Field(30, ge=5, description="Steps of history for the collapse warning.")
-    collapse_factor: float = Field(3.0, gt=0, description="Warn when entropy or train-infer KL exceeds "
-                                   "max + factor * (max - min) of the window.")
+    collapse_sustain: int = Field(5, ge=1, description="Consecutive steps a jump must last to warn.")
+    collapse_factor: float = Field(3.0, gt=0, description="Warn when entropy or train-infer KL stays above "
+                                   "max + factor * (max - min) of the preceding window.")
 
 
 class RunConfig(StrictModel):

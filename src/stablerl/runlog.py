@@ -17,33 +17,39 @@ PROGRESS_KEYS = (("reward", "reward_mean", ".2f"), ("acc", "eval/greedy_acc", ".
 
 
 class CollapseDetector:
-    """Flags a value that jumps far beyond its running range.
+    """Flags a metric that jumps far beyond its running range and stays there.
 
-    With the last ``window`` values of a metric spanning [lo, hi], a new value v is a jump when
-    ``v > hi + factor * (hi - lo)`` and ``v > 2 * hi`` (the second guard keeps a flat, noise-free
-    history from flagging tiny moves). Needs a full window of history first.
+    Let the ``window`` values before the last ``sustain`` steps span [lo, hi]. The metric is
+    flagged when each of the last ``sustain`` values exceeds ``hi + factor * (hi - lo)`` and
+    ``2 * hi``: a sustained jump, as in a collapse, not a one-batch spike of a heavy-tailed
+    estimate (the k3 KL of one batch often spikes 10x and falls back). Flags once per episode.
     """
 
-    def __init__(self, window: int, factor: float):
-        self.window, self.factor = window, factor
+    def __init__(self, window: int, factor: float, sustain: int = 5):
+        self.window, self.factor, self.sustain = window, factor, sustain
         self.history: dict[str, deque] = {}
+        self.active: dict[str, bool] = {}
 
     def update(self, key: str, value: float) -> bool:
-        hist = self.history.setdefault(key, deque(maxlen=self.window))
-        jump = False
-        if len(hist) == self.window and math.isfinite(value):
-            lo, hi = min(hist), max(hist)
-            jump = value > hi + self.factor * (hi - lo) and value > 2 * hi
+        hist = self.history.setdefault(key, deque(maxlen=self.window + self.sustain))
         if math.isfinite(value):
             hist.append(value)
-        return jump
+        if len(hist) < self.window + self.sustain:
+            return False
+        values = list(hist)
+        base, recent = values[: self.window], values[self.window:]
+        lo, hi = min(base), max(base)
+        jumped = all(v > hi + self.factor * (hi - lo) and v > 2 * hi for v in recent)
+        first = jumped and not self.active.get(key, False)
+        self.active[key] = jumped
+        return first
 
 
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: LogConfig, total_steps: int, start_step: int):
         self.run_dir, self.cfg = run_dir, cfg
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_factor)
+        self.collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_factor, cfg.collapse_sustain)
         self.tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -62,8 +68,8 @@ class RunLogger:
 
     def log_step(self, step: int, metrics: dict) -> list[str]:
         """Append one step; returns collapse warnings (also printed)."""
-        warnings = [f"step {step}: {key} = {metrics[key]:.4g} jumped far beyond its last "
-                    f"{self.cfg.collapse_window} steps (possible collapse)"
+        warnings = [f"step {step}: {key} = {metrics[key]:.4g} has stayed far above its earlier range for "
+                    f"{self.cfg.collapse_sustain} steps (possible collapse)"
                     for key in ("entropy", "train_infer_kl") if key in metrics and self.collapse.update(key, metrics[key])]
         metrics = {"step": step, **metrics, "collapse_warning": bool(warnings)}
         with self.metrics_path.open("a") as f:

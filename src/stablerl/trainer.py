@@ -235,14 +235,18 @@ class Trainer:
         out = {}
         modes = [("greedy", 0.0)] * cfg.eval.greedy + [("sampled", cfg.rollout.temperature)] * cfg.eval.sampled
         for name, temperature in modes:
+            n = cfg.eval.samples if name == "sampled" else 1
             sampling = self.sampling.model_copy(update={"temperature": temperature})
-            seeds = [self._seed(step, 2, i) % 2**62 for i in range(len(prompts))]
-            batch = engine.generate(prompts, sampling, seeds=seeds, capture_routes=False)
-            rewards, _ = compute_rewards(self.task, self.decode(batch), problems, timeout_s=cfg.task.reward_timeout_s)
-            out[f"eval/{name}_acc"] = sum(rewards) / len(rewards)
+            seeds = [self._seed(step, 2, i) % 2**62 for i in range(len(prompts) * n)]
+            batch = engine.generate([p for p in prompts for _ in range(n)], sampling, seeds=seeds,
+                                    capture_routes=False)
+            rewards, _ = compute_rewards(self.task, self.decode(batch), [p for p in problems for _ in range(n)],
+                                         timeout_s=cfg.task.reward_timeout_s)
+            per_problem = [sum(rewards[i * n:(i + 1) * n]) / n for i in range(len(problems))]
+            out[f"eval/{name}_acc"] = sum(per_problem) / len(per_problem)
             levels = sorted({p.level for p in problems if p.level})
             for lv in levels if len(levels) > 1 else []:
-                sel = [r for r, p in zip(rewards, problems) if p.level == lv]
+                sel = [r for r, p in zip(per_problem, problems) if p.level == lv]
                 out[f"eval/{name}_acc/level_{lv}"] = sum(sel) / len(sel)
         return out
 

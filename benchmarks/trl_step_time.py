@@ -1,0 +1,108 @@
+"""Seconds per on-policy RL step: `stablerl train` vs TRL's GRPOTrainer, side by side.
+
+Same model (the default tiny Qwen3-MoE, one saved checkpoint loaded by both), same task prompts
+and reward, 8 prompts x 8 responses per step, at most 32 new tokens, temperature 1, CPU, one
+optimizer step per rollout batch (on-policy), no reference model / KL term. Each framework runs
+`--steps` steps per round, alternating for `--rounds` rounds in one process; the first
+`--warmup` steps of every round are dropped, and the median step time is compared.
+
+TRL is an optional benchmark dependency: `.venv/bin/pip install -e '.[bench]'`.
+
+    .venv/bin/python benchmarks/trl_step_time.py [--steps 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def stablerl_round(ckpt: Path, steps: int, run_dir: Path) -> list[float]:
+    from stablerl.config import RunConfig, build_config
+    from stablerl.runlog import read_metrics
+    from stablerl.trainer import Trainer
+
+    cfg = build_config(RunConfig, None, [
+        f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={steps}", "train.prompts_per_step=8",
+        "train.group_size=8", "rollout.max_new_tokens=32", "rollout.precision=bf16", "train.micro_batch_size=64",
+        "eval.every=100000", "eval.greedy=false", "eval.sampled=false", "checkpoint.every=100000",
+        "log.progress=false", "log.tensorboard=false", "task.eval_size=1"])
+    Trainer(cfg, run_dir, log=lambda *_: None).run()
+    return [r["step_time"] for r in read_metrics(run_dir) if "step_time" in r]
+
+
+def trl_round(ckpt: Path, steps: int, out_dir: Path) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from stablerl.tasks import ArithmeticTask
+
+    task = ArithmeticTask()
+    problems = [task.train_problem(i) for i in range(8 * steps)]
+    answers = {p.prompt: p for p in problems}
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    tokenizer.padding_side = "left"
+    data = Dataset.from_dict({"prompt": [tokenizer.bos_token + p.prompt for p in problems]})
+
+    def reward(prompts, completions, **_):
+        return [task.reward(c, answers[p.removeprefix(tokenizer.bos_token)]) for p, c in zip(prompts, completions)]
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    args = GRPOConfig(output_dir=str(out_dir), per_device_train_batch_size=64, num_generations=8,
+                      max_completion_length=32, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
+                      num_iterations=1, learning_rate=5e-5, max_steps=steps, logging_steps=1000,
+                      save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
+                      disable_dropout=True, dataloader_num_workers=0)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--checkpoint", help="HF checkpoint to use (default: a fresh default tiny MoE)")
+    args = ap.parse_args()
+
+    from stablerl.models import build_model, build_tokenizer, default_model_config
+    from stablerl.sft import save_checkpoint_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="stablerl-bench-"))
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is None:
+        tok = build_tokenizer()
+        ckpt = save_checkpoint_dir(build_model(default_model_config(tok), seed=0), tok, tmp / "model")
+    times: dict[str, list[float]] = {"stablerl": [], "trl": []}
+    for r in range(args.rounds):
+        times["stablerl"] += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}")[args.warmup:]
+        times["trl"] += trl_round(ckpt, args.steps, tmp / f"trl{r}")[args.warmup:]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
+                      "median_step_s": med, "steps_measured": {k: len(v) for k, v in times.items()},
+                      "speedup": med["trl"] / med["stablerl"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

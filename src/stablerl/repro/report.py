@@ -1,0 +1,143 @@
+"""Tables and figures for `stablerl repro` from the runs' metrics.jsonl.
+
+Collapse (precise definition): a run collapsed at step c if the 20-step moving average of its
+training reward, after step 20, falls below half of its running peak at step c and never gets
+back above that half until the run ends; a run stopped for non-finite steps also collapsed (at
+the step it stopped). The table reports, per variant over seeds: final and peak held-out sampled
+accuracy (mean ± std), how many seeds collapsed and at which steps, and the mean
+training-inference KL over all steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.runner import run_dir_of
+from stablerl.runlog import read_metrics
+
+CURVES = (("reward_mean", "training reward", 10), ("eval/sampled_acc", "held-out accuracy (sampled)", 1),
+          ("entropy", "token entropy", 10), ("train_infer_kl", "training-inference KL", 10),
+          ("route_agreement/train_infer", "routing agreement (train vs infer)", 10))
+
+
+def moving_average(values: list[float], k: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - k + 1): i + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def collapse_step(rows: list[dict], aborted: bool = False, window: int = 20) -> int | None:
+    steps = [r["step"] for r in rows if "reward_mean" in r]
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
+    if aborted:
+        return steps[-1] + 1 if steps else 0
+    ma = moving_average(rewards, window)
+    peak, below_since = 0.0, None
+    for i, (s, v) in enumerate(zip(steps, ma)):
+        peak = max(peak, v)
+        if s <= window:
+            continue
+        if v < 0.5 * peak:
+            below_since = s if below_since is None else below_since
+        else:
+            below_since = None
+    return below_since
+
+
+def run_stats(run_dir: Path) -> dict:
+    rows = read_metrics(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    evals = [r["eval/sampled_acc"] for r in rows if "eval/sampled_acc" in r]
+    kls = [r["train_infer_kl"] for r in rows if "train_infer_kl" in r]
+    return {"final_acc": evals[-1] if evals else float("nan"), "peak_acc": max(evals) if evals else float("nan"),
+            "initial_acc": evals[0] if evals else float("nan"),
+            "collapse_step": collapse_step(rows, bool(summary.get("aborted"))),
+            "mean_train_infer_kl": sum(kls) / len(kls) if kls else float("nan")}
+
+
+def _mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def experiment_table(name: str, out: Path, seeds: int) -> list[dict]:
+    table = []
+    for variant in EXPERIMENTS[name]["variants"]:
+        dirs = [run_dir_of(out, name, variant, s) for s in range(seeds)]
+        stats = [run_stats(d) for d in dirs if (d / "metrics.jsonl").exists()]
+        if not stats:
+            continue
+        collapsed = [s["collapse_step"] for s in stats if s["collapse_step"] is not None]
+        table.append({
+            "variant": variant, "seeds": len(stats),
+            "initial_acc": _mean_std([s["initial_acc"] for s in stats]),
+            "final_acc": _mean_std([s["final_acc"] for s in stats]),
+            "peak_acc": _mean_std([s["peak_acc"] for s in stats]),
+            "collapsed": f"{len(collapsed)}/{len(stats)}",
+            "collapse_steps": ",".join(map(str, collapsed)) or "-",
+            "mean_train_infer_kl": f"{statistics.mean(s['mean_train_infer_kl'] for s in stats):.2e}",
+        })
+    return table
+
+
+def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
+    table = experiment_table(name, out, seeds)
+    dest = out / name
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": dest / "table.csv", "json": dest / "table.json", "md": dest / "table.md",
+             "png": dest / "curves.png"}
+    if table:
+        with paths["csv"].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        paths["json"].write_text(json.dumps(table, indent=1))
+        head = "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n"
+        paths["md"].write_text(head + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in table))
+        plot_experiment(name, out, seeds, paths["png"])
+    return paths
+
+
+def plot_experiment(name: str, out: Path, seeds: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(EXPERIMENTS[name]["variants"])
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), constrained_layout=True)
+    for vi, variant in enumerate(variants):
+        runs = [read_metrics(run_dir_of(out, name, variant, s)) for s in range(seeds)
+                if (run_dir_of(out, name, variant, s) / "metrics.jsonl").exists()]
+        if not runs:
+            continue
+        for ax, (key, title, smooth) in zip(axes, CURVES):
+            series = []
+            for rows in runs:
+                pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+                if pts:
+                    xs, ys = zip(*pts)
+                    series.append((list(xs), moving_average(list(ys), smooth)))
+            if not series:
+                continue
+            n = min(len(s[0]) for s in series)
+            xs = series[0][0][:n]
+            cols = list(zip(*[s[1][:n] for s in series]))
+            mean = [sum(c) / len(c) for c in cols]
+            ax.plot(xs, mean, color=f"C{vi % 10}", label=variant, lw=1.5)
+            ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=f"C{vi % 10}", alpha=0.15)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{EXPERIMENTS[name]['title']} (mean over seeds, band = min..max)")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""`stablerl repro`: every experiment's configurations run (a step each), the report is written,
+finished runs are skipped; and the collapse definition on hand-made reward curves."""
+
+import json
+
+import pytest
+
+from stablerl.repro import EXPERIMENTS, collapse_step, run_experiment, write_report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
+    tiny = ["train.steps=1", "train.prompts_per_step=2", "train.group_size=4", "rollout.max_new_tokens=10",
+            "task.eval_size=4", "eval.samples=1", "log.tensorboard=false", "task.levels=[1]",
+            "model.hidden_size=32", "model.num_layers=2", "sft.steps=3", "sft.batch_size=8",
+            f"sft.output_dir={sft_ckpt_for_repro}"]
+    if name == "cold-start":  # each teacher style needs its own cold start
+        tiny = [t for t in tiny if not t.startswith("sft.output_dir")]
+    logs = []
+    dirs = run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append)
+    assert len(dirs) == len(EXPERIMENTS[name]["variants"])
+    for d in dirs:
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["steps"] == 1 and summary["aborted"] is None
+    paths = write_report(name, tmp_path, seeds=1)
+    assert paths["png"].stat().st_size > 10_000
+    rows = json.loads(paths["json"].read_text())
+    assert [r["variant"] for r in rows] == list(EXPERIMENTS[name]["variants"])
+    logs.clear()
+    run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append)  # finished runs are not repeated
+    assert all("skipped" in line for line in logs)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt_for_repro(tmp_path_factory):
+    from stablerl.config import RunConfig, build_config
+    from stablerl.trainer import cold_start
+
+    out = tmp_path_factory.mktemp("sft") / "ckpt"
+    cfg = build_config(RunConfig, None, ["model.hidden_size=32", "model.num_layers=2", "sft.steps=3",
+                                         "sft.batch_size=8", "task.levels=[1]", f"sft.output_dir={out}"])
+    return cold_start(cfg, log=lambda *_: None)
+
+
+def test_collapse_definition():
+    def rows(rewards):
+        return [{"step": i + 1, "reward_mean": r} for i, r in enumerate(rewards)]
+
+    stable = [0.3] * 20 + [0.5] * 60
+    assert collapse_step(rows(stable)) is None
+    collapsing = [0.3] * 20 + [0.6] * 40 + [0.05] * 40   # falls and never recovers
+    step = collapse_step(rows(collapsing))
+    assert 60 < step < 80
+    dip = [0.3] * 20 + [0.6] * 40 + [0.05] * 15 + [0.6] * 25  # recovers: not a collapse
+    assert collapse_step(rows(dip)) is None
+    assert collapse_step(rows(stable[:10]), aborted=True) == 11
