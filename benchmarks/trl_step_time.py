@@ -1,7 +1,7 @@
 """Seconds per on-policy RL step: `stablerl train` vs TRL's GRPOTrainer, side by side.
 
 Same model (the default tiny Qwen3-MoE, one saved checkpoint loaded by both), same task prompts
-and reward, 8 prompts x 8 responses per step, at most 32 new tokens, temperature 1, CPU, one
+and reward, 8 prompts x 8 responses per step, sampled with the fp32 weights by both (`--precision`), at most 32 new tokens, temperature 1, CPU, one
 optimizer step per rollout batch (on-policy), no reference model / KL term. Each framework runs
 `--steps` steps per round, alternating for `--rounds` rounds in one process; the first
 `--warmup` steps of every round are dropped, and the median step time is compared.
@@ -26,14 +26,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def stablerl_round(ckpt: Path, steps: int, run_dir: Path) -> list[float]:
+def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> list[float]:
     from stablerl.config import RunConfig, build_config
     from stablerl.runlog import read_metrics
     from stablerl.trainer import Trainer
 
     cfg = build_config(RunConfig, None, [
         f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={steps}", "train.prompts_per_step=8",
-        "train.group_size=8", "rollout.max_new_tokens=32", "rollout.precision=bf16", "train.micro_batch_size=64",
+        "train.group_size=8", "rollout.max_new_tokens=32", f"rollout.precision={precision}", "train.micro_batch_size=64",
         "eval.every=100000", "eval.greedy=false", "eval.sampled=false", "checkpoint.every=100000",
         "log.progress=false", "log.tensorboard=false", "task.eval_size=1"])
     Trainer(cfg, run_dir, log=lambda *_: None).run()
@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpoint", help="HF checkpoint to use (default: a fresh default tiny MoE)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp8"],
+                    help="stablerl's rollout engine precision (TRL generates with the fp32 training model, "
+                         "so fp32 is the like-for-like comparison; bf16/fp8 add the emulation's cost)")
     args = ap.parse_args()
 
     from stablerl.models import build_model, build_tokenizer, default_model_config
@@ -96,7 +99,7 @@ def main() -> None:
         ckpt = save_checkpoint_dir(build_model(default_model_config(tok), seed=0), tok, tmp / "model")
     times: dict[str, list[float]] = {"stablerl": [], "trl": []}
     for r in range(args.rounds):
-        times["stablerl"] += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}")[args.warmup:]
+        times["stablerl"] += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}", args.precision)[args.warmup:]
         times["trl"] += trl_round(ckpt, args.steps, tmp / f"trl{r}")[args.warmup:]
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},

@@ -47,9 +47,10 @@ def response_logp(
     logp = logp_all.gather(-1, batch.response_ids[..., None]).squeeze(-1)
     mask = batch.response_mask
     result = {"logp": torch.where(mask, logp, torch.zeros_like(logp))}
-    if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        result["entropy"] = torch.where(mask, entropy, torch.zeros_like(entropy)).detach()
+    if with_entropy:  # a diagnostic: kept out of the autograd graph
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            result["entropy"] = torch.where(mask, entropy, torch.zeros_like(entropy))
     if capture:
         result["routes"] = cap.routes
     return result

@@ -23,6 +23,7 @@ Implementation: every supported family has a router module returning
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -43,8 +44,16 @@ SUPPORTED_ROUTERS: dict[str, tuple[str, bool | None]] = {
 }
 
 
+_ROUTER_CACHE: "weakref.WeakKeyDictionary[nn.Module, list[nn.Module]]" = weakref.WeakKeyDictionary()
+
+
 def moe_routers(model: nn.Module) -> list[nn.Module]:
-    """The router modules of ``model`` in layer order; a clear error for anything unsupported."""
+    """The router modules of ``model`` in layer order; a clear error for anything unsupported.
+
+    Cached per model (a module walk on every hooked forward is measurable at tiny-model speeds)."""
+    cached = _ROUTER_CACHE.get(model)
+    if cached is not None:
+        return cached
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_ROUTERS:
         raise ValueError(
@@ -55,6 +64,7 @@ def moe_routers(model: nn.Module) -> list[nn.Module]:
     routers = [m for m in model.modules() if type(m).__name__ == cls_name]
     if not routers:
         raise ValueError(f"{type(model).__name__} ({model_type}) has no MoE layers ({cls_name} modules)")
+    _ROUTER_CACHE[model] = routers
     return routers
 
 
