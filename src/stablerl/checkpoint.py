@@ -28,24 +28,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int) -> Path:
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f"step_{step:06d}.tmp"
+def save_model_dir(path: Path, model, tokenizer, extra=None) -> Path:
+    """An HF checkpoint directory (``save_pretrained`` safetensors + tokenizer, plus whatever
+    ``extra(tmp_dir)`` writes), built in ``<path>.tmp`` and renamed into place when complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+    if extra is not None:
+        extra(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    def trainer_state(tmp: Path) -> None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+
+    final = save_model_dir(ckpt_root / f"step_{step:06d}", model, tokenizer, trainer_state)
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

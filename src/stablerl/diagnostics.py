@@ -34,6 +34,21 @@ def is_weight_stats(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: to
     }
 
 
+def first_order_gap(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per response, ``| prod_t rho_t - (1 + sum_t (rho_t - 1)) |`` with ``rho_t = pi_theta / mu_old``.
+
+    How far the sequence-level ratio is from the first-order expansion the token-level surrogate
+    uses (PAPER.md s.3): 0 when every token ratio is 1, growing with the products of deviations
+    the surrogate drops. Returns ``[B]`` float64; the log sequence ratio is capped at 30 so a
+    runaway response reads as huge rather than inf.
+    """
+    mask = mask.bool()
+    log_rho = torch.where(mask, logp.double() - rollout_logp.double(), torch.zeros((), dtype=torch.float64))
+    seq = log_rho.sum(-1).clamp(max=30).exp()
+    first = 1 + ((log_rho.exp() - 1) * mask).sum(-1)
+    return (seq - first).abs()
+
+
 def route_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-layer fraction of positions whose top-k expert *set* is identical in ``a`` and ``b``
     (both ``[B, T, layers, top_k]``, as ``stablerl.routing.capture_routes`` records them).

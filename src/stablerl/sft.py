@@ -74,17 +74,7 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
 
 
 def save_checkpoint_dir(model, tokenizer, path: str | Path) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer, written to a temp dir then renamed."""
-    import os
-    import shutil
+    """The SFT result as an HF checkpoint directory, written atomically."""
+    from stablerl.checkpoint import save_model_dir
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return save_model_dir(Path(path), model, tokenizer)

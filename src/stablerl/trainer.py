@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from stablerl import checkpoint
 from stablerl.advantages import group_advantages
 from stablerl.config import RunConfig, SamplingConfig
-from stablerl.diagnostics import route_agreement_metrics
+from stablerl.diagnostics import first_order_gap, route_agreement_metrics
 from stablerl.forward import response_logp
 from stablerl.models import build_model, build_tokenizer, default_model_config
 from stablerl.objectives import aggregation_normalizer, policy_loss
@@ -185,7 +185,7 @@ class Trainer:
                     break
                 loss.backward()
                 m["entropy"] = float(out["entropy"][mask].mean())
-                m["first_order_gap"] = first_order_gap(logp.detach(), mb.rollout_logp, mask)
+                m["first_order_gap"] = float(first_order_gap(logp.detach(), mb.rollout_logp, mask)[mask.any(-1)].mean())
                 m[f"staleness_kl/mb{k}"] = m["staleness_kl"]
                 if capture and train_routes is None:  # N = 1: this forward's routes are pi_old's
                     m.update(route_agreement_metrics(out["routes"], mb.routes, "route_agreement/train_infer"))
@@ -304,19 +304,6 @@ class Trainer:
         finally:
             logger.close()
         return self.state
-
-
-def first_order_gap(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over responses of | prod_t rho_t - (1 + sum_t (rho_t - 1)) |, rho_t = pi_theta / mu_old.
-
-    The sequence ratio vs its first-order expansion (PAPER.md s.3): 0 when every token ratio is 1,
-    growing with the products of deviations the token-level surrogate drops. Computed in float64,
-    with the log sequence ratio capped at 30 so a runaway response reads as huge, not inf.
-    """
-    log_rho = torch.where(mask, logp.double() - rollout_logp.double(), torch.zeros((), dtype=torch.float64))
-    seq = log_rho.sum(-1).clamp(max=30).exp()
-    first = 1 + ((log_rho.exp() - 1) * mask).sum(-1)
-    return float((seq - first).abs()[mask.any(-1)].mean())
 
 
 def summarize(run_dir: Path) -> dict:

@@ -65,12 +65,3 @@ def compare(g: torch.Tensor, g_true: torch.Tensor) -> dict[str, float]:
     cos = float(g @ g_true / (g.norm() * g_true.norm()).clamp(min=1e-300))
     rel = float((g - g_true).norm() / g_true.norm().clamp(min=1e-300))
     return {"cosine": cos, "rel_error": rel}
-
-
-def first_order_gap(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> float:
-    """E_{y~mu}| prod_t rho_t - (1 + sum_t (rho_t - 1)) |, rho_t = pi_theta/mu_old per token:
-    how far the sequence ratio is from its first-order (token-level) approximation."""
-    log_rho = torch.where(mask, logp - rollout_logp, torch.zeros_like(logp))
-    rho = log_rho.exp()
-    gap = (log_rho.sum(-1).exp() - 1 - ((rho - 1) * mask).sum(-1)).abs()
-    return float((rollout_logp.sum(-1).exp() * gap).sum())

@@ -11,7 +11,8 @@ import time
 import torch
 
 from stablerl.config import LabConfig, LossConfig
-from stablerl.lab.exact import compare, first_order_gap, surrogate_gradient, true_gradient, true_objective
+from stablerl.diagnostics import first_order_gap
+from stablerl.lab.exact import compare, surrogate_gradient, true_gradient, true_objective
 from stablerl.lab.policy import (
     EnumerablePolicy,
     ResponseSpace,
@@ -94,7 +95,9 @@ def evaluate_point(
             # per-token KLs, exact: KL(mu_old || pi_old) under mu_old, KL(pi_old || pi_theta) under pi_old
             "train_infer_kl": token_kl(mu_logits, old_logits, rollout_logp.sum(-1).exp(), space),
             "staleness_kl": token_kl(old_logits, theta_logits, old_logp.sum(-1).exp(), space),
-            "first_order_gap": first_order_gap(logp_from_logits(theta_logits, space), rollout_logp, space.mask),
+            # its expectation under mu_old, exactly
+            "first_order_gap": float((rollout_logp.sum(-1).exp()
+                                      * first_order_gap(logp_from_logits(theta_logits, space), rollout_logp, space.mask)).sum()),
             "objective": float(true_objective(theta, space)),
         }
     point["surrogates"] = {
