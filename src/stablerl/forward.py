@@ -7,7 +7,9 @@ R3: the rollout engine's routes).
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -15,6 +17,15 @@ from torch import nn
 from stablerl.models import position_ids_from_mask
 from stablerl.rollout.base import RolloutBatch
 from stablerl.routing import capture_routes, replay_routes
+
+
+@lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in _forward_params(type(model))
 
 
 def response_logp(
@@ -33,14 +44,16 @@ def response_logp(
     ``replay`` (``[B, P+R, layers, top_k]``) fixes the experts; ``capture`` returns the routes
     this forward used under ``"routes"``; ``with_entropy`` adds the per-token entropy of pi.
     """
-    P = batch.prompt_width
+    P, R = batch.prompt_width, batch.response_ids.shape[1]
+    # only positions P-1 .. P+R-2 predict response tokens: skip the LM head everywhere else
+    keep = {"logits_to_keep": R + 1} if _accepts_logits_to_keep(model) else {}
     capture_ctx = capture_routes(model) if capture else nullcontext()
     replay_ctx = replay_routes(model, replay) if replay is not None else nullcontext()
     with replay_ctx, capture_ctx as cap:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=position_ids_from_mask(batch.attention_mask), use_cache=False)
+                    position_ids=position_ids_from_mask(batch.attention_mask), use_cache=False, **keep)
     # position t predicts token t+1: the logits for response token j sit at position P + j - 1
-    logits = out.logits[:, P - 1:-1].float()
+    logits = out.logits[:, -(R + 1):-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)

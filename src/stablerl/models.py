@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from stablerl.moe import use_fast_experts
+
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "qwen3")
 
 
@@ -59,11 +61,17 @@ def tiny_config(
 
 
 def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A freshly initialized causal LM from ``config`` (deterministic given ``seed``)."""
+    """A freshly initialized causal LM from ``config`` (deterministic given ``seed``), MoE experts
+    on stablerl's training kernel (``stablerl.moe``)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+    return use_fast_experts(model)
+
+
+def load_model(path, dtype: torch.dtype = torch.float32):
+    """An HF checkpoint as a causal LM, MoE experts on stablerl's training kernel."""
+    return use_fast_experts(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ EXPERIMENTS: dict[str, dict] = {
         "title": "Off-policy: N = 2, 4, 8 mini-batches per rollout batch, clipping x routing replay",
         "base": COMMON + STRESS,
         "variants": _off_policy_variants(),
+        "rows": {f"N = {n}": [v for v in _off_policy_variants() if v.startswith(f"n{n}_")] for n in (2, 4, 8)},
     },
     "cold-start": {
         "title": "Cold start: three teacher styles, then the same stable RL recipe",

@@ -4,8 +4,9 @@ Collapse (precise definition): a run collapsed at step c if the 20-step moving a
 training reward, after step 20, falls below half of its running peak at step c and never gets
 back above that half until the run ends; a run stopped for non-finite steps also collapsed (at
 the step it stopped). The table reports, per variant over seeds: final and peak held-out sampled
-accuracy (mean ± std), how many seeds collapsed and at which steps, and the mean
-training-inference KL over all steps.
+accuracy (mean ± std), the training reward averaged over the last 20 steps, how many seeds
+collapsed and at which steps, the mean training-inference KL over all steps, and the mean wall
+time of one run.
 """
 
 from __future__ import annotations
@@ -55,10 +56,13 @@ def run_stats(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     evals = [r["eval/sampled_acc"] for r in rows if "eval/sampled_acc" in r]
     kls = [r["train_infer_kl"] for r in rows if "train_infer_kl" in r]
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r][-20:]
     return {"final_acc": evals[-1] if evals else float("nan"), "peak_acc": max(evals) if evals else float("nan"),
             "initial_acc": evals[0] if evals else float("nan"),
+            "final_reward": sum(rewards) / len(rewards) if rewards else float("nan"),
             "collapse_step": collapse_step(rows, bool(summary.get("aborted"))),
-            "mean_train_infer_kl": sum(kls) / len(kls) if kls else float("nan")}
+            "mean_train_infer_kl": sum(kls) / len(kls) if kls else float("nan"),
+            "seconds": summary.get("seconds", float("nan"))}
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -68,11 +72,16 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+def _mean_or_nan(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    return f"{statistics.mean(xs):.0f}" if xs else "n/a"
+
+
 def experiment_table(name: str, out: Path, seeds: int) -> list[dict]:
     table = []
     for variant in EXPERIMENTS[name]["variants"]:
         dirs = [run_dir_of(out, name, variant, s) for s in range(seeds)]
-        stats = [run_stats(d) for d in dirs if (d / "metrics.jsonl").exists()]
+        stats = [run_stats(d) for d in dirs if (d / "summary.json").exists()]  # finished runs only
         if not stats:
             continue
         collapsed = [s["collapse_step"] for s in stats if s["collapse_step"] is not None]
@@ -81,9 +90,11 @@ def experiment_table(name: str, out: Path, seeds: int) -> list[dict]:
             "initial_acc": _mean_std([s["initial_acc"] for s in stats]),
             "final_acc": _mean_std([s["final_acc"] for s in stats]),
             "peak_acc": _mean_std([s["peak_acc"] for s in stats]),
+            "final_reward": _mean_std([s["final_reward"] for s in stats]),
             "collapsed": f"{len(collapsed)}/{len(stats)}",
             "collapse_steps": ",".join(map(str, collapsed)) or "-",
             "mean_train_infer_kl": f"{statistics.mean(s['mean_train_infer_kl'] for s in stats):.2e}",
+            "run_seconds": _mean_or_nan([s["seconds"] for s in stats]),
         })
     return table
 
@@ -107,37 +118,41 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
 
 
 def plot_experiment(name: str, out: Path, seeds: int, path: Path) -> None:
+    """One row of panels per group of variants (``EXPERIMENTS[name]["rows"]``, e.g. one per N)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(EXPERIMENTS[name]["variants"])
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), constrained_layout=True)
-    for vi, variant in enumerate(variants):
-        runs = [read_metrics(run_dir_of(out, name, variant, s)) for s in range(seeds)
-                if (run_dir_of(out, name, variant, s) / "metrics.jsonl").exists()]
-        if not runs:
-            continue
-        for ax, (key, title, smooth) in zip(axes, CURVES):
-            series = []
-            for rows in runs:
-                pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
-                if pts:
-                    xs, ys = zip(*pts)
-                    series.append((list(xs), moving_average(list(ys), smooth)))
-            if not series:
-                continue
-            n = min(len(s[0]) for s in series)
-            xs = series[0][0][:n]
-            cols = list(zip(*[s[1][:n] for s in series]))
-            mean = [sum(c) / len(c) for c in cols]
-            ax.plot(xs, mean, color=f"C{vi % 10}", label=variant, lw=1.5)
-            ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=f"C{vi % 10}", alpha=0.15)
-            ax.set_title(title)
+    rows = EXPERIMENTS[name].get("rows") or {"": variants}
+    fig, grid = plt.subplots(len(rows), len(CURVES), figsize=(5 * len(CURVES), 4 * len(rows)),
+                             constrained_layout=True, squeeze=False)
+    for axes, (row_title, row_variants) in zip(grid, rows.items()):
+        for variant in row_variants:
+            vi = variants.index(variant)
+            runs = [read_metrics(run_dir_of(out, name, variant, s)) for s in range(seeds)
+                    if (run_dir_of(out, name, variant, s) / "summary.json").exists()]
+            for ax, (key, title, smooth) in zip(axes, CURVES):
+                series = []
+                for rows_ in runs:
+                    pts = [(r["step"], r[key]) for r in rows_ if key in r and r[key] == r[key]]
+                    if pts:
+                        xs, ys = zip(*pts)
+                        series.append((list(xs), moving_average(list(ys), smooth)))
+                if not series:
+                    continue
+                n = min(len(s[0]) for s in series)
+                xs = series[0][0][:n]
+                cols = list(zip(*[s[1][:n] for s in series]))
+                mean = [sum(c) / len(c) for c in cols]
+                ax.plot(xs, mean, color=f"C{vi % 10}", label=variant, lw=1.5)
+                ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=f"C{vi % 10}", alpha=0.15)
+        for ax, (_, title, _) in zip(axes, CURVES):
+            ax.set_title(f"{row_title}: {title}" if row_title else title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"{EXPERIMENTS[name]['title']} (mean over seeds, band = min..max)")
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -1,0 +1,61 @@
+"""The training-side MoE experts kernel: HF's grouped-matmul experts with cheaper gathers.
+
+transformers runs the experts of Qwen3-MoE / Qwen2-MoE / Mixtral / OLMoE through a pluggable
+"experts implementation" (default ``grouped_mm``): sort the token-expert pairs by expert, one
+grouped matmul per projection, then restore the order. Its two row gathers use advanced
+indexing (``x[idx]``), whose backward is an accumulating ``index_put_`` — on CPU ~10x slower
+than the ``index_add_`` behind ``index_select`` (2.8 ms vs 0.26 ms for a [7168, 96] gather of
+the default tiny MoE), and it ran four times per layer in every backward. This module registers
+the same maths with ``index_select`` gathers as the ``"stablerl_grouped_mm"`` implementation
+and ``use_fast_experts`` switches a model to it; the routing weights are applied after the
+order is restored, so no weight gather is needed at all.
+
+Layouts other than HF's default (biases, transposed or non-gated experts, post-expert norms,
+expert parallelism) fall through to HF's ``grouped_mm`` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+
+NAME = "stablerl_grouped_mm"
+
+
+def _standard_layout(experts: nn.Module) -> bool:
+    return (getattr(experts, "has_gate", False) and not getattr(experts, "has_bias", True)
+            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_post_expert_norm", True)
+            and getattr(experts, "is_concatenated", False) and not getattr(experts, "_is_expert_parallel", True)
+            and hasattr(F, "grouped_mm"))
+
+
+def grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * expert_{e_k}(h) for every token; ``hidden_states`` ``[N, H]``, index/weights ``[N, k]``."""
+    if not _standard_layout(self):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    N, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    _, perm = flat.sort(stable=True)  # pair p = token * k + j, in expert order
+    offsets = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
+    x = hidden_states.index_select(0, perm // k).to(self.gate_up_proj.dtype)
+    h = self._apply_gate(F.grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offsets))
+    y = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    y = y.index_select(0, inverse).view(N, k, -1)
+    # the k contributions of a token summed in a fixed order (no scatter-add), as HF does
+    return (y * top_k_weights.to(y.dtype)[..., None]).sum(1).to(hidden_states.dtype)
+
+
+ExpertsInterface.register(NAME, grouped_experts_forward)
+
+
+def use_fast_experts(model: nn.Module) -> nn.Module:
+    """Switch a transformers MoE model's experts to ``stablerl_grouped_mm`` (in place); models
+    without pluggable experts (dense ones, other architectures) are returned unchanged."""
+    if getattr(model.config, "_experts_implementation", None) is not None and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(NAME)
+    return model
