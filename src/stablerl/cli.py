@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     rp = sub.add_parser("repro", help="the paper's experiments in miniature (docs/results.md)")
-    rp.add_argument("experiment", choices=["on-policy", "off-policy", "cold-start", "all"])
+    from stablerl.repro.experiments import EXPERIMENTS
+
+    rp.add_argument("experiment", choices=[*EXPERIMENTS, "all"],
+                    help="one experiment, or all of them in this order")
     rp.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     rp.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
     rp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run (after the experiment's)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 COMMON = ["rollout.precision=fp8", "log.progress=false", "eval.every=25", "task.eval_size=200", "eval.samples=2",
           "checkpoint.every=25", "checkpoint.keep_last=1"]
 STRESS = ["train.steps=200", "train.lr=1e-4"]
+# the follow-ups where 200 steps could not tell: the same stress learning rate, 3x the steps
+LONG = ["train.steps=600", "train.lr=1e-4", "eval.every=50", "checkpoint.every=50"]
 
 
 def _off_policy_variants() -> dict[str, list[str]]:
@@ -53,5 +55,16 @@ EXPERIMENTS: dict[str, dict] = {
             "teacher_direct": ["task.style=direct"],
             "teacher_noisy": ["task.style=noisy"],
         },
+    },
+    "on-policy-long": {
+        "title": "On-policy follow-up, 600 steps: MiniRL with and without the IS correction",
+        "base": COMMON + LONG,
+        "variants": {"minirl": [], "minirl_no_is": ["loss.is_mode=none"]},
+    },
+    "cold-start-long": {
+        "title": "Cold-start follow-up, 600 steps: do the three starts converge?",
+        "base": COMMON + LONG,
+        "variants": {"teacher_steps": ["task.style=steps"], "teacher_direct": ["task.style=direct"],
+                     "teacher_noisy": ["task.style=noisy"]},
     },
 }

@@ -154,5 +154,5 @@ def plot_experiment(name: str, out: Path, seeds: int, path: Path) -> None:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
     fig.suptitle(f"{EXPERIMENTS[name]['title']} (mean over seeds, band = min..max)")
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=64)
     plt.close(fig)
