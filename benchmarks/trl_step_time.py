@@ -1,8 +1,9 @@
 """Seconds per on-policy RL step: `stablerl train` vs TRL's GRPOTrainer, side by side.
 
 Same model (the default tiny Qwen3-MoE, one saved checkpoint loaded by both), same task prompts
-and reward, 8 prompts x 8 responses per step, sampled with the fp32 weights by both (`--precision`), at most 32 new tokens, temperature 1, CPU, one
-optimizer step per rollout batch (on-policy), no reference model / KL term. Each framework runs
+and reward, 8 prompts x 8 responses per step, sampled with the fp32 weights by both
+(`--precision`), at most 32 new tokens, temperature 1, CPU, one optimizer step per rollout batch
+(on-policy), no reference model / KL term. Each framework runs
 `--steps` steps per round, alternating for `--rounds` rounds in one process; the first
 `--warmup` steps of every round are dropped, and the median step time is compared.
 

@@ -22,7 +22,8 @@ PANELS = (
 )
 
 
-def _smooth(values: list[float], k: int) -> list[float]:
+def moving_average(values: list[float], k: int) -> list[float]:
+    """Trailing mean over the last ``k`` values (fewer at the start)."""
     out, window = [], []
     for v in values:
         window.append(v)
@@ -47,7 +48,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smooth: int = 5) -> P
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, _smooth(list(ys), smooth) if smoothed else ys, label=Path(name).name,
+                ax.plot(xs, moving_average(list(ys), smooth) if smoothed else ys, label=Path(name).name,
                         marker=None if smoothed else "o", ms=3)
         ax.set_title(title)
         ax.set_xlabel("step")

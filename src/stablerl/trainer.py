@@ -108,6 +108,7 @@ class Trainer:
         self.engine = LocalEngine(self.model, cfg.rollout.precision, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id)
         self.engine.version = self.step
+        self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
         self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
         self.optimizer_steps = self.step * cfg.train.minibatches_per_step
@@ -235,7 +236,7 @@ class Trainer:
         cached engine in ``eval.precision`` synced to the policy: no weight copy built per eval."""
         if self.cfg.eval.precision == self.cfg.rollout.precision:
             return self.engine
-        if getattr(self, "_eval", None) is None:
+        if self._eval is None:
             self._eval = LocalEngine(self.model, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
                                      pad_token_id=self.tokenizer.pad_token_id)
         else:

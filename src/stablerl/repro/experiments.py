@@ -28,6 +28,8 @@ def _off_policy_variants() -> dict[str, list[str]]:
     return variants
 
 
+_OFF_POLICY = _off_policy_variants()
+
 EXPERIMENTS: dict[str, dict] = {
     "on-policy": {
         "title": "On-policy (N = 1): MiniRL and its ablations, GRPO and CISPO",
@@ -44,8 +46,8 @@ EXPERIMENTS: dict[str, dict] = {
     "off-policy": {
         "title": "Off-policy: N = 2, 4, 8 mini-batches per rollout batch, clipping x routing replay",
         "base": COMMON + STRESS,
-        "variants": _off_policy_variants(),
-        "rows": {f"N = {n}": [v for v in _off_policy_variants() if v.startswith(f"n{n}_")] for n in (2, 4, 8)},
+        "variants": _OFF_POLICY,
+        "rows": {f"N = {n}": [v for v in _OFF_POLICY if v.startswith(f"n{n}_")] for n in (2, 4, 8)},
     },
     "cold-start": {
         "title": "Cold start: three teacher styles, then the same stable RL recipe",

@@ -16,6 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
+from stablerl.plot import moving_average
 from stablerl.repro.experiments import EXPERIMENTS
 from stablerl.repro.runner import run_dir_of
 from stablerl.runlog import read_metrics
@@ -25,14 +26,6 @@ CURVES = (("reward_mean", "training reward", 10), ("eval/sampled_acc", "held-out
           ("route_agreement/train_infer", "routing agreement (train vs infer)", 10))
 
 
-def moving_average(values: list[float], k: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        window = values[max(0, i - k + 1): i + 1]
-        out.append(sum(window) / len(window))
-    return out
-
-
 def collapse_step(rows: list[dict], aborted: bool = False, window: int = 20) -> int | None:
     steps = [r["step"] for r in rows if "reward_mean" in r]
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
@@ -40,7 +33,7 @@ def collapse_step(rows: list[dict], aborted: bool = False, window: int = 20) -> 
         return steps[-1] + 1 if steps else 0
     ma = moving_average(rewards, window)
     peak, below_since = 0.0, None
-    for i, (s, v) in enumerate(zip(steps, ma)):
+    for s, v in zip(steps, ma):
         peak = max(peak, v)
         if s <= window:
             continue
@@ -51,9 +44,18 @@ def collapse_step(rows: list[dict], aborted: bool = False, window: int = 20) -> 
     return below_since
 
 
-def run_stats(run_dir: Path) -> dict:
-    rows = read_metrics(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict, list[dict]]]]:
+    """Per variant, ``(summary, metrics rows)`` of every finished run (one with a summary.json),
+    read once for both the table and the figure."""
+    runs = {}
+    for variant in EXPERIMENTS[name]["variants"]:
+        dirs = [run_dir_of(out, name, variant, s) for s in range(seeds)]
+        runs[variant] = [(json.loads((d / "summary.json").read_text()), read_metrics(d))
+                         for d in dirs if (d / "summary.json").exists()]
+    return runs
+
+
+def run_stats(summary: dict, rows: list[dict]) -> dict:
     evals = [r["eval/sampled_acc"] for r in rows if "eval/sampled_acc" in r]
     kls = [r["train_infer_kl"] for r in rows if "train_infer_kl" in r]
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r][-20:]
@@ -72,16 +74,15 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def _mean_or_nan(xs: list[float]) -> str:
+def _mean_seconds(xs: list[float]) -> str:
     xs = [x for x in xs if x == x]
     return f"{statistics.mean(xs):.0f}" if xs else "n/a"
 
 
-def experiment_table(name: str, out: Path, seeds: int) -> list[dict]:
+def experiment_table(runs: dict[str, list[tuple[dict, list[dict]]]]) -> list[dict]:
     table = []
-    for variant in EXPERIMENTS[name]["variants"]:
-        dirs = [run_dir_of(out, name, variant, s) for s in range(seeds)]
-        stats = [run_stats(d) for d in dirs if (d / "summary.json").exists()]  # finished runs only
+    for variant, finished in runs.items():
+        stats = [run_stats(summary, rows) for summary, rows in finished]
         if not stats:
             continue
         collapsed = [s["collapse_step"] for s in stats if s["collapse_step"] is not None]
@@ -94,13 +95,14 @@ def experiment_table(name: str, out: Path, seeds: int) -> list[dict]:
             "collapsed": f"{len(collapsed)}/{len(stats)}",
             "collapse_steps": ",".join(map(str, collapsed)) or "-",
             "mean_train_infer_kl": f"{statistics.mean(s['mean_train_infer_kl'] for s in stats):.2e}",
-            "run_seconds": _mean_or_nan([s["seconds"] for s in stats]),
+            "run_seconds": _mean_seconds([s["seconds"] for s in stats]),
         })
     return table
 
 
 def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
-    table = experiment_table(name, out, seeds)
+    runs = finished_runs(name, out, seeds)
+    table = experiment_table(runs)
     dest = out / name
     dest.mkdir(parents=True, exist_ok=True)
     paths = {"csv": dest / "table.csv", "json": dest / "table.json", "md": dest / "table.md",
@@ -113,11 +115,11 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
         paths["json"].write_text(json.dumps(table, indent=1))
         head = "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n"
         paths["md"].write_text(head + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in table))
-        plot_experiment(name, out, seeds, paths["png"])
+        plot_experiment(name, runs, paths["png"])
     return paths
 
 
-def plot_experiment(name: str, out: Path, seeds: int, path: Path) -> None:
+def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict]]]], path: Path) -> None:
     """One row of panels per group of variants (``EXPERIMENTS[name]["rows"]``, e.g. one per N)."""
     import matplotlib
 
@@ -131,12 +133,10 @@ def plot_experiment(name: str, out: Path, seeds: int, path: Path) -> None:
     for axes, (row_title, row_variants) in zip(grid, rows.items()):
         for variant in row_variants:
             vi = variants.index(variant)
-            runs = [read_metrics(run_dir_of(out, name, variant, s)) for s in range(seeds)
-                    if (run_dir_of(out, name, variant, s) / "summary.json").exists()]
             for ax, (key, title, smooth) in zip(axes, CURVES):
                 series = []
-                for rows_ in runs:
-                    pts = [(r["step"], r[key]) for r in rows_ if key in r and r[key] == r[key]]
+                for _, metrics in runs[variant]:
+                    pts = [(r["step"], r[key]) for r in metrics if key in r and r[key] == r[key]]
                     if pts:
                         xs, ys = zip(*pts)
                         series.append((list(xs), moving_average(list(ys), smooth)))

@@ -7,7 +7,7 @@ step, returning next-token logits and (for MoE) the routes of the fed positions.
   inference engine would: a preallocated KV cache (no per-step concatenation of the whole
   cache), masks and rotary tables built once per step for all layers, plain batched-matmul
   attention for single-token decode, routes recorded inline (no hooks), experts as
-  capacity-grouped batched matmuls (``grouped_experts``). It reads the weights from the engine's
+  capacity-grouped batched matmuls (``stablerl.moe.grouped_experts``). It reads the weights from the engine's
   HF model when built (once per generate call), so a weight sync updates both paths.
 """
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablerl.models import position_ids_from_mask
+from stablerl.moe import grouped_experts
 from stablerl.routing import capture_routes, is_moe
 
 
@@ -164,33 +165,3 @@ class FastQwen3MoeDecoder:
         experts = block.experts
         out = grouped_experts(h, idx, weights.to(h.dtype), experts.gate_up_proj, experts.down_proj, experts.act_fn)
         return out, idx
-
-
-def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
-    """sum_k w_k * down_e(act(gate_e(h)) * up_e(h)) over each token's experts e = idx[:, k].
-
-    ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` are in HF's layout.
-
-    Token-expert pairs are sorted by expert into a zero-padded [E, C, H] block (C = the busiest
-    expert's load) and both projections run as one batched matmul each: on CPU this beats a
-    per-expert loop of small matmuls (~1.7x on the default tiny MoE at batch 64). Tokens go in
-    and results come out by gathers (index_select), not a scatter-add, so each token's k
-    contributions are summed in a fixed order, as HF's grouped_mm path does.
-    Differentiable, but training keeps HF's grouped_mm: its backward measured faster on CPU.
-    """
-    N, k = idx.shape
-    E, _, H = gate_up_proj.shape
-    flat = idx.reshape(-1)
-    expert, order = flat.sort(stable=True)
-    counts = torch.bincount(flat, minlength=E)
-    C = int(counts.max())
-    # slot[p]: the row of the [E * C] block that holds pair p = token * k + j
-    slot = torch.empty_like(order)
-    slot[order] = expert * C + (torch.arange(N * k, device=h.device) - (counts.cumsum(0) - counts)[expert])
-    # src[row]: the token each block row reads; padding rows read an appended zero row (index N)
-    src = torch.full((E * C,), N, dtype=torch.long, device=h.device)
-    src[slot] = torch.arange(N * k, device=h.device) // k
-    x = torch.cat([h, h.new_zeros(1, H)]).index_select(0, src).view(E, C, H)
-    gate, up = torch.bmm(x, gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-    y = torch.bmm(act_fn(gate) * up, down_proj.transpose(1, 2)).view(E * C, H)
-    return (y.index_select(0, slot).view(N, k, H) * weights[..., None]).sum(1)
