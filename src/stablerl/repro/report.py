@@ -6,7 +6,10 @@ back above that half until the run ends; a run stopped for non-finite steps also
 the step it stopped). The table reports, per variant over seeds: final and peak held-out sampled
 accuracy (mean ± std), the training reward averaged over the last 20 steps, how many seeds
 collapsed and at which steps, the mean training-inference KL over all steps, and the mean wall
-time of one run.
+time of one run; then diagnostics: the largest training-inference KL of each seed and how many
+steps it spent above ``KL_SPIKE`` (5e-3, ~5x its usual level here), the mean routing agreement
+between training and inference, the mean fraction of all-wrong groups (zero advantage) and the
+mean fraction of tokens whose IS weight was truncated.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from stablerl.plot import moving_average
 from stablerl.repro.experiments import EXPERIMENTS
 from stablerl.repro.runner import run_dir_of
 from stablerl.runlog import read_metrics
+
+KL_SPIKE = 5e-3
 
 CURVES = (("reward_mean", "training reward", 10), ("eval/sampled_acc", "held-out accuracy (sampled)", 1),
           ("entropy", "token entropy", 10), ("train_infer_kl", "training-inference KL", 10),
@@ -59,12 +64,20 @@ def run_stats(summary: dict, rows: list[dict]) -> dict:
     evals = [r["eval/sampled_acc"] for r in rows if "eval/sampled_acc" in r]
     kls = [r["train_infer_kl"] for r in rows if "train_infer_kl" in r]
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r][-20:]
+
+    def mean_of(key: str) -> float:
+        vals = [r[key] for r in rows if key in r and r[key] == r[key]]
+        return sum(vals) / len(vals) if vals else float("nan")
+
     return {"final_acc": evals[-1] if evals else float("nan"), "peak_acc": max(evals) if evals else float("nan"),
             "initial_acc": evals[0] if evals else float("nan"),
             "final_reward": sum(rewards) / len(rewards) if rewards else float("nan"),
             "collapse_step": collapse_step(rows, bool(summary.get("aborted"))),
             "mean_train_infer_kl": sum(kls) / len(kls) if kls else float("nan"),
-            "seconds": summary.get("seconds", float("nan"))}
+            "seconds": summary.get("seconds", float("nan")),
+            "max_kl": max(kls) if kls else float("nan"), "kl_spikes": sum(k > KL_SPIKE for k in kls),
+            "route_agreement": mean_of("route_agreement/train_infer"),
+            "groups_all_wrong": mean_of("groups_all_wrong"), "is_frac_truncated": mean_of("is_frac_truncated")}
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -96,6 +109,11 @@ def experiment_table(runs: dict[str, list[tuple[dict, list[dict]]]]) -> list[dic
             "collapse_steps": ",".join(map(str, collapsed)) or "-",
             "mean_train_infer_kl": f"{statistics.mean(s['mean_train_infer_kl'] for s in stats):.2e}",
             "run_seconds": _mean_seconds([s["seconds"] for s in stats]),
+            "max_train_infer_kl": ",".join(f"{s['max_kl']:.1e}" for s in stats),
+            "kl_spike_steps": ",".join(str(s["kl_spikes"]) for s in stats),
+            "route_agreement": f"{statistics.mean(s['route_agreement'] for s in stats):.4f}",
+            "groups_all_wrong": f"{statistics.mean(s['groups_all_wrong'] for s in stats):.2f}",
+            "is_frac_truncated": f"{statistics.mean(s['is_frac_truncated'] for s in stats):.1e}",
         })
     return table
 
