@@ -27,7 +27,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> list[float]:
+def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> list[dict]:
     from stablerl.config import RunConfig, build_config
     from stablerl.runlog import read_metrics
     from stablerl.trainer import Trainer
@@ -38,7 +38,7 @@ def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> lis
         "eval.every=100000", "eval.greedy=false", "eval.sampled=false", "checkpoint.every=100000",
         "log.progress=false", "log.tensorboard=false", "task.eval_size=1"])
     Trainer(cfg, run_dir, log=lambda *_: None).run()
-    return [r["step_time"] for r in read_metrics(run_dir) if "step_time" in r]
+    return [r for r in read_metrics(run_dir) if "step_time" in r]
 
 
 def trl_round(ckpt: Path, steps: int, out_dir: Path) -> list[float]:
@@ -99,12 +99,17 @@ def main() -> None:
         tok = build_tokenizer()
         ckpt = save_checkpoint_dir(build_model(default_model_config(tok), seed=0), tok, tmp / "model")
     times: dict[str, list[float]] = {"stablerl": [], "trl": []}
+    ours: list[dict] = []
     for r in range(args.rounds):
-        times["stablerl"] += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}", args.precision)[args.warmup:]
+        ours += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}", args.precision)[args.warmup:]
         times["trl"] += trl_round(ckpt, args.steps, tmp / f"trl{r}")[args.warmup:]
+    times["stablerl"] = [m["step_time"] for m in ours]
     med = {k: statistics.median(v) for k, v in times.items()}
+    # stablerl's own split of a step (from its metrics): rollout = generation + rewards, train = update
+    split = {k: statistics.median(m[k] for m in ours) for k in ("rollout_time", "train_time")}
     print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
-                      "median_step_s": med, "steps_measured": {k: len(v) for k, v in times.items()},
+                      "median_step_s": med, "stablerl_median_split_s": split,
+                      "steps_measured": {k: len(v) for k, v in times.items()},
                       "speedup": med["trl"] / med["stablerl"]}, indent=2))
 
 
