@@ -3,10 +3,10 @@
 from stablerl.tasks.arithmetic import ArithmeticTask
 from stablerl.tasks.base import Problem, Task
 from stablerl.tasks.math_file import MalformedDataError, MathFileTask
-from stablerl.tasks.reward import RewardStats, compute_rewards
+from stablerl.tasks.reward import RewardPool, RewardResult, RewardStats
 
-__all__ = ["ArithmeticTask", "MathFileTask", "MalformedDataError", "Problem", "Task", "RewardStats",
-           "compute_rewards", "build_task"]
+__all__ = ["ArithmeticTask", "MathFileTask", "MalformedDataError", "Problem", "Task", "RewardPool", "RewardResult",
+           "RewardStats", "build_task", "reward_pool"]
 
 
 def build_task(cfg):
@@ -14,4 +14,10 @@ def build_task(cfg):
     if cfg.name == "arithmetic":
         return ArithmeticTask(levels=cfg.levels, style=cfg.style, eval_size=cfg.eval_size, seed=cfg.seed)
     return MathFileTask(cfg.train_file, cfg.eval_file, cfg.question_field, cfg.answer_field, cfg.solution_field,
-                        cfg.eval_size, cfg.seed, cfg.prompt_template)
+                        cfg.eval_size, cfg.seed, cfg.prompt_template, eval_size_set="eval_size" in cfg.model_fields_set)
+
+
+def reward_pool(task, cfg) -> RewardPool:
+    """The worker-process pool that scores ``task``'s responses (``cfg`` is a TaskConfig)."""
+    return RewardPool(task.reward_fns, workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s,
+                      memory_mb=cfg.reward_memory_mb)

@@ -15,16 +15,16 @@ set of prompts that the training stream skips.
 from __future__ import annotations
 
 import random
-import re
 
 from stablerl.tasks.base import Problem
+from stablerl.tasks.verifiers import ARITHMETIC, arithmetic_answer
 
 STYLES = ("steps", "direct", "noisy")
-_ANSWER = re.compile(r"#(-?\d+)\s*$")
 
 
 class ArithmeticTask:
     name = "arithmetic"
+    reward_fns = [ARITHMETIC]
 
     def __init__(self, levels: list[int] = (1, 2, 3), style: str = "steps", eval_size: int = 200,
                  seed: int = 0, max_operand: int = 99):
@@ -72,5 +72,4 @@ class ArithmeticTask:
         return list(self._eval)
 
     def reward(self, response: str, problem: Problem) -> float:
-        m = _ANSWER.search(response)
-        return float(m is not None and m.group(1) == problem.answer)
+        return arithmetic_answer(problem.prompt, response, **problem.reward_fields())

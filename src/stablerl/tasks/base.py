@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -12,10 +12,18 @@ class Problem:
     answer: str          # the reference answer the verifier checks against
     solution: str = ""   # a teacher solution (response text) for cold-start SFT
     level: int = 0       # difficulty level (0 = unknown)
+    fields: dict = field(default_factory=dict, compare=False)  # the row's other columns, for reward fns
+
+    def reward_fields(self) -> dict:
+        """The keyword arguments of a reward function call: ``answer`` and the row's columns
+        (``prompt`` and ``completion`` are the call's positional arguments, so never fields)."""
+        extra = {k: v for k, v in self.fields.items() if k not in ("prompt", "completion")}
+        return {**extra, "answer": self.answer}
 
 
 class Task(Protocol):
     name: str
+    reward_fns: list[str]  # the task's verifier(s), as import paths (stablerl.tasks.verifiers)
 
     def train_problem(self, index: int) -> Problem:
         """The index-th problem of the training stream (deterministic: resumable)."""
@@ -26,5 +34,6 @@ class Task(Protocol):
         ...
 
     def reward(self, response: str, problem: Problem) -> float:
-        """Verifier: 1.0 if the response's final answer is correct, else 0.0. May raise."""
+        """The verifier called in this process (tests, quick checks); training and evaluation
+        score through ``stablerl.tasks.reward.RewardPool``. May raise."""
         ...

@@ -1,48 +1,254 @@
-"""Rewarding a batch without letting a verifier kill the run.
+"""Scoring responses without letting a reward function zero, stall or kill a run.
 
-A verifier that raises, or runs past ``timeout_s``, gives reward 0 and is counted; the run goes
-on. Timeouts use a worker thread (a Python thread cannot be killed, so a verifier stuck forever
-keeps its thread; math-verify bounds its own parsing and verification time as well).
+Reward functions run in a pool of worker *processes* (``RewardPool``), never in the trainer's
+process or in a thread:
+
+- each call runs in a worker's main thread, so verifiers that rely on ``signal.alarm`` (math-verify
+  bounds its parsing that way) work as they do in a script;
+- each call has a hard deadline: a worker still busy past ``timeout_s`` is killed and replaced,
+  so a function stuck forever costs one timeout, not the run;
+- a function that raises (``sys.exit`` included) gives 0 and the worker goes on; one that kills
+  its interpreter (``os._exit``, a segfault, the OOM killer) gives 0 and the worker is replaced;
+  ``memory_mb`` caps each worker's address space, so runaway allocation raises ``MemoryError``
+  in the worker instead of taking the machine down;
+- calls run in parallel across responses (one per worker at a time).
+
+Every failure gives reward 0, is counted by kind (error, timeout, crash) and is named by its
+function in ``RewardStats``. Workers die with the trainer (``PR_SET_PDEATHSIG`` on Linux, and a
+closed pipe everywhere), so a killed run leaves no verifier processes behind.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-from dataclasses import dataclass
+import math
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 
-from stablerl.tasks.base import Problem, Task
+from stablerl.tasks.verifiers import resolve, spec_name
+
+# one wait slice: deadlines are checked at least this often, and no OS wait call ever gets a
+# timeout too large for it (a timeout such as 1e10 s overflows select/poll)
+_SLICE_S = 0.5
 
 
 @dataclass
 class RewardStats:
+    """Failures of one scoring call. ``by_fn`` counts failures per function name."""
+
     errors: int = 0
     timeouts: int = 0
+    crashes: int = 0
+    by_fn: dict[str, int] = field(default_factory=dict)
     first_error: str = ""
 
+    @property
+    def failures(self) -> int:
+        return self.errors + self.timeouts + self.crashes
 
-def compute_rewards(task: Task, responses: list[str], problems: list[Problem],
-                    timeout_s: float = 10.0) -> tuple[list[float], RewardStats]:
-    stats = RewardStats()
-    pool = cf.ThreadPoolExecutor(max_workers=1)
-    rewards = []
-    try:
-        for response, problem in zip(responses, problems):
-            future = pool.submit(task.reward, response, problem)
+    def record(self, kind: str, fn: str, detail: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        self.by_fn[fn] = self.by_fn.get(fn, 0) + 1
+        self.first_error = self.first_error or f"{fn}: {detail}"
+
+    def metrics(self, prefix: str = "reward_") -> dict[str, float]:
+        return {f"{prefix}errors": self.errors, f"{prefix}timeouts": self.timeouts,
+                f"{prefix}crashes": self.crashes}
+
+    def summary(self) -> str:
+        parts = [f"{n} {k}" for k, n in (("errors", self.errors), ("timeouts", self.timeouts),
+                                          ("crashes", self.crashes)) if n]
+        names = ", ".join(f"{fn} x{n}" for fn, n in sorted(self.by_fn.items()))
+        return f"{', '.join(parts)} ({names}); reward 0 for each. First: {self.first_error}"
+
+
+@dataclass
+class RewardResult:
+    """Per-function rewards ``{name: [one per item]}``, their weighted sum, and the failures."""
+
+    per_fn: dict[str, list[float]]
+    total: list[float]
+    stats: RewardStats
+
+
+def _die_with_parent() -> None:
+    try:  # Linux: the kernel kills this worker when the process that started it dies
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - elsewhere the closed pipe ends the worker instead
+        pass
+
+
+def _worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
+    _die_with_parent()
+    if memory_mb:
+        import resource
+
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    fns = {}
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if job is None:
+            return
+        job_id, fn_index, prompt, completion, fields = job
+        try:
+            if fn_index not in fns:
+                fns[fn_index] = resolve(specs[fn_index])
+            value = float(fns[fn_index](prompt, completion, **fields))
+            if not math.isfinite(value):
+                raise ValueError(f"returned {value}, not a finite number")
+            reply = (job_id, "ok", value)
+        except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
+            reply = (job_id, "error", f"{type(e).__name__}: {e}"[:500])
+        try:
+            conn.send(reply)
+        except (OSError, ValueError):
+            return
+
+
+class _Worker:
+    def __init__(self, ctx, specs: list[str], memory_mb: int | None):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, specs, memory_mb), daemon=True,
+                                   name="stablerl-reward")
+        self.process.start()
+        child.close()  # so that the worker's death reads as EOF here
+        self.job: tuple | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        try:
+            self.conn.close()
+        finally:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(timeout=5)
+
+
+class RewardPool:
+    """Worker processes that call reward functions named by ``specs`` (see ``verifiers``).
+
+    ``score(items)`` with ``items`` = ``[(prompt, completion, fields), ...]`` returns every
+    function's reward per item and the weighted total. Use as a context manager or call
+    ``close()``; workers start on first use.
+    """
+
+    def __init__(self, specs: list[str], weights: list[float] | None = None, *, workers: int = 2,
+                 timeout_s: float = 10.0, memory_mb: int | None = None):
+        if not specs:
+            raise ValueError("at least one reward function is needed")
+        weights = [1.0] * len(specs) if weights is None else list(weights)
+        if len(weights) != len(specs):
+            raise ValueError(f"{len(weights)} reward weights for {len(specs)} reward functions")
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValueError(f"reward timeout must be a finite number > 0, got {timeout_s}")
+        for spec in specs:  # fail before any work: a bad path is a config error, not a reward of 0
+            resolve(spec)
+        self.specs, self.weights = list(specs), weights
+        self.names = _unique_names(self.specs)
+        self.n_workers, self.timeout_s, self.memory_mb = int(workers), float(timeout_s), memory_mb
+        # spawn: a fresh interpreter per worker (no forked torch or thread state); the workers
+        # import only stablerl.tasks, not torch
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._pid = os.getpid()
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if os.getpid() != self._pid:
+            return
+        for w in self._workers:
             try:
-                r = float(future.result(timeout=timeout_s))
-                if r != r or r in (float("inf"), float("-inf")):
-                    raise ValueError(f"verifier returned {r}")
-            except cf.TimeoutError:
-                stats.timeouts += 1
-                r = 0.0
-                # the stuck verifier keeps its thread; later ones get a fresh worker
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = cf.ThreadPoolExecutor(max_workers=1)
-            except Exception as e:  # noqa: BLE001 - any verifier failure is a reward of 0
-                stats.errors += 1
-                stats.first_error = stats.first_error or f"{type(e).__name__}: {e}"
-                r = 0.0
-            rewards.append(r)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    return rewards, stats
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for w in self._workers:
+            w.process.join(timeout=1)
+            w.kill()
+        self._workers = []
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------------------------
+    def score(self, items: list[tuple[str, str, dict]]) -> RewardResult:
+        stats = RewardStats()
+        values = [[0.0] * len(items) for _ in self.specs]
+        jobs = deque((k, i) for i in range(len(items)) for k in range(len(self.specs)))
+        while len(self._workers) < min(self.n_workers, len(jobs)):
+            self._workers.append(_Worker(self._ctx, self.specs, self.memory_mb))
+        busy: dict[int, _Worker] = {}
+        while jobs or busy:
+            for idx, w in enumerate(self._workers):
+                if w.job is None and jobs:
+                    k, i = jobs.popleft()
+                    prompt, completion, fields = items[i]
+                    try:
+                        w.conn.send(((k, i), k, prompt, completion, dict(fields)))
+                    except (OSError, ValueError) as e:  # the worker died while idle
+                        stats.record("crashes", self.names[k], f"worker unavailable ({e})")
+                        self._replace(idx)
+                        continue
+                    w.job, w.deadline = (k, i), time.monotonic() + self.timeout_s
+                    busy[id(w)] = w
+            if not busy:
+                continue
+            now = time.monotonic()
+            wait_s = max(0.0, min(_SLICE_S, min(w.deadline for w in busy.values()) - now))
+            ready = wait([w.conn for w in busy.values()], timeout=wait_s)
+            for idx, w in enumerate(list(self._workers)):
+                if id(w) not in busy:
+                    continue
+                k, i = w.job
+                if w.conn in ready:
+                    try:
+                        (done_k, done_i), status, payload = w.conn.recv()
+                    except (EOFError, OSError):
+                        code = w.process.exitcode if not w.process.is_alive() else None
+                        stats.record("crashes", self.names[k], f"worker died (exit code {code})")
+                        del busy[id(w)]
+                        self._replace(idx)
+                        continue
+                    if status == "ok":
+                        values[done_k][done_i] = payload
+                    else:
+                        stats.record("errors", self.names[done_k], payload)
+                    w.job = None
+                    del busy[id(w)]
+                elif time.monotonic() >= w.deadline:
+                    stats.record("timeouts", self.names[k], f"still running after {self.timeout_s:g} s (killed)")
+                    del busy[id(w)]
+                    self._replace(idx)
+        per_fn = dict(zip(self.names, values))
+        total = [sum(wt * col[i] for wt, col in zip(self.weights, values)) for i in range(len(items))]
+        return RewardResult(per_fn=per_fn, total=total, stats=stats)
+
+    def _replace(self, idx: int) -> None:
+        self._workers[idx].kill()
+        self._workers[idx] = _Worker(self._ctx, self.specs, self.memory_mb)
+
+
+def _unique_names(specs: list[str]) -> list[str]:
+    names, seen = [], {}
+    for spec in specs:
+        base = spec_name(spec)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return names

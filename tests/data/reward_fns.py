@@ -1,0 +1,59 @@
+"""Reward functions for the tests, loaded by file path in the reward pool's worker processes."""
+
+import os
+import sys
+import time
+
+
+def exact(prompt, completion, answer, **_):
+    return float(completion.strip() == str(answer))
+
+
+def hang(prompt, completion, **_):
+    if "hang" in completion:
+        while True:
+            time.sleep(1)
+    return 1.0
+
+
+def slow(prompt, completion, **_):
+    time.sleep(0.4)
+    return 1.0
+
+
+def boom(prompt, completion, **_):
+    if "boom" in completion:
+        raise RuntimeError("verifier crashed")
+    return 1.0
+
+
+def exits(prompt, completion, **_):
+    if "exit" in completion:
+        sys.exit(3)
+    return 1.0
+
+
+def dies(prompt, completion, **_):
+    if "die" in completion:
+        os._exit(9)
+    return 1.0
+
+
+def hog(prompt, completion, **_):
+    if "hog" in completion:
+        return float(len(bytearray(8 * 2**30)))  # 8 GiB: over the worker's address-space cap
+    return 1.0
+
+
+def not_a_number(prompt, completion, **_):
+    return float("nan")
+
+
+def uses_alarm(prompt, completion, **_):
+    """signal.alarm works only in a process's main thread (as math-verify needs)."""
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *a: None)
+    signal.alarm(5)
+    signal.alarm(0)
+    return 1.0
