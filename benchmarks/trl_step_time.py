@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> list[dict]:
     from stablerl.config import RunConfig, build_config
     from stablerl.runlog import read_metrics
-    from stablerl.trainer import Trainer
+    from stablerl.loop import Trainer
 
     cfg = build_config(RunConfig, None, [
         f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={steps}", "train.prompts_per_step=8",

@@ -35,12 +35,13 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
 @pytest.fixture(scope="module")
 def sft_ckpt_for_repro(tmp_path_factory):
     from stablerl.config import RunConfig, build_config
-    from stablerl.trainer import cold_start
+    from stablerl.sft import cold_start
+    from stablerl.tasks import build_task
 
     out = tmp_path_factory.mktemp("sft") / "ckpt"
     cfg = build_config(RunConfig, None, ["model.hidden_size=32", "model.num_layers=2", "sft.steps=3",
                                          "sft.batch_size=8", "task.levels=[1]", f"sft.output_dir={out}"])
-    return cold_start(cfg, log=lambda *_: None)
+    return cold_start(cfg, build_task(cfg.task), log=lambda *_: None)
 
 
 def test_collapse_definition():

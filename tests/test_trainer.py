@@ -12,7 +12,7 @@ from stablerl.models import build_model, build_tokenizer, default_model_config, 
 from stablerl.runlog import CollapseDetector, read_metrics
 from stablerl.sft import run_sft, save_checkpoint_dir
 from stablerl.tasks import ArithmeticTask
-from stablerl.trainer import Trainer, TrainingAborted
+from stablerl.loop import Trainer, TrainingAborted
 
 TIMING = {"step_time", "rollout_time", "train_time", "rollout_tokens_per_s", "train_tokens_per_s"}
 
@@ -67,13 +67,15 @@ def test_resume_matches_an_uninterrupted_run(sft_ckpt, tmp_path):
     (tmp_path / "cut" / "checkpoints" / "step_000003.tmp").mkdir()
     resumed = run(sft_ckpt, tmp_path / "cut", "train.steps=4", resume=True)
     assert strip(resumed) == strip(full)
-    # the weights end up identical too
-    a = checkpoint.latest(tmp_path / "full") / "model.safetensors"
-    b = checkpoint.latest(tmp_path / "cut") / "model.safetensors"
-    from safetensors.torch import load_file
+    # the weights end up identical too: in the DCP checkpoints and in the HF exports
+    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "full"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "cut"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    from transformers import AutoModelForCausalLM
 
-    wa, wb = load_file(a), load_file(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for run_dir in ("full", "cut"):
+        exported = AutoModelForCausalLM.from_pretrained(checkpoint.export_dir(tmp_path / run_dir, 4)).state_dict()
+        assert all(torch.equal(exported[k], wa[k]) for k in wa)
 
 
 def test_off_policy_minibatches_with_routing_replay(sft_ckpt, tmp_path):
@@ -97,7 +99,7 @@ def test_dense_model_trains_too(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(sft_ckpt, tmp_path, monkeypatch):
-    import stablerl.trainer as trainer_mod
+    import stablerl.learner as trainer_mod
 
     real = trainer_mod.response_logp
     bad_steps = set()
@@ -109,14 +111,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(sft_ckpt, tmp_path, monk
         return out
 
     current = {"step": 0}
-    real_update = Trainer.update
+    real_update = trainer_mod.Learner.update
 
-    def update(self, step, batch):
+    def update(self, step, batch, first_row):
         current["step"] = step
-        return real_update(self, step, batch)
+        return real_update(self, step, batch, first_row)
 
     monkeypatch.setattr(trainer_mod, "response_logp", flaky)
-    monkeypatch.setattr(Trainer, "update", update)
+    monkeypatch.setattr(trainer_mod.Learner, "update", update)
     bad_steps.update({2})  # one bad step: skipped, counted, training goes on
     rows = run(sft_ckpt, tmp_path / "one", "train.steps=3")
     assert rows[-1]["nonfinite_total"] == 1 and rows[-1]["step"] == 3
@@ -132,10 +134,10 @@ def test_collapse_detector():
     base = [0.01, 0.012, 0.011, 0.013, 0.01]
     # a one-step spike of a heavy-tailed estimate is not a collapse
     det = CollapseDetector(window=5, factor=3.0, sustain=3)
-    assert not any(det.update("kl", v) for v in base + [0.012, 0.5, 0.012, 0.011, 0.4, 0.01])
+    assert not any(det.update("train_infer_kl", v) for v in base + [0.012, 0.5, 0.012, 0.011, 0.4, 0.01])
     # a jump that lasts `sustain` steps is, flagged once when it becomes sustained
     det = CollapseDetector(window=5, factor=3.0, sustain=3)
-    flags = [det.update("kl", v) for v in base + [0.011, 0.012, 0.011, 0.3, 0.5, 0.6, 0.7, 0.8]]
+    flags = [bool(det.update("train_infer_kl", v)) for v in base + [0.011, 0.012, 0.011, 0.3, 0.5, 0.6, 0.7, 0.8]]
     assert flags == [False] * 10 + [True, False, False]
 
 

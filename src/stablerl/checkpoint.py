@@ -1,23 +1,47 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable checkpoints (DCP) and HF exports.
 
-``RUN_DIR/checkpoints/step_000123/`` holds the model (``save_pretrained``, safetensors), the
-tokenizer, the optimizer state and ``state.json`` (step, counters, number of metrics lines). A
-checkpoint is written into ``step_000123.tmp`` and renamed when complete, so a kill at any moment
-leaves either the previous checkpoint or the new one, never a half-written one; the newest
-complete directory is the one a resume uses. Only the last ``keep_last`` are kept.
+``RUN_DIR/checkpoints/step_000123/`` holds
+
+- ``dcp/``: model and optimizer state written by ``torch.distributed.checkpoint`` — each rank its
+  own shards, so a run on K ranks can be resumed on any number of ranks (DCP reshards on load);
+- ``config.json`` (+ generation config) and the tokenizer, to rebuild the model before loading;
+- ``state.json``: step, counters, number of metrics lines — written last.
+
+A checkpoint is written into ``step_000123.tmp`` and renamed when complete, so a kill at any
+moment leaves the previous checkpoint or the new one, never a half-written one taken as the
+latest. Before anything is written, every parameter and optimizer tensor is checked: a
+non-finite state is never saved as a checkpoint (``NonFiniteState``). A write that fails (a full
+disk: ENOSPC) removes the partial directory and says which directory and why
+(``CheckpointWriteError``); the previous checkpoint stays intact.
+
+``RUN_DIR/export/step_000123/`` is an HF checkpoint (safetensors + tokenizer) that
+``AutoModelForCausalLM.from_pretrained`` loads: written at the end of a run and every
+``checkpoint.export_every`` steps.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+from stablerl import distributed as D
+
 STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.pt"
+DCP_DIR = "dcp"
+
+
+class NonFiniteState(RuntimeError):
+    pass
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -28,39 +52,162 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_model_dir(path: Path, model, tokenizer, extra=None) -> Path:
-    """An HF checkpoint directory (``save_pretrained`` safetensors + tokenizer, plus whatever
-    ``extra(tmp_dir)`` writes), built in ``<path>.tmp`` and renamed into place when complete."""
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointWriteError:
+    name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+    hint = " (the disk is full: free space there, then --resume)" if e.errno == errno.ENOSPC else ""
+    return CheckpointWriteError(f"writing {path} failed: {name}: {e.strerror or e}{hint}; the previous "
+                                "checkpoint is intact")
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """fsync everything under ``tmp``, then rename it to ``final`` (replacing an older one)."""
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
+    """An HF checkpoint directory (safetensors + tokenizer), built in ``<path>.tmp`` and renamed
+    into place when complete. ``state_dict`` overrides the model's own (e.g. gathered shards)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        extra(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        tokenizer.save_pretrained(tmp)
+        return _publish(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(path, e) from None
 
 
-def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int) -> Path:
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+# --------------------------------------------------------------------------------------------
+def check_finite(model, optimizer) -> None:
+    """``NonFiniteState`` naming the first non-finite tensor (on any rank; a collective)."""
+    bad = ""
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if not bool(torch.isfinite(local.detach()).all()):
+            bad = f"parameter {name}"
+            break
+    if not bad:
+        for i, state in enumerate(optimizer.state.values()):
+            for key, t in state.items():
+                local = t.to_local() if hasattr(t, "to_local") else t
+                if torch.is_tensor(local) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                    bad = f"optimizer state {key} of parameter #{i}"
+                    break
+            if bad:
+                break
+    names = [b for b in D.all_gather_objects(bad) if b]
+    if names:
+        raise NonFiniteState(f"the weights or optimizer state are no longer finite ({names[0]})")
 
-    def trainer_state(tmp: Path) -> None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
 
-    final = save_model_dir(ckpt_root / f"step_{step:06d}", model, tokenizer, trainer_state)
-    for old in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def _dcp_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int,
+         world: D.World | None = None) -> Path:
+    """A checkpoint of ``step`` (every rank calls it; rank 0 publishes it)."""
+    import torch.distributed.checkpoint as dcp
+
+    world = world or D.World()
+    check_finite(model, optimizer)
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    failure = ""
+    if world.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            failure = str(_write_error(tmp, e))
+    failure = D.broadcast_object(failure)
+    if failure:
+        raise CheckpointWriteError(failure)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+        if world.is_main:
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "world_size": world.size}, indent=1))
+            _publish(tmp, final)
+    except Exception as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
+        failure = str(_write_error(final, _os_error(e))) if _os_error(e) else f"writing {final} failed: {e}"
+    failures = [f for f in D.all_gather_objects(failure) if f]
+    if failures:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(failures[0])
+    if world.is_main:
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
     return final
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (DCP wraps per-rank failures), if there is one."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or x is None:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        stack += [x.__cause__, x.__context__]
+        for v in getattr(x, "failures", {}).values() if isinstance(getattr(x, "failures", None), dict) else []:
+            stack.append(v[0] if isinstance(v, tuple) else v)
+    return None
+
+
+def load(ckpt: Path, model, optimizer) -> None:
+    """Load model and optimizer state (sharded or not, from a run on any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    sd = _dcp_state(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(sd, checkpoint_id=str(Path(ckpt) / DCP_DIR))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint as full tensors (for tests and tools), without a model."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tmp = Path(ckpt) / ".weights.pt"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        dcp_to_torch_save(str(Path(ckpt) / DCP_DIR), str(tmp))
+    try:
+        return torch.load(tmp, weights_only=False)["model"]
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -78,11 +225,11 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE_FILE).read_text())
+    return json.loads((Path(ckpt) / STATE_FILE).read_text())
 
 
-def load_optimizer(ckpt: Path, optimizer) -> None:
-    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True))
+def export_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "export" / f"step_{step:06d}"
 
 
 def truncate_lines(path: Path, n_lines: int) -> None:

@@ -29,75 +29,89 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace) -> RunConfig:
-    if getattr(args, "resume", None):
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise ValueError(f"--resume {args.resume}: not a run directory (no config.json)")
-        from stablerl.config import apply_overrides
-
-        data = apply_overrides(json.loads(saved.read_text()), args.overrides)
-        return build_config(RunConfig, None, [f"{k}={json.dumps(v)}" for k, v in _flatten(data).items()])
-    return build_config(RunConfig, args.config, args.overrides)
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _train(args: argparse.Namespace) -> int:
     import time
 
+    from stablerl import distributed as D
+    from stablerl.loop import Trainer, TrainingAborted
     from stablerl.plot import plot_runs
-    from stablerl.trainer import Trainer, TrainingAborted, fmt_pct, summarize
+    from stablerl.rundir import resume_config
 
-    cfg = _run_config(args)
-    run_dir = Path(args.resume or cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.resume and (run_dir / "checkpoints").is_dir():
-        raise ValueError(f"run_dir {run_dir} already holds a run; resume it with --resume {run_dir} or pick another")
-    cfg.run_dir = str(run_dir)
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    if args.resume:
+        cfg, _ = resume_config(Path(args.resume), args.config, args.overrides)
+        run_dir = Path(args.resume)
+    else:
+        cfg = build_config(RunConfig, args.config, args.overrides)
+        run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    world = D.init_world(cfg.distributed.timeout_s, cfg.distributed.threads)
     t0 = time.perf_counter()
     try:
-        trainer.run()
+        run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all
+        cfg.run_dir = str(run_dir)
+        Trainer(cfg, run_dir, resume=bool(args.resume), world=world).run()
     except TrainingAborted as e:
-        print(f"stablerl train: stopped: {e}", file=sys.stderr)
+        if world.is_main:
+            print(f"stablerl train: stopped: {e}", file=sys.stderr)
         return 3
-    summary = summarize(run_dir)
+    finally:
+        D.shutdown_world()
+    if not world.is_main:
+        return 0
+    summary = json.loads((run_dir / "summary.json").read_text())
     plots = plot_runs([run_dir], run_dir / "plots" / "curves.png")
     lines = [f"\nrun: {run_dir}  ({summary['steps']} steps, {time.perf_counter() - t0:.0f} s this invocation)"]
     for mode in ("greedy", "sampled"):
         if f"{mode}_before" in summary:
             b, a = summary[f"{mode}_before"], summary[f"{mode}_after"]
-            lines.append(f"held-out accuracy ({mode}): {fmt_pct(b)} -> {fmt_pct(a)}  ({100 * (a - b):+.1f} points)")
+            lines.append(f"held-out accuracy ({mode}): {_pct(b)} -> {_pct(a)}  ({100 * (a - b):+.1f} points)")
+    if summary.get("collapsed"):
+        lines.append("WARNING: this run collapsed: " + "; ".join(summary["collapse_warnings"]))
+    failures = sum(summary.get(k, 0) for k in ("reward_errors", "reward_timeouts", "reward_crashes"))
+    if failures:
+        lines.append(f"reward failures (reward 0): {summary.get('reward_errors', 0)} errors, "
+                     f"{summary.get('reward_timeouts', 0)} timeouts, {summary.get('reward_crashes', 0)} crashes")
     lines += [f"metrics: {run_dir / 'metrics.jsonl'}   tensorboard: {run_dir / 'tb'}   plots: {plots}",
-              f"checkpoint: {run_dir / 'checkpoints'}"]
+              f"checkpoint: {run_dir / 'checkpoints'}   HF export: {run_dir / 'export'}"]
     print("\n".join(lines))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%" if x == x and abs(x) != float("inf") else "n/a"
+
+
 def _sft(args: argparse.Namespace) -> int:
-    from stablerl.trainer import cold_start
+    from stablerl.sft import cold_start
+    from stablerl.tasks import build_task
 
     cfg = build_config(RunConfig, args.config, args.overrides + ([f"sft.output_dir={args.out}"] if args.out else []))
-    path = cold_start(cfg)
+    path = cold_start(cfg, build_task(cfg.task))
     print(f"cold-start checkpoint: {path}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from stablerl.trainer import Trainer
+    from stablerl.config import SamplingConfig
+    from stablerl.learner import derive_seed
+    from stablerl.loop import evaluate
+    from stablerl.models import check_model_dir, load_policy
+    from stablerl.rollout import LocalEngine
+    from stablerl.tasks import build_task, reward_pool
 
+    check_model_dir(args.checkpoint, key="checkpoint")
     cfg = build_config(RunConfig, args.config, args.overrides + [f"model.path={args.checkpoint}"])
-    trainer = Trainer(cfg, Path(args.checkpoint), log=lambda *_: None)
-    print(json.dumps(trainer.evaluate(0), indent=1))
+    task = build_task(cfg.task)
+    for w in getattr(task, "warnings", []):
+        print(f"[warning] {w}", file=sys.stderr)
+    model, tokenizer = load_policy(args.checkpoint)
+    engine = LocalEngine(model, cfg.eval.precision, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    r = cfg.rollout
+    sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+    with reward_pool(task, cfg.task) as pool:
+        result = evaluate(engine, tokenizer, task, pool, cfg, sampling,
+                          lambda *p: derive_seed(cfg.train.seed, 0, 2, *p) % 2**62)
+    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -185,12 +199,22 @@ def _quiet_hf() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options (`train a.b=1 --config f.yaml c.d=2`): argparse leaves
+    # those unparsed; anything else left over is a real error
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command != "lab":
         _quiet_hf()
     try:
         return args.func(args)
-    except ValueError as e:
+    except ValueError as e:  # every user error (config, data, paths) is a ValueError with a clear message
+        print(f"stablerl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (permissions, a full disk)
         print(f"stablerl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

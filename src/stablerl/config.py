@@ -21,9 +21,10 @@ AGGREGATIONS: tuple[str, ...] = Aggregation.__args__
 
 
 class StrictModel(BaseModel):
-    """Base for all configs: unknown keys are errors, values are re-validated on assignment."""
+    """Base for all configs: unknown keys are errors, values are re-validated on assignment, and
+    no float may be inf or NaN (a learning rate or timeout of inf is a typo, never a setting)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class LossConfig(StrictModel):
@@ -157,7 +158,13 @@ class TaskConfig(StrictModel):
     answer_field: str = Field("answer", description="math_file: answer column.")
     solution_field: str | None = Field(None, description="math_file: teacher-solution column (for SFT).")
     prompt_template: str = Field("{question}\n", description="math_file: prompt text around the question.")
-    reward_timeout_s: float = Field(10.0, gt=0, description="A verifier slower than this gives reward 0.")
+    reward_timeout_s: float = Field(10.0, gt=0, description="Hard limit per reward call: a verifier still running "
+                                    "is killed (its worker process replaced) and the response gets reward 0.")
+    reward_workers: int = Field(2, ge=1, le=256, description="Worker processes that run the reward functions "
+                                "(in parallel across responses; each call in a worker's main thread).")
+    reward_memory_mb: int | None = Field(4096, ge=256, description="Address-space cap of each reward worker: "
+                                         "a verifier that allocates more gets MemoryError, i.e. reward 0 "
+                                         "(none = no cap).")
 
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":
@@ -218,15 +225,31 @@ class EvalConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     every: int = Field(1, ge=1, description="Checkpoint every this many steps (1: a kill loses at most one step).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+    export_every: int = Field(0, ge=0, description="Also write an HF export (RUN_DIR/export/step_N, loadable with "
+                              "from_pretrained) every this many steps; 0 = only at the end.")
+
+
+class DistributedConfig(StrictModel):
+    """Data-parallel training under torchrun (docs/distributed.md); ignored in a single process."""
+
+    timeout_s: float = Field(1800.0, gt=0, description="Collective timeout: a rank that dies or hangs ends the run "
+                             "after this long instead of hanging the others.")
+    param_dtype: Literal["fp32", "bf16"] = Field("fp32", description="FSDP2 compute dtype of the sharded "
+                                                 "parameters (bf16 on GPUs; fp32 on CPU).")
+    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="FSDP2 gradient reduce-scatter dtype.")
+    threads: int | None = Field(None, ge=1, description="CPU threads per rank (default: cores / ranks per node; "
+                                "torchrun itself would set 1).")
 
 
 class LogConfig(StrictModel):
     tensorboard: bool = Field(True, description="Also write TensorBoard events to RUN_DIR/tb.")
     progress: bool = Field(True, description="Live progress bar on the console.")
-    collapse_window: int = Field(30, ge=5, description="Steps of history for the collapse warning.")
-    collapse_sustain: int = Field(5, ge=1, description="Consecutive steps a jump must last to warn.")
-    collapse_factor: float = Field(3.0, gt=0, description="Warn when entropy or train-infer KL stays above "
-                                   "max + factor * (max - min) of the preceding window.")
+    collapse_window: int = Field(30, ge=1, description="Steps of history (at most) whose median is the baseline "
+                                 "of the collapse warning; it works from the first steps on.")
+    collapse_sustain: int = Field(3, ge=1, description="Consecutive steps a jump must last to warn.")
+    collapse_factor: float = Field(3.0, gt=1, description="Warn when entropy moves beyond factor x (or 1/factor x) "
+                                   "its baseline, the train-infer KL rises beyond factor x, or the reward falls "
+                                   "below 1/factor x (docs/training.md).")
 
 
 class RunConfig(StrictModel):
@@ -242,6 +265,7 @@ class RunConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,23 +278,39 @@ def load_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {path!r} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(f"config file {path!r}: line {line} is not valid UTF-8") from None
     if p.suffix == ".toml":
         import tomllib
 
-        return tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path!r} is not valid TOML: {e}") from None
+        return data
     if p.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {path!r} must hold a mapping at the top level")
         return data
     raise ValueError(f"config file {path!r}: allowed extensions are .yaml, .yml, .toml")
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML scalars/lists)."""
+def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] | None = None) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict.
+
+    Values are parsed as YAML (numbers, booleans, lists), except for keys that ``model`` declares
+    as strings: those take the text as written, so ``task.prompt_template=Question: {question}``
+    is the string it looks like (YAML would read it as a mapping).
+    """
     import copy
 
     import yaml
@@ -286,15 +326,52 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        if raw == "":
+            node[leaf] = ""
+        elif model is not None and _is_text_field(model, key.split(".")) and raw.lower() not in ("null", "none", "~"):
+            node[leaf] = raw
+        else:
+            try:
+                node[leaf] = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                                 "quote it, e.g. key='text: with colon'") from None
     return out
 
 
-def build_config(model: type[BaseModel], path: str | None, overrides: list[str]) -> BaseModel:
-    """File + overrides -> validated config; errors name the key and what is allowed."""
+def _is_text_field(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether the dotted key ``path`` of ``model`` is a str (or optional str) field."""
+    import typing
+
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if i < len(path) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return False
+            model = ann
+            continue
+        args = typing.get_args(ann) or (ann,)
+        return str in args and not any(a not in (str, type(None)) for a in args)
+    return False
+
+
+def _yaml_problem(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def build_config(model: type[BaseModel], path: str | None, overrides: list[str], base: dict | None = None) -> BaseModel:
+    """(``base`` or file) + overrides -> validated config; errors name the key and what is allowed."""
     from pydantic import ValidationError
 
-    data = apply_overrides(load_file(path) if path else {}, overrides)
+    data = base if base is not None else (load_file(path) if path else {})
+    if base is not None and path:
+        data = deep_merge(base, load_file(path))
+    data = apply_overrides(data, overrides, model)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -307,6 +384,48 @@ def build_config(model: type[BaseModel], path: str | None, overrides: list[str])
                 msg = f"unknown key; allowed here: {', '.join(allowed)}"
             problems.append(f"  {loc}: {msg}")
         raise ValueError(f"invalid {model.__name__}:\n" + "\n".join(problems)) from None
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s keys set, section by section."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# What may change when a run is resumed: keys that do not change what has been computed so far or
+# the maths of the steps to come, plus the recovery knobs a stopped run's message suggests (a
+# lower learning rate, a tighter gradient clip). Everything else — the model, the task, the batch,
+# the loss, the rollout numerics, the seeds — is fixed for the life of a run.
+RESUMABLE_KEYS = ("run_dir", "train.steps", "train.lr", "train.warmup_steps", "train.grad_clip",
+                  "train.max_nonfinite_steps", "train.micro_batch_size", "task.reward_timeout_s",
+                  "task.reward_workers", "task.reward_memory_mb", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
+                  "distributed.threads")
+
+
+def resume_changes(saved: "RunConfig", new: "RunConfig") -> dict[str, tuple]:
+    """``{key: (old, new)}`` of every changed key; ``ValueError`` naming those that may not change."""
+    before, after = flatten(saved.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    changed = {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    fixed = [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_KEYS)]
+    if fixed:
+        lines = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in fixed)
+        raise ValueError(f"cannot change {lines} when resuming: it would contradict the checkpoint or change the "
+                         f"maths mid-run. Allowed on resume: {', '.join(RESUMABLE_KEYS)}* (start a new run "
+                         "for anything else)")
+    return changed
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -64,6 +64,25 @@ def route_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (same & valid).sum(dim=(0, 1)).to(torch.float) / n
 
 
+def route_agreement_counts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[2, layers]``: per layer, positions with the same top-k set, and comparable positions —
+    the numerator and denominator of ``route_agreement``, which sum exactly over micro-batches
+    and ranks."""
+    if a.shape != b.shape:
+        raise ValueError(f"route tensors differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    valid = (a[..., 0] >= 0) & (b[..., 0] >= 0)
+    same = (a.sort(-1).values == b.sort(-1).values).all(-1)
+    return torch.stack([(same & valid).sum(dim=(0, 1)), valid.sum(dim=(0, 1))]).double()
+
+
+def route_agreement_from_counts(counts: torch.Tensor, prefix: str) -> dict[str, float]:
+    """``{prefix: mean over layers, prefix/layer_i: per layer}`` from summed ``route_agreement_counts``."""
+    per_layer = counts[0] / counts[1]
+    out = {prefix: float(per_layer.nanmean())}
+    out.update({f"{prefix}/layer_{i}": float(v) for i, v in enumerate(per_layer)})
+    return out
+
+
 def route_agreement_metrics(a: torch.Tensor, b: torch.Tensor, prefix: str) -> dict[str, float]:
     """``{prefix: mean agreement, prefix/layer_i: per layer}`` for logging."""
     per_layer = route_agreement(a, b)

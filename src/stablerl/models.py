@@ -71,7 +71,39 @@ def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = to
 
 def load_model(path, dtype: torch.dtype = torch.float32):
     """An HF checkpoint as a causal LM, MoE experts on stablerl's training kernel."""
-    return use_fast_experts(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+    check_model_dir(path)
+    try:
+        return use_fast_experts(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"model.path {str(path)!r} could not be loaded as a causal LM: {e}") from None
+
+
+def check_model_dir(path, key: str = "model.path") -> None:
+    """A clear error unless ``path`` is a local HF model directory (nothing is fetched from a hub)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
+                         "(config.json + weights + tokenizer)")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        hint = " (it is a stablerl run directory: use one of its exports, RUN_DIR/export/step_N)" \
+            if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file() else ""
+        raise ValueError(f"{key} {str(path)!r} is not an HF model directory (no config.json){hint}")
+
+
+def load_policy(path):
+    """Model and tokenizer of an HF checkpoint directory (the tokenizer gets a pad token)."""
+    from transformers import AutoTokenizer
+
+    model = load_model(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path {str(path)!r} has no usable tokenizer: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

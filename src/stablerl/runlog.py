@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections import deque
 from pathlib import Path
 
@@ -16,33 +17,50 @@ PROGRESS_KEYS = (("reward", "reward_mean", ".2f"), ("acc", "eval/greedy_acc", ".
                  ("H", "entropy", ".3f"), ("KL_ti", "train_infer_kl", ".1e"), ("route", "route_agreement/train_infer", ".3f"))
 
 
-class CollapseDetector:
-    """Flags a metric that jumps far beyond its running range and stays there.
+# what a collapse looks like in each watched metric (docs/formulation.md "What the paper found"):
+# entropy jumps either way (a blow-up off-policy, a sharp drop without IS), the training-inference
+# KL rises, the reward falls. A fall of the KL or a rise of the reward is good news, never flagged.
+WATCHED = {"entropy": "both", "train_infer_kl": "up", "reward_mean": "down"}
+# a change must also exceed this in absolute terms (a KL going 1e-9 -> 1e-8 is no collapse)
+ABS_FLOOR = {"entropy": 0.02, "train_infer_kl": 1e-3, "reward_mean": 0.1}
 
-    Let the ``window`` values before the last ``sustain`` steps span [lo, hi]. The metric is
-    flagged when each of the last ``sustain`` values exceeds ``hi + factor * (hi - lo)`` and
-    ``2 * hi``: a sustained jump, as in a collapse, not a one-batch spike of a heavy-tailed
-    estimate (the k3 KL of one batch often spikes 10x and falls back). Flags once per episode.
+
+class CollapseDetector:
+    """Flags an abrupt, sustained change of a metric, from the first steps of a run on.
+
+    The baseline is the median of up to ``window`` values before the last ``sustain`` steps (one
+    value is enough). The metric is flagged when each of the last ``sustain`` values lies beyond
+    ``factor`` times the baseline in the metric's collapse direction (``WATCHED``) and beyond it by
+    more than ``ABS_FLOOR``: a sustained jump, as in a collapse, not a one-batch spike of a
+    heavy-tailed estimate (the k3 KL of one batch often spikes 10x and falls back). Flags once
+    per episode.
     """
 
-    def __init__(self, window: int, factor: float, sustain: int = 5):
+    def __init__(self, window: int, factor: float, sustain: int = 3):
         self.window, self.factor, self.sustain = window, factor, sustain
         self.history: dict[str, deque] = {}
         self.active: dict[str, bool] = {}
 
-    def update(self, key: str, value: float) -> bool:
+    def update(self, key: str, value: float) -> str | None:
+        """Add a value; returns a description of the change when it becomes a collapse, else None."""
         hist = self.history.setdefault(key, deque(maxlen=self.window + self.sustain))
         if math.isfinite(value):
             hist.append(value)
-        if len(hist) < self.window + self.sustain:
-            return False
+        if len(hist) < 1 + self.sustain:
+            return None
         values = list(hist)
-        base, recent = values[: self.window], values[self.window:]
-        lo, hi = min(base), max(base)
-        jumped = all(v > hi + self.factor * (hi - lo) and v > 2 * hi for v in recent)
+        base = statistics.median(values[: -self.sustain][-self.window:])
+        recent = values[-self.sustain:]
+        direction, floor = WATCHED.get(key, "up"), ABS_FLOOR.get(key, 0.0)
+        up = all(v > self.factor * base and v - base > floor for v in recent)
+        down = all(v < base / self.factor and base - v > floor for v in recent)
+        jumped = (up and direction in ("up", "both")) or (down and direction in ("down", "both"))
         first = jumped and not self.active.get(key, False)
         self.active[key] = jumped
-        return first
+        if not first:
+            return None
+        word = "rose" if up else "fell"
+        return f"{key} {word} from {base:.4g} to {recent[-1]:.4g} and stayed there for {self.sustain} steps"
 
 
 class RunLogger:
@@ -66,11 +84,14 @@ class RunLogger:
             self.task_id = self.progress.add_task("", total=total_steps, completed=start_step)
         self.last_eval: dict[str, float] = {}
 
+    def watch(self, step: int, metrics: dict) -> list[str]:
+        """Feed the collapse detector; returns its warnings for this step."""
+        found = [self.collapse.update(key, metrics[key]) for key in WATCHED if key in metrics]
+        return [f"step {step}: {w} (possible collapse)" for w in found if w]
+
     def log_step(self, step: int, metrics: dict) -> list[str]:
         """Append one step; returns collapse warnings (also printed)."""
-        warnings = [f"step {step}: {key} = {metrics[key]:.4g} has stayed far above its earlier range for "
-                    f"{self.cfg.collapse_sustain} steps (possible collapse)"
-                    for key in ("entropy", "train_infer_kl") if key in metrics and self.collapse.update(key, metrics[key])]
+        warnings = self.watch(step, metrics)
         metrics = {"step": step, **metrics, "collapse_warning": bool(warnings)}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -105,7 +126,55 @@ class RunLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Every step's metrics. A half-written *last* line (a run killed mid-write) is skipped; a bad
+    line anywhere else is an error naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise ValueError(f"{run_dir} has no metrics.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise ValueError(f"{run_dir} has no metrics.jsonl (not a run directory, or a run that has not logged yet)")
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break  # the write a kill interrupted
+            raise ValueError(f"{path}: line {n} is not valid JSON (the log is damaged)") from None
+    return rows
+
+
+def replay_history(logger: "RunLogger", run_dir: Path, state: dict) -> None:
+    """On resume, feed the steps already logged to the collapse detector (nothing is printed)."""
+    if (Path(run_dir) / "metrics.jsonl").exists():
+        for row in read_metrics(run_dir):
+            logger.watch(row.get("step", 0), row)
+
+
+def summarize(run_dir: Path, state: dict | None = None) -> dict:
+    """The run's summary: steps, held-out accuracy before and after, whether it collapsed."""
+    rows = read_metrics(run_dir)
+    out: dict = {"run_dir": str(run_dir), "steps": rows[-1]["step"] if rows else 0}
+    evals = [r for r in rows if "eval/greedy_acc" in r or "eval/sampled_acc" in r]
+    if evals:
+        first, last = evals[0], evals[-1]
+        for mode in ("greedy", "sampled"):
+            key = f"eval/{mode}_acc"
+            if key in first and key in last:
+                out[f"{mode}_before"], out[f"{mode}_after"] = first[key], last[key]
+    warnings = list((state or {}).get("collapse", []))
+    out["collapsed"] = bool(warnings)
+    out["collapse_warnings"] = warnings
+    for key in ("nonfinite_total", "reward_errors", "reward_timeouts", "reward_crashes", "aborted"):
+        if state and key in state:
+            out[key] = state[key]
+    return out
+
+
+def write_summary(run_dir: Path, state: dict) -> dict:
+    summary = summarize(run_dir, state)
+    tmp = Path(run_dir) / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, Path(run_dir) / "summary.json")
+    return summary

@@ -7,6 +7,8 @@ tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokeni
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -78,3 +80,46 @@ def save_checkpoint_dir(model, tokenizer, path: str | Path) -> Path:
     from stablerl.checkpoint import save_model_dir
 
     return save_model_dir(Path(path), model, tokenizer)
+
+
+def sft_output_dir(cfg) -> Path:
+    """Where the cold start of ``cfg`` (a RunConfig) is cached: keyed on the model, the task and
+    the SFT settings — and on the *content* of the task's data files, so editing a data file
+    gives a new cold start instead of silently reusing the old one."""
+    if cfg.sft.output_dir:
+        return Path(cfg.sft.output_dir)
+    task = cfg.task.model_dump(exclude={"eval_size", "reward_timeout_s", "reward_workers", "reward_memory_mb"})
+    for key in ("train_file", "eval_file"):
+        if task.get(key):
+            task[key] = _file_digest(task[key])
+    key = json.dumps([cfg.model.model_dump(), task, cfg.sft.model_dump(exclude={"output_dir"})], sort_keys=True)
+    return Path("runs") / "sft" / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cold_start(cfg, task: Task, log=print) -> Path:
+    """The SFT checkpoint for ``cfg`` (trained and saved the first time, reused afterwards)."""
+    from stablerl.models import build_model, build_tokenizer, default_model_config
+
+    out = sft_output_dir(cfg)
+    if (out / "config.json").is_file():
+        log(f"[cold start] reusing {out}")
+        return out
+    tokenizer = build_tokenizer()
+    m = cfg.model
+    model = build_model(default_model_config(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                                             num_experts=m.num_experts, top_k=m.top_k, expert_size=m.hidden_size),
+                        seed=m.init_seed)
+    log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
+        f"for {cfg.sft.steps} steps -> {out}")
+    run_sft(model, tokenizer, task, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+            lr=cfg.sft.lr, seed=cfg.sft.seed, log=log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint_dir(model, tokenizer, out)

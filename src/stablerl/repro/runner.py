@@ -17,7 +17,9 @@ def run_dir_of(out: Path, experiment: str, variant: str, seed: int) -> Path:
 def run_experiment(name: str, out: Path, seeds: int, extra: list[str] = (), log=print) -> list[Path]:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}, all")
-    from stablerl.trainer import Trainer, TrainingAborted, summarize
+    from stablerl.loop import Trainer, TrainingAborted
+    from stablerl.rundir import is_run_dir
+    from stablerl.runlog import summarize
 
     exp = EXPERIMENTS[name]
     jobs = [(v, s) for v in exp["variants"] for s in range(seeds)]
@@ -30,7 +32,7 @@ def run_experiment(name: str, out: Path, seeds: int, extra: list[str] = (), log=
             continue
         overrides = exp["base"] + exp["variants"][variant] + [f"train.seed={seed}", f"run_dir={run_dir}"] + list(extra)
         cfg = build_config(RunConfig, None, overrides)
-        resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+        resume = is_run_dir(run_dir)  # started before: continue it (or restart it if no checkpoint was written)
         log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: {'resuming' if resume else 'starting'}")
         t0 = time.perf_counter()
         aborted = None
@@ -38,7 +40,8 @@ def run_experiment(name: str, out: Path, seeds: int, extra: list[str] = (), log=
             Trainer(cfg, run_dir, resume=resume, log=lambda *_: None).run()
         except TrainingAborted as e:
             aborted = str(e)
-        summary = summarize(run_dir)
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(run_dir)
         summary.update({"variant": variant, "seed": seed, "aborted": aborted,
                         "seconds": time.perf_counter() - t0})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

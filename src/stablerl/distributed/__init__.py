@@ -1,0 +1,20 @@
+"""The one room that knows about processes: world set-up, the few collectives the loop needs,
+and FSDP2 wrapping (``fsdp.py``). The maths (objectives, advantages, diagnostics) never imports
+``torch.distributed``; the learner and the loop call these functions, which are plain no-ops in
+a single process, so a run without torchrun behaves exactly as before.
+"""
+
+from stablerl.distributed.world import (
+    World,
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    any_true,
+    barrier,
+    broadcast_object,
+    init_world,
+    shutdown_world,
+)
+
+__all__ = ["World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
+           "broadcast_object", "init_world", "shutdown_world"]

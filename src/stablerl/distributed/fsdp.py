@@ -1,0 +1,59 @@
+"""FSDP2 (``fully_shard``) for the training model, and full weights out of the shards.
+
+Each decoder layer is its own FSDP unit (all-gathered for its forward and backward, then freed),
+then the root (embeddings, final norm, LM head). Gradients are *summed* over ranks, not averaged:
+the loss of every rank is already divided by the global normalizer (objectives.py), so the sum
+is the gradient of the one global objective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
+    return list(layers)
+
+
+def shard_model(model: nn.Module, param_dtype: str = "fp32", reduce_dtype: str = "fp32") -> nn.Module:
+    """Shard ``model`` in place with ``fully_shard`` per decoder layer, then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.set_gradient_divide_factor(1.0)  # sum over ranks (see the module docstring)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a full (unsharded) tensor, on every rank: one full copy.
+
+    A collective when the model is sharded: every rank must call it.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, t in model.state_dict().items():
+        out[name] = t.full_tensor() if isinstance(t, DTensor) else t
+    return out
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the reduce-scatter on all micro-batches of a mini-batch but the last (every rank runs
+    the same number of micro-batches, so they agree on which is last)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(enabled)

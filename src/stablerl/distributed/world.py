@@ -1,0 +1,107 @@
+"""Which process this is, and the collectives (each a no-op when there is one process).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) ``init_world`` joins the process group:
+NCCL when CUDA is available (one GPU per ``LOCAL_RANK``), gloo otherwise. Every collective has the
+group's timeout (``distributed.timeout_s``), so a rank that dies ends the run instead of hanging
+the others forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(timeout_s: float = 1800.0, threads: int | None = None) -> World:
+    """Join the torchrun process group if there is one; otherwise the single-process world."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        if threads:
+            torch.set_num_threads(threads)
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    if torch.cuda.is_available():
+        backend, device = "nccl", torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    # torchrun sets OMP_NUM_THREADS=1 per rank; share the machine's cores out explicitly instead
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_size))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": device} if backend == "nccl" else {}))
+    return World(rank=rank, size=size, local_rank=local_rank, device=device, backend=backend)
+
+
+def shutdown_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks, in float64 (counts and partial sums)."""
+    t = torch.as_tensor(values, dtype=torch.float64).clone()
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(values: list[float] | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64).clone()
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def any_true(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
+    return bool(all_reduce_max([float(flag)])[0] > 0)
+
+
+def all_gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (small picklable objects only)."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

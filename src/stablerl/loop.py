@@ -1,0 +1,384 @@
+"""The RL loop, one step top to bottom (docs/design.md "Data flow"):
+
+    rollout -> reward -> advantages -> learner update -> weight sync -> evaluation -> log -> checkpoint
+
+Per step s, on each of K ranks (K = 1 without torchrun):
+  1. this rank's share of the step's prompts (indices s*P .. s*P+P-1 of the task stream, dealt to
+     ranks in whole groups), each sampled group_size times by the rank's rollout engine, with a
+     seed per response derived from (seed, s, global response index) — not from the rank;
+  2. rewards from the reward pool (worker processes), advantages A = R - mean_group(R);
+  3. the learner's N-mini-batch update (learner.py);
+  4. the trained weights gathered and loaded into the engine (policy version s);
+  5. held-out evaluation every ``eval.every`` steps, split across ranks;
+  6. metrics reduced over ranks and written once, by rank 0; a checkpoint every
+     ``checkpoint.every`` steps, an HF export every ``checkpoint.export_every`` and at the end.
+Everything random is a function of (seed, step, global index), so a resumed run repeats an
+uninterrupted one, and a K-rank run the 1-rank run, up to the order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from stablerl import checkpoint
+from stablerl import distributed as D
+from stablerl.config import RunConfig, SamplingConfig
+from stablerl.learner import Learner, derive_seed
+from stablerl.models import build_model, load_policy
+from stablerl.rollout import LocalEngine, RolloutBatch
+from stablerl.routing import is_moe
+from stablerl.rundir import RunLock, is_run_dir, read_config, record_config
+from stablerl.runlog import RunLogger, replay_history, write_summary
+from stablerl.sft import cold_start, encode_prompt
+from stablerl.tasks import build_task, reward_pool
+from stablerl.tasks.reward import RewardStats
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+def check_layout(cfg: RunConfig, world: D.World) -> None:
+    """The rollout batch must deal out to the ranks in whole groups: fail before any work."""
+    P, K = cfg.train.prompts_per_step, world.size
+    if P % K:
+        raise ValueError(f"train.prompts_per_step={P} does not divide by the {K} ranks (WORLD_SIZE): each rank "
+                         "samples whole groups; use a multiple of the number of ranks")
+
+
+def check_model(cfg: RunConfig, model) -> list[str]:
+    """Errors for settings that cannot work on this model; warnings for those that do nothing."""
+    mode, warnings = cfg.train.routing_replay, []
+    if mode != "none" and not is_moe(model):
+        raise ValueError(f"train.routing_replay={mode} needs a Mixture-of-Experts model, but "
+                         f"{model.config.model_type!r} is dense; use train.routing_replay=none")
+    if mode == "R2" and cfg.train.minibatches_per_step == 1:
+        warnings.append("train.routing_replay=R2 does nothing on-policy (train.minibatches_per_step=1): it replays "
+                        "pi_old's routes, which the gradient forward takes anyway; use R3 to replay the rollout's")
+    return warnings
+
+
+class Trainer:
+    """One run in ``run_dir``: the loop above, checkpoints and resume, on every rank."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, log=print, world: D.World | None = None):
+        self.cfg, self.run_dir, self.world = cfg, Path(run_dir), world or D.World()
+        self.log = log if self.world.is_main else (lambda *_: None)
+        check_layout(cfg, self.world)
+        self.lock = self._lock()
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> RunLock | None:
+        error, lock = "", None
+        if self.world.is_main:
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except ValueError as e:
+                error = str(e)
+        error = D.broadcast_object(error)
+        if error:
+            raise ValueError(error)
+        return lock
+
+    def _setup(self, resume: bool) -> None:
+        cfg, world = self.cfg, self.world
+        self.task = build_task(cfg.task)
+        for w in getattr(self.task, "warnings", []):
+            self.log(f"[warning] {w}")
+        self.rewards = reward_pool(self.task, cfg.task)
+        self.state = {"nonfinite_total": 0, "metrics_lines": 0, "reward_errors": 0, "reward_timeouts": 0,
+                      "reward_crashes": 0, "collapse": []}
+        self.changes: dict = {}
+        ckpt = None
+        if resume:
+            saved = read_config(self.run_dir)
+            from stablerl.config import resume_changes
+
+            self.changes = resume_changes(RunConfig.model_validate(saved), cfg)
+            ckpt = checkpoint.latest(self.run_dir)
+            if ckpt is None:
+                self.log(f"[resume] {self.run_dir} has no complete checkpoint yet: starting it again from step 0")
+        elif is_run_dir(self.run_dir):
+            raise ValueError(f"run_dir {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
+                             "or pick another run_dir")
+        if ckpt is not None:
+            from transformers import AutoConfig, AutoTokenizer
+
+            model = build_model(AutoConfig.from_pretrained(ckpt))
+            tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        else:
+            source = None
+            if cfg.model.path:
+                source = Path(cfg.model.path)
+            elif world.is_main:
+                source = cold_start(cfg, self.task, self.log)
+            source = Path(D.broadcast_object(str(source) if source else ""))  # the others wait for rank 0's SFT
+            model, tokenizer = load_policy(source)
+        for w in check_model(cfg, model):
+            self.log(f"[warning] {w}")
+        self.tokenizer, self.moe = tokenizer, is_moe(model)
+        # the engine is built from the full weights before the learner shards the model
+        self.engine = LocalEngine(model, cfg.rollout.precision, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+        self.learner = Learner(model, cfg, world)
+        self.step = 0
+        if ckpt is not None:
+            checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
+            self.state.update(checkpoint.load_state(ckpt))
+            self.step = self.state["step"]
+            self.engine.load_weights(self.learner.full_state_dict(), version=self.step)
+        self.learner.optimizer_steps = self.step * cfg.train.minibatches_per_step
+        self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
+        self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+
+    def close(self) -> None:
+        if getattr(self, "rewards", None) is not None:
+            self.rewards.close()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
+
+    # ---------------------------------------------------------------------------------------
+    def _seed(self, *parts: int) -> int:
+        return derive_seed(self.cfg.train.seed, *parts) % 2**62
+
+    def decode(self, batch: RolloutBatch) -> list[str]:
+        return [self.tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
+                for i in range(len(batch))]
+
+    def score(self, batch: RolloutBatch, problems) -> tuple[list[float], RewardStats, dict]:
+        texts = self.decode(batch)
+        result = self.rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip(problems, texts)])
+        return result.total, result.stats, result.per_fn
+
+    def rollout(self, step: int) -> tuple[RolloutBatch, dict]:
+        """This rank's groups of step ``step``, sampled and scored; metrics over all ranks."""
+        P, G, K, r = self.cfg.train.prompts_per_step, self.cfg.train.group_size, self.world.size, self.world.rank
+        mine = range(r * P // K, (r + 1) * P // K)  # global prompt indices of this rank
+        problems = [self.task.train_problem(step * P + i) for i in mine]
+        prompts = [encode_prompt(self.tokenizer, p.prompt) for p in problems for _ in range(G)]
+        base = self._seed(step, 0)
+        seeds = [(base + i * G + g) % 2**62 for i in mine for g in range(G)]
+        batch = self.engine.generate(prompts, self.sampling, seeds=seeds, capture_routes=self.moe)
+        rewards, stats, per_fn = self.score(batch, [p for p in problems for _ in range(G)])
+        batch.rewards = torch.tensor(rewards)
+        batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
+        # metrics over the global batch: every rank's rewards, lengths, finished flags and failures
+        parts = D.all_gather_objects((batch.rewards, batch.response_lengths, batch.finished, stats, per_fn))
+        R = torch.cat([p[0] for p in parts])
+        lengths, finished = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        all_stats = _merge_stats([p[3] for p in parts])
+        for kind in ("errors", "timeouts", "crashes"):
+            self.state[f"reward_{kind}"] += getattr(all_stats, kind)
+        if all_stats.failures:
+            self.log(f"[reward] step {step}: {all_stats.summary()}")
+        per_group = R.view(P, G)
+        metrics = {
+            "reward_mean": float(R.mean()), "reward_std": float(R.std()),
+            "groups_all_correct": float((per_group.min(1).values == 1).float().mean()),
+            "groups_all_wrong": float((per_group.max(1).values == 0).float().mean()),
+            "response_len_mean": float(lengths.float().mean()), "finished_frac": float(finished.float().mean()),
+            **all_stats.metrics(),
+        }
+        if len(per_fn) > 1:  # each reward function's own mean, beside the weighted total
+            for name in per_fn:
+                metrics[f"reward/{name}"] = sum(sum(p[4][name]) for p in parts) / len(R)
+        return batch, metrics
+
+    # ---------------------------------------------------------------------------------------
+    def _eval_engine(self) -> LocalEngine:
+        """The rollout engine itself when the precisions agree (its weights are current), else one
+        cached engine in ``eval.precision`` synced to the policy."""
+        if self.cfg.eval.precision == self.cfg.rollout.precision:
+            return self.engine
+        weights = self.learner.full_state_dict()
+        if self._eval is None:
+            self._eval = LocalEngine(self.engine.model, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
+                                     pad_token_id=self.tokenizer.pad_token_id)
+        self._eval.load_weights(weights, version=self.engine.version)
+        return self._eval
+
+    def evaluate(self, step: int) -> dict:
+        return evaluate(self._eval_engine(), self.tokenizer, self.task, self.rewards, self.cfg, self.sampling,
+                        lambda *p: self._seed(step, 2, *p), self.world)
+
+    # ---------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, world = self.cfg, self.world
+        logger = None
+        try:
+            if world.is_main:
+                self._prepare_run_dir()
+                logger = RunLogger(self.run_dir, cfg.log, cfg.train.steps, self.step)
+                replay_history(logger, self.run_dir, self.state)
+            D.barrier()
+            if self.step == 0:
+                self._log(logger, 0, self.evaluate(0))
+            nonfinite_streak = 0
+            while self.step < cfg.train.steps:
+                step = self.step + 1
+                t0 = time.perf_counter()
+                batch, metrics = self.rollout(step)
+                t1 = time.perf_counter()
+                try:
+                    metrics.update(self.learner.update(step, batch, first_row=len(batch) * world.rank))
+                except checkpoint.NonFiniteState as e:
+                    raise TrainingAborted(f"step {step}: {e} after a finite loss and gradient; stopping. "
+                                          f"{self._advice()}") from None
+                t2 = time.perf_counter()
+                skipped = metrics.pop("nonfinite", False)
+                if skipped:
+                    nonfinite_streak += 1
+                    self.state["nonfinite_total"] += 1
+                    if logger:
+                        logger.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped "
+                                     f"({nonfinite_streak} in a row)[/yellow]")
+                    if nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                        raise TrainingAborted(f"{nonfinite_streak} non-finite steps in a row (train.max_nonfinite_steps="
+                                              f"{cfg.train.max_nonfinite_steps}); stopping. {self._advice()}")
+                else:
+                    nonfinite_streak = 0
+                self.engine.load_weights(self.learner.full_state_dict(), version=step)
+                if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                    metrics.update(self.evaluate(step))
+                n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])
+                metrics.update({
+                    "nonfinite_total": self.state["nonfinite_total"], "policy_version": step,
+                    "step_time": time.perf_counter() - t0, "rollout_time": t1 - t0, "train_time": t2 - t1,
+                    "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
+                    "train_tokens_per_s": metrics["train_tokens"] / max(t2 - t1, 1e-9),
+                })
+                self._log(logger, step, metrics)
+                self.step = step
+                # a skipped step is not checkpointed: the last checkpoint stays the last good state
+                if not skipped and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                    self.save(step)
+                every = cfg.checkpoint.export_every
+                if step == cfg.train.steps or (every and step % every == 0):
+                    self.export(step)
+        except TrainingAborted as e:
+            self.state["aborted"] = str(e)
+            raise
+        finally:
+            if logger is not None:
+                logger.close()
+                write_summary(self.run_dir, self.state)
+            self.close()
+        return self.state
+
+    def _prepare_run_dir(self) -> None:
+        """Record the config (and any change a resume makes); a run without a checkpoint starts clean."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step == 0:  # a fresh run, or a resumed one killed before its first checkpoint
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
+        else:
+            checkpoint.truncate_lines(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
+        record_config(self.run_dir, self.cfg, self.step, self.changes)
+        if self.changes:
+            self.log("[resume] config changes from step " + str(self.step + 1) + ": " +
+                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changes.items()))
+
+    def _log(self, logger: RunLogger | None, step: int, metrics: dict) -> None:
+        if logger is None:
+            return
+        for w in logger.log_step(step, metrics):
+            self.state["collapse"].append(w)
+        self.state["metrics_lines"] += 1
+
+    def _advice(self) -> str:
+        last = checkpoint.latest(self.run_dir)
+        if last is None:
+            return "No checkpoint was written yet; lower train.lr and start again."
+        return f"The last good checkpoint is {last}; lower train.lr (or enable clipping), then --resume {self.run_dir}."
+
+    def save(self, step: int) -> None:
+        try:
+            checkpoint.save(self.run_dir, step, self.learner.model, self.tokenizer, self.learner.optimizer,
+                            {k: v for k, v in self.state.items() if k != "aborted"}, self.cfg.checkpoint.keep_last,
+                            self.world)
+        except checkpoint.NonFiniteState as e:
+            raise TrainingAborted(f"step {step}: {e}; not saved. {self._advice()}") from None
+        except checkpoint.CheckpointWriteError as e:
+            raise TrainingAborted(str(e)) from None
+
+    def export(self, step: int) -> Path:
+        """An HF checkpoint of the current weights in RUN_DIR/export/step_N (from_pretrained loads it)."""
+        weights = self.learner.full_state_dict()
+        path = checkpoint.export_dir(self.run_dir, step)
+        error = ""
+        if self.world.is_main:
+            try:
+                checkpoint.save_model_dir(path, self.engine_model_for_export(weights), self.tokenizer, weights)
+            except checkpoint.CheckpointWriteError as e:
+                error = str(e)
+        error = D.broadcast_object(error)
+        if error:
+            raise TrainingAborted(error)
+        return path
+
+    def engine_model_for_export(self, weights):
+        """A plain (unsharded) model object to call ``save_pretrained`` on with ``weights``."""
+        if not self.world.distributed:
+            return self.learner.model
+        return build_model(self.engine.model.config)
+
+
+def evaluate(engine: LocalEngine, tokenizer, task, rewards, cfg: RunConfig, sampling: SamplingConfig,
+             seed_of, world: D.World | None = None) -> dict:
+    """Held-out accuracy, greedy and sampled (mean over ``eval.samples`` per problem), and the
+    number of reward failures; the problems are split across ranks and the results gathered."""
+    world = world or D.World()
+    problems = task.eval_problems()
+    n_all = len(problems)
+    mine = range(world.rank * n_all // world.size, (world.rank + 1) * n_all // world.size)
+    out, failures = {}, RewardStats()
+    modes = [("greedy", 0.0)] * cfg.eval.greedy + [("sampled", cfg.rollout.temperature)] * cfg.eval.sampled
+    for name, temperature in modes:
+        n = cfg.eval.samples if name == "sampled" else 1
+        per_problem: list[float] = []
+        if len(mine):
+            prompts = [encode_prompt(tokenizer, problems[i].prompt) for i in mine]
+            seeds = [seed_of(i * n + s) for i in mine for s in range(n)]
+            batch = engine.generate([p for p in prompts for _ in range(n)],
+                                    sampling.model_copy(update={"temperature": temperature}), seeds=seeds,
+                                    capture_routes=False)
+            texts = [tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
+                     for i in range(len(batch))]
+            mine_p = [problems[i] for i in mine for _ in range(n)]
+            result = rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip(mine_p, texts)])
+            failures = _merge_stats([failures, result.stats])
+            per_problem = [sum(result.total[j * n:(j + 1) * n]) / n for j in range(len(mine))]
+        per_problem = [x for part in D.all_gather_objects(per_problem) for x in part]
+        out[f"eval/{name}_acc"] = sum(per_problem) / len(per_problem)
+        levels = sorted({p.level for p in problems if p.level})
+        for lv in levels if len(levels) > 1 else []:
+            sel = [r for r, p in zip(per_problem, problems) if p.level == lv]
+            out[f"eval/{name}_acc/level_{lv}"] = sum(sel) / len(sel)
+    failures = _merge_stats(D.all_gather_objects(failures))
+    out["eval/reward_failures"] = failures.failures
+    if failures.failures:
+        out["eval/reward_failures_detail"] = failures.summary()
+    return out
+
+
+def _merge_stats(parts: list[RewardStats]) -> RewardStats:
+    total = RewardStats()
+    for s in parts:
+        total.errors += s.errors
+        total.timeouts += s.timeouts
+        total.crashes += s.crashes
+        for fn, n in s.by_fn.items():
+            total.by_fn[fn] = total.by_fn.get(fn, 0) + n
+        total.first_error = total.first_error or s.first_error
+    return total
