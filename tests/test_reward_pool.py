@@ -130,3 +130,20 @@ def test_config_rejects_non_finite_values():
             build_config(RunConfig, None, [bad])
     cfg = build_config(RunConfig, None, ["task.reward_timeout_s=1e10"])
     assert cfg.task.reward_timeout_s == 1e10
+
+
+def test_pool_works_from_an_unguarded_script(tmp_path):
+    """Workers do not re-import the parent's __main__ (as multiprocessing's spawn would): a user's
+    training script without an `if __name__ == "__main__"` guard runs once, not once per worker."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from stablerl.tasks import RewardPool\n"
+        f"pool = RewardPool([{fn('exact')!r}], workers=2)\n"
+        "print('total', pool.score([('p', '1', {'answer': '1'}), ('p', '2', {'answer': '1'})]).total)\n"
+        "pool.close()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("total") == 1 and "total [1.0, 0.0]" in out.stdout

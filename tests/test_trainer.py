@@ -17,14 +17,6 @@ from stablerl.loop import Trainer, TrainingAborted
 TIMING = {"step_time", "rollout_time", "train_time", "rollout_tokens_per_s", "train_tokens_per_s"}
 
 
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    tok = build_tokenizer()
-    model = build_model(default_model_config(tok, hidden_size=32, expert_size=32, num_layers=2), seed=0)
-    run_sft(model, tok, ArithmeticTask(levels=[1]), steps=30, batch_size=16, lr=3e-3, seed=0, log=None)
-    return save_checkpoint_dir(model, tok, tmp_path_factory.mktemp("sft") / "ckpt")
-
-
 def config(ckpt, run_dir, *extra):
     base = [f"model.path={ckpt}", f"run_dir={run_dir}", "train.prompts_per_step=2", "train.group_size=4",
             "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=8", "eval.every=2",

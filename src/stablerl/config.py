@@ -158,6 +158,11 @@ class TaskConfig(StrictModel):
     answer_field: str = Field("answer", description="math_file: answer column.")
     solution_field: str | None = Field(None, description="math_file: teacher-solution column (for SFT).")
     prompt_template: str = Field("{question}\n", description="math_file: prompt text around the question.")
+    reward_fns: list[str] | None = Field(None, description="Reward functions 'package.module:function' or "
+                                         "'path/to/file.py:function', each called as fn(prompt, completion, "
+                                         "**row_fields) -> float (docs/your-task.md); none = the task's verifier.")
+    reward_weights: list[float] | None = Field(None, description="One weight per reward function (default 1 each); "
+                                               "the reward is their weighted sum.")
     reward_timeout_s: float = Field(10.0, gt=0, description="Hard limit per reward call: a verifier still running "
                                     "is killed (its worker process replaced) and the response gets reward 0.")
     reward_workers: int = Field(2, ge=1, le=256, description="Worker processes that run the reward functions "
@@ -170,6 +175,11 @@ class TaskConfig(StrictModel):
     def _check(self) -> "TaskConfig":
         if self.name == "math_file" and not self.train_file:
             raise ValueError("task.train_file is required when task.name is math_file")
+        if self.reward_fns is not None and not self.reward_fns:
+            raise ValueError("task.reward_fns must name at least one function (or be null for the task's verifier)")
+        n_fns = len(self.reward_fns) if self.reward_fns else 1
+        if self.reward_weights is not None and len(self.reward_weights) != n_fns:
+            raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n_fns} reward functions")
         return self
 
 
@@ -244,6 +254,8 @@ class DistributedConfig(StrictModel):
 class LogConfig(StrictModel):
     tensorboard: bool = Field(True, description="Also write TensorBoard events to RUN_DIR/tb.")
     progress: bool = Field(True, description="Live progress bar on the console.")
+    rollouts: bool = Field(False, description="Write every sampled response (prompt, completion, reward) to "
+                           "RUN_DIR/rollouts.jsonl, one line per step.")
     collapse_window: int = Field(30, ge=1, description="Steps of history (at most) whose median is the baseline "
                                  "of the collapse warning; it works from the first steps on.")
     collapse_sustain: int = Field(3, ge=1, description="Consecutive steps a jump must last to warn.")

@@ -18,6 +18,7 @@ uninterrupted one, and a K-rank run the 1-rank run, up to the order of floating-
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -155,8 +156,7 @@ class Trainer:
         return [self.tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
                 for i in range(len(batch))]
 
-    def score(self, batch: RolloutBatch, problems) -> tuple[list[float], RewardStats, dict]:
-        texts = self.decode(batch)
+    def score(self, texts: list[str], problems) -> tuple[list[float], RewardStats, dict]:
         result = self.rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip(problems, texts)])
         return result.total, result.stats, result.per_fn
 
@@ -169,11 +169,13 @@ class Trainer:
         base = self._seed(step, 0)
         seeds = [(base + i * G + g) % 2**62 for i in mine for g in range(G)]
         batch = self.engine.generate(prompts, self.sampling, seeds=seeds, capture_routes=self.moe)
-        rewards, stats, per_fn = self.score(batch, [p for p in problems for _ in range(G)])
+        texts = self.decode(batch)
+        rewards, stats, per_fn = self.score(texts, [p for p in problems for _ in range(G)])
         batch.rewards = torch.tensor(rewards)
         batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
         # metrics over the global batch: every rank's rewards, lengths, finished flags and failures
-        parts = D.all_gather_objects((batch.rewards, batch.response_lengths, batch.finished, stats, per_fn))
+        parts = D.all_gather_objects((batch.rewards, batch.response_lengths, batch.finished, stats, per_fn,
+                                      texts if self.cfg.log.rollouts else None))
         R = torch.cat([p[0] for p in parts])
         lengths, finished = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
         all_stats = _merge_stats([p[3] for p in parts])
@@ -192,6 +194,12 @@ class Trainer:
         if len(per_fn) > 1:  # each reward function's own mean, beside the weighted total
             for name in per_fn:
                 metrics[f"reward/{name}"] = sum(sum(p[4][name]) for p in parts) / len(R)
+        if self.cfg.log.rollouts and self.world.is_main:
+            all_problems = [self.task.train_problem(step * P + i) for i in range(P)]
+            record = {"step": step, "prompts": [p.prompt for p in all_problems],
+                      "completions": [t for p in parts for t in p[5]], "rewards": R.tolist()}
+            with open(self.run_dir / "rollouts.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         return batch, metrics
 
     # ---------------------------------------------------------------------------------------
@@ -280,10 +288,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.step == 0:  # a fresh run, or a resumed one killed before its first checkpoint
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "rollouts.jsonl").unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
             (self.run_dir / "summary.json").unlink(missing_ok=True)
         else:
             checkpoint.truncate_lines(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
+            checkpoint.truncate_lines(self.run_dir / "rollouts.jsonl", self.step)  # one line per step
         record_config(self.run_dir, self.cfg, self.step, self.changes)
         if self.changes:
             self.log("[resume] config changes from step " + str(self.step + 1) + ": " +

@@ -57,3 +57,9 @@ def uses_alarm(prompt, completion, **_):
     signal.alarm(5)
     signal.alarm(0)
     return 1.0
+
+
+def digit_fraction(prompt, completion, **_):
+    """A graded reward (the fraction of digits): never constant within a group, so every step of a
+    test run has non-zero advantages and a real gradient."""
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))

@@ -29,7 +29,14 @@ def shard_model(model: nn.Module, param_dtype: str = "fp32", reduce_dtype: str =
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    model.set_gradient_divide_factor(1.0)  # sum over ranks (see the module docstring)
+    # sum over ranks (see the module docstring), as a plain SUM collective, which gloo supports
+    # (the default pre-multiplied sum is NCCL-only). Each FSDP unit has its own setting.
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 

@@ -19,5 +19,8 @@ def build_task(cfg):
 
 def reward_pool(task, cfg) -> RewardPool:
     """The worker-process pool that scores ``task``'s responses (``cfg`` is a TaskConfig)."""
-    return RewardPool(task.reward_fns, workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s,
-                      memory_mb=cfg.reward_memory_mb)
+    try:
+        return RewardPool(cfg.reward_fns or task.reward_fns, cfg.reward_weights, workers=cfg.reward_workers,
+                          timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb)
+    except ValueError as e:
+        raise ValueError(f"task.reward_fns: {e}") from None

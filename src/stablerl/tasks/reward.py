@@ -21,7 +21,6 @@ closed pipe everywhere), so a killed run leaves no verifier processes behind.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import os
 import time
 from collections import deque
@@ -84,7 +83,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
+def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
+    """A worker's loop (``stablerl.tasks.reward_worker``): call, reply, repeat, until told to stop."""
     _die_with_parent()
     if memory_mb:
         import resource
@@ -116,22 +116,45 @@ def _worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, specs: list[str], memory_mb: int | None):
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, specs, memory_mb), daemon=True,
-                                   name="stablerl-reward")
-        self.process.start()
-        child.close()  # so that the worker's death reads as EOF here
+    """One worker: ``python -m stablerl.tasks.reward_worker`` over a socket pair.
+
+    A plain subprocess, not ``multiprocessing``: spawn and forkserver re-import the parent's
+    ``__main__``, which runs a user's unguarded training script again in every worker. The worker
+    gets the parent's ``sys.path``, so it imports reward functions exactly as the parent did.
+    """
+
+    def __init__(self, specs: list[str], memory_mb: int | None):
+        import json
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        mine, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stablerl.tasks.reward_worker", str(theirs.fileno()),
+             json.dumps({"specs": specs, "memory_mb": memory_mb})],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        theirs.close()  # so that the worker's death reads as EOF here
+        self.conn = Connection(mine.detach())
         self.job: tuple | None = None
         self.deadline = 0.0
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
 
     def kill(self) -> None:
         try:
             self.conn.close()
-        finally:
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join(timeout=5)
+        except OSError:
+            pass
+        if self.process.poll() is None:
+            self.process.kill()
+        try:
+            self.process.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - a process that will not die is the OS's problem now
+            pass
 
 
 class RewardPool:
@@ -156,9 +179,6 @@ class RewardPool:
         self.specs, self.weights = list(specs), weights
         self.names = _unique_names(self.specs)
         self.n_workers, self.timeout_s, self.memory_mb = int(workers), float(timeout_s), memory_mb
-        # spawn: a fresh interpreter per worker (no forked torch or thread state); the workers
-        # import only stablerl.tasks, not torch
-        self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._pid = os.getpid()
 
@@ -177,7 +197,10 @@ class RewardPool:
             except (OSError, ValueError):
                 pass
         for w in self._workers:
-            w.process.join(timeout=1)
+            try:
+                w.process.wait(timeout=1)
+            except Exception:  # noqa: BLE001 - still busy: killed below
+                pass
             w.kill()
         self._workers = []
 
@@ -193,7 +216,7 @@ class RewardPool:
         values = [[0.0] * len(items) for _ in self.specs]
         jobs = deque((k, i) for i in range(len(items)) for k in range(len(self.specs)))
         while len(self._workers) < min(self.n_workers, len(jobs)):
-            self._workers.append(_Worker(self._ctx, self.specs, self.memory_mb))
+            self._workers.append(_Worker(self.specs, self.memory_mb))
         busy: dict[int, _Worker] = {}
         while jobs or busy:
             for idx, w in enumerate(self._workers):
@@ -221,7 +244,10 @@ class RewardPool:
                     try:
                         (done_k, done_i), status, payload = w.conn.recv()
                     except (EOFError, OSError):
-                        code = w.process.exitcode if not w.process.is_alive() else None
+                        try:
+                            code = w.process.wait(timeout=1)
+                        except Exception:  # noqa: BLE001
+                            code = None
                         stats.record("crashes", self.names[k], f"worker died (exit code {code})")
                         del busy[id(w)]
                         self._replace(idx)
@@ -242,7 +268,7 @@ class RewardPool:
 
     def _replace(self, idx: int) -> None:
         self._workers[idx].kill()
-        self._workers[idx] = _Worker(self._ctx, self.specs, self.memory_mb)
+        self._workers[idx] = _Worker(self.specs, self.memory_mb)
 
 
 def _unique_names(specs: list[str]) -> list[str]:

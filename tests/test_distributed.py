@@ -1,0 +1,156 @@
+"""Data-parallel training under torchrun with 2 gloo ranks, checked against a 1-rank run.
+
+The rollout engine is fp32 here: per-response sampling is seeded by the global response index,
+so the 2-rank run samples the same tokens as the 1-rank run as long as the engine's forward is
+not batch-variant (a rank's batch is half as wide). fp32 CPU kernels are close enough that no
+sampled token differs; bf16 kernels round differently at different batch widths, which can flip
+a near-tie. Every run uses a graded reward (tests/data/reward_fns.py:digit_fraction), so every
+step has non-zero advantages and a real gradient.
+
+torchrun runs with --standalone (a free port of its own), in its own session, under a timeout
+that kills the whole process group: no port clashes, no orphaned ranks.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablerl import checkpoint
+from stablerl.config import RunConfig, build_config
+from stablerl.loop import Trainer
+from stablerl.runlog import read_metrics
+
+pytestmark = pytest.mark.slow
+
+REWARD = str(Path(__file__).parent / "data" / "reward_fns.py") + ":digit_fraction"
+TIMING = ("time", "per_s")
+
+
+def base_args(ckpt, run_dir, *extra):
+    return [f"model.path={ckpt}", f"run_dir={run_dir}", "train.prompts_per_step=2", "train.group_size=4",
+            "rollout.max_new_tokens=12", "rollout.precision=fp32", "task.levels=[1]", "task.eval_size=6",
+            "eval.every=2", "eval.samples=2", "log.progress=false", "log.tensorboard=false", "log.rollouts=true",
+            "train.steps=3", f"task.reward_fns=[{REWARD}]", "task.reward_workers=1", "train.lr=1e-4", *extra]
+
+
+def torchrun(args, *, resume=None, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "stablerl", "train", *(["--resume", str(resume)] if resume else []), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{out[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+def one_rank(ckpt, run_dir, *extra, resume=False, steps=None):
+    args = base_args(ckpt, run_dir, *extra) + ([f"train.steps={steps}"] if steps else [])
+    cfg = build_config(RunConfig, None, args)
+    Trainer(cfg, run_dir, resume=resume, log=lambda *_: None).run()
+
+
+def rollouts(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "rollouts.jsonl").read_text().splitlines()]
+
+
+def assert_metrics_close(a_rows, b_rows, rel=1e-5):
+    """Every metric within ``rel`` relative — or 1e-8 absolute: some are differences of O(1)
+    quantities built from float32 log-probs (first_order_gap, the k3 KLs near 0), whose round-off
+    is absolute (a rank's batch is narrower, so the kernels sum in another order)."""
+    assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows]
+    for a, b in zip(a_rows, b_rows):
+        keys = {k for k, v in a.items() if isinstance(v, (int, float)) and not any(t in k for t in TIMING)}
+        assert keys == {k for k, v in b.items() if isinstance(v, (int, float)) and not any(t in k for t in TIMING)}
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-8 if rel else 0), (a["step"], k)
+
+
+def assert_weights_close(a, b, rel=1e-5):
+    """Per tensor, ||a - b|| <= rel * ||a|| (elementwise ratios mean nothing for entries near 0,
+    where Adam's normalization turns round-off into steps of size ~lr)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert float((a[k] - b[k]).norm()) <= rel * float(a[k].norm()), k
+
+
+@pytest.fixture(scope="module")
+def ckpt(sft_ckpt):
+    return sft_ckpt
+
+
+@pytest.mark.parametrize("mode", [[], ["train.minibatches_per_step=2", "train.routing_replay=R2"],
+                                  ["train.minibatches_per_step=2", "train.routing_replay=R3",
+                                   "train.micro_batch_size=3"]],
+                         ids=["on-policy", "N2-R2", "N2-R3-micro3"])
+def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
+    one_rank(ckpt, tmp_path / "k1", *mode)
+    rc, out = torchrun(base_args(ckpt, tmp_path / "k2", *mode))
+    assert rc == 0, out[-3000:]
+    a, b = rollouts(tmp_path / "k1"), rollouts(tmp_path / "k2")
+    assert [r["completions"] for r in a] == [r["completions"] for r in b]  # the same sampled tokens
+    assert [r["rewards"] for r in a] == [r["rewards"] for r in b]
+    assert any(len(set(r["rewards"])) > 1 for r in a)  # a real learning signal
+    ma, mb = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
+    assert_metrics_close(ma, mb)
+    assert all(m["grad_norm"] > 0 for m in ma[1:])
+    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k1"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k2"))
+    assert_weights_close(wa, wb)
+    # and the agreement is not trivial: training moved the weights far more than the runs differ
+    from transformers import AutoModelForCausalLM
+
+    w0 = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    moved = sum(float((wa[k] - w0[k]).norm()) for k in wa)
+    gap = sum(float((wa[k] - wb[k]).norm()) for k in wa)
+    assert moved > 1e-3 and gap < 1e-3 * moved
+
+
+def test_two_rank_resume_and_export(ckpt, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    rc, out = torchrun(base_args(ckpt, full))
+    assert rc == 0, out[-3000:]
+    rc, out = torchrun(base_args(ckpt, cut, "train.steps=2"))
+    assert rc == 0, out[-3000:]
+    # a kill during step 3: a half-written metrics line and a half-written checkpoint directory
+    with (cut / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward_me')
+    (cut / "checkpoints" / "step_000003.tmp").mkdir()
+    rc, out = torchrun(["train.steps=3"], resume=cut)
+    assert rc == 0, out[-3000:]
+    assert_metrics_close(read_metrics(full), read_metrics(cut), rel=0)  # the same run, exactly
+    wf = checkpoint.load_model_weights(checkpoint.latest(full))
+    assert_weights_close(wf, checkpoint.load_model_weights(checkpoint.latest(cut)), rel=0)
+
+    # the HF export of a 2-rank run loads with from_pretrained and equals the gathered weights
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(checkpoint.export_dir(full, 3)).state_dict()
+    assert_weights_close(wf, {k: exported[k] for k in wf}, rel=0)
+
+    # the 2-rank checkpoint of step 2 resumed on 1 rank continues with the same maths (DCP reshards)
+    (cut / "checkpoints" / "step_000003").rename(cut / "checkpoints" / "step_000003.tmp")
+    one_rank(ckpt, cut, resume=True, steps=3)
+    assert_metrics_close(read_metrics(full), read_metrics(cut))
+    assert_weights_close(wf, checkpoint.load_model_weights(checkpoint.latest(cut)))
+
+
+def test_batch_that_does_not_divide_fails_before_any_work(ckpt, tmp_path):
+    rc, out = torchrun(base_args(ckpt, tmp_path / "odd", "train.prompts_per_step=3"), timeout=120)
+    assert rc != 0
+    assert "train.prompts_per_step=3 does not divide by the 2 ranks" in out
+    assert "rank0]: Traceback" not in out and "rank1]: Traceback" not in out  # a clear line, no traceback
+    assert not (tmp_path / "odd").exists()
