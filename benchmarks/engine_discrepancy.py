@@ -31,10 +31,10 @@ def main() -> None:
     model = build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=None), seed=args.seed).eval()
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(2, model.config.vocab_size, (args.batch, args.prompt), generator=g).tolist()
-    sampling = SamplingConfig(max_new_tokens=args.new_tokens, seed=args.seed)
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     report = {"setup": vars(args)}
     for precision in ("fp32", "bf16", "fp8"):
-        batch = LocalEngine(model, precision, eos_token_id=[]).generate(prompts, sampling)
+        batch = LocalEngine(model, precision, eos_token_id=[]).generate(prompts, sampling, seeds=[args.seed + i for i in range(len(prompts))])
         with torch.no_grad():
             train = response_logp(model, batch, capture=True)
         mask = batch.response_mask

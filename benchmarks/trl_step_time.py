@@ -33,8 +33,8 @@ def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> lis
     from stablerl.loop import Trainer
 
     cfg = build_config(RunConfig, None, [
-        f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={steps}", "train.prompts_per_step=8",
-        "train.group_size=8", "rollout.max_new_tokens=32", f"rollout.precision={precision}", "train.micro_batch_size=64",
+        f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={steps}", "batch.prompts_per_step=8",
+        "batch.group_size=8", "rollout.max_new_tokens=32", f"rollout.precision={precision}", "batch.micro_batch_size=64",
         "eval.every=100000", "eval.greedy=false", "eval.sampled=false", "checkpoint.every=100000",
         "log.progress=false", "log.tensorboard=false", "task.eval_size=1"])
     Trainer(cfg, run_dir, log=lambda *_: None).run()

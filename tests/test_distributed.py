@@ -33,10 +33,10 @@ TIMING = ("time", "per_s")
 
 
 def base_args(ckpt, run_dir, *extra):
-    return [f"model.path={ckpt}", f"run_dir={run_dir}", "train.prompts_per_step=2", "train.group_size=4",
+    return [f"model.path={ckpt}", f"run_dir={run_dir}", "batch.prompts_per_step=2", "batch.group_size=4",
             "rollout.max_new_tokens=12", "rollout.precision=fp32", "task.levels=[1]", "task.eval_size=6",
             "eval.every=2", "eval.samples=2", "log.progress=false", "log.tensorboard=false", "log.rollouts=true",
-            "train.steps=3", f"task.reward_fns=[{REWARD}]", "task.reward_workers=1", "train.lr=1e-4", *extra]
+            "train.steps=3", f"task.reward_fns=[{REWARD}]", "task.reward_workers=1", "optim.lr=1e-4", *extra]
 
 
 def torchrun(args, *, resume=None, timeout=240):
@@ -92,9 +92,9 @@ def ckpt(sft_ckpt):
     return sft_ckpt
 
 
-@pytest.mark.parametrize("mode", [[], ["train.minibatches_per_step=2", "train.routing_replay=R2"],
-                                  ["train.minibatches_per_step=2", "train.routing_replay=R3",
-                                   "train.micro_batch_size=3"]],
+@pytest.mark.parametrize("mode", [[], ["batch.minibatches_per_step=2", "train.routing_replay=R2"],
+                                  ["batch.minibatches_per_step=2", "train.routing_replay=R3",
+                                   "batch.micro_batch_size=3"]],
                          ids=["on-policy", "N2-R2", "N2-R3-micro3"])
 def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
     one_rank(ckpt, tmp_path / "k1", *mode)
@@ -149,8 +149,8 @@ def test_two_rank_resume_and_export(ckpt, tmp_path):
 
 
 def test_batch_that_does_not_divide_fails_before_any_work(ckpt, tmp_path):
-    rc, out = torchrun(base_args(ckpt, tmp_path / "odd", "train.prompts_per_step=3"), timeout=120)
+    rc, out = torchrun(base_args(ckpt, tmp_path / "odd", "batch.prompts_per_step=3"), timeout=120)
     assert rc != 0
-    assert "train.prompts_per_step=3 does not divide by the 2 ranks" in out
+    assert "batch.prompts_per_step=3 does not divide by the 2 ranks" in out
     assert "rank0]: Traceback" not in out and "rank1]: Traceback" not in out  # a clear line, no traceback
     assert not (tmp_path / "odd").exists()

@@ -11,7 +11,7 @@ from stablerl.repro import EXPERIMENTS, collapse_step, run_experiment, write_rep
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
-    tiny = ["train.steps=1", "train.prompts_per_step=2", "train.group_size=4", "rollout.max_new_tokens=10",
+    tiny = ["train.steps=1", "batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=10",
             "task.eval_size=4", "eval.samples=1", "log.tensorboard=false", "task.levels=[1]",
             "model.hidden_size=32", "model.num_layers=2", "sft.steps=3", "sft.batch_size=8",
             f"sft.output_dir={sft_ckpt_for_repro}"]

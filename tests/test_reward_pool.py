@@ -68,7 +68,7 @@ def test_evaluate_path_reports_accuracy_of_correct_answers(tmp_path):
 
     sampling = SamplingConfig(max_new_tokens=64)
     with reward_pool(task, cfg.task) as pool:
-        out = evaluate(TeacherEngine(), tok, task, pool, cfg, sampling, lambda *p: 0)
+        out = evaluate(TeacherEngine(), tok, task, pool, cfg, lambda *p: 0)
     assert out["eval/greedy_acc"] == 1.0 and out["eval/sampled_acc"] == 1.0
     assert out["eval/reward_failures"] == 0
 
@@ -125,7 +125,7 @@ def test_bad_reward_function_paths_fail_before_any_work(spec, match):
 
 
 def test_config_rejects_non_finite_values():
-    for bad in ("task.reward_timeout_s=.inf", "train.lr=.nan", "task.reward_timeout_s=inf"):
+    for bad in ("task.reward_timeout_s=.inf", "optim.lr=.nan", "task.reward_timeout_s=inf"):
         with pytest.raises(ValueError, match="finite"):
             build_config(RunConfig, None, [bad])
     cfg = build_config(RunConfig, None, ["task.reward_timeout_s=1e10"])

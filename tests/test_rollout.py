@@ -21,6 +21,11 @@ def moe():
     return build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=EOS), seed=0).eval()
 
 
+def seeds(n, base):
+    """Request i's seed: base + i."""
+    return [base + i for i in range(n)]
+
+
 def prompts(n=8, seed=0, lo=3, hi=10):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, 64, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
@@ -30,7 +35,7 @@ def prompts(n=8, seed=0, lo=3, hi=10):
 @pytest.mark.parametrize("fast", [True, False])
 def test_fp32_engine_reproduces_training_logp_and_routes(moe, fast):
     engine = LocalEngine(moe, "fp32", fast=fast)
-    batch = engine.generate(prompts(), SamplingConfig(max_new_tokens=12, seed=3))
+    batch = engine.generate(prompts(), SamplingConfig(max_new_tokens=12), seeds=seeds(8, 3))
     with torch.no_grad():
         train = response_logp(moe, batch, capture=True)
     mask = batch.response_mask
@@ -40,9 +45,9 @@ def test_fp32_engine_reproduces_training_logp_and_routes(moe, fast):
 
 
 def test_fast_and_generic_paths_sample_the_same_tokens(moe):
-    ps, sampling = prompts(8, seed=9), SamplingConfig(max_new_tokens=12, seed=4)
-    fast = LocalEngine(moe, "fp32", fast=True).generate(ps, sampling)
-    generic = LocalEngine(moe, "fp32", fast=False).generate(ps, sampling)
+    ps, sampling = prompts(8, seed=9), SamplingConfig(max_new_tokens=12)
+    fast = LocalEngine(moe, "fp32", fast=True).generate(ps, sampling, seeds=seeds(8, 4))
+    generic = LocalEngine(moe, "fp32", fast=False).generate(ps, sampling, seeds=seeds(8, 4))
     assert torch.equal(fast.input_ids, generic.input_ids) and torch.equal(fast.routes, generic.routes)
     torch.testing.assert_close(fast.rollout_logp, generic.rollout_logp, rtol=0, atol=1e-5)
 
@@ -64,10 +69,10 @@ def test_other_families_through_the_generic_path(family):
 
 def test_low_precision_engines_show_a_measurable_discrepancy(moe):
     ps = prompts(32, seed=2, lo=6, hi=12)
-    sampling = SamplingConfig(max_new_tokens=16, seed=5)
+    sampling = SamplingConfig(max_new_tokens=16)
     results = {}
     for precision in ("bf16", "fp8"):
-        batch = LocalEngine(moe, precision, eos_token_id=[]).generate(ps, sampling)
+        batch = LocalEngine(moe, precision, eos_token_id=[]).generate(ps, sampling, seeds=seeds(32, 5))
         with torch.no_grad():
             train = response_logp(moe, batch, capture=True)
         results[precision] = (train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask),
@@ -81,15 +86,15 @@ def test_low_precision_engines_show_a_measurable_discrepancy(moe):
 def test_sampling_is_reproducible_and_per_request(moe):
     engine = LocalEngine(moe, "bf16")
     ps = prompts(6, seed=3)
-    sampling = SamplingConfig(max_new_tokens=10, seed=11)
-    a = engine.generate(ps, sampling)
-    b = engine.generate(ps, sampling)
+    sampling = SamplingConfig(max_new_tokens=10)
+    a = engine.generate(ps, sampling, seeds=seeds(6, 11))
+    b = engine.generate(ps, sampling, seeds=seeds(6, 11))
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.rollout_logp, b.rollout_logp)
-    c = engine.generate(ps, sampling.model_copy(update={"seed": 12}))
+    c = engine.generate(ps, sampling, seeds=seeds(6, 12))
     assert not torch.equal(a.response_ids, c.response_ids)
     # a request's sample depends on its own seed, not on the rest of the batch
     alone = LocalEngine(moe, "fp32").generate(ps[2:3], sampling, seeds=[11 + 2])
-    full = LocalEngine(moe, "fp32").generate(ps, sampling)
+    full = LocalEngine(moe, "fp32").generate(ps, sampling, seeds=seeds(6, 11))
     n = int(alone.response_mask.sum())
     assert torch.equal(full.response_ids[2, :n], alone.response_ids[0, :n])
 
@@ -98,7 +103,7 @@ def test_layout_eos_padding_and_routes(moe):
     # half of the vocabulary ends a response, so most stop early
     engine = LocalEngine(moe, "fp32", eos_token_id=list(range(1, 33)))
     ps = prompts(8, seed=4)
-    batch = engine.generate(ps, SamplingConfig(max_new_tokens=10, seed=1))
+    batch = engine.generate(ps, SamplingConfig(max_new_tokens=10), seeds=seeds(8, 1))
     P = batch.prompt_width
     assert P == max(len(p) for p in ps)
     for i, p in enumerate(ps):

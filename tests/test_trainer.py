@@ -18,7 +18,7 @@ TIMING = {"step_time", "rollout_time", "train_time", "rollout_tokens_per_s", "tr
 
 
 def config(ckpt, run_dir, *extra):
-    base = [f"model.path={ckpt}", f"run_dir={run_dir}", "train.prompts_per_step=2", "train.group_size=4",
+    base = [f"model.path={ckpt}", f"run_dir={run_dir}", "batch.prompts_per_step=2", "batch.group_size=4",
             "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=8", "eval.every=2",
             "log.progress=false", "log.tensorboard=false", "train.steps=4"]
     return build_config(RunConfig, None, base + list(extra))
@@ -72,8 +72,8 @@ def test_resume_matches_an_uninterrupted_run(sft_ckpt, tmp_path):
 
 def test_off_policy_minibatches_with_routing_replay(sft_ckpt, tmp_path):
     for mode in ("none", "R2", "R3"):
-        rows = run(sft_ckpt, tmp_path / mode, "train.minibatches_per_step=2", f"train.routing_replay={mode}",
-                   "train.steps=2", "train.micro_batch_size=3")
+        rows = run(sft_ckpt, tmp_path / mode, "batch.minibatches_per_step=2", f"train.routing_replay={mode}",
+                   "train.steps=2", "batch.micro_batch_size=3")
         step = rows[1]
         assert step["staleness_kl/mb0"] == pytest.approx(0.0, abs=1e-10)  # first mini-batch: pi_theta == pi_old
         assert "staleness_kl/mb1" in step and "route_agreement/train_infer" in step
@@ -145,7 +145,7 @@ def test_cli_train_config_errors_fail_before_any_work(tmp_path, capsys):
 
 def test_cli_train_resume_and_plot(sft_ckpt, tmp_path, capsys):
     run_dir = tmp_path / "cli"
-    args = [f"model.path={sft_ckpt}", "train.prompts_per_step=2", "train.group_size=4", "rollout.max_new_tokens=12",
+    args = [f"model.path={sft_ckpt}", "batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12",
             "task.levels=[1]", "task.eval_size=8", "log.progress=false", "log.tensorboard=false"]
     assert main(["train", f"run_dir={run_dir}", "train.steps=1", *args]) == 0
     out = capsys.readouterr().out

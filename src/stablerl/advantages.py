@@ -1,6 +1,6 @@
 """Group advantages: A_i = R_i - mean_group(R), optionally divided by the group's std.
 
-MiniRL (PAPER.md s.6) uses the mean baseline only; GRPO divides by the group std.
+MiniRL (docs/formulation.md s.6) uses the mean baseline only; GRPO divides by the group std.
 """
 
 from __future__ import annotations

@@ -91,7 +91,6 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from stablerl.config import SamplingConfig
     from stablerl.learner import derive_seed
     from stablerl.loop import evaluate
     from stablerl.models import check_model_dir, load_policy
@@ -106,10 +105,8 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_policy(args.checkpoint)
     engine = LocalEngine(model, cfg.eval.precision, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    r = cfg.rollout
-    sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
     with reward_pool(task, cfg.task) as pool:
-        result = evaluate(engine, tokenizer, task, pool, cfg, sampling,
+        result = evaluate(engine, tokenizer, task, pool, cfg,
                           lambda *p: derive_seed(cfg.train.seed, 0, 2, *p) % 2**62)
     print(json.dumps(result, indent=1))
     return 0

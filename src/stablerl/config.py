@@ -15,9 +15,15 @@ Algorithm = Literal["minirl", "grpo", "cispo", "gspo", "reinforce"]
 ISMode = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 Aggregation = Literal["token_sum", "token_mean", "seq_mean_token_mean"]
 
+# what an inference engine computes in (docs/rollout.md): fp32 reproduces training; bf16 casts
+# weights and compute; fp8 stores matrices as float8 e4m3 (weight-only); fp8_w8a8 also quantizes
+# activations to float8 per token at run time, as FP8 serving does
+Precision = Literal["fp32", "bf16", "fp8", "fp8_w8a8"]
+
 ALGORITHMS: tuple[str, ...] = Algorithm.__args__
 IS_MODES: tuple[str, ...] = ISMode.__args__
 AGGREGATIONS: tuple[str, ...] = Aggregation.__args__
+PRECISIONS: tuple[str, ...] = Precision.__args__
 
 
 class StrictModel(BaseModel):
@@ -28,7 +34,7 @@ class StrictModel(BaseModel):
 
 
 class LossConfig(StrictModel):
-    """The policy objective (PAPER.md sections 4 and 6).
+    """The policy objective (docs/formulation.md sections 4 and 6).
 
     Ratios: w = pi_old / mu_old (training-inference discrepancy, always stop-gradient) and
     r = pi_theta / pi_old (policy staleness).
@@ -36,7 +42,7 @@ class LossConfig(StrictModel):
 
     algorithm: Algorithm = Field(
         "minirl",
-        description="minirl: sum_t M*w*r*A (PAPER.md s.6); grpo: w*min(rA, clip(r)A); "
+        description="minirl: sum_t M*w*r*A (docs/formulation.md s.6); grpo: w*min(rA, clip(r)A); "
         "cispo: sg[clip(r)]*w*A*log pi; gspo: sequence (geometric-mean) ratio with clipping; "
         "reinforce: sg[w]*A*log pi.",
     )
@@ -46,10 +52,11 @@ class LossConfig(StrictModel):
         "token_mask (drop tokens with w outside [is_low, is_cap]) | sequence_truncate | "
         "sequence_mask (one weight per response: geometric mean of its token ratios).",
     )
-    is_cap: float = Field(2.0, gt=0, description="Upper bound C of the IS weight (truncate or mask).")
+    is_cap: float = Field(5.0, gt=0, description="Upper bound C of the IS weight (truncate or mask); the paper "
+                          "truncates at 5.")
     is_low: float = Field(0.5, ge=0, description="Lower bound of the IS weight for the *_mask modes.")
     eps_low: float = Field(0.2, ge=0, lt=1, description="Clip bound: r < 1 - eps_low stops A<0 tokens.")
-    eps_high: float = Field(0.28, ge=0, description="Clip bound: r > 1 + eps_high stops A>0 tokens.")
+    eps_high: float = Field(0.27, ge=0, description="Clip bound: r > 1 + eps_high stops A>0 tokens (the paper: 0.27).")
     clip: bool = Field(True, description="Apply the clip bounds (minirl, grpo, cispo, gspo).")
     aggregation: Aggregation = Field(
         "token_sum",
@@ -58,6 +65,9 @@ class LossConfig(StrictModel):
         "tokens in the batch; seq_mean_token_mean: mean over responses of each response's own "
         "token mean (per-response length normalization, as GRPO).",
     )
+
+    std_normalize: bool = Field(False, description="Advantages: divide R - mean_group(R) by the group's std "
+                                "(GRPO's definition); MiniRL: false.")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "LossConfig":
@@ -71,15 +81,15 @@ class LossConfig(StrictModel):
 
 
 class SamplingConfig(StrictModel):
-    """How the rollout engine samples. The rollout log-prob of a token is taken under the
-    distribution it was actually sampled from (after temperature, top-k and top-p): that is
-    mu_old, which the IS correction compares with pi_old (see docs/rollout.md)."""
+    """How an engine samples one call's responses. The rollout log-prob of a token is taken under
+    the distribution it was actually sampled from (after temperature, top-k and top-p): that is
+    mu_old, which the IS correction compares with pi_old (docs/rollout.md). Seeds are per request,
+    given to ``generate`` (request i gets seed i when none are given)."""
 
     temperature: float = Field(1.0, ge=0, description="Softmax temperature; 0 = greedy (log-prob 0).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = off).")
     max_new_tokens: int = Field(32, ge=1, description="Response length limit.")
-    seed: int = Field(0, description="Base seed; request i uses seed + i unless seeds are given.")
 
 
 class LabConfig(StrictModel):
@@ -192,35 +202,84 @@ class SFTConfig(StrictModel):
                                    "runs/sft/<hash of model, task and SFT settings> (reused if present).")
 
 
-class RolloutConfig(StrictModel):
-    precision: Literal["fp32", "bf16", "fp8"] = Field("bf16", description="Inference engine precision (mu_old).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (pi is scored at the same one).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1 = off; see docs/rollout.md).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+class VllmConfig(StrictModel):
+    """Options of the vLLM engine (``rollout.engine=vllm``; docs/rollout.md)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Fraction of the GPU's memory vLLM may "
+                                          "take (weights + KV cache); the trainer shares the GPU. On CPU: the "
+                                          "KV cache is sized by vllm.kv_cache_gb instead.")
+    kv_cache_gb: float = Field(1.0, gt=0, description="CPU only: KV-cache space in GiB.")
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences vLLM runs at once.")
+    enforce_eager: bool = Field(True, description="No CUDA graphs (faster start-up, slower decoding).")
+
+
+class RolloutConfig(SamplingConfig):
+    """The inference engine that samples the rollouts (mu_old) and how it samples: the sampling
+    keys are ``SamplingConfig``'s (defined once, there)."""
+
+    engine: Literal["local", "vllm"] = Field("local", description="local: stablerl's PyTorch engine (any HF "
+                                             "causal LM, emulated precisions); vllm: a colocated vLLM instance "
+                                             "(pip install 'stablerl[vllm]'; docs/rollout.md).")
+    precision: Precision = Field("bf16", description="Inference numerics (mu_old): fp32 | bf16 | fp8 (weight-only "
+                                 "e4m3, per-channel) | fp8_w8a8 (+ activations in e4m3 per token).")
     max_new_tokens: int = Field(40, ge=1, description="Response length limit.")
+    weight_noise: float = Field(0.0, ge=0, le=1, description="A controlled extra discrepancy: every weight matrix "
+                                "of the engine's copy (never the trained weights) gets Gaussian noise of this "
+                                "size relative to its rows' RMS, a fixed pattern (docs/results.md dose-response).")
+    vllm: VllmConfig = VllmConfig()
+
+    def sampling(self) -> SamplingConfig:
+        """The sampling keys alone, as the engines take them."""
+        return SamplingConfig(**{k: getattr(self, k) for k in SamplingConfig.model_fields})
+
+    @model_validator(mode="after")
+    def _check_rollout(self) -> "RolloutConfig":
+        if self.temperature == 0:
+            raise ValueError("rollout.temperature must be > 0: RL samples its rollouts (greedy decoding gives "
+                             "every response of a group the same tokens and log-prob 0)")
+        return self
 
 
-class OptimConfig(StrictModel):
+class TrainConfig(StrictModel):
+    """The RL run: how long, its seed, and how the training forward routes MoE tokens."""
+
     steps: int = Field(600, ge=1, description="RL steps (one rollout batch each).")
-    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per step.")
+    seed: int = Field(0, description="Seed of sampling and mini-batch order.")
+    routing_replay: Literal["none", "R2", "R3"] = Field("none", description="MoE routing replay (docs/routing.md): "
+                                                        "R2 replays pi_old's routes, R3 the rollout's.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many non-finite steps in a row.")
+
+
+class BatchConfig(StrictModel):
+    """The batch hierarchy (docs/design.md): the rollout batch of prompts_per_step x group_size
+    responses is split into N mini-batches (one optimizer step each; N = 1 is on-policy); a
+    mini-batch is processed in micro-batches (memory only: the result does not depend on them)."""
+
+    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per step (the whole rollout batch, "
+                                  "over all ranks).")
     group_size: int = Field(8, ge=2, description="Responses per prompt (the group of the advantage baseline).")
     minibatches_per_step: int = Field(1, ge=1, description="N: optimizer steps per rollout batch (1 = on-policy).")
     micro_batch_size: int = Field(128, ge=1, description="Responses per forward/backward (memory only).")
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (constant after warm-up).")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
-    routing_replay: Literal["none", "R2", "R3"] = Field("none", description="MoE routing replay (docs/routing.md).")
-    std_normalize: bool = Field(False, description="Divide advantages by the group std (GRPO); MiniRL: false.")
-    seed: int = Field(0, description="Seed of sampling and mini-batch order.")
-    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many non-finite steps in a row.")
+
+    @property
+    def rollout_batch(self) -> int:
+        return self.prompts_per_step * self.group_size
 
     @model_validator(mode="after")
-    def _check(self) -> "OptimConfig":
-        batch = self.prompts_per_step * self.group_size
-        if self.minibatches_per_step > batch:
-            raise ValueError(f"minibatches_per_step ({self.minibatches_per_step}) exceeds the rollout batch ({batch})")
+    def _check(self) -> "BatchConfig":
+        if self.minibatches_per_step > self.rollout_batch:
+            raise ValueError(f"batch.minibatches_per_step ({self.minibatches_per_step}) exceeds the rollout batch "
+                             f"(batch.prompts_per_step x batch.group_size = {self.rollout_batch})")
         return self
+
+
+class OptimConfig(StrictModel):
+    """AdamW on the training policy."""
+
+    lr: float = Field(5e-5, gt=0, description="Learning rate (constant after warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
 
 
 class EvalConfig(StrictModel):
@@ -229,7 +288,7 @@ class EvalConfig(StrictModel):
     sampled: bool = Field(True, description="Report sampled accuracy (rollout temperature).")
     samples: int = Field(4, ge=1, description="Samples per held-out problem for the sampled accuracy "
                          "(its mean over samples: pass@1 with less noise).")
-    precision: Literal["fp32", "bf16", "fp8"] = Field("fp32", description="Precision of the evaluation engine.")
+    precision: Precision = Field("fp32", description="Precision of the evaluation engine.")
 
 
 class CheckpointConfig(StrictModel):
@@ -272,7 +331,9 @@ class RunConfig(StrictModel):
     task: TaskConfig = TaskConfig()
     sft: SFTConfig = SFTConfig()
     rollout: RolloutConfig = RolloutConfig()
-    train: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    batch: BatchConfig = BatchConfig()
+    optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -421,9 +482,9 @@ def flatten(data: dict, prefix: str = "") -> dict:
 # the maths of the steps to come, plus the recovery knobs a stopped run's message suggests (a
 # lower learning rate, a tighter gradient clip). Everything else — the model, the task, the batch,
 # the loss, the rollout numerics, the seeds — is fixed for the life of a run.
-RESUMABLE_KEYS = ("run_dir", "train.steps", "train.lr", "train.warmup_steps", "train.grad_clip",
-                  "train.max_nonfinite_steps", "train.micro_batch_size", "task.reward_timeout_s",
-                  "task.reward_workers", "task.reward_memory_mb", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
+RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.lr", "optim.warmup_steps",
+                  "optim.grad_clip", "batch.micro_batch_size", "task.reward_timeout_s", "task.reward_workers",
+                  "task.reward_memory_mb", "rollout.vllm.", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
                   "distributed.threads")
 
 

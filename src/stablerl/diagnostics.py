@@ -1,4 +1,4 @@
-"""Stability diagnostics computed from tensors the training loop already has (PAPER.md s.4-5, 7).
+"""Stability diagnostics computed from tensors the training loop already has (docs/formulation.md s.4-5, 7).
 
 All functions are pure and cheap; they return tensors or plain floats for logging.
 """
@@ -38,7 +38,7 @@ def first_order_gap(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.
     """Per response, ``| prod_t rho_t - (1 + sum_t (rho_t - 1)) |`` with ``rho_t = pi_theta / mu_old``.
 
     How far the sequence-level ratio is from the first-order expansion the token-level surrogate
-    uses (PAPER.md s.3): 0 when every token ratio is 1, growing with the products of deviations
+    uses (docs/formulation.md s.3): 0 when every token ratio is 1, growing with the products of deviations
     the surrogate drops. Returns ``[B]`` float64; the log sequence ratio is capped at 30 so a
     runaway response reads as huge rather than inf.
     """

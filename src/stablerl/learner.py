@@ -65,14 +65,14 @@ class Learner:
             model = shard_model(model, dist_cfg.param_dtype, dist_cfg.reduce_dtype)
         self.model = model
         self.model.train()
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=(0.9, 0.99),
-                                           weight_decay=t.weight_decay, fused=_can_fuse(self.model))
+        opt = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=(0.9, 0.99),
+                                           weight_decay=opt.weight_decay, fused=_can_fuse(self.model))
         self.optimizer_steps = 0
 
     def lr(self, optimizer_step: int) -> float:
-        warm = self.cfg.train.warmup_steps
-        return self.cfg.train.lr * (min(1.0, (optimizer_step + 1) / warm) if warm else 1.0)
+        warm = self.cfg.optim.warmup_steps
+        return self.cfg.optim.lr * (min(1.0, (optimizer_step + 1) / warm) if warm else 1.0)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights for the rollout engine and exports (a collective when sharded)."""
@@ -86,10 +86,10 @@ class Learner:
         ``nonfinite: True`` when the update was skipped.
         """
         cfg = self.cfg
-        N, mode, T = cfg.train.minibatches_per_step, cfg.train.routing_replay, cfg.rollout.temperature
+        N, mode, T = cfg.batch.minibatches_per_step, cfg.train.routing_replay, cfg.rollout.temperature
         B_local, K = len(batch), self.world.size
         B = B_local * K
-        adv = group_advantages(batch.rewards, batch.group_ids, std_normalize=cfg.train.std_normalize)
+        adv = group_advantages(batch.rewards, batch.group_ids, std_normalize=cfg.loss.std_normalize)
         acc: dict[str, list] = {}
         routes_ti = routes_stale = None  # summed route-agreement counts (train vs infer, current vs old)
 
@@ -111,7 +111,7 @@ class Learner:
         for k, chunk in enumerate(torch.tensor_split(order, N)):
             mine = (chunk >= first_row) & (chunk < first_row + B_local)
             rows = chunk[mine] - first_row
-            micro = cfg.train.micro_batch_size
+            micro = cfg.batch.micro_batch_size
             # every rank runs as many micro-batches as the rank holding the most rows of this mini-batch
             per_rank = torch.bincount(torch.div(chunk, B_local, rounding_mode="floor"), minlength=K)
             n_micro = max(1, max(math.ceil(int(c) / micro) for c in per_rank))
@@ -188,7 +188,7 @@ class Learner:
         total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
         if hasattr(total, "full_tensor"):  # a DTensor: the norm of the sharded gradients, reduced
             total = total.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, self.cfg.train.grad_clip, total)
+        torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, total)
         return float(total)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from stablerl import checkpoint
 from stablerl import distributed as D
-from stablerl.config import RunConfig, SamplingConfig
+from stablerl.config import RunConfig
 from stablerl.learner import Learner, derive_seed
 from stablerl.models import build_model, load_policy
 from stablerl.rollout import LocalEngine, RolloutBatch
@@ -45,9 +45,9 @@ class TrainingAborted(RuntimeError):
 
 def check_layout(cfg: RunConfig, world: D.World) -> None:
     """The rollout batch must deal out to the ranks in whole groups: fail before any work."""
-    P, K = cfg.train.prompts_per_step, world.size
+    P, K = cfg.batch.prompts_per_step, world.size
     if P % K:
-        raise ValueError(f"train.prompts_per_step={P} does not divide by the {K} ranks (WORLD_SIZE): each rank "
+        raise ValueError(f"batch.prompts_per_step={P} does not divide by the {K} ranks (WORLD_SIZE): each rank "
                          "samples whole groups; use a multiple of the number of ranks")
 
 
@@ -57,8 +57,8 @@ def check_model(cfg: RunConfig, model) -> list[str]:
     if mode != "none" and not is_moe(model):
         raise ValueError(f"train.routing_replay={mode} needs a Mixture-of-Experts model, but "
                          f"{model.config.model_type!r} is dense; use train.routing_replay=none")
-    if mode == "R2" and cfg.train.minibatches_per_step == 1:
-        warnings.append("train.routing_replay=R2 does nothing on-policy (train.minibatches_per_step=1): it replays "
+    if mode == "R2" and cfg.batch.minibatches_per_step == 1:
+        warnings.append("train.routing_replay=R2 does nothing on-policy (batch.minibatches_per_step=1): it replays "
                         "pi_old's routes, which the gradient forward takes anyway; use R3 to replay the rollout's")
     return warnings
 
@@ -136,10 +136,9 @@ class Trainer:
             self.state.update(checkpoint.load_state(ckpt))
             self.step = self.state["step"]
             self.engine.load_weights(self.learner.full_state_dict(), version=self.step)
-        self.learner.optimizer_steps = self.step * cfg.train.minibatches_per_step
+        self.learner.optimizer_steps = self.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
-        self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                       top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        self.sampling = cfg.rollout.sampling()
 
     def close(self) -> None:
         if getattr(self, "rewards", None) is not None:
@@ -162,7 +161,7 @@ class Trainer:
 
     def rollout(self, step: int) -> tuple[RolloutBatch, dict]:
         """This rank's groups of step ``step``, sampled and scored; metrics over all ranks."""
-        P, G, K, r = self.cfg.train.prompts_per_step, self.cfg.train.group_size, self.world.size, self.world.rank
+        P, G, K, r = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size, self.world.size, self.world.rank
         mine = range(r * P // K, (r + 1) * P // K)  # global prompt indices of this rank
         problems = [self.task.train_problem(step * P + i) for i in mine]
         prompts = [encode_prompt(self.tokenizer, p.prompt) for p in problems for _ in range(G)]
@@ -216,7 +215,7 @@ class Trainer:
         return self._eval
 
     def evaluate(self, step: int) -> dict:
-        return evaluate(self._eval_engine(), self.tokenizer, self.task, self.rewards, self.cfg, self.sampling,
+        return evaluate(self._eval_engine(), self.tokenizer, self.task, self.rewards, self.cfg,
                         lambda *p: self._seed(step, 2, *p), self.world)
 
     # ---------------------------------------------------------------------------------------
@@ -309,8 +308,8 @@ class Trainer:
     def _advice(self) -> str:
         last = checkpoint.latest(self.run_dir)
         if last is None:
-            return "No checkpoint was written yet; lower train.lr and start again."
-        return f"The last good checkpoint is {last}; lower train.lr (or enable clipping), then --resume {self.run_dir}."
+            return "No checkpoint was written yet; lower optim.lr and start again."
+        return f"The last good checkpoint is {last}; lower optim.lr (or enable clipping), then --resume {self.run_dir}."
 
     def save(self, step: int) -> None:
         try:
@@ -344,8 +343,7 @@ class Trainer:
         return build_model(self.engine.model.config)
 
 
-def evaluate(engine: LocalEngine, tokenizer, task, rewards, cfg: RunConfig, sampling: SamplingConfig,
-             seed_of, world: D.World | None = None) -> dict:
+def evaluate(engine: LocalEngine, tokenizer, task, rewards, cfg: RunConfig, seed_of, world: D.World | None = None) -> dict:
     """Held-out accuracy, greedy and sampled (mean over ``eval.samples`` per problem), and the
     number of reward failures; the problems are split across ranks and the results gathered."""
     world = world or D.World()
@@ -361,7 +359,7 @@ def evaluate(engine: LocalEngine, tokenizer, task, rewards, cfg: RunConfig, samp
             prompts = [encode_prompt(tokenizer, problems[i].prompt) for i in mine]
             seeds = [seed_of(i * n + s) for i in mine for s in range(n)]
             batch = engine.generate([p for p in prompts for _ in range(n)],
-                                    sampling.model_copy(update={"temperature": temperature}), seeds=seeds,
+                                    cfg.rollout.sampling().model_copy(update={"temperature": temperature}), seeds=seeds,
                                     capture_routes=False)
             texts = [tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
                      for i in range(len(batch))]

@@ -1,4 +1,4 @@
-"""Policy objectives: pure tensor functions, no model code (PAPER.md sections 3-6).
+"""Policy objectives: pure tensor functions, no model code (docs/formulation.md sections 3-6).
 
 Naming follows the paper: ``logp`` = log pi_theta (carries grad), ``old_logp`` = log pi_old
 (training engine, before this round of updates), ``rollout_logp`` = log mu_old (the inference
@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from stablerl.config import AGGREGATIONS, IS_MODES, LossConfig
+from stablerl.config import ALGORITHMS as ALGORITHM_NAMES
 from stablerl.diagnostics import k3
 
 __all__ = ["LossConfig", "policy_loss", "aggregation_normalizer", "importance_weights", "ALGORITHMS"]
@@ -144,7 +145,7 @@ def _ppo_clip_masks(ratio: torch.Tensor, ctx: _Ctx) -> tuple[torch.Tensor, torch
 
 
 def _minirl(ctx: _Ctx) -> Terms:
-    """PAPER.md s.6: M * sg[w] * r * A. Gradient of a kept token: w * r * A * grad log pi."""
+    """docs/formulation.md s.6: M * sg[w] * r * A. Gradient of a kept token: w * r * A * grad log pi."""
     r = ctx.log_r.exp()
     low, high = _ppo_clip_masks(r, ctx)
     keep = ctx.mask & ~low & ~high
@@ -194,13 +195,9 @@ def _reinforce(ctx: _Ctx) -> Terms:
     return torch.where(ctx.mask, term, torch.zeros_like(term)), no, no, ctx.mask & (ctx.is_weight != 0)
 
 
-ALGORITHMS: dict[str, Callable[[_Ctx], Terms]] = {
-    "minirl": _minirl,
-    "grpo": _grpo,
-    "cispo": _cispo,
-    "gspo": _gspo,
-    "reinforce": _reinforce,
-}
+# the registry: algorithm ``name`` is the function ``_name`` of this module; the names themselves
+# are defined once, in ``stablerl.config.ALGORITHMS`` (which the config validates against)
+ALGORITHMS: dict[str, Callable[[_Ctx], Terms]] = {name: globals()[f"_{name}"] for name in ALGORITHM_NAMES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +210,7 @@ def aggregation_normalizer(
     """The denominator ``aggregation`` uses, computed over a whole (mini-)batch.
 
     token_sum: responses x max response length (a constant: per-response length normalization
-    would break the first-order argument, PAPER.md s.6); token_mean: response tokens;
+    would break the first-order argument, docs/formulation.md s.6); token_mean: response tokens;
     seq_mean_token_mean: responses with at least one token. Compute it once on the batch that
     makes one optimizer step and pass it to every micro-batch's ``policy_loss`` call.
     """

@@ -3,17 +3,14 @@
 ``fp32`` keeps the training weights; ``bf16`` casts them (and the compute) to bfloat16; ``fp8``
 quantizes every matrix to float8 e4m3 with one scale per output channel (as FP8 inference
 kernels do), then computes in bfloat16 with the dequantized weights. The difference between
-these and the fp32 training engine is the training-inference discrepancy of PAPER.md s.4.
+these and the fp32 training engine is the training-inference discrepancy of docs/formulation.md s.4.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Precision = Literal["fp32", "bf16", "fp8"]
-PRECISIONS: tuple[str, ...] = Precision.__args__
+from stablerl.config import PRECISIONS, Precision  # noqa: F401 - the one list of precisions
 FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 

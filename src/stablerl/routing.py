@@ -1,4 +1,4 @@
-"""Capture and replay of MoE expert indices for HF ``transformers`` models (PAPER.md s.5).
+"""Capture and replay of MoE expert indices for HF ``transformers`` models (docs/formulation.md s.5).
 
 Routes are one integer tensor ``[B, T, num_moe_layers, top_k]`` (int16) aligned with the
 ``input_ids`` of a forward pass; ``-1`` marks a position without a route (padding, or a token an

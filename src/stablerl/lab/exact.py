@@ -1,7 +1,7 @@
 """Exact gradients by enumeration: the true sequence-level gradient and the expected gradient of
 any token-level surrogate from ``stablerl.objectives``, with no sampling noise.
 
-True objective (PAPER.md s.2):        J(theta) = sum_y pi_theta(y) R(y)
+True objective (docs/formulation.md s.2):        J(theta) = sum_y pi_theta(y) R(y)
 Expected surrogate gradient (s.3-6):  E_{y ~ mu_old}[ grad of the surrogate's per-response term ]
 
 The surrogate is evaluated with the library's own ``policy_loss`` over the whole response space:

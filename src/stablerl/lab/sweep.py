@@ -22,7 +22,7 @@ from stablerl.lab.policy import (
     token_logp,
 )
 
-# The surrogates compared: MiniRL (PAPER.md s.6, default IS and clip) and one ablation per practice,
+# The surrogates compared: MiniRL (docs/formulation.md s.6, default IS and clip) and one ablation per practice,
 # plus two peers. Names are the lab's; the configs are ordinary LossConfigs.
 SURROGATES: dict[str, LossConfig] = {
     "minirl": LossConfig(),

@@ -1,4 +1,4 @@
-"""The paper's experiments in miniature (PAPER.md s.7): each is a base config plus variants.
+"""The paper's experiments in miniature (docs/formulation.md s.7): each is a base config plus variants.
 
 Every run uses emulated fp8 inference and fp32 training (the paper's large-discrepancy setting)
 and the default tiny MoE, task and cold start unless a variant says otherwise. To make
@@ -10,15 +10,15 @@ from __future__ import annotations
 
 COMMON = ["rollout.precision=fp8", "log.progress=false", "eval.every=25", "task.eval_size=200", "eval.samples=2",
           "checkpoint.every=25", "checkpoint.keep_last=1"]
-STRESS = ["train.steps=200", "train.lr=1e-4"]
+STRESS = ["train.steps=200", "optim.lr=1e-4"]
 # the follow-ups where 200 steps could not tell: the same stress learning rate, 3x the steps
-LONG = ["train.steps=600", "train.lr=1e-4", "eval.every=50", "checkpoint.every=50"]
+LONG = ["train.steps=600", "optim.lr=1e-4", "eval.every=50", "checkpoint.every=50"]
 
 
 def _off_policy_variants() -> dict[str, list[str]]:
     variants = {}
     for n in (2, 4, 8):
-        mb = [f"train.minibatches_per_step={n}"]
+        mb = [f"batch.minibatches_per_step={n}"]
         # without clipping, replay with the mode the paper found best at this N (R2 small, R3 large)
         best = "R2" if n == 2 else "R3"
         variants[f"n{n}_clip_r2"] = mb + ["train.routing_replay=R2"]
@@ -39,7 +39,7 @@ EXPERIMENTS: dict[str, dict] = {
             "minirl_no_is": ["loss.is_mode=none"],
             "minirl_length_norm": ["loss.aggregation=seq_mean_token_mean"],
             "minirl_r3": ["train.routing_replay=R3"],
-            "grpo": ["loss.algorithm=grpo", "loss.aggregation=seq_mean_token_mean", "train.std_normalize=true"],
+            "grpo": ["loss.algorithm=grpo", "loss.aggregation=seq_mean_token_mean", "loss.std_normalize=true"],
             "cispo": ["loss.algorithm=cispo"],
         },
     },

@@ -79,7 +79,7 @@ class LocalEngine:
         B, P = ids.shape
         R = sampling.max_new_tokens
         if seeds is None:
-            seeds = [sampling.seed + i for i in range(B)]
+            seeds = list(range(B))
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
         capture = capture_routes and is_moe(self.model)
