@@ -195,6 +195,22 @@ def test_kl_metrics_match_direct_k3():
     assert m["train_infer_kl"] == pytest.approx(float((lw.exp() - 1 - lw).mean()), rel=1e-12)
     assert m["staleness_kl"] == pytest.approx(float((lr.exp() - 1 - lr).mean()), rel=1e-12)
     assert m["n_tokens"] == float(mask.sum())
+    assert m["train_infer_kl_k1"] == pytest.approx(float((roll - old)[mask].mean()), rel=1e-12)
+
+
+def test_k1_and_k3_estimate_the_exact_kl():
+    """Tokens drawn from mu: the mean of log mu - log pi (k1, as the paper plots it) and of k3
+    both estimate KL(mu || pi), here computed exactly over a 5-token vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    log_mu = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64), -1)
+    log_pi = torch.log_softmax(log_mu + 0.3 * torch.randn(5, generator=g, dtype=torch.float64), -1)
+    exact = float((log_mu.exp() * (log_mu - log_pi)).sum())
+    tokens = torch.multinomial(log_mu.exp(), 400_000, replacement=True, generator=g).view(400, 1000)
+    roll, old = log_mu[tokens], log_pi[tokens]
+    mask = torch.ones_like(roll, dtype=torch.bool)
+    _, m = policy_loss(old.clone(), old, roll, torch.ones(400, dtype=torch.float64), mask, LossConfig())
+    assert m["train_infer_kl_k1"] == pytest.approx(exact, rel=0.05)
+    assert m["train_infer_kl"] == pytest.approx(exact, rel=0.05)
 
 
 @pytest.mark.parametrize("algorithm", ["minirl", "grpo", "cispo", "gspo", "reinforce"])

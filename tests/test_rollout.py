@@ -154,6 +154,54 @@ def test_temperature_and_greedy_match_the_training_distribution(moe):
     assert bool((greedy.rollout_logp == 0).all()) and logits.shape[0] == 4 and len(pos) > 0
 
 
+def test_quantize_activations_fp8_hand_worked():
+    from stablerl.precision import quantize_activations_fp8
+
+    x = torch.tensor([[448.0, 1.0, -0.5, 0.0], [896.0, 3.0, 1.0625 * 2, -20.0]])
+    q = quantize_activations_fp8(x)
+    # row 0: scale 1, every value is an e4m3 number; row 1: scale 2 (one scale per token),
+    # 1.0625 is between the e4m3 neighbours 1.0 and 1.125 (3 mantissa bits): ties go to even
+    assert q.tolist() == [[448.0, 1.0, -0.5, 0.0], [896.0, 3.0, 2.0, -20.0]]
+
+
+def test_w8a8_engine_quantizes_activations_on_both_paths(moe):
+    """fp8_w8a8 = the weight-only fp8 engine plus e4m3 activations: the same quantization on the
+    fast and the generic path, and more discrepancy than weight-only fp8."""
+    ps, sampling = prompts(32, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=16)
+    out = {}
+    for precision, fast in (("fp8", True), ("fp8_w8a8", True), ("fp8_w8a8", False)):
+        batch = LocalEngine(moe, precision, eos_token_id=[], fast=fast).generate(ps, sampling, seeds=seeds(32, 5))
+        with torch.no_grad():
+            train = response_logp(moe, batch, capture=True)
+        out[precision, fast] = (batch, train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask))
+    (fast, kl_fast), (generic, kl_generic) = out["fp8_w8a8", True], out["fp8_w8a8", False]
+    assert kl_fast > out["fp8", True][1] and kl_generic > out["fp8", True][1]
+    same = (fast.response_ids == generic.response_ids).all(-1)
+    assert float(same.float().mean()) > 0.8  # bf16 paths that sum in another order, same quantization
+    diff = (fast.rollout_logp - generic.rollout_logp)[same][fast.response_mask[same]].abs()
+    assert float(diff.max()) < 0.05
+
+
+def test_weight_noise_is_a_fixed_pattern_on_the_engine_only(moe):
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    ps, sampling = prompts(32, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=16)
+    kls = []
+    for noise in (0.0, 0.02, 0.1):
+        engine = LocalEngine(moe, "fp32", eos_token_id=[], weight_noise=noise)
+        batch = engine.generate(ps, sampling, seeds=seeds(32, 5))
+        with torch.no_grad():
+            kls.append(train_infer_kl(response_logp(moe, batch)["logp"], batch.rollout_logp, batch.response_mask))
+        if noise:
+            held = {k: v.clone() for k, v in engine.model.state_dict().items()}
+            engine.load_weights(moe.state_dict())  # a sync of the same weights: the same perturbation
+            assert all(torch.equal(held[k], v) for k, v in engine.model.state_dict().items())
+            gate = "model.layers.0.mlp.gate.weight"
+            rel = (engine.model.state_dict()[gate] - before[gate]).norm() / before[gate].norm()
+            assert rel == pytest.approx(noise, rel=0.2)  # noise of the set size, routers included
+    assert kls[0] < 1e-5 and 10 * kls[0] < kls[1] < kls[2]  # fp32 alone: round-off only
+    assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())  # the trained weights untouched
+
+
 def test_load_weights_syncs_and_versions(moe):
     engine = LocalEngine(moe, "fp32")
     assert engine.version == 0

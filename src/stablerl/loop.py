@@ -128,7 +128,7 @@ class Trainer:
         self.tokenizer, self.moe = tokenizer, is_moe(model)
         # the engine is built from the full weights before the learner shards the model
         self.engine = LocalEngine(model, cfg.rollout.precision, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
+                                  pad_token_id=tokenizer.pad_token_id, weight_noise=cfg.rollout.weight_noise)
         self.learner = Learner(model, cfg, world)
         self.step = 0
         if ckpt is not None:
@@ -203,9 +203,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     def _eval_engine(self) -> LocalEngine:
-        """The rollout engine itself when the precisions agree (its weights are current), else one
-        cached engine in ``eval.precision`` synced to the policy."""
-        if self.cfg.eval.precision == self.cfg.rollout.precision:
+        """The rollout engine itself when it computes as ``eval.precision`` asks (its weights are
+        current), else one cached engine in ``eval.precision`` synced to the policy. Evaluation
+        never sees the rollout engine's ``weight_noise``: it measures the policy."""
+        if self.cfg.eval.precision == self.cfg.rollout.precision and not self.cfg.rollout.weight_noise:
             return self.engine
         weights = self.learner.full_state_dict()
         if self._eval is None:

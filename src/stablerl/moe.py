@@ -53,8 +53,26 @@ def grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
 
 ExpertsInterface.register(NAME, grouped_experts_forward)
 
+W8A8_NAME = "stablerl_fp8_w8a8"
 
-def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
+
+def w8a8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The inference engine's experts under fp8_w8a8: the input of both projections rounded to
+    e4m3 per token (``stablerl.precision``); inference only (no gradient path is needed)."""
+    from stablerl.precision import quantize_activations_fp8
+
+    if not _standard_layout(self):
+        raise ValueError(f"fp8_w8a8 supports experts in HF's standard layout only, not {type(self).__name__}")
+    return grouped_experts(quantize_activations_fp8(hidden_states), top_k_index,
+                           top_k_weights.to(hidden_states.dtype), self.gate_up_proj, self.down_proj, self.act_fn,
+                           quant=quantize_activations_fp8)
+
+
+ExpertsInterface.register(W8A8_NAME, w8a8_experts_forward)
+
+
+def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None) -> torch.Tensor:
     """sum_k w_k * down_e(act(gate_e(h)) * up_e(h)) over each token's experts e = idx[:, k].
 
     ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` are in HF's layout.
@@ -64,7 +82,8 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn) -> torch.T
     per-expert loop of small matmuls (~1.7x on the default tiny MoE at batch 64). Tokens go in
     and results come out by gathers (index_select), not a scatter-add, so each token's k
     contributions are summed in a fixed order, as HF's grouped_mm path does. Used for decoding;
-    training uses ``grouped_experts_forward`` (its backward measured faster on CPU).
+    training uses ``grouped_experts_forward`` (its backward measured faster on CPU). ``quant``
+    (W8A8 engines) rounds the down projection's input per row; the caller quantizes ``h``.
     """
     N, k = idx.shape
     E, _, H = gate_up_proj.shape
@@ -80,13 +99,16 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn) -> torch.T
     src[slot] = torch.arange(N * k, device=h.device) // k
     x = torch.cat([h, h.new_zeros(1, H)]).index_select(0, src).view(E, C, H)
     gate, up = torch.bmm(x, gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-    y = torch.bmm(act_fn(gate) * up, down_proj.transpose(1, 2)).view(E * C, H)
+    inner = act_fn(gate) * up
+    if quant is not None:
+        inner = quant(inner)
+    y = torch.bmm(inner, down_proj.transpose(1, 2)).view(E * C, H)
     return (y.index_select(0, slot).view(N, k, H) * weights[..., None]).sum(1)
 
 
-def use_fast_experts(model: nn.Module) -> nn.Module:
-    """Switch a transformers MoE model's experts to ``stablerl_grouped_mm`` (in place); models
-    without pluggable experts (dense ones, other architectures) are returned unchanged."""
+def use_fast_experts(model: nn.Module, name: str = NAME) -> nn.Module:
+    """Switch a transformers MoE model's experts to ``stablerl_grouped_mm`` (or ``name``) in
+    place; models without pluggable experts (dense ones, other architectures) are unchanged."""
     if getattr(model.config, "_experts_implementation", None) is not None and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(NAME)
+        model.set_experts_implementation(name)
     return model

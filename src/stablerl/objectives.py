@@ -260,7 +260,8 @@ def policy_loss(
     Metrics: ``n_tokens``, ``n_tokens_contrib`` (tokens whose gradient weight is non-zero),
     ``clip_frac_low``/``clip_frac_high``, ``is_weight_mean/min/max`` (raw w over response tokens,
     per-response geometric means in the sequence modes), ``is_frac_truncated``/``is_frac_masked``,
-    ``train_infer_kl`` (k3 estimate of KL(mu_old || pi_old)), ``staleness_kl`` (k3 estimate of
+    ``train_infer_kl`` (k3 estimate of KL(mu_old || pi_old)), ``train_infer_kl_k1`` (its k1
+    estimate, mean of log mu_old - log pi_old, as the paper plots it), ``staleness_kl`` (k3 estimate of
     KL(pi_old || pi_theta)), ``ratio_mean``/``ratio_max`` (r). Token fractions are over the
     response tokens of this call.
     """
@@ -320,6 +321,9 @@ def _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, cl
         "is_frac_truncated": float(truncated.sum()) / n,
         "is_frac_masked": float(dropped.sum()) / n,
         "train_infer_kl": float(k3(log_w).mean()),
+        # k1 = E_mu[log mu_old - log pi_old]: the estimate the paper plots (unbiased, but its
+        # per-batch value can be negative); k3 above is the low-variance one we warn on
+        "train_infer_kl_k1": float((-log_w).mean()),
         "staleness_kl": float(k3(log_r).mean()),
         "ratio_mean": float(r.mean()),
         "ratio_max": float(r.max()),

@@ -1,9 +1,15 @@
-"""Inference-precision emulation: what a production inference engine does to the weights.
+"""Inference-precision emulation: what a production inference engine does to the numbers.
 
 ``fp32`` keeps the training weights; ``bf16`` casts them (and the compute) to bfloat16; ``fp8``
-quantizes every matrix to float8 e4m3 with one scale per output channel (as FP8 inference
-kernels do), then computes in bfloat16 with the dequantized weights. The difference between
-these and the fp32 training engine is the training-inference discrepancy of docs/formulation.md s.4.
+quantizes every matrix to float8 e4m3 with one scale per output channel (weight-only), then
+computes in bfloat16 with the dequantized weights; ``fp8_w8a8`` is what "FP8 inference" means in
+vLLM and SGLang: the same fp8 weights, and the *activations* entering every quantized matrix
+multiply rounded to e4m3 too, with one scale per token computed at run time
+(``quantize_activations_fp8``). The difference between these and the fp32 training engine is the
+training-inference discrepancy of docs/formulation.md s.4.
+
+``weight_noise`` adds a controlled extra discrepancy on top (``perturb_weights``): a fixed
+Gaussian pattern, relative to each row's RMS, on the engine's copy of the weight matrices only.
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ import torch
 
 from stablerl.config import PRECISIONS, Precision  # noqa: F401 - the one list of precisions
 FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def is_fp8(precision: str) -> bool:
+    """Whether an engine of this precision stores its matrices in float8 (weight-only or W8A8)."""
+    return precision in ("fp8", "fp8_w8a8")
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -33,14 +44,45 @@ def quantize_fp8_e4m3(weight: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale).to(torch.bfloat16)
 
 
+def quantize_activations_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Round-trip activations through float8 e4m3 with one dynamic scale per token (last dim):
+    ``amax(|x_token|) / 448``, as W8A8 kernels compute it at run time. Returns ``x``'s dtype."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_E4M3_MAX
+    q = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
 def cast_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """One tensor as an engine of ``precision`` would hold it (matrices only get fp8)."""
     _check(precision)
     if precision == "fp32":
         return weight.detach().float()
-    if precision == "fp8" and weight.dim() >= 2:
+    if is_fp8(precision) and weight.dim() >= 2:
         return quantize_fp8_e4m3(weight)
     return weight.detach().to(torch.bfloat16)
+
+
+def perturb_weights(state_dict: dict[str, torch.Tensor], size: float, skip: set[str] = frozenset(),
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every weight matrix (2-D+, not in ``skip``) plus ``size * rms(row) * z``, z ~ N(0, 1).
+
+    The pattern z is fixed per tensor name (seeded by ``seed`` and the name), so the perturbation
+    behaves like a kernel's systematic numeric difference, not like fresh noise at every sync.
+    """
+    import zlib
+
+    if size == 0:
+        return state_dict
+    out = dict(state_dict)
+    for name, w in state_dict.items():
+        if w.dim() < 2 or not w.is_floating_point() or name in skip:
+            continue
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        wf = w.detach().float()
+        rms = wf.pow(2).mean(-1, keepdim=True).sqrt()
+        out[name] = (wf + size * rms * torch.randn(wf.shape, generator=g)).to(w.dtype)
+    return out
 
 
 def cast_state_dict(
@@ -56,7 +98,7 @@ def cast_state_dict(
     for k, v in state_dict.items():
         if not v.is_floating_point():
             out[k] = v
-        elif precision == "fp8" and k in keep:
+        elif is_fp8(precision) and k in keep:
             out[k] = cast_weight(v, "bf16")
         else:
             out[k] = cast_weight(v, precision)

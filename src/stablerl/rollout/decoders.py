@@ -62,9 +62,12 @@ class FastQwen3MoeDecoder:
         return (cfg.model_type == "qwen3_moe" and getattr(cfg, "sliding_window", None) is None
                 and cfg.rope_parameters.get("rope_type", "default") == "default")
 
-    def __init__(self, model: nn.Module, capture: bool, batch_size: int, max_len: int):
+    def __init__(self, model: nn.Module, capture: bool, batch_size: int, max_len: int, act_quant=None):
         cfg = model.config
         self.model, self.capture = model, capture
+        # W8A8 engines: the input of each fp8 matmul rounded per token (identity otherwise)
+        self.act_quant = act_quant
+        self.quant = act_quant or (lambda x: x)
         self.layers = list(model.model.layers)
         self.eps = cfg.rms_norm_eps
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -139,7 +142,7 @@ class FastQwen3MoeDecoder:
     def _attention(self, attn, h, cos, sin, mask, layer_idx, t0, t1):
         B, T, _ = h.shape
         nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        qkv = F.linear(h, self.qkv_weight[layer_idx]).view(B, T, nq + 2 * nkv, hd).transpose(1, 2)
+        qkv = F.linear(self.quant(h), self.qkv_weight[layer_idx]).view(B, T, nq + 2 * nkv, hd).transpose(1, 2)
         # q and k: per-head RMSNorm (scale folded in) and rotary embedding in one go, then split
         qk = _rms_norm(qkv[:, : nq + nkv], self.qk_norm_weight[layer_idx], self.eps)
         qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
@@ -153,7 +156,7 @@ class FastQwen3MoeDecoder:
             out = (probs @ v).view(B, nq, 1, hd)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
-        return F.linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight)
+        return F.linear(self.quant(out.transpose(1, 2).reshape(B, T, -1)), attn.o_proj.weight)
 
     def _moe(self, block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the router exactly as HF computes it: softmax in fp32, top-k, optional renormalization
@@ -163,5 +166,6 @@ class FastQwen3MoeDecoder:
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         experts = block.experts
-        out = grouped_experts(h, idx, weights.to(h.dtype), experts.gate_up_proj, experts.down_proj, experts.act_fn)
+        out = grouped_experts(self.quant(h), idx, weights.to(h.dtype), experts.gate_up_proj, experts.down_proj,
+                              experts.act_fn, quant=self.act_quant)
         return out, idx

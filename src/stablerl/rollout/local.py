@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from stablerl.config import SamplingConfig
-from stablerl.precision import PRECISIONS, cast_state_dict, compute_dtype
+from stablerl.precision import PRECISIONS, cast_state_dict, compute_dtype, perturb_weights, quantize_activations_fp8
 from stablerl.rollout.base import RolloutBatch
 from stablerl.rollout.decoders import FastQwen3MoeDecoder, HFDecoder
 from stablerl.rollout.sampling import GumbelNoise, sample
@@ -32,19 +32,26 @@ class LocalEngine:
 
     ``fp32`` reproduces the training engine; ``bf16`` casts weights and compute; ``fp8`` stores
     linear/expert weights as float8 e4m3 with per-output-channel scales (dequantized, computed in
-    bf16) and keeps embeddings, LM head, norms and routers in bf16. ``fast=None`` uses the lean
-    Qwen3-MoE decoder where it applies and the model's own forward elsewhere.
+    bf16) and keeps embeddings, LM head, norms and routers in bf16; ``fp8_w8a8`` also rounds the
+    input of every fp8 matrix multiply to e4m3 per token. ``weight_noise`` perturbs the engine's
+    copy of the weight matrices (``stablerl.precision.perturb_weights``). ``fast=None`` uses the
+    lean Qwen3-MoE decoder where it applies and the model's own forward elsewhere.
     """
 
     def __init__(self, model: nn.Module, precision: str = "bf16", *, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int = 0, fast: bool | None = None):
+                 pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-        self.precision = precision
+        if not 0 <= weight_noise < float("inf"):
+            raise ValueError(f"weight_noise must be a finite number >= 0, got {weight_noise}")
+        self.precision, self.weight_noise = precision, float(weight_noise)
         config = model.config
         self.model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(precision)).eval()
         self.model.requires_grad_(False)
         self._fp8_exempt = fp8_exempt_names(self.model)
+        self.act_quant = quantize_activations_fp8 if precision == "fp8_w8a8" else None
+        if self.act_quant is not None:
+            _quantize_linear_inputs(self.model, self._fp8_exempt)
         if fast and not FastQwen3MoeDecoder.supports(self.model):
             raise ValueError(f"the fast decoder supports qwen3_moe only, not {config.model_type!r}")
         self.fast = FastQwen3MoeDecoder.supports(self.model) if fast is None else fast
@@ -61,7 +68,10 @@ class LocalEngine:
         missing = set(own) - set(state_dict)
         if missing:
             raise ValueError(f"load_weights: state dict lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        cast = cast_state_dict({k: state_dict[k] for k in own}, self.precision, keep=self._fp8_exempt)
+        weights = {k: state_dict[k] for k in own}
+        # the noise is on the engine's copy only; embeddings and LM head (tied here) are left alone
+        weights = perturb_weights(weights, self.weight_noise, skip={k for k in own if "embed" in k or "lm_head" in k})
+        cast = cast_state_dict(weights, self.precision, keep=self._fp8_exempt)
         for name, tensor in own.items():
             tensor.copy_(cast[name])  # in place: the decoders hold references to these tensors
         self.version = self.version + 1 if version is None else int(version)
@@ -83,7 +93,7 @@ class LocalEngine:
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
         capture = capture_routes and is_moe(self.model)
-        decoder = (FastQwen3MoeDecoder(self.model, capture, B, P + R) if self.fast
+        decoder = (FastQwen3MoeDecoder(self.model, capture, B, P + R, act_quant=self.act_quant) if self.fast
                    else HFDecoder(self.model, capture))
         noise = GumbelNoise(seeds, self.vocab_size)
 
@@ -137,6 +147,17 @@ class LocalEngine:
             ids[i, P - len(p):] = torch.tensor(p)
             mask[i, P - len(p):] = 1
         return ids, mask
+
+
+def _quantize_linear_inputs(model: nn.Module, exempt: set[str]) -> None:
+    """W8A8: the input of every fp8 linear layer rounded to e4m3 per token (a pre-hook), and the
+    MoE experts switched to the implementation that does the same inside (``stablerl.moe``)."""
+    from stablerl.moe import W8A8_NAME, use_fast_experts
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and f"{name}.weight" not in exempt:
+            module.register_forward_pre_hook(lambda _m, args: (quantize_activations_fp8(args[0]), *args[1:]))
+    use_fast_experts(model, W8A8_NAME)
 
 
 def _mask_routes(routes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
