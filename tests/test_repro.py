@@ -6,6 +6,7 @@ import json
 import pytest
 
 from stablerl.repro import EXPERIMENTS, collapse_step, run_experiment, write_report
+from stablerl.repro.report import collapse
 
 
 @pytest.mark.slow
@@ -25,6 +26,9 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
         assert summary["steps"] == 1 and summary["aborted"] is None
     paths = write_report(name, tmp_path, seeds=1)
     assert paths["png"].stat().st_size > 10_000
+    if name == "dose-response":
+        assert paths["dose_png"].stat().st_size > 10_000
+        assert (tmp_path / name / "dose_table.md").read_text().count("\n") == 2 + len(EXPERIMENTS[name]["rows"])
     rows = json.loads(paths["json"].read_text())
     assert [r["variant"] for r in rows] == list(EXPERIMENTS[name]["variants"])
     logs.clear()
@@ -56,3 +60,20 @@ def test_collapse_definition():
     dip = [0.3] * 20 + [0.6] * 40 + [0.05] * 15 + [0.6] * 25  # recovers: not a collapse
     assert collapse_step(rows(dip)) is None
     assert collapse_step(rows(stable[:10]), aborted=True) == 11
+
+
+def test_collapse_catches_both_entropy_directions():
+    def rows(rewards, entropy):
+        return [{"step": i + 1, "reward_mean": r, "entropy": h} for i, (r, h) in enumerate(zip(rewards, entropy))]
+
+    rewards = [0.3] * 20 + [0.6] * 40 + [0.05] * 40
+    # without IS (the paper): the entropy drops sharply and the reward follows
+    # (the 20-step mean of the reward goes below half its peak 0.6 once 11 of its 20 values are 0.05)
+    assert collapse(rows(rewards, [0.1] * 55 + [0.01] * 45)) == (71, "reward fell, entropy dropped")
+    # off-policy without clipping: the entropy blows up; flagged at the blow-up, before the reward falls
+    step, how = collapse(rows([0.5] * 100, [0.1] * 50 + [1.0] * 50))
+    assert (step, how) == (53, "entropy blew up")  # the 10-step mean passes 3 x 0.1 at the 3rd value of 1.0
+    # a healthy run whose entropy falls as it learns (reward up) is not a collapse
+    assert collapse(rows([0.3] * 20 + [0.8] * 80, [0.1] * 20 + [0.02] * 80)) == (None, "")
+    # steps are reported as optimizer steps: N mini-batches per rollout step
+    assert collapse(rows(rewards, [0.1] * 100), n=4) == (4 * 71, "reward fell")

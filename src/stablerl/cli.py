@@ -115,12 +115,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _repro(args: argparse.Namespace) -> int:
     from stablerl.repro import EXPERIMENTS, run_experiment, write_report
 
-    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    names = [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
     out = Path(args.out)
-    for name in names:
-        run_experiment(name, out, args.seeds, args.overrides)
-        paths = write_report(name, out, args.seeds)
-        print(f"[repro {name}] table: {paths['md']}  figure: {paths['png']}")
+    # seed by seed across the experiments: an interrupted `all` has every experiment at equal depth
+    for seed in range(args.seeds):
+        for name in names:
+            run_experiment(name, out, [seed], args.overrides)
+            paths = write_report(name, out, args.seeds)
+            print(f"[repro {name}] seeds 0..{seed} done; table: {paths['md']}  figure: {paths['png']}")
     return 0
 
 
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     from stablerl.repro.experiments import EXPERIMENTS
 
     rp.add_argument("experiment", choices=[*EXPERIMENTS, "all"],
-                    help="one experiment, or all of them in this order")
+                    help="one experiment, or all of them (but calibration), seed by seed")
     rp.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
     rp.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
     rp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run (after the experiment's)")

@@ -32,7 +32,7 @@ from stablerl.learner import Learner, derive_seed
 from stablerl.models import build_model, load_policy
 from stablerl.rollout import LocalEngine, RolloutBatch
 from stablerl.routing import is_moe
-from stablerl.rundir import RunLock, is_run_dir, read_config, record_config
+from stablerl.rundir import RunLock, RunLocked, is_run_dir, read_config, record_config
 from stablerl.runlog import RunLogger, replay_history, write_summary
 from stablerl.sft import cold_start, encode_prompt
 from stablerl.tasks import build_task, reward_pool
@@ -82,11 +82,11 @@ class Trainer:
         if self.world.is_main:
             try:
                 lock = RunLock(self.run_dir).acquire()
-            except ValueError as e:
+            except RunLocked as e:
                 error = str(e)
         error = D.broadcast_object(error)
         if error:
-            raise ValueError(error)
+            raise RunLocked(error)
         return lock
 
     def _setup(self, resume: bool) -> None:

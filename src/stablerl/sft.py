@@ -82,13 +82,18 @@ def save_checkpoint_dir(model, tokenizer, path: str | Path) -> Path:
     return save_model_dir(Path(path), model, tokenizer)
 
 
+SFT_TASK_KEYS = {"name", "levels", "style", "seed", "train_file", "eval_file", "question_field", "answer_field",
+                 "solution_field", "prompt_template"}
+
+
 def sft_output_dir(cfg) -> Path:
     """Where the cold start of ``cfg`` (a RunConfig) is cached: keyed on the model, the task and
     the SFT settings — and on the *content* of the task's data files, so editing a data file
     gives a new cold start instead of silently reusing the old one."""
     if cfg.sft.output_dir:
         return Path(cfg.sft.output_dir)
-    task = cfg.task.model_dump(exclude={"eval_size", "reward_timeout_s", "reward_workers", "reward_memory_mb"})
+    # what the SFT data depends on (not the reward functions, the held-out size or the pool)
+    task = cfg.task.model_dump(include=SFT_TASK_KEYS)
     for key in ("train_file", "eval_file"):
         if task.get(key):
             task[key] = _file_digest(task[key])

@@ -1,72 +1,134 @@
-"""The paper's experiments in miniature (docs/formulation.md s.7): each is a base config plus variants.
+"""The paper's experiments in miniature (docs/formulation.md s.7), as its text describes them.
 
-Every run uses emulated fp8 inference and fp32 training (the paper's large-discrepancy setting)
-and the default tiny MoE, task and cold start unless a variant says otherwise. To make
-instability show within minutes, every variant of an experiment gets the same raised learning
-rate and step count (`STRESS`) — never tuned per variant.
+Every experiment is a base config plus named variants; every run uses the default tiny MoE and
+its cold start, fp32 training, and (unless the experiment varies it) emulated FP8 W8A8 inference,
+the paper's large-discrepancy setting.
+
+The design follows the paper:
+
+- **The mini-batch is fixed** (the paper: 64 prompts x 16 responses; here 8 prompts x 16) and the
+  rollout batch of a step is N mini-batches, one optimizer step each: N = 1 is on-policy, N > 1
+  adds staleness while every optimizer step sees the same amount of data. Every run makes the
+  same number of optimizer steps (``OPT_STEPS``), so a run at N = 8 samples 1/8 as many rollout
+  batches, each 8 times as large: the same data and the same number of updates for every N.
+- MiniRL with the paper's hyper-parameters: eps_low 0.2, eps_high 0.27, token-level IS truncated
+  at 5, group-mean advantages without std division, 16 responses per prompt.
+- GRPO and CISPO as the paper's appendix defines them: std-normalized advantages, their own length
+  normalization (GRPO: per response; CISPO: per token of the batch), no training-inference IS.
+
+Learning rate and steps are calibrated once per experiment, never per variant (docs/results.md
+"Calibration"): the stress learning rate ``STRESS_LR`` is the largest of a grid at which the
+paper's recommended recipe for the experiment stays stable over ``OPT_STEPS`` on a calibration
+seed outside the reported ones, so that what separates the variants is the practice they drop.
 """
 
 from __future__ import annotations
 
-COMMON = ["rollout.precision=fp8", "log.progress=false", "eval.every=25", "task.eval_size=200", "eval.samples=2",
-          "checkpoint.every=25", "checkpoint.keep_last=1"]
-STRESS = ["train.steps=200", "optim.lr=1e-4"]
-# the follow-ups where 200 steps could not tell: the same stress learning rate, 3x the steps
-LONG = ["train.steps=600", "optim.lr=1e-4", "eval.every=50", "checkpoint.every=50"]
+MINI_PROMPTS, GROUP = 8, 16          # one mini-batch: 8 prompts x 16 responses = 128 responses
+OPT_STEPS = 160                      # optimizer steps per run, for every N (divisible by 1, 2, 4, 8)
+EVAL_OPT_STEPS = 20                  # evaluate every this many optimizer steps
+STRESS_LR = 1e-4                     # calibrated once for all experiments (docs/results.md)
+
+# dose-response: the inference engine's discrepancy, from none to beyond FP8 W8A8 (a fixed
+# perturbation of the engine's weights on top of it, rollout.weight_noise)
+DOSE_LEVELS: dict[str, list[str]] = {
+    "fp32": ["rollout.precision=fp32"],
+    "bf16": ["rollout.precision=bf16"],
+    "fp8": ["rollout.precision=fp8"],
+    "w8a8": ["rollout.precision=fp8_w8a8"],
+    "w8a8_noise05": ["rollout.precision=fp8_w8a8", "rollout.weight_noise=0.05"],
+    "w8a8_noise10": ["rollout.precision=fp8_w8a8", "rollout.weight_noise=0.1"],
+    "w8a8_noise20": ["rollout.precision=fp8_w8a8", "rollout.weight_noise=0.2"],
+}
+DOSE_N = 4  # the off-policy ablations of the dose-response run at this N
+
+COMMON = ["rollout.precision=fp8_w8a8", f"batch.group_size={GROUP}", "log.progress=false",
+          "task.eval_size=200", "eval.samples=2", "eval.greedy=false", "checkpoint.keep_last=1", f"optim.lr={STRESS_LR}"]
+
+NO_IS = ["loss.is_mode=none"]
+LEN_NORM = ["loss.aggregation=seq_mean_token_mean"]
+R2, R3 = ["train.routing_replay=R2"], ["train.routing_replay=R3"]
+NO_CLIP = ["loss.clip=false"]
+GRPO = ["loss.algorithm=grpo", "loss.std_normalize=true", "loss.aggregation=seq_mean_token_mean", *NO_IS]
+CISPO = ["loss.algorithm=cispo", "loss.std_normalize=true", "loss.aggregation=token_mean", *NO_IS]
+
+
+def schedule(n: int, opt_steps: int = OPT_STEPS) -> list[str]:
+    """N mini-batches of the fixed size per rollout batch; the same optimizer steps for every N."""
+    steps = opt_steps // n
+    every = max(1, EVAL_OPT_STEPS // n)
+    return [f"batch.prompts_per_step={n * MINI_PROMPTS}", f"batch.minibatches_per_step={n}",
+            f"train.steps={steps}", f"eval.every={every}", f"checkpoint.every={every}"]
 
 
 def _off_policy_variants() -> dict[str, list[str]]:
-    variants = {}
+    out = {}
     for n in (2, 4, 8):
-        mb = [f"batch.minibatches_per_step={n}"]
-        # without clipping, replay with the mode the paper found best at this N (R2 small, R3 large)
-        best = "R2" if n == 2 else "R3"
-        variants[f"n{n}_clip_r2"] = mb + ["train.routing_replay=R2"]
-        variants[f"n{n}_clip_r3"] = mb + ["train.routing_replay=R3"]
-        variants[f"n{n}_noclip_{best.lower()}"] = mb + [f"train.routing_replay={best}", "loss.clip=false"]
-        variants[f"n{n}_clip_noreplay"] = mb + ["train.routing_replay=none"]
-    return variants
+        s = schedule(n)
+        out[f"n{n}_noclip_noreplay"] = s + NO_CLIP
+        out[f"n{n}_noclip_r2"] = s + NO_CLIP + R2
+        out[f"n{n}_clip_r2"] = s + R2
+        out[f"n{n}_clip_r3"] = s + R3
+    return out
 
 
-_OFF_POLICY = _off_policy_variants()
+def _dose_variants() -> dict[str, list[str]]:
+    out = {}
+    for level, engine in DOSE_LEVELS.items():
+        on, off = schedule(1), schedule(DOSE_N)
+        out[f"{level}/on_minirl"] = engine + on
+        out[f"{level}/on_no_is"] = engine + on + NO_IS
+        out[f"{level}/on_r3"] = engine + on + R3
+        out[f"{level}/off_noreplay"] = engine + off
+        out[f"{level}/off_r2"] = engine + off + R2
+        out[f"{level}/off_r3"] = engine + off + R3
+    return out
+
+
+_OFF = _off_policy_variants()
+_DOSE = _dose_variants()
+
+# the calibration grid and the recipes that must stay stable at the chosen learning rate
+CALIBRATION_LRS = (5e-5, 1e-4, 2e-4, 4e-4)
+_CAL = {f"lr{lr:g}/{name}": [f"optim.lr={lr}"] + v for lr in CALIBRATION_LRS
+        for name, v in (("on_minirl", schedule(1)), ("off8_r3", schedule(8) + R3))}
 
 EXPERIMENTS: dict[str, dict] = {
+    "calibration": {
+        "title": "Calibration: the recommended recipes (on-policy MiniRL; N = 8 MiniRL + R3) over learning rates",
+        "base": COMMON,
+        "variants": _CAL,
+        "rows": {f"lr {lr:g}": [v for v in _CAL if v.startswith(f"lr{lr:g}/")] for lr in CALIBRATION_LRS},
+        "seed_offset": 100,  # calibration seeds are never reported seeds
+        "in_all": False,
+    },
     "on-policy": {
-        "title": "On-policy (N = 1): MiniRL and its ablations, GRPO and CISPO",
-        "base": COMMON + STRESS,
+        "title": "On-policy (N = 1): MiniRL, + length normalization, without IS, each with and without R3; "
+                 "GRPO and CISPO",
+        "base": COMMON + schedule(1),
         "variants": {
-            "minirl": [],
-            "minirl_no_is": ["loss.is_mode=none"],
-            "minirl_length_norm": ["loss.aggregation=seq_mean_token_mean"],
-            "minirl_r3": ["train.routing_replay=R3"],
-            "grpo": ["loss.algorithm=grpo", "loss.aggregation=seq_mean_token_mean", "loss.std_normalize=true"],
-            "cispo": ["loss.algorithm=cispo"],
+            "minirl": [], "minirl_r3": R3,
+            "minirl_lennorm": LEN_NORM, "minirl_lennorm_r3": LEN_NORM + R3,
+            "minirl_no_is": NO_IS, "minirl_no_is_r3": NO_IS + R3,
+            "grpo": GRPO, "cispo": CISPO,
         },
     },
     "off-policy": {
-        "title": "Off-policy: N = 2, 4, 8 mini-batches per rollout batch, clipping x routing replay",
-        "base": COMMON + STRESS,
-        "variants": _OFF_POLICY,
-        "rows": {f"N = {n}": [v for v in _OFF_POLICY if v.startswith(f"n{n}_")] for n in (2, 4, 8)},
+        "title": "Off-policy, fixed mini-batch: N = 2, 4, 8; clipping x routing replay",
+        "base": COMMON,
+        "variants": _OFF,
+        "rows": {f"N = {n}": [v for v in _OFF if v.startswith(f"n{n}_")] for n in (2, 4, 8)},
     },
     "cold-start": {
-        "title": "Cold start: three teacher styles, then the same stable RL recipe",
-        "base": COMMON + STRESS,
-        "variants": {
-            "teacher_steps": ["task.style=steps"],
-            "teacher_direct": ["task.style=direct"],
-            "teacher_noisy": ["task.style=noisy"],
-        },
-    },
-    "on-policy-long": {
-        "title": "On-policy follow-up, 600 steps: MiniRL with and without the IS correction",
-        "base": COMMON + LONG,
-        "variants": {"minirl": [], "minirl_no_is": ["loss.is_mode=none"]},
-    },
-    "cold-start-long": {
-        "title": "Cold-start follow-up, 600 steps: do the three starts converge?",
-        "base": COMMON + LONG,
+        "title": "Cold start: three teacher styles, then the paper's recipe (N = 2, MiniRL + R2)",
+        "base": COMMON + schedule(2, opt_steps=2 * OPT_STEPS) + R2,
         "variants": {"teacher_steps": ["task.style=steps"], "teacher_direct": ["task.style=direct"],
                      "teacher_noisy": ["task.style=noisy"]},
+    },
+    "dose-response": {
+        "title": f"Dose-response: engine discrepancy vs on-policy IS / R3 and off-policy (N = {DOSE_N}) replay",
+        "base": COMMON,
+        "variants": _DOSE,
+        "rows": {level: [v for v in _DOSE if v.startswith(f"{level}/")] for level in DOSE_LEVELS},
     },
 }

@@ -1,15 +1,25 @@
-"""Tables and figures for `stablerl repro` from the runs' metrics.jsonl.
+"""Tables and figures for `stablerl repro`, from the runs' metrics.jsonl.
 
-Collapse (precise definition): a run collapsed at step c if the 20-step moving average of its
-training reward, after step 20, falls below half of its running peak at step c and never gets
-back above that half until the run ends; a run stopped for non-finite steps also collapsed (at
-the step it stopped). The table reports, per variant over seeds: final and peak held-out sampled
-accuracy (mean ± std), the training reward averaged over the last 20 steps, how many seeds
-collapsed and at which steps, the mean training-inference KL over all steps, and the mean wall
-time of one run; then diagnostics: the largest training-inference KL of each seed and how many
-steps it spent above ``KL_SPIKE`` (5e-3, ~5x its usual level here), the mean routing agreement
-between training and inference, the mean fraction of all-wrong groups (zero advantage) and the
-mean fraction of tokens whose IS weight was truncated.
+Collapse (the definition every table uses; it catches both directions the paper saw): a run
+collapsed at step c when, from c to its end,
+
+- its training reward (20-step moving average, after the first 20 steps) stays below half of its
+  running peak — whatever its entropy does: the report says whether the entropy *dropped*
+  (below half its initial level, the paper's collapse without IS) or *blew up* (above twice it,
+  off-policy without clipping or replay) by then; or
+- its entropy (10-step moving average) stays above 3x its initial level (the median of the first
+  10 steps): a policy dissolving into noise, even before the reward has fallen; or
+- it was stopped for non-finite steps (collapsed at the step it stopped).
+
+All steps in the tables and figures are *optimizer* steps (rollout step x N), so runs at
+different N, which make the same number of updates on the same amount of data, line up.
+
+Per variant over seeds: final and peak held-out sampled accuracy (mean ± std), the training
+reward averaged over the last 20 rollout steps, how many seeds collapsed, at which steps and how,
+the mean training-inference KL over all steps (k3, and k1 as the paper plots it), the mean wall
+time of one run; then diagnostics: the largest KL of each seed and how many steps it spent above
+``KL_SPIKE``, the mean routing agreement between training and inference, the mean fraction of
+all-wrong groups (zero advantage) and of IS-truncated tokens.
 """
 
 from __future__ import annotations
@@ -27,57 +37,101 @@ from stablerl.runlog import read_metrics
 KL_SPIKE = 5e-3
 
 CURVES = (("reward_mean", "training reward", 10), ("eval/sampled_acc", "held-out accuracy (sampled)", 1),
-          ("entropy", "token entropy", 10), ("train_infer_kl", "training-inference KL", 10),
+          ("entropy", "token entropy", 10), ("train_infer_kl", "training-inference KL (k3)", 10),
           ("route_agreement/train_infer", "routing agreement (train vs infer)", 10))
 
 
-def collapse_step(rows: list[dict], aborted: bool = False, window: int = 20) -> int | None:
-    steps = [r["step"] for r in rows if "reward_mean" in r]
-    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r]
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+    return ([s for s, _ in pts], [v for _, v in pts]) if pts else ([], [])
+
+
+def collapse(rows: list[dict], aborted: bool = False, window: int = 20, n: int = 1) -> tuple[int | None, str]:
+    """``(optimizer step of the collapse or None, how)`` by the module's definition; ``n`` is
+    the run's mini-batches per step (steps are reported as optimizer steps)."""
+    steps, rewards = _series(rows, "reward_mean")
     if aborted:
-        return steps[-1] + 1 if steps else 0
+        return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
+    e_steps, entropy = _series(rows, "entropy")
+    e_ma = moving_average(entropy, 10)
+    h0 = statistics.median(entropy[:10]) if entropy else float("nan")
+
+    def entropy_at(step: int) -> float:
+        before = [v for s, v in zip(e_steps, e_ma) if s <= step]
+        return before[-1] if before else float("nan")
+
+    found: list[tuple[int, str]] = []
     ma = moving_average(rewards, window)
-    peak, below_since = 0.0, None
+    peak, since = 0.0, None
     for s, v in zip(steps, ma):
         peak = max(peak, v)
         if s <= window:
             continue
-        if v < 0.5 * peak:
-            below_since = s if below_since is None else below_since
-        else:
-            below_since = None
-    return below_since
+        since = (s if since is None else since) if v < 0.5 * peak else None
+    if since is not None:
+        h = entropy_at(since)
+        how = "reward fell" + (", entropy dropped" if h < 0.5 * h0 else ", entropy blew up" if h > 2 * h0 else "")
+        found.append((since, how))
+    since = None
+    for s, v in zip(e_steps, e_ma):
+        since = (s if since is None else since) if v > 3 * h0 else None
+    if since is not None:
+        found.append((since, "entropy blew up"))
+    if not found:
+        return None, ""
+    step, how = min(found)
+    return step * n, how
 
 
-def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict, list[dict]]]]:
-    """Per variant, ``(summary, metrics rows)`` of every finished run (one with a summary.json),
-    read once for both the table and the figure."""
+def collapse_step(rows: list[dict], aborted: bool = False, window: int = 20) -> int | None:
+    return collapse(rows, aborted, window)[0]
+
+
+def _minibatches(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "config.json").read_text())["batch"]["minibatches_per_step"])
+    except (OSError, ValueError, KeyError):
+        return 1
+
+
+def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict, list[dict], int]]]:
+    """Per variant, ``(summary, metrics rows, N)`` of every finished run (one with a
+    summary.json), read once for the table and the figures."""
     runs = {}
     for variant in EXPERIMENTS[name]["variants"]:
         dirs = [run_dir_of(out, name, variant, s) for s in range(seeds)]
-        runs[variant] = [(json.loads((d / "summary.json").read_text()), read_metrics(d))
+        runs[variant] = [(json.loads((d / "summary.json").read_text()), read_metrics(d), _minibatches(d))
                          for d in dirs if (d / "summary.json").exists()]
     return runs
 
 
-def run_stats(summary: dict, rows: list[dict]) -> dict:
+def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
     evals = [r["eval/sampled_acc"] for r in rows if "eval/sampled_acc" in r]
-    kls = [r["train_infer_kl"] for r in rows if "train_infer_kl" in r]
     rewards = [r["reward_mean"] for r in rows if "reward_mean" in r][-20:]
 
+    def values(key: str) -> list[float]:
+        return [r[key] for r in rows if key in r and r[key] == r[key]]
+
     def mean_of(key: str) -> float:
-        vals = [r[key] for r in rows if key in r and r[key] == r[key]]
+        vals = values(key)
         return sum(vals) / len(vals) if vals else float("nan")
 
+    kls = values("train_infer_kl")
+    step, how = collapse(rows, bool(summary.get("aborted")), n=n)
     return {"final_acc": evals[-1] if evals else float("nan"), "peak_acc": max(evals) if evals else float("nan"),
             "initial_acc": evals[0] if evals else float("nan"),
             "final_reward": sum(rewards) / len(rewards) if rewards else float("nan"),
-            "collapse_step": collapse_step(rows, bool(summary.get("aborted"))),
-            "mean_train_infer_kl": sum(kls) / len(kls) if kls else float("nan"),
+            "collapse_step": step, "collapse_how": how,
+            "mean_train_infer_kl": mean_of("train_infer_kl"), "mean_train_infer_kl_k1": mean_of("train_infer_kl_k1"),
             "seconds": summary.get("seconds", float("nan")),
             "max_kl": max(kls) if kls else float("nan"), "kl_spikes": sum(k > KL_SPIKE for k in kls),
-            "route_agreement": mean_of("route_agreement/train_infer"),
+            "route_agreement": mean_of("route_agreement/train_infer"), "entropy": mean_of("entropy"),
             "groups_all_wrong": mean_of("groups_all_wrong"), "is_frac_truncated": mean_of("is_frac_truncated")}
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.mean(xs) if xs else float("nan")
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -87,18 +141,13 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-def _mean_seconds(xs: list[float]) -> str:
-    xs = [x for x in xs if x == x]
-    return f"{statistics.mean(xs):.0f}" if xs else "n/a"
-
-
-def experiment_table(runs: dict[str, list[tuple[dict, list[dict]]]]) -> list[dict]:
+def experiment_table(runs: dict[str, list[tuple[dict, list[dict], int]]]) -> list[dict]:
     table = []
     for variant, finished in runs.items():
-        stats = [run_stats(summary, rows) for summary, rows in finished]
+        stats = [run_stats(summary, rows, n) for summary, rows, n in finished]
         if not stats:
             continue
-        collapsed = [s["collapse_step"] for s in stats if s["collapse_step"] is not None]
+        collapsed = [s for s in stats if s["collapse_step"] is not None]
         table.append({
             "variant": variant, "seeds": len(stats),
             "initial_acc": _mean_std([s["initial_acc"] for s in stats]),
@@ -106,14 +155,17 @@ def experiment_table(runs: dict[str, list[tuple[dict, list[dict]]]]) -> list[dic
             "peak_acc": _mean_std([s["peak_acc"] for s in stats]),
             "final_reward": _mean_std([s["final_reward"] for s in stats]),
             "collapsed": f"{len(collapsed)}/{len(stats)}",
-            "collapse_steps": ",".join(map(str, collapsed)) or "-",
-            "mean_train_infer_kl": f"{statistics.mean(s['mean_train_infer_kl'] for s in stats):.2e}",
-            "run_seconds": _mean_seconds([s["seconds"] for s in stats]),
+            "collapse_steps": ",".join(str(s["collapse_step"]) for s in collapsed) or "-",
+            "collapse_how": "; ".join(sorted({s["collapse_how"] for s in collapsed})) or "-",
+            "mean_train_infer_kl": f"{_mean([s['mean_train_infer_kl'] for s in stats]):.2e}",
+            "mean_train_infer_kl_k1": f"{_mean([s['mean_train_infer_kl_k1'] for s in stats]):.2e}",
+            "run_seconds": f"{_mean([s['seconds'] for s in stats]):.0f}",
             "max_train_infer_kl": ",".join(f"{s['max_kl']:.1e}" for s in stats),
             "kl_spike_steps": ",".join(str(s["kl_spikes"]) for s in stats),
-            "route_agreement": f"{statistics.mean(s['route_agreement'] for s in stats):.4f}",
-            "groups_all_wrong": f"{statistics.mean(s['groups_all_wrong'] for s in stats):.2f}",
-            "is_frac_truncated": f"{statistics.mean(s['is_frac_truncated'] for s in stats):.1e}",
+            "route_agreement": f"{_mean([s['route_agreement'] for s in stats]):.4f}",
+            "entropy": f"{_mean([s['entropy'] for s in stats]):.3f}",
+            "groups_all_wrong": f"{_mean([s['groups_all_wrong'] for s in stats]):.2f}",
+            "is_frac_truncated": f"{_mean([s['is_frac_truncated'] for s in stats]):.1e}",
         })
     return table
 
@@ -134,10 +186,14 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
         head = "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n"
         paths["md"].write_text(head + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in table))
         plot_experiment(name, runs, paths["png"])
+        if name == "dose-response":
+            from stablerl.repro.dose import plot_dose_response
+
+            paths["dose_png"] = plot_dose_response(runs, dest / "dose_response.png")
     return paths
 
 
-def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict]]]], path: Path) -> None:
+def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict], int]]], path: Path) -> None:
     """One row of panels per group of variants (``EXPERIMENTS[name]["rows"]``, e.g. one per N)."""
     import matplotlib
 
@@ -149,28 +205,28 @@ def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict]]]], p
     fig, grid = plt.subplots(len(rows), len(CURVES), figsize=(5 * len(CURVES), 4 * len(rows)),
                              constrained_layout=True, squeeze=False)
     for axes, (row_title, row_variants) in zip(grid, rows.items()):
-        for variant in row_variants:
-            vi = variants.index(variant)
+        for vi, variant in enumerate(row_variants):
             for ax, (key, title, smooth) in zip(axes, CURVES):
                 series = []
-                for _, metrics in runs[variant]:
-                    pts = [(r["step"], r[key]) for r in metrics if key in r and r[key] == r[key]]
-                    if pts:
-                        xs, ys = zip(*pts)
-                        series.append((list(xs), moving_average(list(ys), smooth)))
+                for _, metrics, n in runs[variant]:
+                    xs, ys = _series(metrics, key)
+                    if xs:
+                        series.append(([x * n for x in xs], moving_average(ys, smooth)))
                 if not series:
                     continue
-                n = min(len(s[0]) for s in series)
-                xs = series[0][0][:n]
-                cols = list(zip(*[s[1][:n] for s in series]))
-                mean = [sum(c) / len(c) for c in cols]
-                ax.plot(xs, mean, color=f"C{vi % 10}", label=variant, lw=1.5)
+                k = min(len(s[0]) for s in series)
+                xs = series[0][0][:k]
+                cols = list(zip(*[s[1][:k] for s in series]))
+                label = variant.split("/")[-1]
+                ax.plot(xs, [sum(c) / len(c) for c in cols], color=f"C{vi % 10}", label=label, lw=1.5)
                 ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=f"C{vi % 10}", alpha=0.15)
+                if key == "train_infer_kl":
+                    ax.set_yscale("log")
         for ax, (_, title, _) in zip(axes, CURVES):
             ax.set_title(f"{row_title}: {title}" if row_title else title)
-            ax.set_xlabel("step")
+            ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
     fig.suptitle(f"{EXPERIMENTS[name]['title']} (mean over seeds, band = min..max)")
-    fig.savefig(path, dpi=64)
+    fig.savefig(path, dpi=56)
     plt.close(fig)

@@ -14,37 +14,54 @@ def run_dir_of(out: Path, experiment: str, variant: str, seed: int) -> Path:
     return out / experiment / variant / f"seed{seed}"
 
 
-def run_experiment(name: str, out: Path, seeds: int, extra: list[str] = (), log=print) -> list[Path]:
+def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print) -> list[Path]:
+    """Run every variant of ``name`` for ``seeds`` (a count: 0..K-1, or a list); returns the
+    run directories. A run with a summary.json is done and skipped; one started before resumes
+    from its last checkpoint (or restarts if it had none); one that another process is running
+    (its run directory is locked) is left to it, so several `stablerl repro` processes started
+    on the same --out share the work."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}, all")
     from stablerl.loop import Trainer, TrainingAborted
-    from stablerl.rundir import is_run_dir
+    from stablerl.rundir import RunLocked, is_run_dir
     from stablerl.runlog import summarize
 
     exp = EXPERIMENTS[name]
-    jobs = [(v, s) for v in exp["variants"] for s in range(seeds)]
-    dirs = []
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    jobs = [(v, s) for s in seed_list for v in exp["variants"]]
+    dirs, t_start, ran = [], time.perf_counter(), 0
     for i, (variant, seed) in enumerate(jobs, start=1):
         run_dir = run_dir_of(out, name, variant, seed)
         dirs.append(run_dir)
         if (run_dir / "summary.json").is_file():
             log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: done, skipped")
             continue
-        overrides = exp["base"] + exp["variants"][variant] + [f"train.seed={seed}", f"run_dir={run_dir}"] + list(extra)
+        train_seed = seed + exp.get("seed_offset", 0)
+        overrides = exp["base"] + exp["variants"][variant] + [f"train.seed={train_seed}", f"run_dir={run_dir}"] + list(extra)
         cfg = build_config(RunConfig, None, overrides)
         resume = is_run_dir(run_dir)  # started before: continue it (or restart it if no checkpoint was written)
         log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: {'resuming' if resume else 'starting'}")
         t0 = time.perf_counter()
         aborted = None
         try:
-            Trainer(cfg, run_dir, resume=resume, log=lambda *_: None).run()
+            trainer = Trainer(cfg, run_dir, resume=resume, log=lambda *_: None)
+        except RunLocked:  # another `stablerl repro` process is running it: share the work
+            log(f"[repro {name}] {variant} seed {seed}: running in another process, skipped")
+            continue
+        try:
+            trainer.run()
         except TrainingAborted as e:
             aborted = str(e)
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(run_dir)
-        summary.update({"variant": variant, "seed": seed, "aborted": aborted,
-                        "seconds": time.perf_counter() - t0})
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        summary.update({"variant": variant, "seed": seed, "aborted": aborted, "seconds": time.perf_counter() - t0})
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(summary_path)
+        ran += 1
+        left = sum(not (run_dir_of(out, name, v, s) / "summary.json").is_file() for v, s in jobs)
+        eta = (time.perf_counter() - t_start) / ran * left
         log(f"[repro {name}] {variant} seed {seed}: sampled acc {summary.get('sampled_before', float('nan')):.3f}"
-            f" -> {summary.get('sampled_after', float('nan')):.3f} ({summary['seconds']:.0f} s)")
+            f" -> {summary.get('sampled_after', float('nan')):.3f} ({summary['seconds']:.0f} s; {left} runs left, "
+            f"~{eta / 60:.0f} min)")
     return dirs
