@@ -455,8 +455,11 @@ def build_config(model: type[BaseModel], path: str | None, overrides: list[str],
             if err["type"] == "extra_forbidden":
                 allowed = _allowed_keys(model, err["loc"][:-1])
                 msg = f"unknown key; allowed here: {', '.join(allowed)}"
-            problems.append(f"  {loc}: {msg}")
-        raise ValueError(f"invalid {model.__name__}:\n" + "\n".join(problems)) from None
+            value = err.get("input")
+            shown = f" (got {value!r})" if isinstance(value, (int, float, str)) and err["type"] != "extra_forbidden" else ""
+            problems.append(f"{loc}: {msg}{shown}")
+        # one line, however many problems: "invalid config: a.b: ... ; c.d: ..."
+        raise ValueError("invalid config: " + "; ".join(problems)) from None
 
 
 def deep_merge(base: dict, update: dict) -> dict:

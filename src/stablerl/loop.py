@@ -70,11 +70,22 @@ class Trainer:
         self.cfg, self.run_dir, self.world = cfg, Path(run_dir), world or D.World()
         self.log = log if self.world.is_main else (lambda *_: None)
         check_layout(cfg, self.world)
-        self.lock = self._lock()
+        # the task and the reward functions first: bad data or a bad import path fails before
+        # anything is written (not even the run directory)
+        self.task = build_task(cfg.task)
+        self.rewards = reward_pool(self.task, cfg.task)
+        created = not self.run_dir.exists()
         try:
+            self.lock = self._lock()
             self._setup(resume)
         except BaseException:
             self.close()
+            if created and self.world.is_main:  # leave no empty run directory behind
+                (self.run_dir / ".lock").unlink(missing_ok=True)
+                try:
+                    self.run_dir.rmdir()
+                except OSError:
+                    pass
             raise
 
     def _lock(self) -> RunLock | None:
@@ -91,10 +102,8 @@ class Trainer:
 
     def _setup(self, resume: bool) -> None:
         cfg, world = self.cfg, self.world
-        self.task = build_task(cfg.task)
         for w in getattr(self.task, "warnings", []):
             self.log(f"[warning] {w}")
-        self.rewards = reward_pool(self.task, cfg.task)
         self.state = {"nonfinite_total": 0, "metrics_lines": 0, "reward_errors": 0, "reward_timeouts": 0,
                       "reward_crashes": 0, "collapse": []}
         self.changes: dict = {}
@@ -309,8 +318,10 @@ class Trainer:
     def _advice(self) -> str:
         last = checkpoint.latest(self.run_dir)
         if last is None:
-            return "No checkpoint was written yet; lower optim.lr and start again."
-        return f"The last good checkpoint is {last}; lower optim.lr (or enable clipping), then --resume {self.run_dir}."
+            return (f"No checkpoint was written yet: lower optim.lr (or enable clipping), then `stablerl train "
+                    f"--resume {self.run_dir} optim.lr=...` starts it again from step 0.")
+        return (f"The last good checkpoint is {last}; lower optim.lr (or enable clipping), then `stablerl train "
+                f"--resume {self.run_dir} optim.lr=...` continues from it.")
 
     def save(self, step: int) -> None:
         try:

@@ -86,10 +86,13 @@ def check_model_dir(path, key: str = "model.path") -> None:
     if not p.exists():
         raise ValueError(f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
                          "(config.json + weights + tokenizer)")
+    if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file():  # a stablerl run directory
+        exports = sorted((p / "export").glob("step_*")) if (p / "export").is_dir() else []
+        hint = f"e.g. {exports[-1]}" if exports else "it has none yet: runs export at their end"
+        raise ValueError(f"{key} {str(path)!r} is a stablerl run directory, not a model; give one of its HF "
+                         f"exports, RUN_DIR/export/step_N ({hint})")
     if not p.is_dir() or not (p / "config.json").is_file():
-        hint = " (it is a stablerl run directory: use one of its exports, RUN_DIR/export/step_N)" \
-            if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file() else ""
-        raise ValueError(f"{key} {str(path)!r} is not an HF model directory (no config.json){hint}")
+        raise ValueError(f"{key} {str(path)!r} is not an HF model directory (no config.json)")
 
 
 def load_policy(path):

@@ -63,3 +63,15 @@ def digit_fraction(prompt, completion, **_):
     """A graded reward (the fraction of digits): never constant within a group, so every step of a
     test run has non-zero advantages and a real gradient."""
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
+
+
+def hang_on_digits(prompt, completion, **_):
+    """Hangs forever on any completion with a digit (most of them): a verifier stuck in a loop."""
+    if any(c.isdigit() for c in completion):
+        while True:
+            time.sleep(1)
+    return 0.0
+
+
+def boom_always(prompt, completion, **_):
+    raise RuntimeError("this verifier always fails")
