@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> list[dict]:
-    from stablerl.config import RunConfig, build_config
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
     from stablerl.runlog import read_metrics
     from stablerl.loop import Trainer
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from stablerl import checkpoint
-from stablerl.config import RunConfig, build_config
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
 from stablerl.loop import Trainer
 from stablerl.runlog import read_metrics
 

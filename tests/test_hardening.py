@@ -17,7 +17,8 @@ import torch
 
 from stablerl import checkpoint
 from stablerl.cli import main
-from stablerl.config import RunConfig, build_config
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
 from stablerl.loop import Trainer, TrainingAborted
 from stablerl.rundir import RunLock, RunLocked
 from stablerl.runlog import CollapseDetector, RunLogger, read_metrics, write_summary
@@ -197,7 +198,7 @@ def test_yaml_errors_in_files_and_overrides(tmp_path, capsys):
 def test_bad_data_files(tmp_path, capsys, content, expect):
     data = tmp_path / "data.jsonl"
     data.write_bytes(content)
-    err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'r'}", "task.name=math_file", f"task.train_file={data}"])
+    err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'r'}", "task.name=dataset", f"task.dataset={data}"])
     assert str(data) in err and expect in err
 
 
@@ -205,8 +206,8 @@ def test_data_too_small_for_a_held_out_split_fails_before_sft(tmp_path, capsys):
     data = tmp_path / "small.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
     t0 = time.monotonic()
-    err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'r'}", "task.name=math_file", f"task.train_file={data}"])
-    assert "too few" in err and "task.eval_file" in err and time.monotonic() - t0 < 20
+    err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'r'}", "task.name=dataset", f"task.dataset={data}"])
+    assert "too few" in err and "task.eval_dataset" in err and time.monotonic() - t0 < 20
     assert not (tmp_path / "r").exists()
 
 
@@ -305,11 +306,11 @@ def test_r2_on_policy_warns(sft_ckpt, tmp_path):
 
 
 def test_data_file_warnings(tmp_path):
-    from stablerl.tasks import MathFileTask
+    from stablerl.tasks import DatasetTask
 
-    task = MathFileTask(SAMPLE, eval_size=500)
+    task = DatasetTask(SAMPLE, eval_size=500)
     assert any("capped to 4" in w for w in task.warnings)
-    task = MathFileTask(SAMPLE, eval_file=SAMPLE, eval_size=50, eval_size_set=True)
+    task = DatasetTask(SAMPLE, eval_dataset=SAMPLE, eval_size=50, eval_size_set=True)
     assert any("task.eval_size=50 is ignored" in w for w in task.warnings)
 
 
@@ -318,15 +319,15 @@ def test_sft_cache_is_keyed_on_data_content(tmp_path):
 
     data = tmp_path / "d.jsonl"
     data.write_text(Path(SAMPLE).read_text())
-    cfg = build_config(RunConfig, None, ["task.name=math_file", f"task.train_file={data}", "task.solution_field=solution"])
+    cfg = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}", "task.columns.solution=solution"])
     before = sft_output_dir(cfg)
     assert sft_output_dir(cfg) == before
     data.write_text(Path(SAMPLE).read_text().replace("12", "13"))
     assert sft_output_dir(cfg) != before
     # the reward functions, the held-out size and the pool do not change the SFT data: same cache
     data.write_text(Path(SAMPLE).read_text())
-    other = build_config(RunConfig, None, ["task.name=math_file", f"task.train_file={data}",
-                                           "task.solution_field=solution", "task.eval_size=3", "task.reward_workers=4"])
+    other = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}",
+                                           "task.columns.solution=solution", "task.eval_size=3", "task.reward_workers=4"])
     assert sft_output_dir(other) == before
 
 

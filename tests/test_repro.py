@@ -38,7 +38,8 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
 
 @pytest.fixture(scope="module")
 def sft_ckpt_for_repro(tmp_path_factory):
-    from stablerl.config import RunConfig, build_config
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
     from stablerl.sft import cold_start
     from stablerl.tasks import build_task
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablerl.config import RunConfig, SamplingConfig, build_config
-from stablerl.loop import evaluate
+from stablerl.config import RunConfig, SamplingConfig
+from stablerl.config_io import build_config
+from stablerl.evaluation import evaluate
 from stablerl.models import build_tokenizer
 from stablerl.rollout import RolloutBatch
-from stablerl.tasks import MathFileTask, RewardPool, build_task, reward_pool
+from stablerl.tasks import Columns, DatasetTask, RewardPool, build_task, reward_pool
 
 FNS = str(Path(__file__).parent / "data" / "reward_fns.py")
 SAMPLE = str(files("stablerl.tasks") / "data" / "sample_math.jsonl")
@@ -31,8 +32,8 @@ def items(*completions, answer="1"):
 
 def test_math_verify_through_the_pool_scores_correct_answers_one():
     """The regression: math-verify's signal.alarm failed in the old worker *thread*, so every
-    math_file reward was 0. In the pool's worker processes it runs in a main thread."""
-    task = MathFileTask(SAMPLE, solution_field="solution", eval_size=4)
+    dataset (math-verify) reward was 0. In the pool's worker processes it runs in a main thread."""
+    task = DatasetTask(SAMPLE, columns=Columns(solution="solution"), eval_size=4)
     problems = task.eval_problems() + [task.train_problem(i) for i in range(8)]
     with RewardPool(task.reward_fns, workers=2) as pool:
         right = pool.score([(p.prompt, p.solution, p.reward_fields()) for p in problems])
@@ -47,8 +48,8 @@ def test_evaluate_path_reports_accuracy_of_correct_answers(tmp_path):
     """`stablerl eval`'s path (loop.evaluate) on the shipped sample file: an engine whose answers
     are the teacher solutions scores 100%, and reward failures are reported (0 here)."""
     tok = build_tokenizer()
-    cfg = build_config(RunConfig, None, [f"task.train_file={SAMPLE}", "task.name=math_file", "task.eval_size=4",
-                                         "task.solution_field=solution", "eval.samples=2"])
+    cfg = build_config(RunConfig, None, [f"task.dataset={SAMPLE}", "task.name=dataset", "task.eval_size=4",
+                                         "task.columns.solution=solution", "eval.samples=2"])
     task = build_task(cfg.task)
     by_prompt = {tuple(tok(p.prompt, add_special_tokens=False).input_ids): p.solution for p in task.eval_problems()}
 

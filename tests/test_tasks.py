@@ -8,7 +8,7 @@ import torch
 
 from stablerl.models import build_model, build_tokenizer, default_model_config
 from stablerl.sft import run_sft, save_checkpoint_dir, sft_batch
-from stablerl.tasks import ArithmeticTask, MalformedDataError, MathFileTask, Problem
+from stablerl.tasks import ArithmeticTask, Columns, DatasetTask, MalformedDataError, Problem
 
 SAMPLE = str(files("stablerl.tasks") / "data" / "sample_math.jsonl")
 
@@ -54,8 +54,8 @@ def test_held_out_split_is_disjoint_and_deterministic():
         ArithmeticTask(levels=[0])
 
 
-def test_math_file_task_with_math_verify(tmp_path):
-    task = MathFileTask(SAMPLE, solution_field="solution", eval_size=4, seed=0)
+def test_dataset_task_with_math_verify(tmp_path):
+    task = DatasetTask(SAMPLE, columns=Columns(solution="solution"), eval_size=4, seed=0)
     assert len(task.eval_problems()) == 4
     half = next(p for p in task.eval_problems() + [task.train_problem(i) for i in range(16)] if "half of 9" in p.prompt)
     assert task.reward("so it is \\boxed{4.5}", half) == 1.0   # 4.5 == 9/2, symbolically
@@ -66,8 +66,8 @@ def test_math_file_task_with_math_verify(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"q": ["What is 2+2?", "What is 3+3?"], "a": ["4", "6"]}), tmp_path / "x.parquet")
-    ptask = MathFileTask(str(tmp_path / "x.parquet"), eval_file=str(tmp_path / "x.parquet"),
-                         question_field="q", answer_field="a")
+    ptask = DatasetTask(str(tmp_path / "x.parquet"), eval_dataset=str(tmp_path / "x.parquet"),
+                        columns=Columns(question="q", answer="a"))
     assert ptask.reward("\\boxed{4}", ptask.eval_problems()[0]) == 1.0
 
 
@@ -75,18 +75,18 @@ def test_malformed_rows_are_reported_with_their_number(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n')
     with pytest.raises(MalformedDataError, match="line 2 is not valid JSON"):
-        MathFileTask(str(bad_json))
+        DatasetTask(str(bad_json))
     missing = tmp_path / "missing.jsonl"
     missing.write_text("\n".join(json.dumps(r) for r in [{"question": "a", "answer": "1"}, {"question": "b"},
                                                            {"question": "", "answer": "3"}]) + "\n")
     with pytest.raises(MalformedDataError, match="row 2: missing or empty answer.*row 3: missing or empty question"):
-        MathFileTask(str(missing))
+        DatasetTask(str(missing))
     with pytest.raises(ValueError, match="does not exist"):
-        MathFileTask(str(tmp_path / "nope.jsonl"))
-    csv = tmp_path / "x.csv"
-    csv.write_text("question,answer\n")
-    with pytest.raises(ValueError, match="allowed extensions"):
-        MathFileTask(str(csv))
+        DatasetTask(str(tmp_path / "nope.jsonl"))
+    txt = tmp_path / "x.txt"
+    txt.write_text("question,answer\n")
+    with pytest.raises(ValueError, match="allowed file extensions"):
+        DatasetTask(str(txt))
 
 
 def test_sft_learns_and_saves_a_loadable_checkpoint(tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 from stablerl import checkpoint
 from stablerl.cli import main
-from stablerl.config import RunConfig, build_config
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
 from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
 from stablerl.runlog import CollapseDetector, read_metrics
 from stablerl.sft import run_sft, save_checkpoint_dir

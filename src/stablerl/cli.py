@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from stablerl.config import LabConfig, RunConfig, build_config, describe
+from stablerl.config import LabConfig, RunConfig
+from stablerl.config_io import build_config, describe
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -92,7 +93,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from stablerl.learner import derive_seed
-    from stablerl.loop import evaluate
+    from stablerl.evaluation import build_eval_sets, evaluate
     from stablerl.models import check_model_dir, load_policy
     from stablerl.rollout import LocalEngine
     from stablerl.tasks import build_task, reward_pool
@@ -106,8 +107,13 @@ def _eval(args: argparse.Namespace) -> int:
     engine = LocalEngine(model, cfg.eval.precision, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     with reward_pool(task, cfg.task) as pool:
-        result = evaluate(engine, tokenizer, task, pool, cfg,
-                          lambda *p: derive_seed(cfg.train.seed, 0, 2, *p) % 2**62)
+        sets = build_eval_sets(cfg, pool)
+        try:
+            result = evaluate(engine, tokenizer, task, pool, cfg,
+                              lambda *p: derive_seed(cfg.train.seed, 0, 2, *p) % 2**62, sets=sets)
+        finally:
+            for s in sets:
+                s.close()
     print(json.dumps(result, indent=1))
     return 0
 
@@ -192,6 +198,8 @@ def _quiet_hf() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # imported before (by a caller of main()): the variable came too late
+        sys.modules["datasets"].disable_progress_bars()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

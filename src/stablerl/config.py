@@ -154,20 +154,36 @@ class ModelConfig(StrictModel):
         return self
 
 
+class ColumnsConfig(StrictModel):
+    """Which dataset column holds what (every column of a row also reaches the reward functions)."""
+
+    question: str = Field("question", description="The text task.prompt_template places in the prompt.")
+    answer: str | None = Field("answer", description="The reference answer (the built-in math verifier needs "
+                               "it; null when your reward functions do not).")
+    solution: str | None = Field(None, description="A teacher solution per row, for the cold-start SFT.")
+
+
 class TaskConfig(StrictModel):
-    name: Literal["arithmetic", "math_file"] = Field("arithmetic", description="Built-in task or local files.")
+    name: Literal["arithmetic", "dataset"] = Field("arithmetic", description="arithmetic: the built-in task; "
+                                                   "dataset: your data (task.dataset; docs/your-task.md).")
     levels: list[int] = Field([1, 2, 3], description="arithmetic: difficulty levels (level L adds L+1 numbers).")
     style: Literal["steps", "direct", "noisy"] = Field(
         "noisy", description="arithmetic: teacher solution style for SFT (noisy: 30% of worked solutions carry "
         "one slip, so the cold start is imperfect and RL has something to fix).")
     eval_size: int = Field(500, ge=1, description="Held-out problems.")
     seed: int = Field(0, description="Task seed (problem stream and held-out split).")
-    train_file: str | None = Field(None, description="math_file: JSONL or Parquet training problems.")
-    eval_file: str | None = Field(None, description="math_file: held-out file (default: a slice of train_file).")
-    question_field: str = Field("question", description="math_file: question column.")
-    answer_field: str = Field("answer", description="math_file: answer column.")
-    solution_field: str | None = Field(None, description="math_file: teacher-solution column (for SFT).")
-    prompt_template: str = Field("{question}\n", description="math_file: prompt text around the question.")
+    dataset: str | None = Field(None, description="dataset: what datasets.load_dataset reads: a local file "
+                                "(.jsonl .json .parquet .csv .arrow), a local directory, or a hub id (network).")
+    dataset_config: str | None = Field(None, description="dataset: the hub dataset's configuration name.")
+    split: str = Field("train", description="dataset: the split to train on (a local file is one split, train).")
+    eval_dataset: str | None = Field(None, description="dataset: the held-out set (default: a seeded slice of at "
+                                     "most a fifth of task.dataset).")
+    eval_split: str = Field("train", description="dataset: the split of task.eval_dataset.")
+    columns: ColumnsConfig = ColumnsConfig()
+    prompt_template: str = Field("{question}\n", description="dataset: prompt text around the question.")
+    chat_template: bool = Field(False, description="Format each prompt with the tokenizer's chat template (a user "
+                                "turn, then the assistant's), as instruct models were trained.")
+    system_prompt: str | None = Field(None, description="With task.chat_template: a system turn before the user's.")
     reward_fns: list[str] | None = Field(None, description="Reward functions 'package.module:function' or "
                                          "'path/to/file.py:function', each called as fn(prompt, completion, "
                                          "**row_fields) -> float (docs/your-task.md); none = the task's verifier.")
@@ -183,13 +199,16 @@ class TaskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TaskConfig":
-        if self.name == "math_file" and not self.train_file:
-            raise ValueError("task.train_file is required when task.name is math_file")
+        if self.name == "dataset" and not self.dataset:
+            raise ValueError("task.dataset is required when task.name is dataset (a file, a directory or a hub id)")
         if self.reward_fns is not None and not self.reward_fns:
             raise ValueError("task.reward_fns must name at least one function (or be null for the task's verifier)")
         n_fns = len(self.reward_fns) if self.reward_fns else 1
         if self.reward_weights is not None and len(self.reward_weights) != n_fns:
             raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n_fns} reward functions")
+        if self.name == "dataset" and not self.reward_fns and self.columns.answer is None:
+            raise ValueError("task.columns.answer is null, but the default reward (math-verify) compares with the "
+                             "answer column: name it, or set task.reward_fns")
         return self
 
 
@@ -282,6 +301,24 @@ class OptimConfig(StrictModel):
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
 
 
+class EvalSetConfig(StrictModel):
+    """One more held-out set, with its own data and (optionally) its own reward functions;
+    reported as the mean reward over ``samples`` samples per problem (avg@k, the paper's avg@32)
+    and pass@k (a problem passes when one of its samples reaches ``pass_threshold``)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Metric prefix: eval/NAME/avg@k, eval/NAME/pass@k.")
+    dataset: str = Field(..., description="A file, a directory or a hub id, as task.dataset.")
+    dataset_config: str | None = Field(None, description="The hub dataset's configuration name.")
+    split: str = Field("train", description="Its split (a local file is one split, train).")
+    columns: ColumnsConfig | None = Field(None, description="Its columns (default: task.columns).")
+    prompt_template: str | None = Field(None, description="Its prompt template (default: task.prompt_template).")
+    reward_fns: list[str] | None = Field(None, description="Its reward functions (default: the task's).")
+    reward_weights: list[float] | None = Field(None, description="Their weights (default 1 each).")
+    samples: int = Field(4, ge=1, description="k: samples per problem, at the rollout temperature.")
+    pass_threshold: float = Field(1.0, description="A sample counts as a pass when its reward is >= this.")
+    max_problems: int | None = Field(None, ge=1, description="Evaluate only the first this many problems.")
+
+
 class EvalConfig(StrictModel):
     every: int = Field(50, ge=1, description="Evaluate the held-out split every this many steps (and at start/end).")
     greedy: bool = Field(True, description="Report greedy accuracy.")
@@ -289,6 +326,15 @@ class EvalConfig(StrictModel):
     samples: int = Field(4, ge=1, description="Samples per held-out problem for the sampled accuracy "
                          "(its mean over samples: pass@1 with less noise).")
     precision: Precision = Field("fp32", description="Precision of the evaluation engine.")
+    sets: list[EvalSetConfig] = Field([], description="More held-out sets, each with avg@k and pass@k "
+                                      "(docs/your-task.md), e.g. [{name: test, dataset: data/test.jsonl}].")
+
+    @model_validator(mode="after")
+    def _check_sets(self) -> "EvalConfig":
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.sets: names must be unique, got {names}")
+        return self
 
 
 class CheckpointConfig(StrictModel):
@@ -303,9 +349,11 @@ class DistributedConfig(StrictModel):
 
     timeout_s: float = Field(1800.0, gt=0, description="Collective timeout: a rank that dies or hangs ends the run "
                              "after this long instead of hanging the others.")
-    param_dtype: Literal["fp32", "bf16"] = Field("fp32", description="FSDP2 compute dtype of the sharded "
-                                                 "parameters (bf16 on GPUs; fp32 on CPU).")
-    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="FSDP2 gradient reduce-scatter dtype.")
+    param_dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="FSDP2 mixed precision: the dtype "
+                                                         "the sharded parameters compute in (auto: bf16 on CUDA, "
+                                                         "fp32 on CPU); the optimizer keeps fp32 master weights.")
+    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="FSDP2 gradient reduce-scatter dtype "
+                                                  "(fp32: exact sums of bf16 gradients).")
     threads: int | None = Field(None, ge=1, description="CPU threads per rank (default: cores / ranks per node; "
                                 "torchrun itself would set 1).")
 
@@ -321,6 +369,12 @@ class LogConfig(StrictModel):
     collapse_factor: float = Field(3.0, gt=1, description="Warn when entropy moves beyond factor x (or 1/factor x) "
                                    "its baseline, the train-infer KL rises beyond factor x, or the reward falls "
                                    "below 1/factor x (docs/training.md).")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (pip install 'stablerl[wandb]'), with the "
+                        "resolved config attached; a resumed run continues the same W&B run.")
+    wandb_project: str = Field("stablerl", description="W&B project.")
+    wandb_run_name: str | None = Field(None, description="W&B run name (default: the run directory's name).")
+    wandb_mode: Literal["online", "offline"] = Field("online", description="offline: write RUN_DIR/wandb/ only "
+                                                     "(sync later with `wandb sync`); needs no network.")
 
 
 class RunConfig(StrictModel):
@@ -341,146 +395,6 @@ class RunConfig(StrictModel):
     distributed: DistributedConfig = DistributedConfig()
 
 
-# --------------------------------------------------------------------------------------------
-# Loading: a YAML/TOML file plus dotted command-line overrides (``loss.eps_high=0.28``).
-# --------------------------------------------------------------------------------------------
-def load_file(path: str) -> dict:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict."""
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config file {path!r} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = p.read_bytes()[: e.start].count(b"\n") + 1
-        raise ValueError(f"config file {path!r}: line {line} is not valid UTF-8") from None
-    if p.suffix == ".toml":
-        import tomllib
-
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {path!r} is not valid TOML: {e}") from None
-        return data
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path!r} must hold a mapping at the top level")
-        return data
-    raise ValueError(f"config file {path!r}: allowed extensions are .yaml, .yml, .toml")
-
-
-def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] | None = None) -> dict:
-    """Apply ``a.b.c=value`` overrides to a nested dict.
-
-    Values are parsed as YAML (numbers, booleans, lists), except for keys that ``model`` declares
-    as strings: those take the text as written, so ``task.prompt_template=Question: {question}``
-    is the string it looks like (YAML would read it as a mapping).
-    """
-    import copy
-
-    import yaml
-
-    out = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. loss.eps_high=0.28)")
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        if raw == "":
-            node[leaf] = ""
-        elif model is not None and _is_text_field(model, key.split(".")) and raw.lower() not in ("null", "none", "~"):
-            node[leaf] = raw
-        else:
-            try:
-                node[leaf] = yaml.safe_load(raw)
-            except yaml.YAMLError as e:
-                raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
-                                 "quote it, e.g. key='text: with colon'") from None
-    return out
-
-
-def _is_text_field(model: type[BaseModel], path: list[str]) -> bool:
-    """Whether the dotted key ``path`` of ``model`` is a str (or optional str) field."""
-    import typing
-
-    for i, part in enumerate(path):
-        field = model.model_fields.get(part)
-        if field is None:
-            return False
-        ann = field.annotation
-        if i < len(path) - 1:
-            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-                return False
-            model = ann
-            continue
-        args = typing.get_args(ann) or (ann,)
-        return str in args and not any(a not in (str, type(None)) for a in args)
-    return False
-
-
-def _yaml_problem(e: Exception) -> str:
-    mark = getattr(e, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(e, 'problem', None) or e}{where}"
-
-
-def build_config(model: type[BaseModel], path: str | None, overrides: list[str], base: dict | None = None) -> BaseModel:
-    """(``base`` or file) + overrides -> validated config; errors name the key and what is allowed."""
-    from pydantic import ValidationError
-
-    data = base if base is not None else (load_file(path) if path else {})
-    if base is not None and path:
-        data = deep_merge(base, load_file(path))
-    data = apply_overrides(data, overrides, model)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                allowed = _allowed_keys(model, err["loc"][:-1])
-                msg = f"unknown key; allowed here: {', '.join(allowed)}"
-            value = err.get("input")
-            shown = f" (got {value!r})" if isinstance(value, (int, float, str)) and err["type"] != "extra_forbidden" else ""
-            problems.append(f"{loc}: {msg}{shown}")
-        # one line, however many problems: "invalid config: a.b: ... ; c.d: ..."
-        raise ValueError("invalid config: " + "; ".join(problems)) from None
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """``base`` with ``update``'s keys set, section by section."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def flatten(data: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # What may change when a run is resumed: keys that do not change what has been computed so far or
 # the maths of the steps to come, plus the recovery knobs a stopped run's message suggests (a
 # lower learning rate, a tighter gradient clip). Everything else — the model, the task, the batch,
@@ -489,38 +403,3 @@ RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.
                   "optim.grad_clip", "batch.micro_batch_size", "task.reward_timeout_s", "task.reward_workers",
                   "task.reward_memory_mb", "rollout.vllm.", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
                   "distributed.threads")
-
-
-def resume_changes(saved: "RunConfig", new: "RunConfig") -> dict[str, tuple]:
-    """``{key: (old, new)}`` of every changed key; ``ValueError`` naming those that may not change."""
-    before, after = flatten(saved.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
-    changed = {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
-    fixed = [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_KEYS)]
-    if fixed:
-        lines = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in fixed)
-        raise ValueError(f"cannot change {lines} when resuming: it would contradict the checkpoint or change the "
-                         f"maths mid-run. Allowed on resume: {', '.join(RESUMABLE_KEYS)}* (start a new run "
-                         "for anything else)")
-    return changed
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def describe(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per key (dotted), with default and description, for ``--help``."""
-    lines = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines += describe(ann, f"{prefix}{name}.")
-        else:
-            lines.append(f"  {prefix}{name} = {field.default!r}\n      {field.description or ''}")
-    return lines

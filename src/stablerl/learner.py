@@ -31,7 +31,7 @@ from stablerl.advantages import group_advantages
 from stablerl.checkpoint import check_finite
 from stablerl.config import RunConfig
 from stablerl.diagnostics import first_order_gap, route_agreement_counts, route_agreement_from_counts
-from stablerl.distributed.fsdp import full_state_dict, is_sharded, set_gradient_sync, shard_model
+from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_model
 from stablerl.forward import response_logp
 from stablerl.objectives import aggregation_normalizer, policy_loss
 from stablerl.rollout import RolloutBatch
@@ -62,7 +62,10 @@ class Learner:
         model = model.to(self.world.device)
         if self.world.distributed:
             dist_cfg = cfg.distributed
-            model = shard_model(model, dist_cfg.param_dtype, dist_cfg.reduce_dtype)
+            param_dtype = dist_cfg.param_dtype
+            if param_dtype == "auto":
+                param_dtype = "bf16" if self.world.device.type == "cuda" else "fp32"
+            model = shard_model(model, param_dtype, dist_cfg.reduce_dtype)
         self.model = model
         self.model.train()
         opt = cfg.optim
@@ -75,8 +78,13 @@ class Learner:
         return self.cfg.optim.lr * (min(1.0, (optimizer_step + 1) / warm) if warm else 1.0)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights for the rollout engine and exports (a collective when sharded)."""
+        """Full weights for exports (a collective when sharded)."""
         return full_state_dict(self.model) if is_sharded(self.model) else self.model.state_dict()
+
+    def full_weights(self):
+        """Full weights for an engine's ``load_weights``, streamed one tensor at a time (a
+        collective when sharded: every rank consumes it to the end)."""
+        return iter_full_tensors(self.model)
 
     # ---------------------------------------------------------------------------------------
     def update(self, step: int, batch: RolloutBatch, first_row: int) -> dict:

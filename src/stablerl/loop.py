@@ -28,12 +28,13 @@ import torch
 from stablerl import checkpoint
 from stablerl import distributed as D
 from stablerl.config import RunConfig
+from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.learner import Learner, derive_seed
 from stablerl.models import build_model, load_policy
 from stablerl.rollout import LocalEngine, RolloutBatch
 from stablerl.routing import is_moe
 from stablerl.rundir import RunLock, RunLocked, is_run_dir, read_config, record_config
-from stablerl.runlog import RunLogger, replay_history, write_summary
+from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
 from stablerl.sft import cold_start, encode_prompt
 from stablerl.tasks import build_task, reward_pool
 from stablerl.tasks.reward import RewardStats
@@ -70,10 +71,16 @@ class Trainer:
         self.cfg, self.run_dir, self.world = cfg, Path(run_dir), world or D.World()
         self.log = log if self.world.is_main else (lambda *_: None)
         check_layout(cfg, self.world)
+        check_wandb(cfg.log)
         # the task and the reward functions first: bad data or a bad import path fails before
         # anything is written (not even the run directory)
         self.task = build_task(cfg.task)
         self.rewards = reward_pool(self.task, cfg.task)
+        try:
+            self.eval_sets = build_eval_sets(cfg, self.rewards)
+        except BaseException:
+            self.rewards.close()
+            raise
         created = not self.run_dir.exists()
         try:
             self.lock = self._lock()
@@ -110,7 +117,7 @@ class Trainer:
         ckpt = None
         if resume:
             saved = read_config(self.run_dir)
-            from stablerl.config import resume_changes
+            from stablerl.config_io import resume_changes
 
             self.changes = resume_changes(RunConfig.model_validate(saved), cfg)
             ckpt = checkpoint.latest(self.run_dir)
@@ -144,12 +151,14 @@ class Trainer:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
             self.state.update(checkpoint.load_state(ckpt))
             self.step = self.state["step"]
-            self.engine.load_weights(self.learner.full_state_dict(), version=self.step)
+            self.engine.load_weights(self.learner.full_weights(), version=self.step)
         self.learner.optimizer_steps = self.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
         self.sampling = cfg.rollout.sampling()
 
     def close(self) -> None:
+        for eval_set in getattr(self, "eval_sets", []):
+            eval_set.close()
         if getattr(self, "rewards", None) is not None:
             self.rewards.close()
         if getattr(self, "lock", None) is not None:
@@ -159,6 +168,9 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:
         return derive_seed(self.cfg.train.seed, *parts) % 2**62
+
+    def encode(self, prompt: str) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, self.cfg.task.chat_template, self.cfg.task.system_prompt)
 
     def decode(self, batch: RolloutBatch) -> list[str]:
         return [self.tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
@@ -173,7 +185,7 @@ class Trainer:
         P, G, K, r = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size, self.world.size, self.world.rank
         mine = range(r * P // K, (r + 1) * P // K)  # global prompt indices of this rank
         problems = [self.task.train_problem(step * P + i) for i in mine]
-        prompts = [encode_prompt(self.tokenizer, p.prompt) for p in problems for _ in range(G)]
+        prompts = [self.encode(p.prompt) for p in problems for _ in range(G)]
         base = self._seed(step, 0)
         seeds = [(base + i * G + g) % 2**62 for i in mine for g in range(G)]
         batch = self.engine.generate(prompts, self.sampling, seeds=seeds, capture_routes=self.moe)
@@ -186,7 +198,7 @@ class Trainer:
                                       texts if self.cfg.log.rollouts else None))
         R = torch.cat([p[0] for p in parts])
         lengths, finished = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-        all_stats = _merge_stats([p[3] for p in parts])
+        all_stats = RewardStats.merge([p[3] for p in parts])
         for kind in ("errors", "timeouts", "crashes"):
             self.state[f"reward_{kind}"] += getattr(all_stats, kind)
         if all_stats.failures:
@@ -217,7 +229,7 @@ class Trainer:
         never sees the rollout engine's ``weight_noise``: it measures the policy."""
         if self.cfg.eval.precision == self.cfg.rollout.precision and not self.cfg.rollout.weight_noise:
             return self.engine
-        weights = self.learner.full_state_dict()
+        weights = self.learner.full_weights()
         if self._eval is None:
             self._eval = LocalEngine(self.engine.model, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
                                      pad_token_id=self.tokenizer.pad_token_id)
@@ -226,7 +238,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         return evaluate(self._eval_engine(), self.tokenizer, self.task, self.rewards, self.cfg,
-                        lambda *p: self._seed(step, 2, *p), self.world)
+                        lambda *p: self._seed(step, 2, *p), self.world, self.eval_sets)
 
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -235,7 +247,7 @@ class Trainer:
         try:
             if world.is_main:
                 self._prepare_run_dir()
-                logger = RunLogger(self.run_dir, cfg.log, cfg.train.steps, self.step)
+                logger = RunLogger(self.run_dir, cfg.log, cfg.train.steps, self.step, cfg.model_dump(mode="json"))
                 replay_history(logger, self.run_dir, self.state)
             D.barrier()
             if self.step == 0:
@@ -264,7 +276,7 @@ class Trainer:
                                               f"{cfg.train.max_nonfinite_steps}); stopping. {self._advice()}")
                 else:
                     nonfinite_streak = 0
-                self.engine.load_weights(self.learner.full_state_dict(), version=step)
+                self.engine.load_weights(self.learner.full_weights(), version=step)
                 if step % cfg.eval.every == 0 or step == cfg.train.steps:
                     metrics.update(self.evaluate(step))
                 n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])
@@ -353,52 +365,3 @@ class Trainer:
         if not self.world.distributed:
             return self.learner.model
         return build_model(self.engine.model.config)
-
-
-def evaluate(engine: LocalEngine, tokenizer, task, rewards, cfg: RunConfig, seed_of, world: D.World | None = None) -> dict:
-    """Held-out accuracy, greedy and sampled (mean over ``eval.samples`` per problem), and the
-    number of reward failures; the problems are split across ranks and the results gathered."""
-    world = world or D.World()
-    problems = task.eval_problems()
-    n_all = len(problems)
-    mine = range(world.rank * n_all // world.size, (world.rank + 1) * n_all // world.size)
-    out, failures = {}, RewardStats()
-    modes = [("greedy", 0.0)] * cfg.eval.greedy + [("sampled", cfg.rollout.temperature)] * cfg.eval.sampled
-    for name, temperature in modes:
-        n = cfg.eval.samples if name == "sampled" else 1
-        per_problem: list[float] = []
-        if len(mine):
-            prompts = [encode_prompt(tokenizer, problems[i].prompt) for i in mine]
-            seeds = [seed_of(i * n + s) for i in mine for s in range(n)]
-            batch = engine.generate([p for p in prompts for _ in range(n)],
-                                    cfg.rollout.sampling().model_copy(update={"temperature": temperature}), seeds=seeds,
-                                    capture_routes=False)
-            texts = [tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
-                     for i in range(len(batch))]
-            mine_p = [problems[i] for i in mine for _ in range(n)]
-            result = rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip(mine_p, texts)])
-            failures = _merge_stats([failures, result.stats])
-            per_problem = [sum(result.total[j * n:(j + 1) * n]) / n for j in range(len(mine))]
-        per_problem = [x for part in D.all_gather_objects(per_problem) for x in part]
-        out[f"eval/{name}_acc"] = sum(per_problem) / len(per_problem)
-        levels = sorted({p.level for p in problems if p.level})
-        for lv in levels if len(levels) > 1 else []:
-            sel = [r for r, p in zip(per_problem, problems) if p.level == lv]
-            out[f"eval/{name}_acc/level_{lv}"] = sum(sel) / len(sel)
-    failures = _merge_stats(D.all_gather_objects(failures))
-    out["eval/reward_failures"] = failures.failures
-    if failures.failures:
-        out["eval/reward_failures_detail"] = failures.summary()
-    return out
-
-
-def _merge_stats(parts: list[RewardStats]) -> RewardStats:
-    total = RewardStats()
-    for s in parts:
-        total.errors += s.errors
-        total.timeouts += s.timeouts
-        total.crashes += s.crashes
-        for fn, n in s.by_fn.items():
-            total.by_fn[fn] = total.by_fn.get(fn, 0) + n
-        total.first_error = total.first_error or s.first_error
-    return total

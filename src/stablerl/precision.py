@@ -8,7 +8,7 @@ multiply rounded to e4m3 too, with one scale per token computed at run time
 (``quantize_activations_fp8``). The difference between these and the fp32 training engine is the
 training-inference discrepancy of docs/formulation.md s.4.
 
-``weight_noise`` adds a controlled extra discrepancy on top (``perturb_weights``): a fixed
+``weight_noise`` adds a controlled extra discrepancy on top (``perturb_weight``): a fixed
 Gaussian pattern, relative to each row's RMS, on the engine's copy of the weight matrices only.
 """
 
@@ -63,46 +63,31 @@ def cast_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
     return weight.detach().to(torch.bfloat16)
 
 
-def perturb_weights(state_dict: dict[str, torch.Tensor], size: float, skip: set[str] = frozenset(),
-                    seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every weight matrix (2-D+, not in ``skip``) plus ``size * rms(row) * z``, z ~ N(0, 1).
+def perturb_weight(name: str, weight: torch.Tensor, size: float, seed: int = 0) -> torch.Tensor:
+    """``weight + size * rms(row) * z`` with z ~ N(0, 1) for a matrix (2-D+); others unchanged.
 
     The pattern z is fixed per tensor name (seeded by ``seed`` and the name), so the perturbation
     behaves like a kernel's systematic numeric difference, not like fresh noise at every sync.
     """
     import zlib
 
-    if size == 0:
-        return state_dict
-    out = dict(state_dict)
-    for name, w in state_dict.items():
-        if w.dim() < 2 or not w.is_floating_point() or name in skip:
-            continue
-        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        wf = w.detach().float()
-        rms = wf.pow(2).mean(-1, keepdim=True).sqrt()
-        out[name] = (wf + size * rms * torch.randn(wf.shape, generator=g)).to(w.dtype)
-    return out
+    if size == 0 or weight.dim() < 2 or not weight.is_floating_point():
+        return weight
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    wf = weight.detach().float()
+    rms = wf.pow(2).mean(-1, keepdim=True).sqrt()
+    return (wf + size * rms * torch.randn(wf.shape, generator=g)).to(weight.dtype)
 
 
-def cast_state_dict(
-    state_dict: dict[str, torch.Tensor], precision: str, keep: set[str] = frozenset()
-) -> dict[str, torch.Tensor]:
-    """Every floating-point tensor of a state dict cast as ``cast_weight``; others unchanged.
-
-    fp8 applies to 2-D+ matrices not named in ``keep``; those, norms, biases and 1-D tensors stay
-    bfloat16, as FP8 inference engines quantize the linear layers and keep the rest in higher
-    precision.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        if not v.is_floating_point():
-            out[k] = v
-        elif is_fp8(precision) and k in keep:
-            out[k] = cast_weight(v, "bf16")
-        else:
-            out[k] = cast_weight(v, precision)
-    return out
+def cast_named(name: str, tensor: torch.Tensor, precision: str, keep: set[str] = frozenset()) -> torch.Tensor:
+    """One named tensor as an engine of ``precision`` holds it: fp8 applies to 2-D+ matrices not
+    named in ``keep`` (those, norms, biases and 1-D tensors stay bfloat16, as FP8 inference
+    engines quantize the linear layers and keep the rest in higher precision)."""
+    if not tensor.is_floating_point():
+        return tensor
+    if is_fp8(precision) and name in keep:
+        return cast_weight(tensor, "bf16")
+    return cast_weight(tensor, precision)
 
 
 def _check(precision: str) -> None:

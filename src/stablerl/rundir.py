@@ -20,7 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from stablerl.config import RunConfig, build_config, resume_changes
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config, resume_changes
 
 CONFIG = "config.json"
 CHANGES = "config_changes.jsonl"

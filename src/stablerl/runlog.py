@@ -7,6 +7,7 @@ import json
 import math
 import os
 import statistics
+import uuid
 from collections import deque
 from pathlib import Path
 
@@ -63,8 +64,42 @@ class CollapseDetector:
         return f"{key} {word} from {base:.4g} to {recent[-1]:.4g} and stayed there for {self.sustain} steps"
 
 
+def check_wandb(cfg: LogConfig) -> None:
+    """With ``log.wandb``: wandb must be importable (checked before any training work)."""
+    if not cfg.wandb:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("log.wandb=true needs the wandb package: pip install 'stablerl[wandb]' "
+                         "(or set log.wandb=false)") from None
+
+
+class WandbLog:
+    """Weights & Biases beside metrics.jsonl and TensorBoard. The W&B run id is kept in
+    RUN_DIR/wandb_id, so a resumed run continues the same W&B run; the resolved config is
+    attached to it. ``log.wandb_mode=offline`` writes RUN_DIR/wandb/ without any network."""
+
+    def __init__(self, run_dir: Path, cfg: LogConfig, config: dict | None):
+        import wandb
+
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, id=run_id,
+                              resume="allow", dir=str(run_dir), config=config or {}, mode=cfg.wandb_mode,
+                              settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.run.log({k: v for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg: LogConfig, total_steps: int, start_step: int):
+    def __init__(self, run_dir: Path, cfg: LogConfig, total_steps: int, start_step: int, config: dict | None = None):
         self.run_dir, self.cfg = run_dir, cfg
         self.metrics_path = run_dir / "metrics.jsonl"
         self.collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_factor, cfg.collapse_sustain)
@@ -83,6 +118,7 @@ class RunLogger:
             self.progress.start()
             self.task_id = self.progress.add_task("", total=total_steps, completed=start_step)
         self.last_eval: dict[str, float] = {}
+        self.wandb = WandbLog(run_dir, cfg, config) if cfg.wandb else None
 
     def watch(self, step: int, metrics: dict) -> list[str]:
         """Feed the collapse detector; returns its warnings for this step."""
@@ -101,6 +137,8 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, metrics)
         self.last_eval.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         for w in warnings:
             self.print(f"[yellow]WARNING[/yellow] {w}")
@@ -123,6 +161,8 @@ class RunLogger:
             self.progress.stop()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -18,17 +18,29 @@ import torch
 from stablerl.tasks.base import Problem, Task
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_prompt: str | None = None) -> list[int]:
+    """The token ids the policy continues: ``BOS + prompt``, or with ``chat_template`` the
+    tokenizer's chat template around it (an optional system turn, the prompt as the user's turn,
+    then the assistant's turn opened), as instruct models were trained."""
+    if not chat_template:
+        return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("task.chat_template=true, but the model's tokenizer has no chat template; set "
+                         "task.chat_template=false or use a tokenizer that has one")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
+def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
+              system_prompt: str | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the solution)."""
     rows, labels = [], []
     for p in problems:
         if not p.solution:
             raise ValueError(f"problem {p.prompt!r} has no teacher solution to fine-tune on")
-        prompt = encode_prompt(tokenizer, p.prompt)
+        prompt = encode_prompt(tokenizer, p.prompt, chat_template, system_prompt)
         target = tokenizer(p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
@@ -47,7 +59,8 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float, seed: int,
-            warmup: int = 20, log_every: int = 50, log=print) -> list[float]:
+            warmup: int = 20, log_every: int = 50, log=print, chat_template: bool = False,
+            system_prompt: str | None = None) -> list[float]:
     """Fine-tune ``model`` in place on ``task``'s training stream; returns the loss per step.
 
     AdamW with linear warm-up then cosine decay to 10% of ``lr``. Problems are drawn from the
@@ -61,7 +74,7 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         problems = [task.train_problem(10_000_000 + step * batch_size + i) for i in range(batch_size)]
-        loss = sft_loss(model, sft_batch(tokenizer, problems))
+        loss = sft_loss(model, sft_batch(tokenizer, problems, chat_template, system_prompt))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -82,8 +95,8 @@ def save_checkpoint_dir(model, tokenizer, path: str | Path) -> Path:
     return save_model_dir(Path(path), model, tokenizer)
 
 
-SFT_TASK_KEYS = {"name", "levels", "style", "seed", "train_file", "eval_file", "question_field", "answer_field",
-                 "solution_field", "prompt_template"}
+SFT_TASK_KEYS = {"name", "levels", "style", "seed", "dataset", "dataset_config", "split", "eval_dataset", "eval_split",
+                 "columns", "prompt_template", "chat_template", "system_prompt"}
 
 
 def sft_output_dir(cfg) -> Path:
@@ -94,18 +107,25 @@ def sft_output_dir(cfg) -> Path:
         return Path(cfg.sft.output_dir)
     # what the SFT data depends on (not the reward functions, the held-out size or the pool)
     task = cfg.task.model_dump(include=SFT_TASK_KEYS)
-    for key in ("train_file", "eval_file"):
+    for key in ("dataset", "eval_dataset"):
         if task.get(key):
-            task[key] = _file_digest(task[key])
+            task[key] = _data_digest(task[key])
     key = json.dumps([cfg.model.model_dump(), task, cfg.sft.model_dump(exclude={"output_dir"})], sort_keys=True)
     return Path("runs") / "sft" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _file_digest(path: str) -> str:
+def _data_digest(source: str) -> str:
+    """The content of a local data file or directory (every file in it), or a hub id as given."""
+    p = Path(source).expanduser()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    if not files:
+        return source
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in files:
+        h.update(str(path.relative_to(p) if p.is_dir() else "").encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -125,6 +145,7 @@ def cold_start(cfg, task: Task, log=print) -> Path:
     log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"for {cfg.sft.steps} steps -> {out}")
     run_sft(model, tokenizer, task, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
-            lr=cfg.sft.lr, seed=cfg.sft.seed, log=log)
+            lr=cfg.sft.lr, seed=cfg.sft.seed, log=log, chat_template=cfg.task.chat_template,
+            system_prompt=cfg.task.system_prompt)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint_dir(model, tokenizer, out)

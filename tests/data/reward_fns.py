@@ -75,3 +75,12 @@ def hang_on_digits(prompt, completion, **_):
 
 def boom_always(prompt, completion, **_):
     raise RuntimeError("this verifier always fails")
+
+
+def hang_always(prompt, completion, **_):
+    while True:
+        time.sleep(1)
+
+
+def die_always(prompt, completion, **_):
+    os._exit(9)

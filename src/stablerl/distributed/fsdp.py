@@ -8,6 +8,8 @@ is the gradient of the one global objective.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -46,17 +48,21 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer as a full (unsharded) tensor, on every rank: one full copy.
+def iter_full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` for every parameter and buffer, gathered one tensor at a time, so
+    a weight sync holds at most one extra full tensor per rank, never a second copy of the model.
 
-    A collective when the model is sharded: every rank must call it.
+    A collective when the model is sharded: every rank must iterate to the end, in step.
     """
     from torch.distributed.tensor import DTensor
 
-    out = {}
     for name, t in model.state_dict().items():
-        out[name] = t.full_tensor() if isinstance(t, DTensor) else t
-    return out
+        yield name, (t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a full tensor, on every rank: one full copy (for exports)."""
+    return dict(iter_full_tensors(model))
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

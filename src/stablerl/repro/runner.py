@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from stablerl.config import RunConfig, build_config
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
 from stablerl.repro.experiments import EXPERIMENTS
 
 

@@ -77,6 +77,7 @@ class RolloutEngine(Protocol):
         """Sample one response per prompt (repeat a prompt G times for a group)."""
         ...
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> None:
-        """Sync trained weights in (cast/quantized to the engine's precision); bump the version."""
+    def load_weights(self, weights, version: int | None = None) -> None:
+        """Sync trained weights in (cast/quantized to the engine's precision); set the version.
+        ``weights``: a state dict, or an iterable of ``(name, full tensor)`` streamed one at a time."""
         ...

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from stablerl.config import SamplingConfig
-from stablerl.precision import PRECISIONS, cast_state_dict, compute_dtype, perturb_weights, quantize_activations_fp8
+from stablerl.precision import PRECISIONS, cast_named, compute_dtype, perturb_weight, quantize_activations_fp8
 from stablerl.rollout.base import RolloutBatch
 from stablerl.rollout.decoders import FastQwen3MoeDecoder, HFDecoder
 from stablerl.rollout.sampling import GumbelNoise, sample
@@ -34,7 +36,7 @@ class LocalEngine:
     linear/expert weights as float8 e4m3 with per-output-channel scales (dequantized, computed in
     bf16) and keeps embeddings, LM head, norms and routers in bf16; ``fp8_w8a8`` also rounds the
     input of every fp8 matrix multiply to e4m3 per token. ``weight_noise`` perturbs the engine's
-    copy of the weight matrices (``stablerl.precision.perturb_weights``). ``fast=None`` uses the
+    copy of the weight matrices (``stablerl.precision.perturb_weight``). ``fast=None`` uses the
     lean Qwen3-MoE decoder where it applies and the model's own forward elsewhere.
     """
 
@@ -63,17 +65,29 @@ class LocalEngine:
         self.load_weights(model.state_dict(), version=0)
 
     @torch.no_grad()
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None) -> None:
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     version: int | None = None) -> None:
+        """Copy trained weights in, one tensor at a time (cast to the engine's precision, plus its
+        ``weight_noise``): ``weights`` may be a state dict or a stream of ``(name, tensor)``, such
+        as the learner gathering one full tensor at a time from its shards."""
         own = self.model.state_dict()
-        missing = set(own) - set(state_dict)
-        if missing:
-            raise ValueError(f"load_weights: state dict lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        weights = {k: state_dict[k] for k in own}
-        # the noise is on the engine's copy only; embeddings and LM head (tied here) are left alone
-        weights = perturb_weights(weights, self.weight_noise, skip={k for k in own if "embed" in k or "lm_head" in k})
-        cast = cast_state_dict(weights, self.precision, keep=self._fp8_exempt)
-        for name, tensor in own.items():
-            tensor.copy_(cast[name])  # in place: the decoders hold references to these tensors
+        if isinstance(weights, Mapping):
+            missing = set(own) - set(weights)
+            if missing:
+                raise ValueError(f"load_weights: state dict lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+            weights = weights.items()
+        seen = set()
+        for name, tensor in weights:
+            if name not in own:
+                continue
+            # the noise is on the engine's copy only; embeddings and LM head (tied here) stay exact
+            if "embed" not in name and "lm_head" not in name:
+                tensor = perturb_weight(name, tensor, self.weight_noise)
+            own[name].copy_(cast_named(name, tensor, self.precision, self._fp8_exempt))  # in place: decoders hold these
+            seen.add(name)
+        if len(seen) != len(own):
+            missing = sorted(set(own) - seen)
+            raise ValueError(f"load_weights: the weights lacked {len(missing)} tensors, e.g. {missing[:3]}")
         self.version = self.version + 1 if version is None else int(version)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seeds: list[int] | None = None,

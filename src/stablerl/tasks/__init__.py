@@ -1,11 +1,11 @@
-"""Verifiable tasks: the built-in arithmetic family and math problems from local files."""
+"""Verifiable tasks: the built-in arithmetic family and problems from a dataset (docs/your-task.md)."""
 
 from stablerl.tasks.arithmetic import ArithmeticTask
 from stablerl.tasks.base import Problem, Task
-from stablerl.tasks.math_file import MalformedDataError, MathFileTask
+from stablerl.tasks.dataset import Columns, DatasetTask, MalformedDataError, load_problems
 from stablerl.tasks.reward import RewardPool, RewardResult, RewardStats
 
-__all__ = ["ArithmeticTask", "MathFileTask", "MalformedDataError", "Problem", "Task", "RewardPool", "RewardResult",
+__all__ = ["ArithmeticTask", "Columns", "DatasetTask", "MalformedDataError", "load_problems", "Problem", "Task", "RewardPool", "RewardResult",
            "RewardStats", "build_task", "reward_pool"]
 
 
@@ -13,8 +13,15 @@ def build_task(cfg):
     """A task from a ``stablerl.config.TaskConfig``."""
     if cfg.name == "arithmetic":
         return ArithmeticTask(levels=cfg.levels, style=cfg.style, eval_size=cfg.eval_size, seed=cfg.seed)
-    return MathFileTask(cfg.train_file, cfg.eval_file, cfg.question_field, cfg.answer_field, cfg.solution_field,
-                        cfg.eval_size, cfg.seed, cfg.prompt_template, eval_size_set="eval_size" in cfg.model_fields_set)
+    return DatasetTask(cfg.dataset, columns=columns_of(cfg.columns), split=cfg.split, config=cfg.dataset_config,
+                       eval_dataset=cfg.eval_dataset, eval_split=cfg.eval_split, eval_size=cfg.eval_size,
+                       seed=cfg.seed, prompt_template=cfg.prompt_template,
+                       eval_size_set="eval_size" in cfg.model_fields_set)
+
+
+def columns_of(cfg) -> Columns:
+    """A ``Columns`` from a ``stablerl.config.ColumnsConfig``."""
+    return Columns(question=cfg.question, answer=cfg.answer, solution=cfg.solution)
 
 
 def reward_pool(task, cfg) -> RewardPool:

@@ -57,6 +57,19 @@ class RewardStats:
         return {f"{prefix}errors": self.errors, f"{prefix}timeouts": self.timeouts,
                 f"{prefix}crashes": self.crashes}
 
+    @classmethod
+    def merge(cls, parts: list["RewardStats"]) -> "RewardStats":
+        """The failures of several scoring calls (or ranks) together."""
+        total = cls()
+        for s in parts:
+            total.errors += s.errors
+            total.timeouts += s.timeouts
+            total.crashes += s.crashes
+            for fn, n in s.by_fn.items():
+                total.by_fn[fn] = total.by_fn.get(fn, 0) + n
+            total.first_error = total.first_error or s.first_error
+        return total
+
     def summary(self) -> str:
         parts = [f"{n} {k}" for k, n in (("errors", self.errors), ("timeouts", self.timeouts),
                                           ("crashes", self.crashes)) if n]

@@ -1,0 +1,122 @@
+"""Held-out evaluation: the task's held-out split (greedy and sampled accuracy) and any number of
+extra evaluation sets (``eval.sets``), each with its own data and reward functions, reported as
+avg@k (mean reward over k samples per problem; the paper's avg@32) and pass@k.
+
+Problems are split across ranks (contiguous slices) and the per-problem results gathered, so a
+K-rank evaluation equals the 1-rank one. Sampling seeds come from the problem's global index.
+"""
+
+from __future__ import annotations
+
+from stablerl import distributed as D
+from stablerl.config import EvalSetConfig, RunConfig
+from stablerl.sft import encode_prompt
+from stablerl.tasks import Problem, RewardPool, RewardStats, columns_of, load_problems
+
+
+def _my_slice(n: int, world: D.World) -> range:
+    return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
+
+
+def sample_and_score(engine, tokenizer, problems: list[Problem], rewards: RewardPool, cfg: RunConfig, n: int,
+                     temperature: float, seed_of, world: D.World) -> tuple[list[list[float]], RewardStats]:
+    """``n`` responses per problem; every rank's per-problem rewards, in problem order, and the
+    reward failures over all ranks."""
+    mine = _my_slice(len(problems), world)
+    scores: list[list[float]] = []
+    stats = RewardStats()
+    if len(mine):
+        prompts = [encode_prompt(tokenizer, problems[i].prompt, cfg.task.chat_template, cfg.task.system_prompt)
+                   for i in mine]
+        seeds = [seed_of(i * n + s) for i in mine for s in range(n)]
+        sampling = cfg.rollout.sampling().model_copy(update={"temperature": temperature})
+        batch = engine.generate([p for p in prompts for _ in range(n)], sampling, seeds=seeds, capture_routes=False)
+        texts = [tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
+                 for i in range(len(batch))]
+        picked = [problems[i] for i in mine for _ in range(n)]
+        result = rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip(picked, texts)])
+        stats = result.stats
+        scores = [result.total[j * n:(j + 1) * n] for j in range(len(mine))]
+    scores = [x for part in D.all_gather_objects(scores) for x in part]
+    return scores, RewardStats.merge(D.all_gather_objects(stats))
+
+
+def evaluate(engine, tokenizer, task, rewards: RewardPool, cfg: RunConfig, seed_of, world: D.World | None = None,
+             sets: list["EvalSet"] = ()) -> dict:
+    """Held-out accuracy, greedy and sampled (mean over ``eval.samples`` per problem, by level when
+    the task has levels), every evaluation set's avg@k and pass@k, and the reward failures."""
+    world = world or D.World()
+    problems = task.eval_problems()
+    out: dict = {}
+    failures = RewardStats()
+    modes = [("greedy", 0.0, 1)] * cfg.eval.greedy + \
+        [("sampled", cfg.rollout.temperature, cfg.eval.samples)] * cfg.eval.sampled
+    for name, temperature, n in modes:
+        scores, stats = sample_and_score(engine, tokenizer, problems, rewards, cfg, n, temperature, seed_of, world)
+        failures = RewardStats.merge([failures, stats])
+        per_problem = [sum(s) / n for s in scores]
+        out[f"eval/{name}_acc"] = sum(per_problem) / len(per_problem)
+        levels = sorted({p.level for p in problems if p.level})
+        for lv in levels if len(levels) > 1 else []:
+            sel = [r for r, p in zip(per_problem, problems) if p.level == lv]
+            out[f"eval/{name}_acc/level_{lv}"] = sum(sel) / len(sel)
+    for k, eval_set in enumerate(sets):
+        # each set's seeds are its own (index k + 1), distinct from the held-out split's
+        scores, stats = sample_and_score(engine, tokenizer, eval_set.problems, eval_set.rewards, cfg,
+                                         eval_set.cfg.samples, cfg.rollout.temperature,
+                                         lambda *p, k=k: seed_of(1_000_000 * (k + 1), *p), world)
+        failures = RewardStats.merge([failures, stats])
+        out.update(eval_set.metrics(scores))
+    out["eval/reward_failures"] = failures.failures
+    if failures.failures:
+        out["eval/reward_failures_detail"] = failures.summary()
+    return out
+
+
+def pass_at_k(scores: list[list[float]], threshold: float) -> float:
+    """The fraction of problems with at least one sample whose reward reaches ``threshold``."""
+    return sum(any(s >= threshold for s in row) for row in scores) / len(scores)
+
+
+class EvalSet:
+    """One ``eval.sets`` entry: its problems and its reward pool (the task's pool when it names no
+    reward functions of its own)."""
+
+    def __init__(self, cfg: EvalSetConfig, task_cfg, task_rewards: RewardPool):
+        self.cfg = cfg
+        key = f"eval.sets[{cfg.name}].dataset"
+        columns = columns_of(cfg.columns or task_cfg.columns)
+        if not cfg.reward_fns and not task_cfg.reward_fns and columns.answer is None:
+            raise ValueError(f"eval.sets[{cfg.name}]: no answer column and no reward functions to score with")
+        self.problems = load_problems(cfg.dataset, columns, cfg.prompt_template or task_cfg.prompt_template,
+                                      cfg.split, cfg.dataset_config, key=key)[: cfg.max_problems]
+        self.own_rewards = None
+        if cfg.reward_fns:
+            try:
+                self.own_rewards = RewardPool(cfg.reward_fns, cfg.reward_weights, workers=task_cfg.reward_workers,
+                                              timeout_s=task_cfg.reward_timeout_s, memory_mb=task_cfg.reward_memory_mb)
+            except ValueError as e:
+                raise ValueError(f"eval.sets[{cfg.name}].reward_fns: {e}") from None
+        self.rewards = self.own_rewards or task_rewards
+
+    def metrics(self, scores: list[list[float]]) -> dict[str, float]:
+        k, name = self.cfg.samples, self.cfg.name
+        return {f"eval/{name}/avg@{k}": sum(sum(s) / k for s in scores) / len(scores),
+                f"eval/{name}/pass@{k}": pass_at_k(scores, self.cfg.pass_threshold)}
+
+    def close(self) -> None:
+        if self.own_rewards is not None:
+            self.own_rewards.close()
+
+
+def build_eval_sets(cfg: RunConfig, task_rewards: RewardPool) -> list[EvalSet]:
+    """Every ``eval.sets`` entry, loaded and checked (before any training work)."""
+    out: list[EvalSet] = []
+    try:
+        for s in cfg.eval.sets:
+            out.append(EvalSet(s, cfg.task, task_rewards))
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
