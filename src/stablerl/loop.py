@@ -31,7 +31,7 @@ from stablerl.config import RunConfig
 from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.learner import Learner, derive_seed
 from stablerl.models import build_model, load_policy
-from stablerl.rollout import LocalEngine, RolloutBatch
+from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine
 from stablerl.routing import is_moe
 from stablerl.rundir import RunLock, RunLocked, is_run_dir, read_config, record_config
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
@@ -143,8 +143,8 @@ class Trainer:
             self.log(f"[warning] {w}")
         self.tokenizer, self.moe = tokenizer, is_moe(model)
         # the engine is built from the full weights before the learner shards the model
-        self.engine = LocalEngine(model, cfg.rollout.precision, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id, weight_noise=cfg.rollout.weight_noise)
+        self.model_config = model.config
+        self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=world.distributed)
         self.learner = Learner(model, cfg, world)
         self.step = 0
         if ckpt is not None:
@@ -157,6 +157,8 @@ class Trainer:
         self.sampling = cfg.rollout.sampling()
 
     def close(self) -> None:
+        if hasattr(getattr(self, "engine", None), "close"):
+            self.engine.close()
         for eval_set in getattr(self, "eval_sets", []):
             eval_set.close()
         if getattr(self, "rewards", None) is not None:
@@ -223,7 +225,7 @@ class Trainer:
         return batch, metrics
 
     # ---------------------------------------------------------------------------------------
-    def _eval_engine(self) -> LocalEngine:
+    def _eval_engine(self) -> RolloutEngine:
         """The rollout engine itself when it computes as ``eval.precision`` asks (its weights are
         current), else one cached engine in ``eval.precision`` synced to the policy. Evaluation
         never sees the rollout engine's ``weight_noise``: it measures the policy."""
@@ -231,7 +233,8 @@ class Trainer:
             return self.engine
         weights = self.learner.full_weights()
         if self._eval is None:
-            self._eval = LocalEngine(self.engine.model, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
+            plain = self.engine.model if isinstance(self.engine, LocalEngine) else build_model(self.model_config)
+            self._eval = LocalEngine(plain, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
                                      pad_token_id=self.tokenizer.pad_token_id)
         self._eval.load_weights(weights, version=self.engine.version)
         return self._eval
@@ -364,4 +367,4 @@ class Trainer:
         """A plain (unsharded) model object to call ``save_pretrained`` on with ``weights``."""
         if not self.world.distributed:
             return self.learner.model
-        return build_model(self.engine.model.config)
+        return build_model(self.model_config)

@@ -26,8 +26,9 @@ NAME = "stablerl_grouped_mm"
 
 
 def _standard_layout(experts: nn.Module) -> bool:
+    # transformers < 5.20 has no `has_post_expert_norm` (and no such norms): absent means False
     return (getattr(experts, "has_gate", False) and not getattr(experts, "has_bias", True)
-            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_post_expert_norm", True)
+            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_post_expert_norm", False)
             and getattr(experts, "is_concatenated", False) and not getattr(experts, "_is_expert_parallel", True)
             and hasattr(F, "grouped_mm"))
 

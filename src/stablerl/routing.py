@@ -76,6 +76,15 @@ def is_moe(model: nn.Module) -> bool:
     return True
 
 
+def moe_layer_indices(model: nn.Module) -> list[int]:
+    """The decoder-layer index of each MoE layer, in route order (dense layers have no routes)."""
+    routers = {id(r) for r in moe_routers(model)}
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
+    return [i for i, layer in enumerate(layers) if any(id(m) in routers for m in layer.modules())]
+
+
 def route_shape(model: nn.Module) -> tuple[int, int, int]:
     """(num_moe_layers, top_k, num_experts) of ``model``."""
     routers = moe_routers(model)

@@ -32,7 +32,7 @@ class HFDecoder:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         kwargs = dict(input_ids=ids, attention_mask=self.attention_mask, position_ids=positions,
-                      cache=self.cache, use_cache=True, logits_to_keep=1)
+                      past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         if not self.capture:
             return self.model(**kwargs).logits[:, -1], None
         with capture_routes(self.model) as cap:
