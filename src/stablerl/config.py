@@ -141,7 +141,9 @@ class LabConfig(StrictModel):
 class ModelConfig(StrictModel):
     path: str | None = Field(None, description="HF checkpoint dir (model + tokenizer) to start from; "
                              "none = the default tiny Qwen3-MoE, cold-started by SFT.")
-    hidden_size: int = Field(96, ge=16, description="Default model only: hidden size (also expert size).")
+    hidden_size: int = Field(96, ge=16, description="Default model only: hidden size (4 attention heads).")
+    expert_size: int | None = Field(None, ge=8, description="Default model only: each expert's intermediate size "
+                                    "(none = hidden_size).")
     num_layers: int = Field(4, ge=1, description="Default model only: decoder layers.")
     num_experts: int = Field(8, ge=2, description="Default model only: routed experts per MoE layer.")
     top_k: int = Field(2, ge=1, description="Default model only: experts per token.")

@@ -140,7 +140,8 @@ def cold_start(cfg, task: Task, log=print) -> Path:
     tokenizer = build_tokenizer()
     m = cfg.model
     model = build_model(default_model_config(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                             num_experts=m.num_experts, top_k=m.top_k, expert_size=m.hidden_size),
+                                             num_experts=m.num_experts, top_k=m.top_k,
+                                             expert_size=m.expert_size or m.hidden_size),
                         seed=m.init_seed)
     log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"for {cfg.sft.steps} steps -> {out}")

@@ -36,9 +36,8 @@ DOSE_LEVELS: dict[str, list[str]] = {
     "bf16": ["rollout.precision=bf16"],
     "fp8": ["rollout.precision=fp8"],
     "w8a8": ["rollout.precision=fp8_w8a8"],
-    "w8a8_noise05": ["rollout.precision=fp8_w8a8", "rollout.weight_noise=0.05"],
-    "w8a8_noise10": ["rollout.precision=fp8_w8a8", "rollout.weight_noise=0.1"],
     "w8a8_noise20": ["rollout.precision=fp8_w8a8", "rollout.weight_noise=0.2"],
+    "w8a8_noise40": ["rollout.precision=fp8_w8a8", "rollout.weight_noise=0.4"],
 }
 DOSE_N = 4  # the off-policy ablations of the dose-response run at this N
 
