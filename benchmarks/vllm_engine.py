@@ -68,17 +68,17 @@ def main() -> None:
     model, tok, task = cold_start(args.sft_steps)
     prompts = [encode_prompt(tok, task.train_problem(i).prompt) for i in range(args.batch)]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-    eos = dict(eos_token_id=[], pad_token_id=tok.pad_token_id)  # fixed lengths: every response is max long
-
     report: dict = {"setup": vars(args), "discrepancy": {}, "throughput_tokens_per_s": {}}
-    engines = {
-        "vllm_fp32": VllmEngine(model, tok, "fp32", max_model_len=256, eos_token_id=[]),
-        "vllm_bf16": VllmEngine(model, tok, "bf16", max_model_len=256, eos_token_id=[]),
-        "local_fp32": LocalEngine(model, "fp32", **eos),
-        "local_bf16": LocalEngine(model, "bf16", **eos),
-        "local_fp8": LocalEngine(model, "fp8", **eos),
-        "local_fp8_w8a8": LocalEngine(model, "fp8_w8a8", **eos),
-    }
+
+    def engines_with(eos: list[int]) -> dict:
+        local = dict(eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        return {"vllm_fp32": VllmEngine(model, tok, "fp32", max_model_len=256, eos_token_id=eos),
+                "vllm_bf16": VllmEngine(model, tok, "bf16", max_model_len=256, eos_token_id=eos),
+                "local_fp32": LocalEngine(model, "fp32", **local), "local_bf16": LocalEngine(model, "bf16", **local),
+                "local_fp8": LocalEngine(model, "fp8", **local), "local_fp8_w8a8": LocalEngine(model, "fp8_w8a8", **local)}
+
+    # discrepancy on responses as RL samples them: each ends at its EOS
+    engines = engines_with([tok.eos_token_id])
     for name, engine in engines.items():
         report["discrepancy"][name] = discrepancy(engine, model, prompts, sampling)
         print(f"{name:>15}: KL k3 {report['discrepancy'][name]['kl_k3']:.2e}  k1 {report['discrepancy'][name]['kl_k1']:.2e}"
@@ -93,6 +93,11 @@ def main() -> None:
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=args.new_tokens,
                            min_new_tokens=args.new_tokens, top_k=0, pad_token_id=pad)
+
+    for engine in engines.values():
+        if hasattr(engine, "close"):
+            engine.close()
+    engines = engines_with([])  # throughput at fixed lengths: every response is max_new_tokens long
 
     def gen(name):
         return lambda: engines[name].generate(prompts, sampling, seeds=list(range(len(prompts))))

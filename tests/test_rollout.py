@@ -182,6 +182,22 @@ def test_w8a8_engine_quantizes_activations_on_both_paths(moe):
     assert float(diff.max()) < 0.05
 
 
+def test_building_an_engine_never_changes_the_training_model():
+    """An engine holds its own copy of the weights *and* of the config: the W8A8 engine switches
+    its own model's experts implementation, which must not reach the training model (it once
+    did through a shared config object, quietly quantizing the training forward's experts)."""
+    model = build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=EOS), seed=1).eval()
+    ids = torch.tensor([prompts(1, seed=9)[0]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.clone()
+    implementation = model.config._experts_implementation
+    for precision in ("fp32", "bf16", "fp8", "fp8_w8a8"):
+        LocalEngine(model, precision, weight_noise=0.1).generate(prompts(2), SamplingConfig(max_new_tokens=4))
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, before), precision
+        assert model.config._experts_implementation == implementation, precision
+
+
 def test_weight_noise_is_a_fixed_pattern_on_the_engine_only(moe):
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     ps, sampling = prompts(32, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=16)

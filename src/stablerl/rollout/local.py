@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -47,7 +48,9 @@ class LocalEngine:
         if not 0 <= weight_noise < float("inf"):
             raise ValueError(f"weight_noise must be a finite number >= 0, got {weight_noise}")
         self.precision, self.weight_noise = precision, float(weight_noise)
-        config = model.config
+        # a copy: from_config shares the config object, and what the engine sets on its own model
+        # (the W8A8 experts implementation) must never reach the training model
+        config = copy.deepcopy(model.config)
         self.model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(precision)).eval()
         self.model.requires_grad_(False)
         self._fp8_exempt = fp8_exempt_names(self.model)
