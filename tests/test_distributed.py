@@ -12,14 +12,11 @@ that kills the whole process group: no port clashes, no orphaned ranks.
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun_train
 
 from stablerl import checkpoint
 from stablerl.config import RunConfig
@@ -41,21 +38,7 @@ def base_args(ckpt, run_dir, *extra):
 
 
 def torchrun(args, *, resume=None, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "stablerl", "train", *(["--resume", str(resume)] if resume else []), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{out[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out
+    return torchrun_train([*(["--resume", str(resume)] if resume else []), *args], timeout=timeout)
 
 
 def one_rank(ckpt, run_dir, *extra, resume=False, steps=None):

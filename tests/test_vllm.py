@@ -7,14 +7,13 @@ needs one of its supported head sizes).
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun_train
 
 from stablerl.config import RolloutConfig, SamplingConfig
 from stablerl.diagnostics import route_agreement, train_infer_kl
@@ -261,20 +260,8 @@ def test_two_gloo_ranks_each_with_its_own_vllm(tmp_path):
     one = subprocess.run([sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'k1'}", *extra],
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stablerl",
-           "train", f"run_dir={tmp_path / 'k2'}", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        out, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{out[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-3000:]
+    rc, out = torchrun_train([f"run_dir={tmp_path / 'k2'}", *extra], timeout=600)
+    assert rc == 0, out[-3000:]
     a = [json.loads(x) for x in (tmp_path / "k1" / "rollouts.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "k2" / "rollouts.jsonl").read_text().splitlines()]
     assert [r["completions"] for r in a] == [r["completions"] for r in b]

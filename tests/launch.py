@@ -1,0 +1,27 @@
+"""Launching `stablerl train` under torchrun from a test: a free port, a timeout, no orphans."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+
+def torchrun_train(args: list[str], *, nproc: int = 2, timeout: float = 240) -> tuple[int, str]:
+    """``torchrun --standalone`` (a free port of its own) in its own session; on timeout the
+    whole process group is killed and the test fails with the output's tail."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "stablerl", "train", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{out[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
