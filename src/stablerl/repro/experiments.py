@@ -27,7 +27,7 @@ from __future__ import annotations
 MINI_PROMPTS, GROUP = 8, 16          # one mini-batch: 8 prompts x 16 responses = 128 responses
 OPT_STEPS = 160                      # optimizer steps per run, for every N (divisible by 1, 2, 4, 8)
 EVAL_OPT_STEPS = 20                  # evaluate every this many optimizer steps
-STRESS_LR = 1e-4                     # calibrated once for all experiments (docs/results.md)
+STRESS_LR = 2e-4                     # calibrated once for all experiments (docs/results.md)
 
 # dose-response: the inference engine's discrepancy, from none to beyond FP8 W8A8 (a fixed
 # perturbation of the engine's weights on top of it, rollout.weight_noise)
