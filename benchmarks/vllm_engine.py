@@ -7,7 +7,7 @@
    kernels) beside LocalEngine's emulated bf16, fp8 (weight-only) and fp8_w8a8. Is the emulation
    realistic?
 2. Throughput: vLLM vs LocalEngine vs HF `generate`, same batch, lengths and sampling, routes
-   captured by both stablerl engines; alternating repeats, medians.
+   captured by all three (HF through stablerl's capture hooks); alternating repeats, medians.
 
 The model is the default tiny Qwen3-MoE widened to hidden 128 (head_dim 32: vLLM's CPU attention
 needs one of its head sizes), cold-started by SFT on the arithmetic task so that its distribution
@@ -63,6 +63,7 @@ def main() -> None:
     from stablerl.config import SamplingConfig
     from stablerl.rollout import LocalEngine
     from stablerl.rollout.vllm import VllmEngine
+    from stablerl.routing import capture_routes
     from stablerl.sft import encode_prompt
 
     model, tok, task = cold_start(args.sft_steps)
@@ -90,7 +91,7 @@ def main() -> None:
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-        with torch.inference_mode():
+        with torch.inference_mode(), capture_routes(model):  # routes captured, as by both engines
             model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=args.new_tokens,
                            min_new_tokens=args.new_tokens, top_k=0, pad_token_id=pad)
 
