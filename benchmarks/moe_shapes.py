@@ -4,9 +4,9 @@
 
 A 30B MoE has 48 layers and 128 experts with top-8: small numeric differences flip more expert
 choices, and the flips compound through depth. The miniature's default (4 layers, 8 experts,
-top-2) is far from that; `deep` (8 layers, 32 experts, top-4, experts half as wide, so a token's
-expert compute per layer is unchanged) is closer and still trains on a 2-core CPU. Each shape is
-cold-started by the same SFT (cached under runs/sft/), then each engine precision samples the same
+top-2) is far from that; `deep` (examples/deep_moe/config.yaml: 8 layers, 32 experts, top-4,
+experts half as wide, so a token's expert compute per layer is unchanged) is closer and still
+trains on a 2-core CPU. Each shape is cold-started by the same SFT (cached under runs/sft/), then each engine precision samples the same
 held-out prompts and is compared with the fp32 training model: k3 and k1 KL per sampled token,
 routing agreement overall and by layer. Also reported: SFT time and one RL update's time.
 """
@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "default": ["model.num_layers=4", "model.num_experts=8", "model.top_k=2"],
-    "deep": ["model.num_layers=8", "model.num_experts=32", "model.top_k=4", "model.expert_size=48"],
-}
+# shape name -> config file (None = the default tiny MoE); the deep shape ships as an example config
+SHAPES = {"default": None, "deep": Path(__file__).resolve().parents[1] / "examples" / "deep_moe" / "config.yaml"}
 
 
 def main() -> None:
@@ -43,8 +41,8 @@ def main() -> None:
     from stablerl.tasks import build_task
 
     report = {}
-    for shape, overrides in SHAPES.items():
-        cfg = build_config(RunConfig, None, overrides)
+    for shape, config_file in SHAPES.items():
+        cfg = build_config(RunConfig, config_file, [])
         task = build_task(cfg.task)
         t0 = time.perf_counter()
         path = cold_start(cfg, task, log=lambda *_: None)

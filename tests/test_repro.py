@@ -78,3 +78,24 @@ def test_collapse_catches_both_entropy_directions():
     assert collapse(rows([0.3] * 20 + [0.8] * 80, [0.1] * 20 + [0.02] * 80)) == (None, "")
     # steps are reported as optimizer steps: N mini-batches per rollout step
     assert collapse(rows(rewards, [0.1] * 100), n=4) == (4 * 71, "reward fell")
+
+
+def test_the_deep_moe_example_builds_the_shape_it_names():
+    """examples/deep_moe/config.yaml: 8 layers, 32 experts, top-4, experts 48 wide; the parameter
+    count against a hand count of a Qwen3-MoE layer."""
+    from pathlib import Path
+
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
+    from stablerl.models import build_default_policy, build_tokenizer
+
+    cfg = build_config(RunConfig, str(Path(__file__).parents[1] / "examples" / "deep_moe" / "config.yaml"), [])
+    tok = build_tokenizer()
+    model = build_default_policy(cfg.model, tok)
+    c = model.config
+    assert (c.num_hidden_layers, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (8, 32, 4, 48)
+    h, v, e, i, hd = 96, len(tok), 32, 48, 96 // 4
+    attention = h * 4 * hd + 2 * (h * 2 * hd) + 4 * hd * h + 2 * hd  # q, k, v, o, q/k norms
+    moe = h * e + e * 3 * h * i                                      # router, experts (gate, up, down)
+    per_layer = attention + moe + 2 * h                              # + two RMSNorms
+    assert sum(p.numel() for p in model.parameters()) == v * h + 8 * per_layer + h  # tied embedding, final norm

@@ -126,9 +126,11 @@ def _repro(args: argparse.Namespace) -> int:
     # seed by seed across the experiments: an interrupted `all` has every experiment at equal depth
     for seed in range(args.seeds):
         for name in names:
-            run_experiment(name, out, [seed], args.overrides)
+            dirs = run_experiment(name, out, [seed], args.overrides)
             paths = write_report(name, out, args.seeds)
-            print(f"[repro {name}] seeds 0..{seed} done; table: {paths['md']}  figure: {paths['png']}")
+            elsewhere = sum(not (d / "summary.json").is_file() for d in dirs)
+            state = f"{elsewhere} run(s) of seed {seed} still running in another process" if elsewhere else "done"
+            print(f"[repro {name}] seeds 0..{seed} {state}; table: {paths['md']}  figure: {paths['png']}")
     return 0
 
 

@@ -142,6 +142,14 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['
                  "{% if add_generation_prompt %}[assistant] {% endif %}")
 
 
+def build_default_policy(model_cfg, tokenizer):
+    """The default tiny MoE shaped by the config's ``model`` section, freshly initialized."""
+    m = model_cfg
+    config = default_model_config(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                                  num_experts=m.num_experts, top_k=m.top_k, expert_size=m.expert_size or m.hidden_size)
+    return build_model(config, seed=m.init_seed)
+
+
 def default_model_config(tokenizer, **overrides) -> PretrainedConfig:
     """The default policy: a tiny Qwen3-MoE (4 layers, 8 experts, top-2) over ``tokenizer``."""
     settings = dict(hidden_size=96, num_layers=4, num_experts=8, top_k=2, expert_size=96, max_positions=256)

@@ -131,18 +131,14 @@ def _data_digest(source: str) -> str:
 
 def cold_start(cfg, task: Task, log=print) -> Path:
     """The SFT checkpoint for ``cfg`` (trained and saved the first time, reused afterwards)."""
-    from stablerl.models import build_model, build_tokenizer, default_model_config
+    from stablerl.models import build_default_policy, build_tokenizer
 
     out = sft_output_dir(cfg)
     if (out / "config.json").is_file():
         log(f"[cold start] reusing {out}")
         return out
     tokenizer = build_tokenizer()
-    m = cfg.model
-    model = build_model(default_model_config(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                             num_experts=m.num_experts, top_k=m.top_k,
-                                             expert_size=m.expert_size or m.hidden_size),
-                        seed=m.init_seed)
+    model = build_default_policy(cfg.model, tokenizer)
     log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"for {cfg.sft.steps} steps -> {out}")
     run_sft(model, tokenizer, task, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
