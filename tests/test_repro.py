@@ -6,7 +6,7 @@ import json
 import pytest
 
 from stablerl.repro import EXPERIMENTS, collapse_step, run_experiment, write_report
-from stablerl.repro.report import collapse
+from stablerl.repro.report import collapse, run_stats
 
 
 @pytest.mark.slow
@@ -76,8 +76,13 @@ def test_collapse_catches_both_entropy_directions():
     assert (step, how) == (53, "entropy blew up")  # the 10-step mean passes 3 x 0.1 at the 3rd value of 1.0
     # a healthy run whose entropy falls as it learns (reward up) is not a collapse
     assert collapse(rows([0.3] * 20 + [0.8] * 80, [0.1] * 20 + [0.02] * 80)) == (None, "")
-    # steps are reported as optimizer steps: N mini-batches per rollout step
-    assert collapse(rows(rewards, [0.1] * 100), n=4) == (4 * 71, "reward fell")
+    # steps and windows are optimizer steps: N mini-batches per rollout step, so at N = 4 the reward
+    # window is 5 rollout steps, below half the peak 0.6 once 3 of its 5 values are 0.05 (rollout step 63)
+    assert collapse(rows(rewards, [0.1] * 100), n=4) == (4 * 63, "reward fell")
+    # and the final reward is over the last 20 optimizer steps' worth: 5 rollout steps at N = 4
+    assert run_stats({}, rows(rewards[:57] + [0.2, 0.2, 0.4, 0.4, 0.4], [0.1] * 62), n=4)["final_reward"] == pytest.approx(
+        (0.2 * 2 + 0.4 * 3) / 5)
+    assert run_stats({}, rows(rewards, [0.1] * 100))["final_reward"] == pytest.approx(0.05)
 
 
 def test_the_deep_moe_example_builds_the_shape_it_names():

@@ -3,19 +3,21 @@
 Collapse (the definition every table uses; it catches both directions the paper saw): a run
 collapsed at step c when, from c to its end,
 
-- its training reward (20-step moving average, after the first 20 steps) stays below half of its
-  running peak — whatever its entropy does: the report says whether the entropy *dropped*
+- its training reward (moving average over 20 optimizer steps' worth of rollouts, after the
+  first 20 optimizer steps) stays below half of its running peak — whatever its entropy does: the report says whether the entropy *dropped*
   (below half its initial level, the paper's collapse without IS) or *blew up* (above twice it,
   off-policy without clipping or replay) by then; or
-- its entropy (10-step moving average) stays above 3x its initial level (the median of the first
-  10 steps): a policy dissolving into noise, even before the reward has fallen; or
+- its entropy (moving average over 10 optimizer steps' worth) stays above 3x its initial level
+  (the median over the first 10 optimizer steps' worth): a policy dissolving into noise, even before the reward has fallen; or
 - it was stopped for non-finite steps (collapsed at the step it stopped).
 
-All steps in the tables and figures are *optimizer* steps (rollout step x N), so runs at
-different N, which make the same number of updates on the same amount of data, line up.
+All steps and windows in the tables and figures are *optimizer* steps (rollout step x N), so
+runs at different N, which make the same number of updates on the same amount of data, line up:
+a window of W optimizer steps is W / N rollout steps of N mini-batches each, the same number of
+responses at every N.
 
 Per variant over seeds: final and peak held-out sampled accuracy (mean ± std), the training
-reward averaged over the last 20 rollout steps, how many seeds collapsed, at which steps and how,
+reward averaged over the last 20 optimizer steps' worth of rollouts, how many seeds collapsed, at which steps and how,
 the mean training-inference KL over all steps (k3, and k1 as the paper plots it), the mean wall
 time of one run; then diagnostics: the largest KL of each seed and how many steps it spent above
 ``KL_SPIKE``, the mean routing agreement between training and inference, the mean fraction of
@@ -35,6 +37,7 @@ from stablerl.repro.runner import run_dir_of
 from stablerl.runlog import read_metrics
 
 KL_SPIKE = 5e-3
+REWARD_WINDOW, ENTROPY_WINDOW = 20, 10  # in optimizer steps (the same data at every N)
 
 CURVES = (("reward_mean", "training reward", 10), ("eval/sampled_acc", "held-out accuracy (sampled)", 1),
           ("entropy", "token entropy", 10), ("train_infer_kl", "training-inference KL (k3)", 10),
@@ -46,15 +49,22 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return ([s for s, _ in pts], [v for _, v in pts]) if pts else ([], [])
 
 
-def collapse(rows: list[dict], aborted: bool = False, window: int = 20, n: int = 1) -> tuple[int | None, str]:
-    """``(optimizer step of the collapse or None, how)`` by the module's definition; ``n`` is
-    the run's mini-batches per step (steps are reported as optimizer steps)."""
+def _rollout_steps(optimizer_steps: int, n: int) -> int:
+    return max(1, optimizer_steps // n)
+
+
+def collapse(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW, n: int = 1) -> tuple[int | None, str]:
+    """``(optimizer step of the collapse or None, how)`` by the module's definition; ``rows`` are
+    per rollout step, ``n`` is the run's mini-batches per rollout step and ``window`` is in
+    optimizer steps (steps are reported as optimizer steps)."""
     steps, rewards = _series(rows, "reward_mean")
     if aborted:
         return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
+    window = _rollout_steps(window, n)
+    e_window = _rollout_steps(ENTROPY_WINDOW, n)
     e_steps, entropy = _series(rows, "entropy")
-    e_ma = moving_average(entropy, 10)
-    h0 = statistics.median(entropy[:10]) if entropy else float("nan")
+    e_ma = moving_average(entropy, e_window)
+    h0 = statistics.median(entropy[:e_window]) if entropy else float("nan")
 
     def entropy_at(step: int) -> float:
         before = [v for s, v in zip(e_steps, e_ma) if s <= step]
@@ -83,7 +93,7 @@ def collapse(rows: list[dict], aborted: bool = False, window: int = 20, n: int =
     return step * n, how
 
 
-def collapse_step(rows: list[dict], aborted: bool = False, window: int = 20) -> int | None:
+def collapse_step(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW) -> int | None:
     return collapse(rows, aborted, window)[0]
 
 
@@ -107,7 +117,7 @@ def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict
 
 def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
     evals = [r["eval/sampled_acc"] for r in rows if "eval/sampled_acc" in r]
-    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r][-20:]
+    rewards = [r["reward_mean"] for r in rows if "reward_mean" in r][-_rollout_steps(REWARD_WINDOW, n):]
 
     def values(key: str) -> list[float]:
         return [r[key] for r in rows if key in r and r[key] == r[key]]
