@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from layout import assert_batch_layout
 
 from stablerl.config import SamplingConfig
 from stablerl.diagnostics import route_agreement, train_infer_kl
@@ -105,20 +106,8 @@ def test_layout_eos_padding_and_routes(moe):
     ps = prompts(8, seed=4)
     batch = engine.generate(ps, SamplingConfig(max_new_tokens=10), seeds=seeds(8, 1))
     P = batch.prompt_width
-    assert P == max(len(p) for p in ps)
-    for i, p in enumerate(ps):
-        assert batch.input_ids[i, P - len(p):P].tolist() == p
-        assert batch.attention_mask[i, :P].tolist() == [0] * (P - len(p)) + [1] * len(p)
-        m = batch.response_mask[i]
-        n = int(m.sum())
-        assert m.tolist() == [True] * n + [False] * (len(m) - n)  # a contiguous prefix
-        tokens = batch.response_ids[i, :n].tolist()
-        eos_at = [j for j, t in enumerate(tokens) if 1 <= t <= 32]
-        if batch.finished[i]:
-            assert eos_at == [n - 1]  # stops at its first EOS
-        else:
-            assert eos_at == [] and n == batch.response_ids.shape[1]
-        assert bool((batch.response_ids[i, n:] == 0).all()) and bool((batch.rollout_logp[i, n:] == 0).all())
+    lengths = assert_batch_layout(batch, ps, lambda t: 1 <= t <= 32, max_new_tokens=10, pad_token_id=0)
+    for i, n in enumerate(lengths):
         routes = batch.routes[i]
         real = batch.attention_mask[i].bool()
         assert bool((routes[~real] == NO_ROUTE).all())          # padding: no route
@@ -128,7 +117,7 @@ def test_layout_eos_padding_and_routes(moe):
             assert bool((routes[real][:-1] >= 0).all())
         else:                   # an EOS fed back in the next step has its route
             assert bool((routes[real] >= 0).all())
-    assert bool(batch.finished.any()) and batch.routes.shape == (8, batch.input_ids.shape[1], 4, 2)
+    assert batch.routes.shape == (8, batch.input_ids.shape[1], 4, 2)
 
 
 def test_temperature_and_greedy_match_the_training_distribution(moe):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from launch import torchrun_train
+from layout import assert_batch_layout
 
 from stablerl.config import RolloutConfig, SamplingConfig
 from stablerl.diagnostics import route_agreement, train_infer_kl
@@ -153,23 +154,9 @@ def test_layout_eos_and_max_tokens():
         batch = engine.generate(ps, SamplingConfig(max_new_tokens=10), seeds=list(range(8)))
     finally:
         engine.close()
-    P = batch.prompt_width
-    assert P == max(len(p) for p in ps)
-    for i, p in enumerate(ps):
-        assert batch.input_ids[i, P - len(p):P].tolist() == p
-        assert batch.attention_mask[i, :P].tolist() == [0] * (P - len(p)) + [1] * len(p)
-        m = batch.response_mask[i]
-        n = int(m.sum())
-        assert m.tolist() == [True] * n + [False] * (len(m) - n)
-        tokens = batch.response_ids[i, :n].tolist()
-        eos_at = [j for j, t in enumerate(tokens) if 1 <= t < 50]
-        if batch.finished[i]:
-            assert eos_at == [n - 1]  # stopped at its first EOS, which is part of the response
-        else:
-            assert eos_at == [] and n == 10
-        assert bool((batch.response_ids[i, n:] == tok.pad_token_id).all())
-        assert bool((batch.rollout_logp[i, n:] == 0).all()) and bool((batch.rollout_logp[i, :n] < 0).all())
-    assert bool(batch.finished.any())
+    lengths = assert_batch_layout(batch, ps, lambda t: 1 <= t < 50, max_new_tokens=10, pad_token_id=tok.pad_token_id)
+    for i, n in enumerate(lengths):
+        assert bool((batch.rollout_logp[i, :n] < 0).all())
     greedy = greedy_batch(model, tok, ps)
     assert bool((greedy.rollout_logp == 0).all())  # greedy: log-prob 0, as LocalEngine
 
