@@ -221,7 +221,7 @@ def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict], int]
                 for _, metrics, n in runs[variant]:
                     xs, ys = _series(metrics, key)
                     if xs:
-                        series.append(([x * n for x in xs], moving_average(ys, smooth)))
+                        series.append(([x * n for x in xs], moving_average(ys, _rollout_steps(smooth, n))))  # smooth: optimizer steps
                 if not series:
                     continue
                 k = min(len(s[0]) for s in series)
