@@ -6,9 +6,10 @@ A 30B MoE has 48 layers and 128 experts with top-8: small numeric differences fl
 choices, and the flips compound through depth. The miniature's default (4 layers, 8 experts,
 top-2) is far from that; `deep` (examples/deep_moe/config.yaml: 8 layers, 32 experts, top-4,
 experts half as wide, so a token's expert compute per layer is unchanged) is closer and still
-trains on a 2-core CPU. Each shape is cold-started by the same SFT (cached under runs/sft/), then each engine precision samples the same
-held-out prompts and is compared with the fp32 training model: k3 and k1 KL per sampled token,
-routing agreement overall and by layer. Also reported: SFT time and one RL update's time.
+trains on a 2-core CPU. Each shape is cold-started by the same SFT (cached under runs/sft/), then
+each engine precision samples the same held-out prompts and is compared with the fp32 training
+model: k3 and k1 KL per sampled token, routing agreement overall and by layer. Also reported: SFT
+time and one RL update's time.
 """
 
 from __future__ import annotations

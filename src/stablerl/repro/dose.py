@@ -73,14 +73,14 @@ def dose_table(points: dict[str, list[dict]]) -> str:
             "mean ± std over seeds (drop from the peak):\n\n" + "\n".join(acc) + "\n")
 
 
-def plot_dose_response(runs: dict, path: Path) -> Path:
+def plot_dose_response(points: dict[str, list[dict]], path: Path) -> Path:
+    """The figure of ``dose_points``: outcomes (top: training reward, bottom: held-out accuracy)
+    against the measured KL, on-policy and off-policy side by side, then collapse rate and drop."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = dose_points(runs)
-    Path(path).with_name("dose_table.md").write_text(dose_table(points))
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     for i, (family, label) in enumerate(FAMILIES.items()):
         pts = sorted(points.get(family, []), key=lambda p: p["kl"])

@@ -17,8 +17,8 @@ a window of W optimizer steps is W / N rollout steps of N mini-batches each, the
 responses at every N.
 
 Per variant over seeds: final and peak held-out sampled accuracy (mean ± std), the training
-reward averaged over the last 20 optimizer steps' worth of rollouts, how many seeds collapsed, at which steps and how,
-the mean training-inference KL over all steps (k3, and k1 as the paper plots it), the mean wall
+reward averaged over the last 20 optimizer steps' worth of rollouts, how many seeds collapsed, at
+which steps and how, the mean training-inference KL over all steps (k3, and k1 as the paper plots it), the mean wall
 time of one run; then diagnostics: the largest KL of each seed and how many steps it spent above
 ``KL_SPIKE``, the mean routing agreement between training and inference, the mean fraction of
 all-wrong groups (zero advantage) and of IS-truncated tokens.
@@ -39,6 +39,7 @@ from stablerl.runlog import read_metrics
 KL_SPIKE = 5e-3
 REWARD_WINDOW, ENTROPY_WINDOW = 20, 10  # in optimizer steps (the same data at every N)
 
+# (metric, title, moving-average window in optimizer steps)
 CURVES = (("reward_mean", "training reward", 10), ("eval/sampled_acc", "held-out accuracy (sampled)", 1),
           ("entropy", "token entropy", 10), ("train_infer_kl", "training-inference KL (k3)", 10),
           ("route_agreement/train_infer", "routing agreement (train vs infer)", 10))
@@ -197,9 +198,12 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
         paths["md"].write_text(head + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in table))
         plot_experiment(name, runs, paths["png"])
         if name == "dose-response":
-            from stablerl.repro.dose import plot_dose_response
+            from stablerl.repro.dose import dose_points, dose_table, plot_dose_response
 
-            paths["dose_png"] = plot_dose_response(runs, dest / "dose_response.png")
+            points = dose_points(runs)
+            paths["dose_md"] = dest / "dose_table.md"
+            paths["dose_md"].write_text(dose_table(points))
+            paths["dose_png"] = plot_dose_response(points, dest / "dose_response.png")
     return paths
 
 
@@ -221,7 +225,7 @@ def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict], int]
                 for _, metrics, n in runs[variant]:
                     xs, ys = _series(metrics, key)
                     if xs:
-                        series.append(([x * n for x in xs], moving_average(ys, _rollout_steps(smooth, n))))  # smooth: optimizer steps
+                        series.append(([x * n for x in xs], moving_average(ys, _rollout_steps(smooth, n))))
                 if not series:
                     continue
                 k = min(len(s[0]) for s in series)
