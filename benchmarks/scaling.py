@@ -65,12 +65,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from stablerl.models import build_model, build_tokenizer, default_model_config
-    from stablerl.sft import save_checkpoint_dir
+    from stablerl.checkpoint import save_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tok = build_tokenizer()
-        ckpt = save_checkpoint_dir(build_model(default_model_config(tok), seed=0), tok, tmp / "model")
+        ckpt = save_model_dir(tmp / "model", build_model(default_model_config(tok), seed=0), tok)
         results = [run(k, args, tmp, ckpt) for k in args.ranks]
     base = results[0]
     print(f"{'K':>3} {'step s':>8} {'rollout s':>10} {'update s':>9} {'tokens/s':>9} {'speed-up':>9}")

@@ -92,13 +92,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from stablerl.models import build_model, build_tokenizer, default_model_config
-    from stablerl.sft import save_checkpoint_dir
+    from stablerl.checkpoint import save_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="stablerl-bench-"))
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
         tok = build_tokenizer()
-        ckpt = save_checkpoint_dir(build_model(default_model_config(tok), seed=0), tok, tmp / "model")
+        ckpt = save_model_dir(tmp / "model", build_model(default_model_config(tok), seed=0), tok)
     times: dict[str, list[float]] = {"stablerl": [], "trl": []}
     ours: list[dict] = []
     for r in range(args.rounds):

@@ -64,7 +64,7 @@ def main() -> None:
     from stablerl.rollout import LocalEngine
     from stablerl.rollout.vllm import VllmEngine
     from stablerl.routing import capture_routes
-    from stablerl.sft import encode_prompt
+    from stablerl.generation import encode_prompt
 
     model, tok, task = cold_start(args.sft_steps)
     prompts = [encode_prompt(tok, task.train_problem(i).prompt) for i in range(args.batch)]

@@ -19,6 +19,7 @@ import torch
 from launch import torchrun_train
 
 from stablerl import checkpoint
+from stablerl.rundir import RunDir
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.loop import Trainer
@@ -129,7 +130,7 @@ def test_two_rank_resume_and_export(ckpt, tmp_path):
     # the HF export of a 2-rank run loads with from_pretrained and equals the gathered weights
     from transformers import AutoModelForCausalLM
 
-    exported = AutoModelForCausalLM.from_pretrained(checkpoint.export_dir(full, 3)).state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(RunDir(full).export(3)).state_dict()
     assert_weights_close(wf, {k: exported[k] for k in wf}, rel=0)
 
     # the 2-rank checkpoint of step 2 resumed on 1 rank continues with the same maths (DCP reshards)

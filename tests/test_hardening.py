@@ -21,6 +21,7 @@ from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.loop import Trainer, TrainingAborted
 from stablerl.rundir import RunLock, RunLocked
+from stablerl.rundir import RunState
 from stablerl.runlog import CollapseDetector, RunLogger, read_metrics, write_summary
 
 FNS = str(Path(__file__).parent / "data" / "reward_fns.py")
@@ -55,7 +56,7 @@ def test_a_hanging_verifier_costs_its_timeout_not_the_run(sft_ckpt, tmp_path):
     state = train(sft_ckpt, tmp_path / "r", "train.steps=2", f"task.reward_fns=[{FNS}:hang_on_digits]",
                   "task.reward_timeout_s=0.5", "task.reward_workers=2", "eval.every=10", "task.eval_size=2")
     rows = read_metrics(tmp_path / "r")
-    assert rows[-1]["step"] == 2 and state["reward_timeouts"] > 0
+    assert rows[-1]["step"] == 2 and state.reward_timeouts > 0
     assert rows[1]["reward_timeouts"] > 0
     # every hung call cost at most its 0.5 s timeout on 2 workers (plus a worker restart)
     assert time.monotonic() - t0 < 60
@@ -288,12 +289,12 @@ def test_overrides_after_config(sft_ckpt, tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_routing_replay_that_cannot_or_does_nothing(tmp_path, capsys):
     from stablerl.models import build_model, build_tokenizer, tiny_config
-    from stablerl.sft import save_checkpoint_dir
+    from stablerl.checkpoint import save_model_dir
 
     tok = build_tokenizer()
     dense = build_model(tiny_config("qwen3", len(tok), hidden_size=32, num_layers=2, pad_token_id=tok.pad_token_id,
                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    path = save_checkpoint_dir(dense, tok, tmp_path / "dense")
+    path = save_model_dir(tmp_path / "dense", dense, tok)
     err = cli_error(capsys, ["train", *args(path, tmp_path / "r3"), "train.routing_replay=R3"])
     assert "needs a Mixture-of-Experts model" in err and "train.routing_replay=none" in err
 
@@ -357,9 +358,9 @@ def test_run_summary_says_the_run_collapsed(tmp_path, capsys):
     from stablerl.config import LogConfig
 
     logger = RunLogger(tmp_path, LogConfig(tensorboard=False, progress=False), total_steps=6, start_step=0)
-    state = {"collapse": []}
+    state = RunState()
     for step, h in enumerate([0.09, 4.6, 4.6, 4.6, 4.6]):
-        state["collapse"] += logger.log_step(step, {"entropy": h, "reward_mean": 0.5})
+        state.collapse += logger.log_step(step, {"entropy": h, "reward_mean": 0.5})
     logger.close()
     summary = write_summary(tmp_path, state)
     assert summary["collapsed"] and "entropy rose" in summary["collapse_warnings"][0]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from stablerl.repro import EXPERIMENTS, collapse_step, run_experiment, write_report
-from stablerl.repro.report import collapse, run_stats
+from stablerl.repro.stats import collapse, run_stats
 
 
 @pytest.mark.slow

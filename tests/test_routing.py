@@ -183,3 +183,56 @@ def test_errors_are_clear(models):
     with pytest.raises(ValueError, match="integer tensor"):
         with replay_routes(model, routes.float()):
             pass
+
+
+# --- the replay decision (routing.RoutingPlan) ---------------------------------------------
+def _old_inline_decision(mode: str, moe: bool, n: int):
+    """The decision exactly as Learner.update decoded it inline before RoutingPlan existed: the
+    pi_old pass, the diagnostic pass, and per mini-batch what is replayed and captured."""
+    old_capture = old_replay = None
+    have_train_routes = False
+    if n > 1:
+        old_capture = moe and mode != "R3"
+        old_replay = "rollout" if mode == "R3" else None
+        have_train_routes = old_capture
+    diag = moe and mode == "R3"
+    have_train_routes = have_train_routes or diag
+    per_k = []
+    for k in range(n):
+        replay = {"R2": None if not have_train_routes else "old", "R3": "rollout"}.get(mode)
+        if mode == "R2" and not (n > 1 and moe):
+            replay = None  # without an old pass there are no training routes to replay
+        capture = moe and replay is None and (not have_train_routes or k > 0)
+        what = None
+        if capture and not have_train_routes:
+            what = "train_infer"
+        elif capture:
+            what = "stale"
+        per_k.append((replay, what))
+    return (old_replay, old_capture) if n > 1 else None, diag, per_k
+
+
+# routing replay needs an MoE model (the trainer rejects R2/R3 on a dense one before any work)
+@pytest.mark.parametrize("mode,moe", [("none", True), ("R2", True), ("R3", True), ("none", False)])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_routing_plan_matches_the_decision_it_replaced(mode, moe, n):
+    from stablerl.routing import RoutingPlan
+
+    plan = RoutingPlan(mode, moe, n)
+    old, diag, per_k = _old_inline_decision(mode, moe, n)
+    got_old = plan.old_pass()
+    assert (got_old is None) == (old is None)
+    if old is not None:
+        assert got_old.replay == old[0] and (got_old.capture is not None) == old[1]
+    assert plan.diagnostic_pass == diag
+    assert [(plan.minibatch(k).replay, plan.minibatch(k).capture) for k in range(n)] == per_k
+
+
+def test_routing_plan_r2_replays_pi_old_routes_from_the_first_minibatch():
+    from stablerl.routing import RoutingPlan
+
+    plan = RoutingPlan("R2", True, 4)
+    assert plan.old_pass().capture == "train_infer"  # R2 records what it will replay
+    assert all(plan.minibatch(k).replay == "old" for k in range(4))
+    on_policy = RoutingPlan("R2", True, 1)
+    assert on_policy.old_pass() is None and on_policy.minibatch(0).replay is None  # R2 is a no-op on-policy

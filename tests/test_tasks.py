@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stablerl.models import build_model, build_tokenizer, default_model_config
-from stablerl.sft import run_sft, save_checkpoint_dir, sft_batch
+from stablerl.checkpoint import save_model_dir
+from stablerl.sft import run_sft, sft_batch
 from stablerl.tasks import ArithmeticTask, Columns, DatasetTask, MalformedDataError, Problem
 
 SAMPLE = str(files("stablerl.tasks") / "data" / "sample_math.jsonl")
@@ -101,7 +102,7 @@ def test_sft_learns_and_saves_a_loadable_checkpoint(tmp_path):
     assert n_label == len(task.train_problem(0).solution) + 1
     losses = run_sft(model, tok, task, steps=60, batch_size=16, lr=3e-3, seed=0, log=None)
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
-    path = save_checkpoint_dir(model, tok, tmp_path / "ckpt")
+    path = save_model_dir(tmp_path / "ckpt", model, tok)
     assert (path / "model.safetensors").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(path)
     tok2 = AutoTokenizer.from_pretrained(path)

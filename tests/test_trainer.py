@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from stablerl import checkpoint
+from stablerl.rundir import RunDir
 from stablerl.cli import main
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
 from stablerl.runlog import CollapseDetector, read_metrics
-from stablerl.sft import run_sft, save_checkpoint_dir
+from stablerl.checkpoint import save_model_dir
+from stablerl.sft import run_sft
 from stablerl.tasks import ArithmeticTask
 from stablerl.loop import Trainer, TrainingAborted
 
@@ -67,7 +69,7 @@ def test_resume_matches_an_uninterrupted_run(sft_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
     for run_dir in ("full", "cut"):
-        exported = AutoModelForCausalLM.from_pretrained(checkpoint.export_dir(tmp_path / run_dir, 4)).state_dict()
+        exported = AutoModelForCausalLM.from_pretrained(RunDir(tmp_path / run_dir).export(4)).state_dict()
         assert all(torch.equal(exported[k], wa[k]) for k in wa)
 
 
@@ -86,7 +88,7 @@ def test_dense_model_trains_too(tmp_path):
     tok = build_tokenizer()
     dense = build_model(tiny_config("qwen3", len(tok), hidden_size=32, num_layers=2, pad_token_id=tok.pad_token_id,
                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    path = save_checkpoint_dir(dense, tok, tmp_path / "dense")
+    path = save_model_dir(tmp_path / "dense", dense, tok)
     rows = run(path, tmp_path / "r", "train.steps=1")
     assert "route_agreement/train_infer" not in rows[1] and rows[1]["policy_version"] == 1
 

@@ -210,10 +210,10 @@ def test_missing_vllm_names_what_to_install():
 
 
 def _vllm_ckpt(tmp_path):
-    from stablerl.sft import save_checkpoint_dir
+    from stablerl.checkpoint import save_model_dir
 
     model, tok = tiny()
-    return save_checkpoint_dir(model, tok, tmp_path / "model")
+    return save_model_dir(tmp_path / "model", model, tok)
 
 
 VLLM_RUN = ["batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]",

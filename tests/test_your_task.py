@@ -16,7 +16,7 @@ from stablerl.evaluation import pass_at_k
 from stablerl.loop import Trainer
 from stablerl.models import build_tokenizer
 from stablerl.runlog import read_metrics
-from stablerl.sft import encode_prompt
+from stablerl.generation import encode_prompt
 from stablerl.tasks import Columns, DatasetTask
 
 ROOT = Path(__file__).parents[1]

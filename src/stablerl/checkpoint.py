@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from stablerl import distributed as D
+from stablerl.rundir import RunDir, RunState, atomic_write_text, publish_dir
 
 STATE_FILE = "state.json"
 DCP_DIR = "dcp"
@@ -44,36 +44,11 @@ class CheckpointWriteError(RuntimeError):
     pass
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(Path(dirpath) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def _write_error(path: Path, e: OSError) -> CheckpointWriteError:
     name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
     hint = " (the disk is full: free space there, then --resume)" if e.errno == errno.ENOSPC else ""
     return CheckpointWriteError(f"writing {path} failed: {name}: {e.strerror or e}{hint}; the previous "
                                 "checkpoint is intact")
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    """fsync everything under ``tmp``, then rename it to ``final`` (replacing an older one)."""
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return final
 
 
 def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
@@ -86,7 +61,7 @@ def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None)
             shutil.rmtree(tmp)
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
-        return _publish(tmp, path)
+        return publish_dir(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(path, e) from None
@@ -122,15 +97,15 @@ def _dcp_state(model, optimizer):
     return {"model": msd, "optim": osd}
 
 
-def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int,
+def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState, keep_last: int,
          world: D.World | None = None) -> Path:
     """A checkpoint of ``step`` (every rank calls it; rank 0 publishes it)."""
     import torch.distributed.checkpoint as dcp
 
     world = world or D.World()
     check_finite(model, optimizer)
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
+    root = RunDir(run_dir).checkpoints
+    final = RunDir(run_dir).checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
     failure = ""
     if world.is_main:
@@ -151,8 +126,9 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: dict, kee
         if world.is_main:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "world_size": world.size}, indent=1))
-            _publish(tmp, final)
+            atomic_write_text(tmp / STATE_FILE, json.dumps({**state.to_checkpoint(), "step": step,
+                                                            "world_size": world.size}, indent=1))
+            publish_dir(tmp, final)
     except Exception as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
         failure = str(_write_error(final, _os_error(e))) if _os_error(e) else f"writing {final} failed: {e}"
     failures = [f for f in D.all_gather_objects(failure) if f]
@@ -211,7 +187,7 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir()
@@ -224,19 +200,5 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_state(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / STATE_FILE).read_text())
-
-
-def export_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "export" / f"step_{step:06d}"
-
-
-def truncate_lines(path: Path, n_lines: int) -> None:
-    """Keep the first ``n_lines`` lines of a JSONL log (the steps a checkpoint covers)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(lines[:n_lines]))
-    os.replace(tmp, path)
+def load_state(ckpt: Path) -> RunState:
+    return RunState.from_checkpoint(json.loads((Path(ckpt) / STATE_FILE).read_text()))

@@ -36,10 +36,10 @@ def _train(args: argparse.Namespace) -> int:
     from stablerl import distributed as D
     from stablerl.loop import Trainer, TrainingAborted
     from stablerl.plot import plot_runs
-    from stablerl.rundir import resume_config
+    from stablerl.rundir import RunDir, resume_config
 
     if args.resume:
-        cfg, _ = resume_config(Path(args.resume), args.config, args.overrides)
+        cfg = resume_config(Path(args.resume), args.config, args.overrides)
         run_dir = Path(args.resume)
     else:
         cfg = build_config(RunConfig, args.config, args.overrides)
@@ -58,8 +58,9 @@ def _train(args: argparse.Namespace) -> int:
         D.shutdown_world()
     if not world.is_main:
         return 0
-    summary = json.loads((run_dir / "summary.json").read_text())
-    plots = plot_runs([run_dir], run_dir / "plots" / "curves.png")
+    files = RunDir(run_dir)
+    summary = json.loads(files.summary.read_text())
+    plots = plot_runs([run_dir], files.plots / "curves.png")
     lines = [f"\nrun: {run_dir}  ({summary['steps']} steps, {time.perf_counter() - t0:.0f} s this invocation)"]
     for mode in ("greedy", "sampled"):
         if f"{mode}_before" in summary:
@@ -71,8 +72,8 @@ def _train(args: argparse.Namespace) -> int:
     if failures:
         lines.append(f"reward failures (reward 0): {summary.get('reward_errors', 0)} errors, "
                      f"{summary.get('reward_timeouts', 0)} timeouts, {summary.get('reward_crashes', 0)} crashes")
-    lines += [f"metrics: {run_dir / 'metrics.jsonl'}   tensorboard: {run_dir / 'tb'}   plots: {plots}",
-              f"checkpoint: {run_dir / 'checkpoints'}   HF export: {run_dir / 'export'}"]
+    lines += [f"metrics: {files.metrics}   tensorboard: {files.tensorboard}   plots: {plots}",
+              f"checkpoint: {files.checkpoints}   HF export: {files.exports}"]
     print("\n".join(lines))
     return 0
 
@@ -92,10 +93,10 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from stablerl.learner import derive_seed
     from stablerl.evaluation import build_eval_sets, evaluate
     from stablerl.models import check_model_dir, load_policy
     from stablerl.rollout import LocalEngine
+    from stablerl.seeds import eval_seed
     from stablerl.tasks import build_task, reward_pool
 
     check_model_dir(args.checkpoint, key="checkpoint")
@@ -110,7 +111,7 @@ def _eval(args: argparse.Namespace) -> int:
         sets = build_eval_sets(cfg, pool)
         try:
             result = evaluate(engine, tokenizer, task, pool, cfg,
-                              lambda *p: derive_seed(cfg.train.seed, 0, 2, *p) % 2**62, sets=sets)
+                              lambda *p: eval_seed(cfg.train.seed, 0, *p), sets=sets)
         finally:
             for s in sets:
                 s.close()
@@ -120,6 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _repro(args: argparse.Namespace) -> int:
     from stablerl.repro import EXPERIMENTS, run_experiment, write_report
+    from stablerl.rundir import RunDir
 
     names = [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
     out = Path(args.out)
@@ -128,7 +130,7 @@ def _repro(args: argparse.Namespace) -> int:
         for name in names:
             dirs = run_experiment(name, out, [seed], args.overrides)
             paths = write_report(name, out, args.seeds)
-            elsewhere = sum(not (d / "summary.json").is_file() for d in dirs)
+            elsewhere = sum(not RunDir(d).summary.is_file() for d in dirs)
             state = f"{elsewhere} run(s) of seed {seed} still running in another process" if elsewhere else "done"
             print(f"[repro {name}] seeds 0..{seed} {state}; table: {paths['md']}  figure: {paths['png']}")
     return 0
@@ -137,7 +139,9 @@ def _repro(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from stablerl.plot import plot_runs
 
-    out = plot_runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "plots" / "curves.png")
+    from stablerl.rundir import RunDir
+
+    out = plot_runs(args.run_dirs, args.out or RunDir(args.run_dirs[0]).plots / "curves.png")
     print(f"wrote {out}")
     return 0
 

@@ -81,11 +81,3 @@ def route_agreement_from_counts(counts: torch.Tensor, prefix: str) -> dict[str, 
     out = {prefix: float(per_layer.nanmean())}
     out.update({f"{prefix}/layer_{i}": float(v) for i, v in enumerate(per_layer)})
     return out
-
-
-def route_agreement_metrics(a: torch.Tensor, b: torch.Tensor, prefix: str) -> dict[str, float]:
-    """``{prefix: mean agreement, prefix/layer_i: per layer}`` for logging."""
-    per_layer = route_agreement(a, b)
-    out = {prefix: float(per_layer.nanmean())}
-    out.update({f"{prefix}/layer_{i}": float(v) for i, v in enumerate(per_layer)})
-    return out

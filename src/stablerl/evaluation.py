@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from stablerl import distributed as D
 from stablerl.config import EvalSetConfig, RunConfig
-from stablerl.sft import encode_prompt
+from stablerl.generation import sample_and_score
 from stablerl.tasks import Problem, RewardPool, RewardStats, columns_of, load_problems
 
 
@@ -18,25 +18,20 @@ def _my_slice(n: int, world: D.World) -> range:
     return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
 
 
-def sample_and_score(engine, tokenizer, problems: list[Problem], rewards: RewardPool, cfg: RunConfig, n: int,
+def _sample_problems(engine, tokenizer, problems: list[Problem], rewards: RewardPool, cfg: RunConfig, n: int,
                      temperature: float, seed_of, world: D.World) -> tuple[list[list[float]], RewardStats]:
-    """``n`` responses per problem; every rank's per-problem rewards, in problem order, and the
-    reward failures over all ranks."""
+    """``n`` responses per problem, this rank's slice of them; every rank's per-problem rewards,
+    in problem order, and the reward failures over all ranks."""
     mine = _my_slice(len(problems), world)
     scores: list[list[float]] = []
     stats = RewardStats()
     if len(mine):
-        prompts = [encode_prompt(tokenizer, problems[i].prompt, cfg.task.chat_template, cfg.task.system_prompt)
-                   for i in mine]
-        seeds = [seed_of(i * n + s) for i in mine for s in range(n)]
         sampling = cfg.rollout.sampling().model_copy(update={"temperature": temperature})
-        batch = engine.generate([p for p in prompts for _ in range(n)], sampling, seeds=seeds, capture_routes=False)
-        texts = [tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
-                 for i in range(len(batch))]
-        picked = [problems[i] for i in mine for _ in range(n)]
-        result = rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip(picked, texts)])
-        stats = result.stats
-        scores = [result.total[j * n:(j + 1) * n] for j in range(len(mine))]
+        seeds = [seed_of(i * n + s) for i in mine for s in range(n)]
+        scored = sample_and_score(engine, tokenizer, [problems[i] for i in mine], n, rewards, sampling, seeds,
+                                  cfg.task)
+        stats = scored.result.stats
+        scores = [scored.result.total[j * n:(j + 1) * n] for j in range(len(mine))]
     scores = [x for part in D.all_gather_objects(scores) for x in part]
     return scores, RewardStats.merge(D.all_gather_objects(stats))
 
@@ -52,7 +47,7 @@ def evaluate(engine, tokenizer, task, rewards: RewardPool, cfg: RunConfig, seed_
     modes = [("greedy", 0.0, 1)] * cfg.eval.greedy + \
         [("sampled", cfg.rollout.temperature, cfg.eval.samples)] * cfg.eval.sampled
     for name, temperature, n in modes:
-        scores, stats = sample_and_score(engine, tokenizer, problems, rewards, cfg, n, temperature, seed_of, world)
+        scores, stats = _sample_problems(engine, tokenizer, problems, rewards, cfg, n, temperature, seed_of, world)
         failures = RewardStats.merge([failures, stats])
         per_problem = [sum(s) / n for s in scores]
         out[f"eval/{name}_acc"] = sum(per_problem) / len(per_problem)
@@ -62,7 +57,7 @@ def evaluate(engine, tokenizer, task, rewards: RewardPool, cfg: RunConfig, seed_
             out[f"eval/{name}_acc/level_{lv}"] = sum(sel) / len(sel)
     for k, eval_set in enumerate(sets):
         # each set's seeds are its own (index k + 1), distinct from the held-out split's
-        scores, stats = sample_and_score(engine, tokenizer, eval_set.problems, eval_set.rewards, cfg,
+        scores, stats = _sample_problems(engine, tokenizer, eval_set.problems, eval_set.rewards, cfg,
                                          eval_set.cfg.samples, cfg.rollout.temperature,
                                          lambda *p, k=k: seed_of(1_000_000 * (k + 1), *p), world)
         failures = RewardStats.merge([failures, stats])

@@ -11,41 +11,41 @@ K-rank update equal to the 1-rank update of the same rollout batch is decided he
   loss is its share of one global objective and gradients are summed over ranks;
 - every rank runs the same number of micro-batches per mini-batch (padding with a zero-weight
   one where it holds fewer rows), so FSDP's collectives line up;
-- metrics are reduced with their own rule (sums, token-weighted means, min, max, counts).
+- metrics are reduced with the rule their producer declares (``stablerl.metrics.Reduce``).
 
-Per step (docs/training.md "The loop"): pi_old is the current policy; with N = 1 its log-probs
-are ``sg[logp]`` of the gradient forward, with N > 1 one no-grad forward first (it also records
-the training routes R2 replays; under R3 it replays the rollout routes). Then one AdamW step per
-mini-batch; micro-batches only accumulate gradients.
+One step's update, in the order ``Learner.update`` runs it (docs/training.md "The loop"):
+
+1. ``_old_pass``: pi_old's log-probs before any update (N > 1; with N = 1 they are ``sg[logp]``
+   of the gradient forward) and the routes the routing plan records (``routing.RoutingPlan``);
+2. ``_minibatches``: the seeded split of the rollout batch into N mini-batches;
+3. per mini-batch, ``_micro_step`` over its micro-batches (forward, loss, backward: gradients
+   accumulate), then ``_optimizer_step`` (clip, learning rate, AdamW) — or nothing, on every
+   rank, when any rank saw a non-finite loss or gradient.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from stablerl import distributed as D
+from stablerl import metrics as M
 from stablerl.advantages import group_advantages
 from stablerl.checkpoint import check_finite
 from stablerl.config import RunConfig
 from stablerl.diagnostics import first_order_gap, route_agreement_counts, route_agreement_from_counts
 from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_model
 from stablerl.forward import response_logp
-from stablerl.objectives import aggregation_normalizer, policy_loss
+from stablerl.models import build_model, is_moe
+from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
 from stablerl.rollout import RolloutBatch
-from stablerl.routing import is_moe
+from stablerl.routing import RoutingPlan
+from stablerl.seeds import shuffle_seed
 
-# how each per-micro-batch metric combines over micro-batches and ranks (default: token-weighted mean)
-MIN_KEYS = {"is_weight_min"}
-MAX_KEYS = {"is_weight_max", "ratio_max"}
-SUM_KEYS = {"n_tokens", "n_tokens_contrib", "loss"}
-
-
-def derive_seed(seed: int, *parts: int) -> int:
-    """A seed for (run seed, step, purpose, ...): the same on every rank and on every resume."""
-    return int(hashlib.sha256(repr((seed, *parts)).encode()).hexdigest()[:15], 16)
+# the learner's own metrics (policy_loss declares its own: objectives.METRIC_REDUCTION)
+REDUCTION = {**METRIC_REDUCTION, M.GRAD_NORM: M.Reduce.SAME}
 
 
 def _can_fuse(model: torch.nn.Module) -> bool:
@@ -55,10 +55,44 @@ def _can_fuse(model: torch.nn.Module) -> bool:
         p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
 
 
+@dataclass
+class OldPolicy:
+    """pi_old of one step: its log-probs (None: the gradient forward of mini-batch 0 gives them,
+    N = 1) and the training routes it took (R2 replays them; diagnostics compare with them)."""
+
+    logp: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
+
+
+@dataclass
+class MiniBatch:
+    k: int                 # 0-based index in the step
+    rows: torch.Tensor     # this rank's rows of it (indices into its slice of the rollout batch)
+    n_micro: int           # micro-batches every rank runs for it (the most any rank needs)
+    normalizer: float      # the aggregation's denominator over the whole mini-batch, all ranks
+
+
+@dataclass
+class StepRecord:
+    """What one step's update measured, before reduction over ranks."""
+
+    values: dict[str, list] = field(default_factory=dict)          # key -> [(value, weight), ...]
+    routes: dict[str, torch.Tensor] = field(default_factory=dict)  # "train_infer"/"stale" -> counts
+    train_tokens: int = 0
+
+    def add(self, key: str, value: float, weight: float) -> None:
+        self.values.setdefault(key, []).append((value, weight))
+
+    def add_routes(self, which: str, counts: torch.Tensor) -> None:
+        self.routes[which] = counts if which not in self.routes else self.routes[which] + counts
+
+
 class Learner:
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, world: D.World | None = None):
         self.cfg, self.world = cfg, world or D.World()
         self.moe = is_moe(model)
+        self.plan = RoutingPlan(cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step)
+        self.model_config = model.config
         model = model.to(self.world.device)
         if self.world.distributed:
             dist_cfg = cfg.distributed
@@ -86,6 +120,12 @@ class Learner:
         collective when sharded: every rank consumes it to the end)."""
         return iter_full_tensors(self.model)
 
+    def export_model(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """An unsharded model object to call ``save_pretrained`` on, and the full weights to save
+        with it (a collective when sharded)."""
+        weights = self.full_state_dict()
+        return (build_model(self.model_config) if is_sharded(self.model) else self.model), weights
+
     # ---------------------------------------------------------------------------------------
     def update(self, step: int, batch: RolloutBatch, first_row: int) -> dict:
         """One RL step's update on this rank's rows ``first_row ..`` of the global rollout batch.
@@ -93,99 +133,138 @@ class Learner:
         Returns the step's metrics, already reduced over ranks (identical on every rank), with
         ``nonfinite: True`` when the update was skipped.
         """
-        cfg = self.cfg
-        N, mode, T = cfg.batch.minibatches_per_step, cfg.train.routing_replay, cfg.rollout.temperature
-        B_local, K = len(batch), self.world.size
-        B = B_local * K
-        adv = group_advantages(batch.rewards, batch.group_ids, std_normalize=cfg.loss.std_normalize)
-        acc: dict[str, list] = {}
-        routes_ti = routes_stale = None  # summed route-agreement counts (train vs infer, current vs old)
-
-        old_logp = train_routes = None
+        if batch.sampling is None:
+            raise ValueError("the rollout batch does not say how it was sampled (RolloutBatch.sampling); sample "
+                             "it with stablerl.generation.sample_and_score")
+        adv = group_advantages(batch.rewards, batch.group_ids, std_normalize=self.cfg.loss.std_normalize)
+        record = StepRecord()
         self.model.eval()  # no dropout in the tiny models; eval() also keeps HF MoE jitter off
-        with torch.no_grad():
-            if N > 1:  # pi_old before any update (replayed under R3: its policy has the rollout routes)
-                old = response_logp(self.model, batch, capture=self.moe and mode != "R3",
-                                    replay=batch.routes if mode == "R3" else None, temperature=T)
-                old_logp, train_routes = old["logp"], old.get("routes")
-            if self.moe and mode == "R3":  # live training routes, for the agreement diagnostic only
-                train_routes = response_logp(self.model, batch, capture=True, temperature=T)["routes"]
-        if self.moe and train_routes is not None:
-            routes_ti = route_agreement_counts(train_routes, batch.routes)
-
-        order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.train.seed, step, 1) % 2**62))
-        train_tokens = int(batch.attention_mask.sum()) * (N > 1 or (self.moe and mode == "R3"))
+        old = self._old_pass(batch, record)
         skipped = False
+        for mb in self._minibatches(step, batch, first_row):
+            if not self._minibatch(mb, batch, adv, old, record):
+                skipped = True  # on every rank: the others saw the same flag
+                break
+        self.model.train()
+        if not skipped:
+            check_finite(self.model, self.optimizer)  # NonFiniteState: finite loss and gradient, broken weights
+        return self._step_metrics(record, batch, skipped)
+
+    def _old_pass(self, batch: RolloutBatch, record: StepRecord) -> OldPolicy:
+        """pi_old before any update, as the routing plan says (no gradient)."""
+        old = OldPolicy()
+        temperature = batch.sampling.temperature
+        plan = self.plan.old_pass()
+        with torch.no_grad():
+            if plan is not None:
+                out = response_logp(self.model, batch, capture=plan.capture is not None,
+                                    replay=batch.routes if plan.replay == "rollout" else None, temperature=temperature)
+                old.logp, old.routes = out["logp"], out.get("routes")
+            if self.plan.diagnostic_pass:
+                old.routes = response_logp(self.model, batch, capture=True, temperature=temperature)["routes"]
+        if self.moe and old.routes is not None:
+            record.add_routes("train_infer", route_agreement_counts(old.routes, batch.routes))
+        if plan is not None or self.plan.diagnostic_pass:
+            record.train_tokens += int(batch.attention_mask.sum())
+        return old
+
+    def _minibatches(self, step: int, batch: RolloutBatch, first_row: int):
+        """The N mini-batches of the global rollout batch (one seeded shuffle, the same on every
+        rank), each as this rank's rows of it."""
+        B_local, K, N = len(batch), self.world.size, self.cfg.batch.minibatches_per_step
+        micro = self.cfg.batch.micro_batch_size
+        order = torch.randperm(B_local * K, generator=torch.Generator().manual_seed(shuffle_seed(self.cfg.train.seed, step)))
         for k, chunk in enumerate(torch.tensor_split(order, N)):
-            mine = (chunk >= first_row) & (chunk < first_row + B_local)
-            rows = chunk[mine] - first_row
-            micro = cfg.batch.micro_batch_size
+            rows = chunk[(chunk >= first_row) & (chunk < first_row + B_local)] - first_row
             # every rank runs as many micro-batches as the rank holding the most rows of this mini-batch
             per_rank = torch.bincount(torch.div(chunk, B_local, rounding_mode="floor"), minlength=K)
             n_micro = max(1, max(math.ceil(int(c) / micro) for c in per_rank))
             norm = float(D.all_reduce_sum([aggregation_normalizer(
-                batch.response_mask[rows], cfg.loss.aggregation, max_response_len=cfg.rollout.max_new_tokens)])[0])
+                batch.response_mask[rows], self.cfg.loss.aggregation,
+                max_response_len=batch.sampling.max_new_tokens)])[0])
+            yield MiniBatch(k, rows, n_micro, norm)
+
+    def _minibatch(self, mb: MiniBatch, batch: RolloutBatch, adv: torch.Tensor, old: OldPolicy,
+                   record: StepRecord) -> bool:
+        """Accumulate the mini-batch's gradient over its micro-batches, then one optimizer step;
+        False (and no step) when any rank saw a non-finite loss or gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = False
+        pieces = list(mb.rows.split(self.cfg.batch.micro_batch_size))
+        for j in range(mb.n_micro):
+            set_gradient_sync(self.model, j == mb.n_micro - 1)
+            real = j < len(pieces)
+            idx = pieces[j] if real else torch.zeros(1, dtype=torch.long)  # a zero-weight stand-in
+            bad |= not self._micro_step(mb, idx, real, batch, adv, old, record)
+        grad_norm = self._clip_grad_norm()
+        if D.any_true(bad) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            bad = False
-            pieces = list(rows.split(micro))
-            for j in range(n_micro):
-                set_gradient_sync(self.model, j == n_micro - 1)
-                real = j < len(pieces)
-                idx = pieces[j] if real else torch.zeros(1, dtype=torch.long)  # a zero-weight stand-in
-                mb = batch.select(idx).trim()
-                W = mb.input_ids.shape[1]
-                replay = {"R2": None if train_routes is None else train_routes[idx][:, :W], "R3": mb.routes}.get(mode)
-                capture = self.moe and replay is None and (train_routes is None or k > 0)
-                out = response_logp(self.model, mb, replay=replay, capture=capture, temperature=T, with_entropy=True)
-                logp, mask = out["logp"], mb.response_mask
-                old = logp.detach() if old_logp is None else old_logp[idx][:, : mask.shape[1]]
-                loss, m = logp.sum() * 0.0, None  # what a bad micro-batch backpropagates (no update follows)
-                if not bool(torch.isfinite(logp.detach()[mask]).all()):
-                    bad = True
-                else:
-                    try:
-                        loss, m = policy_loss(logp, old, mb.rollout_logp, adv[idx], mask, cfg.loss,
-                                              normalizer=max(norm, 1.0))
-                    except FloatingPointError:  # the ratio overflowed: this mini-batch is skipped on every rank
-                        bad = True
-                # the backward runs even for a bad or stand-in micro-batch: FSDP's collectives must line up
-                (loss if real else loss * 0.0).backward()
-                if not real or m is None:
-                    continue
-                m["entropy"] = float(out["entropy"][mask].mean())
-                m[f"staleness_kl/mb{k}"] = m["staleness_kl"]
-                for key, v in m.items():
-                    acc.setdefault(key, []).append((v, m["n_tokens"]))
-                gap = first_order_gap(logp.detach(), mb.rollout_logp, mask)[mask.any(-1)]
-                acc.setdefault("first_order_gap", []).append((float(gap.mean()), float(len(gap))))
-                if capture and train_routes is None:  # N = 1: this forward's routes are pi_old's
-                    c = route_agreement_counts(out["routes"], mb.routes)
-                    routes_ti = c if routes_ti is None else routes_ti + c
-                elif capture:  # a later mini-batch, routed live: current vs old training routes
-                    c = route_agreement_counts(out["routes"], train_routes[idx][:, :W])
-                    routes_stale = c if routes_stale is None else routes_stale + c
-                train_tokens += int(mb.attention_mask.sum())
-            grad_norm = self._clip_grad_norm()
-            if D.any_true(bad) or not math.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                skipped = True
-                break
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr(self.optimizer_steps)
-            self.optimizer.step()
-            self.optimizer_steps += 1
-            acc.setdefault("grad_norm", []).append((grad_norm, 1.0))
-        self.model.train()
-        if not skipped:
-            check_finite(self.model, self.optimizer)  # NonFiniteState: finite loss and gradient, broken weights
-        metrics = reduce_metrics(D.all_gather_objects(acc))
-        for prefix, counts in (("route_agreement/train_infer", routes_ti), ("route_agreement/stale", routes_stale)):
+            return False
+        self._optimizer_step()
+        record.add(M.GRAD_NORM, grad_norm, 1.0)
+        return True
+
+    def _micro_step(self, mb: MiniBatch, idx: torch.Tensor, real: bool, batch: RolloutBatch, adv: torch.Tensor,
+                    old: OldPolicy, record: StepRecord) -> bool:
+        """Forward, loss and backward of the rows ``idx``; False when the loss was not finite.
+
+        The backward runs even for a bad or stand-in micro-batch (with a zero loss): FSDP's
+        collectives must line up on every rank."""
+        micro = batch.select(idx).trim()
+        W = micro.input_ids.shape[1]
+        plan = self.plan.minibatch(mb.k)
+        replay = {"old": None if old.routes is None else old.routes[idx][:, :W], "rollout": micro.routes,
+                  None: None}[plan.replay]
+        out = response_logp(self.model, micro, replay=replay, capture=plan.capture is not None,
+                            temperature=batch.sampling.temperature, with_entropy=True)
+        logp, mask = out["logp"], micro.response_mask
+        old_logp = logp.detach() if old.logp is None else old.logp[idx][:, : mask.shape[1]]
+        loss, m = logp.sum() * 0.0, None  # what a bad micro-batch backpropagates (no update follows)
+        finite = bool(torch.isfinite(logp.detach()[mask]).all())
+        if finite:
+            try:
+                loss, m = policy_loss(logp, old_logp, micro.rollout_logp, adv[idx], mask, self.cfg.loss,
+                                      normalizer=max(mb.normalizer, 1.0))
+            except FloatingPointError:  # the ratio overflowed: this mini-batch is skipped on every rank
+                finite = False
+        (loss if real else loss * 0.0).backward()
+        if real and m is not None:
+            self._record(mb, micro, out, m, plan.capture, old.routes, idx, record)
+        return finite
+
+    def _record(self, mb: MiniBatch, micro: RolloutBatch, out: dict, m: dict, capture: str | None,
+                old_routes: torch.Tensor | None, idx: torch.Tensor, record: StepRecord) -> None:
+        mask = micro.response_mask
+        m[M.ENTROPY] = float(out["entropy"][mask].mean())
+        m[f"{M.STALENESS_KL}/mb{mb.k}"] = m[M.STALENESS_KL]
+        for key, v in m.items():
+            record.add(key, v, m["n_tokens"])
+        gap = first_order_gap(out["logp"].detach(), micro.rollout_logp, mask)[mask.any(-1)]
+        record.add(M.FIRST_ORDER_GAP, float(gap.mean()), float(len(gap)))
+        if capture == "train_infer":  # this forward's routes are pi_old's (N = 1)
+            record.add_routes("train_infer", route_agreement_counts(out["routes"], micro.routes))
+        elif capture == "stale":  # a later mini-batch, routed live: current vs old training routes
+            W = micro.input_ids.shape[1]
+            record.add_routes("stale", route_agreement_counts(out["routes"], old_routes[idx][:, :W]))
+        record.train_tokens += int(micro.attention_mask.sum())
+
+    def _optimizer_step(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(self.optimizer_steps)
+        self.optimizer.step()
+        self.optimizer_steps += 1
+
+    def _step_metrics(self, record: StepRecord, batch: RolloutBatch, skipped: bool) -> dict:
+        """The step's metrics, reduced over ranks by each metric's declared rule."""
+        metrics = M.reduce_metrics(D.all_gather_objects(record.values), REDUCTION)
+        for which, name in (("train_infer", M.ROUTE_TRAIN_INFER), ("stale", M.ROUTE_STALE)):
+            counts = record.routes.get(which)
             if self.moe and (counts is not None or self.world.distributed):
                 total = D.all_reduce_sum(counts if counts is not None else torch.zeros(2, _moe_layers(batch)))
                 if total[1].sum() > 0:
-                    metrics.update(route_agreement_from_counts(total, prefix))
+                    metrics.update(route_agreement_from_counts(total, name))
         metrics["lr"] = self.lr(self.optimizer_steps)
-        metrics["train_tokens"] = int(D.all_reduce_sum([train_tokens])[0])
+        metrics[M.TRAIN_TOKENS] = int(D.all_reduce_sum([record.train_tokens])[0])
         if skipped:
             metrics["nonfinite"] = True
         return metrics
@@ -202,27 +281,3 @@ class Learner:
 
 def _moe_layers(batch: RolloutBatch) -> int:
     return int(batch.routes.shape[2]) if batch.routes is not None else 0
-
-
-def reduce_metrics(parts: list[dict[str, list]]) -> dict[str, float]:
-    """Combine ``{key: [(value, weight), ...]}`` from every rank (the same rule as within one rank)."""
-    merged: dict[str, list] = {}
-    for part in parts:
-        for key, values in part.items():
-            merged.setdefault(key, []).extend(values)
-    out = {}
-    for key, values in merged.items():
-        if key in MIN_KEYS:
-            out[key] = min(v for v, _ in values)
-        elif key in MAX_KEYS:
-            out[key] = max(v for v, _ in values)
-        elif key in SUM_KEYS:
-            out[key] = sum(v for v, _ in values)
-        elif key == "grad_norm":  # the same on every rank: its mean over mini-batches
-            own = parts[0].get(key, [])
-            out[key] = sum(v for v, _ in own) / len(own) if own else float("nan")
-        else:  # weighted mean (NaN-free entries only)
-            values = [(v, w) for v, w in values if v == v]
-            total = sum(w for _, w in values)
-            out[key] = sum(v * w for v, w in values) / total if total else float("nan")
-    return out

@@ -19,7 +19,6 @@ uninterrupted one, and a K-rank run the 1-rank run, up to the order of floating-
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -27,15 +26,17 @@ import torch
 
 from stablerl import checkpoint
 from stablerl import distributed as D
+from stablerl import metrics as M
 from stablerl.config import RunConfig
 from stablerl.evaluation import build_eval_sets, evaluate
-from stablerl.learner import Learner, derive_seed
-from stablerl.models import build_model, load_policy
+from stablerl.generation import sample_and_score
+from stablerl.learner import Learner
+from stablerl.models import build_model, is_moe, load_policy
 from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine
-from stablerl.routing import is_moe
-from stablerl.rundir import RunLock, RunLocked, is_run_dir, read_config, record_config
+from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config, saved_changes
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
-from stablerl.sft import cold_start, encode_prompt
+from stablerl.seeds import eval_seed, rollout_seeds
+from stablerl.sft import cold_start
 from stablerl.tasks import build_task, reward_pool
 from stablerl.tasks.reward import RewardStats
 
@@ -69,6 +70,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, log=print, world: D.World | None = None):
         self.cfg, self.run_dir, self.world = cfg, Path(run_dir), world or D.World()
+        self.files = RunDir(run_dir)
         self.log = log if self.world.is_main else (lambda *_: None)
         check_layout(cfg, self.world)
         check_wandb(cfg.log)
@@ -88,7 +90,7 @@ class Trainer:
         except BaseException:
             self.close()
             if created and self.world.is_main:  # leave no empty run directory behind
-                (self.run_dir / ".lock").unlink(missing_ok=True)
+                self.files.lock.unlink(missing_ok=True)
                 try:
                     self.run_dir.rmdir()
                 except OSError:
@@ -111,19 +113,15 @@ class Trainer:
         cfg, world = self.cfg, self.world
         for w in getattr(self.task, "warnings", []):
             self.log(f"[warning] {w}")
-        self.state = {"nonfinite_total": 0, "metrics_lines": 0, "reward_errors": 0, "reward_timeouts": 0,
-                      "reward_crashes": 0, "collapse": []}
+        self.state = RunState()
         self.changes: dict = {}
         ckpt = None
         if resume:
-            saved = read_config(self.run_dir)
-            from stablerl.config_io import resume_changes
-
-            self.changes = resume_changes(RunConfig.model_validate(saved), cfg)
+            self.changes = saved_changes(self.run_dir, cfg)
             ckpt = checkpoint.latest(self.run_dir)
             if ckpt is None:
                 self.log(f"[resume] {self.run_dir} has no complete checkpoint yet: starting it again from step 0")
-        elif is_run_dir(self.run_dir):
+        elif self.files.is_run():
             raise ValueError(f"run_dir {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
                              "or pick another run_dir")
         if ckpt is not None:
@@ -146,13 +144,11 @@ class Trainer:
         self.model_config = model.config
         self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=world.distributed)
         self.learner = Learner(model, cfg, world)
-        self.step = 0
         if ckpt is not None:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
-            self.state.update(checkpoint.load_state(ckpt))
-            self.step = self.state["step"]
-            self.engine.load_weights(self.learner.full_weights(), version=self.step)
-        self.learner.optimizer_steps = self.step * cfg.batch.minibatches_per_step
+            self.state = checkpoint.load_state(ckpt)
+            self.engine.load_weights(self.learner.full_weights(), version=self.state.step)
+        self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
         self.sampling = cfg.rollout.sampling()
 
@@ -168,32 +164,15 @@ class Trainer:
             self.lock = None
 
     # ---------------------------------------------------------------------------------------
-    def _seed(self, *parts: int) -> int:
-        return derive_seed(self.cfg.train.seed, *parts) % 2**62
-
-    def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt, self.cfg.task.chat_template, self.cfg.task.system_prompt)
-
-    def decode(self, batch: RolloutBatch) -> list[str]:
-        return [self.tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
-                for i in range(len(batch))]
-
-    def score(self, texts: list[str], problems) -> tuple[list[float], RewardStats, dict]:
-        result = self.rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip(problems, texts)])
-        return result.total, result.stats, result.per_fn
-
     def rollout(self, step: int) -> tuple[RolloutBatch, dict]:
         """This rank's groups of step ``step``, sampled and scored; metrics over all ranks."""
         P, G, K, r = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size, self.world.size, self.world.rank
         mine = range(r * P // K, (r + 1) * P // K)  # global prompt indices of this rank
         problems = [self.task.train_problem(step * P + i) for i in mine]
-        prompts = [self.encode(p.prompt) for p in problems for _ in range(G)]
-        base = self._seed(step, 0)
-        seeds = [(base + i * G + g) % 2**62 for i in mine for g in range(G)]
-        batch = self.engine.generate(prompts, self.sampling, seeds=seeds, capture_routes=self.moe)
-        texts = self.decode(batch)
-        rewards, stats, per_fn = self.score(texts, [p for p in problems for _ in range(G)])
-        batch.rewards = torch.tensor(rewards)
+        seeds = rollout_seeds(self.cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
+        scored = sample_and_score(self.engine, self.tokenizer, problems, G, self.rewards, self.sampling, seeds,
+                                  self.cfg.task, capture_routes=self.moe)
+        batch, texts, stats, per_fn = scored.batch, scored.texts, scored.result.stats, scored.result.per_fn
         batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
         # metrics over the global batch: every rank's rewards, lengths, finished flags and failures
         parts = D.all_gather_objects((batch.rewards, batch.response_lengths, batch.finished, stats, per_fn,
@@ -201,16 +180,15 @@ class Trainer:
         R = torch.cat([p[0] for p in parts])
         lengths, finished = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
         all_stats = RewardStats.merge([p[3] for p in parts])
-        for kind in ("errors", "timeouts", "crashes"):
-            self.state[f"reward_{kind}"] += getattr(all_stats, kind)
+        self.state.add_reward_failures(all_stats)
         if all_stats.failures:
             self.log(f"[reward] step {step}: {all_stats.summary()}")
         per_group = R.view(P, G)
         metrics = {
-            "reward_mean": float(R.mean()), "reward_std": float(R.std()),
+            M.REWARD_MEAN: float(R.mean()), "reward_std": float(R.std()),
             "groups_all_correct": float((per_group.min(1).values == 1).float().mean()),
-            "groups_all_wrong": float((per_group.max(1).values == 0).float().mean()),
-            "response_len_mean": float(lengths.float().mean()), "finished_frac": float(finished.float().mean()),
+            M.GROUPS_ALL_WRONG: float((per_group.max(1).values == 0).float().mean()),
+            M.RESPONSE_LEN_MEAN: float(lengths.float().mean()), "finished_frac": float(finished.float().mean()),
             **all_stats.metrics(),
         }
         if len(per_fn) > 1:  # each reward function's own mean, beside the weighted total
@@ -220,8 +198,7 @@ class Trainer:
             all_problems = [self.task.train_problem(step * P + i) for i in range(P)]
             record = {"step": step, "prompts": [p.prompt for p in all_problems],
                       "completions": [t for p in parts for t in p[5]], "rewards": R.tolist()}
-            with open(self.run_dir / "rollouts.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.files.rollouts, json.dumps(record))
         return batch, metrics
 
     # ---------------------------------------------------------------------------------------
@@ -241,7 +218,7 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict:
         return evaluate(self._eval_engine(), self.tokenizer, self.task, self.rewards, self.cfg,
-                        lambda *p: self._seed(step, 2, *p), self.world, self.eval_sets)
+                        lambda *p: eval_seed(self.cfg.train.seed, step, *p), self.world, self.eval_sets)
 
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -250,14 +227,14 @@ class Trainer:
         try:
             if world.is_main:
                 self._prepare_run_dir()
-                logger = RunLogger(self.run_dir, cfg.log, cfg.train.steps, self.step, cfg.model_dump(mode="json"))
-                replay_history(logger, self.run_dir, self.state)
+                logger = RunLogger(self.run_dir, cfg.log, cfg.train.steps, self.state.step, cfg.model_dump(mode="json"))
+                replay_history(logger, self.run_dir)
             D.barrier()
-            if self.step == 0:
+            if self.state.step == 0:
                 self._log(logger, 0, self.evaluate(0))
             nonfinite_streak = 0
-            while self.step < cfg.train.steps:
-                step = self.step + 1
+            while self.state.step < cfg.train.steps:
+                step = self.state.step + 1
                 t0 = time.perf_counter()
                 batch, metrics = self.rollout(step)
                 t1 = time.perf_counter()
@@ -270,7 +247,7 @@ class Trainer:
                 skipped = metrics.pop("nonfinite", False)
                 if skipped:
                     nonfinite_streak += 1
-                    self.state["nonfinite_total"] += 1
+                    self.state.nonfinite_total += 1
                     if logger:
                         logger.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped "
                                      f"({nonfinite_streak} in a row)[/yellow]")
@@ -284,13 +261,13 @@ class Trainer:
                     metrics.update(self.evaluate(step))
                 n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])
                 metrics.update({
-                    "nonfinite_total": self.state["nonfinite_total"], "policy_version": step,
+                    "nonfinite_total": self.state.nonfinite_total, "policy_version": step,
                     "step_time": time.perf_counter() - t0, "rollout_time": t1 - t0, "train_time": t2 - t1,
                     "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
-                    "train_tokens_per_s": metrics["train_tokens"] / max(t2 - t1, 1e-9),
+                    "train_tokens_per_s": metrics[M.TRAIN_TOKENS] / max(t2 - t1, 1e-9),
                 })
                 self._log(logger, step, metrics)
-                self.step = step
+                self.state.step = step
                 # a skipped step is not checkpointed: the last checkpoint stays the last good state
                 if not skipped and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
                     self.save(step)
@@ -298,7 +275,7 @@ class Trainer:
                 if step == cfg.train.steps or (every and step % every == 0):
                     self.export(step)
         except TrainingAborted as e:
-            self.state["aborted"] = str(e)
+            self.state.aborted = str(e)
             raise
         finally:
             if logger is not None:
@@ -310,25 +287,20 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Record the config (and any change a resume makes); a run without a checkpoint starts clean."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.step == 0:  # a fresh run, or a resumed one killed before its first checkpoint
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            (self.run_dir / "rollouts.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / "tb", ignore_errors=True)
-            (self.run_dir / "summary.json").unlink(missing_ok=True)
+        if self.state.step == 0:  # a fresh run, or a resumed one killed before its first checkpoint
+            self.files.start_fresh()
         else:
-            checkpoint.truncate_lines(self.run_dir / "metrics.jsonl", self.state["metrics_lines"])
-            checkpoint.truncate_lines(self.run_dir / "rollouts.jsonl", self.step)  # one line per step
-        record_config(self.run_dir, self.cfg, self.step, self.changes)
+            self.files.cut_logs_to(self.state)
+        record_config(self.run_dir, self.cfg, self.state.step, self.changes)
         if self.changes:
-            self.log("[resume] config changes from step " + str(self.step + 1) + ": " +
+            self.log("[resume] config changes from step " + str(self.state.step + 1) + ": " +
                      ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changes.items()))
 
     def _log(self, logger: RunLogger | None, step: int, metrics: dict) -> None:
         if logger is None:
             return
-        for w in logger.log_step(step, metrics):
-            self.state["collapse"].append(w)
-        self.state["metrics_lines"] += 1
+        self.state.collapse.extend(logger.log_step(step, metrics))
+        self.state.metrics_lines += 1
 
     def _advice(self) -> str:
         last = checkpoint.latest(self.run_dir)
@@ -341,8 +313,7 @@ class Trainer:
     def save(self, step: int) -> None:
         try:
             checkpoint.save(self.run_dir, step, self.learner.model, self.tokenizer, self.learner.optimizer,
-                            {k: v for k, v in self.state.items() if k != "aborted"}, self.cfg.checkpoint.keep_last,
-                            self.world)
+                            self.state, self.cfg.checkpoint.keep_last, self.world)
         except checkpoint.NonFiniteState as e:
             raise TrainingAborted(f"step {step}: {e}; not saved. {self._advice()}") from None
         except checkpoint.CheckpointWriteError as e:
@@ -350,21 +321,15 @@ class Trainer:
 
     def export(self, step: int) -> Path:
         """An HF checkpoint of the current weights in RUN_DIR/export/step_N (from_pretrained loads it)."""
-        weights = self.learner.full_state_dict()
-        path = checkpoint.export_dir(self.run_dir, step)
+        model, weights = self.learner.export_model()
+        path = self.files.export(step)
         error = ""
         if self.world.is_main:
             try:
-                checkpoint.save_model_dir(path, self.engine_model_for_export(weights), self.tokenizer, weights)
+                checkpoint.save_model_dir(path, model, self.tokenizer, weights)
             except checkpoint.CheckpointWriteError as e:
                 error = str(e)
         error = D.broadcast_object(error)
         if error:
             raise TrainingAborted(error)
         return path
-
-    def engine_model_for_export(self, weights):
-        """A plain (unsharded) model object to call ``save_pretrained`` on with ``weights``."""
-        if not self.world.distributed:
-            return self.learner.model
-        return build_model(self.model_config)

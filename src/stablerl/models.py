@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from stablerl.moe import use_fast_experts
+from stablerl.routing import moe_routers
+from stablerl.rundir import RunDir
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "qwen3")
 
@@ -60,6 +62,15 @@ def tiny_config(
     return cfg
 
 
+def is_moe(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a Mixture-of-Experts model whose routes stablerl can capture and replay."""
+    try:
+        moe_routers(model)
+    except ValueError:
+        return False
+    return True
+
+
 def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A freshly initialized causal LM from ``config`` (deterministic given ``seed``), MoE experts
     on stablerl's training kernel (``stablerl.moe``)."""
@@ -86,8 +97,9 @@ def check_model_dir(path, key: str = "model.path") -> None:
     if not p.exists():
         raise ValueError(f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
                          "(config.json + weights + tokenizer)")
-    if (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file():  # a stablerl run directory
-        exports = sorted((p / "export").glob("step_*")) if (p / "export").is_dir() else []
+    run = RunDir(p)
+    if run.checkpoints.is_dir() or run.metrics.is_file():  # a stablerl run directory
+        exports = sorted(run.exports.glob("step_*")) if run.exports.is_dir() else []
         hint = f"e.g. {exports[-1]}" if exports else "it has none yet: runs export at their end"
         raise ValueError(f"{key} {str(path)!r} is a stablerl run directory, not a model; give one of its HF "
                          f"exports, RUN_DIR/export/step_N ({hint})")

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
+from stablerl.precision import quantize_activations_fp8
+
 NAME = "stablerl_grouped_mm"
 
 
@@ -61,8 +63,6 @@ def w8a8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """The inference engine's experts under fp8_w8a8: the input of both projections rounded to
     e4m3 per token (``stablerl.precision``); inference only (no gradient path is needed)."""
-    from stablerl.precision import quantize_activations_fp8
-
     if not _standard_layout(self):
         raise ValueError(f"fp8_w8a8 supports experts in HF's standard layout only, not {type(self).__name__}")
     return grouped_experts(quantize_activations_fp8(hidden_states), top_k_index,

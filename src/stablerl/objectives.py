@@ -22,8 +22,14 @@ import torch
 from stablerl.config import AGGREGATIONS, IS_MODES, LossConfig
 from stablerl.config import ALGORITHMS as ALGORITHM_NAMES
 from stablerl.diagnostics import k3
+from stablerl.metrics import STALENESS_KL, TRAIN_INFER_KL, TRAIN_INFER_KL_K1, Reduce
 
-__all__ = ["LossConfig", "policy_loss", "aggregation_normalizer", "importance_weights", "ALGORITHMS"]
+__all__ = ["LossConfig", "policy_loss", "aggregation_normalizer", "importance_weights", "ALGORITHMS",
+           "METRIC_REDUCTION"]
+
+# how policy_loss's metrics combine over micro-batches and ranks (the rest: token-weighted means)
+METRIC_REDUCTION = {"loss": Reduce.SUM, "n_tokens": Reduce.SUM, "n_tokens_contrib": Reduce.SUM,
+                    "is_weight_min": Reduce.MIN, "is_weight_max": Reduce.MAX, "ratio_max": Reduce.MAX}
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,14 +160,19 @@ def _minirl(ctx: _Ctx) -> Terms:
     return term, low, high, keep & (ctx.is_weight != 0)
 
 
-def _grpo(ctx: _Ctx) -> Terms:
-    """sg[w] * min(r A, clip(r) A): the PPO/GRPO clipped surrogate (same gradient as MiniRL)."""
-    r = ctx.log_r.exp()
-    low, high = _ppo_clip_masks(r, ctx)
-    clipped_r = r.clamp(min=ctx.lo, max=ctx.hi)
-    term = ctx.is_weight * torch.minimum(r * ctx.adv, clipped_r * ctx.adv)
+def _clipped_surrogate(ratio: torch.Tensor, ctx: _Ctx) -> Terms:
+    """sg[w] * min(ratio A, clip(ratio) A): PPO's clipped surrogate on a per-token ratio (GRPO) or
+    on a per-response ratio broadcast to its tokens (GSPO)."""
+    low, high = _ppo_clip_masks(ratio, ctx)
+    clipped = ratio.clamp(min=ctx.lo, max=ctx.hi)
+    term = ctx.is_weight * torch.minimum(ratio * ctx.adv, clipped * ctx.adv)
     keep = ctx.mask & ~low & ~high
     return torch.where(ctx.mask, term, torch.zeros_like(term)), low, high, keep & (ctx.is_weight != 0)
+
+
+def _grpo(ctx: _Ctx) -> Terms:
+    """sg[w] * min(r A, clip(r) A): the PPO/GRPO clipped surrogate (same gradient as MiniRL)."""
+    return _clipped_surrogate(ctx.log_r.exp(), ctx)
 
 
 def _cispo(ctx: _Ctx) -> Terms:
@@ -179,13 +190,8 @@ def _gspo(ctx: _Ctx) -> Terms:
     With ``seq_mean_token_mean`` this is GSPO's per-response objective min(s A, clip(s) A);
     with ``token_sum`` every token carries s A, i.e. gradient s * A * sum_t grad log pi_t.
     """
-    maskf = ctx.mask.to(ctx.log_r.dtype)
-    s = _seq_mean(ctx.log_r, maskf).exp()[:, None].expand_as(ctx.log_r)
-    low, high = _ppo_clip_masks(s, ctx)
-    clipped_s = s.clamp(min=ctx.lo, max=ctx.hi)
-    term = ctx.is_weight * torch.minimum(s * ctx.adv, clipped_s * ctx.adv)
-    keep = ctx.mask & ~low & ~high
-    return torch.where(ctx.mask, term, torch.zeros_like(term)), low, high, keep & (ctx.is_weight != 0)
+    s = _seq_mean(ctx.log_r, ctx.mask.to(ctx.log_r.dtype)).exp()[:, None].expand_as(ctx.log_r)
+    return _clipped_surrogate(s, ctx)
 
 
 def _reinforce(ctx: _Ctx) -> Terms:
@@ -320,11 +326,11 @@ def _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, cl
         "is_weight_max": float(w_shown.max()),
         "is_frac_truncated": float(truncated.sum()) / n,
         "is_frac_masked": float(dropped.sum()) / n,
-        "train_infer_kl": float(k3(log_w).mean()),
+        TRAIN_INFER_KL: float(k3(log_w).mean()),
         # k1 = E_mu[log mu_old - log pi_old]: the estimate the paper plots (unbiased, but its
         # per-batch value can be negative); k3 above is the low-variance one we warn on
-        "train_infer_kl_k1": float((-log_w).mean()),
-        "staleness_kl": float(k3(log_r).mean()),
+        TRAIN_INFER_KL_K1: float((-log_w).mean()),
+        STALENESS_KL: float(k3(log_r).mean()),
         "ratio_mean": float(r.mean()),
         "ratio_max": float(r.max()),
     }

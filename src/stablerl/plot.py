@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stablerl import metrics as M
 from stablerl.runlog import read_metrics
 
 PANELS = (
-    ("reward_mean", "training reward", True),
-    ("eval/greedy_acc", "held-out accuracy (greedy)", False),
-    ("eval/sampled_acc", "held-out accuracy (sampled)", False),
-    ("entropy", "token entropy", True),
-    ("train_infer_kl", "training-inference KL (k3)", True),
-    ("staleness_kl", "staleness KL (k3)", True),
-    ("route_agreement/train_infer", "routing agreement train vs infer", True),
-    ("first_order_gap", "first-order gap", True),
-    ("clip_frac_high", "clip fraction (high)", True),
-    ("is_frac_truncated", "IS truncated fraction", True),
-    ("grad_norm", "grad norm", True),
-    ("response_len_mean", "response length", True),
+    (M.REWARD_MEAN, "training reward", True),
+    (M.EVAL_GREEDY, "held-out accuracy (greedy)", False),
+    (M.EVAL_SAMPLED, "held-out accuracy (sampled)", False),
+    (M.ENTROPY, "token entropy", True),
+    (M.TRAIN_INFER_KL, "training-inference KL (k3)", True),
+    (M.STALENESS_KL, "staleness KL (k3)", True),
+    (M.ROUTE_TRAIN_INFER, "routing agreement train vs infer", True),
+    (M.FIRST_ORDER_GAP, "first-order gap", True),
+    (M.CLIP_FRAC_HIGH, "clip fraction (high)", True),
+    (M.IS_FRAC_TRUNCATED, "IS truncated fraction", True),
+    (M.GRAD_NORM, "grad norm", True),
+    (M.RESPONSE_LEN_MEAN, "response length", True),
 )
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -66,14 +67,6 @@ def moe_routers(model: nn.Module) -> list[nn.Module]:
         raise ValueError(f"{type(model).__name__} ({model_type}) has no MoE layers ({cls_name} modules)")
     _ROUTER_CACHE[model] = routers
     return routers
-
-
-def is_moe(model: nn.Module) -> bool:
-    try:
-        moe_routers(model)
-    except ValueError:
-        return False
-    return True
 
 
 def moe_layer_indices(model: nn.Module) -> list[int]:
@@ -218,3 +211,64 @@ def replay_routes(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# The replay decision: which routes each forward of a training step replays and records.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Forward:
+    """One training forward's routing: ``replay`` ``"old"`` (the training routes recorded in the
+    pi_old pass: R2) or ``"rollout"`` (the inference engine's: R3) or None (route live);
+    ``capture`` records this forward's live routes for a diagnostic: ``"train_infer"`` (they are
+    pi_old's routes, compared with the rollout's) or ``"stale"`` (current routes, compared with
+    pi_old's)."""
+
+    replay: Literal["old", "rollout"] | None = None
+    capture: Literal["train_infer", "stale"] | None = None
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """What ``train.routing_replay`` means for every forward of one training step.
+
+    A step is: (N > 1) one no-grad pass for pi_old, then N mini-batches, one gradient forward
+    each. With N = 1 there is no pi_old pass: pi_old is ``sg[pi_theta]`` of the gradient forward.
+
+    - none: every forward routes live.
+    - R2 replays pi_old's training routes, so it needs the pi_old pass; with N = 1 the gradient
+      forward *is* pi_old's and there is nothing to replay (it changes nothing on-policy).
+    - R3 replays the rollout's routes in every forward, the pi_old pass included (under R3 pi_old
+      is the training engine's policy on the inference engine's routes).
+    """
+
+    mode: Literal["none", "R2", "R3"]
+    moe: bool
+    minibatches: int
+
+    def old_pass(self) -> Forward | None:
+        """The pi_old pass before any update (None when N = 1)."""
+        if self.minibatches == 1:
+            return None
+        if self.mode == "R3":
+            return Forward(replay="rollout")
+        return Forward(capture="train_infer" if self.moe else None)
+
+    @property
+    def diagnostic_pass(self) -> bool:
+        """Whether one extra no-grad forward records the live training routes: under R3 every
+        other forward replays, and the train-vs-infer agreement needs the training engine's own."""
+        return self.moe and self.mode == "R3"
+
+    def minibatch(self, k: int) -> Forward:
+        """The gradient forward of mini-batch ``k`` (0-based)."""
+        if not self.moe:
+            return Forward()
+        if self.mode == "R3":
+            return Forward(replay="rollout")
+        if self.mode == "R2" and self.minibatches > 1:
+            return Forward(replay="old")
+        if self.minibatches == 1:  # this forward is pi_old's (R2 included: nothing to replay)
+            return Forward(capture="train_infer")
+        # mini-batch 0 routes exactly as the pi_old pass did; later ones have moved
+        return Forward(capture="stale" if k > 0 else None)

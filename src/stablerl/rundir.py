@@ -1,23 +1,29 @@
-"""The run directory: one writer at a time, and a config record that stays true.
+"""The run directory: every file name in it, one writer at a time, atomic writes, the record of
+the run's state, and a config record that stays true.
 
-``RUN_DIR/`` holds ``config.json`` (the resolved config of the run as it is now),
-``config_changes.jsonl`` (every change made on a resume, with the step it applied from),
-``metrics.jsonl``, ``tb/``, ``checkpoints/``, ``export/`` and, once finished, ``summary.json``.
+``RUN_DIR/`` (``RunDir`` names every path) holds ``config.json`` (the resolved config of the run
+as it is now), ``config_changes.jsonl`` (every change made on a resume, with the step it applied
+from), ``metrics.jsonl``, ``rollouts.jsonl`` (with ``log.rollouts``), ``tb/``, ``checkpoints/``,
+``export/``, ``plots/`` and, once finished, ``summary.json``.
 
 Every state of a run directory is resumable or cleanly restartable:
 - no ``config.json``: not a run; ``train`` starts one;
 - ``config.json`` but no complete checkpoint (killed before the first one): ``--resume`` starts
   it again from step 0, dropping the partial log; a plain ``train`` refuses, as for any run;
-- a complete checkpoint: ``--resume`` continues from the newest one.
+- a complete checkpoint: ``--resume`` continues from the newest one, the logs cut back to the
+  steps it covers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
 import os
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stablerl.config import RunConfig
@@ -26,8 +32,157 @@ from stablerl.config_io import build_config, resume_changes
 CONFIG = "config.json"
 CHANGES = "config_changes.jsonl"
 LOCK = ".lock"
+METRICS = "metrics.jsonl"
+ROLLOUTS = "rollouts.jsonl"
+SUMMARY = "summary.json"
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+EXPORTS = "export"
+PLOTS = "plots"
+WANDB_ID = "wandb_id"
 
 
+class RunDir:
+    """Every path of one run directory, and what may be done to its files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config = property(lambda self: self.path / CONFIG)
+    changes = property(lambda self: self.path / CHANGES)
+    lock = property(lambda self: self.path / LOCK)
+    metrics = property(lambda self: self.path / METRICS)
+    rollouts = property(lambda self: self.path / ROLLOUTS)
+    summary = property(lambda self: self.path / SUMMARY)
+    tensorboard = property(lambda self: self.path / TENSORBOARD)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+    exports = property(lambda self: self.path / EXPORTS)
+    plots = property(lambda self: self.path / PLOTS)
+    wandb_id = property(lambda self: self.path / WANDB_ID)
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:06d}"
+
+    def export(self, step: int) -> Path:
+        return self.exports / f"step_{step:06d}"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def looks_like_run(self) -> bool:
+        """A run directory, even one whose config was lost (used to refuse it as a model path)."""
+        return self.checkpoints.is_dir() or self.metrics.is_file() or self.is_run()
+
+    def start_fresh(self) -> None:
+        """Drop the logs of a run that restarts from step 0 (a fresh run, or one killed before its
+        first checkpoint), so nothing from the earlier attempt is read as this one's."""
+        for path in (self.metrics, self.rollouts, self.summary):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
+
+    def cut_logs_to(self, state: "RunState") -> None:
+        """Cut the logs back to the steps the checkpoint of ``state`` covers (a resume)."""
+        truncate_lines(self.metrics, state.metrics_lines)
+        truncate_lines(self.rollouts, state.step)  # one line per step
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes: a reader (or a resume after a kill) sees the old file or the new one, never half.
+# --------------------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsynced, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log, fsynced (a kill loses at most the line being written)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_lines(path: Path, n_lines: int) -> None:
+    """Keep the first ``n_lines`` lines of a JSONL log (the steps a checkpoint covers)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    atomic_write_text(path, "".join(lines[:n_lines]))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """The directory counterpart of ``atomic_write_text``: fsync everything under ``tmp``, then
+    rename it to ``final`` (replacing an older one)."""
+    for dirpath, _, files in os.walk(tmp):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# The run's state: what a checkpoint records (state.json), the summary reports and a resume
+# replays.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    step: int = 0                 # the last completed step (its weights are the policy version)
+    nonfinite_total: int = 0      # updates skipped for a non-finite loss or gradient
+    metrics_lines: int = 0        # lines of metrics.jsonl this state covers
+    reward_errors: int = 0
+    reward_timeouts: int = 0
+    reward_crashes: int = 0
+    collapse: list[str] = field(default_factory=list)   # collapse warnings, in order
+    aborted: str | None = None    # why the run stopped early (never checkpointed)
+
+    def to_checkpoint(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("aborted")
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, data: dict) -> "RunState":
+        """A state from a checkpoint's state.json (keys this version does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"aborted"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def add_reward_failures(self, stats) -> None:
+        for kind in ("errors", "timeouts", "crashes"):
+            setattr(self, f"reward_{kind}", getattr(self, f"reward_{kind}") + getattr(stats, kind))
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per run directory.
+# --------------------------------------------------------------------------------------------
 class RunLocked(ValueError):
     pass
 
@@ -73,22 +228,13 @@ class RunLock:
         self.release()
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def is_run_dir(path: Path) -> bool:
-    return (Path(path) / CONFIG).is_file()
+    return RunDir(path).is_run()
 
 
 def read_config(run_dir: Path) -> dict:
     """The saved config as a dict; a clear error for a missing, empty or truncated file."""
-    path = Path(run_dir) / CONFIG
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory (no {CONFIG}); start a run with `stablerl train`")
     text = path.read_text()
@@ -102,30 +248,34 @@ def read_config(run_dir: Path) -> dict:
     return data
 
 
-def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> tuple[RunConfig, dict]:
-    """The saved config with ``--config FILE`` and overrides applied, and the changes they make.
-
-    Changes that cannot apply to a run in progress (model shape, batch, loss, numerics) are
-    rejected with the list of what may change (``stablerl.config.RESUMABLE_KEYS``).
-    """
-    saved_data = read_config(run_dir)
+def _saved_config(run_dir: Path) -> tuple[dict, RunConfig]:
+    data = read_config(run_dir)
     try:
-        saved = RunConfig.model_validate(saved_data)
+        return data, RunConfig.model_validate(data)
     except ValueError as e:
-        raise ValueError(f"{Path(run_dir) / CONFIG} is not a valid config for this version of stablerl: {e}") from None
-    cfg = build_config(RunConfig, config_file, overrides, base=saved_data)
+        raise ValueError(f"{RunDir(run_dir).config} is not a valid config for this version of stablerl: {e}") from None
+
+
+def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> RunConfig:
+    """The saved config with ``--config FILE`` and overrides applied (what a resume may change
+    is checked once, by the trainer: ``saved_changes``)."""
+    data, saved = _saved_config(run_dir)
+    cfg = build_config(RunConfig, config_file, overrides, base=data)
     cfg.run_dir = saved.run_dir
-    return cfg, resume_changes(saved, cfg)
+    return cfg
+
+
+def saved_changes(run_dir: Path, cfg: RunConfig) -> dict[str, tuple]:
+    """``{key: (saved, new)}`` of what resuming ``run_dir`` with ``cfg`` changes; a ValueError
+    naming every key that may not change on a resume (``stablerl.config.RESUMABLE_KEYS``)."""
+    return resume_changes(_saved_config(run_dir)[1], cfg)
 
 
 def record_config(run_dir: Path, cfg: RunConfig, step: int, changes: dict | None = None) -> None:
     """Write ``config.json`` (atomically) and append the changes, with their step, to the record."""
-    run_dir = Path(run_dir)
-    write_json_atomic(run_dir / CONFIG, cfg.model_dump(mode="json"))
+    run_dir = RunDir(run_dir)
+    write_json_atomic(run_dir.config, cfg.model_dump(mode="json"))
     if changes:
         line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
-        with open(run_dir / CHANGES, "a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(run_dir.changes, json.dumps(line))

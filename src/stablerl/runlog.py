@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import uuid
 from collections import deque
 from pathlib import Path
 
+from stablerl import metrics as M
 from stablerl.config import LogConfig
+from stablerl.rundir import RunDir, RunState, append_line, write_json_atomic
 
 # the figures shown on the progress line, in order
-PROGRESS_KEYS = (("reward", "reward_mean", ".2f"), ("acc", "eval/greedy_acc", ".2f"),
-                 ("H", "entropy", ".3f"), ("KL_ti", "train_infer_kl", ".1e"), ("route", "route_agreement/train_infer", ".3f"))
+PROGRESS_KEYS = (("reward", M.REWARD_MEAN, ".2f"), ("acc", M.EVAL_GREEDY, ".2f"),
+                 ("H", M.ENTROPY, ".3f"), ("KL_ti", M.TRAIN_INFER_KL, ".1e"), ("route", M.ROUTE_TRAIN_INFER, ".3f"))
 
 
 # what a collapse looks like in each watched metric (docs/formulation.md "What the paper found"):
 # entropy jumps either way (a blow-up off-policy, a sharp drop without IS), the training-inference
 # KL rises, the reward falls. A fall of the KL or a rise of the reward is good news, never flagged.
-WATCHED = {"entropy": "both", "train_infer_kl": "up", "reward_mean": "down"}
+WATCHED = {M.ENTROPY: "both", M.TRAIN_INFER_KL: "up", M.REWARD_MEAN: "down"}
 # a change must also exceed this in absolute terms (a KL going 1e-9 -> 1e-8 is no collapse)
-ABS_FLOOR = {"entropy": 0.02, "train_infer_kl": 1e-3, "reward_mean": 0.1}
+ABS_FLOOR = {M.ENTROPY: 0.02, M.TRAIN_INFER_KL: 1e-3, M.REWARD_MEAN: 0.1}
 
 
 class CollapseDetector:
@@ -83,7 +84,7 @@ class WandbLog:
     def __init__(self, run_dir: Path, cfg: LogConfig, config: dict | None):
         import wandb
 
-        id_file = run_dir / "wandb_id"
+        id_file = RunDir(run_dir).wandb_id
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, id=run_id,
@@ -100,15 +101,15 @@ class WandbLog:
 
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: LogConfig, total_steps: int, start_step: int, config: dict | None = None):
-        self.run_dir, self.cfg = run_dir, cfg
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.run_dir, self.cfg = RunDir(run_dir), cfg
+        self.metrics_path = self.run_dir.metrics
         self.collapse = CollapseDetector(cfg.collapse_window, cfg.collapse_factor, cfg.collapse_sustain)
         self.tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote past its last checkpoint
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(str(self.run_dir.tensorboard), purge_step=start_step + 1 if start_step else None)
         self.progress = None
         if cfg.progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -118,7 +119,7 @@ class RunLogger:
             self.progress.start()
             self.task_id = self.progress.add_task("", total=total_steps, completed=start_step)
         self.last_eval: dict[str, float] = {}
-        self.wandb = WandbLog(run_dir, cfg, config) if cfg.wandb else None
+        self.wandb = WandbLog(self.run_dir.path, cfg, config) if cfg.wandb else None
 
     def watch(self, step: int, metrics: dict) -> list[str]:
         """Feed the collapse detector; returns its warnings for this step."""
@@ -129,10 +130,7 @@ class RunLogger:
         """Append one step; returns collapse warnings (also printed)."""
         warnings = self.watch(step, metrics)
         metrics = {"step": step, **metrics, "collapse_warning": bool(warnings)}
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.metrics_path, json.dumps(metrics))
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
@@ -168,9 +166,9 @@ class RunLogger:
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every step's metrics. A half-written *last* line (a run killed mid-write) is skipped; a bad
     line anywhere else is an error naming the file and line."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
-        raise ValueError(f"{run_dir} has no metrics.jsonl (not a run directory, or a run that has not logged yet)")
+        raise ValueError(f"{run_dir} has no {path.name} (not a run directory, or a run that has not logged yet)")
     lines = path.read_text(errors="replace").splitlines()
     rows = []
     for n, line in enumerate(lines, start=1):
@@ -185,36 +183,35 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def replay_history(logger: "RunLogger", run_dir: Path, state: dict) -> None:
+def replay_history(logger: "RunLogger", run_dir: Path) -> None:
     """On resume, feed the steps already logged to the collapse detector (nothing is printed)."""
-    if (Path(run_dir) / "metrics.jsonl").exists():
+    if RunDir(run_dir).metrics.exists():
         for row in read_metrics(run_dir):
             logger.watch(row.get("step", 0), row)
 
 
-def summarize(run_dir: Path, state: dict | None = None) -> dict:
+def summarize(run_dir: Path, state: RunState | None = None) -> dict:
     """The run's summary: steps, held-out accuracy before and after, whether it collapsed."""
     rows = read_metrics(run_dir)
     out: dict = {"run_dir": str(run_dir), "steps": rows[-1]["step"] if rows else 0}
-    evals = [r for r in rows if "eval/greedy_acc" in r or "eval/sampled_acc" in r]
+    evals = [r for r in rows if M.EVAL_GREEDY in r or M.EVAL_SAMPLED in r]
     if evals:
         first, last = evals[0], evals[-1]
-        for mode in ("greedy", "sampled"):
-            key = f"eval/{mode}_acc"
+        for mode, key in (("greedy", M.EVAL_GREEDY), ("sampled", M.EVAL_SAMPLED)):
             if key in first and key in last:
                 out[f"{mode}_before"], out[f"{mode}_after"] = first[key], last[key]
-    warnings = list((state or {}).get("collapse", []))
+    warnings = list(state.collapse) if state else []
     out["collapsed"] = bool(warnings)
     out["collapse_warnings"] = warnings
-    for key in ("nonfinite_total", "reward_errors", "reward_timeouts", "reward_crashes", "aborted"):
-        if state and key in state:
-            out[key] = state[key]
+    if state:
+        for key in ("nonfinite_total", "reward_errors", "reward_timeouts", "reward_crashes"):
+            out[key] = getattr(state, key)
+        if state.aborted is not None:
+            out["aborted"] = state.aborted
     return out
 
 
-def write_summary(run_dir: Path, state: dict) -> dict:
+def write_summary(run_dir: Path, state: RunState) -> dict:
     summary = summarize(run_dir, state)
-    tmp = Path(run_dir) / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, Path(run_dir) / "summary.json")
+    write_json_atomic(RunDir(run_dir).summary, summary)
     return summary

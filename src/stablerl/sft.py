@@ -15,22 +15,10 @@ from pathlib import Path
 
 import torch
 
+from stablerl.checkpoint import save_model_dir
+from stablerl.generation import encode_prompt
+from stablerl.models import build_default_policy, build_tokenizer
 from stablerl.tasks.base import Problem, Task
-
-
-def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_prompt: str | None = None) -> list[int]:
-    """The token ids the policy continues: ``BOS + prompt``, or with ``chat_template`` the
-    tokenizer's chat template around it (an optional system turn, the prompt as the user's turn,
-    then the assistant's turn opened), as instruct models were trained."""
-    if not chat_template:
-        return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("task.chat_template=true, but the model's tokenizer has no chat template; set "
-                         "task.chat_template=false or use a tokenizer that has one")
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
@@ -88,13 +76,6 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
     return losses
 
 
-def save_checkpoint_dir(model, tokenizer, path: str | Path) -> Path:
-    """The SFT result as an HF checkpoint directory, written atomically."""
-    from stablerl.checkpoint import save_model_dir
-
-    return save_model_dir(Path(path), model, tokenizer)
-
-
 SFT_TASK_KEYS = {"name", "levels", "style", "seed", "dataset", "dataset_config", "split", "eval_dataset", "eval_split",
                  "columns", "prompt_template", "chat_template", "system_prompt"}
 
@@ -131,8 +112,6 @@ def _data_digest(source: str) -> str:
 
 def cold_start(cfg, task: Task, log=print) -> Path:
     """The SFT checkpoint for ``cfg`` (trained and saved the first time, reused afterwards)."""
-    from stablerl.models import build_default_policy, build_tokenizer
-
     out = sft_output_dir(cfg)
     if (out / "config.json").is_file():
         log(f"[cold start] reusing {out}")
@@ -145,4 +124,4 @@ def cold_start(cfg, task: Task, log=print) -> Path:
             lr=cfg.sft.lr, seed=cfg.sft.seed, log=log, chat_template=cfg.task.chat_template,
             system_prompt=cfg.task.system_prompt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return save_checkpoint_dir(model, tokenizer, out)
+    return save_model_dir(out, model, tokenizer)

@@ -1,7 +1,8 @@
 """`stablerl repro`: the paper's findings reproduced in miniature (docs/results.md)."""
 
 from stablerl.repro.experiments import EXPERIMENTS
-from stablerl.repro.report import collapse_step, write_report
+from stablerl.repro.report import write_report
+from stablerl.repro.stats import collapse_step
 from stablerl.repro.runner import run_experiment
 
 __all__ = ["EXPERIMENTS", "collapse_step", "run_experiment", "write_report"]

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from stablerl.repro.experiments import DOSE_LEVELS, DOSE_N
+from stablerl.repro.stats import run_stats
 
 FAMILIES = {  # variant suffix -> label
     "on_minirl": "on-policy MiniRL", "on_no_is": "on-policy, no IS", "on_r3": "on-policy + R3",
@@ -23,8 +24,6 @@ FAMILIES = {  # variant suffix -> label
 def dose_points(runs: dict) -> dict[str, list[dict]]:
     """Per family, one point per engine level: measured KL (k3, k1), routing agreement, final
     reward (mean, std over seeds) and collapse rate."""
-    from stablerl.repro.report import run_stats
-
     out: dict[str, list[dict]] = {}
     for family in FAMILIES:
         for level in DOSE_LEVELS:

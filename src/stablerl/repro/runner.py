@@ -9,6 +9,7 @@ from pathlib import Path
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.rundir import RunDir, RunLocked, is_run_dir, write_json_atomic
 
 
 def run_dir_of(out: Path, experiment: str, variant: str, seed: int) -> Path:
@@ -23,8 +24,9 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
     on the same --out share the work."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}, all")
+    # the trainer (torch, transformers) only when runs are made: `stablerl repro --help` and the
+    # report stay light
     from stablerl.loop import Trainer, TrainingAborted
-    from stablerl.rundir import RunLocked, is_run_dir
     from stablerl.runlog import summarize
 
     exp = EXPERIMENTS[name]
@@ -34,7 +36,7 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
     for i, (variant, seed) in enumerate(jobs, start=1):
         run_dir = run_dir_of(out, name, variant, seed)
         dirs.append(run_dir)
-        if (run_dir / "summary.json").is_file():
+        if RunDir(run_dir).summary.is_file():
             log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: done, skipped")
             continue
         train_seed = seed + exp.get("seed_offset", 0)
@@ -53,14 +55,12 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
             trainer.run()
         except TrainingAborted as e:
             aborted = str(e)
-        summary_path = run_dir / "summary.json"
+        summary_path = RunDir(run_dir).summary
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(run_dir)
         summary.update({"variant": variant, "seed": seed, "aborted": aborted, "seconds": time.perf_counter() - t0})
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(summary_path)
+        write_json_atomic(summary_path, summary)
         ran += 1
-        left = sum(not (run_dir_of(out, name, v, s) / "summary.json").is_file() for v, s in jobs)
+        left = sum(not RunDir(run_dir_of(out, name, v, s)).summary.is_file() for v, s in jobs)
         eta = (time.perf_counter() - t_start) / ran * left
         log(f"[repro {name}] {variant} seed {seed}: sampled acc {summary.get('sampled_before', float('nan')):.3f}"
             f" -> {summary.get('sampled_after', float('nan')):.3f} ({summary['seconds']:.0f} s; {left} runs left, "

@@ -31,6 +31,7 @@ class RolloutBatch:
     routes: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    sampling: SamplingConfig | None = None   # how it was sampled (temperature, length limit, ...)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -54,7 +55,6 @@ class RolloutBatch:
             finished=self.finished[rows], routes=pick(self.routes), group_ids=pick(self.group_ids),
             rewards=pick(self.rewards), extras=dict(self.extras),
         )
-
 
     def trim(self) -> "RolloutBatch":
         """Drop trailing response columns that are padding in every row (cheaper forwards)."""

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stablerl.models import position_ids_from_mask
+from stablerl.models import is_moe, position_ids_from_mask
 from stablerl.moe import grouped_experts
-from stablerl.routing import capture_routes, is_moe
+from stablerl.routing import capture_routes
 
 
 class HFDecoder:

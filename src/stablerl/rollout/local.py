@@ -10,11 +10,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from stablerl.config import SamplingConfig
+from stablerl.models import is_moe
+from stablerl.moe import W8A8_NAME, use_fast_experts
 from stablerl.precision import PRECISIONS, cast_named, compute_dtype, perturb_weight, quantize_activations_fp8
 from stablerl.rollout.base import RolloutBatch
 from stablerl.rollout.decoders import FastQwen3MoeDecoder, HFDecoder
 from stablerl.rollout.sampling import GumbelNoise, sample
-from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_routers, is_moe, route_shape
+from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_routers, route_shape
 
 
 def fp8_exempt_names(model: nn.Module) -> set[str]:
@@ -169,8 +171,6 @@ class LocalEngine:
 def _quantize_linear_inputs(model: nn.Module, exempt: set[str]) -> None:
     """W8A8: the input of every fp8 linear layer rounded to e4m3 per token (a pre-hook), and the
     MoE experts switched to the implementation that does the same inside (``stablerl.moe``)."""
-    from stablerl.moe import W8A8_NAME, use_fast_experts
-
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and f"{name}.weight" not in exempt:
             module.register_forward_pre_hook(lambda _m, args: (quantize_activations_fp8(args[0]), *args[1:]))

@@ -32,7 +32,8 @@ from torch import nn
 
 from stablerl.config import SamplingConfig, VllmConfig
 from stablerl.rollout.base import RolloutBatch
-from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, is_moe, moe_layer_indices, route_shape
+from stablerl.models import is_moe
+from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_shape
 
 # head sizes vLLM's CPU attention kernels support
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

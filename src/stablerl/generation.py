@@ -1,0 +1,58 @@
+"""Encode -> generate -> decode -> score: the one way stablerl samples responses and rewards them
+(the RL loop's rollouts, held-out evaluation), whatever the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stablerl.config import SamplingConfig, TaskConfig
+from stablerl.rollout.base import RolloutBatch, RolloutEngine
+from stablerl.tasks import Problem, RewardPool, RewardResult
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_prompt: str | None = None) -> list[int]:
+    """The token ids the policy continues: ``BOS + prompt``, or with ``chat_template`` the
+    tokenizer's chat template around it (an optional system turn, the prompt as the user's turn,
+    then the assistant's turn opened), as instruct models were trained."""
+    if not chat_template:
+        return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("task.chat_template=true, but the model's tokenizer has no chat template; set "
+                         "task.chat_template=false or use a tokenizer that has one")
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
+    return [tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
+            for i in range(len(batch))]
+
+
+@dataclass
+class Scored:
+    """``n`` samples of each problem, in problem order: the batch (rewards set, and how it was
+    sampled), the decoded texts and the reward pool's result."""
+
+    batch: RolloutBatch
+    texts: list[str]
+    result: RewardResult
+
+
+def sample_and_score(engine: RolloutEngine, tokenizer, problems: list[Problem], n: int, rewards: RewardPool,
+                     sampling: SamplingConfig, seeds: list[int], task: TaskConfig, *,
+                     capture_routes: bool = False) -> Scored:
+    """Sample ``n`` responses to each of ``problems`` (response ``i * n + j`` is problem ``i``'s
+    ``j``-th, with seed ``seeds[i * n + j]``) and score them in the reward pool."""
+    encoded = [encode_prompt(tokenizer, p.prompt, task.chat_template, task.system_prompt) for p in problems]
+    batch = engine.generate([e for e in encoded for _ in range(n)], sampling, seeds=seeds,
+                            capture_routes=capture_routes)
+    batch.sampling = sampling  # the learner reads temperature and length limit from the batch
+    texts = decode_responses(tokenizer, batch)
+    result = rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip((p for p in problems for _ in range(n)), texts)])
+    batch.rewards = torch.tensor(result.total)
+    return Scored(batch, texts, result)

@@ -1,0 +1,66 @@
+"""Metric names that more than one module reads, and how per-micro-batch metrics combine.
+
+A metric is produced in one place (objectives, the learner, the loop, evaluation) and read in
+others (the progress line, the collapse warning, plots, the run summary, the repro report). The
+names those readers depend on are defined here once. A producer declares how each of its
+metrics combines over micro-batches and ranks (``Reduce``) next to the code that computes it;
+``reduce_metrics`` applies those declarations.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+# --- names read outside the module that produces them ---------------------------------------
+REWARD_MEAN = "reward_mean"
+ENTROPY = "entropy"
+TRAIN_INFER_KL = "train_infer_kl"            # k3 estimate of KL(mu_old || pi_old) per token
+TRAIN_INFER_KL_K1 = "train_infer_kl_k1"      # k1 estimate, as the paper plots it
+STALENESS_KL = "staleness_kl"                # k3 estimate of KL(pi_old || pi_theta) per token
+FIRST_ORDER_GAP = "first_order_gap"
+GRAD_NORM = "grad_norm"
+CLIP_FRAC_HIGH = "clip_frac_high"
+IS_FRAC_TRUNCATED = "is_frac_truncated"
+RESPONSE_LEN_MEAN = "response_len_mean"
+GROUPS_ALL_WRONG = "groups_all_wrong"
+ROUTE_TRAIN_INFER = "route_agreement/train_infer"   # training vs inference routes of the same tokens
+ROUTE_STALE = "route_agreement/stale"               # current vs pi_old's training routes
+EVAL_GREEDY = "eval/greedy_acc"
+EVAL_SAMPLED = "eval/sampled_acc"
+TRAIN_TOKENS = "train_tokens"
+
+
+class Reduce(str, Enum):
+    """How one metric combines over micro-batches (and ranks)."""
+
+    MEAN = "mean"            # weighted by the weight each value is recorded with (tokens, responses)
+    SUM = "sum"
+    MIN = "min"
+    MAX = "max"
+    SAME = "same"            # identical on every rank (e.g. a global gradient norm): rank 0's mean
+
+
+def reduce_metrics(parts: list[dict[str, list]], rules: dict[str, Reduce]) -> dict[str, float]:
+    """Combine ``{key: [(value, weight), ...]}`` of every rank, each key by its rule in
+    ``rules`` (weighted mean when it has none); NaN entries are left out of means."""
+    merged: dict[str, list] = {}
+    for part in parts:
+        for key, values in part.items():
+            merged.setdefault(key, []).extend(values)
+    out = {}
+    for key, values in merged.items():
+        rule = rules.get(key, Reduce.MEAN)
+        if rule is Reduce.MIN:
+            out[key] = min(v for v, _ in values)
+        elif rule is Reduce.MAX:
+            out[key] = max(v for v, _ in values)
+        elif rule is Reduce.SUM:
+            out[key] = sum(v for v, _ in values)
+        elif rule is Reduce.SAME:
+            own = parts[0].get(key, [])
+            out[key] = sum(v for v, _ in own) / len(own) if own else float("nan")
+        else:
+            values = [(v, w) for v, w in values if v == v]
+            total = sum(w for _, w in values)
+            out[key] = sum(v * w for v, w in values) / total if total else float("nan")
+    return out

@@ -1,0 +1,148 @@
+"""Per-run statistics for `stablerl repro`'s tables and figures, from the runs' metrics.jsonl.
+
+Collapse (the definition every table uses; it catches both directions the paper saw): a run
+collapsed at step c when, from c to its end,
+
+- its training reward (moving average over 20 optimizer steps' worth of rollouts, after the
+  first 20 optimizer steps) stays below half of its running peak — whatever its entropy does: the report says whether the entropy *dropped*
+  (below half its initial level, the paper's collapse without IS) or *blew up* (above twice it,
+  off-policy without clipping or replay) by then; or
+- its entropy (moving average over 10 optimizer steps' worth) stays above 3x its initial level
+  (the median over the first 10 optimizer steps' worth): a policy dissolving into noise, even before the reward has fallen; or
+- it was stopped for non-finite steps (collapsed at the step it stopped).
+
+All steps and windows in the tables and figures are *optimizer* steps (rollout step x N), so
+runs at different N, which make the same number of updates on the same amount of data, line up:
+a window of W optimizer steps is W / N rollout steps of N mini-batches each, the same number of
+responses at every N.
+
+Per variant over seeds: final and peak held-out sampled accuracy (mean ± std), the training
+reward averaged over the last 20 optimizer steps' worth of rollouts, how many seeds collapsed, at
+which steps and how, the mean training-inference KL over all steps (k3, and k1 as the paper plots it), the mean wall
+time of one run; then diagnostics: the largest KL of each seed and how many steps it spent above
+``KL_SPIKE``, the mean routing agreement between training and inference, the mean fraction of
+all-wrong groups (zero advantage) and of IS-truncated tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from stablerl import metrics as M
+from stablerl.plot import moving_average
+from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.runner import run_dir_of
+from stablerl.rundir import RunDir
+from stablerl.runlog import read_metrics
+
+KL_SPIKE = 5e-3
+REWARD_WINDOW, ENTROPY_WINDOW = 20, 10  # in optimizer steps (the same data at every N)
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+    return ([s for s, _ in pts], [v for _, v in pts]) if pts else ([], [])
+
+
+def rollout_steps(optimizer_steps: int, n: int) -> int:
+    return max(1, optimizer_steps // n)
+
+
+def collapse(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW, n: int = 1) -> tuple[int | None, str]:
+    """``(optimizer step of the collapse or None, how)`` by the module's definition; ``rows`` are
+    per rollout step, ``n`` is the run's mini-batches per rollout step and ``window`` is in
+    optimizer steps (steps are reported as optimizer steps)."""
+    steps, rewards = series(rows, M.REWARD_MEAN)
+    if aborted:
+        return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
+    window = rollout_steps(window, n)
+    e_window = rollout_steps(ENTROPY_WINDOW, n)
+    e_steps, entropy = series(rows, M.ENTROPY)
+    e_ma = moving_average(entropy, e_window)
+    h0 = statistics.median(entropy[:e_window]) if entropy else float("nan")
+
+    def entropy_at(step: int) -> float:
+        before = [v for s, v in zip(e_steps, e_ma) if s <= step]
+        return before[-1] if before else float("nan")
+
+    found: list[tuple[int, str]] = []
+    ma = moving_average(rewards, window)
+    peak, since = 0.0, None
+    for s, v in zip(steps, ma):
+        peak = max(peak, v)
+        if s <= window:
+            continue
+        since = (s if since is None else since) if v < 0.5 * peak else None
+    if since is not None:
+        h = entropy_at(since)
+        how = "reward fell" + (", entropy dropped" if h < 0.5 * h0 else ", entropy blew up" if h > 2 * h0 else "")
+        found.append((since, how))
+    since = None
+    for s, v in zip(e_steps, e_ma):
+        since = (s if since is None else since) if v > 3 * h0 else None
+    if since is not None:
+        found.append((since, "entropy blew up"))
+    if not found:
+        return None, ""
+    step, how = min(found)
+    return step * n, how
+
+
+def collapse_step(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW) -> int | None:
+    return collapse(rows, aborted, window)[0]
+
+
+def minibatches_of(run_dir: Path) -> int:
+    try:
+        return int(json.loads(RunDir(run_dir).config.read_text())["batch"]["minibatches_per_step"])
+    except (OSError, ValueError, KeyError):
+        return 1
+
+
+def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict, list[dict], int]]]:
+    """Per variant, ``(summary, metrics rows, N)`` of every finished run (one with a
+    summary.json), read once for the table and the figures."""
+    runs = {}
+    for variant in EXPERIMENTS[name]["variants"]:
+        dirs = [run_dir_of(out, name, variant, s) for s in range(seeds)]
+        runs[variant] = [(json.loads(RunDir(d).summary.read_text()), read_metrics(d), minibatches_of(d))
+                         for d in dirs if RunDir(d).summary.exists()]
+    return runs
+
+
+def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
+    evals = [r[M.EVAL_SAMPLED] for r in rows if M.EVAL_SAMPLED in r]
+    rewards = [r[M.REWARD_MEAN] for r in rows if M.REWARD_MEAN in r][-rollout_steps(REWARD_WINDOW, n):]
+
+    def values(key: str) -> list[float]:
+        return [r[key] for r in rows if key in r and r[key] == r[key]]
+
+    def mean_of(key: str) -> float:
+        vals = values(key)
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    kls = values(M.TRAIN_INFER_KL)
+    step, how = collapse(rows, bool(summary.get("aborted")), n=n)
+    return {"final_acc": evals[-1] if evals else float("nan"), "peak_acc": max(evals) if evals else float("nan"),
+            "initial_acc": evals[0] if evals else float("nan"),
+            "final_reward": sum(rewards) / len(rewards) if rewards else float("nan"),
+            "collapse_step": step, "collapse_how": how,
+            "mean_train_infer_kl": mean_of(M.TRAIN_INFER_KL), "mean_train_infer_kl_k1": mean_of(M.TRAIN_INFER_KL_K1),
+            "seconds": summary.get("seconds", float("nan")),
+            "max_kl": max(kls) if kls else float("nan"), "kl_spikes": sum(k > KL_SPIKE for k in kls),
+            "route_agreement": mean_of(M.ROUTE_TRAIN_INFER), "entropy": mean_of(M.ENTROPY),
+            "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG), "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED)}
+
+
+def mean_finite(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.mean(xs) if xs else float("nan")
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
