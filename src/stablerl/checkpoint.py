@@ -5,7 +5,13 @@
 - ``dcp/``: model and optimizer state written by ``torch.distributed.checkpoint`` — each rank its
   own shards, so a run on K ranks can be resumed on any number of ranks (DCP reshards on load);
 - ``config.json`` (+ generation config) and the tokenizer, to rebuild the model before loading;
-- ``state.json``: step, counters, number of metrics lines — written last.
+- ``state.json``: step, counters, number of metrics lines, and a SHA-256 of every other file of
+  the checkpoint — written last.
+
+Reading a checkpoint never runs code: DCP's metadata is unpickled with an allow-list of its own
+classes (``SafeReader``), tensors with ``torch.load(weights_only=True)``. A checkpoint whose
+files do not match their checksums, or whose state.json is damaged, is never trained on: a
+resume falls back to the newest good one and says which it skipped and why (``latest_good``).
 
 A checkpoint is written into ``step_000123.tmp`` and renamed when complete, so a kill at any
 moment leaves the previous checkpoint or the new one, never a half-written one taken as the
@@ -22,7 +28,9 @@ disk: ENOSPC) removes the partial directory and says which directory and why
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -34,6 +42,61 @@ from stablerl.rundir import RunDir, RunState, atomic_write_text, publish_dir
 
 STATE_FILE = "state.json"
 DCP_DIR = "dcp"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a checkpoint never runs code. DCP's own reader unpickles ``.metadata`` with the plain
+# pickle module: a crafted file runs whatever it names. ``SafeReader`` unpickles it with an
+# allow-list of exactly the classes DCP's metadata is made of; tensors and the optimizer's
+# non-tensor entries are read by DCP with ``torch.load(weights_only=True)``.
+# --------------------------------------------------------------------------------------------
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "tuple", "list", "dict"},
+}
+
+
+class UnsafeCheckpoint(ValueError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch":  # torch.Size and the dtypes, layouts and memory formats as values
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        raise UnsafeCheckpoint(f"refusing to load {module}.{name}: a checkpoint's metadata names only DCP's own "
+                               "metadata classes (the file may have been crafted to run code)")
+
+
+def _safe_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except UnsafeCheckpoint as e:
+                    raise UnsafeCheckpoint(f"{path}: {e}") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    reader = SafeReader(str(path))
+    reader.read_metadata()  # here, so a refusal is the error raised (DCP's loader would swallow it)
+    return reader
 
 
 class NonFiniteState(RuntimeError):
@@ -127,7 +190,8 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / STATE_FILE, json.dumps({**state.to_checkpoint(), "step": step,
-                                                            "world_size": world.size}, indent=1))
+                                                            "world_size": world.size, "files": _checksums(tmp)},
+                                                           indent=1))
             publish_dir(tmp, final)
     except Exception as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
         failure = str(_write_error(final, _os_error(e))) if _os_error(e) else f"writing {final} failed: {e}"
@@ -168,22 +232,56 @@ def load(ckpt: Path, model, optimizer) -> None:
     sd = _dcp_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(sd, checkpoint_id=str(Path(ckpt) / DCP_DIR))
+        dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The model tensors of a checkpoint as full tensors (for tests and tools), without a model."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    tmp = Path(ckpt) / ".weights.pt"
+    sd: dict = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        dcp_to_torch_save(str(Path(ckpt) / DCP_DIR), str(tmp))
+        _load_state_dict(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+    return sd["model"]
+
+
+def _checksums(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` but state.json, by relative path."""
+    out = {}
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != STATE_FILE):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(path.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why the checkpoint ``ckpt`` cannot be trusted (a damaged state.json, a missing or changed
+    file), or None when it is intact. Checkpoints written before checksums existed are checked
+    for a readable state.json only."""
+    ckpt = Path(ckpt)
     try:
-        return torch.load(tmp, weights_only=False)["model"]
-    finally:
-        tmp.unlink(missing_ok=True)
+        data = json.loads((ckpt / STATE_FILE).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("step"), int):
+            return f"{ckpt / STATE_FILE} does not hold a checkpoint state"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{ckpt / STATE_FILE} is unreadable ({type(e).__name__})"
+    expected = data.get("files")
+    if expected is None:
+        return None
+    actual = _checksums(ckpt)
+    for name, digest in expected.items():
+        if name not in actual:
+            return f"{ckpt / name} is missing"
+        if actual[name] != digest:
+            return f"{ckpt / name} does not match its checksum (damaged or changed)"
+    return None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -198,6 +296,18 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def latest(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def latest_good(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint, and a warning for each newer one skipped as damaged."""
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        problem = damage(ckpt)
+        if problem is None:
+            return ckpt, [f"checkpoint {bad} is damaged ({why}); resuming from {ckpt} instead" for bad, why in skipped]
+        skipped.append((ckpt, problem))
+    warnings_ = [f"checkpoint {bad} is damaged ({why}) and no older good one exists" for bad, why in skipped]
+    return None, warnings_
 
 
 def load_state(ckpt: Path) -> RunState:

@@ -121,7 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _repro(args: argparse.Namespace) -> int:
     from stablerl.repro import EXPERIMENTS, run_experiment, write_report
-    from stablerl.rundir import RunDir
+    from stablerl.repro.runner import is_done
 
     names = [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
     out = Path(args.out)
@@ -130,7 +130,7 @@ def _repro(args: argparse.Namespace) -> int:
         for name in names:
             dirs = run_experiment(name, out, [seed], args.overrides)
             paths = write_report(name, out, args.seeds)
-            elsewhere = sum(not RunDir(d).summary.is_file() for d in dirs)
+            elsewhere = sum(not is_done(d) for d in dirs)
             state = f"{elsewhere} run(s) of seed {seed} still running in another process" if elsewhere else "done"
             print(f"[repro {name}] seeds 0..{seed} {state}; table: {paths['md']}  figure: {paths['png']}")
     return 0
@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_hf()
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (a run's summary says it was interrupted)
+        hint = f"; continue with: stablerl train --resume {args.resume}" if getattr(args, "resume", None) else ""
+        print(f"stablerl {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except ValueError as e:  # every user error (config, data, paths) is a ValueError with a clear message
         print(f"stablerl {args.command}: error: {e}", file=sys.stderr)
         return 2

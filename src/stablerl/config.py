@@ -195,6 +195,12 @@ class TaskConfig(StrictModel):
                                     "is killed (its worker process replaced) and the response gets reward 0.")
     reward_workers: int = Field(2, ge=1, le=256, description="Worker processes that run the reward functions "
                                 "(in parallel across responses; each call in a worker's main thread).")
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt (in tokens, chat template included) "
+                                   "a run accepts; the model's context (prompt + rollout.max_new_tokens) is the "
+                                   "hard limit. Checked for every row at start-up.")
+    long_prompts: Literal["error", "skip"] = Field("error", description="A prompt over task.max_prompt_tokens: "
+                                                   "error (stop at start-up, naming the row) or skip (drop the "
+                                                   "row, counted and reported).")
     reward_memory_mb: int | None = Field(4096, ge=256, description="Address-space cap of each reward worker: "
                                          "a verifier that allocates more gets MemoryError, i.e. reward 0 "
                                          "(none = no cap).")

@@ -10,8 +10,13 @@ import torch
 
 def k3(log_ratio: torch.Tensor) -> torch.Tensor:
     """Per-sample k3 estimate of KL(q || p) from ``log(p/q)`` at samples drawn from q:
-    ``ratio - 1 - log ratio`` (>= 0, unbiased, low variance; Schulman's "approximating KL")."""
-    return log_ratio.exp() - 1 - log_ratio
+    ``ratio - 1 - log ratio`` (>= 0, unbiased, low variance; Schulman's "approximating KL").
+
+    Computed as ``expm1(x) - x`` in float64: ``exp(x) - 1 - x`` in float32 cancels to noise (or
+    exactly 0) for the small log-ratios of a well-matched engine (|x| ~ 1e-4 gives ~5e-9, below
+    float32's resolution near 1), so a small mismatch would be rounded away instead of measured."""
+    x = log_ratio.double()
+    return torch.expm1(x) - x
 
 
 def train_infer_kl(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> float:

@@ -14,11 +14,14 @@ from stablerl.tasks import Problem, RewardPool, RewardResult
 
 
 def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_prompt: str | None = None) -> list[int]:
-    """The token ids the policy continues: ``BOS + prompt``, or with ``chat_template`` the
+    """The token ids the policy continues: ``BOS + prompt`` (the prompt alone for a tokenizer
+    without BOS), or with ``chat_template`` the
     tokenizer's chat template around it (an optional system turn, the prompt as the user's turn,
     then the assistant's turn opened), as instruct models were trained."""
     if not chat_template:
-        return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+        # tokenizers without a BOS token (Qwen's: bos_token null) start with the prompt itself
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        return bos + tokenizer(prompt, add_special_tokens=False).input_ids
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("task.chat_template=true, but the model's tokenizer has no chat template; set "
                          "task.chat_template=false or use a tokenizer that has one")

@@ -32,6 +32,7 @@ from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
 from stablerl.models import build_model, is_moe, load_policy
+from stablerl.preflight import check_memory, check_prompts
 from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine
 from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config, saved_changes
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
@@ -88,13 +89,15 @@ class Trainer:
             self.lock = self._lock()
             self._setup(resume)
         except BaseException:
-            self.close()
-            if created and self.world.is_main:  # leave no empty run directory behind
-                self.files.lock.unlink(missing_ok=True)
+            held = getattr(self, "lock", None) is not None
+            if created and held:  # leave no empty run directory behind (only the lock's holder may)
+                self.lock.release(remove=True)
+                self.lock = None
                 try:
                     self.run_dir.rmdir()
                 except OSError:
                     pass
+            self.close()
             raise
 
     def _lock(self) -> RunLock | None:
@@ -118,7 +121,12 @@ class Trainer:
         ckpt = None
         if resume:
             self.changes = saved_changes(self.run_dir, cfg)
-            ckpt = checkpoint.latest(self.run_dir)
+            ckpt, damaged = checkpoint.latest_good(self.run_dir)
+            for w in damaged:
+                self.log(f"[warning] {w}")
+            if ckpt is None and damaged:
+                raise ValueError(f"{self.run_dir}: every checkpoint is damaged ({damaged[0]}); remove "
+                                 f"{self.files.checkpoints} to start the run again from step 0")
             if ckpt is None:
                 self.log(f"[resume] {self.run_dir} has no complete checkpoint yet: starting it again from step 0")
         elif self.files.is_run():
@@ -139,6 +147,10 @@ class Trainer:
             model, tokenizer = load_policy(source)
         for w in check_model(cfg, model):
             self.log(f"[warning] {w}")
+        # every prompt encodes (chat template, BOS) and fits, and one step fits in memory: checked
+        # here, before the engine or the learner allocates anything
+        longest = check_prompts(self.task, self.eval_sets, tokenizer, cfg, model.config, self.log)
+        check_memory(cfg, model.config, world.size, longest)
         self.tokenizer, self.moe = tokenizer, is_moe(model)
         # the engine is built from the full weights before the learner shards the model
         self.model_config = model.config
@@ -223,7 +235,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, world = self.cfg, self.world
-        logger = None
+        logger, finished = None, False
         try:
             if world.is_main:
                 self._prepare_run_dir()
@@ -274,15 +286,37 @@ class Trainer:
                 every = cfg.checkpoint.export_every
                 if step == cfg.train.steps or (every and step % every == 0):
                     self.export(step)
+            finished = True
         except TrainingAborted as e:
             self.state.aborted = str(e)
             raise
+        except KeyboardInterrupt:
+            self.state.interrupted = True
+            raise
         finally:
+            self._finish(logger, finished)
+        return self.state
+
+    def _finish(self, logger: RunLogger | None, finished: bool) -> None:
+        """Close the logs and write the summary — or, for a run that failed before completing
+        anything, remove what it wrote — without ever replacing the error that ended the run."""
+        try:
             if logger is not None:
                 logger.close()
-                write_summary(self.run_dir, self.state)
+                # an error or Ctrl-C before anything completed (an abort for non-finite steps is a
+                # result, with a summary)
+                unstarted = self.state.step == 0 and checkpoint.latest(self.run_dir) is None
+                if not finished and self.state.aborted is None and unstarted:
+                    if self.lock is not None:
+                        self.lock.release(remove=True)
+                        self.lock = None
+                    self.files.remove_unstarted()
+                else:
+                    write_summary(self.run_dir, self.state)
+        except Exception as e:  # noqa: BLE001 - the run's own error (if any) is the one to see
+            self.log(f"[warning] could not write the summary of {self.run_dir}: {type(e).__name__}: {e}")
+        finally:
             self.close()
-        return self.state
 
     def _prepare_run_dir(self) -> None:
         """Record the config (and any change a resume makes); a run without a checkpoint starts clean."""

@@ -86,6 +86,18 @@ class RunDir:
             path.unlink(missing_ok=True)
         shutil.rmtree(self.tensorboard, ignore_errors=True)
 
+    def remove_unstarted(self) -> None:
+        """Undo a run that ended before completing anything (no checkpoint): its record and logs
+        go, and the directory too when nothing else is in it, so a plain re-run is not refused."""
+        self.start_fresh()
+        for path in (self.config, self.changes, self.wandb_id):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.plots, ignore_errors=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
     def cut_logs_to(self, state: "RunState") -> None:
         """Cut the logs back to the steps the checkpoint of ``state`` covers (a resume)."""
         truncate_lines(self.metrics, state.metrics_lines)
@@ -163,16 +175,18 @@ class RunState:
     reward_crashes: int = 0
     collapse: list[str] = field(default_factory=list)   # collapse warnings, in order
     aborted: str | None = None    # why the run stopped early (never checkpointed)
+    interrupted: bool = False     # stopped by Ctrl-C / SIGINT (never checkpointed): resumable, not done
 
     def to_checkpoint(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("aborted")
+        out.pop("interrupted")
         return out
 
     @classmethod
     def from_checkpoint(cls, data: dict) -> "RunState":
         """A state from a checkpoint's state.json (keys this version does not know are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"aborted"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"aborted", "interrupted"}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def add_reward_failures(self, stats) -> None:
@@ -200,23 +214,40 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise RunLocked(f"run directory {self.path.parent} is in use by {holder}; one process may write "
+                                    "a run at a time (wait for it, or pick another run_dir)") from None
+                raise
+            # the file locked must still be the one at the path: a holder that removed its lock file
+            # just before we locked our (now unlinked) copy does not make two holders
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise RunLocked(f"run directory {self.path.parent} is in use by {holder}; one process may write a "
-                                "run at a time (wait for it, or pick another run_dir)") from None
-            raise
+        else:
+            raise RunLocked(f"run directory {self.path.parent}: its lock file keeps changing; another process is "
+                            "starting or ending a run there")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}".encode(), 0)
         self.fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Unlock; with ``remove``, delete the lock file first, while still holding it (only the
+        holder ever removes it)."""
         if self.fd is not None:
+            if remove:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

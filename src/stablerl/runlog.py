@@ -208,6 +208,8 @@ def summarize(run_dir: Path, state: RunState | None = None) -> dict:
             out[key] = getattr(state, key)
         if state.aborted is not None:
             out["aborted"] = state.aborted
+        if state.interrupted:
+            out["interrupted"] = True
     return out
 
 

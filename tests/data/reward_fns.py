@@ -84,3 +84,25 @@ def hang_always(prompt, completion, **_):
 
 def die_always(prompt, completion, **_):
     os._exit(9)
+
+
+def string_reward(prompt, completion, **_):
+    return "0.75"
+
+
+def bool_reward(prompt, completion, **_):
+    return completion.startswith("a")
+
+
+def huge(prompt, completion, **_):
+    return 1e308
+
+
+def overflowing(prompt, completion, **_):
+    return 1e38
+
+
+def numpy_reward(prompt, completion, **_):
+    import numpy
+
+    return numpy.float32(0.5)

@@ -16,6 +16,18 @@ def run_dir_of(out: Path, experiment: str, variant: str, seed: int) -> Path:
     return out / experiment / variant / f"seed{seed}"
 
 
+def is_done(run_dir: Path) -> bool:
+    """A run is done when it wrote its summary and was not interrupted (a run stopped by Ctrl-C
+    is resumed, never counted; one stopped for non-finite steps is a result)."""
+    path = RunDir(run_dir).summary
+    if not path.is_file():
+        return False
+    try:
+        return not json.loads(path.read_text()).get("interrupted", False)
+    except (OSError, ValueError):
+        return False
+
+
 def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print) -> list[Path]:
     """Run every variant of ``name`` for ``seeds`` (a count: 0..K-1, or a list); returns the
     run directories. A run with a summary.json is done and skipped; one started before resumes
@@ -36,7 +48,7 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
     for i, (variant, seed) in enumerate(jobs, start=1):
         run_dir = run_dir_of(out, name, variant, seed)
         dirs.append(run_dir)
-        if RunDir(run_dir).summary.is_file():
+        if is_done(run_dir):
             log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: done, skipped")
             continue
         train_seed = seed + exp.get("seed_offset", 0)
@@ -60,7 +72,7 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
         summary.update({"variant": variant, "seed": seed, "aborted": aborted, "seconds": time.perf_counter() - t0})
         write_json_atomic(summary_path, summary)
         ran += 1
-        left = sum(not RunDir(run_dir_of(out, name, v, s)).summary.is_file() for v, s in jobs)
+        left = sum(not is_done(run_dir_of(out, name, v, s)) for v, s in jobs)
         eta = (time.perf_counter() - t_start) / ran * left
         log(f"[repro {name}] {variant} seed {seed}: sampled acc {summary.get('sampled_before', float('nan')):.3f}"
             f" -> {summary.get('sampled_after', float('nan')):.3f} ({summary['seconds']:.0f} s; {left} runs left, "

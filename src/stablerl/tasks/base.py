@@ -13,6 +13,7 @@ class Problem:
     solution: str = ""   # a teacher solution (response text) for cold-start SFT
     level: int = 0       # difficulty level (0 = unknown)
     fields: dict = field(default_factory=dict, compare=False)  # the row's other columns, for reward fns
+    source: str = field(default="", compare=False)  # where it came from, for messages ("data.jsonl row 7")
 
     def reward_fields(self) -> dict:
         """The keyword arguments of a reward function call: ``answer`` and the row's columns

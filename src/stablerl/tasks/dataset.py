@@ -140,7 +140,7 @@ def load_problems(source: str, columns: Columns, prompt_template: str = "{questi
             continue
         sol = str(row.get(columns.solution) or "") if columns.solution else ""
         problems.append(Problem(prompt=prompt_template.format(question=q), answer=str(a), solution=sol,
-                                fields=dict(row)))
+                                fields=dict(row), source=f"{source} row {i}"))
     if bad:
         raise MalformedDataError(f"{source}: {len(bad)} malformed rows: " + "; ".join(bad[:10]))
     if not problems:
@@ -185,6 +185,22 @@ class DatasetTask:
             self._train = [p for i, p in enumerate(self._train) if i not in held]
         self.seed = seed
         self._order: tuple[int, list[int]] = (-1, [])
+
+    def train_problems(self) -> list[Problem]:
+        """Every training problem (a finite task; the built-in arithmetic stream has no such list)."""
+        return list(self._train)
+
+    def drop(self, unwanted) -> tuple[int, int]:
+        """Remove the problems ``unwanted(problem)`` is true for (e.g. over-long prompts); returns how
+        many training and held-out problems went. Neither split may end up empty."""
+        train = [p for p in self._train if not unwanted(p)]
+        held = [p for p in self._eval if not unwanted(p)]
+        if not train or not held:
+            raise MalformedDataError(f"skipping the rows task.long_prompts=skip drops leaves no {'training' if not train else 'held-out'} problems")
+        gone = (len(self._train) - len(train), len(self._eval) - len(held))
+        self._train, self._eval = train, held
+        self._order = (-1, [])
+        return gone
 
     def train_problem(self, index: int) -> Problem:
         # epoch-wise reshuffled order, deterministic in (seed, index): resumable

@@ -20,7 +20,9 @@ closed pipe everywhere), so a killed run leaves no verifier processes behind.
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 import os
 import time
 from collections import deque
@@ -32,6 +34,34 @@ from stablerl.tasks.verifiers import resolve, spec_name
 # one wait slice: deadlines are checked at least this often, and no OS wait call ever gets a
 # timeout too large for it (a timeout such as 1e10 s overflows select/poll)
 _SLICE_S = 0.5
+
+# A reward (each function's, and their weighted total) is a number in [-MAX_ABS_REWARD,
+# MAX_ABS_REWARD]. Beyond it the group sums and advantages of float32 maths lose every digit (a
+# reward of 1e38 makes each advantage NaN, 1e308 is inf in float32): such a value is a counted
+# reward error (reward 0) naming its function, never a dead run.
+MAX_ABS_REWARD = 1e6
+
+
+def reward_value(raw) -> float:
+    """The reward a function's return value stands for, or ValueError saying why it is none.
+
+    Allowed: real numbers (int, float, numpy and torch scalars) and bools (a pass/fail reward:
+    True = 1.0, False = 0.0). Strings are never numbers ("0.75" is an error, as "nan" is), and the
+    value must be finite and within +-MAX_ABS_REWARD."""
+    if isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, (str, bytes)):
+        raise ValueError(f"returned a {type(raw).__name__} ({str(raw)[:40]!r}), not a number; return a float")
+    if isinstance(raw, numbers.Real):
+        value = float(raw)
+    elif getattr(raw, "ndim", None) == 0 and hasattr(raw, "item"):  # a 0-d numpy array or torch tensor
+        return reward_value(raw.item())
+    else:
+        raise ValueError(f"returned a {type(raw).__name__}, not a number; return a float")
+    if not (math.isfinite(value) and abs(value) <= MAX_ABS_REWARD):
+        raise ValueError(f"returned {value:g}, outside the allowed range [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}] "
+                         "(rewards beyond it overflow the float32 maths of the advantages)")
+    return value
 
 
 @dataclass
@@ -116,14 +146,12 @@ def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
         try:
             if fn_index not in fns:
                 fns[fn_index] = resolve(specs[fn_index])
-            value = float(fns[fn_index](prompt, completion, **fields))
-            if not math.isfinite(value):
-                raise ValueError(f"returned {value}, not a finite number")
-            reply = (job_id, "ok", value)
+            reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
             reply = (job_id, "error", f"{type(e).__name__}: {e}"[:500])
         try:
-            conn.send(reply)
+            # JSON, never pickle: the trainer must not unpickle what a process running user code sends
+            conn.send_bytes(json.dumps(reply).encode())
         except (OSError, ValueError):
             return
 
@@ -255,8 +283,8 @@ class RewardPool:
                 k, i = w.job
                 if w.conn in ready:
                     try:
-                        (done_k, done_i), status, payload = w.conn.recv()
-                    except (EOFError, OSError):
+                        (done_k, done_i), status, payload = _parse_reply(w.conn.recv_bytes())
+                    except (EOFError, OSError, ValueError):
                         try:
                             code = w.process.wait(timeout=1)
                         except Exception:  # noqa: BLE001
@@ -277,11 +305,26 @@ class RewardPool:
                     self._replace(idx)
         per_fn = dict(zip(self.names, values))
         total = [sum(wt * col[i] for wt, col in zip(self.weights, values)) for i in range(len(items))]
+        for i, t in enumerate(total):
+            if not (math.isfinite(t) and abs(t) <= MAX_ABS_REWARD):
+                stats.record("errors", "reward_weights", f"the weighted total {t:g} is outside "
+                             f"[-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]")
+                total[i] = 0.0
         return RewardResult(per_fn=per_fn, total=total, stats=stats)
 
     def _replace(self, idx: int) -> None:
         self._workers[idx].kill()
         self._workers[idx] = _Worker(self.specs, self.memory_mb)
+
+
+def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str]:
+    """A worker's JSON reply; ValueError for anything else (it is then treated as a crash)."""
+    (k, i), status, payload = json.loads(data)
+    if status not in ("ok", "error") or not isinstance(k, int) or not isinstance(i, int):
+        raise ValueError("malformed reply")
+    if status == "ok" and not isinstance(payload, (int, float)):
+        raise ValueError("malformed reply")
+    return (k, i), status, payload
 
 
 def _unique_names(specs: list[str]) -> list[str]:

@@ -1,0 +1,229 @@
+"""The second hardening round (nothing hidden, nothing executed, nothing silently zero): each
+example of the issue, as a test."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablerl import checkpoint
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
+from stablerl.diagnostics import k3
+from stablerl.generation import encode_prompt
+from stablerl.loop import Trainer
+from stablerl.models import build_tokenizer, default_model_config
+from stablerl.preflight import check_memory, check_prompts
+from stablerl.repro.runner import is_done
+from stablerl.rundir import RunDir, RunLock, RunLocked, RunState
+from stablerl.runlog import read_metrics
+from stablerl.tasks import RewardPool, build_task
+
+FNS = str(Path(__file__).parent / "data" / "reward_fns.py")
+TINY = ["batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]",
+        "task.eval_size=8", "eval.every=2", "log.progress=false", "log.tensorboard=false"]
+
+
+def config(ckpt, run_dir, *extra) -> RunConfig:
+    return build_config(RunConfig, None, [f"model.path={ckpt}", f"run_dir={run_dir}", *TINY, *extra])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. reading a run directory never runs code; damaged checkpoints are never trained on
+# ---------------------------------------------------------------------------------------------
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _save_tiny_checkpoint(run_dir: Path, step: int) -> Path:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    model.config = type("Cfg", (), {"save_pretrained": lambda self, path: None})()
+    tok = type("Tok", (), {"save_pretrained": lambda self, path: None})()
+    return checkpoint.save(run_dir, step, model, tok, opt, RunState(step=step), keep_last=5)
+
+
+def test_a_crafted_checkpoint_metadata_is_refused_not_executed(tmp_path):
+    ckpt = _save_tiny_checkpoint(tmp_path, 1)
+    marker = tmp_path / "pwned"
+    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(checkpoint.UnsafeCheckpoint, match="refusing to load posix.system|refusing to load os.system"):
+        checkpoint.load(ckpt, model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(checkpoint.UnsafeCheckpoint):
+        checkpoint.load_model_weights(ckpt)
+    assert not marker.exists()
+    # and the resume path never even opens it: the checksum no longer matches
+    assert "does not match its checksum" in checkpoint.damage(ckpt)
+
+
+def test_an_intact_checkpoint_loads_through_the_restricted_reader(tmp_path):
+    ckpt = _save_tiny_checkpoint(tmp_path, 1)
+    assert checkpoint.damage(ckpt) is None
+    weights = checkpoint.load_model_weights(ckpt)
+    assert set(weights) == {"weight", "bias"}
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
+    good = _save_tiny_checkpoint(tmp_path, 1)
+    bad = _save_tiny_checkpoint(tmp_path, 2)
+    data = next((bad / "dcp").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:-7])  # truncated
+    found, warnings = checkpoint.latest_good(tmp_path)
+    assert found == good
+    assert len(warnings) == 1 and str(bad) in warnings[0] and str(good) in warnings[0]
+    (bad / "state.json").write_text('{"step": 2, "fi')  # a truncated state.json names its path
+    assert str(bad / "state.json") in checkpoint.damage(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. rewards: numbers only, in a range the float32 maths survives; k3 measures small mismatches
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn,value,error", [
+    ("string_reward", 0.0, "returned a str ('0.75'), not a number"),
+    ("huge", 0.0, "outside the allowed range"),
+    ("overflowing", 0.0, "outside the allowed range"),
+    ("not_a_number", 0.0, "outside the allowed range"),
+    ("numpy_reward", 0.5, None),
+    ("bool_reward", 1.0, None),
+])
+def test_reward_values_are_numbers_in_range(fn, value, error):
+    with RewardPool([f"{FNS}:{fn}"], workers=1, timeout_s=10) as pool:
+        result = pool.score([("1+1=", "a2", {"answer": "2"})])
+    assert result.total == [value]
+    if error is None:
+        assert result.stats.failures == 0
+    else:
+        assert result.stats.errors == 1 and fn in result.stats.first_error and error in result.stats.first_error
+
+
+def test_a_weighted_total_out_of_range_is_an_error_not_an_overflow():
+    with RewardPool([f"{FNS}:numpy_reward"], weights=[1e7], workers=1, timeout_s=10) as pool:
+        result = pool.score([("1+1=", "2", {"answer": "2"})])
+    assert result.total == [0.0] and result.stats.errors == 1 and "reward_weights" in result.stats.first_error
+
+
+def test_k3_measures_small_log_ratios_instead_of_rounding_them_away():
+    x = torch.tensor([1e-4, -3e-5, 2e-3], dtype=torch.float32)
+    exact = [float(v) ** 2 / 2 + float(v) ** 3 / 6 for v in x.double()]  # the series to third order
+    got = k3(x)
+    for g, e in zip(got.tolist(), exact):
+        assert g == pytest.approx(e, rel=1e-4)
+    assert float((x.exp() - 1 - x)[1]) != pytest.approx(exact[1], rel=0.1)  # what float32 used to give
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. one bad row cannot take the machine down
+# ---------------------------------------------------------------------------------------------
+def _dataset(tmp_path: Path, long_row: int | None, n: int = 20) -> Path:
+    path = tmp_path / "data.jsonl"
+    rows = [{"question": "x" * (10_000_000 if i == long_row else 5), "answer": "1"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_an_over_long_prompt_is_named_before_any_work(tmp_path):
+    data = _dataset(tmp_path, long_row=7)
+    cfg = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}", "task.eval_size=2"])
+    tok = build_tokenizer()
+    with pytest.raises(ValueError, match=r"row 8: over .* characters.*task.max_prompt_tokens.*long_prompts=skip"):
+        check_prompts(build_task(cfg.task), [], tok, cfg, default_model_config(tok))
+    cfg.task.long_prompts = "skip"
+    task, notes = build_task(cfg.task), []
+    longest = check_prompts(task, [], tok, cfg, default_model_config(tok), log=notes.append)
+    assert len(task.train_problems()) + len(task.eval_problems()) == 19 and "dropped 1 training" in notes[0]
+    assert longest == 1 + len("x" * 5 + "\n")  # BOS + the longest kept prompt
+
+
+def test_the_model_context_is_the_hard_limit(tmp_path):
+    tok = build_tokenizer()
+    cfg = build_config(RunConfig, None, ["task.max_prompt_tokens=100000", "rollout.max_new_tokens=250", "task.levels=[3]"])
+    with pytest.raises(ValueError, match=r"model's context \(256 tokens\) less rollout.max_new_tokens \(250\)"):
+        check_prompts(build_task(cfg.task), [], tok, cfg, default_model_config(tok))
+
+
+def test_a_huge_rollout_batch_fails_with_a_memory_estimate():
+    tok = build_tokenizer()
+    cfg = build_config(RunConfig, None, ["batch.prompts_per_step=200000"])
+    with pytest.raises(ValueError, match=r"one step would need about .* GiB .*batch.prompts_per_step=200000"):
+        check_memory(cfg, default_model_config(tok), 1, 20)
+    check_memory(build_config(RunConfig, None, []), default_model_config(tok), 1, 20)  # the default fits
+
+
+def test_a_trainer_on_a_10mb_row_stops_at_start_up_and_leaves_nothing(sft_ckpt, tmp_path):
+    data = _dataset(tmp_path, long_row=3)
+    cfg = config(sft_ckpt, tmp_path / "run", "task.name=dataset", f"task.dataset={data}", "task.eval_size=2",
+                 "task.reward_fns=[" + FNS + ":exact]")
+    with pytest.raises(ValueError, match="row 4"):
+        Trainer(cfg, tmp_path / "run", log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the first error is the one shown; failed runs never block a re-run; Ctrl-C
+# ---------------------------------------------------------------------------------------------
+def test_a_tokenizer_without_bos_encodes_the_prompt_alone():
+    tok = build_tokenizer()
+    tok.bos_token = None
+    assert tok.bos_token_id is None
+    assert encode_prompt(tok, "1+2=") == tok("1+2=", add_special_tokens=False).input_ids
+
+
+def test_the_first_error_survives_a_failing_summary_and_the_run_can_be_rerun(sft_ckpt, tmp_path, monkeypatch):
+    import stablerl.loop as loop
+
+    def boom(*_a, **_k):
+        raise RuntimeError("the real error")
+
+    monkeypatch.setattr(loop.Learner, "update", boom)
+    monkeypatch.setattr(loop, "write_summary", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(RuntimeError, match="the real error"):
+        Trainer(config(sft_ckpt, tmp_path / "r", "train.steps=2"), tmp_path / "r", log=lambda *_: None).run()
+    assert not RunDir(tmp_path / "r").is_run()  # nothing completed: nothing left that refuses a re-run
+    monkeypatch.undo()
+    Trainer(config(sft_ckpt, tmp_path / "r", "train.steps=1"), tmp_path / "r", log=lambda *_: None).run()
+    assert read_metrics(tmp_path / "r")[-1]["step"] == 1
+
+
+def test_ctrl_c_writes_an_interrupted_summary_that_repro_does_not_count_as_done(sft_ckpt, tmp_path, monkeypatch):
+    import stablerl.loop as loop
+
+    real = loop.Learner.update
+
+    def interrupt_at_2(self, step, batch, first_row):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step, batch, first_row)
+
+    monkeypatch.setattr(loop.Learner, "update", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(sft_ckpt, tmp_path / "r", "train.steps=3"), tmp_path / "r", log=lambda *_: None).run()
+    summary = json.loads(RunDir(tmp_path / "r").summary.read_text())
+    assert summary["interrupted"] is True and summary["steps"] == 1
+    assert not is_done(tmp_path / "r")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. the run lock: only its holder removes it
+# ---------------------------------------------------------------------------------------------
+def test_the_lock_loser_leaves_the_winners_lock_in_place(sft_ckpt, tmp_path):
+    run_dir = tmp_path / "r"
+    winner = RunLock(run_dir).acquire()
+    inode = os.stat(run_dir / ".lock").st_ino
+    with pytest.raises(RunLocked):
+        Trainer(config(sft_ckpt, run_dir), run_dir, log=lambda *_: None)
+    assert os.stat(run_dir / ".lock").st_ino == inode
+    with pytest.raises(RunLocked):  # still held
+        RunLock(run_dir).acquire()
+    winner.release(remove=True)
+    assert not (run_dir / ".lock").exists()
+    RunLock(run_dir).acquire().release()
