@@ -1,6 +1,6 @@
 """Training-inference discrepancy of the local engine at each precision, on the default tiny MoE.
 
-The rollout engine samples with its own weights (fp32 / bf16 / fp8); the fp32 training model then
+The rollout engine samples with its own weights (fp32 / bf16 / fp16 / fp8); the fp32 training model then
 scores the same tokens. Reports the k3 KL(mu || pi_old) per token, the IS-weight distribution,
 the max |log pi_old - log mu| and the per-layer routing agreement between training and inference.
 
@@ -33,7 +33,7 @@ def main() -> None:
     prompts = torch.randint(2, model.config.vocab_size, (args.batch, args.prompt), generator=g).tolist()
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     report = {"setup": vars(args)}
-    for precision in ("fp32", "bf16", "fp8"):
+    for precision in ("fp32", "bf16", "fp16", "fp8"):
         batch = LocalEngine(model, precision, eos_token_id=[]).generate(prompts, sampling, seeds=[args.seed + i for i in range(len(prompts))])
         with torch.no_grad():
             train = response_logp(model, batch, capture=True)

@@ -1,6 +1,6 @@
 """Routing agreement and training-inference KL of the default tiny MoE against a deeper, wider one.
 
-    .venv/bin/python benchmarks/moe_shapes.py
+    .venv/bin/python benchmarks/moe_shapes.py [--shapes default deep]
 
 A 30B MoE has 48 layers and 128 experts with top-8: small numeric differences flip more expert
 choices, and the flips compound through depth. The miniature's default (4 layers, 8 experts,
@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--out", default="runs/bench/moe_shapes.json")
     args = ap.parse_args()
 
@@ -38,11 +39,14 @@ def main() -> None:
     from stablerl.forward import response_logp
     from stablerl.models import load_policy
     from stablerl.rollout import LocalEngine
-    from stablerl.sft import cold_start, encode_prompt
+    from stablerl.diagnostics import k3
+    from stablerl.generation import encode_prompt
+    from stablerl.sft import cold_start
     from stablerl.tasks import build_task
 
     report = {}
-    for shape, config_file in SHAPES.items():
+    for shape in args.shapes:
+        config_file = SHAPES[shape]
         cfg = build_config(RunConfig, config_file, [])
         task = build_task(cfg.task)
         t0 = time.perf_counter()
@@ -53,7 +57,7 @@ def main() -> None:
         prompts = [encode_prompt(tok, p.prompt) for p in task.eval_problems()[: args.prompts] for _ in range(args.samples)]
         sampling = cfg.rollout.sampling()
         rows = {"params": n_params, "sft_seconds_incl_cache": round(sft_s, 1)}
-        for precision in ("bf16", "fp8", "fp8_w8a8"):
+        for precision in ("bf16", "fp16", "fp8", "fp8_w8a8"):
             engine = LocalEngine(model, precision, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             batch = engine.generate(prompts, sampling, seeds=list(range(len(prompts))))
             t1 = time.perf_counter()
@@ -64,7 +68,7 @@ def main() -> None:
             m = batch.response_mask
             log_w = (out["logp"].detach() - batch.rollout_logp)[m]
             per_layer = route_agreement(out["routes"], batch.routes)
-            rows[precision] = {"kl_k3": float((log_w.exp() - 1 - log_w).mean()), "kl_k1": float((-log_w).mean()),
+            rows[precision] = {"kl_k3": float(k3(log_w).mean()), "kl_k1": float((-log_w).mean()),
                                "route_agreement": float(per_layer.mean()),
                                "per_layer": [round(float(x), 4) for x in per_layer],
                                "update_forward_backward_s": round(update_s, 2)}

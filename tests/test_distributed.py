@@ -86,8 +86,11 @@ def ckpt(sft_ckpt):
 
 @pytest.mark.parametrize("mode", [[], ["batch.minibatches_per_step=2", "train.routing_replay=R2"],
                                   ["batch.minibatches_per_step=2", "train.routing_replay=R3",
-                                   "batch.micro_batch_size=3"]],
-                         ids=["on-policy", "N2-R2", "N2-R3-micro3"])
+                                   "batch.micro_batch_size=3"],
+                                  # M2PO's mask is decided over the whole mini-batch, on every rank alike
+                                  ["batch.minibatches_per_step=2", "batch.micro_batch_size=3",
+                                   "loss.m2_threshold=1e-8", "loss.opsm_delta=0.0001", "loss.reject=sequence_geo"]],
+                         ids=["on-policy", "N2-R2", "N2-R3-micro3", "N2-corrections-micro3"])
 def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
     one_rank(ckpt, tmp_path / "k1", *mode)
     rc, out = torchrun(base_args(ckpt, tmp_path / "k2", *mode))
@@ -99,6 +102,8 @@ def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
     ma, mb = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
     assert_metrics_close(ma, mb)
     assert all(m["grad_norm"] > 0 for m in ma[1:])
+    if any("m2_threshold" in x for x in mode):  # the corrections did remove something
+        assert any(m["masked/m2"] > 0 for m in ma[1:]) and any(m["masked/opsm"] > 0 for m in ma[1:])
     wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k1"))
     wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k2"))
     assert_weights_close(wa, wb)

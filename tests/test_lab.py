@@ -86,6 +86,48 @@ def test_expected_surrogate_gradient_equals_per_response_sum(cfg):
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(is_mode="sequence_mask"), LossConfig(algorithm="cispo"),
+                                 LossConfig(algorithm="gspo", aggregation="seq_mean_token_mean"),
+                                 LossConfig(reject="sequence_geo", reject_low=0.9, reject_high=1.1, opsm_delta=0.05)])
+def test_estimator_moments_equal_per_response_autograd(cfg):
+    """The lab's hand-derived moments (mean gradient and E||g||^2 of the one-response estimator)
+    against autograd on every single response."""
+    from stablerl.lab.exact import surrogate_estimator
+
+    space = enumerate_responses(2, 3, 3)
+    old = EnumerablePolicy(2, 3, 8, 1.0, seed=4)
+    theta = perturbed(old, 0.3, seed=5)
+    old_logp = token_logp(old, space).detach()
+    rollout_logp = token_logp(perturbed(old, 0.2, seed=6), space).detach()
+    mean, variance = surrogate_estimator(theta, space, old_logp, rollout_logp, cfg)
+
+    mu = rollout_logp.sum(-1).exp()
+    adv = space.reward - (mu * space.reward).sum()
+    scale = float((mu * space.lengths).sum()) if cfg.aggregation == "seq_mean_token_mean" else 1.0
+    logp = token_logp(theta, space)
+    # per response: its gradient alone (the batch-level decisions, here none, are per response)
+    grads = []
+    for i in range(space.tokens.shape[0]):
+        row = slice(i, i + 1)
+        loss, _ = policy_loss(logp[row], old_logp[row], rollout_logp[row], adv[row], space.mask[row], cfg,
+                              normalizer=1.0)
+        g = torch.autograd.grad(loss, list(theta.parameters()), retain_graph=True)
+        grads.append(-scale * torch.cat([x.reshape(-1) for x in g]))
+    grads = torch.stack(grads)
+    torch.testing.assert_close(mean, (mu[:, None] * grads).sum(0), rtol=1e-10, atol=1e-13)
+    expected = float((mu * grads.pow(2).sum(1)).sum() - (mu[:, None] * grads).sum(0).pow(2).sum())
+    assert variance == pytest.approx(expected, rel=1e-9)
+    torch.testing.assert_close(mean, surrogate_gradient(theta, space, old_logp, rollout_logp, cfg), rtol=1e-10, atol=1e-13)
+
+
+def test_every_correction_is_ranked_and_exact_where_it_is_inactive(default_result):
+    row = default_result["discrepancy"][0]  # no discrepancy, no staleness: nothing to correct or drop
+    for name in ("icepop", "seq_truncate", "seq_mask", "reject_geo", "opsm", "m2po"):
+        assert row["surrogates"][name]["rel_error"] < 1e-9
+        assert row["surrogates"][name]["rel_std"] == pytest.approx(row["surrogates"]["minirl"]["rel_std"], rel=1e-9)
+    assert all(s["rel_std"] > 0 for s in row["surrogates"].values())
+
+
 def test_on_policy_surrogate_gradient_is_the_true_gradient(default_result):
     for row in (default_result["discrepancy"][0], default_result["staleness"][0]):
         assert row["train_infer_kl"] == 0 and row["staleness_kl"] == 0

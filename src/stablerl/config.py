@@ -15,10 +15,10 @@ Algorithm = Literal["minirl", "grpo", "cispo", "gspo", "reinforce"]
 ISMode = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 Aggregation = Literal["token_sum", "token_mean", "seq_mean_token_mean"]
 
-# what an inference engine computes in (docs/rollout.md): fp32 reproduces training; bf16 casts
-# weights and compute; fp8 stores matrices as float8 e4m3 (weight-only); fp8_w8a8 also quantizes
+# what an inference engine computes in (docs/rollout.md): fp32 reproduces training; bf16 and fp16
+# cast weights and compute; fp8 stores matrices as float8 e4m3 (weight-only); fp8_w8a8 also quantizes
 # activations to float8 per token at run time, as FP8 serving does
-Precision = Literal["fp32", "bf16", "fp8", "fp8_w8a8"]
+Precision = Literal["fp32", "bf16", "fp16", "fp8", "fp8_w8a8"]
 
 ALGORITHMS: tuple[str, ...] = Algorithm.__args__
 IS_MODES: tuple[str, ...] = ISMode.__args__
@@ -69,12 +69,29 @@ class LossConfig(StrictModel):
     std_normalize: bool = Field(False, description="Advantages: divide R - mean_group(R) by the group's std "
                                 "(GRPO's definition); MiniRL: false.")
 
+    # -- corrections that drop tokens or responses, composed with every is_mode and algorithm
+    # (docs/objectives.md "Rejection, OPSM, M2PO")
+    reject: Literal["none", "sequence_geo"] = Field(
+        "none", description="Rejection sampling as its own axis: sequence_geo drops a response (every token weight "
+        "0) whose geometric-mean IS weight exp(mean_t log w_t) is outside [reject_low, reject_high]; kept "
+        "responses keep the weight is_mode gives them (verl's rollout_rs, NeMo-RL's seq-mask-tis).")
+    reject_low: float = Field(0.95, ge=0, description="Lower bound of loss.reject=sequence_geo.")
+    reject_high: float = Field(1.05, gt=0, description="Upper bound of loss.reject=sequence_geo.")
+    opsm_delta: float | None = Field(None, ge=0, description="Off-policy sequence masking (DeepSeek-V3.2): drop a "
+                                     "response with A < 0 whose mean_t (log mu_old - log pi_theta) exceeds this "
+                                     "(null = off).")
+    m2_threshold: float | None = Field(None, gt=0, description="M2PO's second-moment mask: in each mini-batch, "
+                                       "mask the tokens with the largest (log pi_theta - log mu_old)^2 until the "
+                                       "mean over the rest is <= this (null = off).")
+
     @model_validator(mode="after")
     def _check_bounds(self) -> "LossConfig":
         if self.is_mode.endswith("_mask") and not self.is_low < self.is_cap:
             raise ValueError(
                 f"is_low ({self.is_low}) must be < is_cap ({self.is_cap}) for is_mode={self.is_mode}"
             )
+        if not self.reject_low < self.reject_high:
+            raise ValueError(f"reject_low ({self.reject_low}) must be < reject_high ({self.reject_high})")
         if not math.isfinite(self.eps_high):
             raise ValueError("eps_high must be finite; set clip=false to disable clipping")
         return self
@@ -114,8 +131,8 @@ class LabConfig(StrictModel):
         [0, 1, 2, 4, 8, 16, 32], description="Optimizer steps theta is moved away from theta_old."
     )
     staleness_lr: float = Field(0.002, gt=0, description="Adam learning rate of the staleness steps.")
-    casts: list[Literal["bf16", "fp8"]] = Field(
-        ["bf16", "fp8"], description="Low-precision inference casts evaluated as extra discrepancy points."
+    casts: list[Literal["bf16", "fp16", "fp8"]] = Field(
+        ["bf16", "fp16", "fp8"], description="Low-precision inference casts evaluated as extra discrepancy points."
     )
 
     @model_validator(mode="after")
@@ -247,7 +264,7 @@ class RolloutConfig(SamplingConfig):
     engine: Literal["local", "vllm"] = Field("local", description="local: stablerl's PyTorch engine (any HF "
                                              "causal LM, emulated precisions); vllm: a colocated vLLM instance "
                                              "(pip install 'stablerl[vllm]'; docs/rollout.md).")
-    precision: Precision = Field("bf16", description="Inference numerics (mu_old): fp32 | bf16 | fp8 (weight-only "
+    precision: Precision = Field("bf16", description="Inference numerics (mu_old): fp32 | bf16 | fp16 | fp8 (weight-only "
                                  "e4m3, per-channel) | fp8_w8a8 (+ activations in e4m3 per token).")
     max_new_tokens: int = Field(40, ge=1, description="Response length limit.")
     weight_noise: float = Field(0.0, ge=0, le=1, description="A controlled extra discrepancy: every weight matrix "

@@ -35,6 +35,7 @@ from stablerl import metrics as M
 from stablerl.advantages import group_advantages
 from stablerl.checkpoint import check_finite
 from stablerl.config import RunConfig
+from stablerl.corrections import m2_tokens
 from stablerl.diagnostics import first_order_gap, route_agreement_counts, route_agreement_from_counts
 from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_model
 from stablerl.forward import response_logp
@@ -68,6 +69,7 @@ class OldPolicy:
 class MiniBatch:
     k: int                 # 0-based index in the step
     rows: torch.Tensor     # this rank's rows of it (indices into its slice of the rollout batch)
+    first_row: int         # this rank's first row in the global rollout batch
     n_micro: int           # micro-batches every rank runs for it (the most any rank needs)
     normalizer: float      # the aggregation's denominator over the whole mini-batch, all ranks
 
@@ -182,12 +184,13 @@ class Learner:
             norm = float(D.all_reduce_sum([aggregation_normalizer(
                 batch.response_mask[rows], self.cfg.loss.aggregation,
                 max_response_len=batch.sampling.max_new_tokens)])[0])
-            yield MiniBatch(k, rows, n_micro, norm)
+            yield MiniBatch(k, rows, first_row, n_micro, norm)
 
     def _minibatch(self, mb: MiniBatch, batch: RolloutBatch, adv: torch.Tensor, old: OldPolicy,
                    record: StepRecord) -> bool:
         """Accumulate the mini-batch's gradient over its micro-batches, then one optimizer step;
         False (and no step) when any rank saw a non-finite loss or gradient."""
+        m2 = self._m2_mask(mb, batch, old) if self.cfg.loss.m2_threshold is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         bad = False
         pieces = list(mb.rows.split(self.cfg.batch.micro_batch_size))
@@ -195,7 +198,7 @@ class Learner:
             set_gradient_sync(self.model, j == mb.n_micro - 1)
             real = j < len(pieces)
             idx = pieces[j] if real else torch.zeros(1, dtype=torch.long)  # a zero-weight stand-in
-            bad |= not self._micro_step(mb, idx, real, batch, adv, old, record)
+            bad |= not self._micro_step(mb, idx, real, batch, adv, old, record, m2)
         grad_norm = self._clip_grad_norm()
         if D.any_true(bad) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -204,8 +207,38 @@ class Learner:
         record.add(M.GRAD_NORM, grad_norm, 1.0)
         return True
 
+    def _m2_mask(self, mb: MiniBatch, batch: RolloutBatch, old: OldPolicy) -> torch.Tensor:
+        """M2PO's token mask ``[B_local, R]`` for this rank's rows of mini-batch ``mb``, decided over
+        the whole mini-batch on every rank (``corrections.m2_tokens`` on the rows in global order),
+        so it depends on neither the micro-batch size nor the rank count. pi_theta is the policy at
+        the start of the mini-batch's step: pi_old's log-probs at k = 0 when the pi_old pass made
+        them, else one no-grad forward routed as the gradient forward will be."""
+        R = batch.response_mask.shape[1]
+        if mb.k == 0 and old.logp is not None:
+            logp = old.logp[mb.rows]
+        else:
+            part = batch.select(mb.rows).trim()
+            plan = self.plan.minibatch(mb.k)
+            W = part.input_ids.shape[1]
+            replay = {"old": None if old.routes is None else old.routes[mb.rows][:, :W], "rollout": part.routes,
+                      None: None}[plan.replay]
+            with torch.no_grad():
+                logp = response_logp(self.model, part, replay=replay, temperature=batch.sampling.temperature)["logp"]
+            logp = torch.nn.functional.pad(logp, (0, R - logp.shape[1]))
+        parts = D.all_gather_objects((mb.rows + mb.first_row, logp, batch.rollout_logp[mb.rows], batch.response_mask[mb.rows]))
+        width = max(p[1].shape[1] for p in parts)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        rows = torch.cat([p[0] for p in parts])
+        order = torch.argsort(rows)
+        drop = m2_tokens(torch.cat([pad(p[1]) for p in parts])[order], torch.cat([pad(p[2]) for p in parts])[order],
+                         torch.cat([pad(p[3]) for p in parts])[order], self.cfg.loss.m2_threshold)
+        mine = drop[torch.argsort(order)][torch.isin(rows, mb.rows + mb.first_row)]  # back to this rank's order
+        full = torch.zeros_like(batch.response_mask)
+        full[mb.rows] = mine[:, :R]
+        return full
+
     def _micro_step(self, mb: MiniBatch, idx: torch.Tensor, real: bool, batch: RolloutBatch, adv: torch.Tensor,
-                    old: OldPolicy, record: StepRecord) -> bool:
+                    old: OldPolicy, record: StepRecord, m2: torch.Tensor | None = None) -> bool:
         """Forward, loss and backward of the rows ``idx``; False when the loss was not finite.
 
         The backward runs even for a bad or stand-in micro-batch (with a zero loss): FSDP's
@@ -224,7 +257,8 @@ class Learner:
         if finite:
             try:
                 loss, m = policy_loss(logp, old_logp, micro.rollout_logp, adv[idx], mask, self.cfg.loss,
-                                      normalizer=max(mb.normalizer, 1.0))
+                                      normalizer=max(mb.normalizer, 1.0),
+                                      m2_mask=None if m2 is None else m2[idx][:, : mask.shape[1]])
             except FloatingPointError:  # the ratio overflowed: this mini-batch is skipped on every rank
                 finite = False
         (loss if real else loss * 0.0).backward()
@@ -237,8 +271,8 @@ class Learner:
         mask = micro.response_mask
         m[M.ENTROPY] = float(out["entropy"][mask].mean())
         m[f"{M.STALENESS_KL}/mb{mb.k}"] = m[M.STALENESS_KL]
-        for key, v in m.items():
-            record.add(key, v, m["n_tokens"])
+        for key, v in m.items():  # each value weighted by what it was measured on
+            record.add(key, v, m["n_responses"] if REDUCTION.get(key) is M.Reduce.RESPONSE_MEAN else m["n_tokens"])
         gap = first_order_gap(out["logp"].detach(), micro.rollout_logp, mask)[mask.any(-1)]
         record.add(M.FIRST_ORDER_GAP, float(gap.mean()), float(len(gap)))
         if capture == "train_infer":  # this forward's routes are pi_old's (N = 1)

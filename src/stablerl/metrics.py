@@ -33,7 +33,8 @@ TRAIN_TOKENS = "train_tokens"
 class Reduce(str, Enum):
     """How one metric combines over micro-batches (and ranks)."""
 
-    MEAN = "mean"            # weighted by the weight each value is recorded with (tokens, responses)
+    MEAN = "mean"            # a per-token quantity: weighted by the tokens it was measured on
+    RESPONSE_MEAN = "response_mean"  # a per-response quantity: weighted by the responses it was measured on
     SUM = "sum"
     MIN = "min"
     MAX = "max"

@@ -14,13 +14,14 @@ algorithm, aggregates with a constant or per-response normalizer and returns ``-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from stablerl.config import AGGREGATIONS, IS_MODES, LossConfig
 from stablerl.config import ALGORITHMS as ALGORITHM_NAMES
+from stablerl.corrections import m2_tokens, opsm_sequences, reject_sequences
 from stablerl.diagnostics import k3
 from stablerl.metrics import STALENESS_KL, TRAIN_INFER_KL, TRAIN_INFER_KL_K1, Reduce
 
@@ -29,7 +30,12 @@ __all__ = ["LossConfig", "policy_loss", "aggregation_normalizer", "importance_we
 
 # how policy_loss's metrics combine over micro-batches and ranks (the rest: token-weighted means)
 METRIC_REDUCTION = {"loss": Reduce.SUM, "n_tokens": Reduce.SUM, "n_tokens_contrib": Reduce.SUM,
-                    "is_weight_min": Reduce.MIN, "is_weight_max": Reduce.MAX, "ratio_max": Reduce.MAX}
+                    "n_responses": Reduce.SUM, "is_weight_min": Reduce.MIN, "is_weight_max": Reduce.MAX,
+                    "ratio_max": Reduce.MAX}
+# what each correction removed: masked/<technique> is a fraction of tokens, masked_responses/<technique>
+# a fraction of responses (those that lost at least one token to it)
+TECHNIQUES = ("is", "reject", "opsm", "m2")
+METRIC_REDUCTION.update({f"masked_responses/{t}": Reduce.RESPONSE_MEAN for t in TECHNIQUES})
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,6 +254,7 @@ def policy_loss(
     cfg: LossConfig,
     *,
     normalizer: float | None = None,
+    m2_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (= -objective, to minimise) and metrics for one batch of sampled tokens.
 
@@ -262,6 +269,9 @@ def policy_loss(
         normalizer: the aggregation's denominator. Pass ``aggregation_normalizer(...)`` of the
             whole mini-batch when this call sees one micro-batch of it; ``None`` computes it on
             this call's batch.
+        m2_mask: ``[B, T]`` the tokens M2PO masks (``corrections.m2_tokens`` of the whole
+            mini-batch) when this call sees part of one; ``None`` computes it on this call's
+            batch (with ``cfg.m2_threshold`` set).
 
     Metrics: ``n_tokens``, ``n_tokens_contrib`` (tokens whose gradient weight is non-zero),
     ``clip_frac_low``/``clip_frac_high``, ``is_weight_mean/min/max`` (raw w over response tokens,
@@ -286,12 +296,23 @@ def policy_loss(
     adv = torch.where(mask, adv.detach().to(logp.dtype), zeros)
 
     is_weight, truncated, dropped = importance_weights(old_logp, rollout_logp, mask, cfg)
-    ctx = _Ctx(logp=logp, log_r=logp - old_logp, adv=adv, is_weight=is_weight, mask=mask, cfg=cfg)
+    removed = _corrections(logp, old_logp, rollout_logp, adv, mask, cfg, m2_mask)
+    # the tokens the algorithm sees: a token the corrections removed is gone (GSPO's sequence ratio
+    # included); is_mode's masked tokens keep their place with weight 0, as they always have
+    present = mask.clone()
+    for r in removed.values():
+        present &= ~r
+    removed["is"] = dropped
+    kept = present & ~dropped
+    is_weight = torch.where(kept, is_weight, torch.zeros_like(is_weight))
+    ctx = _Ctx(logp=logp, log_r=logp - old_logp, adv=adv, is_weight=is_weight, mask=present, cfg=cfg)
     try:
         algorithm = ALGORITHMS[cfg.algorithm]
     except KeyError:
         raise ValueError(f"unknown algorithm {cfg.algorithm!r}; allowed: {', '.join(ALGORITHMS)}") from None
     term, clip_low, clip_high, active = algorithm(ctx)
+    # where, not the zero weight alone: an overflowing ratio of a dropped token must not become 0 * inf
+    term = torch.where(kept, term, torch.zeros_like(term))
     loss = -_aggregate(term, mask, cfg.aggregation, normalizer)
     if not bool(torch.isfinite(loss.detach())):
         # Inputs were finite, so the ratio overflowed (log r > ~88 in fp32): say so, loudly.
@@ -299,7 +320,32 @@ def policy_loss(
             f"policy_loss is not finite ({float(loss)}): max log-ratio log(pi_theta/pi_old) = "
             f"{float(ctx.log_r.detach()[mask].max()):.3g}; enable clipping or lower the learning rate"
         )
-    return loss, _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, clip_high, active)
+    metrics = _metrics(loss, replace(ctx, mask=mask), old_logp, rollout_logp, truncated, dropped, clip_low, clip_high,
+                       active)
+    n_tokens, n_resp = mask.sum().clamp(min=1), mask.any(-1)
+    metrics["n_responses"] = float(n_resp.sum())
+    for name, r in removed.items():
+        metrics[f"masked/{name}"] = float((r & mask).sum() / n_tokens)
+        metrics[f"masked_responses/{name}"] = float((r & mask).any(-1)[n_resp].float().mean())
+    return loss, metrics
+
+
+def _corrections(logp, old_logp, rollout_logp, advantages, mask, cfg: LossConfig,
+                 m2_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``[B, T]`` maps of the tokens each dropping correction removes (``stablerl.corrections``)."""
+    none = torch.zeros_like(mask)
+    out = {"reject": none, "opsm": none, "m2": none}
+    if cfg.reject == "sequence_geo":
+        out["reject"] = reject_sequences(old_logp, rollout_logp, mask, cfg.reject_low, cfg.reject_high)[:, None] & mask
+    if cfg.opsm_delta is not None:
+        out["opsm"] = opsm_sequences(logp, rollout_logp, advantages, mask, cfg.opsm_delta)[:, None] & mask
+    if m2_mask is not None:
+        if m2_mask.shape != mask.shape:
+            raise ValueError(f"m2_mask has shape {tuple(m2_mask.shape)}, expected {tuple(mask.shape)} like logp")
+        out["m2"] = m2_mask.bool() & mask
+    elif cfg.m2_threshold is not None:
+        out["m2"] = m2_tokens(logp, rollout_logp, mask, cfg.m2_threshold)
+    return out
 
 
 @torch.no_grad()

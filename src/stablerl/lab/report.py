@@ -31,7 +31,8 @@ def format_table(result: dict) -> str:
         f"{result['seconds']:.1f} s",
     ]
     for metric, title in (("cosine", "cosine(surrogate grad, true grad)"),
-                          ("rel_error", "relative error |g - g*| / |g*|")):
+                          ("rel_error", "relative error |g - g*| / |g*|"),
+                          ("rel_std", "one-sample estimator: sqrt(total variance) / |g*| (one response y ~ mu_old)")):
         lines += ["", title, head + "".join(f"{_short(n):>{width + 1}}" for n in names)]
         for sweep, point, r in _rows(result):
             cells = "".join(f"{r['surrogates'][n][metric]:>{width + 1}.4f}" for n in names)
@@ -39,8 +40,18 @@ def format_table(result: dict) -> str:
                 f"{sweep:<12}{point:<12}{r['train_infer_kl']:>15.2e}{r['staleness_kl']:>15.2e}"
                 f"{r['first_order_gap']:>14.4f}{cells}"
             )
+    lines += ["", "closest to the true gradient (smallest relative error; ties within 1% of it listed together)"]
+    for sweep, point, r in _rows(result):
+        lines.append(f"{sweep:<12}{point:<12}{', '.join(closest(r))}")
     lines += ["", "columns: " + ", ".join(f"{_short(n)} = {n}" for n in names if _short(n) != n)]
     return "\n".join(lines)
+
+
+def closest(point: dict, tolerance: float = 0.01) -> list[str]:
+    """The surrogates whose relative error is within ``tolerance`` (relative) of the smallest."""
+    errors = {n: s["rel_error"] for n, s in point["surrogates"].items()}
+    best = min(errors.values())
+    return [_short(n) for n, e in errors.items() if e <= best * (1 + tolerance) + 1e-12]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -50,7 +61,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["surrogates"])
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 3, figsize=(19, 9), constrained_layout=True)
     panels = [
         ("discrepancy", "train_infer_kl", "training-inference KL(mu_old || pi_old) per token"),
         ("staleness", "staleness_kl", "staleness KL(pi_old || pi_theta) per token"),
@@ -58,13 +69,14 @@ def plot(result: dict, path: Path) -> None:
     colors = {n: f"C{i}" for i, n in enumerate(names)}
     # several surrogates coincide exactly in a pure sweep (e.g. clipping is inactive at theta =
     # theta_old): wide solid lines under thin dashed ones keep every curve visible
-    styles = {n: dict(ls=["-", "--", ":", "-."][i % 4], marker="osD^v<>"[i % 7], lw=3.5 - 0.4 * i, ms=7 - 0.6 * i)
-              for i, n in enumerate(names)}
+    styles = {n: dict(ls=["-", "--", ":", "-."][i % 4], marker="osD^v<>"[i % 7], lw=max(0.8, 3.5 - 0.22 * i),
+                      ms=max(2.5, 7 - 0.35 * i)) for i, n in enumerate(names)}
     for row, (sweep, key, xlabel) in enumerate(panels):
         points = result[sweep]
         xs = [p[key] for p in points]
         for col, (metric, ylabel) in enumerate((("cosine", "cosine to true gradient"),
-                                                ("rel_error", "relative error to true gradient"))):
+                                                ("rel_error", "relative error to true gradient"),
+                                                ("rel_std", "one-sample std / |true gradient|"))):
             ax = axes[row, col]
             for n in names:
                 ax.plot(xs, [p["surrogates"][n][metric] for p in points], color=colors[n], label=n, **styles[n])
@@ -75,11 +87,11 @@ def plot(result: dict, path: Path) -> None:
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if metric == "rel_error":
+            if metric in ("rel_error", "rel_std"):
                 ax.set_yscale("symlog", linthresh=1e-3)  # the zero point stays visible
     axes[0, 0].set_title("pure discrepancy (stars: bf16 / fp8 casts of pi_old)")
     axes[1, 0].set_title("pure staleness (theta k Adam steps from theta_old)")
-    axes[0, 1].legend(fontsize=8)
+    axes[0, 2].legend(fontsize=7, ncol=2)
     fig.suptitle("Exact expected gradient of token-level surrogates vs the true sequence-level gradient")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -12,7 +12,8 @@ import torch
 
 from stablerl.config import LabConfig, LossConfig
 from stablerl.diagnostics import first_order_gap
-from stablerl.lab.exact import compare, surrogate_gradient, true_gradient, true_objective
+from stablerl.lab.exact import (compare, policy_forward, surrogate_estimator, surrogate_gradient, true_gradient,
+                                true_objective)
 from stablerl.lab.policy import (
     EnumerablePolicy,
     ResponseSpace,
@@ -22,8 +23,9 @@ from stablerl.lab.policy import (
     token_logp,
 )
 
-# The surrogates compared: MiniRL (docs/formulation.md s.6, default IS and clip) and one ablation per practice,
-# plus two peers. Names are the lab's; the configs are ordinary LossConfigs.
+# The surrogates compared: MiniRL (docs/formulation.md s.6, default IS and clip), one ablation per
+# practice, two peers, and every training-inference correction stablerl has (docs/objectives.md),
+# each on top of MiniRL. Names are the lab's; the configs are ordinary LossConfigs.
 SURROGATES: dict[str, LossConfig] = {
     "minirl": LossConfig(),
     "minirl_no_is": LossConfig(is_mode="none"),
@@ -32,6 +34,12 @@ SURROGATES: dict[str, LossConfig] = {
     "minirl_length_norm": LossConfig(aggregation="seq_mean_token_mean"),
     "cispo": LossConfig(algorithm="cispo"),
     "gspo": LossConfig(algorithm="gspo", aggregation="seq_mean_token_mean"),
+    "icepop": LossConfig(is_mode="token_mask", is_low=0.5, is_cap=5.0),
+    "seq_truncate": LossConfig(is_mode="sequence_truncate"),
+    "seq_mask": LossConfig(is_mode="sequence_mask"),
+    "reject_geo": LossConfig(reject="sequence_geo"),
+    "opsm": LossConfig(opsm_delta=0.05),
+    "m2po": LossConfig(m2_threshold=0.04),
 }
 
 
@@ -100,10 +108,13 @@ def evaluate_point(
                                       * first_order_gap(logp_from_logits(theta_logits, space), rollout_logp, space.mask)).sum()),
             "objective": float(true_objective(theta, space)),
         }
-    point["surrogates"] = {
-        name: compare(surrogate_gradient(theta, space, old_logp, rollout_logp, cfg), g_true)
-        for name, cfg in SURROGATES.items()
-    }
+    theta_logp = token_logp(theta, space).detach()
+    forward = policy_forward(theta, space)
+    point["surrogates"] = {}
+    for name, cfg in SURROGATES.items():
+        mean, variance = surrogate_estimator(theta, space, old_logp, rollout_logp, cfg, logp=theta_logp, forward=forward)
+        # the spread of a one-response estimate, relative to the size of what it estimates
+        point["surrogates"][name] = {**compare(mean, g_true), "rel_std": variance**0.5 / float(g_true.norm())}
     return point
 
 

@@ -64,6 +64,8 @@ def vllm_dtype_args(precision: str, on_cuda: bool) -> dict:
         return {"dtype": "float32"}
     if precision == "bf16":
         return {"dtype": "bfloat16"}
+    if precision == "fp16":
+        return {"dtype": "float16"}
     if not on_cuda:
         raise ValueError(f"rollout.precision={precision} with rollout.engine=vllm needs vLLM's FP8 kernels, which "
                          "this platform (CPU) does not have; use fp32 or bf16, or rollout.engine=local to emulate FP8")
