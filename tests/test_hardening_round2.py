@@ -227,3 +227,66 @@ def test_the_lock_loser_leaves_the_winners_lock_in_place(sft_ckpt, tmp_path):
     winner.release(remove=True)
     assert not (run_dir / ".lock").exists()
     RunLock(run_dir).acquire().release()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. isolation: user modules are imported in workers only; a stuck call's process tree dies
+# ---------------------------------------------------------------------------------------------
+EFFECTS = Path(__file__).parent / "data" / "import_effects"
+
+
+def test_reward_modules_are_imported_in_a_worker_never_in_the_trainer(tmp_path, monkeypatch):
+    marker = tmp_path / "pids"
+    monkeypatch.setenv("STABLERL_TEST_MARKER", str(marker))
+    with RewardPool([f"{EFFECTS / 'marks_at_import.py'}:reward"], workers=1, timeout_s=10) as pool:
+        assert pool.score([("p", "c", {})]).total == [1.0]
+    assert "STABLERL_TEST_IMPORTED_IN_TRAINER" not in os.environ
+    assert str(os.getpid()) not in marker.read_text().split()
+
+
+@pytest.mark.parametrize("module,match", [
+    ("exits_at_import.py", r"importing it failed: SystemExit: 4"),
+    ("interrupts_at_import.py", r"importing it failed: KeyboardInterrupt"),
+])
+def test_import_time_exits_and_interrupts_are_one_line_errors(module, match):
+    with pytest.raises(ValueError, match=match):
+        RewardPool([f"{EFFECTS / module}:reward"], workers=1)
+
+
+def test_an_endless_loop_at_import_times_out(monkeypatch):
+    import stablerl.tasks.reward as reward
+
+    monkeypatch.setattr(reward, "IMPORT_TIMEOUT_S", 1.0)
+    with pytest.raises(ValueError, match=r"did not finish within 1 s"):
+        RewardPool([f"{EFFECTS / 'loops_at_import.py'}:reward"], workers=1, timeout_s=0.5)
+
+
+def test_a_function_that_cannot_take_prompt_and_completion_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("STABLERL_TEST_MARKER", str(tmp_path / "m"))
+    with pytest.raises(ValueError, match=r"must accept \(prompt, completion, \*\*fields\)"):
+        RewardPool([f"{EFFECTS / 'marks_at_import.py'}:wrong_signature"], workers=1)
+
+
+def test_a_non_python_file_is_a_one_line_error(capsys):
+    from stablerl.cli import main
+
+    rc = main(["train", "task.reward_fns=[/etc/passwd:x]", "run_dir=/tmp/never-made"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not a Python file" in err and "Traceback" not in err
+
+
+def test_a_timed_out_calls_children_die_with_it(tmp_path, monkeypatch):
+    marker = tmp_path / "child_pid"
+    monkeypatch.setenv("STABLERL_TEST_MARKER", str(marker))
+    with RewardPool([f"{FNS}:spawns_and_hangs"], workers=1, timeout_s=2) as pool:
+        result = pool.score([("p", "c", {})])
+    assert result.stats.timeouts == 1
+    pid = int(marker.read_text())
+    deadline = __import__("time").monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and __import__("time").monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}/stat").exists() else "X"
+        if state == "Z":  # reaped by nobody yet, but dead
+            break
+        __import__("time").sleep(0.1)
+    alive = Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    assert not alive, "the grandchild in its own session outlived the timed-out call"

@@ -106,3 +106,14 @@ def numpy_reward(prompt, completion, **_):
     import numpy
 
     return numpy.float32(0.5)
+
+
+def spawns_and_hangs(prompt, completion, **_):
+    """Starts a grandchild in a new session (escaping a process group), records its pid, hangs."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    with open(os.environ["STABLERL_TEST_MARKER"], "w") as f:
+        f.write(str(child.pid))
+    while True:
+        time.sleep(1)

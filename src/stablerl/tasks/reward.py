@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from stablerl.tasks.verifiers import resolve, spec_name
+from stablerl.tasks.verifiers import check_spec, resolve, spec_name
 
 # one wait slice: deadlines are checked at least this often, and no OS wait call ever gets a
 # timeout too large for it (a timeout such as 1e10 s overflows select/poll)
@@ -40,6 +40,9 @@ _SLICE_S = 0.5
 # reward of 1e38 makes each advantage NaN, 1e308 is inf in float32): such a value is a counted
 # reward error (reward 0) naming its function, never a dead run.
 MAX_ABS_REWARD = 1e6
+
+# how long importing the reward functions may take at start-up (at least the per-call timeout)
+IMPORT_TIMEOUT_S = 60.0
 
 
 def reward_value(raw) -> float:
@@ -126,9 +129,52 @@ def _die_with_parent() -> None:
         pass
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL every descendant of ``pid`` (a worker is their subreaper, so a grandchild that
+    double-forked or started a new session is still one)."""
+    import signal
+
+    for child in _descendants(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
-    """A worker's loop (``stablerl.tasks.reward_worker``): call, reply, repeat, until told to stop."""
+    """A worker's loop (``stablerl.tasks.reward_worker``): call, reply, repeat, until told to stop.
+
+    A job ``((-1, k), k, None, None, None)`` only imports and checks function k (the pool does this
+    at start-up, so a user's module is never imported in the trainer's process)."""
     _die_with_parent()
+    try:  # Linux: orphaned descendants of a call re-parent to this worker, so killing its tree gets them
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    except Exception:  # noqa: BLE001
+        pass
     if memory_mb:
         import resource
 
@@ -146,7 +192,12 @@ def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
         try:
             if fn_index not in fns:
                 fns[fn_index] = resolve(specs[fn_index])
-            reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
+            if job_id[0] == -1:  # an import check
+                reply = (job_id, "ok", 0.0)
+            else:
+                reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
+        except ValueError as e:  # resolve's own errors are already sentences
+            reply = (job_id, "error", (str(e) if job_id[0] == -1 else f"ValueError: {e}")[:500])
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
             reply = (job_id, "error", f"{type(e).__name__}: {e}"[:500])
         try:
@@ -191,6 +242,7 @@ class _Worker:
         except OSError:
             pass
         if self.process.poll() is None:
+            _kill_tree(self.process.pid)  # what a stuck call started dies with it
             self.process.kill()
         try:
             self.process.wait(timeout=5)
@@ -215,13 +267,42 @@ class RewardPool:
             raise ValueError(f"{len(weights)} reward weights for {len(specs)} reward functions")
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError(f"reward timeout must be a finite number > 0, got {timeout_s}")
-        for spec in specs:  # fail before any work: a bad path is a config error, not a reward of 0
-            resolve(spec)
+        for spec in specs:  # the format and the file, without importing anything
+            check_spec(spec)
         self.specs, self.weights = list(specs), weights
         self.names = _unique_names(self.specs)
         self.n_workers, self.timeout_s, self.memory_mb = int(workers), float(timeout_s), memory_mb
         self._workers: list[_Worker] = []
         self._pid = os.getpid()
+        # fail before any work: a module that does not import is a config error, not a reward of 0.
+        # It is imported in a worker, never here: its import-time side effects (an exit, an endless
+        # loop, a KeyboardInterrupt) must not reach the trainer.
+        self._check_imports()
+
+    def _check_imports(self) -> None:
+        worker = _Worker(self.specs, self.memory_mb)
+        limit = max(IMPORT_TIMEOUT_S, self.timeout_s)
+        try:
+            for k, spec in enumerate(self.specs):
+                worker.conn.send(((-1, k), k, None, None, None))
+                if not worker.conn.poll(min(limit, 1e6)):
+                    raise ValueError(f"reward function {spec!r}: importing it did not finish within {limit:g} s "
+                                     "(an endless loop at import time?)")
+                try:
+                    _, status, payload = _parse_reply(worker.conn.recv_bytes())
+                except (EOFError, OSError, ValueError):
+                    try:
+                        code = worker.process.wait(timeout=5)
+                    except Exception:  # noqa: BLE001
+                        code = None
+                    raise ValueError(f"reward function {spec!r}: the process importing it died (exit code {code})") from None
+                if status != "ok":
+                    raise ValueError(payload if payload.startswith("reward function") else
+                                     f"reward function {spec!r}: importing it failed: {payload}")
+        except BaseException:
+            worker.kill()
+            raise
+        self._workers.append(worker)
 
     def __enter__(self) -> "RewardPool":
         return self

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -49,16 +50,30 @@ def spec_name(spec: str) -> str:
     return spec.rpartition(":")[2]
 
 
-def resolve(spec: str) -> Callable[..., float]:
-    """The function a spec names; ``ValueError`` naming the spec and what is allowed otherwise."""
+def check_spec(spec: str) -> tuple[str, str, bool]:
+    """``(module part, function name, is a file path)`` of a spec, checked without importing
+    anything: the format, and for a file path that it is an existing ``.py`` file."""
     module_part, sep, fn_name = spec.rpartition(":")
     if not sep or not module_part or not fn_name.isidentifier():
         raise ValueError(f"reward function {spec!r}: expected 'package.module:function' or "
                          "'path/to/file.py:function'")
-    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
-        path = Path(module_part).expanduser().resolve()
+    is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+    if is_file:
+        path = Path(module_part).expanduser()
         if not path.is_file():
             raise ValueError(f"reward function {spec!r}: file {module_part!r} does not exist")
+        if path.suffix != ".py":
+            raise ValueError(f"reward function {spec!r}: {module_part!r} is not a Python file; a file path must "
+                             "name a .py file ('path/to/file.py:function')")
+    return module_part, fn_name, is_file
+
+
+def resolve(spec: str) -> Callable[..., float]:
+    """The function a spec names (importing its module: only ever in a reward worker);
+    ``ValueError`` naming the spec and what is allowed otherwise."""
+    module_part, fn_name, is_file = check_spec(spec)
+    if is_file:
+        path = Path(module_part).expanduser().resolve()
         name = f"stablerl_user_rewards_{abs(hash(str(path)))}"
         module = sys.modules.get(name)
         if module is None:
@@ -79,4 +94,10 @@ def resolve(spec: str) -> Callable[..., float]:
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: module {module_part!r} has no function {fn_name!r}")
+    try:
+        inspect.signature(fn).bind_partial("prompt", "completion")
+    except TypeError:
+        raise ValueError(f"reward function {spec!r}: it must accept (prompt, completion, **fields)") from None
+    except ValueError:  # no signature to inspect (a builtin): it is called and judged by its result
+        pass
     return fn

@@ -1,0 +1,6 @@
+while True:
+    pass
+
+
+def reward(prompt, completion, **_):
+    return 1.0
