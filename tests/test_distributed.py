@@ -145,6 +145,18 @@ def test_two_rank_resume_and_export(ckpt, tmp_path):
     assert_weights_close(wf, checkpoint.load_model_weights(checkpoint.latest(cut)))
 
 
+def test_rank_0s_cold_start_runs_outside_the_collective_timeout(tmp_path):
+    """Rank 0 trains the cold start (~15 s here) while rank 1 waits; distributed.timeout_s is 6 s.
+    The wait is on a group of its own (distributed.LongWait), so nobody times out and the SFT is
+    not lost."""
+    tiny = ["model.hidden_size=32", "model.num_layers=1", "model.expert_size=32", "sft.steps=1500",
+            "sft.batch_size=8", f"sft.output_dir={tmp_path / 'sft'}", "distributed.timeout_s=6"]
+    args = [a for a in base_args("unused", tmp_path / "run", "train.steps=1") if not a.startswith("model.path")]
+    rc, out = torchrun([*args, *tiny], timeout=300)
+    assert rc == 0, out[-3000:]
+    assert (tmp_path / "sft" / "config.json").is_file() and read_metrics(tmp_path / "run")[-1]["step"] == 1
+
+
 def test_batch_that_does_not_divide_fails_before_any_work(ckpt, tmp_path):
     rc, out = torchrun(base_args(ckpt, tmp_path / "odd", "batch.prompts_per_step=3"), timeout=120)
     assert rc != 0

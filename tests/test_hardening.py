@@ -53,7 +53,10 @@ def cli_error(capsys, argv) -> str:
 # ---------------------------------------------------------------------------------------------
 def test_a_hanging_verifier_costs_its_timeout_not_the_run(sft_ckpt, tmp_path):
     t0 = time.monotonic()
+    # every response has digits, so every call of step 1 times out: going on with 0 is the opt-out
+    # now (task.reward_fail_fast=false; by default such a function stops the run at step 1)
     state = train(sft_ckpt, tmp_path / "r", "train.steps=2", f"task.reward_fns=[{FNS}:hang_on_digits]",
+                  "task.reward_fail_fast=false",
                   "task.reward_timeout_s=0.5", "task.reward_workers=2", "eval.every=10", "task.eval_size=2")
     rows = read_metrics(tmp_path / "r")
     assert rows[-1]["step"] == 2 and state.reward_timeouts > 0

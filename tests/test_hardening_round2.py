@@ -2,6 +2,7 @@
 example of the issue, as a test."""
 
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -290,3 +291,157 @@ def test_a_timed_out_calls_children_die_with_it(tmp_path, monkeypatch):
         __import__("time").sleep(0.1)
     alive = Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     assert not alive, "the grandchild in its own session outlived the timed-out call"
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. what a TRL / verl user reaches for first
+# ---------------------------------------------------------------------------------------------
+def test_a_reward_function_failing_on_every_first_step_call_stops_the_run(sft_ckpt, tmp_path):
+    from stablerl.loop import TrainingAborted
+
+    with pytest.raises(TrainingAborted, match=r"boom_always failed on every response of the first step"):
+        Trainer(config(sft_ckpt, tmp_path / "r", "train.steps=2", f"task.reward_fns=[{FNS}:boom_always]"),
+                tmp_path / "r", log=lambda *_: None).run()
+
+
+def test_cli_version_print_config_and_list_index_overrides(capsys, tmp_path):
+    import yaml
+
+    from stablerl import __version__
+    from stablerl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"stablerl {__version__}"
+    assert main(["train", "--print-config", f"run_dir={tmp_path / 'r'}", "loss.eps_high=0.3",
+                 "eval.sets=[{name: t, dataset: x.jsonl}]",
+                 "eval.sets.0.samples=7", "eval.sets.0.prompt_template=Q: {question}"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["loss"]["eps_high"] == 0.3 and printed["eval"]["sets"][0]["samples"] == 7
+    assert printed["eval"]["sets"][0]["prompt_template"] == "Q: {question}"
+    assert not (tmp_path / "r").exists()  # nothing ran
+    with pytest.raises(ValueError, match=r"eval.sets has 1 entries .* '3' is not one of them"):
+        build_config(RunConfig, None, ["eval.sets=[{name: t, dataset: x}]", "eval.sets.3.samples=1"])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_schedules_by_hand(schedule):
+    from stablerl.config import OptimConfig
+    from stablerl.learner import learning_rate
+
+    optim = OptimConfig(lr=1.0, warmup_steps=2, schedule=schedule, min_lr_ratio=0.1)
+    lrs = [learning_rate(s, optim, total_steps=12) for s in range(12)]
+    assert lrs[:2] == [0.5, 1.0]  # warm-up: (s + 1) / 2
+    expected = {"constant": [1.0] * 10,
+                "linear": [0.1 + 0.9 * (1 - k / 9) for k in range(10)],
+                "cosine": [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 9)) for k in range(10)]}[schedule]
+    assert lrs[2:] == pytest.approx(expected)
+    assert lrs[-1] == pytest.approx(1.0 if schedule == "constant" else 0.1)
+
+
+def test_python_api_trains_from_a_dict_and_resumes(sft_ckpt, tmp_path):
+    import stablerl
+
+    cfg = {"model": {"path": str(sft_ckpt)}, "run_dir": str(tmp_path / "api"), "train": {"steps": 1},
+           "batch": {"prompts_per_step": 2, "group_size": 4}, "rollout": {"max_new_tokens": 12},
+           "task": {"levels": [1], "eval_size": 4}, "log": {"progress": False, "tensorboard": False}}
+    summary = stablerl.train(cfg, log=lambda *_: None)
+    assert summary["steps"] == 1 and summary["run_dir"] == str(tmp_path / "api") and "sampled_after" in summary
+    summary = stablerl.train(resume=tmp_path / "api", overrides=["train.steps=2"], log=lambda *_: None)
+    assert summary["steps"] == 2
+    with pytest.raises(ValueError, match=r"train.steps"):
+        stablerl.train({"train": {"steps": 0}})
+
+
+def test_console_that_is_not_a_terminal_gets_plain_whole_lines(tmp_path, capsys):
+    from stablerl.config import LogConfig
+    from stablerl.runlog import RunLogger
+
+    logger = RunLogger(tmp_path, LogConfig(tensorboard=False, progress=True, print_every=2), total_steps=5,
+                       start_step=0)
+    for step in range(1, 6):
+        logger.log_step(step, {"reward_mean": 0.5, "entropy": 0.1})
+    logger.print("[yellow]" + "x" * 200 + "[/yellow]")
+    logger.close()
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in out if line.startswith("[train]")] == ["2/5", "4/5", "5/5"]
+    assert "reward 0.50" in out[0] and "x" * 200 in out  # markup stripped, nothing wrapped or cut
+
+
+def test_an_exported_tokenizer_encodes_prompts_as_training_did(sft_ckpt, tmp_path):
+    from transformers import AutoTokenizer
+
+    from stablerl.checkpoint import save_model_dir
+    from stablerl.models import build_model, load_policy
+
+    model, tok = load_policy(sft_ckpt)
+    save_model_dir(tmp_path / "export", model, tok)
+    plain = AutoTokenizer.from_pretrained(tmp_path / "export")  # what a user of the export loads
+    for text in ("12+34=", "7+8+9="):
+        assert plain(text).input_ids == encode_prompt(tok, text)
+    fresh = build_tokenizer()
+    assert fresh("1+2=").input_ids == encode_prompt(fresh, "1+2=")
+    assert fresh.decode(fresh("1+2=").input_ids, skip_special_tokens=True) == "1+2="
+
+
+def test_plot_labels_are_unique_and_say_what_they_show(tmp_path):
+    from stablerl.plot import plot_runs, reward_is_accuracy, run_labels
+
+    assert run_labels([tmp_path / "a" / "seed0", tmp_path / "b" / "seed0"]) == ["a/seed0", "b/seed0"]
+    for d in ("a/seed0", "b/seed0"):
+        run = RunDir(tmp_path / d)
+        run.path.mkdir(parents=True)
+        run.config.write_text(json.dumps({"task": {"reward_fns": ["x.py:f"], "reward_weights": [2.0]}}))
+        run.metrics.write_text("".join(json.dumps({"step": s, "reward_mean": 0.5, "eval/sampled_acc": 1.5}) + "\n"
+                                       for s in range(3)))
+    assert not reward_is_accuracy(tmp_path / "a" / "seed0")
+    out = plot_runs([tmp_path / "a" / "seed0", tmp_path / "b" / "seed0"], tmp_path / "c.png")
+    assert out.stat().st_size > 5000
+
+
+def test_the_readme_loss_snippet_runs_as_pasted():
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "policy_loss" in b)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    assert namespace["logp"].grad is not None and torch.isfinite(namespace["logp"].grad).all()
+
+
+@pytest.mark.parametrize("estimator,grad", [
+    ("k1", lambda d: 1.0),
+    ("k2", lambda d: d),
+    ("k3", lambda d: 1 - math.exp(-d)),  # d/dlogp [e^{-d} - 1 + d], d = logp - ref
+])
+def test_kl_penalty_gradient_by_hand(estimator, grad):
+    from stablerl.config import LossConfig
+    from stablerl.objectives import policy_loss
+
+    d = torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64)
+    ref = -torch.ones(1, 3, dtype=torch.float64)
+    logp = (ref + d).requires_grad_(True)
+    cfg = LossConfig(kl_beta=0.5, kl_estimator=estimator, is_mode="none")
+    adv = torch.zeros(1, dtype=torch.float64)  # no policy-gradient term: only the penalty
+    loss, m = policy_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(1, 3, dtype=torch.bool), cfg,
+                          normalizer=3.0, ref_logp=ref)
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([0.5 * grad(float(x)) / 3.0 for x in d[0]])
+    assert m["kl_ref"] > 0 if estimator != "k1" else True
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        policy_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(1, 3, dtype=torch.bool), cfg)
+
+
+def test_kl_penalty_in_training_starts_at_zero_and_survives_a_resume(sft_ckpt, tmp_path):
+    from stablerl.runlog import read_metrics
+
+    run = tmp_path / "kl"
+    graded = f"task.reward_fns=[{FNS}:digit_fraction]"  # non-zero advantages at every step: the policy moves
+    Trainer(config(sft_ckpt, run, "train.steps=2", "loss.kl_beta=0.1", "optim.lr=1e-3", graded), run,
+            log=lambda *_: None).run()
+    rows = read_metrics(run)
+    assert rows[1]["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    assert rows[2]["kl_ref"] > 1e-6  # it moved
+    Trainer(config(sft_ckpt, run, "train.steps=3", "loss.kl_beta=0.1", "optim.lr=1e-3", graded), run, resume=True,
+            log=lambda *_: None).run()
+    assert read_metrics(run)[3]["kl_ref"] > 0

@@ -109,4 +109,6 @@ def test_sft_learns_and_saves_a_loadable_checkpoint(tmp_path):
     ids = tok2("<bos>12+3=", add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
-    assert tok2.decode(tok2("7+8=15#15").input_ids) == "7+8=15#15"
+    # the text round-trips; a plain tok2(text) also starts with BOS now, as training encodes prompts
+    assert tok2.decode(tok2("7+8=15#15", add_special_tokens=False).input_ids) == "7+8=15#15"
+    assert tok2("7+8=15#15").input_ids[0] == tok2.bos_token_id

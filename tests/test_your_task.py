@@ -64,8 +64,10 @@ def test_example_reward_functions_hand_worked():
 
 def test_misbehaving_reward_functions_give_zero_and_training_goes_on(sft_ckpt, tmp_path):
     t0 = time.monotonic()
+    # training on with 0 for failed calls is the opt-out now (task.reward_fail_fast=false): by
+    # default a function that fails on every response of the first step stops the run (below)
     rows = run(sft_ckpt, tmp_path / "always", "train.steps=2", "task.reward_timeout_s=0.5", "eval.every=100",
-               "task.eval_size=2", "eval.sampled=false",
+               "task.eval_size=2", "eval.sampled=false", "task.reward_fail_fast=false",
                f"task.reward_fns=[{FNS}:hang_always, {FNS}:boom_always, {FNS}:die_always, {FNS}:digit_fraction]")
     step = rows[1]
     n = 8  # responses per step

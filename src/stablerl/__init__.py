@@ -7,6 +7,10 @@ worker processes do) does not pull in torch.
 from importlib import import_module
 
 _EXPORTS = {
+    "train": "stablerl.api",
+    "Trainer": "stablerl.loop",
+    "TrainingAborted": "stablerl.loop",
+    "RunConfig": "stablerl.config",
     "LossConfig": "stablerl.config",
     "policy_loss": "stablerl.objectives",
     "aggregation_normalizer": "stablerl.objectives",

@@ -33,39 +33,39 @@ def _lab(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import time
 
-    from stablerl import distributed as D
-    from stablerl.loop import Trainer, TrainingAborted
-    from stablerl.plot import plot_runs
-    from stablerl.rundir import RunDir, resume_config
+    from stablerl.api import resolve_run, train
+    from stablerl.loop import TrainingAborted
+    from stablerl.plot import plot_runs, reward_is_accuracy
+    from stablerl.rundir import RunDir
 
-    if args.resume:
-        cfg = resume_config(Path(args.resume), args.config, args.overrides)
-        run_dir = Path(args.resume)
-    else:
-        cfg = build_config(RunConfig, args.config, args.overrides)
-        run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    world = D.init_world(cfg.distributed.timeout_s, cfg.distributed.threads)
+    cfg, run_dir = resolve_run(args.config, resume=args.resume, overrides=args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     t0 = time.perf_counter()
+    # the run directory resolved here (a timestamp for a new run) is the one trained
+    overrides = list(args.overrides) if args.resume else [*args.overrides, f"run_dir={run_dir}"]
     try:
-        run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all
-        cfg.run_dir = str(run_dir)
-        Trainer(cfg, run_dir, resume=bool(args.resume), world=world).run()
+        summary = train(args.config, resume=args.resume, overrides=overrides)
     except TrainingAborted as e:
-        if world.is_main:
+        if os.environ.get("RANK", "0") == "0":
             print(f"stablerl train: stopped: {e}", file=sys.stderr)
         return 3
-    finally:
-        D.shutdown_world()
-    if not world.is_main:
+    if not summary:  # a rank other than 0: rank 0 reports
         return 0
     files = RunDir(run_dir)
-    summary = json.loads(files.summary.read_text())
     plots = plot_runs([run_dir], files.plots / "curves.png")
     lines = [f"\nrun: {run_dir}  ({summary['steps']} steps, {time.perf_counter() - t0:.0f} s this invocation)"]
+    accuracy = reward_is_accuracy(run_dir)  # a weighted reward of your functions can exceed 1: no percent
     for mode in ("greedy", "sampled"):
         if f"{mode}_before" in summary:
             b, a = summary[f"{mode}_before"], summary[f"{mode}_after"]
-            lines.append(f"held-out accuracy ({mode}): {_pct(b)} -> {_pct(a)}  ({100 * (a - b):+.1f} points)")
+            if accuracy:
+                lines.append(f"held-out accuracy ({mode}): {_pct(b)} -> {_pct(a)}  ({100 * (a - b):+.1f} points)")
+            else:
+                lines.append(f"held-out reward ({mode}, mean per response): {b:.4g} -> {a:.4g}  ({a - b:+.4g})")
     if summary.get("collapsed"):
         lines.append("WARNING: this run collapsed: " + "; ".join(summary["collapse_warnings"]))
     failures = sum(summary.get(k, 0) for k in ("reward_errors", "reward_timeouts", "reward_crashes"))
@@ -147,7 +147,10 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stablerl import __version__
+
     parser = argparse.ArgumentParser(prog="stablerl", description=__doc__ and "stable RL for LLMs (MoE first)")
+    parser.add_argument("--version", action="version", version=f"stablerl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser(
         "lab",
@@ -166,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=keys)
     train.add_argument("--config", help="YAML or TOML file with RunConfig sections")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (file, overrides, defaults) as YAML and exit; nothing runs")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. loss.eps_high=0.28 train.steps=100")
     train.set_defaults(func=_train)
 

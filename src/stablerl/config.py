@@ -69,6 +69,13 @@ class LossConfig(StrictModel):
     std_normalize: bool = Field(False, description="Advantages: divide R - mean_group(R) by the group's std "
                                 "(GRPO's definition); MiniRL: false.")
 
+    kl_beta: float = Field(0.0, ge=0, description="Weight of a KL penalty to a frozen reference policy (the "
+                           "run's starting weights): loss += kl_beta x the aggregated per-token estimate (0 = off, "
+                           "the paper's recipe; on, it costs one more model copy and forward per rank).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL(pi_theta || pi_ref) estimate on "
+                                                    "the sampled tokens: k1 = log pi - log ref, k2 = (log pi - log "
+                                                    "ref)^2 / 2, k3 = ref/pi - 1 - log(ref/pi) (GRPO's).")
+
     # -- corrections that drop tokens or responses, composed with every is_mode and algorithm
     # (docs/objectives.md "Rejection, OPSM, M2PO")
     reject: Literal["none", "sequence_geo"] = Field(
@@ -210,6 +217,9 @@ class TaskConfig(StrictModel):
                                                "the reward is their weighted sum.")
     reward_timeout_s: float = Field(10.0, gt=0, description="Hard limit per reward call: a verifier still running "
                                     "is killed (its worker process replaced) and the response gets reward 0.")
+    reward_fail_fast: bool = Field(True, description="Stop at the first step when a reward function failed on "
+                                   "every response (it would contribute nothing but zeros); false: go on, with 0 "
+                                   "for each failed call.")
     reward_workers: int = Field(2, ge=1, le=256, description="Worker processes that run the reward functions "
                                 "(in parallel across responses; each call in a worker's main thread).")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt (in tokens, chat template included) "
@@ -320,8 +330,13 @@ class BatchConfig(StrictModel):
 class OptimConfig(StrictModel):
     """AdamW on the training policy."""
 
-    lr: float = Field(5e-5, gt=0, description="Learning rate (constant after warm-up).")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (reached after the warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="After the warm-up: constant; linear or cosine decay to optim.min_lr_ratio x lr at "
+        "the last optimizer step (train.steps x batch.minibatches_per_step).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="The decayed schedules' final learning rate, as a "
+                                "fraction of optim.lr.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
 
@@ -385,7 +400,9 @@ class DistributedConfig(StrictModel):
 
 class LogConfig(StrictModel):
     tensorboard: bool = Field(True, description="Also write TensorBoard events to RUN_DIR/tb.")
-    progress: bool = Field(True, description="Live progress bar on the console.")
+    progress: bool = Field(True, description="Progress on the console: a live bar on a terminal; when the "
+                           "console is not a terminal (nohup, Slurm, CI) a plain line every log.print_every steps.")
+    print_every: int = Field(10, ge=1, description="Steps between plain progress lines (console not a terminal).")
     rollouts: bool = Field(False, description="Write every sampled response (prompt, completion, reward) to "
                            "RUN_DIR/rollouts.jsonl, one line per step.")
     collapse_window: int = Field(30, ge=1, description="Steps of history (at most) whose median is the baseline "
@@ -424,7 +441,8 @@ class RunConfig(StrictModel):
 # the maths of the steps to come, plus the recovery knobs a stopped run's message suggests (a
 # lower learning rate, a tighter gradient clip). Everything else — the model, the task, the batch,
 # the loss, the rollout numerics, the seeds — is fixed for the life of a run.
-RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.lr", "optim.warmup_steps",
+RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.lr", "optim.warmup_steps", "optim.schedule",
+                  "optim.min_lr_ratio",
                   "optim.grad_clip", "batch.micro_batch_size", "task.reward_timeout_s", "task.reward_workers",
-                  "task.reward_memory_mb", "rollout.vllm.", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
+                  "task.reward_memory_mb", "task.reward_fail_fast", "rollout.vllm.", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
                   "distributed.threads")

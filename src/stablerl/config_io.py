@@ -61,10 +61,11 @@ def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] | N
             raise ValueError(f"override {item!r} must look like key=value (e.g. loss.eps_high=0.28)")
         node = out
         *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        for i, part in enumerate(parents):
+            node = _child(node, part, item, ".".join(parents[: i + 1]))
+        if isinstance(node, list):  # a list entry by index: eval.sets.0=...
+            _child(node, leaf, item, key)
+            leaf = int(leaf)
         if raw == "":
             node[leaf] = ""
         elif model is not None and _is_text_field(model, key.split(".")) and raw.lower() not in ("null", "none", "~"):
@@ -78,23 +79,45 @@ def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] | N
     return out
 
 
+def _child(node, part: str, item: str, where: str):
+    """``node[part]`` for a section (created when missing) or, for a list and a number, its entry."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ValueError(f"override {item!r}: {where.rpartition('.')[0]} has {len(node)} entries (indices 0.."
+                             f"{len(node) - 1}); {part!r} is not one of them")
+        return node[int(part)]
+    if not isinstance(node, dict):
+        raise ValueError(f"override {item!r}: {where.rpartition('.')[0] or where!r} is not a section")
+    if part.isdigit() and not node:
+        raise ValueError(f"override {item!r}: {where.rpartition('.')[0]} has no entries to index; set the whole "
+                         "list (in the config file, or as key=[{...}]) first")
+    child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)) and where != item.partition("=")[0]:
+        raise ValueError(f"override {item!r}: {part!r} is not a section")
+    return child
+
+
 def _is_text_field(model: type[BaseModel], path: list[str]) -> bool:
-    """Whether the dotted key ``path`` of ``model`` is a str (or optional str) field."""
+    """Whether the dotted key ``path`` of ``model`` is a str (or optional str) field (list entries
+    by index: ``eval.sets.0.name``)."""
     import typing
 
-    for i, part in enumerate(path):
-        field = model.model_fields.get(part)
+    ann = model
+    for part in path:
+        if part.isdigit():  # an entry of a list field: its element type
+            args = typing.get_args(ann)
+            if typing.get_origin(ann) is not list or not args:
+                return False
+            ann = args[0]
+            continue
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return False
+        field = ann.model_fields.get(part)
         if field is None:
             return False
         ann = field.annotation
-        if i < len(path) - 1:
-            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-                return False
-            model = ann
-            continue
-        args = typing.get_args(ann) or (ann,)
-        return str in args and not any(a not in (str, type(None)) for a in args)
-    return False
+    args = typing.get_args(ann) or (ann,)
+    return str in args and not any(a not in (str, type(None)) for a in args)
 
 
 def _yaml_problem(e: Exception) -> str:

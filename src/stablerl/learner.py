@@ -49,6 +49,20 @@ from stablerl.seeds import shuffle_seed
 REDUCTION = {**METRIC_REDUCTION, M.GRAD_NORM: M.Reduce.SAME}
 
 
+def learning_rate(step: int, optim, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over
+    ``optim.warmup_steps``, then constant, or linear / cosine decay to ``min_lr_ratio x lr`` at the
+    last step (``total_steps - 1``)."""
+    warm = optim.warmup_steps
+    factor = min(1.0, (step + 1) / warm) if warm else 1.0
+    if optim.schedule != "constant" and step >= warm:
+        span = max(1, total_steps - 1 - warm)
+        progress = min(1.0, (step - warm) / span)
+        shape = 1 - progress if optim.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        factor = optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+    return optim.lr * factor
+
+
 def _can_fuse(model: torch.nn.Module) -> bool:
     # the fused AdamW kernel (one pass over all tensors) is ~3x faster than the per-tensor loop on
     # CPU for the tiny default model; it needs plain float params on CPU or CUDA
@@ -90,7 +104,8 @@ class StepRecord:
 
 
 class Learner:
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world: D.World | None = None):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world: D.World | None = None,
+                 reference: torch.nn.Module | None = None):
         self.cfg, self.world = cfg, world or D.World()
         self.moe = is_moe(model)
         self.plan = RoutingPlan(cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step)
@@ -104,14 +119,23 @@ class Learner:
             model = shard_model(model, param_dtype, dist_cfg.reduce_dtype)
         self.model = model
         self.model.train()
+        # the frozen reference of the KL penalty (loss.kl_beta): one more model copy, sharded alike
+        self.reference = None
+        if cfg.loss.kl_beta > 0:
+            if reference is None:
+                raise ValueError("loss.kl_beta > 0 needs the reference policy (the run's starting weights)")
+            reference = reference.to(self.world.device).eval().requires_grad_(False)
+            if self.world.distributed:
+                reference = shard_model(reference, param_dtype, dist_cfg.reduce_dtype)
+            self.reference = reference
         opt = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=(0.9, 0.99),
                                            weight_decay=opt.weight_decay, fused=_can_fuse(self.model))
         self.optimizer_steps = 0
 
     def lr(self, optimizer_step: int) -> float:
-        warm = self.cfg.optim.warmup_steps
-        return self.cfg.optim.lr * (min(1.0, (optimizer_step + 1) / warm) if warm else 1.0)
+        return learning_rate(optimizer_step, self.cfg.optim,
+                             self.cfg.train.steps * self.cfg.batch.minibatches_per_step)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights for exports (a collective when sharded)."""
@@ -252,13 +276,17 @@ class Learner:
                             temperature=batch.sampling.temperature, with_entropy=True)
         logp, mask = out["logp"], micro.response_mask
         old_logp = logp.detach() if old.logp is None else old.logp[idx][:, : mask.shape[1]]
+        ref_logp = None
+        if self.reference is not None:  # the reference routes live: it is the starting policy as it was
+            with torch.no_grad():
+                ref_logp = response_logp(self.reference, micro, temperature=batch.sampling.temperature)["logp"]
         loss, m = logp.sum() * 0.0, None  # what a bad micro-batch backpropagates (no update follows)
         finite = bool(torch.isfinite(logp.detach()[mask]).all())
         if finite:
             try:
                 loss, m = policy_loss(logp, old_logp, micro.rollout_logp, adv[idx], mask, self.cfg.loss,
                                       normalizer=max(mb.normalizer, 1.0),
-                                      m2_mask=None if m2 is None else m2[idx][:, : mask.shape[1]])
+                                      m2_mask=None if m2 is None else m2[idx][:, : mask.shape[1]], ref_logp=ref_logp)
             except FloatingPointError:  # the ratio overflowed: this mini-batch is skipped on every rank
                 finite = False
         (loss if real else loss * 0.0).backward()

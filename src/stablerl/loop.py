@@ -139,11 +139,12 @@ class Trainer:
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         else:
             source = None
-            if cfg.model.path:
-                source = Path(cfg.model.path)
-            elif world.is_main:
-                source = cold_start(cfg, self.task, self.log)
-            source = Path(D.broadcast_object(str(source) if source else ""))  # the others wait for rank 0's SFT
+            with D.LongWait() as wait:  # the others wait for rank 0's SFT, outside the collective timeout
+                if cfg.model.path:
+                    source = Path(cfg.model.path)
+                elif world.is_main:
+                    source = cold_start(cfg, self.task, self.log)
+                source = Path(wait.result(str(source) if source else ""))
             model, tokenizer = load_policy(source)
         for w in check_model(cfg, model):
             self.log(f"[warning] {w}")
@@ -155,7 +156,7 @@ class Trainer:
         # the engine is built from the full weights before the learner shards the model
         self.model_config = model.config
         self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=world.distributed)
-        self.learner = Learner(model, cfg, world)
+        self.learner = Learner(model, cfg, world, reference=self._reference() if cfg.loss.kl_beta > 0 else None)
         if ckpt is not None:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
             self.state = checkpoint.load_state(ckpt)
@@ -163,6 +164,18 @@ class Trainer:
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
         self.sampling = cfg.rollout.sampling()
+
+    def _reference(self):
+        """The KL penalty's frozen reference: the run's starting weights (model.path, or the cold
+        start), read again from where they came from — on a resume too."""
+        from stablerl.models import load_model
+        from stablerl.sft import sft_output_dir
+
+        path = Path(self.cfg.model.path) if self.cfg.model.path else sft_output_dir(self.cfg)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"loss.kl_beta > 0: the reference policy (the run's starting weights) is not at {path} "
+                             "any more; restore it there, or set loss.kl_beta=0")
+        return load_model(path)
 
     def close(self) -> None:
         if hasattr(getattr(self, "engine", None), "close"):
@@ -195,6 +208,10 @@ class Trainer:
         self.state.add_reward_failures(all_stats)
         if all_stats.failures:
             self.log(f"[reward] step {step}: {all_stats.summary()}")
+        broken = [fn for fn, n in all_stats.by_fn.items() if n >= len(parts[0][0]) * len(parts) and fn in per_fn]
+        if step == 1 and broken and self.cfg.task.reward_fail_fast:  # it would train on zeros
+            raise TrainingAborted(f"reward function {broken[0]} failed on every response of the first step "
+                                  f"({all_stats.first_error}); fix it before training on rewards of 0")
         per_group = R.view(P, G)
         metrics = {
             M.REWARD_MEAN: float(R.mean()), "reward_std": float(R.std()),

@@ -118,7 +118,22 @@ def load_policy(path):
         raise ValueError(f"model.path {str(path)!r} has no usable tokenizer: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, add_bos_on_encode(tokenizer)
+
+
+def add_bos_on_encode(tokenizer):
+    """Make ``tokenizer(text)`` start with BOS when the tokenizer has one, as the trainer encodes
+    prompts (``generation.encode_prompt``): an exported tokenizer then encodes a prompt under plain
+    HF use exactly as training did. Tokenizers that add it already, or have no BOS, are unchanged."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not hasattr(tokenizer, "_tokenizer") or tokenizer("a").input_ids[:1] == [bos]:
+        return tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    token = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{token} $A", pair=f"{token} $A $B:1",
+                                                             special_tokens=[(token, bos)])
+    return tokenizer
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -145,7 +160,7 @@ def build_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
                                         eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return add_bos_on_encode(tokenizer)
 
 
 # a small chat template for the default tokenizer (task.chat_template=true), in the usual shape:

@@ -255,6 +255,7 @@ def policy_loss(
     *,
     normalizer: float | None = None,
     m2_mask: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss (= -objective, to minimise) and metrics for one batch of sampled tokens.
 
@@ -272,6 +273,8 @@ def policy_loss(
         m2_mask: ``[B, T]`` the tokens M2PO masks (``corrections.m2_tokens`` of the whole
             mini-batch) when this call sees part of one; ``None`` computes it on this call's
             batch (with ``cfg.m2_threshold`` set).
+        ref_logp: ``[B, T]`` log pi_ref of the frozen reference policy; required when
+            ``cfg.kl_beta > 0`` (the KL penalty), reported as ``kl_ref`` whenever given.
 
     Metrics: ``n_tokens``, ``n_tokens_contrib`` (tokens whose gradient weight is non-zero),
     ``clip_frac_low``/``clip_frac_high``, ``is_weight_mean/min/max`` (raw w over response tokens,
@@ -314,6 +317,15 @@ def policy_loss(
     # where, not the zero weight alone: an overflowing ratio of a dropped token must not become 0 * inf
     term = torch.where(kept, term, torch.zeros_like(term))
     loss = -_aggregate(term, mask, cfg.aggregation, normalizer)
+    kl = None
+    if ref_logp is not None or cfg.kl_beta > 0:
+        if ref_logp is None:
+            raise ValueError(f"loss.kl_beta={cfg.kl_beta} needs ref_logp, the reference policy's log-probs")
+        if ref_logp.shape != logp.shape:
+            raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)} like logp")
+        kl = kl_to_reference(logp, torch.where(mask, ref_logp.detach(), zeros), cfg.kl_estimator)
+        if cfg.kl_beta > 0:  # every response token, dropped or clipped or not: a regularizer, not a sample term
+            loss = loss + cfg.kl_beta * _aggregate(torch.where(mask, kl, zeros), mask, cfg.aggregation, normalizer)
     if not bool(torch.isfinite(loss.detach())):
         # Inputs were finite, so the ratio overflowed (log r > ~88 in fp32): say so, loudly.
         raise FloatingPointError(
@@ -324,10 +336,25 @@ def policy_loss(
                        active)
     n_tokens, n_resp = mask.sum().clamp(min=1), mask.any(-1)
     metrics["n_responses"] = float(n_resp.sum())
+    if kl is not None:
+        metrics["kl_ref"] = float(kl.detach()[mask].mean())
     for name, r in removed.items():
         metrics[f"masked/{name}"] = float((r & mask).sum() / n_tokens)
         metrics[f"masked_responses/{name}"] = float((r & mask).any(-1)[n_resp].float().mean())
     return loss, metrics
+
+
+def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) at the sampled tokens, with pi_theta's gradient
+    (Schulman's k1, k2, k3; k3 = ref/pi - 1 - log(ref/pi) is GRPO's)."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown kl_estimator {estimator!r}; allowed: k1, k2, k3")
 
 
 def _corrections(logp, old_logp, rollout_logp, advantages, mask, cfg: LossConfig,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import uuid
 from collections import deque
 from pathlib import Path
@@ -111,7 +112,10 @@ class RunLogger:
             # purge_step drops events a killed run wrote past its last checkpoint
             self.tb = SummaryWriter(str(self.run_dir.tensorboard), purge_step=start_step + 1 if start_step else None)
         self.progress = None
-        if cfg.progress:
+        self.total_steps = total_steps
+        # a live bar needs a terminal; elsewhere (nohup, Slurm, CI) it would be redrawn into the log
+        self.plain = cfg.progress and not sys.stdout.isatty()
+        if cfg.progress and not self.plain:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -140,15 +144,21 @@ class RunLogger:
         self.last_eval.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
         for w in warnings:
             self.print(f"[yellow]WARNING[/yellow] {w}")
+        shown = {**metrics, **self.last_eval}
+        desc = "  ".join(f"{name} {shown[key]:{fmt}}" for name, key, fmt in PROGRESS_KEYS if key in shown)
         if self.progress is not None:
-            shown = {**metrics, **self.last_eval}
-            desc = "  ".join(f"{name} {shown[key]:{fmt}}" for name, key, fmt in PROGRESS_KEYS if key in shown)
             self.progress.update(self.task_id, completed=step, description=desc)
+        elif self.plain and (step % self.cfg.print_every == 0 or step == self.total_steps):
+            print(f"[train] step {step}/{self.total_steps}  {desc}", flush=True)
         return warnings
 
     def print(self, text: str) -> None:
         if self.progress is not None:
             self.progress.console.print(text)
+        elif not sys.stdout.isatty():  # a log file: the plain text, whole (rich would wrap it at 80 columns)
+            from rich.text import Text
+
+            print(Text.from_markup(text).plain, flush=True)
         else:
             from rich import print as rprint
 

@@ -5,6 +5,7 @@ a single process, so a run without torchrun behaves exactly as before.
 """
 
 from stablerl.distributed.world import (
+    LongWait,
     World,
     all_gather_objects,
     all_reduce_max,
@@ -16,5 +17,5 @@ from stablerl.distributed.world import (
     shutdown_world,
 )
 
-__all__ = ["World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
+__all__ = ["LongWait", "World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
            "broadcast_object", "init_world", "shutdown_world"]

@@ -98,10 +98,36 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj, src: int = 0, *, group=None):
     """Rank ``src``'s ``obj`` on every rank."""
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+# Single-rank work that may take far longer than a collective should (rank 0's cold-start SFT,
+# while the other ranks wait): waited for on a gloo group of its own whose timeout is this, never
+# inside distributed.timeout_s, so the waiting ranks do not time out and the work is not lost.
+LONG_WORK_TIMEOUT = datetime.timedelta(days=7)
+
+
+class LongWait:
+    """``with D.LongWait() as wait: ...; value = wait.result(value_on_src)``: every rank enters
+    (the group is made collectively, before the long work starts), rank ``src`` does the work,
+    and ``result`` hands its value to every rank under ``LONG_WORK_TIMEOUT``."""
+
+    def __init__(self, src: int = 0):
+        self.src = src
+        self.group = dist.new_group(backend="gloo", timeout=LONG_WORK_TIMEOUT) if _active() else None
+
+    def __enter__(self) -> "LongWait":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.group is not None and exc[0] is None:
+            dist.destroy_process_group(self.group)
+
+    def result(self, obj):
+        return broadcast_object(obj, self.src, group=self.group)

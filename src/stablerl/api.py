@@ -1,0 +1,64 @@
+"""The Python API: a training run from a config, as ``stablerl train`` makes it.
+
+    import stablerl
+
+    summary = stablerl.train({"train": {"steps": 50}, "rollout": {"precision": "fp8"}})
+    summary = stablerl.train("examples/deep_moe/config.yaml", overrides=["train.steps=20"])
+    summary = stablerl.train(resume="runs/20261202-140308", overrides=["train.steps=800"])
+
+Config in (a ``RunConfig``, a dict of its sections, a YAML/TOML file, or nothing for the
+defaults), run directory and summary out. Under ``torchrun`` every rank calls it alike. For
+finer control, ``stablerl.Trainer(cfg, run_dir).run()`` is the loop itself (src/stablerl/loop.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
+
+
+def resolve_run(config: RunConfig | dict | str | Path | None = None, *, resume: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, Path]:
+    """The validated config and the run directory a ``train`` call would use."""
+    from stablerl.rundir import resume_config
+
+    if resume is not None:
+        if isinstance(config, (RunConfig, dict)):
+            raise ValueError("resume=RUN_DIR continues the config saved there: pass changes as a config file or "
+                             "as overrides, not as a config object")
+        return resume_config(Path(resume), None if config is None else str(config), list(overrides)), Path(resume)
+    if isinstance(config, RunConfig):
+        cfg = build_config(RunConfig, None, list(overrides), base=config.model_dump(mode="json"))
+    elif isinstance(config, dict):
+        cfg = build_config(RunConfig, None, list(overrides), base=config)
+    else:
+        cfg = build_config(RunConfig, None if config is None else str(config), list(overrides))
+    return cfg, Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def train(config: RunConfig | dict | str | Path | None = None, *, resume: str | Path | None = None,
+          overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
+    """Run (or, with ``resume``, continue) a training run to its end; returns its summary (what
+    RUN_DIR/summary.json holds: steps, held-out accuracy before and after, collapse warnings,
+    reward failures; ``run_dir`` names the directory). Raises ``stablerl.TrainingAborted`` when
+    the run stops early (non-finite steps, a reward function failing on every response), and
+    ValueError for a bad config, with the key named."""
+    import json
+
+    from stablerl import distributed as D
+    from stablerl.loop import Trainer
+    from stablerl.rundir import RunDir
+
+    cfg, run_dir = resolve_run(config, resume=resume, overrides=overrides)
+    world = D.init_world(cfg.distributed.timeout_s, cfg.distributed.threads)
+    try:
+        run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all
+        cfg.run_dir = str(run_dir)
+        Trainer(cfg, run_dir, resume=resume is not None, log=log, world=world).run()
+    finally:
+        D.shutdown_world()
+    files = RunDir(run_dir)
+    return json.loads(files.summary.read_text()) if world.is_main and files.summary.is_file() else {}
