@@ -445,3 +445,64 @@ def test_kl_penalty_in_training_starts_at_zero_and_survives_a_resume(sft_ckpt, t
     Trainer(config(sft_ckpt, run, "train.steps=3", "loss.kl_beta=0.1", "optim.lr=1e-3", graded), run, resume=True,
             log=lambda *_: None).run()
     assert read_metrics(run)[3]["kl_ref"] > 0
+
+
+def test_trl_reward_signature_beside_stablerls_own():
+    items = [("p1", "1", {"answer": "1"}), ("p2", "2", {"answer": "1"}), ("p3", "3", {"answer": None})]
+    with RewardPool([f"{FNS}:trl_length", f"{FNS}:numpy_reward"], workers=2, timeout_s=10) as pool:
+        assert pool.batched == [True, False]
+        result = pool.score(items)
+    assert result.per_fn == {"trl_length": [1.0, 0.0, 0.0], "numpy_reward": [0.5, 0.5, 0.5]}
+    assert result.stats.failures == 0  # None is TRL's "does not apply": 0, not an error
+    with RewardPool([f"{FNS}:trl_bad_item"], workers=1, timeout_s=10) as pool:
+        result = pool.score(items)
+    assert result.total == [1.0, 0.0, 0.0] and result.stats.errors == 2 and "not a number" in result.stats.first_error
+    with RewardPool([f"{FNS}:trl_wrong_length"], workers=1, timeout_s=10) as pool:
+        result = pool.score(items)
+    assert result.stats.errors == 3 and "not a list of 3 rewards" in result.stats.first_error
+
+
+def test_trl_dataset_formats_and_gsm8k_answers(tmp_path):
+    from stablerl.generation import encode_problem
+    from stablerl.tasks import Columns, load_problems
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n")
+    p = load_problems(str(plain), Columns())[0]
+    assert p.prompt == "What is 2+2?\n" and p.answer == "4" and not p.messages
+
+    chat = tmp_path / "chat.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    chat.write_text(json.dumps({"prompt": turns, "answer": "Natalia sold 48/2 = 24 clips.\\n#### 1,072"}) + "\n")
+    p = load_problems(str(chat), Columns())[0]
+    assert p.answer == "1072" and p.prompt == "What is 2+2?" and [m["role"] for m in p.messages] == ["system", "user"]
+    tok = build_tokenizer()
+    text = tok.decode(encode_problem(tok, p, RunConfig().task))
+    assert text == "<bos>[system] Be brief.\n[user] What is 2+2?\n[assistant] "
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user"}], "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1.*chat turns"):
+        load_problems(str(bad), Columns())
+
+
+def test_hub_ids_are_accepted_and_offline_says_how_to_download(monkeypatch, capsys):
+    from stablerl.cli import main
+    from stablerl.models import is_hub_id, load_policy
+
+    # this machine has no hub: fail fast, as offline would (the libraries read the variable at import)
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert is_hub_id("Qwen/Qwen3-0.6B") and not is_hub_id("./Qwen/x") and not is_hub_id("a/b/c")
+    with pytest.raises(ValueError, match=r"hf download stablerl-test/no-such-model --local-dir DIR"):
+        load_policy("stablerl-test/no-such-model")
+    rc = main(["eval", "stablerl-test/no-such-model"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match=r"hf download stablerl-test/no-such-data --repo-type dataset"):
+        from stablerl.tasks import Columns, load_problems
+
+        load_problems("stablerl-test/no-such-data", Columns())

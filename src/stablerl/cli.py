@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_hf() -> None:
-    # nothing is fetched from a hub at run time, and HF's per-file progress bars are noise here
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # HF's per-file progress bars are noise here. Hub ids (model.path, task.dataset) are fetched
+    # where the network allows, from the HF cache otherwise (set HF_HUB_OFFLINE=1 to never try)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:  # imported before (by a caller of main()): the variable came too late

@@ -13,6 +13,25 @@ from stablerl.rollout.base import RolloutBatch, RolloutEngine
 from stablerl.tasks import Problem, RewardPool, RewardResult
 
 
+def encode_problem(tokenizer, problem, task: TaskConfig) -> list[int]:
+    """The token ids of a problem's prompt: its chat turns when it has them (TRL's conversational
+    format), else its text as ``task`` says (chat template or BOS + text)."""
+    if problem.messages:
+        return encode_messages(tokenizer, list(problem.messages), task.system_prompt)
+    return encode_prompt(tokenizer, problem.prompt, task.chat_template, task.system_prompt)
+
+
+def encode_messages(tokenizer, messages: list[dict], system_prompt: str | None = None) -> list[int]:
+    """Chat turns through the tokenizer's chat template, the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the prompts are chat messages (a conversational prompt column), but the model's tokenizer "
+                         "has no chat template; use a tokenizer that has one, or plain-text prompts")
+    if system_prompt and not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_prompt: str | None = None) -> list[int]:
     """The token ids the policy continues: ``BOS + prompt`` (the prompt alone for a tokenizer
     without BOS), or with ``chat_template`` the
@@ -25,10 +44,7 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_pr
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("task.chat_template=true, but the model's tokenizer has no chat template; set "
                          "task.chat_template=false or use a tokenizer that has one")
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return encode_messages(tokenizer, [{"role": "user", "content": prompt}], system_prompt)
 
 
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
@@ -51,7 +67,7 @@ def sample_and_score(engine: RolloutEngine, tokenizer, problems: list[Problem], 
                      capture_routes: bool = False) -> Scored:
     """Sample ``n`` responses to each of ``problems`` (response ``i * n + j`` is problem ``i``'s
     ``j``-th, with seed ``seeds[i * n + j]``) and score them in the reward pool."""
-    encoded = [encode_prompt(tokenizer, p.prompt, task.chat_template, task.system_prompt) for p in problems]
+    encoded = [encode_problem(tokenizer, p, task) for p in problems]
     batch = engine.generate([e for e in encoded for _ in range(n)], sampling, seeds=seeds,
                             capture_routes=capture_routes)
     batch.sampling = sampling  # the learner reads temperature and length limit from the batch

@@ -81,22 +81,47 @@ def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = to
 
 
 def load_model(path, dtype: torch.dtype = torch.float32):
-    """An HF checkpoint as a causal LM, MoE experts on stablerl's training kernel."""
+    """An HF checkpoint (a local directory, or a hub id: the HF cache, or a download where the
+    network allows) as a causal LM, MoE experts on stablerl's training kernel."""
     check_model_dir(path)
     try:
         return use_fast_experts(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
     except (OSError, ValueError, KeyError) as e:
+        if is_hub_id(path):
+            raise ValueError(hub_error("model.path", str(path), e)) from None
         raise ValueError(f"model.path {str(path)!r} could not be loaded as a causal LM: {e}") from None
 
 
+def is_hub_id(path) -> bool:
+    """``owner/name`` that is not a local path: a Hugging Face Hub repository id."""
+    from pathlib import Path
+
+    text = str(path)
+    return (text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
+            and all(part and " " not in part for part in text.split("/")))
+
+
+def hub_error(key: str, repo: str, e: BaseException, repo_type: str = "model") -> str:
+    """What to do when a hub id cannot be fetched (typically: no network here)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    return (f"{key} {repo!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+            f"({first[:200]}); on a machine with network: `hf download {repo}{kind} --local-dir DIR`, then set "
+            f"{key}=DIR")
+
+
 def check_model_dir(path, key: str = "model.path") -> None:
-    """A clear error unless ``path`` is a local HF model directory (nothing is fetched from a hub)."""
+    """A clear error unless ``path`` is a local HF model directory or a hub id (which
+    ``from_pretrained`` resolves from the HF cache or, where the network allows, the hub)."""
     from pathlib import Path
 
     p = Path(path)
     if not p.exists():
+        if is_hub_id(path) and key == "model.path":
+            return
         raise ValueError(f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
-                         "(config.json + weights + tokenizer)")
+                         "(config.json + weights + tokenizer)" + (" or a hub id (owner/name)" if key == "model.path"
+                                                                  else ""))
     run = RunDir(p)
     if run.checkpoints.is_dir() or run.metrics.is_file():  # a stablerl run directory
         exports = sorted(run.exports.glob("step_*")) if run.exports.is_dir() else []
@@ -115,6 +140,8 @@ def load_policy(path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
+        if is_hub_id(path):
+            raise ValueError(hub_error("model.path", str(path), e)) from None
         raise ValueError(f"model.path {str(path)!r} has no usable tokenizer: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,7 +5,7 @@ must never take the machine down), and one step's rollout batch fits in memory.
 from __future__ import annotations
 
 from stablerl.config import RunConfig
-from stablerl.generation import encode_prompt
+from stablerl.generation import encode_problem
 from stablerl.tasks import Problem
 
 # no tokenizer in use packs more characters than this into one token on average: a prompt longer
@@ -37,7 +37,7 @@ def over_long(problems: list[Problem], tokenizer, cfg: RunConfig, limit: int,
         if len(p.prompt) > MAX_CHARS_PER_TOKEN * limit:
             out.append((p, None))
             continue
-        n = len(encode_prompt(tokenizer, p.prompt, cfg.task.chat_template, cfg.task.system_prompt))
+        n = len(encode_problem(tokenizer, p, cfg.task))
         if lengths is not None:
             lengths[id(p)] = n
         if n > limit:

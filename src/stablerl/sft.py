@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from stablerl.checkpoint import save_model_dir
-from stablerl.generation import encode_prompt
+from stablerl.generation import encode_messages, encode_prompt
 from stablerl.models import build_default_policy, build_tokenizer
 from stablerl.tasks.base import Problem, Task
 
@@ -28,7 +28,8 @@ def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
     for p in problems:
         if not p.solution:
             raise ValueError(f"problem {p.prompt!r} has no teacher solution to fine-tune on")
-        prompt = encode_prompt(tokenizer, p.prompt, chat_template, system_prompt)
+        prompt = (encode_messages(tokenizer, list(p.messages), system_prompt) if p.messages
+                  else encode_prompt(tokenizer, p.prompt, chat_template, system_prompt))
         target = tokenizer(p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)

@@ -117,3 +117,17 @@ def spawns_and_hangs(prompt, completion, **_):
         f.write(str(child.pid))
     while True:
         time.sleep(1)
+
+
+def trl_length(completions, **kwargs):
+    """TRL's signature: every completion at once, the columns (and prompts) as lists."""
+    assert len(kwargs["prompts"]) == len(completions) and len(kwargs["answer"]) == len(completions)
+    return [float(c == a) if a is not None else None for c, a in zip(completions, kwargs["answer"])]
+
+
+def trl_bad_item(completions, **kwargs):
+    return [1.0] + ["oops"] * (len(completions) - 1)
+
+
+def trl_wrong_length(completions, **kwargs):
+    return [1.0]

@@ -14,6 +14,7 @@ class Problem:
     level: int = 0       # difficulty level (0 = unknown)
     fields: dict = field(default_factory=dict, compare=False)  # the row's other columns, for reward fns
     source: str = field(default="", compare=False)  # where it came from, for messages ("data.jsonl row 7")
+    messages: tuple = field(default=(), compare=False)  # a chat prompt (TRL's conversational format): its turns
 
     def reward_fields(self) -> dict:
         """The keyword arguments of a reward function call: ``answer`` and the row's columns

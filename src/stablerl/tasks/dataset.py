@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stablerl.tasks.base import Problem
@@ -102,7 +102,14 @@ def load_rows(source: str, split: str = "train", config: str | None = None, key:
                 _check_jsonl(f)
             return datasets.load_dataset(str(p), split=split)
         if source.count("/") == 1 and not source.startswith((".", "/", "~")) and p.suffix.lower() not in BUILDERS:
-            return datasets.load_dataset(source, config, split=split)  # a hub id (needs the network)
+            try:
+                return datasets.load_dataset(source, config, split=split)  # a hub id: the HF cache or the network
+            except (ValueError, MalformedDataError):
+                raise
+            except Exception as e:  # noqa: BLE001 - offline, unknown repo, no such split
+                from stablerl.models import hub_error
+
+                raise MalformedDataError(hub_error(key, source, e, repo_type="dataset")) from None
         raise ValueError(f"{key} {source!r} does not exist (a local file or directory, or a hub id owner/name)")
     except (ValueError, MalformedDataError):
         raise
@@ -124,6 +131,8 @@ def load_problems(source: str, columns: Columns, prompt_template: str = "{questi
     check_template(prompt_template)
     ds = load_rows(source, split, config, key)
     prefix = key.rpartition(".")[0] + ".columns" if "." in key else "columns"
+    if columns.question == "question" and "question" not in ds.column_names and "prompt" in ds.column_names:
+        columns = replace(columns, question="prompt")  # TRL's standard format: a "prompt" column
     for role in ("question", "answer", "solution"):
         name = getattr(columns, role)
         if name is not None and name not in ds.column_names:
@@ -134,18 +143,43 @@ def load_problems(source: str, columns: Columns, prompt_template: str = "{questi
         q = row.get(columns.question)
         a = row.get(columns.answer) if columns.answer else ""
         missing = [c for c, v in ((columns.question, q), (columns.answer, a))
-                   if c and (v is None or str(v).strip() == "")]
-        if missing or not isinstance(q, str):
-            bad.append(f"row {i}: missing or empty {', '.join(missing) or columns.question}")
+                   if c and (v is None or str(v).strip() == "" or (isinstance(v, list) and not v))]
+        messages = chat_messages(q)
+        if missing or not (isinstance(q, str) or messages):
+            bad.append(f"row {i}: missing or empty {', '.join(missing) or columns.question}"
+                       + ("" if missing else " (a prompt is text, or a list of {role, content} chat turns)"))
             continue
         sol = str(row.get(columns.solution) or "") if columns.solution else ""
-        problems.append(Problem(prompt=prompt_template.format(question=q), answer=str(a), solution=sol,
-                                fields=dict(row), source=f"{source} row {i}"))
+        # a chat prompt is given to reward functions as its last user turn; its turns are encoded
+        text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") if messages else q
+        problems.append(Problem(prompt=text if messages else prompt_template.format(question=q),
+                                answer=reference_answer(a), solution=sol, fields=dict(row),
+                                source=f"{source} row {i}", messages=messages))
     if bad:
         raise MalformedDataError(f"{source}: {len(bad)} malformed rows: " + "; ".join(bad[:10]))
     if not problems:
         raise MalformedDataError(f"{source}: no rows")
     return problems
+
+
+def chat_messages(value) -> tuple:
+    """A prompt in TRL's conversational format — a list of ``{"role", "content"}`` turns — as a
+    tuple of plain dicts; ``()`` for anything else (a text prompt)."""
+    if not isinstance(value, list) or not value:
+        return ()
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in value):
+        return ()
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def reference_answer(value) -> str:
+    """The reference answer of a row: GSM8K writes its worked solution, then ``#### 72``; the final
+    answer is what follows the last ``####`` (thousands separators dropped). Anything else as is."""
+    text = str(value)
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    return text
 
 
 class DatasetTask:

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from stablerl.tasks.verifiers import check_spec, resolve, spec_name
+from stablerl.tasks.verifiers import check_spec, is_batched, resolve, spec_name
 
 # one wait slice: deadlines are checked at least this often, and no OS wait call ever gets a
 # timeout too large for it (a timeout such as 1e10 s overflows select/poll)
@@ -192,8 +192,14 @@ def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
         try:
             if fn_index not in fns:
                 fns[fn_index] = resolve(specs[fn_index])
-            if job_id[0] == -1:  # an import check
-                reply = (job_id, "ok", 0.0)
+            if job_id[0] == -1:  # an import check; the reply says whether it is TRL-style (batched)
+                reply = (job_id, "ok", float(is_batched(fns[fn_index])))
+            elif job_id[1] == -1:  # TRL-style: every response at once, columns as lists
+                out = fns[fn_index](completions=completion, prompts=prompt, **fields)
+                if not isinstance(out, (list, tuple)) or len(out) != len(completion):
+                    raise ValueError(f"returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}"
+                                     f", not a list of {len(completion)} rewards (one per completion)")
+                reply = (job_id, "ok", [_item(v) for v in out])
             else:
                 reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
         except ValueError as e:  # resolve's own errors are already sentences
@@ -274,6 +280,7 @@ class RewardPool:
         self.n_workers, self.timeout_s, self.memory_mb = int(workers), float(timeout_s), memory_mb
         self._workers: list[_Worker] = []
         self._pid = os.getpid()
+        self.batched = [False] * len(self.specs)  # TRL-style functions, called once per score()
         # fail before any work: a module that does not import is a config error, not a reward of 0.
         # It is imported in a worker, never here: its import-time side effects (an exit, an endless
         # loop, a KeyboardInterrupt) must not reach the trainer.
@@ -299,6 +306,7 @@ class RewardPool:
                 if status != "ok":
                     raise ValueError(payload if payload.startswith("reward function") else
                                      f"reward function {spec!r}: importing it failed: {payload}")
+                self.batched[k] = payload == 1.0
         except BaseException:
             worker.kill()
             raise
@@ -336,7 +344,10 @@ class RewardPool:
     def score(self, items: list[tuple[str, str, dict]]) -> RewardResult:
         stats = RewardStats()
         values = [[0.0] * len(items) for _ in self.specs]
-        jobs = deque((k, i) for i in range(len(items)) for k in range(len(self.specs)))
+        # a TRL-style function is one job for every item (i = -1), the others one job per item
+        jobs = deque((k, -1) for k in range(len(self.specs)) if self.batched[k] and items)
+        jobs.extend((k, i) for i in range(len(items)) for k in range(len(self.specs)) if not self.batched[k])
+        everyone = range(len(items))
         while len(self._workers) < min(self.n_workers, len(jobs)):
             self._workers.append(_Worker(self.specs, self.memory_mb))
         busy: dict[int, _Worker] = {}
@@ -344,14 +355,21 @@ class RewardPool:
             for idx, w in enumerate(self._workers):
                 if w.job is None and jobs:
                     k, i = jobs.popleft()
-                    prompt, completion, fields = items[i]
+                    if i == -1:
+                        job = ((k, -1), k, [p for p, _, _ in items], [c for _, c, _ in items],
+                               _columns([dict(f) for _, _, f in items]))
+                        limit = self.timeout_s * len(items)  # the per-call limit, for each response it scores
+                    else:
+                        prompt, completion, fields = items[i]
+                        job, limit = ((k, i), k, prompt, completion, dict(fields)), self.timeout_s
                     try:
-                        w.conn.send(((k, i), k, prompt, completion, dict(fields)))
+                        w.conn.send(job)
                     except (OSError, ValueError) as e:  # the worker died while idle
-                        stats.record("crashes", self.names[k], f"worker unavailable ({e})")
+                        for _ in (everyone if i == -1 else [i]):
+                            stats.record("crashes", self.names[k], f"worker unavailable ({e})")
                         self._replace(idx)
                         continue
-                    w.job, w.deadline = (k, i), time.monotonic() + self.timeout_s
+                    w.job, w.deadline, w.limit = (k, i), time.monotonic() + limit, limit
                     busy[id(w)] = w
             if not busy:
                 continue
@@ -370,18 +388,26 @@ class RewardPool:
                             code = w.process.wait(timeout=1)
                         except Exception:  # noqa: BLE001
                             code = None
-                        stats.record("crashes", self.names[k], f"worker died (exit code {code})")
+                        for _ in (everyone if i == -1 else [i]):
+                            stats.record("crashes", self.names[k], f"worker died (exit code {code})")
                         del busy[id(w)]
                         self._replace(idx)
                         continue
-                    if status == "ok":
+                    if status == "ok" and done_i == -1:
+                        for j, (value, error) in enumerate(payload):
+                            values[done_k][j] = value
+                            if error:
+                                stats.record("errors", self.names[done_k], error)
+                    elif status == "ok":
                         values[done_k][done_i] = payload
                     else:
-                        stats.record("errors", self.names[done_k], payload)
+                        for _ in (everyone if done_i == -1 else [done_i]):
+                            stats.record("errors", self.names[done_k], payload)
                     w.job = None
                     del busy[id(w)]
                 elif time.monotonic() >= w.deadline:
-                    stats.record("timeouts", self.names[k], f"still running after {self.timeout_s:g} s (killed)")
+                    for _ in (everyone if i == -1 else [i]):
+                        stats.record("timeouts", self.names[k], f"still running after {w.limit:g} s (killed)")
                     del busy[id(w)]
                     self._replace(idx)
         per_fn = dict(zip(self.names, values))
@@ -398,14 +424,35 @@ class RewardPool:
         self._workers[idx] = _Worker(self.specs, self.memory_mb)
 
 
-def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str]:
+def _item(value) -> list:
+    """One reward of a TRL-style list: ``[value, None]``, or ``[0.0, error]``; None (TRL's "does
+    not apply to this sample") is a reward of 0, not an error."""
+    if value is None:
+        return [0.0, None]
+    try:
+        return [reward_value(value), None]
+    except ValueError as e:
+        return [0.0, f"ValueError: {e}"[:500]]
+
+
+def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str | list]:
     """A worker's JSON reply; ValueError for anything else (it is then treated as a crash)."""
     (k, i), status, payload = json.loads(data)
     if status not in ("ok", "error") or not isinstance(k, int) or not isinstance(i, int):
         raise ValueError("malformed reply")
-    if status == "ok" and not isinstance(payload, (int, float)):
+    if status == "ok" and i == -1 and k >= 0:  # a TRL-style batch: [[value, error or None], ...]
+        if not isinstance(payload, list) or not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], (int, float))
+                                                    for x in payload):
+            raise ValueError("malformed reply")
+    elif status == "ok" and not isinstance(payload, (int, float)):
         raise ValueError("malformed reply")
     return (k, i), status, payload
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """The rows' fields as columns, TRL's way (a field a row lacks is None there)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in keys}
 
 
 def _unique_names(specs: list[str]) -> list[str]:

@@ -1,8 +1,9 @@
 """The built-in reward functions, and how any reward function is named and found.
 
-Every reward function — built-in or a user's — has one signature:
+Every reward function — built-in or a user's — has one of two signatures:
 
-    fn(prompt: str, completion: str, **fields) -> float
+    fn(prompt: str, completion: str, **fields) -> float                  # stablerl's, one response
+    fn(completions: list[str], **kwargs) -> list[float]                 # TRL's, every response at once
 
 ``fields`` are the problem's columns (``answer`` always; for a data file, every column of its
 row). A function is named by an import path, ``package.module:function``, or by a file path,
@@ -95,9 +96,25 @@ def resolve(spec: str) -> Callable[..., float]:
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: module {module_part!r} has no function {fn_name!r}")
     try:
-        inspect.signature(fn).bind_partial("prompt", "completion")
+        if is_batched(fn):
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+                raise TypeError
+        else:
+            inspect.signature(fn).bind_partial("prompt", "completion")
     except TypeError:
-        raise ValueError(f"reward function {spec!r}: it must accept (prompt, completion, **fields)") from None
+        raise ValueError(f"reward function {spec!r}: it must accept (prompt, completion, **fields), or TRL's "
+                         "(completions, **kwargs)") from None
     except ValueError:  # no signature to inspect (a builtin): it is called and judged by its result
         pass
     return fn
+
+
+def is_batched(fn) -> bool:
+    """TRL's reward signature, ``fn(completions, **kwargs) -> list[float]``: one call for all the
+    responses, with ``prompts`` and every dataset column as lists (recognised by its first
+    parameter's name, ``completions``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].name == "completions"
