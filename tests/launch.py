@@ -25,3 +25,26 @@ def torchrun_train(args: list[str], *, nproc: int = 2, timeout: float = 240) -> 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, out
+
+
+def torchrun_start(args: list[str], *, nproc: int = 2) -> subprocess.Popen:
+    """``torchrun_train`` without waiting: the caller interacts with the run, then must end the
+    whole process group (``os.killpg(proc.pid, SIGKILL)``) whatever happens."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "stablerl", "train", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with ``RANK=rank`` below the launcher, if running."""
+    from stablerl.tasks.reward import _descendants
+
+    for pid in _descendants(launcher_pid):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(x.startswith(b"TORCHELASTIC_RUN_ID=") for x in env):
+            return pid
+    return None

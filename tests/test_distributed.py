@@ -157,6 +157,52 @@ def test_rank_0s_cold_start_runs_outside_the_collective_timeout(tmp_path):
     assert (tmp_path / "sft" / "config.json").is_file() and read_metrics(tmp_path / "run")[-1]["step"] == 1
 
 
+def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(ckpt, tmp_path):
+    """SIGSTOP rank 1 mid-run: rank 0's next collective times out after distributed.timeout_s (10 s),
+    gloo's monitored barrier names rank 1, the run stops with one message and the last checkpoint
+    stays resumable. No orphans: the launcher's whole session is killed at the end."""
+    import os
+    import signal
+    import time
+
+    from launch import rank_pid, torchrun_start
+
+    run_dir = tmp_path / "run"
+    proc = torchrun_start(base_args(ckpt, run_dir, "train.steps=400", "eval.every=1000",
+                                    "distributed.timeout_s=10"))
+    try:
+        deadline = time.monotonic() + 180
+        while not checkpoint.latest(run_dir) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert checkpoint.latest(run_dir) is not None, "the run never checkpointed"
+        victim = rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        lines, said = [], None
+        for line in proc.stdout:  # read as it comes: when does the run say what happened?
+            lines.append(line)
+            if said is None and "collective did not complete" in line:
+                said = time.monotonic() - t0
+        proc.wait(timeout=120)
+        exited = time.monotonic() - t0
+        out = "".join(lines)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0
+    said_line = next((line for line in lines if "collective did not complete within distributed.timeout_s=10" in line), out[-3000:])
+    assert "Ranks 1 failed to pass monitoredBarrier" in said_line, said_line  # the stopped rank, named
+    # the timeout, then the 5 s barrier that names the rank (plus the step in flight on a loaded machine)
+    assert said is not None and said < 10 + 5 + 10, said
+    # then torchrun tears down: it SIGTERMs the stopped rank, which cannot act on it until continued,
+    # and kills it after its own grace period (~30 s); no process of the run is left (killpg above)
+    assert exited < said + 45, exited
+    assert checkpoint.damage(checkpoint.latest(run_dir)) is None
+
+
 def test_batch_that_does_not_divide_fails_before_any_work(ckpt, tmp_path):
     rc, out = torchrun(base_args(ckpt, tmp_path / "odd", "batch.prompts_per_step=3"), timeout=120)
     assert rc != 0

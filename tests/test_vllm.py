@@ -7,6 +7,7 @@ needs one of its supported head sizes).
 """
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,16 @@ def test_weight_sync_refreshes_every_layer(engine_and_model):
 
 
 @needs_vllm
+@needs_vllm
+def test_weight_sync_is_quiet(engine_and_model, caplog):
+    """No per-sync warning buries the run's output (vLLM warns that rotary tables, which have no
+    weights, failed to load; stablerl drops exactly that record)."""
+    engine, model, _ = engine_and_model
+    with caplog.at_level(logging.WARNING):
+        engine.load_weights(model.state_dict(), version=engine.version)
+    assert not [r for r in caplog.records if "Failed to load weights" in r.getMessage()]
+
+
 def test_sampling_is_reproducible_and_per_request(engine_and_model):
     engine, _, _ = engine_and_model
     sampling, ps = SamplingConfig(max_new_tokens=10), prompts(6, seed=3)

@@ -49,16 +49,26 @@ def train(config: RunConfig | dict | str | Path | None = None, *, resume: str | 
     import json
 
     from stablerl import distributed as D
-    from stablerl.loop import Trainer
+    from stablerl.loop import Trainer, TrainingAborted
     from stablerl.rundir import RunDir
 
     cfg, run_dir = resolve_run(config, resume=resume, overrides=overrides)
     world = D.init_world(cfg.distributed.timeout_s, cfg.distributed.threads)
+    broken = False
     try:
         run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all
         cfg.run_dir = str(run_dir)
         Trainer(cfg, run_dir, resume=resume is not None, log=log, world=world).run()
+    except Exception as e:
+        if not (world.distributed and D.is_collective_failure(e)):
+            raise
+        broken = True  # a rank died, hung or was stopped: say which, and stop (the last checkpoint stays)
+        who = D.unresponsive_ranks()
+        raise TrainingAborted(f"rank {world.rank}: a collective did not complete within distributed.timeout_s="
+                              f"{cfg.distributed.timeout_s:g} s — {who or 'another rank died or stopped responding'}"
+                              f"; the last checkpoint is intact: resume with `stablerl train --resume {run_dir}`"
+                              ) from None
     finally:
-        D.shutdown_world()
+        D.shutdown_world(broken)
     files = RunDir(run_dir)
     return json.loads(files.summary.read_text()) if world.is_main and files.summary.is_file() else {}

@@ -194,6 +194,8 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
                                                            indent=1))
             publish_dir(tmp, final)
     except Exception as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
+        if _collective_failure(e):  # a rank stopped answering: not a write error (api.train names the rank)
+            raise
         failure = str(_write_error(final, _os_error(e))) if _os_error(e) else f"writing {final} failed: {e}"
     failures = [f for f in D.all_gather_objects(failure) if f]
     if failures:
@@ -205,6 +207,22 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return final
+
+
+def _collective_failure(e: BaseException) -> bool:
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if D.is_collective_failure(x):
+            return True
+        stack += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        for v in failures.values() if isinstance(failures, dict) else []:
+            stack.append(v[0] if isinstance(v, tuple) else v)
+    return False
 
 
 def _os_error(e: BaseException) -> OSError | None:

@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         summary = train(args.config, resume=args.resume, overrides=overrides)
     except TrainingAborted as e:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" or "collective did not complete" in str(e):
             print(f"stablerl train: stopped: {e}", file=sys.stderr)
         return 3
     if not summary:  # a rank other than 0: rank 0 reports

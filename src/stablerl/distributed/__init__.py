@@ -14,8 +14,10 @@ from stablerl.distributed.world import (
     barrier,
     broadcast_object,
     init_world,
+    is_collective_failure,
     shutdown_world,
+    unresponsive_ranks,
 )
 
 __all__ = ["LongWait", "World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
-           "broadcast_object", "init_world", "shutdown_world"]
+           "broadcast_object", "init_world", "is_collective_failure", "shutdown_world", "unresponsive_ranks"]

@@ -52,11 +52,43 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None) -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": device} if backend == "nccl" else {}))
+    global _MONITOR
+    # a gloo group only for naming the ranks that stopped answering when a collective fails
+    # (monitored_barrier is gloo-only; NCCL runs get it too)
+    _MONITOR = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return World(rank=rank, size=size, local_rank=local_rank, device=device, backend=backend)
 
 
-def shutdown_world() -> None:
-    if dist.is_initialized():
+_MONITOR = None
+UNRESPONSIVE_WAIT_S = 5.0
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed or timed out (a rank died, hung or was stopped)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("gloo" in text.lower() or "Timed out" in text or "NCCL" in text)
+
+
+def unresponsive_ranks() -> str:
+    """After a collective failed, which ranks do not answer: gloo's monitored barrier, on rank 0,
+    names them within ``UNRESPONSIVE_WAIT_S`` ("" where it cannot tell)."""
+    if _MONITOR is None or not _active():
+        return ""
+    try:
+        dist.monitored_barrier(group=_MONITOR, timeout=datetime.timedelta(seconds=UNRESPONSIVE_WAIT_S),
+                               wait_all_ranks=True)
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0][:300]
+    return ""
+
+
+def shutdown_world(broken: bool = False) -> None:
+    """Leave the process group; after a failed collective (``broken``) only what cannot hang."""
+    global _MONITOR
+    _MONITOR = None
+    if dist.is_initialized() and not broken:
         dist.destroy_process_group()
 
 

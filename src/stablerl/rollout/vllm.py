@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -37,6 +38,21 @@ from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_sha
 
 # head sizes vLLM's CPU attention kernels support
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+class _QuietReload(logging.Filter):
+    """vLLM's layer-wise reload warns at every weight sync that rotary embeddings "failed to load
+    weights": they have none (their tables are computed, not loaded). Harmless, and once per sync
+    it buries the run's own output, so exactly that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+def _quiet_weight_sync() -> None:
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _QuietReload) for f in log.filters):
+        log.addFilter(_QuietReload())
 
 
 def import_vllm():
@@ -213,6 +229,7 @@ class VllmEngine:
         """Load trained weights in place (a state dict or a stream of ``(name, tensor)``)."""
         items = weights.items() if isinstance(weights, Mapping) else weights
         # vLLM casts each tensor to its dtype as it loads it: stream them one at a time
+        _quiet_weight_sync()
         self.llm.collective_rpc("reload_weights", kwargs={
             "weights_iterator": ((n, t.detach()) for n, t in items), "is_checkpoint_format": True})
         if not self.on_cuda:
