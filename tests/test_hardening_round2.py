@@ -506,3 +506,13 @@ def test_hub_ids_are_accepted_and_offline_says_how_to_download(monkeypatch, caps
         from stablerl.tasks import Columns, load_problems
 
         load_problems("stablerl-test/no-such-data", Columns())
+
+
+def test_an_eval_set_does_not_inherit_the_tasks_solution_column(tmp_path):
+    from stablerl.evaluation import EvalSet
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")  # no solution column
+    cfg = build_config(RunConfig, None, ["task.columns.solution=solution", f"eval.sets=[{{name: e, dataset: {data}}}]"])
+    with RewardPool([f"{FNS}:exact"], workers=1) as pool:
+        assert len(EvalSet(cfg.eval.sets[0], cfg.task, pool).problems) == 1

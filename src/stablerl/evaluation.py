@@ -8,6 +8,8 @@ K-rank evaluation equals the 1-rank one. Sampling seeds come from the problem's 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from stablerl import distributed as D
 from stablerl.config import EvalSetConfig, RunConfig
 from stablerl.generation import sample_and_score
@@ -80,7 +82,8 @@ class EvalSet:
     def __init__(self, cfg: EvalSetConfig, task_cfg, task_rewards: RewardPool):
         self.cfg = cfg
         key = f"eval.sets[{cfg.name}].dataset"
-        columns = columns_of(cfg.columns or task_cfg.columns)
+        # an eval set is never fine-tuned on: it needs no teacher solutions, whatever the task's columns say
+        columns = replace(columns_of(cfg.columns or task_cfg.columns), solution=None)
         if not cfg.reward_fns and not task_cfg.reward_fns and columns.answer is None:
             raise ValueError(f"eval.sets[{cfg.name}]: no answer column and no reward functions to score with")
         self.problems = load_problems(cfg.dataset, columns, cfg.prompt_template or task_cfg.prompt_template,

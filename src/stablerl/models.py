@@ -120,8 +120,7 @@ def check_model_dir(path, key: str = "model.path") -> None:
         if is_hub_id(path) and key == "model.path":
             return
         raise ValueError(f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
-                         "(config.json + weights + tokenizer)" + (" or a hub id (owner/name)" if key == "model.path"
-                                                                  else ""))
+                         "(config.json + weights + tokenizer)")
     run = RunDir(p)
     if run.checkpoints.is_dir() or run.metrics.is_file():  # a stablerl run directory
         exports = sorted(run.exports.glob("step_*")) if run.exports.is_dir() else []

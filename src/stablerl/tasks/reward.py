@@ -129,6 +129,17 @@ def _die_with_parent() -> None:
         pass
 
 
+# how many more processes a reward worker's user may start (RLIMIT_NPROC; root is exempt)
+MAX_WORKER_PROCESSES = 512
+
+
+def _uid(pid: str) -> int:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return -1
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, theirs, ...), from /proc (empty where there is none)."""
     children: dict[int, list[int]] = {}
@@ -175,11 +186,18 @@ def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
     except Exception:  # noqa: BLE001
         pass
-    if memory_mb:
-        import resource
+    import resource
 
+    if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more processes (the kernel exempts root)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and _uid(e) == os.getuid())
+        cap = mine + MAX_WORKER_PROCESSES
+        resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    except (OSError, ValueError):
+        pass
     fns = {}
     while True:
         try:
