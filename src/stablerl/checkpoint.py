@@ -161,8 +161,9 @@ def _dcp_state(model, optimizer):
 
 
 def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState, keep_last: int,
-         world: D.World | None = None) -> Path:
-    """A checkpoint of ``step`` (every rank calls it; rank 0 publishes it)."""
+         world: D.World | None = None, extra=None) -> Path:
+    """A checkpoint of ``step`` (every rank calls it; rank 0 publishes it). ``extra(dir)``, on rank
+    0, writes more files into it before it is checksummed and published."""
     import torch.distributed.checkpoint as dcp
 
     world = world or D.World()
@@ -189,6 +190,8 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
         if world.is_main:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if extra is not None:  # more files of the checkpoint (the lag's pending weights), checksummed too
+                extra(tmp)
             atomic_write_text(tmp / STATE_FILE, json.dumps({**state.to_checkpoint(), "step": step,
                                                             "world_size": world.size, "files": _checksums(tmp)},
                                                            indent=1))

@@ -69,6 +69,11 @@ class LossConfig(StrictModel):
     std_normalize: bool = Field(False, description="Advantages: divide R - mean_group(R) by the group's std "
                                 "(GRPO's definition); MiniRL: false.")
 
+    proximal: Literal["recompute", "rollout"] = Field(
+        "recompute", description="pi_old, the proximal policy of the IS weight and the clip: recompute (the learner's "
+        "weights before the step: w = pi_old/mu carries the engine discrepancy and any lag, the clip bounds "
+        "pi_theta/pi_old) | rollout (bypass: pi_old := mu, no recompute; w = 1 and the clip bounds pi_theta/mu; "
+        "cheaper; cannot go with routing replay R2, which replays the recompute's routes).")
     kl_beta: float = Field(0.0, ge=0, description="Weight of a KL penalty to a frozen reference policy (the "
                            "run's starting weights): loss += kl_beta x the aggregated per-token estimate (0 = off, "
                            "the paper's recipe; on, it costs one more model copy and forward per rank).")
@@ -277,6 +282,10 @@ class RolloutConfig(SamplingConfig):
     precision: Precision = Field("bf16", description="Inference numerics (mu_old): fp32 | bf16 | fp16 | fp8 (weight-only "
                                  "e4m3, per-channel) | fp8_w8a8 (+ activations in e4m3 per token).")
     max_new_tokens: int = Field(40, ge=1, description="Response length limit.")
+    max_staleness: int = Field(0, ge=0, description="eta: the batch trained at step s is sampled by the policy of "
+                               "version max(0, s - 1 - eta) — a fixed lag, as an asynchronous pipeline has "
+                               "(0 = synchronous). Applied in the learner's process: the engine loads weights eta "
+                               "steps late (eta extra weight copies on the CPU; docs/training.md \"Staleness\").")
     weight_noise: float = Field(0.0, ge=0, le=1, description="A controlled extra discrepancy: every weight matrix "
                                 "of the engine's copy (never the trained weights) gets Gaussian noise of this "
                                 "size relative to its rows' RMS, a fixed pattern (docs/results.md dose-response).")
@@ -435,6 +444,13 @@ class RunConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "RunConfig":
+        if self.loss.proximal == "rollout" and self.train.routing_replay == "R2":
+            raise ValueError("loss.proximal=rollout (bypass) with train.routing_replay=R2: R2 replays the routes of "
+                             "the recomputed pi_old, which the bypass skips; use loss.proximal=recompute, or R3")
+        return self
 
 
 # What may change when a run is resumed: keys that do not change what has been computed so far or

@@ -108,7 +108,8 @@ class Learner:
                  reference: torch.nn.Module | None = None):
         self.cfg, self.world = cfg, world or D.World()
         self.moe = is_moe(model)
-        self.plan = RoutingPlan(cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step)
+        self.plan = RoutingPlan(cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step,
+                                bypass=cfg.loss.proximal == "rollout")
         self.model_config = model.config
         model = model.to(self.world.device)
         if self.world.distributed:
@@ -275,7 +276,10 @@ class Learner:
         out = response_logp(self.model, micro, replay=replay, capture=plan.capture is not None,
                             temperature=batch.sampling.temperature, with_entropy=True)
         logp, mask = out["logp"], micro.response_mask
-        old_logp = logp.detach() if old.logp is None else old.logp[idx][:, : mask.shape[1]]
+        if self.cfg.loss.proximal == "rollout":  # the bypass: pi_old := mu
+            old_logp = micro.rollout_logp
+        else:
+            old_logp = logp.detach() if old.logp is None else old.logp[idx][:, : mask.shape[1]]
         ref_logp = None
         if self.reference is not None:  # the reference routes live: it is the starting policy as it was
             with torch.no_grad():

@@ -32,6 +32,7 @@ from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
 from stablerl.models import build_model, is_moe, load_policy
+from stablerl.pipeline import LaggedWeights
 from stablerl.preflight import check_memory, check_prompts
 from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine
 from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config, saved_changes
@@ -157,10 +158,19 @@ class Trainer:
         self.model_config = model.config
         self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=world.distributed)
         self.learner = Learner(model, cfg, world, reference=self._reference() if cfg.loss.kl_beta > 0 else None)
+        # the fixed lag: the engine samples step s with version max(0, s - 1 - eta) (pipeline.py)
+        self.lag = LaggedWeights(cfg.rollout.max_staleness) if cfg.rollout.max_staleness else None
         if ckpt is not None:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
             self.state = checkpoint.load_state(ckpt)
-            self.engine.load_weights(self.learner.full_weights(), version=self.state.step)
+            if self.lag is None:
+                self.engine.load_weights(self.learner.full_weights(), version=self.state.step)
+            else:
+                self.lag.load(ckpt, self.state.step, self.learner.full_weights())
+                version, weights = self.lag.advance(self.state.step)
+                self.engine.load_weights(weights, version=version)
+        elif self.lag is not None:
+            self.lag.keep(0, self.learner.full_weights())  # version 0 samples the first eta + 1 steps
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
         self.sampling = cfg.rollout.sampling()
@@ -235,7 +245,8 @@ class Trainer:
         """The rollout engine itself when it computes as ``eval.precision`` asks (its weights are
         current), else one cached engine in ``eval.precision`` synced to the policy. Evaluation
         never sees the rollout engine's ``weight_noise``: it measures the policy."""
-        if self.cfg.eval.precision == self.cfg.rollout.precision and not self.cfg.rollout.weight_noise:
+        if (self.cfg.eval.precision == self.cfg.rollout.precision and not self.cfg.rollout.weight_noise
+                and self.lag is None):  # a lagged engine holds old weights: evaluation measures the current ones
             return self.engine
         weights = self.learner.full_weights()
         if self._eval is None:
@@ -285,12 +296,21 @@ class Trainer:
                                               f"{cfg.train.max_nonfinite_steps}); stopping. {self._advice()}")
                 else:
                     nonfinite_streak = 0
-                self.engine.load_weights(self.learner.full_weights(), version=step)
+                if self.lag is None:
+                    self.engine.load_weights(self.learner.full_weights(), version=step)
+                else:  # keep this version; the engine moves to the one that samples step + 1
+                    self.lag.keep(step, self.learner.full_weights())
+                    version, weights = self.lag.advance(step)
+                    if version != self.engine.version:
+                        self.engine.load_weights(weights, version=version)
                 if step % cfg.eval.every == 0 or step == cfg.train.steps:
                     metrics.update(self.evaluate(step))
                 n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])
                 metrics.update({
                     "nonfinite_total": self.state.nonfinite_total, "policy_version": step,
+                    # how many versions behind the learner's pi_old the batch's sampler was (the lag)
+                    "rollout_version": batch.version, "staleness/mean": step - 1 - batch.version,
+                    "staleness/max": step - 1 - batch.version,
                     "step_time": time.perf_counter() - t0, "rollout_time": t1 - t0, "train_time": t2 - t1,
                     "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
                     "train_tokens_per_s": metrics[M.TRAIN_TOKENS] / max(t2 - t1, 1e-9),
@@ -364,7 +384,8 @@ class Trainer:
     def save(self, step: int) -> None:
         try:
             checkpoint.save(self.run_dir, step, self.learner.model, self.tokenizer, self.learner.optimizer,
-                            self.state, self.cfg.checkpoint.keep_last, self.world)
+                            self.state, self.cfg.checkpoint.keep_last, self.world,
+                            extra=None if self.lag is None else (lambda d: self.lag.save(d, step)))
         except checkpoint.NonFiniteState as e:
             raise TrainingAborted(f"step {step}: {e}; not saved. {self._advice()}") from None
         except checkpoint.CheckpointWriteError as e:

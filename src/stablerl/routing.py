@@ -240,15 +240,17 @@ class RoutingPlan:
       forward *is* pi_old's and there is nothing to replay (it changes nothing on-policy).
     - R3 replays the rollout's routes in every forward, the pi_old pass included (under R3 pi_old
       is the training engine's policy on the inference engine's routes).
+    - With the bypass (``loss.proximal=rollout``) there is no pi_old pass at all: pi_old is mu.
     """
 
     mode: Literal["none", "R2", "R3"]
     moe: bool
     minibatches: int
+    bypass: bool = False  # loss.proximal=rollout: pi_old := mu, never recomputed (no R2 with it)
 
     def old_pass(self) -> Forward | None:
-        """The pi_old pass before any update (None when N = 1)."""
-        if self.minibatches == 1:
+        """The pi_old pass before any update (None when N = 1, or with the bypass)."""
+        if self.minibatches == 1 or self.bypass:
             return None
         if self.mode == "R3":
             return Forward(replay="rollout")
@@ -270,5 +272,7 @@ class RoutingPlan:
             return Forward(replay="old")
         if self.minibatches == 1:  # this forward is pi_old's (R2 included: nothing to replay)
             return Forward(capture="train_infer")
+        if self.bypass:  # no pi_old pass: the first gradient forward routes as pi_old would
+            return Forward(capture="train_infer" if k == 0 else None)
         # mini-batch 0 routes exactly as the pi_old pass did; later ones have moved
         return Forward(capture="stale" if k > 0 else None)

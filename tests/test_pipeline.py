@@ -1,0 +1,101 @@
+"""Staleness as a fixed lag (stablerl.pipeline, rollout.max_staleness) and the bypass correction
+(loss.proximal=rollout): what samples each step, resume, and the maths the pipeline must keep."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablerl import checkpoint
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
+from stablerl.generation import encode_problem
+from stablerl.loop import Trainer
+from stablerl.models import load_policy
+from stablerl.pipeline import sampling_version
+from stablerl.rollout import LocalEngine
+from stablerl.runlog import read_metrics
+from stablerl.seeds import rollout_seeds
+from stablerl.tasks import build_task
+
+REWARD = str(Path(__file__).parent / "data" / "reward_fns.py") + ":digit_fraction"
+
+
+def config(ckpt, run_dir, *extra) -> RunConfig:
+    return build_config(RunConfig, None, [
+        f"model.path={ckpt}", f"run_dir={run_dir}", "batch.prompts_per_step=2", "batch.group_size=4",
+        "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4", "eval.every=100", "log.progress=false",
+        "log.tensorboard=false", "log.rollouts=true", f"task.reward_fns=[{REWARD}]", "optim.lr=1e-3", *extra])
+
+
+def run(ckpt, run_dir, *extra, resume=False):
+    Trainer(config(ckpt, run_dir, *extra), run_dir, resume=resume, log=lambda *_: None).run()
+    return read_metrics(run_dir)
+
+
+def test_the_lag_is_fixed_exactly_min_eta_and_s_minus_1():
+    assert [sampling_version(s, 2) for s in range(1, 7)] == [0, 0, 0, 1, 2, 3]
+    assert [sampling_version(s, 0) for s in range(1, 4)] == [0, 1, 2]
+
+
+def test_each_step_is_sampled_by_version_s_minus_1_minus_eta(sft_ckpt, tmp_path):
+    rows = run(sft_ckpt, tmp_path / "lag", "train.steps=5", "rollout.max_staleness=2")
+    steps = rows[1:]
+    assert [r["rollout_version"] for r in steps] == [0, 0, 0, 1, 2]
+    assert [r["staleness/max"] for r in steps] == [0, 1, 2, 2, 2] == [min(2, s - 1) for s in range(1, 6)]
+    # independently: step 3's responses are exactly what an engine holding the *starting* weights
+    # samples for step 3's prompts and seeds
+    model, tok = load_policy(sft_ckpt)
+    cfg = config(sft_ckpt, tmp_path / "x")
+    task = build_task(cfg.task)
+    problems = [task.train_problem(3 * 2 + i) for i in range(2)]
+    engine = LocalEngine(model, cfg.rollout.precision, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    prompts = [encode_problem(tok, p, cfg.task) for p in problems for _ in range(4)]
+    batch = engine.generate(prompts, cfg.rollout.sampling(), seeds=rollout_seeds(cfg.train.seed, 3, range(8)))
+    texts = [tok.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True) for i in range(8)]
+    logged = [json.loads(line) for line in (tmp_path / "lag" / "rollouts.jsonl").read_text().splitlines()]
+    assert logged[2]["step"] == 3 and logged[2]["completions"] == texts
+
+
+def test_a_lagged_run_resumes_exactly(sft_ckpt, tmp_path):
+    full = run(sft_ckpt, tmp_path / "full", "train.steps=5", "rollout.max_staleness=2")
+    run(sft_ckpt, tmp_path / "part", "train.steps=3", "rollout.max_staleness=2")
+    assert (checkpoint.latest(tmp_path / "part") / "lag").is_dir()  # the pending versions are in the checkpoint
+    resumed = run(sft_ckpt, tmp_path / "part", "train.steps=5", "rollout.max_staleness=2", resume=True)
+    # timings differ, and the shorter first run evaluated at its own end (step 3): all else is equal
+    skip = ("time", "per_s", "eval/")
+    assert len(full) == len(resumed)
+    for a, b in zip(full, resumed):
+        assert {k: v for k, v in a.items() if not any(t in k for t in skip)} == \
+               {k: v for k, v in b.items() if not any(t in k for t in skip)}
+    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "full"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "part"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_eta_zero_is_the_synchronous_loop(sft_ckpt, tmp_path):
+    a = run(sft_ckpt, tmp_path / "a", "train.steps=2")
+    b = run(sft_ckpt, tmp_path / "b", "train.steps=2", "rollout.max_staleness=0")
+    timing = ("time", "per_s")
+    assert [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in a] == \
+           [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in b]
+    assert [r["rollout_version"] for r in a[1:]] == [0, 1]
+
+
+def test_bypass_makes_pi_old_the_sampler_and_refuses_r2(sft_ckpt, tmp_path):
+    rows = run(sft_ckpt, tmp_path / "bp", "train.steps=2", "loss.proximal=rollout", "rollout.max_staleness=1",
+               "batch.minibatches_per_step=2")
+    for r in rows[1:]:  # pi_old := mu: the IS weight is exactly 1, the train-infer KL exactly 0
+        assert r["is_weight_mean"] == 1.0 and r["train_infer_kl"] == 0.0
+    with pytest.raises(ValueError, match=r"loss.proximal=rollout.*train.routing_replay=R2"):
+        build_config(RunConfig, None, ["loss.proximal=rollout", "train.routing_replay=R2"])
+
+
+def test_the_bypass_has_no_pi_old_pass_and_routes_mini_batch_0_as_pi_old():
+    from stablerl.routing import RoutingPlan
+
+    plan = RoutingPlan("none", True, 4, bypass=True)
+    assert plan.old_pass() is None
+    assert [plan.minibatch(k).capture for k in range(4)] == ["train_infer", None, None, None]
+    assert RoutingPlan("R3", True, 4, bypass=True).minibatch(2).replay == "rollout"
