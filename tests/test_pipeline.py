@@ -99,3 +99,93 @@ def test_the_bypass_has_no_pi_old_pass_and_routes_mini_batch_0_as_pi_old():
     assert plan.old_pass() is None
     assert [plan.minibatch(k).capture for k in range(4)] == ["train_infer", None, None, None]
     assert RoutingPlan("R3", True, 4, bypass=True).minibatch(2).replay == "rollout"
+
+
+# ---------------------------------------------------------------------------------------------
+# rollout workers: the same config with R workers gives the same run as with 0 (up to the
+# order of float sums): the pipeline changes the speed, never the maths
+# ---------------------------------------------------------------------------------------------
+def _comparable(rows):
+    skip = ("time", "per_s", "wait")
+    return [{k: v for k, v in r.items() if not any(t in k for t in skip)} for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eta,workers", [(1, 1), (0, 1), (2, 2)], ids=["eta1-R1", "eta0-R1", "eta2-R2"])
+def test_workers_equal_zero_workers(sft_ckpt, tmp_path, eta, workers):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launch import torchrun_train
+
+    extra = ["train.steps=4", "rollout.precision=fp32", f"rollout.max_staleness={eta}", "checkpoint.every=2"]
+    ref = run(sft_ckpt, tmp_path / "ref", *extra)
+    args = [f"{a}" for a in [f"model.path={sft_ckpt}", f"run_dir={tmp_path / 'w'}", "batch.prompts_per_step=2",
+                             "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4",
+                             "eval.every=100", "log.progress=false", "log.tensorboard=false", "log.rollouts=true",
+                             f"task.reward_fns=[{REWARD}]", "optim.lr=1e-3", *extra, f"rollout.workers={workers}"]]
+    rc, out = torchrun_train(args, nproc=1 + workers, timeout=300)
+    assert rc == 0, out[-3000:]
+    got = read_metrics(tmp_path / "w")
+    a = [json.loads(x) for x in (tmp_path / "ref" / "rollouts.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "w" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["completions"] for r in a] == [r["completions"] for r in b]  # the same samples, by the same versions
+    assert [r["rollout_version"] for r in got[1:]] == [max(0, s - 1 - eta) for s in range(1, 5)]
+    assert all(r["pipeline/learner_wait_s"] >= 0 for r in got[1:])
+    for x, y in zip(_comparable(ref), _comparable(got)):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), k
+    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "ref"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "w"))
+    for k in wa:
+        assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()), k
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp_path):
+    """SIGKILL the rollout worker mid-run: the job ends (no process left: the launcher's session is
+    killed at the end in any case), the last checkpoint is intact, and a resume — with no worker at
+    all, which may change on a resume — ends exactly where the uninterrupted run does."""
+    import os
+    import signal
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launch import rank_pid, torchrun_start
+
+    extra = ["train.steps=6", "rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=1"]
+    ref = run(sft_ckpt, tmp_path / "ref", *extra)
+    args = [f"model.path={sft_ckpt}", f"run_dir={tmp_path / 'w'}", "batch.prompts_per_step=2", "batch.group_size=4",
+            "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4", "eval.every=100", "log.progress=false",
+            "log.tensorboard=false", "log.rollouts=true", f"task.reward_fns=[{REWARD}]", "optim.lr=1e-3", *extra,
+            "rollout.workers=1", "distributed.timeout_s=30"]
+    proc = torchrun_start(args, nproc=2)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            latest = checkpoint.latest(tmp_path / "w")
+            if latest is not None and int(latest.name.split("_")[1]) >= 2:
+                break
+            time.sleep(0.1)
+        worker = rank_pid(proc.pid, 1)
+        assert worker is not None, "the worker was not running"
+        os.kill(worker, signal.SIGKILL)
+        proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0
+    done = checkpoint.latest(tmp_path / "w")
+    assert checkpoint.damage(done) is None and int(done.name.split("_")[1]) < 6
+    resumed = run(sft_ckpt, tmp_path / "w", *extra, resume=True)  # rollout.workers 1 -> 0
+    skip = ("time", "per_s", "wait", "eval/")
+    assert [{k: v for k, v in r.items() if not any(t in k for t in skip)} for r in ref][-1] == pytest.approx(
+        [{k: v for k, v in r.items() if not any(t in k for t in skip)} for r in resumed][-1], rel=1e-5, abs=1e-7)
+    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "ref"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "w"))
+    for k in wa:
+        assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()), k

@@ -53,7 +53,15 @@ def train(config: RunConfig | dict | str | Path | None = None, *, resume: str | 
     from stablerl.rundir import RunDir
 
     cfg, run_dir = resolve_run(config, resume=resume, overrides=overrides)
-    world = D.init_world(cfg.distributed.timeout_s, cfg.distributed.threads)
+    world = D.init_world(cfg.distributed.timeout_s, cfg.distributed.threads, workers=cfg.rollout.workers)
+    if world.is_worker:  # a rollout worker: it samples, the learners do the rest (pipeline.py)
+        from stablerl.pipeline import run_worker
+
+        try:
+            run_worker(cfg, world, log=log)
+        finally:
+            D.shutdown_world()
+        return {}
     broken = False
     try:
         run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all

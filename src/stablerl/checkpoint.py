@@ -186,7 +186,7 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR), process_group=D.learner_group())
         if world.is_main:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -253,7 +253,7 @@ def load(ckpt: Path, model, optimizer) -> None:
     sd = _dcp_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR))
+        dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR), process_group=D.learner_group())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 

@@ -282,6 +282,10 @@ class RolloutConfig(SamplingConfig):
     precision: Precision = Field("bf16", description="Inference numerics (mu_old): fp32 | bf16 | fp16 | fp8 (weight-only "
                                  "e4m3, per-channel) | fp8_w8a8 (+ activations in e4m3 per token).")
     max_new_tokens: int = Field(40, ge=1, description="Response length limit.")
+    workers: int = Field(0, ge=0, le=64, description="Rollout worker processes: the last R ranks of the torchrun "
+                         "job only sample (torchrun --nproc_per_node=learners+R), overlapping sampling with training "
+                         "when rollout.max_staleness >= 1; 0 = the learners sample. The same config gives the same "
+                         "metrics either way (docs/training.md \"Staleness\").")
     max_staleness: int = Field(0, ge=0, description="eta: the batch trained at step s is sampled by the policy of "
                                "version max(0, s - 1 - eta) — a fixed lag, as an asynchronous pipeline has "
                                "(0 = synchronous). Applied in the learner's process: the engine loads weights eta "
@@ -460,5 +464,5 @@ class RunConfig(StrictModel):
 RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.lr", "optim.warmup_steps", "optim.schedule",
                   "optim.min_lr_ratio",
                   "optim.grad_clip", "batch.micro_batch_size", "task.reward_timeout_s", "task.reward_workers",
-                  "task.reward_memory_mb", "task.reward_fail_fast", "rollout.vllm.", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
+                  "task.reward_memory_mb", "task.reward_fail_fast", "rollout.vllm.", "rollout.workers", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
                   "distributed.threads")

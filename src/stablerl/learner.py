@@ -117,7 +117,7 @@ class Learner:
             param_dtype = dist_cfg.param_dtype
             if param_dtype == "auto":
                 param_dtype = "bf16" if self.world.device.type == "cuda" else "fp32"
-            model = shard_model(model, param_dtype, dist_cfg.reduce_dtype)
+            model = shard_model(model, param_dtype, dist_cfg.reduce_dtype, D.learner_mesh(self.world.device))
         self.model = model
         self.model.train()
         # the frozen reference of the KL penalty (loss.kl_beta): one more model copy, sharded alike
@@ -127,7 +127,7 @@ class Learner:
                 raise ValueError("loss.kl_beta > 0 needs the reference policy (the run's starting weights)")
             reference = reference.to(self.world.device).eval().requires_grad_(False)
             if self.world.distributed:
-                reference = shard_model(reference, param_dtype, dist_cfg.reduce_dtype)
+                reference = shard_model(reference, param_dtype, dist_cfg.reduce_dtype, D.learner_mesh(self.world.device))
             self.reference = reference
         opt = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=(0.9, 0.99),

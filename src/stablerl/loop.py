@@ -32,9 +32,9 @@ from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
 from stablerl.models import build_model, is_moe, load_policy
-from stablerl.pipeline import LaggedWeights
+from stablerl.pipeline import LaggedWeights, initial_versions, send_version
 from stablerl.preflight import check_memory, check_prompts
-from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine
+from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine, concat
 from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config, saved_changes
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
 from stablerl.seeds import eval_seed, rollout_seeds
@@ -49,10 +49,13 @@ class TrainingAborted(RuntimeError):
 
 def check_layout(cfg: RunConfig, world: D.World) -> None:
     """The rollout batch must deal out to the ranks in whole groups: fail before any work."""
-    P, K = cfg.batch.prompts_per_step, world.size
+    P, K, R = cfg.batch.prompts_per_step, world.size, cfg.rollout.workers
     if P % K:
-        raise ValueError(f"batch.prompts_per_step={P} does not divide by the {K} ranks (WORLD_SIZE): each rank "
-                         "samples whole groups; use a multiple of the number of ranks")
+        raise ValueError(f"batch.prompts_per_step={P} does not divide by the {K} ranks (the learner ranks: "
+                         "WORLD_SIZE less rollout.workers): each rank trains whole groups; use a multiple of them")
+    if R and P % R:
+        raise ValueError(f"batch.prompts_per_step={P} does not divide by rollout.workers={R}: each worker samples "
+                         "whole groups; use a multiple of the number of workers")
 
 
 def check_model(cfg: RunConfig, model) -> list[str]:
@@ -156,10 +159,15 @@ class Trainer:
         self.tokenizer, self.moe = tokenizer, is_moe(model)
         # the engine is built from the full weights before the learner shards the model
         self.model_config = model.config
-        self.engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=world.distributed)
+        self.source = str(ckpt if ckpt is not None else source)  # where a rollout worker reads the model from
+        # with rollout workers the learners sample nothing: no engine here (evaluation builds its own)
+        self.engine = None if cfg.rollout.workers else build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed,
+                                                                    distributed=world.distributed)
         self.learner = Learner(model, cfg, world, reference=self._reference() if cfg.loss.kl_beta > 0 else None)
         # the fixed lag: the engine samples step s with version max(0, s - 1 - eta) (pipeline.py)
-        self.lag = LaggedWeights(cfg.rollout.max_staleness) if cfg.rollout.max_staleness else None
+        # (with workers the learners keep the versions the workers still need, to send them)
+        lagged = cfg.rollout.max_staleness or cfg.rollout.workers
+        self.lag = LaggedWeights(cfg.rollout.max_staleness) if lagged else None
         if ckpt is not None:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
             self.state = checkpoint.load_state(ckpt)
@@ -168,7 +176,8 @@ class Trainer:
             else:
                 self.lag.load(ckpt, self.state.step, self.learner.full_weights())
                 version, weights = self.lag.advance(self.state.step)
-                self.engine.load_weights(weights, version=version)
+                if self.engine is not None:
+                    self.engine.load_weights(weights, version=version)
         elif self.lag is not None:
             self.lag.keep(0, self.learner.full_weights())  # version 0 samples the first eta + 1 steps
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
@@ -203,11 +212,15 @@ class Trainer:
         """This rank's groups of step ``step``, sampled and scored; metrics over all ranks."""
         P, G, K, r = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size, self.world.size, self.world.rank
         mine = range(r * P // K, (r + 1) * P // K)  # global prompt indices of this rank
-        problems = [self.task.train_problem(step * P + i) for i in mine]
-        seeds = rollout_seeds(self.cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
-        scored = sample_and_score(self.engine, self.tokenizer, problems, G, self.rewards, self.sampling, seeds,
-                                  self.cfg.task, capture_routes=self.moe)
-        batch, texts, stats, per_fn = scored.batch, scored.texts, scored.result.stats, scored.result.per_fn
+        waits: dict = {}
+        if self.world.workers:
+            batch, texts, stats, per_fn, waits = self._receive_rollout()
+        else:
+            problems = [self.task.train_problem(step * P + i) for i in mine]
+            seeds = rollout_seeds(self.cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
+            scored = sample_and_score(self.engine, self.tokenizer, problems, G, self.rewards, self.sampling, seeds,
+                                      self.cfg.task, capture_routes=self.moe)
+            batch, texts, stats, per_fn = scored.batch, scored.texts, scored.result.stats, scored.result.per_fn
         batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
         # metrics over the global batch: every rank's rewards, lengths, finished flags and failures
         parts = D.all_gather_objects((batch.rewards, batch.response_lengths, batch.finished, stats, per_fn,
@@ -228,7 +241,7 @@ class Trainer:
             "groups_all_correct": float((per_group.min(1).values == 1).float().mean()),
             M.GROUPS_ALL_WRONG: float((per_group.max(1).values == 0).float().mean()),
             M.RESPONSE_LEN_MEAN: float(lengths.float().mean()), "finished_frac": float(finished.float().mean()),
-            **all_stats.metrics(),
+            **all_stats.metrics(), **waits,
         }
         if len(per_fn) > 1:  # each reward function's own mean, beside the weighted total
             for name in per_fn:
@@ -240,20 +253,53 @@ class Trainer:
             append_line(self.files.rollouts, json.dumps(record))
         return batch, metrics
 
+    def _receive_rollout(self):
+        """This rank's groups of the step from every rollout worker (pipeline.run_worker), in order."""
+        t0 = time.perf_counter()
+        messages = []
+        for w in range(self.world.workers):
+            src = self.world.size + w
+            try:
+                messages.append(D.recv_object(src=src))
+            except Exception as e:  # noqa: BLE001 - gloo reports a dead or silent peer many ways
+                raise TrainingAborted(f"rollout worker {w} (rank {src}) died or stopped responding within "
+                                      f"distributed.timeout_s={self.cfg.distributed.timeout_s:g} s "
+                                      f"({str(e).strip().splitlines()[0][:200]}); the last checkpoint is intact: "
+                                      f"resume with `stablerl train --resume {self.run_dir}`") from None
+        learner_wait = time.perf_counter() - t0
+        parts = [m["part"] for m in messages if m["part"] is not None]
+        batch = concat([p["batch"] for p in parts], self.tokenizer.pad_token_id)
+        texts = [t for p in parts for t in p["texts"]]
+        per_fn = {name: [v for p in parts for v in p["per_fn"][name]] for name in parts[0]["per_fn"]}
+        waits = {"pipeline/learner_wait_s": learner_wait,
+                 "pipeline/worker_wait_s": max(m["worker_wait_s"] for m in messages)}
+        return batch, texts, RewardStats.merge([m["stats"] for m in messages]), per_fn, waits
+
+    def _start_workers(self) -> None:
+        """The handshake every rollout worker waits for: the model, the step to start after, the
+        versions it needs first (learner rank 0 sends; pipeline.run_worker receives)."""
+        if not self.world.workers or not self.world.is_main:
+            return
+        start, eta = self.state.step, self.cfg.rollout.max_staleness
+        needed = initial_versions(start, eta)
+        D.transfer_object({"source": self.source, "start_step": start, "initial": len(needed)}, long=True)
+        for v in needed:
+            send_version(v, self.lag.versions[v], self.world.device)
+
     # ---------------------------------------------------------------------------------------
     def _eval_engine(self) -> RolloutEngine:
         """The rollout engine itself when it computes as ``eval.precision`` asks (its weights are
         current), else one cached engine in ``eval.precision`` synced to the policy. Evaluation
         never sees the rollout engine's ``weight_noise``: it measures the policy."""
-        if (self.cfg.eval.precision == self.cfg.rollout.precision and not self.cfg.rollout.weight_noise
-                and self.lag is None):  # a lagged engine holds old weights: evaluation measures the current ones
-            return self.engine
+        if (self.engine is not None and self.cfg.eval.precision == self.cfg.rollout.precision
+                and not self.cfg.rollout.weight_noise and self.lag is None):
+            return self.engine  # (a lagged engine holds old weights: evaluation measures the current ones)
         weights = self.learner.full_weights()
         if self._eval is None:
             plain = self.engine.model if isinstance(self.engine, LocalEngine) else build_model(self.model_config)
             self._eval = LocalEngine(plain, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
                                      pad_token_id=self.tokenizer.pad_token_id)
-        self._eval.load_weights(weights, version=self.engine.version)
+        self._eval.load_weights(weights, version=self.state.step)
         return self._eval
 
     def evaluate(self, step: int) -> dict:
@@ -270,6 +316,7 @@ class Trainer:
                 logger = RunLogger(self.run_dir, cfg.log, cfg.train.steps, self.state.step, cfg.model_dump(mode="json"))
                 replay_history(logger, self.run_dir)
             D.barrier()
+            self._start_workers()
             if self.state.step == 0:
                 self._log(logger, 0, self.evaluate(0))
             nonfinite_streak = 0
@@ -277,6 +324,9 @@ class Trainer:
                 step = self.state.step + 1
                 t0 = time.perf_counter()
                 batch, metrics = self.rollout(step)
+                eta = cfg.rollout.max_staleness
+                if self.world.workers and eta >= 1 and step >= 2 and world.is_main:  # the workers sample on
+                    send_version(step - 1, self.lag.versions[step - 1], world.device)
                 t1 = time.perf_counter()
                 try:
                     metrics.update(self.learner.update(step, batch, first_row=len(batch) * world.rank))
@@ -301,8 +351,10 @@ class Trainer:
                 else:  # keep this version; the engine moves to the one that samples step + 1
                     self.lag.keep(step, self.learner.full_weights())
                     version, weights = self.lag.advance(step)
-                    if version != self.engine.version:
+                    if self.engine is not None and version != self.engine.version:
                         self.engine.load_weights(weights, version=version)
+                    if self.world.workers and eta == 0 and step < cfg.train.steps and world.is_main:
+                        send_version(step, self.lag.versions[step], world.device)
                 if step % cfg.eval.every == 0 or step == cfg.train.steps:
                     metrics.update(self.evaluate(step))
                 n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])

@@ -68,3 +68,103 @@ class LaggedWeights:
                                  f"{self.eta} samples the next step with, are missing ({path})")
             self.versions[v] = load_file(str(path))
         self.keep(newest, newest_weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout workers: R processes of the same torchrun job (the last R ranks) that only sample.
+#
+# Per step s the order of messages is fixed, so nobody waits on a message sent out of turn:
+#   worker:  [eta = 0: receive version s - 1]  sample step s with version max(0, s - 1 - eta)
+#            send every learner its groups     [eta >= 1: receive version s - 1]
+#   learner: receive step s's groups           [eta >= 1: send version s - 1]   train step s
+#            [eta = 0: send version s]
+# With eta >= 1 the learner trains step s while the worker samples step s + 1: that is the
+# overlap, and it is why a worker is always eta versions behind.
+# --------------------------------------------------------------------------------------------
+def initial_versions(start_step: int, eta: int) -> list[int]:
+    """The versions a worker needs before its first step after ``start_step``."""
+    if eta == 0:
+        return [start_step]
+    return list(range(sampling_version(start_step + 1, eta), max(0, start_step - 1) + 1))
+
+
+def prompt_share(index: int, count: int, prompts: int) -> range:
+    """The global prompt indices of share ``index`` of ``count`` (contiguous, in order)."""
+    return range(index * prompts // count, (index + 1) * prompts // count)
+
+
+def send_version(version: int, weights: dict, device) -> None:
+    """Learner rank 0: one policy version to every worker, tensor by tensor (at most one extra
+    full tensor on the sender at a time)."""
+    from stablerl import distributed as D
+
+    D.transfer_object((version, [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in weights.items()]))
+    for t in weights.values():
+        D.transfer_tensor(t.to(device).contiguous())
+
+
+def receive_version(device) -> tuple[int, dict]:
+    from stablerl import distributed as D
+
+    version, spec = D.transfer_object()
+    weights = {}
+    for name, shape, dtype in spec:
+        t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        D.transfer_tensor(t)
+        weights[name] = t.cpu()
+    return version, weights
+
+
+def run_worker(cfg, world, log=print) -> None:
+    """A rollout worker's whole life: the start-up handshake (which model, from which step, the
+    versions it needs), then per step the weights it needs, its share of the step's groups
+    sampled and scored, and each learner rank's part of them sent to it."""
+    import time
+
+    from stablerl import distributed as D
+    from stablerl.generation import sample_and_score
+    from stablerl.models import is_moe, load_policy
+    from stablerl.rollout import build_engine
+    from stablerl.seeds import rollout_seeds
+    from stablerl.tasks import build_task, reward_pool
+    from stablerl.tasks.reward import RewardStats
+
+    hello = D.transfer_object(long=True)  # waits out rank 0's set-up (a cold start included)
+    if hello is None:  # the learners failed to start: nothing to do
+        return
+    model, tokenizer = load_policy(hello["source"])
+    task = build_task(cfg.task)
+    eta, P, G, K, R = (cfg.rollout.max_staleness, cfg.batch.prompts_per_step, cfg.batch.group_size, world.size,
+                       world.workers)
+    versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
+    engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
+    moe = is_moe(model)
+    sampling = cfg.rollout.sampling()
+    mine = prompt_share(world.worker_index, R, P)
+    with reward_pool(task, cfg.task) as rewards:
+        for step in range(hello["start_step"] + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            if eta == 0 and step > hello["start_step"] + 1:
+                v, w = receive_version(world.device)
+                versions[v] = w
+            waited = time.perf_counter() - t0
+            target = sampling_version(step, eta)
+            if engine.version != target or step == hello["start_step"] + 1:
+                engine.load_weights(versions[target], version=target)
+            versions = {v: w for v, w in versions.items() if v >= target}
+            problems = [task.train_problem(step * P + i) for i in mine]
+            seeds = rollout_seeds(cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
+            scored = sample_and_score(engine, tokenizer, problems, G, rewards, sampling, seeds, cfg.task,
+                                      capture_routes=moe)
+            for r in range(K):  # every learner gets one message per step and worker, maybe empty
+                theirs = [j for j, i in enumerate(mine) if i in prompt_share(r, K, P)]
+                rows = [j * G + g for j in theirs for g in range(G)]
+                part = None
+                if rows:
+                    part = {"batch": scored.batch.select(rows), "texts": [scored.texts[i] for i in rows],
+                            "per_fn": {n: [vals[i] for i in rows] for n, vals in scored.result.per_fn.items()}}
+                D.send_object({"part": part, "stats": scored.result.stats if r == 0 else RewardStats(),
+                               "worker_wait_s": waited}, dst=r)
+            if eta >= 1 and step >= 2:
+                v, w = receive_version(world.device)
+                versions[v] = w

@@ -15,9 +15,16 @@ from stablerl.distributed.world import (
     broadcast_object,
     init_world,
     is_collective_failure,
+    learner_group,
+    learner_mesh,
+    recv_object,
+    send_object,
     shutdown_world,
+    transfer_object,
+    transfer_tensor,
     unresponsive_ranks,
 )
 
 __all__ = ["LongWait", "World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
-           "broadcast_object", "init_world", "is_collective_failure", "shutdown_world", "unresponsive_ranks"]
+           "broadcast_object", "init_world", "is_collective_failure", "learner_group", "learner_mesh", "recv_object", "send_object",
+           "shutdown_world", "transfer_object", "transfer_tensor", "unresponsive_ranks"]

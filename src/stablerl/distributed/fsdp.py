@@ -23,14 +23,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def shard_model(model: nn.Module, param_dtype: str = "fp32", reduce_dtype: str = "fp32") -> nn.Module:
-    """Shard ``model`` in place with ``fully_shard`` per decoder layer, then the root."""
+def shard_model(model: nn.Module, param_dtype: str = "fp32", reduce_dtype: str = "fp32", mesh=None) -> nn.Module:
+    """Shard ``model`` in place with ``fully_shard`` per decoder layer, then the root, over
+    ``mesh`` (the learner ranks; None: every rank of the job)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, mesh=mesh)
+    fully_shard(model, mp_policy=mp, mesh=mesh)
     # sum over ranks (see the module docstring), as a plain SUM collective, which gloo supports
     # (the default pre-multiplied sum is NCCL-only). Each FSDP unit has its own setting.
     from torch.distributed.fsdp import FSDPModule

@@ -87,9 +87,9 @@ def plot(result: dict, path: Path) -> None:
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if metric in ("rel_error", "rel_std"):
+            if metric == "rel_error":
                 ax.set_yscale("symlog", linthresh=1e-3)  # the zero point stays visible
-    axes[0, 0].set_title("pure discrepancy (stars: bf16 / fp8 casts of pi_old)")
+    axes[0, 0].set_title("pure discrepancy (stars: bf16 / fp16 / fp8 casts of pi_old)")
     axes[1, 0].set_title("pure staleness (theta k Adam steps from theta_old)")
     axes[0, 2].legend(fontsize=7, ncol=2)
     fig.suptitle("Exact expected gradient of token-level surrogates vs the true sequence-level gradient")

@@ -1,9 +1,9 @@
 """Rollout engines: the inference policy mu_old that samples responses."""
 
-from stablerl.rollout.base import RolloutBatch, RolloutEngine
+from stablerl.rollout.base import RolloutBatch, RolloutEngine, concat
 from stablerl.rollout.local import LocalEngine
 
-__all__ = ["RolloutBatch", "RolloutEngine", "LocalEngine", "build_engine"]
+__all__ = ["RolloutBatch", "RolloutEngine", "LocalEngine", "build_engine", "concat"]
 
 
 def build_engine(cfg, model, tokenizer, *, seed: int = 0, distributed: bool = False) -> RolloutEngine:

@@ -67,6 +67,45 @@ class RolloutBatch:
         )
 
 
+def concat(batches: list[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
+    """The rows of several batches as one, in order (prompts left-padded and responses right-padded
+    to the widest; routes -1 where padded). Pieces sampled by different engine calls (rollout
+    workers) become one learner batch."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.prompt_width for b in batches)
+    R = max(b.response_ids.shape[1] for b in batches)
+
+    def widen(t: torch.Tensor, left: int, right: int, value) -> torch.Tensor:  # along the last dim
+        if t.dtype == torch.bool:
+            return torch.nn.functional.pad(t.to(torch.uint8), [left, right], value=int(value)).bool()
+        return torch.nn.functional.pad(t, [left, right], value=value)
+
+    def cat(attr, left_right, value):
+        return torch.cat([widen(getattr(b, attr), *left_right(b), value) for b in batches])
+
+    prompt_pad = lambda b: P - b.prompt_width  # noqa: E731
+    resp_pad = lambda b: R - b.response_ids.shape[1]  # noqa: E731
+    ids = torch.cat([torch.cat([widen(b.input_ids[:, :b.prompt_width], prompt_pad(b), 0, pad_token_id),
+                                widen(b.response_ids, 0, resp_pad(b), pad_token_id)], 1) for b in batches])
+    att = torch.cat([torch.cat([widen(b.attention_mask[:, :b.prompt_width], prompt_pad(b), 0, 0),
+                                widen(b.attention_mask[:, b.prompt_width:], 0, resp_pad(b), 0)], 1) for b in batches])
+    routes = None
+    if all(b.routes is not None for b in batches):
+        routes = torch.cat([torch.cat([widen(b.routes[:, :b.prompt_width].movedim(1, -1), prompt_pad(b), 0, -1),
+                                       widen(b.routes[:, b.prompt_width:].movedim(1, -1), 0, resp_pad(b), -1)],
+                                      -1).movedim(-1, 1) for b in batches])
+    first = batches[0]
+    return RolloutBatch(
+        input_ids=ids, attention_mask=att, prompt_width=P,
+        response_mask=cat("response_mask", lambda b: (0, resp_pad(b)), False),
+        rollout_logp=cat("rollout_logp", lambda b: (0, resp_pad(b)), 0.0),
+        finished=torch.cat([b.finished for b in batches]), version=first.version, routes=routes,
+        group_ids=None if first.group_ids is None else torch.cat([b.group_ids for b in batches]),
+        rewards=None if first.rewards is None else torch.cat([b.rewards for b in batches]),
+        sampling=first.sampling)
+
+
 class RolloutEngine(Protocol):
     """An inference policy mu: its own weights and numerics, sampling many responses at once."""
 
