@@ -516,3 +516,22 @@ def test_an_eval_set_does_not_inherit_the_tasks_solution_column(tmp_path):
     cfg = build_config(RunConfig, None, ["task.columns.solution=solution", f"eval.sets=[{{name: e, dataset: {data}}}]"])
     with RewardPool([f"{FNS}:exact"], workers=1) as pool:
         assert len(EvalSet(cfg.eval.sets[0], cfg.task, pool).problems) == 1
+
+
+def test_what_a_reward_function_writes_into_the_run_dir_does_not_make_it_unresumable(sft_ckpt, tmp_path, capsys):
+    from stablerl.cli import main
+
+    run = tmp_path / "r"
+    Trainer(config(sft_ckpt, run, "train.steps=2"), run, log=lambda *_: None).run()
+    files = RunDir(run)
+    lines = files.metrics.read_text().splitlines()
+    files.metrics.write_text("\n".join(["garbage"] + lines[1:]) + "\n")  # an early line damaged
+    Trainer(config(sft_ckpt, run, "train.steps=3"), run, resume=True, log=lambda *_: None).run()  # trains on
+    files.config.write_text("{not json")
+    rc = main(["train", "--resume", str(run), "train.steps=4"])
+    err = capsys.readouterr().err
+    copy = checkpoint.latest(run) / "run_config.json"
+    assert rc == 2 and str(copy) in err and "copy the intact copy" in err
+    files.config.write_text(copy.read_text())  # what the message says to do
+    Trainer(config(sft_ckpt, run, "train.steps=4"), run, resume=True, log=lambda *_: None).run()
+    assert json.loads(files.summary.read_text())["steps"] == 4

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from stablerl import distributed as D
-from stablerl.rundir import RunDir, RunState, atomic_write_text, publish_dir
+from stablerl.rundir import CONFIG_COPY, RunDir, RunState, atomic_write_text, publish_dir
 
 STATE_FILE = "state.json"
 DCP_DIR = "dcp"
@@ -192,6 +192,9 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
             tokenizer.save_pretrained(tmp)
             if extra is not None:  # more files of the checkpoint (the lag's pending weights), checksummed too
                 extra(tmp)
+            run_config = RunDir(run_dir).config  # a copy that outlives damage to RUN_DIR/config.json
+            if run_config.is_file():
+                shutil.copyfile(run_config, tmp / CONFIG_COPY)
             atomic_write_text(tmp / STATE_FILE, json.dumps({**state.to_checkpoint(), "step": step,
                                                             "world_size": world.size, "files": _checksums(tmp)},
                                                            indent=1))

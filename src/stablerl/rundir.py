@@ -30,6 +30,7 @@ from stablerl.config import RunConfig
 from stablerl.config_io import build_config, resume_changes
 
 CONFIG = "config.json"
+CONFIG_COPY = "run_config.json"  # a checkpoint's copy of the run's config, checksummed with it
 CHANGES = "config_changes.jsonl"
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
@@ -268,14 +269,16 @@ def read_config(run_dir: Path) -> dict:
     path = RunDir(run_dir).config
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory (no {CONFIG}); start a run with `stablerl train`")
-    text = path.read_text()
+    text = path.read_text(errors="replace")
+    copies = sorted(RunDir(run_dir).checkpoints.glob(f"step_*/{CONFIG_COPY}"))
+    restore = (f"copy the intact copy {copies[-1]} back to {path}" if copies else "restore it")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         what = "empty" if not text.strip() else f"not valid JSON ({e.msg} at line {e.lineno})"
-        raise ValueError(f"{path} is {what}, so the run cannot be resumed; restore it or start a new run") from None
+        raise ValueError(f"{path} is {what}, so the run cannot be resumed; {restore}, or start a new run") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a config object, so the run cannot be resumed")
+        raise ValueError(f"{path} does not hold a config object, so the run cannot be resumed; {restore}")
     return data
 
 

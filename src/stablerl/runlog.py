@@ -173,9 +173,10 @@ class RunLogger:
             self.wandb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, tolerant: bool = False) -> list[dict]:
     """Every step's metrics. A half-written *last* line (a run killed mid-write) is skipped; a bad
-    line anywhere else is an error naming the file and line."""
+    line anywhere else is an error naming the file and line — or, ``tolerant``, skipped too (the
+    run's own summary and history replay must survive what something else wrote into the log)."""
     path = RunDir(run_dir).metrics
     if not path.exists():
         raise ValueError(f"{run_dir} has no {path.name} (not a run directory, or a run that has not logged yet)")
@@ -187,8 +188,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if n == len(lines):
-                break  # the write a kill interrupted
+            if n == len(lines) or tolerant:
+                continue  # the write a kill interrupted, or (tolerant) a line something else damaged
             raise ValueError(f"{path}: line {n} is not valid JSON (the log is damaged)") from None
     return rows
 
@@ -196,13 +197,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def replay_history(logger: "RunLogger", run_dir: Path) -> None:
     """On resume, feed the steps already logged to the collapse detector (nothing is printed)."""
     if RunDir(run_dir).metrics.exists():
-        for row in read_metrics(run_dir):
+        for row in read_metrics(run_dir, tolerant=True):
             logger.watch(row.get("step", 0), row)
 
 
 def summarize(run_dir: Path, state: RunState | None = None) -> dict:
     """The run's summary: steps, held-out accuracy before and after, whether it collapsed."""
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir, tolerant=True)
     out: dict = {"run_dir": str(run_dir), "steps": rows[-1]["step"] if rows else 0}
     evals = [r for r in rows if M.EVAL_GREEDY in r or M.EVAL_SAMPLED in r]
     if evals:
