@@ -48,3 +48,11 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
         if f"RANK={rank}".encode() in env and any(x.startswith(b"TORCHELASTIC_RUN_ID=") for x in env):
             return pid
     return None
+
+
+def end_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's whole process group (torchrun and every rank), if anything is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

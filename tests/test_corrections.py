@@ -74,15 +74,7 @@ def _reference_minirl(logp, old, roll, adv, mask, cfg, normalizer, aggregation):
     B, T = logp.shape
     total = 0.0
     tokens = [[t for t in range(T) if mask[i, t]] for i in range(B)]
-    d_all = sorted(((float(logp[i, t] - roll[i, t]) ** 2, i, t) for i in range(B) for t in tokens[i]),
-                   key=lambda x: (-x[0], x[1], x[2]))
-    m2 = set()
-    if cfg.m2_threshold is not None:
-        vals = [x[0] for x in d_all]
-        k = 0
-        while k < len(vals) and sum(vals[k:]) / (len(vals) - k) > cfg.m2_threshold:
-            k += 1
-        m2 = {(i, t) for _, i, t in d_all[:k]}
+    m2 = _reference_m2(logp, roll, tokens, cfg.m2_threshold)
     for i in range(B):
         if not tokens[i]:
             continue
@@ -150,15 +142,8 @@ def _reference_terms(logp, old, roll, adv, mask, cfg):
     """Per kept token, the coefficient c with term = c * r (MiniRL: w * A)."""
     B, T = logp.shape
     out = {}
-    loss_parts = {}
     tokens = [[t for t in range(T) if mask[i, t]] for i in range(B)]
-    d_all = sorted(((float(logp[i, t] - roll[i, t]) ** 2, i, t) for i in range(B) for t in tokens[i]),
-                   key=lambda x: (-x[0], x[1], x[2]))
-    vals = [x[0] for x in d_all]
-    k = 0
-    while k < len(vals) and sum(vals[k:]) / (len(vals) - k) > cfg.m2_threshold:
-        k += 1
-    m2 = {(i, t) for _, i, t in d_all[:k]}
+    m2 = _reference_m2(logp, roll, tokens, cfg.m2_threshold)
     for i in range(B):
         out[i] = {}
         geo = math.exp(sum(float(old[i, t] - roll[i, t]) for t in tokens[i]) / len(tokens[i]))
@@ -170,8 +155,21 @@ def _reference_terms(logp, old, roll, adv, mask, cfg):
             if (i, t) in m2 or (adv[i] > 0 and r > 1 + cfg.eps_high) or (adv[i] < 0 and r < 1 - cfg.eps_low):
                 continue
             out[i][t] = min(math.exp(float(old[i, t] - roll[i, t])), cfg.is_cap) * float(adv[i])
-    del loss_parts
     return out
+
+
+def _reference_m2(logp, roll, tokens, threshold) -> set:
+    """M2PO by its definition, with loops: the largest d = (log pi - log mu)^2 (ties by row, then
+    position) removed one by one while the mean of the rest exceeds the threshold."""
+    if threshold is None:
+        return set()
+    d_all = sorted(((float(logp[i, t] - roll[i, t]) ** 2, i, t) for i in range(len(tokens)) for t in tokens[i]),
+                   key=lambda x: (-x[0], x[1], x[2]))
+    vals = [x[0] for x in d_all]
+    k = 0
+    while k < len(vals) and sum(vals[k:]) / (len(vals) - k) > threshold:
+        k += 1
+    return {(i, t) for _, i, t in d_all[:k]}
 
 
 # ---------------------------------------------------------------------------------------------

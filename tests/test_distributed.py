@@ -165,7 +165,7 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(ckpt, tmp_path
     import signal
     import time
 
-    from launch import rank_pid, torchrun_start
+    from launch import end_session, rank_pid, torchrun_start
 
     run_dir = tmp_path / "run"
     proc = torchrun_start(base_args(ckpt, run_dir, "train.steps=400", "eval.every=1000",
@@ -188,10 +188,7 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(ckpt, tmp_path
         exited = time.monotonic() - t0
         out = "".join(lines)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        end_session(proc)
     assert proc.returncode != 0
     said_line = next((line for line in lines if "collective did not complete within distributed.timeout_s=10" in line), out[-3000:])
     assert "Ranks 1 failed to pass monitoredBarrier" in said_line, said_line  # the stopped rank, named

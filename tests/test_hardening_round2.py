@@ -372,7 +372,7 @@ def test_an_exported_tokenizer_encodes_prompts_as_training_did(sft_ckpt, tmp_pat
     from transformers import AutoTokenizer
 
     from stablerl.checkpoint import save_model_dir
-    from stablerl.models import build_model, load_policy
+    from stablerl.models import load_policy
 
     model, tok = load_policy(sft_ckpt)
     save_model_dir(tmp_path / "export", model, tok)

@@ -153,7 +153,7 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
     import time
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from launch import rank_pid, torchrun_start
+    from launch import end_session, rank_pid, torchrun_start
 
     extra = ["train.steps=6", "rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=1"]
     ref = run(sft_ckpt, tmp_path / "ref", *extra)
@@ -174,10 +174,7 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
         os.kill(worker, signal.SIGKILL)
         proc.communicate(timeout=120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        end_session(proc)
     assert proc.returncode != 0
     done = checkpoint.latest(tmp_path / "w")
     assert checkpoint.damage(done) is None and int(done.name.split("_")[1]) < 6

@@ -319,62 +319,9 @@ class Trainer:
             self._start_workers()
             if self.state.step == 0:
                 self._log(logger, 0, self.evaluate(0))
-            nonfinite_streak = 0
+            self.nonfinite_streak = 0
             while self.state.step < cfg.train.steps:
-                step = self.state.step + 1
-                t0 = time.perf_counter()
-                batch, metrics = self.rollout(step)
-                eta = cfg.rollout.max_staleness
-                if self.world.workers and eta >= 1 and step >= 2 and world.is_main:  # the workers sample on
-                    send_version(step - 1, self.lag.versions[step - 1], world.device)
-                t1 = time.perf_counter()
-                try:
-                    metrics.update(self.learner.update(step, batch, first_row=len(batch) * world.rank))
-                except checkpoint.NonFiniteState as e:
-                    raise TrainingAborted(f"step {step}: {e} after a finite loss and gradient; stopping. "
-                                          f"{self._advice()}") from None
-                t2 = time.perf_counter()
-                skipped = metrics.pop("nonfinite", False)
-                if skipped:
-                    nonfinite_streak += 1
-                    self.state.nonfinite_total += 1
-                    if logger:
-                        logger.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped "
-                                     f"({nonfinite_streak} in a row)[/yellow]")
-                    if nonfinite_streak >= cfg.train.max_nonfinite_steps:
-                        raise TrainingAborted(f"{nonfinite_streak} non-finite steps in a row (train.max_nonfinite_steps="
-                                              f"{cfg.train.max_nonfinite_steps}); stopping. {self._advice()}")
-                else:
-                    nonfinite_streak = 0
-                if self.lag is None:
-                    self.engine.load_weights(self.learner.full_weights(), version=step)
-                else:  # keep this version; the engine moves to the one that samples step + 1
-                    self.lag.keep(step, self.learner.full_weights())
-                    version, weights = self.lag.advance(step)
-                    if self.engine is not None and version != self.engine.version:
-                        self.engine.load_weights(weights, version=version)
-                    if self.world.workers and eta == 0 and step < cfg.train.steps and world.is_main:
-                        send_version(step, self.lag.versions[step], world.device)
-                if step % cfg.eval.every == 0 or step == cfg.train.steps:
-                    metrics.update(self.evaluate(step))
-                n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])
-                metrics.update({
-                    "nonfinite_total": self.state.nonfinite_total, "policy_version": step,
-                    # how many versions behind the learner's pi_old the batch's sampler was (the lag)
-                    "rollout_version": batch.version, "staleness/mean": step - 1 - batch.version,
-                    "staleness/max": step - 1 - batch.version,
-                    "step_time": time.perf_counter() - t0, "rollout_time": t1 - t0, "train_time": t2 - t1,
-                    "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
-                    "train_tokens_per_s": metrics[M.TRAIN_TOKENS] / max(t2 - t1, 1e-9),
-                })
-                self._log(logger, step, metrics)
-                self.state.step = step
-                # a skipped step is not checkpointed: the last checkpoint stays the last good state
-                if not skipped and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
-                    self.save(step)
-                every = cfg.checkpoint.export_every
-                if step == cfg.train.steps or (every and step % every == 0):
-                    self.export(step)
+                self._step(self.state.step + 1, logger)
             finished = True
         except TrainingAborted as e:
             self.state.aborted = str(e)
@@ -385,6 +332,72 @@ class Trainer:
         finally:
             self._finish(logger, finished)
         return self.state
+
+    def _step(self, step: int, logger: RunLogger | None) -> None:
+        """One step: rollout -> update -> weight sync -> evaluation -> log -> checkpoint / export."""
+        cfg, world = self.cfg, self.world
+        t0 = time.perf_counter()
+        batch, metrics = self.rollout(step)
+        if self.world.workers and cfg.rollout.max_staleness >= 1 and step >= 2 and world.is_main:
+            send_version(step - 1, self.lag.versions[step - 1], world.device)  # the workers sample on meanwhile
+        t1 = time.perf_counter()
+        try:
+            metrics.update(self.learner.update(step, batch, first_row=len(batch) * world.rank))
+        except checkpoint.NonFiniteState as e:
+            raise TrainingAborted(f"step {step}: {e} after a finite loss and gradient; stopping. "
+                                  f"{self._advice()}") from None
+        t2 = time.perf_counter()
+        skipped = metrics.pop("nonfinite", False)
+        self._count_nonfinite(step, skipped, logger)
+        self._sync_weights(step)
+        if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            metrics.update(self.evaluate(step))
+        n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])
+        metrics.update({
+            "nonfinite_total": self.state.nonfinite_total, "policy_version": step,
+            # how many versions behind the learner's pi_old the batch's sampler was (the lag)
+            "rollout_version": batch.version, "staleness/mean": step - 1 - batch.version,
+            "staleness/max": step - 1 - batch.version,
+            "step_time": time.perf_counter() - t0, "rollout_time": t1 - t0, "train_time": t2 - t1,
+            "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
+            "train_tokens_per_s": metrics[M.TRAIN_TOKENS] / max(t2 - t1, 1e-9),
+        })
+        self._log(logger, step, metrics)
+        self.state.step = step
+        # a skipped step is not checkpointed: the last checkpoint stays the last good state
+        if not skipped and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+            self.save(step)
+        every = cfg.checkpoint.export_every
+        if step == cfg.train.steps or (every and step % every == 0):
+            self.export(step)
+
+    def _count_nonfinite(self, step: int, skipped: bool, logger: RunLogger | None) -> None:
+        if not skipped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.state.nonfinite_total += 1
+        if logger:
+            logger.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped "
+                         f"({self.nonfinite_streak} in a row)[/yellow]")
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            raise TrainingAborted(f"{self.nonfinite_streak} non-finite steps in a row (train.max_nonfinite_steps="
+                                  f"{limit}); stopping. {self._advice()}")
+
+    def _sync_weights(self, step: int) -> None:
+        """The trained weights (version ``step``) to whatever samples next: the engine at once, or
+        with a lag the version that samples step + 1 (pipeline.py), and to the rollout workers."""
+        if self.lag is None:
+            self.engine.load_weights(self.learner.full_weights(), version=step)
+            return
+        self.lag.keep(step, self.learner.full_weights())
+        version, weights = self.lag.advance(step)
+        if self.engine is not None and version != self.engine.version:
+            self.engine.load_weights(weights, version=version)
+        if self.world.workers and self.cfg.rollout.max_staleness == 0 and step < self.cfg.train.steps \
+                and self.world.is_main:
+            send_version(step, self.lag.versions[step], self.world.device)
 
     def _finish(self, logger: RunLogger | None, finished: bool) -> None:
         """Close the logs and write the summary — or, for a run that failed before completing

@@ -300,13 +300,8 @@ def policy_loss(
 
     is_weight, truncated, dropped = importance_weights(old_logp, rollout_logp, mask, cfg)
     removed = _corrections(logp, old_logp, rollout_logp, adv, mask, cfg, m2_mask)
-    # the tokens the algorithm sees: a token the corrections removed is gone (GSPO's sequence ratio
-    # included); is_mode's masked tokens keep their place with weight 0, as they always have
-    present = mask.clone()
-    for r in removed.values():
-        present &= ~r
+    present, kept = _present_and_kept(mask, removed, dropped)
     removed["is"] = dropped
-    kept = present & ~dropped
     is_weight = torch.where(kept, is_weight, torch.zeros_like(is_weight))
     ctx = _Ctx(logp=logp, log_r=logp - old_logp, adv=adv, is_weight=is_weight, mask=present, cfg=cfg)
     try:
@@ -317,15 +312,9 @@ def policy_loss(
     # where, not the zero weight alone: an overflowing ratio of a dropped token must not become 0 * inf
     term = torch.where(kept, term, torch.zeros_like(term))
     loss = -_aggregate(term, mask, cfg.aggregation, normalizer)
-    kl = None
-    if ref_logp is not None or cfg.kl_beta > 0:
-        if ref_logp is None:
-            raise ValueError(f"loss.kl_beta={cfg.kl_beta} needs ref_logp, the reference policy's log-probs")
-        if ref_logp.shape != logp.shape:
-            raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)} like logp")
-        kl = kl_to_reference(logp, torch.where(mask, ref_logp.detach(), zeros), cfg.kl_estimator)
-        if cfg.kl_beta > 0:  # every response token, dropped or clipped or not: a regularizer, not a sample term
-            loss = loss + cfg.kl_beta * _aggregate(torch.where(mask, kl, zeros), mask, cfg.aggregation, normalizer)
+    kl = _reference_kl(logp, ref_logp, mask, cfg)
+    if kl is not None and cfg.kl_beta > 0:  # every response token, dropped or clipped or not: a regularizer
+        loss = loss + cfg.kl_beta * _aggregate(kl, mask, cfg.aggregation, normalizer)
     if not bool(torch.isfinite(loss.detach())):
         # Inputs were finite, so the ratio overflowed (log r > ~88 in fp32): say so, loudly.
         raise FloatingPointError(
@@ -334,14 +323,42 @@ def policy_loss(
         )
     metrics = _metrics(loss, replace(ctx, mask=mask), old_logp, rollout_logp, truncated, dropped, clip_low, clip_high,
                        active)
-    n_tokens, n_resp = mask.sum().clamp(min=1), mask.any(-1)
-    metrics["n_responses"] = float(n_resp.sum())
+    metrics.update(_removal_metrics(removed, mask))
     if kl is not None:
         metrics["kl_ref"] = float(kl.detach()[mask].mean())
-    for name, r in removed.items():
-        metrics[f"masked/{name}"] = float((r & mask).sum() / n_tokens)
-        metrics[f"masked_responses/{name}"] = float((r & mask).any(-1)[n_resp].float().mean())
     return loss, metrics
+
+
+def _present_and_kept(mask, removed: dict, is_dropped) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the algorithm sees — a token the corrections removed is gone (GSPO's sequence
+    ratio included), while is_mode's masked tokens keep their place with weight 0, as they always
+    have — and of those, the ones that carry a weight."""
+    present = mask.clone()
+    for r in removed.values():
+        present &= ~r
+    return present, present & ~is_dropped
+
+
+def _reference_kl(logp, ref_logp, mask, cfg: LossConfig) -> torch.Tensor | None:
+    """The per-token KL to the reference (0 at padding), or None when there is no reference."""
+    if ref_logp is None and cfg.kl_beta == 0:
+        return None
+    if ref_logp is None:
+        raise ValueError(f"loss.kl_beta={cfg.kl_beta} needs ref_logp, the reference policy's log-probs")
+    if ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)} like logp")
+    zeros = torch.zeros_like(logp)
+    kl = kl_to_reference(logp, torch.where(mask, ref_logp.detach(), zeros), cfg.kl_estimator)
+    return torch.where(mask, kl, zeros)
+
+
+def _removal_metrics(removed: dict, mask) -> dict[str, float]:
+    n_tokens, n_resp = mask.sum().clamp(min=1), mask.any(-1)
+    out = {"n_responses": float(n_resp.sum())}
+    for name, r in removed.items():
+        out[f"masked/{name}"] = float((r & mask).sum() / n_tokens)
+        out[f"masked_responses/{name}"] = float((r & mask).any(-1)[n_resp].float().mean())
+    return out
 
 
 def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
