@@ -18,12 +18,11 @@ def torchrun_train(args: list[str], *, nproc: int = 2, timeout: float = 240) -> 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        end_session(proc)
         out, _ = proc.communicate()
         pytest.fail(f"torchrun timed out:\n{out[-3000:]}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        end_session(proc)
     return proc.returncode, out
 
 
@@ -51,7 +50,16 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
 
 
 def end_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's whole process group (torchrun and every rank), if anything is left."""
+    """SIGKILL torchrun and every process below it, if anything is left. torchrun starts each rank
+    in a session of its own, so its process group alone would leave them behind: the ranks (and
+    their reward workers) are found by ancestry first."""
+    from stablerl.tasks.reward import _descendants
+
+    for pid in _descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
