@@ -131,7 +131,6 @@ def test_weight_sync_refreshes_every_layer(engine_and_model):
 
 
 @needs_vllm
-@needs_vllm
 def test_weight_sync_is_quiet(engine_and_model, caplog):
     """No per-sync warning buries the run's output (vLLM warns that rotary tables, which have no
     weights, failed to load; stablerl drops exactly that record)."""
@@ -141,6 +140,7 @@ def test_weight_sync_is_quiet(engine_and_model, caplog):
     assert not [r for r in caplog.records if "Failed to load weights" in r.getMessage()]
 
 
+@needs_vllm
 def test_sampling_is_reproducible_and_per_request(engine_and_model):
     engine, _, _ = engine_and_model
     sampling, ps = SamplingConfig(max_new_tokens=10), prompts(6, seed=3)

@@ -186,7 +186,8 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR), process_group=D.learner_group())
+            group = {"process_group": D.learner_group()} if D.learner_group() is not None else {}
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR), **group)
         if world.is_main:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -256,7 +257,8 @@ def load(ckpt: Path, model, optimizer) -> None:
     sd = _dcp_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR), process_group=D.learner_group())
+        group = {"process_group": D.learner_group()} if D.learner_group() is not None else {}
+        dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR), **group)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
