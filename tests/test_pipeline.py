@@ -186,3 +186,8 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
     wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "w"))
     for k in wa:
         assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()), k
+
+
+def test_a_vllm_engine_in_a_worker_is_refused_not_hung():
+    with pytest.raises(ValueError, match=r"rollout.workers with rollout.engine=vllm"):
+        build_config(RunConfig, None, ["rollout.workers=1", "rollout.engine=vllm"])

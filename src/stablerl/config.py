@@ -451,6 +451,10 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":
+        if self.rollout.workers and self.rollout.engine == "vllm":
+            raise ValueError("rollout.workers with rollout.engine=vllm: a vLLM engine inside a rollout worker process "
+                             "is not supported yet (vLLM sets up its own distributed state under torchrun); use "
+                             "rollout.engine=local with workers, or rollout.workers=0 with vLLM")
         if self.loss.proximal == "rollout" and self.train.routing_replay == "R2":
             raise ValueError("loss.proximal=rollout (bypass) with train.routing_replay=R2: R2 replays the routes of "
                              "the recomputed pi_old, which the bypass skips; use loss.proximal=recompute, or R3")
