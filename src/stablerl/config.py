@@ -288,8 +288,9 @@ class RolloutConfig(SamplingConfig):
                          "metrics either way (docs/training.md \"Staleness\").")
     max_staleness: int = Field(0, ge=0, description="eta: the batch trained at step s is sampled by the policy of "
                                "version max(0, s - 1 - eta) — a fixed lag, as an asynchronous pipeline has "
-                               "(0 = synchronous). Applied in the learner's process: the engine loads weights eta "
-                               "steps late (eta extra weight copies on the CPU; docs/training.md \"Staleness\").")
+                               "(0 = synchronous). With rollout.workers=0 the learner's own engine loads weights eta "
+                               "steps late; with workers, they sample with them (eta extra weight copies on the CPU; "
+                               "docs/training.md \"Staleness\").")
     weight_noise: float = Field(0.0, ge=0, le=1, description="A controlled extra discrepancy: every weight matrix "
                                 "of the engine's copy (never the trained weights) gets Gaussian noise of this "
                                 "size relative to its rows' RMS, a fixed pattern (docs/results.md dose-response).")
