@@ -111,28 +111,29 @@ class Learner:
         self.plan = RoutingPlan(cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step,
                                 bypass=cfg.loss.proximal == "rollout")
         self.model_config = model.config
-        model = model.to(self.world.device)
-        if self.world.distributed:
-            dist_cfg = cfg.distributed
-            param_dtype = dist_cfg.param_dtype
-            if param_dtype == "auto":
-                param_dtype = "bf16" if self.world.device.type == "cuda" else "fp32"
-            model = shard_model(model, param_dtype, dist_cfg.reduce_dtype, D.learner_mesh(self.world.device))
-        self.model = model
+        self.model = self._place(model)
         self.model.train()
         # the frozen reference of the KL penalty (loss.kl_beta): one more model copy, sharded alike
         self.reference = None
         if cfg.loss.kl_beta > 0:
             if reference is None:
                 raise ValueError("loss.kl_beta > 0 needs the reference policy (the run's starting weights)")
-            reference = reference.to(self.world.device).eval().requires_grad_(False)
-            if self.world.distributed:
-                reference = shard_model(reference, param_dtype, dist_cfg.reduce_dtype, D.learner_mesh(self.world.device))
-            self.reference = reference
+            self.reference = self._place(reference.eval().requires_grad_(False))
         opt = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=(0.9, 0.99),
                                            weight_decay=opt.weight_decay, fused=_can_fuse(self.model))
         self.optimizer_steps = 0
+
+    def _place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on this rank's device, sharded over the learner ranks when there are several."""
+        model = model.to(self.world.device)
+        if not self.world.distributed:
+            return model
+        dist_cfg = self.cfg.distributed
+        param_dtype = dist_cfg.param_dtype
+        if param_dtype == "auto":
+            param_dtype = "bf16" if self.world.device.type == "cuda" else "fp32"
+        return shard_model(model, param_dtype, dist_cfg.reduce_dtype, D.learner_mesh(self.world.device))
 
     def lr(self, optimizer_step: int) -> float:
         return learning_rate(optimizer_step, self.cfg.optim,
@@ -243,10 +244,7 @@ class Learner:
             logp = old.logp[mb.rows]
         else:
             part = batch.select(mb.rows).trim()
-            plan = self.plan.minibatch(mb.k)
-            W = part.input_ids.shape[1]
-            replay = {"old": None if old.routes is None else old.routes[mb.rows][:, :W], "rollout": part.routes,
-                      None: None}[plan.replay]
+            replay = _replayed(self.plan.minibatch(mb.k), old, mb.rows, part)
             with torch.no_grad():
                 logp = response_logp(self.model, part, replay=replay, temperature=batch.sampling.temperature)["logp"]
             logp = torch.nn.functional.pad(logp, (0, R - logp.shape[1]))
@@ -269,10 +267,8 @@ class Learner:
         The backward runs even for a bad or stand-in micro-batch (with a zero loss): FSDP's
         collectives must line up on every rank."""
         micro = batch.select(idx).trim()
-        W = micro.input_ids.shape[1]
         plan = self.plan.minibatch(mb.k)
-        replay = {"old": None if old.routes is None else old.routes[idx][:, :W], "rollout": micro.routes,
-                  None: None}[plan.replay]
+        replay = _replayed(plan, old, idx, micro)
         out = response_logp(self.model, micro, replay=replay, capture=plan.capture is not None,
                             temperature=batch.sampling.temperature, with_entropy=True)
         logp, mask = out["logp"], micro.response_mask
@@ -343,6 +339,14 @@ class Learner:
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, total)
         return float(total)
+
+
+def _replayed(plan, old: OldPolicy, rows: torch.Tensor, part: RolloutBatch) -> torch.Tensor | None:
+    """The routes a forward over ``part`` (rows ``rows`` of the rank's batch, trimmed) replays:
+    pi_old's training routes (R2), the rollout's (R3), or none."""
+    if plan.replay == "old":
+        return None if old.routes is None else old.routes[rows][:, : part.input_ids.shape[1]]
+    return part.routes if plan.replay == "rollout" else None
 
 
 def _moe_layers(batch: RolloutBatch) -> int:
