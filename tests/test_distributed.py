@@ -147,7 +147,7 @@ def test_two_rank_resume_and_export(ckpt, tmp_path):
 
 def test_rank_0s_cold_start_runs_outside_the_collective_timeout(tmp_path):
     """Rank 0 trains the cold start (~15 s here) while rank 1 waits; distributed.timeout_s is 6 s.
-    The wait is on a group of its own (distributed.LongWait), so nobody times out and the SFT is
+    The wait is on a group of its own (distributed.broadcast_after_long_work), so nobody times out and the SFT is
     not lost."""
     tiny = ["model.hidden_size=32", "model.num_layers=1", "model.expert_size=32", "sft.steps=1500",
             "sft.batch_size=8", f"sft.output_dir={tmp_path / 'sft'}", "distributed.timeout_s=6"]

@@ -46,13 +46,18 @@ def train(config: RunConfig | dict | str | Path | None = None, *, resume: str | 
     reward failures; ``run_dir`` names the directory). Raises ``stablerl.TrainingAborted`` when
     the run stops early (non-finite steps, a reward function failing on every response), and
     ValueError for a bad config, with the key named."""
+    cfg, run_dir = resolve_run(config, resume=resume, overrides=overrides)
+    return train_resolved(cfg, run_dir, resume=resume is not None, log=log)
+
+
+def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=print) -> dict:
+    """``train`` for a config and run directory already resolved (``resolve_run``)."""
     import json
 
     from stablerl import distributed as D
-    from stablerl.loop import Trainer, TrainingAborted
+    from stablerl.loop import RankStopped, Trainer
     from stablerl.rundir import RunDir
 
-    cfg, run_dir = resolve_run(config, resume=resume, overrides=overrides)
     world = D.init_world(cfg.distributed.timeout_s, cfg.distributed.threads, workers=cfg.rollout.workers)
     if world.is_worker:  # a rollout worker: it samples, the learners do the rest (pipeline.py)
         from stablerl.pipeline import run_worker
@@ -66,16 +71,15 @@ def train(config: RunConfig | dict | str | Path | None = None, *, resume: str | 
     try:
         run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all
         cfg.run_dir = str(run_dir)
-        Trainer(cfg, run_dir, resume=resume is not None, log=log, world=world).run()
+        Trainer(cfg, run_dir, resume=resume, log=log, world=world).run()
     except Exception as e:
         if not (world.distributed and D.is_collective_failure(e)):
             raise
         broken = True  # a rank died, hung or was stopped: say which, and stop (the last checkpoint stays)
         who = D.unresponsive_ranks()
-        raise TrainingAborted(f"rank {world.rank}: a collective did not complete within distributed.timeout_s="
-                              f"{cfg.distributed.timeout_s:g} s — {who or 'another rank died or stopped responding'}"
-                              f"; the last checkpoint is intact: resume with `stablerl train --resume {run_dir}`"
-                              ) from None
+        raise RankStopped(f"rank {world.rank}: a collective did not complete within distributed.timeout_s="
+                          f"{cfg.distributed.timeout_s:g} s — {who or 'another rank died or stopped responding'}"
+                          f"; the last checkpoint is intact: resume with `stablerl train --resume {run_dir}`") from None
     finally:
         D.shutdown_world(broken)
     files = RunDir(run_dir)

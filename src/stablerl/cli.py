@@ -33,8 +33,8 @@ def _lab(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import time
 
-    from stablerl.api import resolve_run, train
-    from stablerl.loop import TrainingAborted
+    from stablerl.api import resolve_run, train_resolved
+    from stablerl.loop import RankStopped, TrainingAborted
     from stablerl.plot import plot_runs, reward_is_accuracy
     from stablerl.rundir import RunDir
 
@@ -45,12 +45,10 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     t0 = time.perf_counter()
-    # the run directory resolved here (a timestamp for a new run) is the one trained
-    overrides = list(args.overrides) if args.resume else [*args.overrides, f"run_dir={run_dir}"]
     try:
-        summary = train(args.config, resume=args.resume, overrides=overrides)
+        summary = train_resolved(cfg, run_dir, resume=bool(args.resume))
     except TrainingAborted as e:
-        if os.environ.get("RANK", "0") == "0" or "collective did not complete" in str(e):
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, RankStopped):
             print(f"stablerl train: stopped: {e}", file=sys.stderr)
         return 3
     if not summary:  # a rank other than 0: rank 0 reports

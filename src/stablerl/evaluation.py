@@ -16,15 +16,11 @@ from stablerl.generation import sample_and_score
 from stablerl.tasks import Problem, RewardPool, RewardStats, columns_of, load_problems
 
 
-def _my_slice(n: int, world: D.World) -> range:
-    return range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
-
-
 def _sample_problems(engine, tokenizer, problems: list[Problem], rewards: RewardPool, cfg: RunConfig, n: int,
                      temperature: float, seed_of, world: D.World) -> tuple[list[list[float]], RewardStats]:
     """``n`` responses per problem, this rank's slice of them; every rank's per-problem rewards,
     in problem order, and the reward failures over all ranks."""
-    mine = _my_slice(len(problems), world)
+    mine = D.share(world.rank, world.size, len(problems))
     scores: list[list[float]] = []
     stats = RewardStats()
     if len(mine):

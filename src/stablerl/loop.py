@@ -31,20 +31,25 @@ from stablerl.config import RunConfig
 from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
-from stablerl.models import build_model, is_moe, load_policy
+from stablerl.models import build_model, is_moe, load_model, load_policy
 from stablerl.pipeline import LaggedWeights, initial_versions, send_version
 from stablerl.preflight import check_memory, check_prompts
 from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine, concat
 from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config, saved_changes
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
 from stablerl.seeds import eval_seed, rollout_seeds
-from stablerl.sft import cold_start
+from stablerl.sft import cold_start, sft_output_dir
 from stablerl.tasks import build_task, reward_pool
 from stablerl.tasks.reward import RewardStats
 
 
 class TrainingAborted(RuntimeError):
     pass
+
+
+class RankStopped(TrainingAborted):
+    """A collective failed: a rank died, hung or was stopped. Every rank that sees it reports it
+    (rank 0 may be the one that stopped)."""
 
 
 def check_layout(cfg: RunConfig, world: D.World) -> None:
@@ -93,14 +98,8 @@ class Trainer:
             self.lock = self._lock()
             self._setup(resume)
         except BaseException:
-            held = getattr(self, "lock", None) is not None
-            if created and held:  # leave no empty run directory behind (only the lock's holder may)
-                self.lock.release(remove=True)
-                self.lock = None
-                try:
-                    self.run_dir.rmdir()
-                except OSError:
-                    pass
+            if created and getattr(self, "lock", None) is not None:  # leave no empty run directory behind
+                self._discard_run_dir()
             self.close()
             raise
 
@@ -143,12 +142,12 @@ class Trainer:
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         else:
             source = None
-            with D.LongWait() as wait:  # the others wait for rank 0's SFT, outside the collective timeout
-                if cfg.model.path:
-                    source = Path(cfg.model.path)
-                elif world.is_main:
-                    source = cold_start(cfg, self.task, self.log)
-                source = Path(wait.result(str(source) if source else ""))
+            if cfg.model.path:
+                source = Path(cfg.model.path)
+            elif world.is_main:
+                source = cold_start(cfg, self.task, self.log)
+            # the others wait for rank 0's SFT, outside the collective timeout
+            source = Path(D.broadcast_after_long_work(str(source) if source else ""))
             model, tokenizer = load_policy(source)
         for w in check_model(cfg, model):
             self.log(f"[warning] {w}")
@@ -187,9 +186,6 @@ class Trainer:
     def _reference(self):
         """The KL penalty's frozen reference: the run's starting weights (model.path, or the cold
         start), read again from where they came from — on a resume too."""
-        from stablerl.models import load_model
-        from stablerl.sft import sft_output_dir
-
         path = Path(self.cfg.model.path) if self.cfg.model.path else sft_output_dir(self.cfg)
         if not (path / "config.json").is_file():
             raise ValueError(f"loss.kl_beta > 0: the reference policy (the run's starting weights) is not at {path} "
@@ -211,7 +207,7 @@ class Trainer:
     def rollout(self, step: int) -> tuple[RolloutBatch, dict]:
         """This rank's groups of step ``step``, sampled and scored; metrics over all ranks."""
         P, G, K, r = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size, self.world.size, self.world.rank
-        mine = range(r * P // K, (r + 1) * P // K)  # global prompt indices of this rank
+        mine = D.share(r, K, P)  # global prompt indices of this rank
         waits: dict = {}
         if self.world.workers:
             batch, texts, stats, per_fn, waits = self._receive_rollout()
@@ -231,7 +227,7 @@ class Trainer:
         self.state.add_reward_failures(all_stats)
         if all_stats.failures:
             self.log(f"[reward] step {step}: {all_stats.summary()}")
-        broken = [fn for fn, n in all_stats.by_fn.items() if n >= len(parts[0][0]) * len(parts) and fn in per_fn]
+        broken = [fn for fn, n in all_stats.by_fn.items() if n >= len(R) and fn in per_fn]
         if step == 1 and broken and self.cfg.task.reward_fail_fast:  # it would train on zeros
             raise TrainingAborted(f"reward function {broken[0]} failed on every response of the first step "
                                   f"({all_stats.first_error}); fix it before training on rewards of 0")
@@ -409,16 +405,25 @@ class Trainer:
                 # result, with a summary)
                 unstarted = self.state.step == 0 and checkpoint.latest(self.run_dir) is None
                 if not finished and self.state.aborted is None and unstarted:
-                    if self.lock is not None:
-                        self.lock.release(remove=True)
-                        self.lock = None
-                    self.files.remove_unstarted()
+                    self._discard_run_dir()
                 else:
                     write_summary(self.run_dir, self.state)
         except Exception as e:  # noqa: BLE001 - the run's own error (if any) is the one to see
             self.log(f"[warning] could not write the summary of {self.run_dir}: {type(e).__name__}: {e}")
         finally:
             self.close()
+
+    def _discard_run_dir(self) -> None:
+        """Remove what this run wrote before completing anything while still holding the lock, then
+        the lock file (only its holder ever removes it), then the directory if nothing else is in it."""
+        self.files.remove_unstarted()
+        if self.lock is not None:
+            self.lock.release(remove=True)
+            self.lock = None
+        try:
+            self.run_dir.rmdir()
+        except OSError:
+            pass
 
     def _prepare_run_dir(self) -> None:
         """Record the config (and any change a resume makes); a run without a checkpoint starts clean."""

@@ -14,9 +14,19 @@ on the CPU of every rank), and they belong to the checkpoint, so a resume contin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from stablerl import distributed as D
+from stablerl.generation import sample_and_score
+from stablerl.models import is_moe, load_policy
+from stablerl.rollout import build_engine
+from stablerl.seeds import rollout_seeds
+from stablerl.tasks import build_task, reward_pool
+from stablerl.tasks.reward import RewardStats
 
 LAG_DIR = "lag"
 
@@ -47,8 +57,6 @@ class LaggedWeights:
 
     # -- checkpoints: every kept version but the newest (that one is the checkpoint's model) -------
     def save(self, ckpt_dir: Path, newest: int) -> None:
-        from safetensors.torch import save_file
-
         root = Path(ckpt_dir) / LAG_DIR
         root.mkdir(parents=True, exist_ok=True)
         for v, weights in self.versions.items():
@@ -58,8 +66,6 @@ class LaggedWeights:
     def load(self, ckpt_dir: Path, newest: int, newest_weights) -> None:
         """Restore what ``save`` wrote, and ``newest_weights`` as version ``newest``; a missing
         version is a clear error (the checkpoint was made with another lag, or damaged)."""
-        from safetensors.torch import load_file
-
         self.versions = {}
         for v in range(sampling_version(newest + 1, self.eta), newest):
             path = Path(ckpt_dir) / LAG_DIR / f"version_{v:06d}.safetensors"
@@ -88,24 +94,15 @@ def initial_versions(start_step: int, eta: int) -> list[int]:
     return list(range(sampling_version(start_step + 1, eta), max(0, start_step - 1) + 1))
 
 
-def prompt_share(index: int, count: int, prompts: int) -> range:
-    """The global prompt indices of share ``index`` of ``count`` (contiguous, in order)."""
-    return range(index * prompts // count, (index + 1) * prompts // count)
-
-
 def send_version(version: int, weights: dict, device) -> None:
     """Learner rank 0: one policy version to every worker, tensor by tensor (at most one extra
     full tensor on the sender at a time)."""
-    from stablerl import distributed as D
-
     D.transfer_object((version, [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in weights.items()]))
     for t in weights.values():
         D.transfer_tensor(t.to(device).contiguous())
 
 
 def receive_version(device) -> tuple[int, dict]:
-    from stablerl import distributed as D
-
     version, spec = D.transfer_object()
     weights = {}
     for name, shape, dtype in spec:
@@ -119,16 +116,6 @@ def run_worker(cfg, world, log=print) -> None:
     """A rollout worker's whole life: the start-up handshake (which model, from which step, the
     versions it needs), then per step the weights it needs, its share of the step's groups
     sampled and scored, and each learner rank's part of them sent to it."""
-    import time
-
-    from stablerl import distributed as D
-    from stablerl.generation import sample_and_score
-    from stablerl.models import is_moe, load_policy
-    from stablerl.rollout import build_engine
-    from stablerl.seeds import rollout_seeds
-    from stablerl.tasks import build_task, reward_pool
-    from stablerl.tasks.reward import RewardStats
-
     hello = D.transfer_object(long=True)  # waits out rank 0's set-up (a cold start included)
     if hello is None:  # the learners failed to start: nothing to do
         return
@@ -140,7 +127,7 @@ def run_worker(cfg, world, log=print) -> None:
     engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
     moe = is_moe(model)
     sampling = cfg.rollout.sampling()
-    mine = prompt_share(world.worker_index, R, P)
+    mine = D.share(world.worker_index, R, P)
     with reward_pool(task, cfg.task) as rewards:
         for step in range(hello["start_step"] + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
@@ -157,7 +144,7 @@ def run_worker(cfg, world, log=print) -> None:
             scored = sample_and_score(engine, tokenizer, problems, G, rewards, sampling, seeds, cfg.task,
                                       capture_routes=moe)
             for r in range(K):  # every learner gets one message per step and worker, maybe empty
-                theirs = [j for j, i in enumerate(mine) if i in prompt_share(r, K, P)]
+                theirs = [j for j, i in enumerate(mine) if i in D.share(r, K, P)]
                 rows = [j * G + g for j in theirs for g in range(G)]
                 part = None
                 if rows:

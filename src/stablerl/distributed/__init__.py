@@ -5,13 +5,13 @@ a single process, so a run without torchrun behaves exactly as before.
 """
 
 from stablerl.distributed.world import (
-    LongWait,
     World,
     all_gather_objects,
     all_reduce_max,
     all_reduce_sum,
     any_true,
     barrier,
+    broadcast_after_long_work,
     broadcast_object,
     init_world,
     is_collective_failure,
@@ -19,12 +19,13 @@ from stablerl.distributed.world import (
     learner_mesh,
     recv_object,
     send_object,
+    share,
     shutdown_world,
     transfer_object,
     transfer_tensor,
     unresponsive_ranks,
 )
 
-__all__ = ["LongWait", "World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
-           "broadcast_object", "init_world", "is_collective_failure", "learner_group", "learner_mesh", "recv_object", "send_object",
+__all__ = ["World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
+           "broadcast_after_long_work", "broadcast_object", "init_world", "is_collective_failure", "learner_group", "learner_mesh", "recv_object", "send_object", "share",
            "shutdown_world", "transfer_object", "transfer_tensor", "unresponsive_ranks"]

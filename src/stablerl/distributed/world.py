@@ -79,10 +79,8 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
     if workers:  # learner rank 0 and the workers: weights out, and the start-up handshake
         _TRANSFER = dist.new_group(ranks=[0, *range(K, size)], timeout=timeout)
         _TRANSFER_LONG = dist.new_group(ranks=[0, *range(K, size)], backend="gloo", timeout=LONG_WORK_TIMEOUT)
-    if rank >= K:
-        return World(rank=rank, size=K, local_rank=local_rank, device=device, backend=backend, workers=workers,
-                     worker_index=rank - K)
-    return World(rank=rank, size=K, local_rank=local_rank, device=device, backend=backend, workers=workers)
+    return World(rank=rank, size=K, local_rank=local_rank, device=device, backend=backend, workers=workers,
+                 worker_index=rank - K if rank >= K else None)
 
 
 _GROUP = None          # the learners' group (None: the default group, which is all learners)
@@ -120,6 +118,12 @@ def shutdown_world(broken: bool = False) -> None:
     _GROUP = _MONITOR = _LONG = _TRANSFER = _TRANSFER_LONG = None
     if dist.is_initialized() and not broken:
         dist.destroy_process_group()
+
+
+def share(index: int, count: int, total: int) -> range:
+    """Share ``index`` of ``count`` of ``total`` items, contiguous and in order (what a rank, or a
+    rollout worker, holds of a step's prompts or of the held-out problems)."""
+    return range(index * total // count, (index + 1) * total // count)
 
 
 def _active() -> bool:
@@ -190,23 +194,11 @@ def broadcast_object(obj, src: int = 0, *, group=None):
 LONG_WORK_TIMEOUT = datetime.timedelta(days=7)
 
 
-class LongWait:
-    """``with D.LongWait() as wait: ...; value = wait.result(value_on_src)``: every rank enters
-    (the group is made collectively, before the long work starts), rank ``src`` does the work,
-    and ``result`` hands its value to every rank under ``LONG_WORK_TIMEOUT``."""
-
-    def __init__(self, src: int = 0):
-        self.src = src
-        self.group = _LONG if _active() else None  # made once, by init_world
-
-    def __enter__(self) -> "LongWait":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def result(self, obj):
-        return broadcast_object(obj, self.src, group=self.group)
+def broadcast_after_long_work(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank, waited for under ``LONG_WORK_TIMEOUT`` on a group of its
+    own (made by init_world): for a value rank ``src`` computes by long single-rank work (the cold
+    start), which must not run inside ``distributed.timeout_s``."""
+    return broadcast_object(obj, src, group=_LONG if _active() else None)
 
 
 # --------------------------------------------------------------------------------------------
