@@ -216,37 +216,28 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
     return final
 
 
-def _collective_failure(e: BaseException) -> bool:
+def _causes(e: BaseException):
+    """``e`` and every exception behind it: causes, contexts, and the per-rank failures DCP wraps."""
     seen, stack = set(), [e]
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if D.is_collective_failure(x):
-            return True
+        yield x
         stack += [x.__cause__, x.__context__]
         failures = getattr(x, "failures", None)
         for v in failures.values() if isinstance(failures, dict) else []:
             stack.append(v[0] if isinstance(v, tuple) else v)
-    return False
+
+
+def _collective_failure(e: BaseException) -> bool:
+    return any(D.is_collective_failure(x) for x in _causes(e))
 
 
 def _os_error(e: BaseException) -> OSError | None:
     """The OSError behind ``e`` (DCP wraps per-rank failures), if there is one."""
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen or x is None:
-            continue
-        seen.add(id(x))
-        if isinstance(x, OSError):
-            return x
-        stack += [x.__cause__, x.__context__]
-        for v in getattr(x, "failures", {}).values() if isinstance(getattr(x, "failures", None), dict) else []:
-            stack.append(v[0] if isinstance(v, tuple) else v)
-    return None
+    return next((x for x in _causes(e) if isinstance(x, OSError)), None)
 
 
 def load(ckpt: Path, model, optimizer) -> None:
