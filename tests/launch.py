@@ -37,9 +37,9 @@ def torchrun_start(args: list[str], *, nproc: int = 2) -> subprocess.Popen:
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the torchrun worker with ``RANK=rank`` below the launcher, if running."""
-    from stablerl.tasks.reward import _descendants
+    from stablerl.tasks.reward import descendants
 
-    for pid in _descendants(launcher_pid):
+    for pid in descendants(launcher_pid):
         try:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
@@ -53,13 +53,9 @@ def end_session(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and every process below it, if anything is left. torchrun starts each rank
     in a session of its own, so its process group alone would leave them behind: the ranks (and
     their reward workers) are found by ancestry first."""
-    from stablerl.tasks.reward import _descendants
+    from stablerl.tasks.reward import kill_tree
 
-    for pid in _descendants(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_tree(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -119,14 +120,18 @@ class RewardResult:
     stats: RewardStats
 
 
-def _die_with_parent() -> None:
-    try:  # Linux: the kernel kills this worker when the process that started it dies
+def _prctl(option: int, value: int) -> None:
+    """A Linux prctl(2) call; elsewhere nothing (the closed pipe ends a worker, and a timed-out
+    call's process group is what gets killed)."""
+    try:
         import ctypes
-        import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - elsewhere the closed pipe ends the worker instead
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
+    except Exception:  # noqa: BLE001 - not Linux
         pass
+
+
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
 # how many more processes a reward worker's user may start (RLIMIT_NPROC; root is exempt)
@@ -140,7 +145,7 @@ def _uid(pid: str) -> int:
         return -1
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, theirs, ...), from /proc (empty where there is none)."""
     children: dict[int, list[int]] = {}
     try:
@@ -162,12 +167,10 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _kill_tree(pid: int) -> None:
+def kill_tree(pid: int) -> None:
     """SIGKILL every descendant of ``pid`` (a worker is their subreaper, so a grandchild that
     double-forked or started a new session is still one)."""
-    import signal
-
-    for child in _descendants(pid):
+    for child in descendants(pid):
         try:
             os.kill(child, signal.SIGKILL)
         except OSError:
@@ -179,20 +182,16 @@ def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
 
     A job ``((-1, k), k, None, None, None)`` only imports and checks function k (the pool does this
     at start-up, so a user's module is never imported in the trainer's process)."""
-    _die_with_parent()
-    try:  # Linux: orphaned descendants of a call re-parent to this worker, so killing its tree gets them
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-    except Exception:  # noqa: BLE001
-        pass
-    import resource
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
+    # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    import resource  # POSIX only: imported here, where the worker (Linux) needs it
 
     if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more processes (the kernel exempts root)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
         mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and _uid(e) == os.getuid())
         cap = mine + MAX_WORKER_PROCESSES
         resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
@@ -266,7 +265,7 @@ class _Worker:
         except OSError:
             pass
         if self.process.poll() is None:
-            _kill_tree(self.process.pid)  # what a stuck call started dies with it
+            kill_tree(self.process.pid)  # what a stuck call started dies with it
             self.process.kill()
         try:
             self.process.wait(timeout=5)
