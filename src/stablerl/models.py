@@ -122,7 +122,7 @@ def check_model_dir(path, key: str = "model.path") -> None:
         raise ValueError(f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
                          "(config.json + weights + tokenizer)")
     run = RunDir(p)
-    if run.checkpoints.is_dir() or run.metrics.is_file():  # a stablerl run directory
+    if run.looks_like_run():
         exports = sorted(run.exports.glob("step_*")) if run.exports.is_dir() else []
         hint = f"e.g. {exports[-1]}" if exports else "it has none yet: runs export at their end"
         raise ValueError(f"{key} {str(path)!r} is a stablerl run directory, not a model; give one of its HF "

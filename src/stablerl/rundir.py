@@ -77,8 +77,9 @@ class RunDir:
         return self.config.is_file()
 
     def looks_like_run(self) -> bool:
-        """A run directory, even one whose config was lost (used to refuse it as a model path)."""
-        return self.checkpoints.is_dir() or self.metrics.is_file() or self.is_run()
+        """A run directory, even one whose config was lost (used to refuse it as a model path: an
+        HF model directory has a config.json too, so that alone does not tell)."""
+        return self.checkpoints.is_dir() or self.metrics.is_file()
 
     def start_fresh(self) -> None:
         """Drop the logs of a run that restarts from step 0 (a fresh run, or one killed before its
