@@ -9,7 +9,7 @@ from layout import assert_batch_layout
 from stablerl.config import SamplingConfig
 from stablerl.diagnostics import route_agreement, train_infer_kl
 from stablerl.forward import response_logp
-from stablerl.models import build_model, tiny_config
+from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
 from stablerl.rollout import LocalEngine
 from stablerl.rollout.sampling import GumbelNoise, filter_logits, sample
 from stablerl.routing import NO_ROUTE
@@ -279,3 +279,22 @@ def test_engine_errors(moe):
         LocalEngine(build_model(tiny_config("mixtral")), "fp32", fast=True)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
+
+
+def test_concat_of_pieces_is_the_layout_of_one_call():
+    """Rollout workers sample pieces of a learner's rows in separate calls; concatenated, they
+    must be exactly the batch one call over all the prompts gives (fp32: same tokens and routes)."""
+    from stablerl.rollout import concat
+
+    tok = build_tokenizer()
+    model = build_model(default_model_config(tok), seed=0)
+    engine = LocalEngine(model, "fp32", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10], [1, 5], [1, 9, 9, 9]]
+    sampling = SamplingConfig(max_new_tokens=8)
+    whole = engine.generate(prompts, sampling, seeds=[0, 1, 2, 3])
+    joined = concat([engine.generate(prompts[:2], sampling, seeds=[0, 1]),
+                     engine.generate(prompts[2:], sampling, seeds=[2, 3])], tok.pad_token_id)
+    assert joined.prompt_width == whole.prompt_width
+    for name in ("input_ids", "attention_mask", "response_mask", "finished", "routes"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    torch.testing.assert_close(joined.rollout_logp, whole.rollout_logp, rtol=0, atol=1e-6)

@@ -81,29 +81,28 @@ def concat(batches: list[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
             return torch.nn.functional.pad(t.to(torch.uint8), [left, right], value=int(value)).bool()
         return torch.nn.functional.pad(t, [left, right], value=value)
 
-    def cat(attr, left_right, value):
-        return torch.cat([widen(getattr(b, attr), *left_right(b), value) for b in batches])
+    def sequence(b: RolloutBatch, t: torch.Tensor, value) -> torch.Tensor:
+        """``t`` ``[B, P_b + R_b, ...]``: its prompt part left-padded to P, its response part right-padded to R."""
+        x = t.movedim(1, -1)
+        prompt, response = x[..., :b.prompt_width], x[..., b.prompt_width:]
+        return torch.cat([widen(prompt, P - b.prompt_width, 0, value),
+                          widen(response, 0, R - response.shape[-1], value)], -1).movedim(-1, 1)
 
-    prompt_pad = lambda b: P - b.prompt_width  # noqa: E731
-    resp_pad = lambda b: R - b.response_ids.shape[1]  # noqa: E731
-    ids = torch.cat([torch.cat([widen(b.input_ids[:, :b.prompt_width], prompt_pad(b), 0, pad_token_id),
-                                widen(b.response_ids, 0, resp_pad(b), pad_token_id)], 1) for b in batches])
-    att = torch.cat([torch.cat([widen(b.attention_mask[:, :b.prompt_width], prompt_pad(b), 0, 0),
-                                widen(b.attention_mask[:, b.prompt_width:], 0, resp_pad(b), 0)], 1) for b in batches])
+    def responses(attr: str, value) -> torch.Tensor:
+        return torch.cat([widen(getattr(b, attr), 0, R - b.response_ids.shape[1], value) for b in batches])
+
+    def rows(attr: str):
+        return None if getattr(batches[0], attr) is None else torch.cat([getattr(b, attr) for b in batches])
+
     routes = None
     if all(b.routes is not None for b in batches):
-        routes = torch.cat([torch.cat([widen(b.routes[:, :b.prompt_width].movedim(1, -1), prompt_pad(b), 0, -1),
-                                       widen(b.routes[:, b.prompt_width:].movedim(1, -1), 0, resp_pad(b), -1)],
-                                      -1).movedim(-1, 1) for b in batches])
-    first = batches[0]
+        routes = torch.cat([sequence(b, b.routes, -1) for b in batches])
     return RolloutBatch(
-        input_ids=ids, attention_mask=att, prompt_width=P,
-        response_mask=cat("response_mask", lambda b: (0, resp_pad(b)), False),
-        rollout_logp=cat("rollout_logp", lambda b: (0, resp_pad(b)), 0.0),
-        finished=torch.cat([b.finished for b in batches]), version=first.version, routes=routes,
-        group_ids=None if first.group_ids is None else torch.cat([b.group_ids for b in batches]),
-        rewards=None if first.rewards is None else torch.cat([b.rewards for b in batches]),
-        sampling=first.sampling)
+        input_ids=torch.cat([sequence(b, b.input_ids, pad_token_id) for b in batches]),
+        attention_mask=torch.cat([sequence(b, b.attention_mask, 0) for b in batches]), prompt_width=P,
+        response_mask=responses("response_mask", False), rollout_logp=responses("rollout_logp", 0.0),
+        finished=rows("finished"), version=batches[0].version, routes=routes, group_ids=rows("group_ids"),
+        rewards=rows("rewards"), sampling=batches[0].sampling)
 
 
 class RolloutEngine(Protocol):
