@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 
-def _response_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def response_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-response mean over response tokens, [B, T] -> [B]; empty rows give 0."""
     maskf = mask.to(x.dtype)
     return (x * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
 
@@ -30,7 +31,7 @@ def reject_sequences(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: t
                      low: float, high: float) -> torch.Tensor:
     """``[B]`` True for a response whose geometric-mean weight exp(mean_t log(pi_old/mu_old)) lies
     outside ``[low, high]`` (responses without tokens are never rejected)."""
-    geo = _response_mean(old_logp.detach().double() - rollout_logp.detach().double(), mask).exp()
+    geo = response_mean(old_logp.detach().double() - rollout_logp.detach().double(), mask).exp()
     return ((geo < low) | (geo > high)) & mask.any(-1)
 
 
@@ -38,8 +39,8 @@ def opsm_sequences(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: t
                    delta: float) -> torch.Tensor:
     """``[B]`` True for a response with a negative advantage (its mean over its tokens, for
     token-level advantages) whose mean_t (log mu_old - log pi_theta) exceeds ``delta``."""
-    drift = _response_mean(rollout_logp.detach().double() - logp.detach().double(), mask)
-    adv = advantages if advantages.dim() == 1 else _response_mean(advantages.double(), mask)
+    drift = response_mean(rollout_logp.detach().double() - logp.detach().double(), mask)
+    adv = advantages if advantages.dim() == 1 else response_mean(advantages.double(), mask)
     return (adv < 0) & (drift > delta) & mask.any(-1)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from stablerl.config import AGGREGATIONS, IS_MODES, LossConfig
 from stablerl.config import ALGORITHMS as ALGORITHM_NAMES
-from stablerl.corrections import m2_tokens, opsm_sequences, reject_sequences
+from stablerl.corrections import m2_tokens, opsm_sequences, reject_sequences, response_mean
 from stablerl.diagnostics import k3
 from stablerl.metrics import STALENESS_KL, TRAIN_INFER_KL, TRAIN_INFER_KL_K1, Reduce
 
@@ -90,10 +90,6 @@ def _validate(
 # --------------------------------------------------------------------------------------------
 # IS correction of the training-inference discrepancy.
 # --------------------------------------------------------------------------------------------
-def _seq_mean(x: torch.Tensor, maskf: torch.Tensor) -> torch.Tensor:
-    """Per-response mean over response tokens, [B, T] -> [B]; empty rows give 0."""
-    return (x * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
-
 
 def importance_weights(
     old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cfg: LossConfig
@@ -106,10 +102,9 @@ def importance_weights(
     token ratios ``exp(mean_t log w_t)``: unlike the product it does not explode or vanish with
     response length, so one cap fits responses of every length.
     """
-    maskf = mask.to(old_logp.dtype)
     log_w = torch.where(mask, old_logp.detach() - rollout_logp.detach(), torch.zeros_like(old_logp))
     if cfg.is_mode.startswith("sequence"):
-        log_w = _seq_mean(log_w, maskf)[:, None].expand_as(log_w)
+        log_w = response_mean(log_w, mask)[:, None].expand_as(log_w)
     w = log_w.exp()
     no = torch.zeros_like(mask)
     if cfg.is_mode == "none":
@@ -196,7 +191,7 @@ def _gspo(ctx: _Ctx) -> Terms:
     With ``seq_mean_token_mean`` this is GSPO's per-response objective min(s A, clip(s) A);
     with ``token_sum`` every token carries s A, i.e. gradient s * A * sum_t grad log pi_t.
     """
-    s = _seq_mean(ctx.log_r, ctx.mask.to(ctx.log_r.dtype)).exp()[:, None].expand_as(ctx.log_r)
+    s = response_mean(ctx.log_r, ctx.mask).exp()[:, None].expand_as(ctx.log_r)
     return _clipped_surrogate(s, ctx)
 
 
@@ -236,10 +231,9 @@ def aggregation_normalizer(
 
 
 def _aggregate(term: torch.Tensor, mask: torch.Tensor, aggregation: str, normalizer: float) -> torch.Tensor:
-    maskf = mask.to(term.dtype)
     if aggregation == "seq_mean_token_mean":
-        return ((term * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)).sum() / normalizer
-    return (term * maskf).sum() / normalizer
+        return response_mean(term, mask).sum() / normalizer
+    return (term * mask.to(term.dtype)).sum() / normalizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +394,7 @@ def _metrics(loss, ctx, old_logp, rollout_logp, truncated, dropped, clip_low, cl
     log_r = ctx.log_r.detach()[mask]
     if ctx.cfg.is_mode.startswith("sequence"):
         # the weight a sequence mode applies: one geometric mean per non-empty response
-        w_shown = _seq_mean(old_logp - rollout_logp, mask.to(old_logp.dtype)).exp()[mask.any(-1)]
+        w_shown = response_mean(old_logp - rollout_logp, mask).exp()[mask.any(-1)]
     else:
         w_shown = log_w.exp()
 
