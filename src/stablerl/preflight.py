@@ -60,17 +60,17 @@ def check_prompts(task, eval_sets, tokenizer, cfg: RunConfig, model_config, log=
     longest = max((n for n in lengths.values() if n <= limit), default=1)
     if not found:
         return longest
-    if cfg.task.long_prompts == "skip" and hasattr(task, "drop") and all(not n.startswith("eval.sets") for n, _, _ in found):
+    in_eval_sets = any(name.startswith("eval.sets") for name, _, _ in found)  # those cannot be skipped
+    if cfg.task.long_prompts == "skip" and hasattr(task, "drop") and not in_eval_sets:
         bad = {id(p) for _, p, _ in found}
         n_train, n_eval = task.drop(lambda p: id(p) in bad)
         log(f"[warning] task.long_prompts=skip: dropped {n_train} training and {n_eval} held-out rows whose prompt "
             f"is over {limit} tokens ({why})")
         return longest
-    shown = "; ".join(f"{_where(p, name)}: {'over ' + str(MAX_CHARS_PER_TOKEN * limit) + ' characters' if n is None else f'{n} tokens'}"
-                      for name, p, n in found[:3])
+    shown = "; ".join(f"{_where(p, name)}: " + (f"over {MAX_CHARS_PER_TOKEN * limit} characters" if n is None
+                                                 else f"{n} tokens") for name, p, n in found[:3])
     more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
-    skip = (" or set task.long_prompts=skip to drop such rows" if not any(n.startswith("eval.sets") for n, _, _ in found)
-            else "")
+    skip = "" if in_eval_sets else " or set task.long_prompts=skip to drop such rows"
     raise ValueError(f"{len(found)} prompts are longer than {limit} tokens, the limit set by {why}: {shown}{more}; "
                      f"shorten them, raise task.max_prompt_tokens (up to the model's context){skip}")
 

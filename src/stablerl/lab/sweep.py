@@ -99,16 +99,16 @@ def evaluate_point(
         old_logits, theta_logits = old.logits(space.features), theta.logits(space.features)
         rollout_logp = logp_from_logits(mu_logits, space)
         old_logp = logp_from_logits(old_logits, space)
+        theta_logp = logp_from_logits(theta_logits, space)
         point = {
             # per-token KLs, exact: KL(mu_old || pi_old) under mu_old, KL(pi_old || pi_theta) under pi_old
             "train_infer_kl": token_kl(mu_logits, old_logits, rollout_logp.sum(-1).exp(), space),
             "staleness_kl": token_kl(old_logits, theta_logits, old_logp.sum(-1).exp(), space),
             # its expectation under mu_old, exactly
             "first_order_gap": float((rollout_logp.sum(-1).exp()
-                                      * first_order_gap(logp_from_logits(theta_logits, space), rollout_logp, space.mask)).sum()),
+                                      * first_order_gap(theta_logp, rollout_logp, space.mask)).sum()),
             "objective": float(true_objective(theta, space)),
         }
-    theta_logp = token_logp(theta, space).detach()
     forward = policy_forward(theta, space)
     point["surrogates"] = {}
     for name, cfg in SURROGATES.items():
