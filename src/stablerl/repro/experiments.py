@@ -87,6 +87,14 @@ def _dose_variants() -> dict[str, list[str]]:
 _OFF = _off_policy_variants()
 _DOSE = _dose_variants()
 
+# staleness from lag (issue 20's study, docs/training.md): the default run (`stablerl train` with no
+# overrides) at a fixed lag eta, with the decoupled correction (pi_old recomputed) and with bypass
+# (pi_old := mu). Only the evaluation is thinned (every 100 steps instead of 50; evaluation uses
+# its own seeds and never changes training).
+STALENESS_ETAS = (0, 1, 2, 4)
+_STALE = {f"eta{eta}{suffix}": [f"rollout.max_staleness={eta}", f"loss.proximal={proximal}"]
+          for eta in STALENESS_ETAS for suffix, proximal in (("", "recompute"), ("_bypass", "rollout"))}
+
 # the calibration grid and the recipes that must stay stable at the chosen learning rate
 CALIBRATION_LRS = (5e-5, 1e-4, 2e-4, 4e-4)
 _CAL = {f"lr{lr:g}/{name}": [f"optim.lr={lr}"] + v for lr in CALIBRATION_LRS
@@ -123,6 +131,13 @@ EXPERIMENTS: dict[str, dict] = {
         "base": COMMON + schedule(2, opt_steps=2 * OPT_STEPS) + R2,
         "variants": {"teacher_steps": ["task.style=steps"], "teacher_direct": ["task.style=direct"],
                      "teacher_noisy": ["task.style=noisy"]},
+    },
+    "staleness": {
+        "title": "Staleness from lag: the default run at eta = 0, 1, 2, 4; decoupled (recompute pi_old) vs bypass (pi_old = mu)",
+        "base": ["log.progress=false", "checkpoint.keep_last=1", "eval.every=100"],
+        "variants": _STALE,
+        "rows": {f"eta = {eta}": [v for v in _STALE if v in (f"eta{eta}", f"eta{eta}_bypass")] for eta in STALENESS_ETAS},
+        "in_all": False,
     },
     "dose-response": {
         "title": f"Dose-response: engine discrepancy vs on-policy IS / R3 and off-policy (N = {DOSE_N}) replay",
