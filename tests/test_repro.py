@@ -106,3 +106,13 @@ def test_the_deep_moe_example_builds_the_shape_it_names():
     moe = h * e + e * 3 * h * i                                      # router, experts (gate, up, down)
     per_layer = attention + moe + 2 * h                              # + two RMSNorms
     assert sum(p.numel() for p in model.parameters()) == v * h + 8 * per_layer + h  # tied embedding, final norm
+
+
+def test_variants_filter_names_what_is_allowed(tmp_path, capsys):
+    from stablerl.cli import main
+
+    with pytest.raises(ValueError, match="unknown variant\\(s\\) of staleness: nope; allowed: eta0, eta0_bypass"):
+        run_experiment("staleness", tmp_path, seeds=1, variants=["eta1", "nope"])
+    assert main(["repro", "staleness", "--variants", "nope", "--out", str(tmp_path)]) != 0
+    assert "unknown variant(s) of staleness: nope" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing started

@@ -126,7 +126,7 @@ def _repro(args: argparse.Namespace) -> int:
     # seed by seed across the experiments: an interrupted `all` has every experiment at equal depth
     for seed in range(args.seeds):
         for name in names:
-            dirs = run_experiment(name, out, [seed], args.overrides)
+            dirs = run_experiment(name, out, [seed], args.overrides, variants=args.variants)
             paths = write_report(name, out, args.seeds)
             elsewhere = sum(not is_done(d) for d in dirs)
             state = f"{elsewhere} run(s) of seed {seed} still running in another process" if elsewhere else "done"
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("experiment", choices=[*EXPERIMENTS, "all"],
                     help="one experiment, or all of them (but calibration), seed by seed")
     rp.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    rp.add_argument("--variants", nargs="+", metavar="VARIANT",
+                    help="run only these variants of the experiment (default: all); the report covers every "
+                         "finished run")
     rp.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
     rp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run (after the experiment's)")
     rp.set_defaults(func=_repro)

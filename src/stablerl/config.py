@@ -316,6 +316,14 @@ class TrainConfig(StrictModel):
     routing_replay: Literal["none", "R2", "R3"] = Field("none", description="MoE routing replay (docs/routing.md): "
                                                         "R2 replays pi_old's routes, R3 the rollout's.")
     max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many non-finite steps in a row.")
+    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's forward in the "
+                                           "backward instead of keeping its activations (less memory, ~1 more "
+                                           "forward of compute; routing replay holds in the recompute). Never "
+                                           "changes the result.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="The training forward/backward's compute "
+                                                   "dtype: bf16 computes in bfloat16 (autocast on one rank, FSDP2's "
+                                                   "param_dtype on several) with fp32 master weights, optimizer state "
+                                                   "and gradients; auto: bf16 on CUDA, fp32 on CPU.")
 
 
 class BatchConfig(StrictModel):
@@ -328,6 +336,11 @@ class BatchConfig(StrictModel):
     group_size: int = Field(8, ge=2, description="Responses per prompt (the group of the advantage baseline).")
     minibatches_per_step: int = Field(1, ge=1, description="N: optimizer steps per rollout batch (1 = on-policy).")
     micro_batch_size: int = Field(128, ge=1, description="Responses per forward/backward (memory only).")
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1, description="Also cap a micro-batch by tokens: "
+                                                   "responses (in mini-batch order) join a micro-batch while its "
+                                                   "padded size, rows x longest prompt+response, stays within this "
+                                                   "(a longer single response goes alone); none = by "
+                                                   "micro_batch_size only. Memory only: never changes the result.")
 
     @property
     def rollout_batch(self) -> int:
@@ -403,9 +416,6 @@ class DistributedConfig(StrictModel):
 
     timeout_s: float = Field(1800.0, gt=0, description="Collective timeout: a rank that dies or hangs ends the run "
                              "after this long instead of hanging the others.")
-    param_dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="FSDP2 mixed precision: the dtype "
-                                                         "the sharded parameters compute in (auto: bf16 on CUDA, "
-                                                         "fp32 on CPU); the optimizer keeps fp32 master weights.")
     reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="FSDP2 gradient reduce-scatter dtype "
                                                   "(fp32: exact sums of bf16 gradients).")
     threads: int | None = Field(None, ge=1, description="CPU threads per rank (default: cores / ranks per node; "
@@ -450,6 +460,23 @@ class RunConfig(StrictModel):
     log: LogConfig = LogConfig()
     distributed: DistributedConfig = DistributedConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        # distributed.param_dtype (FSDP only) became train.dtype (every layout): configs and run
+        # directories written before keep loading
+        dist = data.get("distributed") if isinstance(data, dict) else None
+        if isinstance(dist, dict) and "param_dtype" in dist:
+            dist = dict(dist)
+            value = dist.pop("param_dtype")
+            train = dict(data.get("train") or {})
+            if "dtype" in train and train["dtype"] != value:
+                raise ValueError(f"distributed.param_dtype={value} and train.dtype={train['dtype']}: "
+                                 "distributed.param_dtype is now train.dtype; set only train.dtype")
+            train["dtype"] = value
+            data = {**data, "distributed": dist, "train": train}
+        return data
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":
         if self.rollout.workers and self.rollout.engine == "vllm":
@@ -468,6 +495,7 @@ class RunConfig(StrictModel):
 # the loss, the rollout numerics, the seeds — is fixed for the life of a run.
 RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.lr", "optim.warmup_steps", "optim.schedule",
                   "optim.min_lr_ratio",
-                  "optim.grad_clip", "batch.micro_batch_size", "task.reward_timeout_s", "task.reward_workers",
+                  "optim.grad_clip", "batch.micro_batch_size", "batch.max_tokens_per_micro_batch",
+                  "train.activation_checkpointing", "task.reward_timeout_s", "task.reward_workers",
                   "task.reward_memory_mb", "task.reward_fail_fast", "rollout.vllm.", "rollout.workers", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
                   "distributed.threads")

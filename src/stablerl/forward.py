@@ -3,20 +3,25 @@
 One function serves every place the trainer needs pi: ``old_logp`` (recording the training
 routes for R2), ``logp`` with gradient, and replaying routes (R2: the recorded training routes,
 R3: the rollout engine's routes).
+
+``enable_activation_checkpointing`` (``train.activation_checkpointing``) recomputes each decoder
+layer's forward during the backward instead of keeping its activations.
 """
 
 from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from torch import nn
 
-from stablerl.models import position_ids_from_mask
+from torch.utils.checkpoint import checkpoint
+
+from stablerl.models import decoder_layers, position_ids_from_mask
 from stablerl.rollout.base import RolloutBatch
-from stablerl.routing import capture_routes, replay_routes
+from stablerl.routing import active_replay, capture_routes, replay_router_hooks, replay_routes
 
 
 @lru_cache(maxsize=None)
@@ -67,3 +72,34 @@ def response_logp(
     if capture:
         result["routes"] = cap.routes
     return result
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Checkpoint every decoder layer of ``model`` (in place): a forward with gradients keeps
+    only each layer's input and recomputes the layer during the backward (PyTorch's
+    non-reentrant ``torch.utils.checkpoint``). Forwards without gradients are unchanged.
+
+    Routing replay must hold in the recompute too, or the backward would differentiate a layer
+    that routed its tokens live while the forward replayed them — a different function, and
+    silently wrong gradients. The replay context has closed by the time the backward runs, so
+    each checkpoint takes the routes open at its forward (``routing.active_replay``) and replays
+    them again around its recompute. The wrapper sits inside the layer's ``__call__``, so FSDP's
+    per-layer hooks stay outside it (the order torchtitan uses)."""
+    for layer in decoder_layers(model):
+        if "forward" in layer.__dict__:  # already checkpointed
+            continue
+        layer.forward = partial(_checkpointed, layer.forward, model)
+    return model
+
+
+def _checkpointed(forward, model: nn.Module, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=partial(_recompute_contexts, model), **kwargs)
+
+
+def _recompute_contexts(model: nn.Module):
+    """(context of the first forward, context of the recompute): the recompute replays what the
+    forward replayed."""
+    routes = active_replay(model)
+    return nullcontext(), (replay_router_hooks(model, routes) if routes is not None else nullcontext())

@@ -26,6 +26,7 @@ One step's update, in the order ``Learner.update`` runs it (docs/training.md "Th
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,7 @@ from stablerl.config import RunConfig
 from stablerl.corrections import m2_tokens
 from stablerl.diagnostics import first_order_gap, route_agreement_counts, route_agreement_from_counts
 from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_model
-from stablerl.forward import response_logp
+from stablerl.forward import enable_activation_checkpointing, response_logp
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
 from stablerl.rollout import RolloutBatch
@@ -84,6 +85,7 @@ class MiniBatch:
     k: int                 # 0-based index in the step
     rows: torch.Tensor     # this rank's rows of it (indices into its slice of the rollout batch)
     first_row: int         # this rank's first row in the global rollout batch
+    pieces: list[torch.Tensor]  # this rank's micro-batches of it (row indices, as ``rows``)
     n_micro: int           # micro-batches every rank runs for it (the most any rank needs)
     normalizer: float      # the aggregation's denominator over the whole mini-batch, all ranks
 
@@ -111,6 +113,10 @@ class Learner:
         self.plan = RoutingPlan(cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step,
                                 bypass=cfg.loss.proximal == "rollout")
         self.model_config = model.config
+        dtype = cfg.train.dtype
+        self.dtype = ("bf16" if self.world.device.type == "cuda" else "fp32") if dtype == "auto" else dtype
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.model = self._place(model)
         self.model.train()
         # the frozen reference of the KL penalty (loss.kl_beta): one more model copy, sharded alike
@@ -129,11 +135,15 @@ class Learner:
         model = model.to(self.world.device)
         if not self.world.distributed:
             return model
-        dist_cfg = self.cfg.distributed
-        param_dtype = dist_cfg.param_dtype
-        if param_dtype == "auto":
-            param_dtype = "bf16" if self.world.device.type == "cuda" else "fp32"
-        return shard_model(model, param_dtype, dist_cfg.reduce_dtype, D.learner_mesh(self.world.device))
+        # several ranks: FSDP2 computes in the unsharded parameters' dtype and keeps fp32 shards
+        return shard_model(model, self.dtype, self.cfg.distributed.reduce_dtype, D.learner_mesh(self.world.device))
+
+    def _logp(self, model: torch.nn.Module, part: RolloutBatch, **kwargs) -> dict[str, torch.Tensor]:
+        """``forward.response_logp`` in the training dtype: bf16 on one rank is autocast (fp32
+        weights, bf16 matmuls; the log-softmax stays fp32), on several FSDP2's param_dtype."""
+        bf16 = self.dtype == "bf16" and not is_sharded(model)
+        with torch.autocast(self.world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            return response_logp(model, part, **kwargs)
 
     def lr(self, optimizer_step: int) -> float:
         return learning_rate(optimizer_step, self.cfg.optim,
@@ -185,11 +195,11 @@ class Learner:
         plan = self.plan.old_pass()
         with torch.no_grad():
             if plan is not None:
-                out = response_logp(self.model, batch, capture=plan.capture is not None,
+                out = self._logp(self.model, batch, capture=plan.capture is not None,
                                     replay=batch.routes if plan.replay == "rollout" else None, temperature=temperature)
                 old.logp, old.routes = out["logp"], out.get("routes")
             if self.plan.diagnostic_pass:
-                old.routes = response_logp(self.model, batch, capture=True, temperature=temperature)["routes"]
+                old.routes = self._logp(self.model, batch, capture=True, temperature=temperature)["routes"]
         if self.moe and old.routes is not None:
             record.add_routes("train_infer", route_agreement_counts(old.routes, batch.routes))
         if plan is not None or self.plan.diagnostic_pass:
@@ -200,17 +210,21 @@ class Learner:
         """The N mini-batches of the global rollout batch (one seeded shuffle, the same on every
         rank), each as this rank's rows of it."""
         B_local, K, N = len(batch), self.world.size, self.cfg.batch.minibatches_per_step
-        micro = self.cfg.batch.micro_batch_size
+        micro, max_tokens = self.cfg.batch.micro_batch_size, self.cfg.batch.max_tokens_per_micro_batch
         order = torch.randperm(B_local * K, generator=torch.Generator().manual_seed(shuffle_seed(self.cfg.train.seed, step)))
         for k, chunk in enumerate(torch.tensor_split(order, N)):
             rows = chunk[(chunk >= first_row) & (chunk < first_row + B_local)] - first_row
-            # every rank runs as many micro-batches as the rank holding the most rows of this mini-batch
-            per_rank = torch.bincount(torch.div(chunk, B_local, rounding_mode="floor"), minlength=K)
-            n_micro = max(1, max(math.ceil(int(c) / micro) for c in per_rank))
+            pieces = micro_batches(rows, batch.response_mask.sum(-1), batch.prompt_width, micro, max_tokens)
+            # every rank runs as many micro-batches as the rank that needs the most for this mini-batch
+            if max_tokens is None:  # known without asking: it follows from the global shuffle
+                per_rank = torch.bincount(torch.div(chunk, B_local, rounding_mode="floor"), minlength=K)
+                n_micro = max(1, max(math.ceil(int(c) / micro) for c in per_rank))
+            else:
+                n_micro = max(1, int(D.all_reduce_max([len(pieces)])[0]))
             norm = float(D.all_reduce_sum([aggregation_normalizer(
                 batch.response_mask[rows], self.cfg.loss.aggregation,
                 max_response_len=batch.sampling.max_new_tokens)])[0])
-            yield MiniBatch(k, rows, first_row, n_micro, norm)
+            yield MiniBatch(k, rows, first_row, pieces, n_micro, norm)
 
     def _minibatch(self, mb: MiniBatch, batch: RolloutBatch, adv: torch.Tensor, old: OldPolicy,
                    record: StepRecord) -> bool:
@@ -219,11 +233,10 @@ class Learner:
         m2 = self._m2_mask(mb, batch, old) if self.cfg.loss.m2_threshold is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         bad = False
-        pieces = list(mb.rows.split(self.cfg.batch.micro_batch_size))
         for j in range(mb.n_micro):
             set_gradient_sync(self.model, j == mb.n_micro - 1)
-            real = j < len(pieces)
-            idx = pieces[j] if real else torch.zeros(1, dtype=torch.long)  # a zero-weight stand-in
+            real = j < len(mb.pieces)
+            idx = mb.pieces[j] if real else torch.zeros(1, dtype=torch.long)  # a zero-weight stand-in
             bad |= not self._micro_step(mb, idx, real, batch, adv, old, record, m2)
         grad_norm = self._clip_grad_norm()
         if D.any_true(bad) or not math.isfinite(grad_norm):
@@ -246,7 +259,7 @@ class Learner:
             part = batch.select(mb.rows).trim()
             replay = _replayed(self.plan.minibatch(mb.k), old, mb.rows, part)
             with torch.no_grad():
-                logp = response_logp(self.model, part, replay=replay, temperature=batch.sampling.temperature)["logp"]
+                logp = self._logp(self.model, part, replay=replay, temperature=batch.sampling.temperature)["logp"]
             logp = torch.nn.functional.pad(logp, (0, R - logp.shape[1]))
         parts = D.all_gather_objects((mb.rows + mb.first_row, logp, batch.rollout_logp[mb.rows], batch.response_mask[mb.rows]))
         width = max(p[1].shape[1] for p in parts)
@@ -269,7 +282,7 @@ class Learner:
         micro = batch.select(idx).trim()
         plan = self.plan.minibatch(mb.k)
         replay = _replayed(plan, old, idx, micro)
-        out = response_logp(self.model, micro, replay=replay, capture=plan.capture is not None,
+        out = self._logp(self.model, micro, replay=replay, capture=plan.capture is not None,
                             temperature=batch.sampling.temperature, with_entropy=True)
         logp, mask = out["logp"], micro.response_mask
         if self.cfg.loss.proximal == "rollout":  # the bypass: pi_old := mu
@@ -279,7 +292,7 @@ class Learner:
         ref_logp = None
         if self.reference is not None:  # the reference routes live: it is the starting policy as it was
             with torch.no_grad():
-                ref_logp = response_logp(self.reference, micro, temperature=batch.sampling.temperature)["logp"]
+                ref_logp = self._logp(self.reference, micro, temperature=batch.sampling.temperature)["logp"]
         loss, m = logp.sum() * 0.0, None  # what a bad micro-batch backpropagates (no update follows)
         finite = bool(torch.isfinite(logp.detach()[mask]).all())
         if finite:
@@ -339,6 +352,29 @@ class Learner:
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, total)
         return float(total)
+
+
+def micro_batches(rows: torch.Tensor, response_lengths: torch.Tensor, prompt_width: int, max_rows: int,
+                  max_tokens: int | None = None) -> list[torch.Tensor]:
+    """``rows`` cut, in order, into micro-batches of at most ``max_rows`` rows and, with
+    ``max_tokens``, at most that many tokens in the padded forward a micro-batch runs (its rows x
+    (``prompt_width`` + its longest response); ``RolloutBatch.trim``). A row that alone exceeds
+    ``max_tokens`` is a micro-batch of its own. The cut never changes the update: the loss's
+    normalizer is the mini-batch's and gradients accumulate (objectives.py)."""
+    if max_tokens is None:
+        return list(rows.split(max_rows))
+    pieces, current, longest = [], [], 0
+    for r in rows.tolist():
+        width = prompt_width + int(response_lengths[r])
+        grown = max(longest, width)
+        if current and (len(current) == max_rows or (len(current) + 1) * grown > max_tokens):
+            pieces.append(torch.tensor(current, dtype=rows.dtype))
+            current, grown = [], width
+        current.append(r)
+        longest = grown
+    if current:
+        pieces.append(torch.tensor(current, dtype=rows.dtype))
+    return pieces
 
 
 def _replayed(plan, old: OldPolicy, rows: torch.Tensor, part: RolloutBatch) -> torch.Tensor | None:

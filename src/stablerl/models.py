@@ -71,6 +71,15 @@ def is_moe(model: torch.nn.Module) -> bool:
     return True
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of an HF causal LM (the unit of FSDP sharding and of activation
+    checkpointing)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
+    return list(layers)
+
+
 def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A freshly initialized causal LM from ``config`` (deterministic given ``seed``), MoE experts
     on stablerl's training kernel (``stablerl.moe``)."""

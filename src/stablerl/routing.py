@@ -183,17 +183,43 @@ def replay_routes(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
 
     The forward's input must have shape ``[B, T]`` (a mismatch is a ValueError, never a silent
     misalignment). Positions whose route is -1 use the model's own top-k. A
-    :func:`capture_routes` inside or outside this context records the replayed routes.
+    :func:`capture_routes` inside or outside this context records the replayed routes. While the
+    context is open, :func:`active_replay` returns ``routes``: activation checkpointing reads it
+    to replay the same routes when it recomputes a layer during the backward, after this context
+    has closed (``forward.enable_activation_checkpointing``).
     """
     validate_routes(model, routes)
-    routers = moe_routers(model)
-    layer_of = {id(r): i for i, r in enumerate(routers)}
     routes = routes.to(torch.long)
 
     def pre_hook(_module, args, kwargs):
         shape = _input_shape(args, kwargs)
         if shape != tuple(routes.shape[:2]):
             raise ValueError(f"replayed routes are for inputs of shape {tuple(routes.shape[:2])}, the forward got {shape}")
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    stack = model.__dict__.setdefault("_stablerl_replay", [])
+    stack.append(routes)
+    try:
+        with replay_router_hooks(model, routes):
+            yield
+    finally:
+        stack.pop()
+        handle.remove()
+
+
+def active_replay(model: nn.Module) -> torch.Tensor | None:
+    """The routes the innermost open :func:`replay_routes` of ``model`` replays, or None."""
+    stack = model.__dict__.get("_stablerl_replay")
+    return stack[-1] if stack else None
+
+
+@contextmanager
+def replay_router_hooks(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
+    """The routers of ``model`` return ``routes`` (already validated, ``[B, T, layers, top_k]``)
+    as their experts: the part of :func:`replay_routes` that also serves a layer's recompute,
+    where the model-level input check does not run."""
+    routers = moe_routers(model)
+    layer_of = {id(r): i for i, r in enumerate(routers)}
 
     def router_hook(module, _args, output):
         logits, live_weights, live_indices = output
@@ -203,9 +229,8 @@ def replay_routes(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
         weights = replay_weights(logits, idx, _normalizes(model, module), live_weights.dtype)
         return logits, weights, idx
 
-    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     # prepend: replay rewrites the router output before any capture hook reads it
-    handles += [r.register_forward_hook(router_hook, prepend=True) for r in routers]
+    handles = [r.register_forward_hook(router_hook, prepend=True) for r in routers]
     try:
         yield
     finally:

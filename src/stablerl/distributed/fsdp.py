@@ -13,14 +13,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from stablerl.models import decoder_layers
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected model.model.layers)")
-    return list(layers)
 
 
 def shard_model(model: nn.Module, param_dtype: str = "fp32", reduce_dtype: str = "fp32", mesh=None) -> nn.Module:

@@ -28,7 +28,8 @@ def is_done(run_dir: Path) -> bool:
         return False
 
 
-def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print) -> list[Path]:
+def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print,
+                   variants: list[str] | None = None) -> list[Path]:
     """Run every variant of ``name`` for ``seeds`` (a count: 0..K-1, or a list); returns the
     run directories. A run with a summary.json is done and skipped; one started before resumes
     from its last checkpoint (or restarts if it had none); one that another process is running
@@ -42,8 +43,12 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
     from stablerl.runlog import summarize
 
     exp = EXPERIMENTS[name]
+    unknown = sorted(set(variants or ()) - set(exp["variants"]))
+    if unknown:
+        raise ValueError(f"unknown variant(s) of {name}: {', '.join(unknown)}; allowed: {', '.join(exp['variants'])}")
+    chosen = [v for v in exp["variants"] if variants is None or v in variants]
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    jobs = [(v, s) for s in seed_list for v in exp["variants"]]
+    jobs = [(v, s) for s in seed_list for v in chosen]
     dirs, t_start, ran = [], time.perf_counter(), 0
     for i, (variant, seed) in enumerate(jobs, start=1):
         run_dir = run_dir_of(out, name, variant, seed)
