@@ -298,3 +298,49 @@ def test_concat_of_pieces_is_the_layout_of_one_call():
     for name in ("input_ids", "attention_mask", "response_mask", "finished", "routes"):
         assert torch.equal(getattr(joined, name), getattr(whole, name)), name
     torch.testing.assert_close(joined.rollout_logp, whole.rollout_logp, rtol=0, atol=1e-6)
+
+
+def test_e2m1_rounding_and_nvfp4_blocks_hand_worked():
+    from stablerl.precision import quantize_activations_nvfp4, quantize_nvfp4, round_e2m1
+
+    # the e2m1 grid 0, .5, 1, 1.5, 2, 3, 4, 6; ties go to the even mantissa (0, 1, 2, 4), beyond 6 saturates
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.3, -2.6, 0.1, 4.9])
+    assert round_e2m1(x).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.5, -3.0, 0.0, 4.0]
+    # one token, two blocks of 16; the per-token fp32 scale is g = amax / (6 x 448) = 12 / 2688.
+    # block 0: amax 12 -> e4m3 block scale 2 / g = 448 -> 2 per e2m1 unit: 12, 5, -2.9, 1 are
+    # 6, 2.5, -1.45, 0.5 units -> 6, 2 (tie to even), -1.5, 0.5 -> 12, 4, -3, 1.
+    # block 1: amax 3 -> block scale 0.5 / g = 112 (an e4m3 number) -> 0.5 per unit: 3, 0.7,
+    # -1.3, 0.2 are 6, 1.4, -2.6, 0.4 units -> 6, 1.5, -3, 0.5 -> 3, 0.75, -1.5, 0.25
+    b0 = [12.0, 5.0, -2.9, 1.0] + [0.0] * 12
+    b1 = [3.0, 0.7, -1.3, 0.2] + [0.0] * 12
+    q = quantize_activations_nvfp4(torch.tensor([b0 + b1]))
+    assert q[0, :4].tolist() == [12.0, 4.0, -3.0, 1.0]
+    assert q[0, 16:20].tolist() == [3.0, 0.75, -1.5, 0.25]
+    # weights: one fp32 scale per matrix (per expert of a stacked tensor): scaling one expert
+    # changes no other expert's rounding; a last dim not a multiple of 16 ends in a short block
+    e = torch.randn(3, 8, 40, generator=torch.Generator().manual_seed(0))
+    scaled = e.clone()
+    scaled[0] *= 100
+    assert torch.equal(quantize_nvfp4(scaled)[1:], quantize_nvfp4(e)[1:]) and quantize_nvfp4(e).shape == (3, 8, 40)
+
+
+def test_nvfp4_engines_raise_the_discrepancy_above_fp8(moe):
+    """The ladder fp8 -> fp8_w8a8 -> nvfp4 -> nvfp4_w4a4 raises the training-inference KL, and
+    nvfp4_w4a4 quantizes the same way on the fast and the generic path."""
+    ps, sampling = prompts(32, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=16)
+    kl = {}
+    for precision, fast in (("fp8", True), ("fp8_w8a8", True), ("nvfp4", True), ("nvfp4_w4a4", True),
+                            ("nvfp4_w4a4", False)):
+        batch = LocalEngine(moe, precision, eos_token_id=[], fast=fast).generate(ps, sampling, seeds=seeds(32, 5))
+        with torch.no_grad():
+            train = response_logp(moe, batch)
+        kl[precision, fast] = float(train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask))
+    assert kl["fp8", True] < kl["fp8_w8a8", True] < kl["nvfp4", True] < kl["nvfp4_w4a4", True]
+    assert kl["nvfp4_w4a4", False] == pytest.approx(kl["nvfp4_w4a4", True], rel=0.5)
+
+
+def test_vllm_refuses_nvfp4_with_a_reason():
+    from stablerl.rollout.vllm import vllm_dtype_args
+
+    with pytest.raises(ValueError, match="rollout.engine=local, which emulates it"):
+        vllm_dtype_args("nvfp4", on_cuda=True)

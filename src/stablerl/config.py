@@ -17,8 +17,9 @@ Aggregation = Literal["token_sum", "token_mean", "seq_mean_token_mean"]
 
 # what an inference engine computes in (docs/rollout.md): fp32 reproduces training; bf16 and fp16
 # cast weights and compute; fp8 stores matrices as float8 e4m3 (weight-only); fp8_w8a8 also quantizes
-# activations to float8 per token at run time, as FP8 serving does
-Precision = Literal["fp32", "bf16", "fp16", "fp8", "fp8_w8a8"]
+# activations to float8 per token at run time, as FP8 serving does; nvfp4 / nvfp4_w4a4 the same with
+# NVIDIA's 4-bit format (e2m1 values, an e4m3 scale per 16 elements)
+Precision = Literal["fp32", "bf16", "fp16", "fp8", "fp8_w8a8", "nvfp4", "nvfp4_w4a4"]
 
 ALGORITHMS: tuple[str, ...] = Algorithm.__args__
 IS_MODES: tuple[str, ...] = ISMode.__args__
@@ -280,7 +281,8 @@ class RolloutConfig(SamplingConfig):
                                              "causal LM, emulated precisions); vllm: a colocated vLLM instance "
                                              "(pip install 'stablerl[vllm]'; docs/rollout.md).")
     precision: Precision = Field("bf16", description="Inference numerics (mu_old): fp32 | bf16 | fp16 | fp8 (weight-only "
-                                 "e4m3, per-channel) | fp8_w8a8 (+ activations in e4m3 per token).")
+                                 "e4m3, per-channel) | fp8_w8a8 (+ activations in e4m3 per token) | nvfp4 (weight-only "
+                                 "e2m1, an e4m3 scale per 16 inputs) | nvfp4_w4a4 (+ activations in nvfp4 per token).")
     max_new_tokens: int = Field(40, ge=1, description="Response length limit.")
     workers: int = Field(0, ge=0, le=64, description="Rollout worker processes: the last R ranks of the torchrun "
                          "job only sample (torchrun --nproc_per_node=learners+R), overlapping sampling with training "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
-from stablerl.precision import quantize_activations_fp8
+from stablerl.precision import quantize_activations_fp8, quantize_activations_nvfp4
 
 NAME = "stablerl_grouped_mm"
 
@@ -71,6 +71,24 @@ def w8a8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
 
 
 ExpertsInterface.register(W8A8_NAME, w8a8_experts_forward)
+
+W4A4_NAME = "stablerl_nvfp4_w4a4"
+
+
+def w4a4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The inference engine's experts under nvfp4_w4a4: as ``w8a8_experts_forward`` with NVFP4
+    activations (``stablerl.precision.quantize_activations_nvfp4``)."""
+    if not _standard_layout(self):
+        raise ValueError(f"nvfp4_w4a4 supports experts in HF's standard layout only, not {type(self).__name__}")
+    return grouped_experts(quantize_activations_nvfp4(hidden_states), top_k_index,
+                           top_k_weights.to(hidden_states.dtype), self.gate_up_proj, self.down_proj, self.act_fn,
+                           quant=quantize_activations_nvfp4)
+
+
+ExpertsInterface.register(W4A4_NAME, w4a4_experts_forward)
+# the experts implementation of each precision that quantizes activations
+ACTIVATION_EXPERTS = {"fp8_w8a8": W8A8_NAME, "nvfp4_w4a4": W4A4_NAME}
 
 
 def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None) -> torch.Tensor:

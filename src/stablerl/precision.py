@@ -7,8 +7,13 @@ quantizes every matrix to float8 e4m3 with one scale per output channel (weight-
 computes in bfloat16 with the dequantized weights; ``fp8_w8a8`` is what "FP8 inference" means in
 vLLM and SGLang: the same fp8 weights, and the *activations* entering every quantized matrix
 multiply rounded to e4m3 too, with one scale per token computed at run time
-(``quantize_activations_fp8``). The difference between these and the fp32 training engine is the
-training-inference discrepancy of docs/formulation.md s.4.
+(``quantize_activations_fp8``). ``nvfp4`` is NVIDIA's 4-bit format (Blackwell): every matrix
+stored as e2m1 values (+-{0, 0.5, 1, 1.5, 2, 3, 4, 6}) with one e4m3 scale per 16 consecutive
+input elements and one fp32 scale per tensor, computed in bf16 after dequantization (weight-only);
+``nvfp4_w4a4`` also rounds the activations entering each such matmul to NVFP4, per token at run
+time. The rounding moves with the weights — a dose of the kind real quantized inference gives,
+unlike a fixed ``weight_noise`` pattern. The difference between these and the fp32 training
+engine is the training-inference discrepancy of docs/formulation.md s.4.
 
 ``weight_noise`` adds a controlled extra discrepancy on top (``perturb_weight``): a fixed
 Gaussian pattern, relative to each row's RMS, on the engine's copy of the weight matrices only.
@@ -20,11 +25,15 @@ import torch
 
 from stablerl.config import PRECISIONS, Precision  # noqa: F401 - the one list of precisions
 FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes a 4-bit e2m1 number takes
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16  # input elements sharing one scale
 
 
-def is_fp8(precision: str) -> bool:
-    """Whether an engine of this precision stores its matrices in float8 (weight-only or W8A8)."""
-    return precision in ("fp8", "fp8_w8a8")
+def is_quantized(precision: str) -> bool:
+    """Whether an engine of this precision stores its matrices quantized (fp8 or nvfp4; weight-only
+    or with activations)."""
+    return precision in ("fp8", "fp8_w8a8", "nvfp4", "nvfp4_w4a4")
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -55,13 +64,68 @@ def quantize_activations_fp8(x: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale).to(x.dtype)
 
 
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest e2m1 value (ties to the even mantissa, as IEEE rounding does),
+    saturating at +-6."""
+    grid = torch.tensor(E2M1_VALUES, dtype=x.dtype, device=x.device)
+    mids = (grid[1:] + grid[:-1]) / 2
+    a = x.abs().clamp(max=E2M1_MAX)
+    low, high = torch.bucketize(a, mids, right=False), torch.bucketize(a, mids, right=True)
+    # on a tie the two differ by one; the even index is the even mantissa (0, 1, 2, 4)
+    idx = torch.where((low != high) & (low % 2 == 1), high, low)
+    return torch.sign(x) * grid[idx]
+
+
+def _nvfp4_round_trip(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4 along the last dim of ``x`` (float32): blocks of 16 share an e4m3 scale relative to
+    the fp32 scale ``global_amax / (6 x 448)`` (``global_amax`` broadcasts against ``x``, its last
+    dim 1); a last dim that is not a multiple of 16 ends in a
+    shorter block (zero-padded)."""
+    n = x.shape[-1]
+    pad = -n % NVFP4_BLOCK
+    xb = torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, NVFP4_BLOCK))
+    global_scale = (global_amax / (E2M1_MAX * FP8_E4M3_MAX)).clamp(min=1e-30)[..., None]  # [..., 1, 1]
+    block_amax = xb.abs().amax(dim=-1, keepdim=True)
+    block_scale = (block_amax / E2M1_MAX / global_scale).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    scale = block_scale * global_scale
+    q = torch.where(scale > 0, round_e2m1(xb / torch.where(scale > 0, scale, 1.0)) * scale, 0.0)
+    return q.flatten(-2)[..., :n]
+
+
+def quantize_nvfp4(weight: torch.Tensor) -> torch.Tensor:
+    """Round-trip a weight matrix (last dim = input dim) through NVFP4 with one fp32 scale per
+    matrix (per expert for a stacked ``[E, out, in]`` tensor); returns bfloat16."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=(-2, -1), keepdim=True) if w.dim() >= 2 else w.abs().amax(-1, keepdim=True)
+    return _nvfp4_round_trip(w, amax).to(torch.bfloat16)
+
+
+def quantize_activations_nvfp4(x: torch.Tensor) -> torch.Tensor:
+    """Round-trip activations through NVFP4 per token (last dim), the per-token fp32 scale
+    computed at run time (serving calibrates one static activation scale per tensor instead: the
+    same e2m1 values and block scales, a slightly different fp32 factor). Returns ``x``'s dtype."""
+    xf = x.float()
+    return _nvfp4_round_trip(xf, xf.abs().amax(dim=-1, keepdim=True)).to(x.dtype)
+
+
+def weight_quantizer(precision: str):
+    """How an engine of ``precision`` rounds its matrices, or None (a plain cast)."""
+    return {"fp8": quantize_fp8_e4m3, "fp8_w8a8": quantize_fp8_e4m3, "nvfp4": quantize_nvfp4,
+            "nvfp4_w4a4": quantize_nvfp4}.get(precision)
+
+
+def activation_quantizer(precision: str):
+    """How an engine of ``precision`` rounds the input of each quantized matmul, or None."""
+    return {"fp8_w8a8": quantize_activations_fp8, "nvfp4_w4a4": quantize_activations_nvfp4}.get(precision)
+
+
 def cast_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
-    """One tensor as an engine of ``precision`` would hold it (matrices only get fp8)."""
+    """One tensor as an engine of ``precision`` would hold it (matrices only get quantized)."""
     _check(precision)
     if precision == "fp32":
         return weight.detach().float()
-    if is_fp8(precision) and weight.dim() >= 2:
-        return quantize_fp8_e4m3(weight)
+    if is_quantized(precision) and weight.dim() >= 2:
+        return weight_quantizer(precision)(weight)
     return weight.detach().to(compute_dtype(precision))
 
 
@@ -82,12 +146,12 @@ def perturb_weight(name: str, weight: torch.Tensor, size: float, seed: int = 0) 
 
 
 def cast_named(name: str, tensor: torch.Tensor, precision: str, keep: set[str] = frozenset()) -> torch.Tensor:
-    """One named tensor as an engine of ``precision`` holds it: fp8 applies to 2-D+ matrices not
-    named in ``keep`` (those, norms, biases and 1-D tensors stay bfloat16, as FP8 inference
-    engines quantize the linear layers and keep the rest in higher precision)."""
+    """One named tensor as an engine of ``precision`` holds it: fp8 / nvfp4 apply to 2-D+
+    matrices not named in ``keep`` (those, norms, biases and 1-D tensors stay bfloat16, as
+    quantized inference engines quantize the linear layers and keep the rest in higher precision)."""
     if not tensor.is_floating_point():
         return tensor
-    if is_fp8(precision) and name in keep:
+    if is_quantized(precision) and name in keep:
         return cast_weight(tensor, "bf16")
     return cast_weight(tensor, precision)
 

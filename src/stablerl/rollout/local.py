@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from stablerl.config import SamplingConfig
 from stablerl.models import is_moe
-from stablerl.moe import W8A8_NAME, use_fast_experts
-from stablerl.precision import PRECISIONS, cast_named, compute_dtype, perturb_weight, quantize_activations_fp8
+from stablerl.moe import ACTIVATION_EXPERTS, use_fast_experts
+from stablerl.precision import PRECISIONS, activation_quantizer, cast_named, compute_dtype, perturb_weight
 from stablerl.rollout.base import RolloutBatch
 from stablerl.rollout.decoders import FastQwen3MoeDecoder, HFDecoder
 from stablerl.rollout.sampling import GumbelNoise, sample
@@ -38,7 +38,8 @@ class LocalEngine:
     ``fp32`` reproduces the training engine; ``bf16`` casts weights and compute; ``fp8`` stores
     linear/expert weights as float8 e4m3 with per-output-channel scales (dequantized, computed in
     bf16) and keeps embeddings, LM head, norms and routers in bf16; ``fp8_w8a8`` also rounds the
-    input of every fp8 matrix multiply to e4m3 per token. ``weight_noise`` perturbs the engine's
+    input of every fp8 matrix multiply to e4m3 per token; ``nvfp4`` / ``nvfp4_w4a4`` the same in
+    NVIDIA's 4-bit format (``stablerl.precision``). ``weight_noise`` perturbs the engine's
     copy of the weight matrices (``stablerl.precision.perturb_weight``). ``fast=None`` uses the
     lean Qwen3-MoE decoder where it applies and the model's own forward elsewhere.
     """
@@ -56,9 +57,9 @@ class LocalEngine:
         self.model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype(precision)).eval()
         self.model.requires_grad_(False)
         self._fp8_exempt = fp8_exempt_names(self.model)
-        self.act_quant = quantize_activations_fp8 if precision == "fp8_w8a8" else None
+        self.act_quant = activation_quantizer(precision)
         if self.act_quant is not None:
-            _quantize_linear_inputs(self.model, self._fp8_exempt)
+            _quantize_linear_inputs(self.model, self._fp8_exempt, self.act_quant, ACTIVATION_EXPERTS[precision])
         if fast and not FastQwen3MoeDecoder.supports(self.model):
             raise ValueError(f"the fast decoder supports qwen3_moe only, not {config.model_type!r}")
         self.fast = FastQwen3MoeDecoder.supports(self.model) if fast is None else fast
@@ -168,13 +169,14 @@ class LocalEngine:
         return ids, mask
 
 
-def _quantize_linear_inputs(model: nn.Module, exempt: set[str]) -> None:
-    """W8A8: the input of every fp8 linear layer rounded to e4m3 per token (a pre-hook), and the
-    MoE experts switched to the implementation that does the same inside (``stablerl.moe``)."""
+def _quantize_linear_inputs(model: nn.Module, exempt: set[str], quant, experts: str) -> None:
+    """W8A8 / W4A4: the input of every quantized linear layer rounded by ``quant`` per token (a
+    pre-hook), and the MoE experts switched to the implementation ``experts`` that does the same
+    inside (``stablerl.moe``)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and f"{name}.weight" not in exempt:
-            module.register_forward_pre_hook(lambda _m, args: (quantize_activations_fp8(args[0]), *args[1:]))
-    use_fast_experts(model, W8A8_NAME)
+            module.register_forward_pre_hook(lambda _m, args: (quant(args[0]), *args[1:]))
+    use_fast_experts(model, experts)
 
 
 def _mask_routes(routes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

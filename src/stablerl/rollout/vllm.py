@@ -82,6 +82,10 @@ def vllm_dtype_args(precision: str, on_cuda: bool) -> dict:
         return {"dtype": "bfloat16"}
     if precision == "fp16":
         return {"dtype": "float16"}
+    if precision.startswith("nvfp4"):
+        raise ValueError(f"rollout.precision={precision} with rollout.engine=vllm: vLLM runs NVFP4 only from a "
+                         "checkpoint quantized ahead of time (ModelOpt / llm-compressor) on Blackwell GPUs, not "
+                         "from weights synced at every step; use rollout.engine=local, which emulates it")
     if not on_cuda:
         raise ValueError(f"rollout.precision={precision} with rollout.engine=vllm needs vLLM's FP8 kernels, which "
                          "this platform (CPU) does not have; use fp32 or bf16, or rollout.engine=local to emulate FP8")
