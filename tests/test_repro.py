@@ -116,3 +116,13 @@ def test_variants_filter_names_what_is_allowed(tmp_path, capsys):
     assert main(["repro", "staleness", "--variants", "nope", "--out", str(tmp_path)]) != 0
     assert "unknown variant(s) of staleness: nope" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_paired_interval_hand_worked():
+    from stablerl.repro.stats import paired_interval
+
+    # mean 0.01, sd 0.02, se 0.02 / sqrt(3); t(2 df, 97.5%) = 4.303 -> half-width 0.04969
+    mean, lo, hi = paired_interval([0.01, 0.03, -0.01])
+    assert mean == pytest.approx(0.01) and lo == pytest.approx(0.01 - 0.049687, abs=1e-5)
+    assert hi == pytest.approx(0.01 + 0.049687, abs=1e-5)
+    assert paired_interval([0.2]) is None and paired_interval([]) is None

@@ -352,8 +352,8 @@ class Trainer:
         metrics.update({
             "nonfinite_total": self.state.nonfinite_total, "policy_version": step,
             # how many versions behind the learner's pi_old the batch's sampler was (the lag)
-            "rollout_version": batch.version, "staleness/mean": step - 1 - batch.version,
-            "staleness/max": step - 1 - batch.version,
+            "rollout_version": batch.version, M.STALENESS_MEAN: step - 1 - batch.version,
+            M.STALENESS_MAX: step - 1 - batch.version,
             "step_time": time.perf_counter() - t0, "rollout_time": t1 - t0, "train_time": t2 - t1,
             "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
             "train_tokens_per_s": metrics[M.TRAIN_TOKENS] / max(t2 - t1, 1e-9),

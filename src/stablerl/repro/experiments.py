@@ -136,6 +136,7 @@ EXPERIMENTS: dict[str, dict] = {
         "title": "Staleness from lag: the default run at eta = 0, 1, 2, 4; decoupled (recompute pi_old) vs bypass (pi_old = mu)",
         "base": ["log.progress=false", "checkpoint.keep_last=1", "eval.every=100"],
         "variants": _STALE,
+        "reference": "eta0",  # paired per-seed differences against the synchronous run (report paired.md)
         "rows": {f"eta = {eta}": [v for v in _STALE if v in (f"eta{eta}", f"eta{eta}_bypass")] for eta in STALENESS_ETAS},
         "in_all": False,
     },

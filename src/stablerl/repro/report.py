@@ -11,7 +11,10 @@ from stablerl import metrics as M
 from stablerl.plot import moving_average
 from stablerl.repro.dose import dose_points, dose_table, plot_dose_response
 from stablerl.repro.experiments import EXPERIMENTS
-from stablerl.repro.stats import finished_runs, mean_finite, mean_std, rollout_steps, run_stats, series
+from stablerl.repro.runner import run_dir_of
+from stablerl.rundir import RunDir
+from stablerl.runlog import read_metrics
+from stablerl.repro.stats import finished_runs, mean_finite, mean_std, paired_interval, rollout_steps, run_stats, series
 
 # (metric, title, moving-average window in optimizer steps)
 CURVES = ((M.REWARD_MEAN, "training reward", 10), (M.EVAL_SAMPLED, "held-out accuracy (sampled)", 1),
@@ -44,8 +47,38 @@ def experiment_table(runs: dict[str, list[tuple[dict, list[dict], int]]]) -> lis
             "entropy": f"{mean_finite([s['entropy'] for s in stats]):.3f}",
             "groups_all_wrong": f"{mean_finite([s['groups_all_wrong'] for s in stats]):.2f}",
             "is_frac_truncated": f"{mean_finite([s['is_frac_truncated'] for s in stats]):.1e}",
+            "staleness_max": f"{mean_finite([s['staleness_max'] for s in stats]):g}",
         })
     return table
+
+
+def paired_table(name: str, out: Path, reference: str) -> str:
+    """Final held-out sampled accuracy of every variant minus ``reference``'s, paired by seed:
+    per-seed differences, their mean and 95% t-interval (none from a single seed)."""
+    per_seed: dict[str, dict[int, float]] = {}
+    for variant in EXPERIMENTS[name]["variants"]:
+        for seed in range(64):
+            d = run_dir_of(out, name, variant, seed)
+            if not RunDir(d).summary.exists():
+                continue
+            summary = json.loads(RunDir(d).summary.read_text())
+            if summary.get("interrupted"):
+                continue
+            stats = run_stats(summary, read_metrics(d))
+            per_seed.setdefault(variant, {})[seed] = stats["final_acc"]
+    ref = per_seed.get(reference, {})
+    lines = [f"Final held-out sampled accuracy minus {reference}'s, paired by seed (95% t-interval over seeds)\n",
+             "| variant | seeds paired | per-seed differences | mean | 95% interval |", "|---|---|---|---|---|"]
+    for variant, accs in per_seed.items():
+        if variant == reference:
+            continue
+        seeds = sorted(set(accs) & set(ref))
+        diffs = [accs[s] - ref[s] for s in seeds]
+        ci = paired_interval(diffs)
+        lines.append(f"| {variant} | {len(seeds)} | {', '.join(f'{x:+.3f}' for x in diffs) or '-'} | "
+                     f"{(sum(diffs) / len(diffs)) if diffs else float('nan'):+.3f} | "
+                     f"{f'[{ci[1]:+.3f}, {ci[2]:+.3f}]' if ci else 'n/a (< 2 seeds)'} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
@@ -64,6 +97,9 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
         head = "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n"
         paths["md"].write_text(head + "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in table))
         plot_experiment(name, runs, paths["png"])
+        if EXPERIMENTS[name].get("reference"):
+            paths["paired_md"] = dest / "paired.md"
+            paths["paired_md"].write_text(paired_table(name, out, EXPERIMENTS[name]["reference"]))
         if name == "dose-response":
             points = dose_points(runs)
             paths["dose_md"] = dest / "dose_table.md"

@@ -133,7 +133,8 @@ def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
             "seconds": summary.get("seconds", float("nan")),
             "max_kl": max(kls) if kls else float("nan"), "kl_spikes": sum(k > KL_SPIKE for k in kls),
             "route_agreement": mean_of(M.ROUTE_TRAIN_INFER), "entropy": mean_of(M.ENTROPY),
-            "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG), "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED)}
+            "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG), "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED),
+            "staleness_max": max(values(M.STALENESS_MAX), default=float("nan"))}
 
 
 def mean_finite(xs: list[float]) -> float:
@@ -146,3 +147,17 @@ def mean_std(xs: list[float]) -> str:
     if not xs:
         return "n/a"
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (1..10)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float] | None:
+    """Mean of per-seed paired differences and its 95% t-interval, or None below 2 pairs (no
+    interval can be given from one pair)."""
+    d = [x for x in diffs if x == x]
+    if len(d) < 2:
+        return None
+    mean, half = statistics.mean(d), T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5
+    return mean, mean - half, mean + half
