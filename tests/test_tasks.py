@@ -41,6 +41,47 @@ def test_teacher_solutions(style):
     assert {p.level for p in problems} == {1, 2, 3}
 
 
+def test_column_solutions_hand_worked_and_always_right():
+    import random
+
+    from stablerl.tasks.arithmetic import column_solution
+
+    # 17 + 25 + 8: units 7+5+8+0 = 20 (write 0, carry 2); tens 1+2+0+2 = 5 -> 50
+    assert column_solution([17, 25, 8], random.Random(0)) == "7+5+8+0=20;1+2+0+2=5#50"
+    # a final carry becomes the leading digits: 95 + 7: 5+7+0 = 12; 9+0+1 = 10 -> 102
+    assert column_solution([95, 7], random.Random(0)) == "5+7+0=12;9+0+1=10#102"
+    task = ArithmeticTask(levels=[2, 5], style="columns", max_operand=999999, seed=2)
+    problems = [task.train_problem(i) for i in range(400)]
+    assert all(task.reward(p.solution, p) == 1.0 for p in problems)
+    # every column: the digits of each number (0 where it has none) and the carry in; the sum follows
+    for p in problems[:50]:
+        nums = [int(x) for x in p.prompt[:-1].split("+")]
+        width, carry = len(str(max(nums))), 0
+        for col, step in enumerate(p.solution.split("#")[0].split(";")):
+            lhs, total = step.split("=")
+            terms = [int(t) for t in lhs.split("+")]
+            assert terms[:-1] == [n // 10 ** col % 10 for n in nums] and terms[-1] == carry
+            assert int(total) == sum(terms)
+            carry = int(total) // 10
+        assert col == width - 1
+    noisy = ArithmeticTask(levels=[5], style="noisy_columns", max_operand=999999, seed=2)
+    correct = sum(noisy.reward(noisy.train_problem(i).solution, noisy.train_problem(i)) for i in range(1000)) / 1000
+    assert 0.6 < correct < 0.8  # 30% carry one slip
+
+
+def test_column_style_needs_room_for_its_solutions():
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
+
+    with pytest.raises(ValueError, match="up to 110 tokens, more than rollout.max_new_tokens=40"):
+        build_config(RunConfig, None, ["task.style=columns", "task.levels=[5]", "task.max_operand=999999"])
+    task = ArithmeticTask(levels=[5], style="columns", max_operand=999999)
+    longest = max(len(task.train_problem(i).solution) for i in range(2000)) + 1  # + EOS
+    assert longest <= 110  # the bound the check uses holds
+    build_config(RunConfig, None, ["task.style=columns", "task.levels=[5]", "task.max_operand=999999",
+                                   "rollout.max_new_tokens=110"])
+
+
 def test_held_out_split_is_disjoint_and_deterministic():
     task = ArithmeticTask(eval_size=300, seed=3)
     held = {p.prompt for p in task.eval_problems()}

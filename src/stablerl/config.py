@@ -199,9 +199,12 @@ class TaskConfig(StrictModel):
     name: Literal["arithmetic", "dataset"] = Field("arithmetic", description="arithmetic: the built-in task; "
                                                    "dataset: your data (task.dataset; docs/your-task.md).")
     levels: list[int] = Field([1, 2, 3], description="arithmetic: difficulty levels (level L adds L+1 numbers).")
-    style: Literal["steps", "direct", "noisy"] = Field(
+    style: Literal["steps", "direct", "noisy", "columns", "noisy_columns"] = Field(
         "noisy", description="arithmetic: teacher solution style for SFT (noisy: 30% of worked solutions carry "
-        "one slip, so the cold start is imperfect and RL has something to fix).")
+        "one slip, so the cold start is imperfect and RL has something to fix; columns / noisy_columns: digit-by-"
+        "digit column addition with carries, the long-reasoning styles).")
+    max_operand: int = Field(99, ge=9, le=10**9, description="arithmetic: the largest number in a problem "
+                             "(99: two digits; level 5 with 999999 and a column style gives 109-token solutions).")
     eval_size: int = Field(500, ge=1, description="Held-out problems.")
     seed: int = Field(0, description="Task seed (problem stream and held-out split).")
     dataset: str | None = Field(None, description="dataset: what datasets.load_dataset reads: a local file "
@@ -485,6 +488,15 @@ class RunConfig(StrictModel):
             raise ValueError("rollout.workers with rollout.engine=vllm: a vLLM engine inside a rollout worker process "
                              "is not supported yet (vLLM sets up its own distributed state under torchrun); use "
                              "rollout.engine=local with workers, or rollout.workers=0 with vLLM")
+        if self.task.name == "arithmetic" and self.task.style.endswith("columns") and self.model.path is None:
+            # the default tokenizer is character-level: a worked solution is this many tokens (+ EOS)
+            d, L = len(str(self.task.max_operand)), max(self.task.levels)
+            longest = d * (2 * L + 6) + (d - 1) + 1 + (d + 1) + 1
+            if longest > self.rollout.max_new_tokens:
+                raise ValueError(f"task.style={self.task.style} with task.levels up to {L} and task.max_operand="
+                                 f"{self.task.max_operand} has worked solutions of up to {longest} tokens, more than "
+                                 f"rollout.max_new_tokens={self.rollout.max_new_tokens}: every response would be cut "
+                                 f"before its answer; set rollout.max_new_tokens>={longest}")
         if self.loss.proximal == "rollout" and self.train.routing_replay == "R2":
             raise ValueError("loss.proximal=rollout (bypass) with train.routing_replay=R2: R2 replays the routes of "
                              "the recomputed pi_old, which the bypass skips; use loss.proximal=recompute, or R3")

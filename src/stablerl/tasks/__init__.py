@@ -12,7 +12,8 @@ __all__ = ["ArithmeticTask", "Columns", "DatasetTask", "MalformedDataError", "lo
 def build_task(cfg):
     """A task from a ``stablerl.config.TaskConfig``."""
     if cfg.name == "arithmetic":
-        return ArithmeticTask(levels=cfg.levels, style=cfg.style, eval_size=cfg.eval_size, seed=cfg.seed)
+        return ArithmeticTask(levels=cfg.levels, style=cfg.style, eval_size=cfg.eval_size, seed=cfg.seed,
+                              max_operand=cfg.max_operand)
     return DatasetTask(cfg.dataset, columns=columns_of(cfg.columns), split=cfg.split, config=cfg.dataset_config,
                        eval_dataset=cfg.eval_dataset, eval_split=cfg.eval_split, eval_size=cfg.eval_size,
                        seed=cfg.seed, prompt_template=cfg.prompt_template,

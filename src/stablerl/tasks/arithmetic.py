@@ -6,6 +6,14 @@ A problem at level L adds L + 1 numbers in [0, 99]:
     steps    "17+25=42;42+8=50#50"      (teacher style 'steps', the default)
     direct   "#50"                       (style 'direct': the answer only)
     noisy    like 'steps', but 30% of solutions carry one arithmetic slip (style 'noisy')
+    columns  "7+5+8+0=20;1+2+0+2=5#50"  (style 'columns': digit by digit from the units, each column's
+             digits plus the carry in; the answer is the last digit of every column's sum)
+    noisy_columns  like 'columns', but 30% of solutions carry one slip in a column's sum
+
+The column styles are the long-reasoning ones: a worked solution of level L with d-digit numbers
+is d columns of 2(L + 1) + ~4 characters (tokens, for the character-level default tokenizer):
+level 5 with ``max_operand`` 999999 runs 109 tokens (99999: 91), and the answer depends on
+every step.
 
 The reward is 1 iff the text after the last '#' is exactly the correct sum. Problems are generated
 from a seed, so the training stream is infinite and reproducible; the held-out split is a fixed
@@ -19,7 +27,7 @@ import random
 from stablerl.tasks.base import Problem
 from stablerl.tasks.verifiers import ARITHMETIC, arithmetic_answer
 
-STYLES = ("steps", "direct", "noisy")
+STYLES = ("steps", "direct", "noisy", "columns", "noisy_columns")
 
 
 class ArithmeticTask:
@@ -53,6 +61,8 @@ class ArithmeticTask:
     def _solution(self, nums: list[int], rng: random.Random) -> str:
         if self.style == "direct":
             return f"#{sum(nums)}"
+        if self.style in ("columns", "noisy_columns"):
+            return column_solution(nums, rng, slip_rate=0.3 if self.style == "noisy_columns" else 0.0)
         slip = rng.randrange(len(nums) - 1) if self.style == "noisy" and rng.random() < 0.3 else -1
         steps, acc = [], nums[0]
         for i, n in enumerate(nums[1:]):
@@ -73,3 +83,24 @@ class ArithmeticTask:
 
     def reward(self, response: str, problem: Problem) -> float:
         return arithmetic_answer(problem.prompt, response, **problem.reward_fields())
+
+
+def column_solution(nums: list[int], rng: random.Random, slip_rate: float = 0.0) -> str:
+    """Column addition from the units: ``d1+d2+...+dn+carry=sum`` per column (a number without
+    that digit contributes 0), ``;`` between columns, then ``#`` and the answer the columns give
+    (every column sum's last digit, and the final carry in front). With probability
+    ``slip_rate`` one column's sum is off by one and the rest follows from it, so the answer is
+    wrong the way a slip makes it wrong."""
+    width = len(str(max(nums)))
+    digits = [str(n).zfill(width)[::-1] for n in nums]  # units first
+    slip = rng.randrange(width) if slip_rate and rng.random() < slip_rate else -1
+    steps, out, carry = [], [], 0
+    for col in range(width):
+        column = [int(d[col]) for d in digits]
+        total = sum(column) + carry + (rng.choice([-1, 1]) if col == slip else 0)
+        total = max(total, 0)
+        steps.append("+".join(map(str, column)) + f"+{carry}={total}")
+        out.append(str(total % 10))
+        carry = total // 10
+    answer = (str(carry) if carry else "") + "".join(reversed(out))
+    return ";".join(steps) + f"#{int(answer)}"
