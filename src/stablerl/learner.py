@@ -38,7 +38,7 @@ from stablerl.checkpoint import check_finite
 from stablerl.config import RunConfig
 from stablerl.corrections import m2_tokens
 from stablerl.diagnostics import first_order_gap, route_agreement_counts, route_agreement_from_counts
-from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_model
+from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_from_rank0
 from stablerl.forward import enable_activation_checkpointing, response_logp
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
@@ -132,11 +132,15 @@ class Learner:
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` on this rank's device, sharded over the learner ranks when there are several."""
-        model = model.to(self.world.device)
         if not self.world.distributed:
-            return model
-        # several ranks: FSDP2 computes in the unsharded parameters' dtype and keeps fp32 shards
-        return shard_model(model, self.dtype, self.cfg.distributed.reduce_dtype, D.learner_mesh(self.world.device))
+            return model.to(self.world.device)
+        # several ranks: FSDP2 computes in the unsharded parameters' dtype and keeps fp32 shards.
+        # Only learner rank 0 holds the weights (the others pass a meta-device skeleton) and
+        # sends each rank its shards
+        if self.world.is_main:
+            model = model.to(self.world.device)
+        return shard_from_rank0(model, self.dtype, self.cfg.distributed.reduce_dtype, D.learner_mesh(self.world.device),
+                                self.world.device, group=D.learner_group())
 
     def _logp(self, model: torch.nn.Module, part: RolloutBatch, **kwargs) -> dict[str, torch.Tensor]:
         """``forward.response_logp`` in the training dtype: bf16 on one rank is autocast (fp32

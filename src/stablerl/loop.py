@@ -135,10 +135,18 @@ class Trainer:
         elif self.files.is_run():
             raise ValueError(f"run_dir {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
                              "or pick another run_dir")
+        # with several learner ranks only rank 0 reads the weights; the others build a meta-device
+        # skeleton and receive their shards from it (Learner._place): no full copy on them
+        holds_weights = world.is_main or not world.distributed
         if ckpt is not None:
             from transformers import AutoConfig, AutoTokenizer
 
-            model = build_model(AutoConfig.from_pretrained(ckpt))
+            config = AutoConfig.from_pretrained(ckpt)
+            if holds_weights:
+                model = build_model(config)
+            else:
+                with torch.device("meta"):
+                    model = build_model(config)
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         else:
             source = None
@@ -148,7 +156,7 @@ class Trainer:
                 source = cold_start(cfg, self.task, self.log)
             # the others wait for rank 0's SFT, outside the collective timeout
             source = Path(D.broadcast_after_long_work(str(source) if source else ""))
-            model, tokenizer = load_policy(source)
+            model, tokenizer = load_policy(source, weights=holds_weights)
         for w in check_model(cfg, model):
             self.log(f"[warning] {w}")
         # every prompt encodes (chat template, BOS) and fits, and one step fits in memory: checked
@@ -156,13 +164,20 @@ class Trainer:
         longest = check_prompts(self.task, self.eval_sets, tokenizer, cfg, model.config, self.log)
         check_memory(cfg, model.config, world.size, longest)
         self.tokenizer, self.moe = tokenizer, is_moe(model)
-        # the engine is built from the full weights before the learner shards the model
         self.model_config = model.config
         self.source = str(ckpt if ckpt is not None else source)  # where a rollout worker reads the model from
-        # with rollout workers the learners sample nothing: no engine here (evaluation builds its own)
-        self.engine = None if cfg.rollout.workers else build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed,
-                                                                    distributed=world.distributed)
         self.learner = Learner(model, cfg, world, reference=self._reference() if cfg.loss.kl_beta > 0 else None)
+        # the engine gets the full weights streamed from the learner, one tensor at a time (a
+        # collective when sharded); with rollout workers the learners sample nothing: no engine
+        # here (evaluation builds its own)
+        self.engine = None
+        if not cfg.rollout.workers:
+            structure = model  # sharded in place when distributed: the engine reads a plain skeleton
+            if world.distributed:
+                with torch.device("meta"):
+                    structure = build_model(self.model_config)
+            self.engine = build_engine(cfg.rollout, structure, tokenizer, seed=cfg.train.seed,
+                                       distributed=world.distributed, weights=self.learner.full_weights())
         # the fixed lag: the engine samples step s with version max(0, s - 1 - eta) (pipeline.py)
         # (with workers the learners keep the versions the workers still need, to send them)
         lagged = cfg.rollout.max_staleness or cfg.rollout.workers
@@ -190,6 +205,8 @@ class Trainer:
         if not (path / "config.json").is_file():
             raise ValueError(f"loss.kl_beta > 0: the reference policy (the run's starting weights) is not at {path} "
                              "any more; restore it there, or set loss.kl_beta=0")
+        if self.world.distributed and not self.world.is_main:  # rank 0 sends the shards (Learner._place)
+            return load_policy(path, weights=False)[0]
         return load_model(path)
 
     def close(self) -> None:
@@ -291,11 +308,14 @@ class Trainer:
                 and not self.cfg.rollout.weight_noise and self.lag is None):
             return self.engine  # (a lagged engine holds old weights: evaluation measures the current ones)
         weights = self.learner.full_weights()
-        if self._eval is None:
-            plain = self.engine.model if isinstance(self.engine, LocalEngine) else build_model(self.model_config)
-            self._eval = LocalEngine(plain, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
-                                     pad_token_id=self.tokenizer.pad_token_id)
-        self._eval.load_weights(weights, version=self.state.step)
+        if self._eval is None:  # from a meta-device skeleton: the engine's copy is its only one
+            with torch.device("meta"):
+                skeleton = build_model(self.model_config)
+            self._eval = LocalEngine(skeleton, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
+                                     pad_token_id=self.tokenizer.pad_token_id, weights=weights)
+            self._eval.version = self.state.step
+        else:
+            self._eval.load_weights(weights, version=self.state.step)
         return self._eval
 
     def evaluate(self, step: int) -> dict:

@@ -140,11 +140,19 @@ def check_model_dir(path, key: str = "model.path") -> None:
         raise ValueError(f"{key} {str(path)!r} is not an HF model directory (no config.json)")
 
 
-def load_policy(path):
-    """Model and tokenizer of an HF checkpoint directory (the tokenizer gets a pad token)."""
-    from transformers import AutoTokenizer
+def load_policy(path, weights: bool = True):
+    """Model and tokenizer of an HF checkpoint directory (the tokenizer gets a pad token).
+    ``weights=False``: the model as a meta-device skeleton (its structure from the config, no
+    memory for weights), for a rank that receives its shards from another (distributed/fsdp.py)."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    model = load_model(path)
+    if weights:
+        model = load_model(path)
+    else:
+        check_model_dir(path)
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = build_model(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -45,7 +45,7 @@ class LocalEngine:
     """
 
     def __init__(self, model: nn.Module, precision: str = "bf16", *, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0):
+                 pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0, weights=None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not 0 <= weight_noise < float("inf"):
@@ -68,7 +68,9 @@ class LocalEngine:
         self.pad_token_id = pad_token_id
         self.vocab_size = config.vocab_size
         self.version = 0
-        self.load_weights(model.state_dict(), version=0)
+        # ``weights`` (a state dict or a stream of (name, tensor)) instead of ``model``'s own: the
+        # model may then be a meta-device skeleton (ranks that never hold the full training model)
+        self.load_weights(model.state_dict() if weights is None else weights, version=0)
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
