@@ -126,3 +126,35 @@ def test_paired_interval_hand_worked():
     assert mean == pytest.approx(0.01) and lo == pytest.approx(0.01 - 0.049687, abs=1e-5)
     assert hi == pytest.approx(0.01 + 0.049687, abs=1e-5)
     assert paired_interval([0.2]) is None and paired_interval([]) is None
+
+
+def _rows(key, values, every=1):
+    return [{"step": i * every, key: v} for i, v in enumerate(values)]
+
+
+def test_preregistered_collapse_parts_on_hand_made_curves():
+    from stablerl.repro.stats import collapse_c1, collapse_c2, collapse_c3, collapse_preregistered
+
+    # C1: peak 0.6 at eval 2; from eval 4 on every value <= 0.45 (two evaluations at least)
+    acc = _rows("eval/sampled_acc", [0.4, 0.5, 0.6, 0.5, 0.44, 0.40], every=20)
+    assert collapse_c1(acc) == 80
+    assert collapse_c1(_rows("eval/sampled_acc", [0.4, 0.6, 0.5, 0.44])) is None   # one evaluation only
+    assert collapse_c1(_rows("eval/sampled_acc", [0.6, 0.4, 0.5, 0.4])) is None    # 0.5 > 0.6 - 0.15: recovered
+    # C2: early median 1e-3; the running median (10 steps) reaches 1e-2 and stays
+    kl = _rows("train_infer_kl_k1", [1e-3] * 10 + [2e-2] * 30)
+    # at step 14 the window holds five 1e-3 and five 2e-2: its median, the mean of the middle two,
+    # is 1.05e-2 >= 10 x 1e-3
+    assert collapse_c2(kl) == 14
+    assert collapse_c2(_rows("train_infer_kl_k1", [1e-3] * 10 + [2e-2] * 10 + [1e-3] * 10)) is None
+    # C3: entropy drops below half the reference's for 20 steps
+    ref = _rows("entropy", [1.0] * 60)
+    ent = _rows("entropy", [1.0] * 20 + [0.2] * 40)
+    step, how = collapse_c3(ent, ref)
+    assert how == "drop" and 20 < step < 30
+    assert collapse_c3(_rows("entropy", [1.0] * 20 + [0.2] * 15 + [1.0] * 25), ref) == (None, "")
+    # the definition: C1, or C2 and C3 together
+    both = [{**a, **b} for a, b in zip(kl, _rows("entropy", [1.0] * 10 + [0.1] * 30))]
+    step, how = collapse_preregistered(both, ref[:40])
+    assert how == "C2+C3 (drop)" and step >= 14
+    assert collapse_preregistered(kl, None) == (None, "")   # C2 alone is not a collapse
+    assert collapse_preregistered(acc, None) == (80, "C1")

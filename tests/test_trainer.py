@@ -159,3 +159,13 @@ def test_cli_train_resume_and_plot(sft_ckpt, tmp_path, capsys):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_per_sequence_log_w_tail(sft_ckpt, tmp_path):
+    """seq_log_w/*: sum_t (log pi_old - log mu) per response. Its mean is the k1 KL times the
+    mean response length, negated (the same tokens, summed per response instead of per token)."""
+    rows = run(sft_ckpt, tmp_path / "r", "rollout.precision=fp8_w8a8", "train.steps=2")
+    for r in rows[1:]:
+        assert r["seq_log_w/mean"] == pytest.approx(-r["train_infer_kl_k1"] * r["response_len_mean"], rel=1e-4, abs=1e-7)
+        assert r["seq_log_w/min"] <= r["seq_log_w/p01"] <= r["seq_log_w/p05"]
+        assert r["seq_log_w/min"] < 0 < r["train_infer_kl"]  # an fp8 engine: some responses are far less likely under pi

@@ -97,6 +97,7 @@ class StepRecord:
     values: dict[str, list] = field(default_factory=dict)          # key -> [(value, weight), ...]
     routes: dict[str, torch.Tensor] = field(default_factory=dict)  # "train_infer"/"stale" -> counts
     train_tokens: int = 0
+    seq_log_w: list[float] = field(default_factory=list)  # per response: sum_t log pi_old - log mu
 
     def add(self, key: str, value: float, weight: float) -> None:
         self.values.setdefault(key, []).append((value, weight))
@@ -307,6 +308,8 @@ class Learner:
             except FloatingPointError:  # the ratio overflowed: this mini-batch is skipped on every rank
                 finite = False
         (loss if real else loss * 0.0).backward()
+        if real and finite:  # every response is in exactly one mini-batch: recorded once per step
+            record.seq_log_w += ((old_logp.detach() - micro.rollout_logp) * mask).sum(-1).tolist()
         if real and m is not None:
             self._record(mb, micro, out, m, plan.capture, old.routes, idx, record)
         return finite
@@ -342,6 +345,10 @@ class Learner:
                 total = D.all_reduce_sum(counts if counts is not None else torch.zeros(2, _moe_layers(batch)))
                 if total[1].sum() > 0:
                     metrics.update(route_agreement_from_counts(total, name))
+        seq = torch.tensor([x for part in D.all_gather_objects(record.seq_log_w) for x in part], dtype=torch.float64)
+        if len(seq):
+            metrics.update({M.SEQ_LOG_W_MEAN: float(seq.mean()), M.SEQ_LOG_W_P01: float(torch.quantile(seq, 0.01)),
+                            M.SEQ_LOG_W_P05: float(torch.quantile(seq, 0.05)), M.SEQ_LOG_W_MIN: float(seq.min())})
         metrics["lr"] = self.lr(self.optimizer_steps)
         metrics[M.TRAIN_TOKENS] = int(D.all_reduce_sum([record.train_tokens])[0])
         if skipped:

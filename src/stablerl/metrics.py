@@ -20,6 +20,10 @@ STALENESS_KL = "staleness_kl"                # k3 estimate of KL(pi_old || pi_th
 STALENESS_MEAN = "staleness/mean"            # policy versions between the sampler and pi_old (lag)
 STALENESS_MAX = "staleness/max"
 FIRST_ORDER_GAP = "first_order_gap"
+# per response: sum_t log w_t = sum_t (log pi_old - log mu) over its tokens (the per-sequence
+# mismatch; without IS the damage comes from its lower tail, w << 1): mean, 1st/5th percentile, min
+SEQ_LOG_W_MEAN, SEQ_LOG_W_P01, SEQ_LOG_W_P05, SEQ_LOG_W_MIN = ("seq_log_w/mean", "seq_log_w/p01", "seq_log_w/p05",
+                                                              "seq_log_w/min")
 GRAD_NORM = "grad_norm"
 CLIP_FRAC_HIGH = "clip_frac_high"
 IS_FRAC_TRUNCATED = "is_frac_truncated"

@@ -48,6 +48,11 @@ def experiment_table(runs: dict[str, list[tuple[dict, list[dict], int]]]) -> lis
             "groups_all_wrong": f"{mean_finite([s['groups_all_wrong'] for s in stats]):.2f}",
             "is_frac_truncated": f"{mean_finite([s['is_frac_truncated'] for s in stats]):.1e}",
             "staleness_max": f"{mean_finite([s['staleness_max'] for s in stats]):g}",
+            # the pre-registered definition's parts (C3 needs a reference run: reported per experiment)
+            "c1_accuracy_collapse": f"{sum(s['c1_step'] is not None for s in stats)}/{len(stats)}",
+            "c2_kl_blowup": f"{sum(s['c2_step'] is not None for s in stats)}/{len(stats)}",
+            "seq_log_w_p01": f"{mean_finite([s['seq_log_w_p01'] for s in stats]):.3f}",
+            "kl_spikes_per_opt_step": f"{mean_finite([s['kl_spikes_per_opt_step'] for s in stats]):.3f}",
         })
     return table
 

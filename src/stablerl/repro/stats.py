@@ -90,6 +90,80 @@ def collapse(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDO
     return step * n, how
 
 
+# ---------------------------------------------------------------------------------------------
+# The pre-registered collapse definition (docs/preregistration.md s.3): C1, or C2 and C3.
+# Steps in and out are optimizer steps; ``rows`` are per rollout step, ``n`` its mini-batches.
+# ---------------------------------------------------------------------------------------------
+C1_DROP, C1_HOLD = 0.15, 2            # accuracy below the running peak by this much, for this many evaluations
+C2_FACTOR, C2_WINDOW = 10.0, 10       # k1 KL's running median this many times its early median
+C3_BAND, C3_WINDOW, C3_SPAN = (0.5, 2.0), 10, 20   # entropy vs the reference run's, for this many steps
+
+
+def _running_median(values: list[float], window: int) -> list[float]:
+    return [statistics.median(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def collapse_c1(rows: list[dict], n: int = 1) -> int | None:
+    """C1, performance collapse: the held-out sampled accuracy falls >= 0.15 below its running
+    peak and stays below (that peak - 0.15) at every later evaluation, two evaluations at least."""
+    steps, acc = series(rows, M.EVAL_SAMPLED)
+    for i in range(1, len(acc)):
+        peak = max(acc[:i])
+        if len(acc) - i >= C1_HOLD and all(v <= peak - C1_DROP for v in acc[i:]):
+            return steps[i] * n
+    return None
+
+
+def collapse_c2(rows: list[dict], n: int = 1) -> int | None:
+    """C2, mismatch blow-up: the k1 training-inference KL's running median (10 optimizer steps)
+    reaches >= 10x its median over the first 10 optimizer steps and stays there to the end."""
+    steps, kl = series(rows, M.TRAIN_INFER_KL_K1)
+    w = rollout_steps(C2_WINDOW, n)
+    if len(kl) <= w:
+        return None
+    early = statistics.median(kl[:w])
+    med = _running_median(kl, w)
+    since = None
+    for s, v in zip(steps[w:], med[w:]):
+        since = (s if since is None else since) if early > 0 and v >= C2_FACTOR * early else None
+    return None if since is None else since * n
+
+
+def collapse_c3(rows: list[dict], reference: list[dict], n: int = 1) -> tuple[int | None, str]:
+    """C3, entropy departure: the token entropy's running mean (10 optimizer steps) leaves
+    [0.5x, 2x] the reference run's at the same step for >= 20 consecutive optimizer steps;
+    ``(first step of the span, "drop" | "blow-up")``."""
+    w, span = rollout_steps(C3_WINDOW, n), rollout_steps(C3_SPAN, n)
+    steps, ent = series(rows, M.ENTROPY)
+    ref_steps, ref = series(reference, M.ENTROPY)
+    ref_at = dict(zip(ref_steps, moving_average(ref, w)))
+    run = []
+    for s, v in zip(steps, moving_average(ent, w)):
+        r = ref_at.get(s)
+        out = r is not None and r > 0 and not C3_BAND[0] * r <= v <= C3_BAND[1] * r
+        run = run + [(s, v < r)] if out else []
+        if len(run) >= span:
+            return run[0][0] * n, "drop" if run[0][1] else "blow-up"
+    return None, ""
+
+
+def collapse_preregistered(rows: list[dict], reference: list[dict] | None, aborted: bool = False,
+                           n: int = 1) -> tuple[int | None, str]:
+    """The pre-registered definition: C1, or C2 and C3 (C3 needs the reference run; without one
+    only C1 can decide). A run stopped for non-finite steps collapsed there."""
+    if aborted:
+        steps, _ = series(rows, M.REWARD_MEAN)
+        return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
+    c1 = collapse_c1(rows, n)
+    if c1 is not None:
+        return c1, "C1"
+    c2 = collapse_c2(rows, n)
+    c3, direction = collapse_c3(rows, reference, n) if reference is not None and c2 is not None else (None, "")
+    if c2 is not None and c3 is not None:
+        return max(c2, c3), f"C2+C3 ({direction})"
+    return None, ""
+
+
 def collapse_step(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW) -> int | None:
     return collapse(rows, aborted, window)[0]
 
@@ -134,7 +208,11 @@ def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
             "max_kl": max(kls) if kls else float("nan"), "kl_spikes": sum(k > KL_SPIKE for k in kls),
             "route_agreement": mean_of(M.ROUTE_TRAIN_INFER), "entropy": mean_of(M.ENTROPY),
             "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG), "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED),
-            "staleness_max": max(values(M.STALENESS_MAX), default=float("nan"))}
+            "staleness_max": max(values(M.STALENESS_MAX), default=float("nan")),
+            # the pre-registered reading's per-run numbers (docs/preregistration.md s.3-4)
+            "c1_step": collapse_c1(rows, n), "c2_step": collapse_c2(rows, n),
+            "seq_log_w_p01": mean_of(M.SEQ_LOG_W_P01),
+            "kl_spikes_per_opt_step": sum(k > KL_SPIKE for k in kls) / (len(kls) * n) if kls else float("nan")}
 
 
 def mean_finite(xs: list[float]) -> float:
