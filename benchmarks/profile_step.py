@@ -1,0 +1,97 @@
+"""Where one RL step's time goes: the rollout (decode) and the update (forward, backward,
+optimizer), with torch.profiler's top operators of each, and the padded-token fraction of both.
+
+    .venv/bin/python benchmarks/profile_step.py [--shape default|deep] [--new-tokens 40] [--steps 2]
+
+The model is the shape's tiny Qwen3-MoE at random init (the compute of a step does not depend on
+the weights' values; a random policy writes full-length responses, the worst case for padding),
+on the built-in task, 16 prompts x 8 responses. One warm-up step, then ``--steps`` profiled steps.
+The padded-token fraction is the share of positions a forward computes that are padding: for the
+update, of each micro-batch's trimmed ``[rows, prompt + longest response]``; for the rollout, of
+the ``[B, prompt + max_new_tokens]`` cache the decoder fills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+SHAPES = {"default": {}, "deep": {"num_layers": 8, "num_experts": 32, "top_k": 4, "expert_size": 48}}
+
+
+def top_ops(prof, n: int) -> list[dict]:
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in rows[:n]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="default", choices=list(SHAPES))
+    ap.add_argument("--new-tokens", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from stablerl.checkpoint import save_model_dir
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
+    from stablerl.loop import Trainer
+    from stablerl.models import build_model, build_tokenizer, default_model_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="stablerl-profile-"))
+    tok = build_tokenizer()
+    ckpt = save_model_dir(tmp / "ckpt", build_model(default_model_config(tok, **SHAPES[args.shape]), seed=0), tok)
+    cfg = build_config(RunConfig, None, [f"model.path={ckpt}", f"run_dir={tmp / 'run'}", "log.progress=false",
+                                         "log.tensorboard=false", f"rollout.max_new_tokens={args.new_tokens}",
+                                         "task.eval_size=8"])
+    trainer = Trainer(cfg, tmp / "run", log=lambda *_: None)
+    trainer._setup(resume=False)
+    phases = {"rollout": [], "update": []}
+    padded = {"rollout": [], "update": []}
+    report = {"shape": args.shape, "new_tokens": args.new_tokens}
+    for step in range(1, args.steps + 2):
+        profiled = step > 1
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as p_roll:
+            batch, _ = trainer.rollout(step)
+        t1 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as p_upd:
+            trainer.learner.update(step, batch, first_row=0)
+        t2 = time.perf_counter()
+        if not profiled:
+            continue
+        phases["rollout"].append(t1 - t0)
+        phases["update"].append(t2 - t1)
+        B, P = batch.input_ids.shape[0], batch.prompt_width
+        padded["rollout"].append(1 - float(batch.attention_mask.sum()) / (B * (P + args.new_tokens)))
+        trimmed = batch.trim()
+        padded["update"].append(1 - float(trimmed.attention_mask.sum()) / trimmed.attention_mask.numel())
+        report["rollout_top"], report["update_top"] = top_ops(p_roll, args.top), top_ops(p_upd, args.top)
+        report["response_len_mean"] = float(batch.response_mask.sum(-1).float().mean())
+    for phase in phases:
+        report[f"{phase}_s"] = sum(phases[phase]) / len(phases[phase])
+        report[f"{phase}_padded_fraction"] = sum(padded[phase]) / len(padded[phase])
+    trainer.close()
+    print(f"shape {args.shape}, {args.new_tokens} new tokens (mean response {report['response_len_mean']:.0f}): "
+          f"rollout {report['rollout_s']:.2f} s/step (padded {report['rollout_padded_fraction']:.1%}), "
+          f"update {report['update_s']:.2f} s/step (padded {report['update_padded_fraction']:.1%})")
+    for phase in ("rollout", "update"):
+        print(f"\n{phase}: top operators by self CPU time")
+        for r in report[f"{phase}_top"]:
+            print(f"  {r['share']:6.1%}  {r['self_ms']:8.1f} ms  {r['calls']:6d} calls  {r['op']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
