@@ -38,12 +38,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=2048,
+                    help="also report the update's padding with batch.max_tokens_per_micro_batch at this budget")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     from stablerl.checkpoint import save_model_dir
     from stablerl.config import RunConfig
     from stablerl.config_io import build_config
+    from stablerl.learner import micro_batches
     from stablerl.loop import Trainer
     from stablerl.models import build_model, build_tokenizer, default_model_config
 
@@ -76,14 +79,24 @@ def main() -> None:
         trimmed = batch.trim()
         padded["update"].append(1 - float(trimmed.attention_mask.sum()) / trimmed.attention_mask.numel())
         report["rollout_top"], report["update_top"] = top_ops(p_roll, args.top), top_ops(p_upd, args.top)
+        lengths = batch.response_mask.sum(-1)
+        rows = torch.randperm(B, generator=torch.Generator().manual_seed(step))  # a mini-batch's order
+        for name, order in (("budget", rows), ("budget_sorted", rows[torch.argsort(lengths[rows], descending=True, stable=True)])):
+            pieces = micro_batches(order, lengths, P, B, args.max_tokens)
+            computed = sum(len(p) * (P + int(lengths[p].max())) for p in pieces)
+            padded.setdefault(name, []).append(1 - float(batch.attention_mask.sum()) / computed)
         report["response_len_mean"] = float(batch.response_mask.sum(-1).float().mean())
-    for phase in phases:
+    for phase in ("rollout", "update"):
         report[f"{phase}_s"] = sum(phases[phase]) / len(phases[phase])
         report[f"{phase}_padded_fraction"] = sum(padded[phase]) / len(padded[phase])
     trainer.close()
+    for name in ("budget", "budget_sorted"):
+        report[f"update_padded_fraction_{name}"] = sum(padded[name]) / len(padded[name])
     print(f"shape {args.shape}, {args.new_tokens} new tokens (mean response {report['response_len_mean']:.0f}): "
           f"rollout {report['rollout_s']:.2f} s/step (padded {report['rollout_padded_fraction']:.1%}), "
-          f"update {report['update_s']:.2f} s/step (padded {report['update_padded_fraction']:.1%})")
+          f"update {report['update_s']:.2f} s/step (padded {report['update_padded_fraction']:.1%}; with "
+          f"max_tokens_per_micro_batch={args.max_tokens}: {report['update_padded_fraction_budget']:.1%} in mini-batch "
+          f"order, {report['update_padded_fraction_budget_sorted']:.1%} length-sorted)")
     for phase in ("rollout", "update"):
         print(f"\n{phase}: top operators by self CPU time")
         for r in report[f"{phase}_top"]:

@@ -342,7 +342,8 @@ class BatchConfig(StrictModel):
     minibatches_per_step: int = Field(1, ge=1, description="N: optimizer steps per rollout batch (1 = on-policy).")
     micro_batch_size: int = Field(128, ge=1, description="Responses per forward/backward (memory only).")
     max_tokens_per_micro_batch: int | None = Field(None, ge=1, description="Also cap a micro-batch by tokens: "
-                                                   "responses (in mini-batch order) join a micro-batch while its "
+                                                   "responses (longest first, so similar lengths share one: less "
+                                                   "padding) join a micro-batch while its "
                                                    "padded size, rows x longest prompt+response, stays within this "
                                                    "(a longer single response goes alone); none = by "
                                                    "micro_batch_size only. Memory only: never changes the result.")

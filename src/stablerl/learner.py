@@ -219,7 +219,10 @@ class Learner:
         order = torch.randperm(B_local * K, generator=torch.Generator().manual_seed(shuffle_seed(self.cfg.train.seed, step)))
         for k, chunk in enumerate(torch.tensor_split(order, N)):
             rows = chunk[(chunk >= first_row) & (chunk < first_row + B_local)] - first_row
-            pieces = micro_batches(rows, batch.response_mask.sum(-1), batch.prompt_width, micro, max_tokens)
+            lengths = batch.response_mask.sum(-1)
+            if max_tokens is not None:  # similar lengths share a micro-batch: less padding (same update)
+                rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+            pieces = micro_batches(rows, lengths, batch.prompt_width, micro, max_tokens)
             # every rank runs as many micro-batches as the rank that needs the most for this mini-batch
             if max_tokens is None:  # known without asking: it follows from the global shuffle
                 per_rank = torch.bincount(torch.div(chunk, B_local, rounding_mode="floor"), minlength=K)
