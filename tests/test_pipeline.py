@@ -111,8 +111,9 @@ def _comparable(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("eta,workers", [(1, 1), (0, 1), (2, 2)], ids=["eta1-R1", "eta0-R1", "eta2-R2"])
-def test_workers_equal_zero_workers(sft_ckpt, tmp_path, eta, workers):
+@pytest.mark.parametrize("eta,learners,workers", [(1, 1, 1), (0, 1, 1), (2, 1, 2), (1, 2, 1)],
+                         ids=["eta1-R1", "eta0-R1", "eta2-R2", "eta1-L2-R1"])
+def test_workers_equal_zero_workers(sft_ckpt, tmp_path, eta, learners, workers):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -124,7 +125,7 @@ def test_workers_equal_zero_workers(sft_ckpt, tmp_path, eta, workers):
                              "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4",
                              "eval.every=100", "log.progress=false", "log.tensorboard=false", "log.rollouts=true",
                              f"task.reward_fns=[{REWARD}]", "optim.lr=1e-3", *extra, f"rollout.workers={workers}"]]
-    rc, out = torchrun_train(args, nproc=1 + workers, timeout=300)
+    rc, out = torchrun_train(args, nproc=learners + workers, timeout=300)
     assert rc == 0, out[-3000:]
     got = read_metrics(tmp_path / "w")
     a = [json.loads(x) for x in (tmp_path / "ref" / "rollouts.jsonl").read_text().splitlines()]
@@ -132,10 +133,13 @@ def test_workers_equal_zero_workers(sft_ckpt, tmp_path, eta, workers):
     assert [r["completions"] for r in a] == [r["completions"] for r in b]  # the same samples, by the same versions
     assert [r["rollout_version"] for r in got[1:]] == [max(0, s - 1 - eta) for s in range(1, 5)]
     assert all(r["pipeline/learner_wait_s"] >= 0 for r in got[1:])
+    # two learners (FSDP) compute pi_old over half the batch each: per-sequence sums of log w then
+    # carry float32 round-off of up to 12 tokens (tests/test_distributed.py ABS_TOL)
+    tol = {f"seq_log_w/{s}": 12 * 4.8e-7 for s in ("mean", "p01", "p05", "min")} if learners > 1 else {}
     for x, y in zip(_comparable(ref), _comparable(got)):
         assert x.keys() == y.keys()
         for k in x:
-            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), k
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=tol.get(k, 1e-7)), k
     wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "ref"))
     wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "w"))
     for k in wa:
