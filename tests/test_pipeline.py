@@ -195,3 +195,17 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
 def test_a_vllm_engine_in_a_worker_is_refused_not_hung():
     with pytest.raises(ValueError, match=r"rollout.workers with rollout.engine=vllm"):
         build_config(RunConfig, None, ["rollout.workers=1", "rollout.engine=vllm"])
+
+
+def test_lag_kl_splits_the_mismatch_into_engine_and_lag(sft_ckpt, tmp_path):
+    """log.lag_kl: k1(mu || pi_old) = k1(mu || pi_v) + k1(pi_v || pi_old) on the same tokens. At
+    the first steps the sampler's version is the learner's (v = s - 1): no lag; later the lag
+    part is the rest, and the engine part is what an fp32 engine shows: ~0."""
+    rows = run(sft_ckpt, tmp_path / "r", "train.steps=4", "rollout.max_staleness=2", "log.lag_kl=true",
+               "rollout.precision=fp32", "optim.lr=1e-2")
+    for r in rows[1:]:
+        assert r["lag/lag_kl_k1"] + r["lag/engine_kl_k1"] == pytest.approx(r["train_infer_kl_k1"], abs=1e-9)
+        assert abs(r["lag/engine_kl_k1"]) < 1e-5 and r["lag/engine_kl"] < 1e-6  # fp32 engine = pi_v
+    assert abs(rows[1]["lag/lag_kl_k1"]) < 1e-5   # step 1 is sampled by version 0 = pi_old
+    assert rows[4]["staleness/max"] == 2 and rows[4]["train_infer_kl"] > 1e-4  # lagging two versions: a mismatch
+    assert abs(rows[4]["lag/lag_kl_k1"] - rows[4]["train_infer_kl_k1"]) < 1e-5  # ... and all of it is the lag

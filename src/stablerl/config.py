@@ -435,6 +435,9 @@ class LogConfig(StrictModel):
     print_every: int = Field(10, ge=1, description="Steps between plain progress lines (console not a terminal).")
     rollouts: bool = Field(False, description="Write every sampled response (prompt, completion, reward) to "
                            "RUN_DIR/rollouts.jsonl, one line per step.")
+    lag_kl: bool = Field(False, description="With rollout.max_staleness >= 1: split the training-inference KL into "
+                         "the engine's part, KL(mu || pi of the sampler's version), and the lag's (k1: the rest) — "
+                         "one more model copy and a no-grad forward per step (docs/training.md \"Staleness\").")
     collapse_window: int = Field(30, ge=1, description="Steps of history (at most) whose median is the baseline "
                                  "of the collapse warning; it works from the first steps on.")
     collapse_sustain: int = Field(3, ge=1, description="Consecutive steps a jump must last to warn.")

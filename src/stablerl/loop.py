@@ -28,7 +28,9 @@ from stablerl import checkpoint
 from stablerl import distributed as D
 from stablerl import metrics as M
 from stablerl.config import RunConfig
+from stablerl.diagnostics import k3
 from stablerl.evaluation import build_eval_sets, evaluate
+from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
 from stablerl.models import build_model, is_moe, load_model, load_policy
@@ -196,6 +198,7 @@ class Trainer:
             self.lag.keep(0, self.learner.full_weights())  # version 0 samples the first eta + 1 steps
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
+        self._lag_model = None  # log.lag_kl: the training policy at the sampler's version
         self.sampling = cfg.rollout.sampling()
 
     def _reference(self):
@@ -363,6 +366,8 @@ class Trainer:
             raise TrainingAborted(f"step {step}: {e} after a finite loss and gradient; stopping. "
                                   f"{self._advice()}") from None
         t2 = time.perf_counter()
+        if cfg.log.lag_kl:
+            metrics.update(self._lag_split(batch, metrics))
         skipped = metrics.pop("nonfinite", False)
         self._count_nonfinite(step, skipped, logger)
         self._sync_weights(step)
@@ -400,6 +405,28 @@ class Trainer:
         if self.nonfinite_streak >= limit:
             raise TrainingAborted(f"{self.nonfinite_streak} non-finite steps in a row (train.max_nonfinite_steps="
                                   f"{limit}); stopping. {self._advice()}")
+
+    def _lag_split(self, batch: RolloutBatch, metrics: dict) -> dict:
+        """The training-inference mismatch split (``log.lag_kl``): the engine's part, mu against
+        the training policy of the version that sampled (pi_v, its weights kept for the lag), and
+        the lag's, pi_v against pi_old. In k1 the split is exact on the same tokens:
+        E_mu[log mu - log pi_old] = E_mu[log mu - log pi_v] + E_mu[log pi_v - log pi_old]. pi_v is
+        routed as pi_old is (R3: the rollout's routes)."""
+        weights = self.lag.versions.get(batch.version) if self.lag is not None else None
+        if weights is None:
+            return {}
+        if self._lag_model is None:  # one more full copy of the weights, on every learner rank
+            self._lag_model = build_model(self.model_config).eval().requires_grad_(False)
+        self._lag_model.load_state_dict(weights)
+        replay = batch.routes if self.cfg.train.routing_replay == "R3" else None
+        with torch.no_grad():
+            logp_v = response_logp(self._lag_model, batch, replay=replay, temperature=batch.sampling.temperature)["logp"]
+        d = (logp_v - batch.rollout_logp)[batch.response_mask].double()
+        k1_sum, k3_sum, n = D.all_reduce_sum([float(-d.sum()), float(k3(d).sum()), float(d.numel())]).tolist()
+        out = {M.LAG_ENGINE_KL: k3_sum / max(n, 1.0), M.LAG_ENGINE_KL_K1: k1_sum / max(n, 1.0)}
+        if self.cfg.loss.proximal == "recompute" and M.TRAIN_INFER_KL_K1 in metrics:
+            out[M.LAG_KL_K1] = metrics[M.TRAIN_INFER_KL_K1] - out[M.LAG_ENGINE_KL_K1]
+        return out
 
     def _sync_weights(self, step: int) -> None:
         """The trained weights (version ``step``) to whatever samples next: the engine at once, or

@@ -19,6 +19,10 @@ TRAIN_INFER_KL_K1 = "train_infer_kl_k1"      # k1 estimate, as the paper plots i
 STALENESS_KL = "staleness_kl"                # k3 estimate of KL(pi_old || pi_theta) per token
 STALENESS_MEAN = "staleness/mean"            # policy versions between the sampler and pi_old (lag)
 STALENESS_MAX = "staleness/max"
+# log.lag_kl: the training-inference mismatch split into the engine's and the lag's parts
+LAG_ENGINE_KL = "lag/engine_kl"              # k3 of KL(mu || pi_v), v = the sampler's version
+LAG_ENGINE_KL_K1 = "lag/engine_kl_k1"
+LAG_KL_K1 = "lag/lag_kl_k1"                  # k1 of KL(pi_v || pi_old) on mu's samples: train_infer_kl_k1 - engine
 FIRST_ORDER_GAP = "first_order_gap"
 # per response: sum_t log w_t = sum_t (log pi_old - log mu) over its tokens (the per-sequence
 # mismatch; without IS the damage comes from its lower tail, w << 1): mean, 1st/5th percentile, min
