@@ -209,3 +209,10 @@ def test_lag_kl_splits_the_mismatch_into_engine_and_lag(sft_ckpt, tmp_path):
     assert abs(rows[1]["lag/lag_kl_k1"]) < 1e-5   # step 1 is sampled by version 0 = pi_old
     assert rows[4]["staleness/max"] == 2 and rows[4]["train_infer_kl"] > 1e-4  # lagging two versions: a mismatch
     assert abs(rows[4]["lag/lag_kl_k1"] - rows[4]["train_infer_kl_k1"]) < 1e-5  # ... and all of it is the lag
+
+
+def test_the_progress_line_shows_the_lag(sft_ckpt, tmp_path, capsys):
+    run(sft_ckpt, tmp_path / "r", "train.steps=3", "rollout.max_staleness=1", "log.progress=true", "log.print_every=1")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[train] step")]
+    # step 0 (the evaluation before training) and step 1 (sampled by version 0 = pi_old) have no lag
+    assert len(lines) == 4 and "lag" not in lines[0] + lines[1] and lines[2].endswith("lag 1")

@@ -17,7 +17,8 @@ from stablerl.rundir import RunDir, RunState, append_line, write_json_atomic
 
 # the figures shown on the progress line, in order
 PROGRESS_KEYS = (("reward", M.REWARD_MEAN, ".2f"), ("acc", M.EVAL_GREEDY, ".2f"),
-                 ("H", M.ENTROPY, ".3f"), ("KL_ti", M.TRAIN_INFER_KL, ".1e"), ("route", M.ROUTE_TRAIN_INFER, ".3f"))
+                 ("H", M.ENTROPY, ".3f"), ("KL_ti", M.TRAIN_INFER_KL, ".1e"), ("route", M.ROUTE_TRAIN_INFER, ".3f"),
+                 ("lag", M.STALENESS_MAX, "d"))  # the lag only where there is one (rollout.max_staleness)
 
 
 # what a collapse looks like in each watched metric (docs/formulation.md "What the paper found"):
@@ -145,7 +146,8 @@ class RunLogger:
         for w in warnings:
             self.print(f"[yellow]WARNING[/yellow] {w}")
         shown = {**metrics, **self.last_eval}
-        desc = "  ".join(f"{name} {shown[key]:{fmt}}" for name, key, fmt in PROGRESS_KEYS if key in shown)
+        desc = "  ".join(f"{name} {shown[key]:{fmt}}" for name, key, fmt in PROGRESS_KEYS
+                         if key in shown and (key != M.STALENESS_MAX or shown[key]))
         if self.progress is not None:
             self.progress.update(self.task_id, completed=step, description=desc)
         elif self.plain and (step % self.cfg.print_every == 0 or step == self.total_steps):
