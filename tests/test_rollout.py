@@ -344,3 +344,24 @@ def test_vllm_refuses_nvfp4_with_a_reason():
 
     with pytest.raises(ValueError, match="rollout.engine=local, which emulates it"):
         vllm_dtype_args("nvfp4", on_cuda=True)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_dropping_finished_rows_changes_nothing(moe, fast, monkeypatch):
+    """Rows that have ended leave the decode (their caches are cut away): every row's tokens,
+    log-probs and routes are those of the decode that kept computing them."""
+    from stablerl.rollout import local
+
+    ps, sampling = prompts(24, seed=4, lo=3, hi=12), SamplingConfig(max_new_tokens=24)
+    out = {}
+    for drop in (0.01, 0.25, 2.0):  # 0.01: at every row that ends; 2.0: never
+        monkeypatch.setattr(local, "DROP_FINISHED", drop)
+        engine = LocalEngine(moe, "bf16", eos_token_id=[5, 9, 17], fast=fast)  # frequent EOS: rows end apart
+        out[drop] = engine.generate(ps, sampling, seeds=seeds(24, 3))
+    b = out[2.0]
+    lengths = b.response_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 3 and int(lengths.min()) < 12  # rows ended at many different steps
+    for a in (out[0.01], out[0.25]):
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+        assert torch.allclose(a.rollout_logp, b.rollout_logp, atol=1e-5)
+        assert torch.equal(a.routes, b.routes)

@@ -47,6 +47,11 @@ class HFDecoder:
         self.attention_mask = torch.cat([self.attention_mask, valid.long()[:, None]], dim=1)
         return self._forward(tokens[:, None], positions[:, None])
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Decode only ``rows`` (indices into the current batch) from now on."""
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask[rows]
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # as HF: normalize in fp32, cast back, then scale. Written out rather than F.rms_norm, which
@@ -101,6 +106,13 @@ class FastQwen3MoeDecoder:
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
         return self._forward(tokens[:, None], positions[:, None], valid[:, None])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Decode only ``rows`` (indices into the current batch) from now on: the caches shrink
+        to them (one copy), and every later step computes only those rows."""
+        self.k_cache = [c.index_select(0, rows) for c in self.k_cache]
+        self.v_cache = [c.index_select(0, rows) for c in self.v_cache]
+        self.key_valid = self.key_valid.index_select(0, rows)
 
     # -- the model ---------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):

@@ -32,6 +32,10 @@ def fp8_exempt_names(model: nn.Module) -> set[str]:
     return names
 
 
+# finished rows leave the decode once they are this share of the rows decoded (> 1: never)
+DROP_FINISHED = 0.25
+
+
 class LocalEngine:
     """Samples with a KV cache from its own copy of the weights in ``precision``.
 
@@ -124,8 +128,11 @@ class LocalEngine:
         positions = attention_mask.sum(-1)  # position of the first response token
         tokens, logps, masks = [], [], []
         finished = torch.zeros(B, dtype=torch.bool)
+        live = torch.arange(B)  # the rows the decoder still computes (finished ones are dropped)
         for s in range(R):
-            tok, lp = sample(logits, sampling, noise, s)
+            tok_live, lp_live = sample(logits, sampling, noise, s, rows=live)
+            tok = torch.full((B,), self.pad_token_id, dtype=torch.long).index_copy_(0, live, tok_live)
+            lp = torch.zeros(B, dtype=lp_live.dtype).index_copy_(0, live, lp_live)
             active = ~finished
             tokens.append(torch.where(active, tok, torch.full_like(tok, self.pad_token_id)))
             logps.append(torch.where(active, lp, torch.zeros_like(lp)))
@@ -133,10 +140,18 @@ class LocalEngine:
             finished = finished | (active & torch.isin(tok, self.eos_ids))
             if bool(finished.all()) or s == R - 1:
                 break
+            # a row that finished a step ago has fed back its EOS: it needs no more compute. Drop
+            # such rows once they are DROP_FINISHED of those decoded (each drop copies the caches)
+            done = finished[live] & ~active[live]
+            if bool(done.any()) and int(done.sum()) >= DROP_FINISHED * len(live):
+                decoder.keep(torch.nonzero(~done).squeeze(1))
+                logits, live = logits[~done], live[~done]
             # the token just sampled is real (valid) even if it was EOS; pads after it are not
-            logits, routes = decoder.step(tokens[-1], positions + s, active)
+            logits, routes = decoder.step(tokens[-1][live], (positions + s)[live], active[live])
             if capture:
-                route_chunks.append(_mask_routes(routes, active[:, None]))
+                full = torch.full((B, *routes.shape[1:]), NO_ROUTE, dtype=ROUTE_DTYPE)
+                full[live] = _mask_routes(routes, active[live][:, None])
+                route_chunks.append(full)
 
         response = torch.stack(tokens, dim=1)
         response_mask = torch.stack(masks, dim=1)

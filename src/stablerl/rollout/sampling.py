@@ -50,12 +50,15 @@ class GumbelNoise:
         return self._block[:, s - self._start]
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, noise: GumbelNoise, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled tokens ``[B]`` and their log-probs under the distribution sampled from ``[B]``."""
+def sample(logits: torch.Tensor, cfg: SamplingConfig, noise: GumbelNoise, step: int,
+           rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled tokens ``[B]`` and their log-probs under the distribution sampled from ``[B]``;
+    ``rows``: which requests of ``noise`` the B logits rows are (default: all, in order)."""
     filtered = filter_logits(logits, cfg)
     if cfg.temperature == 0:
         tokens = filtered.argmax(-1)
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32)
-    tokens = (filtered + noise.step(step)).argmax(-1)
+    gumbel = noise.step(step)
+    tokens = (filtered + (gumbel if rows is None else gumbel[rows])).argmax(-1)
     logp = filtered.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logp
