@@ -1,4 +1,4 @@
-"""Rollout time with and without dropping finished rows from the decode (``rollout.local.DROP_FINISHED``).
+"""Rollout time with and without dropping finished rows from the decode (``rollout.drop_finished``).
 
     .venv/bin/python benchmarks/drop_finished.py [--responses 128] [--new-tokens 160] [--reps 3]
 
@@ -26,7 +26,7 @@ def main() -> None:
 
     from stablerl.config import SamplingConfig
     from stablerl.models import build_model, build_tokenizer, default_model_config
-    from stablerl.rollout import LocalEngine, local
+    from stablerl.rollout import LocalEngine
 
     tok = build_tokenizer()
     model = build_model(default_model_config(tok, num_layers=8, num_experts=32, top_k=4, expert_size=48), seed=0).eval()
@@ -34,17 +34,17 @@ def main() -> None:
     prompts = [torch.randint(4, 60, (12,), generator=g).tolist() for _ in range(args.responses)]
     engine = LocalEngine(model, "bf16", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     sampling, seeds = SamplingConfig(max_new_tokens=args.new_tokens), list(range(args.responses))
-    times: dict[float, list[float]] = {local.DROP_FINISHED: [], 2.0: []}
+    times: dict[bool, list[float]] = {True: [], False: []}
     batches = {}
     for _ in range(args.reps):
         for drop in times:
-            local.DROP_FINISHED = drop
+            engine.drop_finished = drop
             t0 = time.perf_counter()
             batches[drop] = engine.generate(prompts, sampling, seeds=seeds)
             times[drop].append(time.perf_counter() - t0)
-    keep, drop = times[2.0], times[min(times)]
-    same = torch.equal(batches[2.0].response_ids, batches[min(times)].response_ids)
-    print(f"mean response {float(batches[2.0].response_mask.sum(-1).float().mean()):.0f} of {args.new_tokens} tokens; "
+    keep, drop = times[False], times[True]
+    same = torch.equal(batches[False].response_ids, batches[True].response_ids)
+    print(f"mean response {float(batches[False].response_mask.sum(-1).float().mean()):.0f} of {args.new_tokens} tokens; "
           f"keep ended rows {statistics.median(keep):.2f} s, drop them {statistics.median(drop):.2f} s: "
           f"{statistics.median(keep) / statistics.median(drop):.2f}x; the same tokens: {same}")
 

@@ -356,7 +356,8 @@ def test_dropping_finished_rows_changes_nothing(moe, fast, monkeypatch):
     out = {}
     for drop in (0.01, 0.25, 2.0):  # 0.01: at every row that ends; 2.0: never
         monkeypatch.setattr(local, "DROP_FINISHED", drop)
-        engine = LocalEngine(moe, "bf16", eos_token_id=[5, 9, 17], fast=fast)  # frequent EOS: rows end apart
+        engine = LocalEngine(moe, "bf16", eos_token_id=[5, 9, 17], fast=fast,  # frequent EOS: rows end apart
+                             drop_finished=True)
         out[drop] = engine.generate(ps, sampling, seeds=seeds(24, 3))
     b = out[2.0]
     lengths = b.response_mask.sum(-1)

@@ -12,7 +12,8 @@ def build_engine(cfg, model, tokenizer, *, seed: int = 0, distributed: bool = Fa
     meta-device skeleton): ``LocalEngine`` or (``rollout.engine=vllm``) ``VllmEngine``."""
     if cfg.engine == "local":
         return LocalEngine(model, cfg.precision, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, weight_noise=cfg.weight_noise, weights=weights)
+                           pad_token_id=tokenizer.pad_token_id, weight_noise=cfg.weight_noise, weights=weights,
+                           drop_finished=cfg.drop_finished)
     if cfg.weight_noise:
         raise ValueError("rollout.weight_noise perturbs the local engine's weights; it has no effect with "
                          "rollout.engine=vllm (set it to 0, or use rollout.engine=local)")

@@ -32,7 +32,7 @@ def fp8_exempt_names(model: nn.Module) -> set[str]:
     return names
 
 
-# finished rows leave the decode once they are this share of the rows decoded (> 1: never)
+# with drop_finished, ended rows leave the decode once they are this share of the rows decoded
 DROP_FINISHED = 0.25
 
 
@@ -49,12 +49,13 @@ class LocalEngine:
     """
 
     def __init__(self, model: nn.Module, precision: str = "bf16", *, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0, weights=None):
+                 pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0, weights=None,
+                 drop_finished: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not 0 <= weight_noise < float("inf"):
             raise ValueError(f"weight_noise must be a finite number >= 0, got {weight_noise}")
-        self.precision, self.weight_noise = precision, float(weight_noise)
+        self.precision, self.weight_noise, self.drop_finished = precision, float(weight_noise), drop_finished
         # a copy: from_config shares the config object, and what the engine sets on its own model
         # (the W8A8 experts implementation) must never reach the training model
         config = copy.deepcopy(model.config)
@@ -140,10 +141,13 @@ class LocalEngine:
             finished = finished | (active & torch.isin(tok, self.eos_ids))
             if bool(finished.all()) or s == R - 1:
                 break
-            # a row that finished a step ago has fed back its EOS: it needs no more compute. Drop
-            # such rows once they are DROP_FINISHED of those decoded (each drop copies the caches)
+            # a row that finished a step ago has fed back its EOS: it needs no more compute. With
+            # drop_finished, such rows leave once they are DROP_FINISHED of those decoded (each
+            # drop copies the caches). Off by default: the decode's matmul shapes then change with
+            # the batch's composition, and CPU kernels round differently at different shapes
+            # (~1e-6 in mu), so a row's numbers would depend on the other rows in its batch
             done = finished[live] & ~active[live]
-            if bool(done.any()) and int(done.sum()) >= DROP_FINISHED * len(live):
+            if self.drop_finished and bool(done.any()) and int(done.sum()) >= DROP_FINISHED * len(live):
                 decoder.keep(torch.nonzero(~done).squeeze(1))
                 logits, live = logits[~done], live[~done]
             # the token just sampled is real (valid) even if it was EOS; pads after it are not
