@@ -185,8 +185,10 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
     assert checkpoint.damage(done) is None and int(done.name.split("_")[1]) < 6
     resumed = run(sft_ckpt, tmp_path / "w", *extra, resume=True)  # rollout.workers 1 -> 0
     skip = ("time", "per_s", "wait", "eval/")
-    assert [{k: v for k, v in r.items() if not any(t in k for t in skip)} for r in ref][-1] == pytest.approx(
-        [{k: v for k, v in r.items() if not any(t in k for t in skip)} for r in resumed][-1], rel=1e-5, abs=1e-7)
+    a, b = ({k: v for k, v in rows[-1].items() if not any(t in k for t in skip)} for rows in (ref, resumed))
+    assert a.keys() == b.keys()
+    for k in a:  # per-sequence sums of log w: float32 round-off of up to 12 tokens (see above)
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=12 * 4.8e-7 if k.startswith("seq_log_w/") else 1e-7), k
     wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "ref"))
     wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "w"))
     for k in wa:
