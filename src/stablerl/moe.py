@@ -56,37 +56,24 @@ def grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
 
 ExpertsInterface.register(NAME, grouped_experts_forward)
 
-W8A8_NAME = "stablerl_fp8_w8a8"
+def quantized_activations_experts(precision: str, quant):
+    """The inference engine's experts for a precision that rounds activations (``quant``, per
+    token: ``stablerl.precision``): the input of both projections rounded; inference only (no
+    gradient path is needed)."""
+
+    def forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if not _standard_layout(self):
+            raise ValueError(f"{precision} supports experts in HF's standard layout only, not {type(self).__name__}")
+        return grouped_experts(quant(hidden_states), top_k_index, top_k_weights.to(hidden_states.dtype),
+                               self.gate_up_proj, self.down_proj, self.act_fn, quant=quant)
+
+    return forward
 
 
-def w8a8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The inference engine's experts under fp8_w8a8: the input of both projections rounded to
-    e4m3 per token (``stablerl.precision``); inference only (no gradient path is needed)."""
-    if not _standard_layout(self):
-        raise ValueError(f"fp8_w8a8 supports experts in HF's standard layout only, not {type(self).__name__}")
-    return grouped_experts(quantize_activations_fp8(hidden_states), top_k_index,
-                           top_k_weights.to(hidden_states.dtype), self.gate_up_proj, self.down_proj, self.act_fn,
-                           quant=quantize_activations_fp8)
-
-
-ExpertsInterface.register(W8A8_NAME, w8a8_experts_forward)
-
-W4A4_NAME = "stablerl_nvfp4_w4a4"
-
-
-def w4a4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The inference engine's experts under nvfp4_w4a4: as ``w8a8_experts_forward`` with NVFP4
-    activations (``stablerl.precision.quantize_activations_nvfp4``)."""
-    if not _standard_layout(self):
-        raise ValueError(f"nvfp4_w4a4 supports experts in HF's standard layout only, not {type(self).__name__}")
-    return grouped_experts(quantize_activations_nvfp4(hidden_states), top_k_index,
-                           top_k_weights.to(hidden_states.dtype), self.gate_up_proj, self.down_proj, self.act_fn,
-                           quant=quantize_activations_nvfp4)
-
-
-ExpertsInterface.register(W4A4_NAME, w4a4_experts_forward)
+W8A8_NAME, W4A4_NAME = "stablerl_fp8_w8a8", "stablerl_nvfp4_w4a4"
+ExpertsInterface.register(W8A8_NAME, quantized_activations_experts("fp8_w8a8", quantize_activations_fp8))
+ExpertsInterface.register(W4A4_NAME, quantized_activations_experts("nvfp4_w4a4", quantize_activations_nvfp4))
 # the experts implementation of each precision that quantizes activations
 ACTIVATION_EXPERTS = {"fp8_w8a8": W8A8_NAME, "nvfp4_w4a4": W4A4_NAME}
 
