@@ -33,7 +33,7 @@ from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
-from stablerl.models import build_model, is_moe, load_model, load_policy
+from stablerl.models import build_model, is_moe, load_model, load_policy, model_skeleton
 from stablerl.pipeline import LaggedWeights, initial_versions, send_version
 from stablerl.preflight import check_memory, check_prompts
 from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine, concat
@@ -144,11 +144,7 @@ class Trainer:
             from transformers import AutoConfig, AutoTokenizer
 
             config = AutoConfig.from_pretrained(ckpt)
-            if holds_weights:
-                model = build_model(config)
-            else:
-                with torch.device("meta"):
-                    model = build_model(config)
+            model = build_model(config) if holds_weights else model_skeleton(config)
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         else:
             source = None
@@ -169,17 +165,6 @@ class Trainer:
         self.model_config = model.config
         self.source = str(ckpt if ckpt is not None else source)  # where a rollout worker reads the model from
         self.learner = Learner(model, cfg, world, reference=self._reference() if cfg.loss.kl_beta > 0 else None)
-        # the engine gets the full weights streamed from the learner, one tensor at a time (a
-        # collective when sharded); with rollout workers the learners sample nothing: no engine
-        # here (evaluation builds its own)
-        self.engine = None
-        if not cfg.rollout.workers:
-            structure = model  # sharded in place when distributed: the engine reads a plain skeleton
-            if world.distributed:
-                with torch.device("meta"):
-                    structure = build_model(self.model_config)
-            self.engine = build_engine(cfg.rollout, structure, tokenizer, seed=cfg.train.seed,
-                                       distributed=world.distributed, weights=self.learner.full_weights())
         # the fixed lag: the engine samples step s with version max(0, s - 1 - eta) (pipeline.py)
         # (with workers the learners keep the versions the workers still need, to send them)
         lagged = cfg.rollout.max_staleness or cfg.rollout.workers
@@ -187,15 +172,23 @@ class Trainer:
         if ckpt is not None:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
             self.state = checkpoint.load_state(ckpt)
-            if self.lag is None:
-                self.engine.load_weights(self.learner.full_weights(), version=self.state.step)
-            else:
-                self.lag.load(ckpt, self.state.step, self.learner.full_weights())
-                version, weights = self.lag.advance(self.state.step)
-                if self.engine is not None:
-                    self.engine.load_weights(weights, version=version)
-        elif self.lag is not None:
+        # the weights that sample the next step, streamed from the learner one tensor at a time
+        # (a collective when sharded) — once: into the lag's versions, or straight into the engine
+        if self.lag is None:
+            version, weights = self.state.step, self.learner.full_weights()
+        elif ckpt is not None:
+            self.lag.load(ckpt, self.state.step, self.learner.full_weights())
+            version, weights = self.lag.advance(self.state.step)
+        else:
             self.lag.keep(0, self.learner.full_weights())  # version 0 samples the first eta + 1 steps
+            version, weights = 0, self.lag.versions[0]
+        # with rollout workers the learners sample nothing: no engine here (evaluation builds its
+        # own); when sharded, the model object is the learner's, so the engine reads a skeleton
+        self.engine = None
+        if not cfg.rollout.workers:
+            structure = model_skeleton(self.model_config) if world.distributed else model
+            self.engine = build_engine(cfg.rollout, structure, tokenizer, seed=cfg.train.seed,
+                                       distributed=world.distributed, weights=weights, version=version)
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
         self._lag_model = None  # log.lag_kl: the training policy at the sampler's version
@@ -312,11 +305,9 @@ class Trainer:
             return self.engine  # (a lagged engine holds old weights: evaluation measures the current ones)
         weights = self.learner.full_weights()
         if self._eval is None:  # from a meta-device skeleton: the engine's copy is its only one
-            with torch.device("meta"):
-                skeleton = build_model(self.model_config)
-            self._eval = LocalEngine(skeleton, self.cfg.eval.precision, eos_token_id=self.tokenizer.eos_token_id,
-                                     pad_token_id=self.tokenizer.pad_token_id, weights=weights)
-            self._eval.version = self.state.step
+            self._eval = LocalEngine(model_skeleton(self.model_config), self.cfg.eval.precision,
+                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                     weights=weights, version=self.state.step)
         else:
             self._eval.load_weights(weights, version=self.state.step)
         return self._eval

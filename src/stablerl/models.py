@@ -89,6 +89,14 @@ def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = to
     return use_fast_experts(model)
 
 
+def model_skeleton(config: PretrainedConfig):
+    """The model of ``config`` on the meta device: its structure (modules, experts implementation,
+    config) without memory for weights — for a rank that receives its shards from another
+    (distributed/fsdp.py) and for an engine that gets its weights streamed in."""
+    with torch.device("meta"):
+        return build_model(config)
+
+
 def load_model(path, dtype: torch.dtype = torch.float32):
     """An HF checkpoint (a local directory, or a hub id: the HF cache, or a download where the
     network allows) as a causal LM, MoE experts on stablerl's training kernel."""
@@ -150,9 +158,7 @@ def load_policy(path, weights: bool = True):
         model = load_model(path)
     else:
         check_model_dir(path)
-        config = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = build_model(config)
+        model = model_skeleton(AutoConfig.from_pretrained(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -43,16 +43,10 @@ def is_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def meta_skeleton(build) -> nn.Module:
-    """``build()`` on the meta device: the model's structure, no memory for its weights."""
-    with torch.device("meta"):
-        return build()
-
-
 def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, mesh, device: torch.device,
                      group=None) -> nn.Module:
     """Shard ``model`` over ``mesh`` when only the group's first rank holds its weights: there
-    ``model`` is the real model; on the others a meta-device skeleton (``meta_skeleton``), which
+    ``model`` is the real model; on the others a meta-device skeleton (``models.model_skeleton``), which
     never holds a full copy. Every rank shards its model, materializes only its own shards
     (``to_empty``), then receives them from rank 0 one tensor at a time (``distribute_tensor``
     scatters each parameter's shards from rank 0; buffers are broadcast) — what
@@ -71,8 +65,7 @@ def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, mesh
     full = model.state_dict() if is_src else None
     # buffers outside the state dict (RoPE's inverse frequencies): computed at construction, which
     # the skeleton skipped; small, so sent whole
-    persistent = set(model.state_dict())
-    extra = broadcast_object({n: b for n, b in model.named_buffers() if n not in persistent} if is_src else None,
+    extra = broadcast_object({n: b for n, b in model.named_buffers() if n not in full} if is_src else None,
                              src=src, group=group)
     model = shard_model(model, param_dtype, reduce_dtype, mesh)
     if not is_src:

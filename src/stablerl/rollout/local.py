@@ -50,7 +50,7 @@ class LocalEngine:
 
     def __init__(self, model: nn.Module, precision: str = "bf16", *, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0, weights=None,
-                 drop_finished: bool = False):
+                 version: int = 0, drop_finished: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not 0 <= weight_noise < float("inf"):
@@ -74,8 +74,9 @@ class LocalEngine:
         self.vocab_size = config.vocab_size
         self.version = 0
         # ``weights`` (a state dict or a stream of (name, tensor)) instead of ``model``'s own: the
-        # model may then be a meta-device skeleton (ranks that never hold the full training model)
-        self.load_weights(model.state_dict() if weights is None else weights, version=0)
+        # model may then be a meta-device skeleton (ranks that never hold the full training model);
+        # ``version``: the policy version they are
+        self.load_weights(model.state_dict() if weights is None else weights, version=version)
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -131,9 +132,8 @@ class LocalEngine:
         finished = torch.zeros(B, dtype=torch.bool)
         live = torch.arange(B)  # the rows the decoder still computes (finished ones are dropped)
         for s in range(R):
-            tok_live, lp_live = sample(logits, sampling, noise, s, rows=live)
-            tok = torch.full((B,), self.pad_token_id, dtype=torch.long).index_copy_(0, live, tok_live)
-            lp = torch.zeros(B, dtype=lp_live.dtype).index_copy_(0, live, lp_live)
+            tok, lp = sample(logits, sampling, noise, s, rows=None if len(live) == B else live)
+            tok, lp = _spread(tok, live, B, self.pad_token_id), _spread(lp, live, B, 0.0)
             active = ~finished
             tokens.append(torch.where(active, tok, torch.full_like(tok, self.pad_token_id)))
             logps.append(torch.where(active, lp, torch.zeros_like(lp)))
@@ -153,9 +153,7 @@ class LocalEngine:
             # the token just sampled is real (valid) even if it was EOS; pads after it are not
             logits, routes = decoder.step(tokens[-1][live], (positions + s)[live], active[live])
             if capture:
-                full = torch.full((B, *routes.shape[1:]), NO_ROUTE, dtype=ROUTE_DTYPE)
-                full[live] = _mask_routes(routes, active[live][:, None])
-                route_chunks.append(full)
+                route_chunks.append(_spread(_mask_routes(routes, active[live][:, None]), live, B, NO_ROUTE))
 
         response = torch.stack(tokens, dim=1)
         response_mask = torch.stack(masks, dim=1)
@@ -198,6 +196,14 @@ def _quantize_linear_inputs(model: nn.Module, exempt: set[str], quant, experts: 
         if isinstance(module, nn.Linear) and f"{name}.weight" not in exempt:
             module.register_forward_pre_hook(lambda _m, args: (quant(args[0]), *args[1:]))
     use_fast_experts(model, experts)
+
+
+def _spread(values: torch.Tensor, live: torch.Tensor, B: int, fill) -> torch.Tensor:
+    """Per-row ``values`` of the ``live`` rows placed among all ``B`` rows (``fill`` elsewhere);
+    unchanged while no row has left the decode."""
+    if len(live) == B:
+        return values
+    return torch.full((B, *values.shape[1:]), fill, dtype=values.dtype).index_copy_(0, live, values)
 
 
 def _mask_routes(routes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ class VllmEngine:
 
     def __init__(self, model: nn.Module, tokenizer, precision: str = "bf16", *, cfg: VllmConfig | None = None,
                  seed: int = 0, max_model_len: int | None = None, distributed: bool = False,
-                 eos_token_id: int | list[int] | None = None, weights=None):
+                 eos_token_id: int | list[int] | None = None, weights=None, version: int = 0):
         cfg = cfg or VllmConfig()
         vllm = import_vllm()
         on_cuda = torch.cuda.is_available()
@@ -206,7 +206,7 @@ class VllmEngine:
         self._recorder = (_RouteRecorder(self._runner, self.moe_layers, self.top_k)
                           if self.moe and not on_cuda else None)
         self.on_cuda = on_cuda
-        self.load_weights(model.state_dict() if weights is None else weights, version=0)
+        self.load_weights(model.state_dict() if weights is None else weights, version=version)
 
     @staticmethod
     def _start(vllm, args: dict, on_cuda: bool):
