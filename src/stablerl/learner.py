@@ -217,9 +217,9 @@ class Learner:
         B_local, K, N = len(batch), self.world.size, self.cfg.batch.minibatches_per_step
         micro, max_tokens = self.cfg.batch.micro_batch_size, self.cfg.batch.max_tokens_per_micro_batch
         order = torch.randperm(B_local * K, generator=torch.Generator().manual_seed(shuffle_seed(self.cfg.train.seed, step)))
+        lengths = batch.response_lengths
         for k, chunk in enumerate(torch.tensor_split(order, N)):
             rows = chunk[(chunk >= first_row) & (chunk < first_row + B_local)] - first_row
-            lengths = batch.response_mask.sum(-1)
             if max_tokens is not None:  # similar lengths share a micro-batch: less padding (same update)
                 rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
             pieces = micro_batches(rows, lengths, batch.prompt_width, micro, max_tokens)

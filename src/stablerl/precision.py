@@ -33,7 +33,7 @@ NVFP4_BLOCK = 16  # input elements sharing one scale
 def is_quantized(precision: str) -> bool:
     """Whether an engine of this precision stores its matrices quantized (fp8 or nvfp4; weight-only
     or with activations)."""
-    return precision in ("fp8", "fp8_w8a8", "nvfp4", "nvfp4_w4a4")
+    return weight_quantizer(precision) is not None
 
 
 def compute_dtype(precision: str) -> torch.dtype:

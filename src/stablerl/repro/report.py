@@ -11,10 +11,8 @@ from stablerl import metrics as M
 from stablerl.plot import moving_average
 from stablerl.repro.dose import dose_points, dose_table, plot_dose_response
 from stablerl.repro.experiments import EXPERIMENTS
-from stablerl.repro.runner import run_dir_of
-from stablerl.rundir import RunDir
-from stablerl.runlog import read_metrics
-from stablerl.repro.stats import finished_runs, mean_finite, mean_std, paired_interval, rollout_steps, run_stats, series
+from stablerl.repro.stats import (finished_runs_by_seed, mean_finite, mean_std, paired_interval, rollout_steps,
+                                  run_stats, series)
 
 # (metric, title, moving-average window in optimizer steps)
 CURVES = ((M.REWARD_MEAN, "training reward", 10), (M.EVAL_SAMPLED, "held-out accuracy (sampled)", 1),
@@ -57,25 +55,17 @@ def experiment_table(runs: dict[str, list[tuple[dict, list[dict], int]]]) -> lis
     return table
 
 
-def paired_table(name: str, out: Path, reference: str) -> str:
-    """Final held-out sampled accuracy of every variant minus ``reference``'s, paired by seed:
-    per-seed differences, their mean and 95% t-interval (none from a single seed)."""
-    per_seed: dict[str, dict[int, float]] = {}
-    for variant in EXPERIMENTS[name]["variants"]:
-        for seed in range(64):
-            d = run_dir_of(out, name, variant, seed)
-            if not RunDir(d).summary.exists():
-                continue
-            summary = json.loads(RunDir(d).summary.read_text())
-            if summary.get("interrupted"):
-                continue
-            stats = run_stats(summary, read_metrics(d))
-            per_seed.setdefault(variant, {})[seed] = stats["final_acc"]
-    ref = per_seed.get(reference, {})
+def paired_table(by_seed: dict[str, dict[int, tuple[dict, list[dict], int]]], reference: str) -> str:
+    """Final held-out sampled accuracy of every variant minus ``reference``'s, paired by seed
+    (``by_seed``: ``stats.finished_runs_by_seed``; interrupted runs left out): per-seed
+    differences, their mean and 95% t-interval (none from a single seed)."""
+    acc = {variant: {seed: run_stats(summary, rows, n)["final_acc"] for seed, (summary, rows, n) in runs.items()
+                     if not summary.get("interrupted")} for variant, runs in by_seed.items()}
+    ref = acc.get(reference, {})
     lines = [f"Final held-out sampled accuracy minus {reference}'s, paired by seed (95% t-interval over seeds)\n",
              "| variant | seeds paired | per-seed differences | mean | 95% interval |", "|---|---|---|---|---|"]
-    for variant, accs in per_seed.items():
-        if variant == reference:
+    for variant, accs in acc.items():
+        if variant == reference or not accs:
             continue
         seeds = sorted(set(accs) & set(ref))
         diffs = [accs[s] - ref[s] for s in seeds]
@@ -87,7 +77,8 @@ def paired_table(name: str, out: Path, reference: str) -> str:
 
 
 def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
-    runs = finished_runs(name, out, seeds)
+    by_seed = finished_runs_by_seed(name, out, seeds)
+    runs = {variant: list(r.values()) for variant, r in by_seed.items()}
     table = experiment_table(runs)
     dest = out / name
     dest.mkdir(parents=True, exist_ok=True)
@@ -104,7 +95,7 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
         plot_experiment(name, runs, paths["png"])
         if EXPERIMENTS[name].get("reference"):
             paths["paired_md"] = dest / "paired.md"
-            paths["paired_md"].write_text(paired_table(name, out, EXPERIMENTS[name]["reference"]))
+            paths["paired_md"].write_text(paired_table(by_seed, EXPERIMENTS[name]["reference"]))
         if name == "dose-response":
             points = dose_points(runs)
             paths["dose_md"] = dest / "dose_table.md"

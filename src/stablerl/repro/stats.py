@@ -50,13 +50,19 @@ def rollout_steps(optimizer_steps: int, n: int) -> int:
     return max(1, optimizer_steps // n)
 
 
+def _stopped(rows: list[dict], n: int) -> tuple[int, str]:
+    """Where a run stopped for non-finite steps collapsed: the step after its last logged one."""
+    steps, _ = series(rows, M.REWARD_MEAN)
+    return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
+
+
 def collapse(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW, n: int = 1) -> tuple[int | None, str]:
     """``(optimizer step of the collapse or None, how)`` by the module's definition; ``rows`` are
     per rollout step, ``n`` is the run's mini-batches per rollout step and ``window`` is in
     optimizer steps (steps are reported as optimizer steps)."""
-    steps, rewards = series(rows, M.REWARD_MEAN)
     if aborted:
-        return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
+        return _stopped(rows, n)
+    steps, rewards = series(rows, M.REWARD_MEAN)
     window = rollout_steps(window, n)
     e_window = rollout_steps(ENTROPY_WINDOW, n)
     e_steps, entropy = series(rows, M.ENTROPY)
@@ -152,8 +158,7 @@ def collapse_preregistered(rows: list[dict], reference: list[dict] | None, abort
     """The pre-registered definition: C1, or C2 and C3 (C3 needs the reference run; without one
     only C1 can decide). A run stopped for non-finite steps collapsed there."""
     if aborted:
-        steps, _ = series(rows, M.REWARD_MEAN)
-        return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
+        return _stopped(rows, n)
     c1 = collapse_c1(rows, n)
     if c1 is not None:
         return c1, "C1"
@@ -175,15 +180,20 @@ def minibatches_of(run_dir: Path) -> int:
         return 1
 
 
-def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict, list[dict], int]]]:
-    """Per variant, ``(summary, metrics rows, N)`` of every finished run (one with a
-    summary.json), read once for the table and the figures."""
+def finished_runs_by_seed(name: str, out: Path, seeds: int) -> dict[str, dict[int, tuple[dict, list[dict], int]]]:
+    """Per variant and seed, ``(summary, metrics rows, N)`` of every finished run (one with a
+    summary.json), read once for the tables and the figures."""
     runs = {}
     for variant in EXPERIMENTS[name]["variants"]:
-        dirs = [run_dir_of(out, name, variant, s) for s in range(seeds)]
-        runs[variant] = [(json.loads(RunDir(d).summary.read_text()), read_metrics(d), minibatches_of(d))
-                         for d in dirs if RunDir(d).summary.exists()]
+        dirs = {s: run_dir_of(out, name, variant, s) for s in range(seeds)}
+        runs[variant] = {s: (json.loads(RunDir(d).summary.read_text()), read_metrics(d), minibatches_of(d))
+                         for s, d in dirs.items() if RunDir(d).summary.exists()}
     return runs
+
+
+def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict, list[dict], int]]]:
+    """Per variant, ``(summary, metrics rows, N)`` of every finished run, in seed order."""
+    return {variant: list(by_seed.values()) for variant, by_seed in finished_runs_by_seed(name, out, seeds).items()}
 
 
 def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
