@@ -93,12 +93,12 @@ def ckpt(sft_ckpt):
                                   # M2PO's mask is decided over the whole mini-batch, on every rank alike
                                   ["batch.minibatches_per_step=2", "batch.micro_batch_size=3",
                                    "loss.m2_threshold=1e-8", "loss.opsm_delta=0.0001", "loss.reject=sequence_geo"],
-                                  # memory settings: FSDP with checkpointed layers, micro-batches by tokens
-                                  # (ranks cut differently; every rank runs the most any rank needs), and
-                                  # the KL reference, which like the policy only rank 0 reads
+                                  # memory settings: FSDP with checkpointed layers, packed micro-batches by
+                                  # tokens (ranks cut differently; every rank runs the most any rank needs),
+                                  # and the KL reference, which like the policy only rank 0 reads
                                   ["batch.minibatches_per_step=2", "train.routing_replay=R2",
                                    "train.activation_checkpointing=true", "batch.max_tokens_per_micro_batch=40",
-                                   "loss.kl_beta=0.1"]],
+                                   "batch.packing=true", "loss.kl_beta=0.1"]],
                          ids=["on-policy", "N2-R2", "N2-R3-micro3", "N2-corrections-micro3", "N2-R2-memory"])
 def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
     one_rank(ckpt, tmp_path / "k1", *mode)

@@ -351,6 +351,11 @@ class BatchConfig(StrictModel):
                                                    "padded size, rows x longest prompt+response, stays within this "
                                                    "(a longer single response goes alone); none = by "
                                                    "micro_batch_size only. Memory only: never changes the result.")
+    packing: bool = Field(False, description="Training forwards without padding: each micro-batch's prompts and "
+                          "responses laid end to end in one sequence (positions restart per response, attention "
+                          "confined to each, routes replayed per packed position); micro-batches are then cut by real "
+                          "tokens. Needs batch.max_tokens_per_micro_batch (the packed length: attention over it is "
+                          "quadratic). Equal to the padded forward up to float round-off.")
 
     @property
     def rollout_batch(self) -> int:
@@ -361,6 +366,9 @@ class BatchConfig(StrictModel):
         if self.minibatches_per_step > self.rollout_batch:
             raise ValueError(f"batch.minibatches_per_step ({self.minibatches_per_step}) exceeds the rollout batch "
                              f"(batch.prompts_per_step x batch.group_size = {self.rollout_batch})")
+        if self.packing and self.max_tokens_per_micro_batch is None:
+            raise ValueError("batch.packing=true needs batch.max_tokens_per_micro_batch: it is the length of each packed "
+                             "sequence, and attention over one is quadratic in it (e.g. 4096)")
         return self
 
 
@@ -518,6 +526,7 @@ class RunConfig(StrictModel):
 RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.lr", "optim.warmup_steps", "optim.schedule",
                   "optim.min_lr_ratio",
                   "optim.grad_clip", "batch.micro_batch_size", "batch.max_tokens_per_micro_batch",
+                  "batch.packing",
                   "train.activation_checkpointing", "task.reward_timeout_s", "task.reward_workers",
                   "task.reward_memory_mb", "task.reward_fail_fast", "rollout.vllm.", "rollout.workers", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
                   "distributed.threads")

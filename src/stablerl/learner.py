@@ -148,7 +148,22 @@ class Learner:
         weights, bf16 matmuls; the log-softmax stays fp32), on several FSDP2's param_dtype."""
         bf16 = self.dtype == "bf16" and not is_sharded(model)
         with torch.autocast(self.world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            return response_logp(model, part, **kwargs)
+            if not self.cfg.batch.packing:
+                return response_logp(model, part, **kwargs)
+            return self._packed_logp(model, part, **kwargs)
+
+    def _packed_logp(self, model: torch.nn.Module, part: RolloutBatch, replay: torch.Tensor | None = None,
+                     **kwargs) -> dict[str, torch.Tensor]:
+        """Packed forwards of at most ``batch.max_tokens_per_micro_batch`` real tokens each: a
+        gradient forward is one micro-batch already; a no-grad pass over a whole batch (pi_old,
+        the diagnostics) is cut the same way and its outputs put back in row order."""
+        pieces = micro_batches(torch.arange(len(part)), part.response_lengths, part.prompt_width, len(part),
+                               self.cfg.batch.max_tokens_per_micro_batch, prompt_lengths=_prompt_lengths(part))
+        if len(pieces) == 1:
+            return response_logp(model, part, replay=replay, packed=True, **kwargs)
+        outs = [response_logp(model, part.select(rows), replay=None if replay is None else replay[rows],
+                              packed=True, **kwargs) for rows in pieces]
+        return {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
 
     def lr(self, optimizer_step: int) -> float:
         return learning_rate(optimizer_step, self.cfg.optim,
@@ -218,11 +233,12 @@ class Learner:
         micro, max_tokens = self.cfg.batch.micro_batch_size, self.cfg.batch.max_tokens_per_micro_batch
         order = torch.randperm(B_local * K, generator=torch.Generator().manual_seed(shuffle_seed(self.cfg.train.seed, step)))
         lengths = batch.response_lengths
+        prompt_lengths = _prompt_lengths(batch) if self.cfg.batch.packing else None
         for k, chunk in enumerate(torch.tensor_split(order, N)):
             rows = chunk[(chunk >= first_row) & (chunk < first_row + B_local)] - first_row
             if max_tokens is not None:  # similar lengths share a micro-batch: less padding (same update)
                 rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
-            pieces = micro_batches(rows, lengths, batch.prompt_width, micro, max_tokens)
+            pieces = micro_batches(rows, lengths, batch.prompt_width, micro, max_tokens, prompt_lengths=prompt_lengths)
             # every rank runs as many micro-batches as the rank that needs the most for this mini-batch
             if max_tokens is None:  # known without asking: it follows from the global shuffle
                 per_rank = torch.bincount(torch.div(chunk, B_local, rounding_mode="floor"), minlength=K)
@@ -369,23 +385,29 @@ class Learner:
 
 
 def micro_batches(rows: torch.Tensor, response_lengths: torch.Tensor, prompt_width: int, max_rows: int,
-                  max_tokens: int | None = None) -> list[torch.Tensor]:
+                  max_tokens: int | None = None, prompt_lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``rows`` cut, in order, into micro-batches of at most ``max_rows`` rows and, with
     ``max_tokens``, at most that many tokens in the padded forward a micro-batch runs (its rows x
-    (``prompt_width`` + its longest response); ``RolloutBatch.trim``). A row that alone exceeds
-    ``max_tokens`` is a micro-batch of its own. The cut never changes the update: the loss's
-    normalizer is the mini-batch's and gradients accumulate (objectives.py)."""
+    (``prompt_width`` + its longest response); ``RolloutBatch.trim``) or, given ``prompt_lengths``
+    (packed forwards, ``batch.packing``), in its real tokens (the sum of its prompts' and responses'
+    lengths). A row that alone exceeds ``max_tokens`` is a micro-batch of its own. The cut never
+    changes the update: the loss's normalizer is the mini-batch's and gradients accumulate
+    (objectives.py)."""
     if max_tokens is None:
         return list(rows.split(max_rows))
-    pieces, current, longest = [], [], 0
+    pieces, current, longest, total = [], [], 0, 0
     for r in rows.tolist():
-        width = prompt_width + int(response_lengths[r])
-        grown = max(longest, width)
-        if current and (len(current) == max_rows or (len(current) + 1) * grown > max_tokens):
+        if prompt_lengths is None:  # padded: every row as wide as the longest
+            width = prompt_width + int(response_lengths[r])
+            size = (len(current) + 1) * max(longest, width)
+        else:  # packed: the real tokens only
+            width = int(prompt_lengths[r]) + int(response_lengths[r])
+            size = total + width
+        if current and (len(current) == max_rows or size > max_tokens):
             pieces.append(torch.tensor(current, dtype=rows.dtype))
-            current, grown = [], width
+            current, longest, total = [], 0, 0
         current.append(r)
-        longest = grown
+        longest, total = max(longest, width), total + width
     if current:
         pieces.append(torch.tensor(current, dtype=rows.dtype))
     return pieces
@@ -397,6 +419,11 @@ def _replayed(plan, old: OldPolicy, rows: torch.Tensor, part: RolloutBatch) -> t
     if plan.replay == "old":
         return None if old.routes is None else old.routes[rows][:, : part.input_ids.shape[1]]
     return part.routes if plan.replay == "rollout" else None
+
+
+def _prompt_lengths(batch: RolloutBatch) -> torch.Tensor:
+    """Each row's real prompt tokens (the prompt is left-padded to ``prompt_width``)."""
+    return batch.attention_mask[:, : batch.prompt_width].sum(-1)
 
 
 def _moe_layers(batch: RolloutBatch) -> int:
