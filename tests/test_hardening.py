@@ -335,6 +335,18 @@ def test_sft_cache_is_keyed_on_data_content(tmp_path):
     assert sft_output_dir(other) == before
 
 
+def test_sft_cache_is_keyed_on_the_arithmetic_operands():
+    # the teacher solutions of 9-digit operands are not those of 2-digit ones: a cold start on
+    # one must never be reused for the other
+    from stablerl.sft import sft_output_dir
+
+    base = ["task.style=noisy_columns", "task.levels=[2]", "rollout.max_new_tokens=112"]
+    small = sft_output_dir(build_config(RunConfig, None, base))
+    large = sft_output_dir(build_config(RunConfig, None, [*base, "task.max_operand=999999999"]))
+    assert small != large
+    assert sft_output_dir(build_config(RunConfig, None, [*base, "rollout.max_new_tokens=100"])) == small
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. the collapse warning sees every collapse, from the first steps on
 # ---------------------------------------------------------------------------------------------

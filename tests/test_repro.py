@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
 from stablerl.repro import EXPERIMENTS, collapse_step, run_experiment, write_report
 from stablerl.repro.stats import collapse, run_stats
 
@@ -18,9 +20,18 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
             f"sft.output_dir={sft_ckpt_for_repro}"]
     if name.startswith("cold-start"):  # each teacher style needs its own cold start
         tiny = [t for t in tiny if not t.startswith("sft.output_dir")]
+    variants = None
+    if name.startswith("long-"):
+        # every variant's real configuration is valid (the long task's length check included) ...
+        exp = EXPERIMENTS[name]
+        for v in exp["variants"]:
+            build_config(RunConfig, None, exp["base"] + exp["variants"][v] + ["train.seed=0", f"run_dir={tmp_path}/x"])
+        # ... and the machinery runs on the short task, one rung of the ladder
+        tiny += ["task.style=steps", "task.max_operand=99"]
+        variants = [v for v in exp["variants"] if "/" not in v or v.startswith("fp8_w8a8/")]
     logs = []
-    dirs = run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append)
-    assert len(dirs) == len(EXPERIMENTS[name]["variants"])
+    dirs = run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append, variants=variants)
+    assert len(dirs) == len(variants or EXPERIMENTS[name]["variants"])
     for d in dirs:
         summary = json.loads((d / "summary.json").read_text())
         assert summary["steps"] == 1 and summary["aborted"] is None
@@ -32,9 +43,11 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
         table = (tmp_path / name / "dose_table.md").read_text()
         assert sum(line.startswith("| ") for line in table.splitlines()) == 2 * (1 + len(EXPERIMENTS[name]["rows"]))
     rows = json.loads(paths["json"].read_text())
-    assert [r["variant"] for r in rows] == list(EXPERIMENTS[name]["variants"])
+    assert [r["variant"] for r in rows] == (variants or list(EXPERIMENTS[name]["variants"]))
+    if EXPERIMENTS[name].get("reference"):
+        assert paths["paired_md"].is_file()
     logs.clear()
-    run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append)  # finished runs are not repeated
+    run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append, variants=variants)  # finished runs are not repeated
     assert all("skipped" in line for line in logs)
 
 
@@ -158,3 +171,13 @@ def test_preregistered_collapse_parts_on_hand_made_curves():
     assert how == "C2+C3 (drop)" and step >= 14
     assert collapse_preregistered(kl, None) == (None, "")   # C2 alone is not a collapse
     assert collapse_preregistered(acc, None) == (80, "C1")
+
+
+def test_paired_references_within_a_row():
+    from stablerl.repro.report import reference_of
+
+    pairs = {"on_no_is": "on_minirl", "off_r2": "off_noreplay"}
+    assert reference_of("nvfp4/on_no_is", pairs) == "nvfp4/on_minirl"
+    assert reference_of("fp32/off_r2", pairs) == "fp32/off_noreplay"
+    assert reference_of("fp32/on_minirl", pairs) is None  # a reference is not compared with itself
+    assert reference_of("eta4", "eta0") == "eta0" and reference_of("eta0", "eta0") is None

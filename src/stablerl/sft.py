@@ -77,7 +77,7 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
     return losses
 
 
-SFT_TASK_KEYS = {"name", "levels", "style", "seed", "dataset", "dataset_config", "split", "eval_dataset", "eval_split",
+SFT_TASK_KEYS = {"name", "levels", "style", "seed", "max_operand", "dataset", "dataset_config", "split", "eval_dataset", "eval_split",
                  "columns", "prompt_template", "chat_template", "system_prompt"}
 
 

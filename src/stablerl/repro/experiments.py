@@ -52,10 +52,10 @@ GRPO = ["loss.algorithm=grpo", "loss.std_normalize=true", "loss.aggregation=seq_
 CISPO = ["loss.algorithm=cispo", "loss.std_normalize=true", "loss.aggregation=token_mean", *NO_IS]
 
 
-def schedule(n: int, opt_steps: int = OPT_STEPS) -> list[str]:
+def schedule(n: int, opt_steps: int = OPT_STEPS, eval_opt_steps: int = EVAL_OPT_STEPS) -> list[str]:
     """N mini-batches of the fixed size per rollout batch; the same optimizer steps for every N."""
     steps = opt_steps // n
-    every = max(1, EVAL_OPT_STEPS // n)
+    every = max(1, eval_opt_steps // n)
     return [f"batch.prompts_per_step={n * MINI_PROMPTS}", f"batch.minibatches_per_step={n}",
             f"train.steps={steps}", f"eval.every={every}", f"checkpoint.every={every}"]
 
@@ -99,6 +99,36 @@ _STALE = {f"eta{eta}{suffix}": [f"rollout.max_staleness={eta}", f"loss.proximal=
 CALIBRATION_LRS = (5e-5, 1e-4, 2e-4, 4e-4)
 _CAL = {f"lr{lr:g}/{name}": [f"optim.lr={lr}"] + v for lr in CALIBRATION_LRS
         for name, v in (("on_minirl", schedule(1)), ("off8_r3", schedule(8) + R3))}
+
+# ---------------------------------------------------------------------------------------------
+# The next set (docs/preregistration.md): the long-reasoning task, the numerics ladder up to NVFP4.
+# Its reading was fixed before any of its runs; the constants below were set by its calibration
+# (section 2 there; docs/results.md "The next set") before any reported run.
+# ---------------------------------------------------------------------------------------------
+LONG_TASK = ["task.style=noisy_columns", "task.levels=[2]", "task.max_operand=999999999",
+             "rollout.max_new_tokens=112", "sft.steps=1500"]
+LONG_OPT_STEPS = 100                 # optimizer steps per run, for every N
+LONG_EVAL_OPT_STEPS = 20             # held-out evaluation (500 problems x 4 samples) every this many
+LONG_LR = 5e-5                       # set by long-calibration before the set runs
+LADDER: dict[str, list[str]] = {     # the dose, in decreasing order: what the budget cuts is the low end
+    rung: [f"rollout.precision={rung}"] for rung in ("nvfp4_w4a4", "nvfp4", "fp8_w8a8", "fp8", "bf16", "fp32")
+}
+LONG_COMMON = [*LONG_TASK, f"batch.group_size={GROUP}", "log.progress=false", "task.eval_size=500", "eval.samples=4",
+               "eval.greedy=false", "checkpoint.keep_last=1", "batch.max_tokens_per_micro_batch=4096",
+               "batch.packing=true", "rollout.precision=fp8_w8a8"]
+LONG_CALIBRATION_LRS = (5e-5, 1e-4, 2e-4)
+
+
+def long_schedule(n: int) -> list[str]:
+    return schedule(n, opt_steps=LONG_OPT_STEPS, eval_opt_steps=LONG_EVAL_OPT_STEPS)
+
+
+_LONG_CAL = {f"lr{lr:g}": [f"optim.lr={lr}"] + long_schedule(1) for lr in LONG_CALIBRATION_LRS}
+_LONG_DOSE = {f"{rung}/{name}": engine + variant
+              for rung, engine in LADDER.items()
+              for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS),
+                                    ("on_r3", long_schedule(1) + R3), ("off_noreplay", long_schedule(DOSE_N)),
+                                    ("off_r2", long_schedule(DOSE_N) + R2), ("off_r3", long_schedule(DOSE_N) + R3))}
 
 EXPERIMENTS: dict[str, dict] = {
     "calibration": {
@@ -145,5 +175,22 @@ EXPERIMENTS: dict[str, dict] = {
         "base": COMMON,
         "variants": _DOSE,
         "rows": {level: [v for v in _DOSE if v.startswith(f"{level}/")] for level in DOSE_LEVELS},
+    },
+    "long-calibration": {
+        "title": "The next set's learning rate: on-policy MiniRL, fp8_w8a8 engine, long-reasoning task",
+        "base": LONG_COMMON,
+        "variants": _LONG_CAL,
+        "seed_offset": 100,
+        "in_all": False,
+    },
+    "long-dose": {
+        "title": f"The next set, experiment 1: the numerics ladder vs on-policy IS / R3 and N = {DOSE_N} replay",
+        "base": [*LONG_COMMON, f"optim.lr={LONG_LR}"],
+        "variants": _LONG_DOSE,
+        # the pre-registered readings, within each rung: IS (no IS vs MiniRL), R3 on-policy, and
+        # replay at N = 4 (R2, R3 vs no replay)
+        "reference": {"on_no_is": "on_minirl", "on_r3": "on_minirl", "off_r2": "off_noreplay", "off_r3": "off_noreplay"},
+        "rows": {rung: [v for v in _LONG_DOSE if v.startswith(f"{rung}/")] for rung in LADDER},
+        "in_all": False,
     },
 }

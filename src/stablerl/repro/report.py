@@ -55,22 +55,37 @@ def experiment_table(runs: dict[str, list[tuple[dict, list[dict], int]]]) -> lis
     return table
 
 
-def paired_table(by_seed: dict[str, dict[int, tuple[dict, list[dict], int]]], reference: str) -> str:
-    """Final held-out sampled accuracy of every variant minus ``reference``'s, paired by seed
-    (``by_seed``: ``stats.finished_runs_by_seed``; interrupted runs left out): per-seed
-    differences, their mean and 95% t-interval (none from a single seed)."""
+def reference_of(variant: str, reference: str | dict[str, str]) -> str | None:
+    """The variant ``variant`` is compared with: ``reference`` itself (one reference for all), or,
+    given a mapping of variant names within a row (``"rung/name"``), the same row's
+    ``reference[name]`` (None: not compared)."""
+    if isinstance(reference, str):
+        return None if variant == reference else reference
+    row, _, name = variant.rpartition("/")
+    if name not in reference:
+        return None
+    return f"{row}/{reference[name]}" if row else reference[name]
+
+
+def paired_table(by_seed: dict[str, dict[int, tuple[dict, list[dict], int]]], reference: str | dict[str, str]) -> str:
+    """Final held-out sampled accuracy of every variant minus its reference's (``reference_of``),
+    paired by seed (``by_seed``: ``stats.finished_runs_by_seed``; interrupted runs left out):
+    per-seed differences, their mean and 95% t-interval (none from a single seed)."""
     acc = {variant: {seed: run_stats(summary, rows, n)["final_acc"] for seed, (summary, rows, n) in runs.items()
                      if not summary.get("interrupted")} for variant, runs in by_seed.items()}
-    ref = acc.get(reference, {})
-    lines = [f"Final held-out sampled accuracy minus {reference}'s, paired by seed (95% t-interval over seeds)\n",
-             "| variant | seeds paired | per-seed differences | mean | 95% interval |", "|---|---|---|---|---|"]
+    what = f"{reference}'s" if isinstance(reference, str) else "its reference's"
+    lines = [f"Final held-out sampled accuracy minus {what}, paired by seed (95% t-interval over seeds)\n",
+             "| variant | reference | seeds paired | per-seed differences | mean | 95% interval |",
+             "|---|---|---|---|---|---|"]
     for variant, accs in acc.items():
-        if variant == reference or not accs:
+        ref_name = reference_of(variant, reference)
+        if ref_name is None or not accs:
             continue
+        ref = acc.get(ref_name, {})
         seeds = sorted(set(accs) & set(ref))
         diffs = [accs[s] - ref[s] for s in seeds]
         ci = paired_interval(diffs)
-        lines.append(f"| {variant} | {len(seeds)} | {', '.join(f'{x:+.3f}' for x in diffs) or '-'} | "
+        lines.append(f"| {variant} | {ref_name} | {len(seeds)} | {', '.join(f'{x:+.3f}' for x in diffs) or '-'} | "
                      f"{(sum(diffs) / len(diffs)) if diffs else float('nan'):+.3f} | "
                      f"{f'[{ci[1]:+.3f}, {ci[2]:+.3f}]' if ci else 'n/a (< 2 seeds)'} |")
     return "\n".join(lines) + "\n"
@@ -137,7 +152,10 @@ def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict], int]
             ax.set_title(f"{row_title}: {title}" if row_title else title)
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7)
+        else:  # a row none of whose variants has run yet (a partly run experiment)
+            axes[0].text(0.5, 0.5, "not run", transform=axes[0].transAxes, ha="center", va="center")
     fig.suptitle(f"{EXPERIMENTS[name]['title']} (mean over seeds, band = min..max)")
     fig.savefig(path, dpi=56)
     plt.close(fig)
