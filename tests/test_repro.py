@@ -46,6 +46,14 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
     assert [r["variant"] for r in rows] == (variants or list(EXPERIMENTS[name]["variants"]))
     if EXPERIMENTS[name].get("reference"):
         assert paths["paired_md"].is_file()
+    if EXPERIMENTS[name].get("preregistered"):
+        # one table row per finished run, after the header
+        text = paths["readings_md"].read_text()
+        assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + len(dirs)
+    if name == "long-dose":  # with the cold start's dose axis beside the runs, the dose figure
+        (tmp_path / name / "dose_axis.json").write_text(json.dumps({"fp8_w8a8": {"kl_k1": 1e-3, "seq_log_w_mean": -0.1}}))
+        paths = write_report(name, tmp_path, seeds=1)
+        assert paths["dose_png"].stat().st_size > 5_000
     logs.clear()
     run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append, variants=variants)  # finished runs are not repeated
     assert all("skipped" in line for line in logs)
@@ -181,3 +189,54 @@ def test_paired_references_within_a_row():
     assert reference_of("fp32/off_r2", pairs) == "fp32/off_noreplay"
     assert reference_of("fp32/on_minirl", pairs) is None  # a reference is not compared with itself
     assert reference_of("eta4", "eta0") == "eta0" and reference_of("eta0", "eta0") is None
+
+
+def _run(acc, entropy, kl, n=1, every=1):
+    """(summary, rows, N) of a hand-made run: evaluations every ``every`` steps."""
+    rows = [{"step": i, "reward_mean": 0.5, "entropy": e, "train_infer_kl_k1": k, "train_infer_kl": k}
+            for i, (e, k) in enumerate(zip(entropy, kl))]
+    for j, a in enumerate(acc):
+        rows[j * every]["eval/sampled_acc"] = a
+    return {"steps": len(rows)}, rows, n
+
+
+def test_readings_compare_each_run_with_its_own_rung_and_seed():
+    from stablerl.repro.reading import dose_points, evaluation_noise, readings, readings_table
+
+    flat = [1.0] * 60
+    by_seed = {
+        # the reference of the "hi" rung: seed 0's entropy flat, seed 1's falling at step 20
+        "hi/on_minirl": {0: _run([0.5, 0.6, 0.6], flat, [1e-3] * 60, every=20),
+                         1: _run([0.52, 0.6, 0.62], [1.0] * 20 + [0.2] * 40, [1e-3] * 60, every=20)},
+        # no IS: entropy drops to 0.2 at step 20 and the KL rises 20x from step 15. C2: the 10-step
+        # running median reaches 1.05e-2 >= 10 x 1e-3 when five of its values are 2e-2 (step 19);
+        # C3: the trailing 10-step mean of the entropy falls below 0.5 x 1.0 when seven are 0.2
+        # (step 26) and stays out for 20 steps: C2 and C3 on seed 0, collapse at the later, 26;
+        # on seed 1 its reference's entropy falls the same way, so C2 without C3: no collapse
+        "hi/on_no_is": {0: _run([0.48, 0.5, 0.5], [1.0] * 20 + [0.2] * 40, [1e-3] * 15 + [2e-2] * 45, every=20),
+                        1: _run([0.55, 0.5, 0.5], [1.0] * 20 + [0.2] * 40, [1e-3] * 15 + [2e-2] * 45, every=20)},
+        # another rung: C3 must not compare with the hi rung's reference (it has none: '-')
+        "lo/on_no_is": {0: _run([0.5, 0.1, 0.1], flat, [1e-3] * 60, every=20)},
+    }
+    read = readings(by_seed, "on_minirl")
+    assert read["hi/on_no_is"][0]["c3_reference"] == "hi/on_minirl"
+    assert read["hi/on_no_is"][0]["c2"] == 19 and read["hi/on_no_is"][0]["c3"] == 26
+    assert read["hi/on_no_is"][0]["c3_direction"] == "drop"
+    assert read["hi/on_no_is"][0]["prereg_step"] == 26 and read["hi/on_no_is"][0]["prereg_how"] == "C2+C3 (drop)"
+    assert read["hi/on_no_is"][1]["c3"] is None and read["hi/on_no_is"][1]["prereg_step"] is None
+    assert read["hi/on_minirl"][0]["c3_reference"] is None and read["lo/on_no_is"][0]["c3_reference"] is None
+    # C1 alone decides where there is no reference: 0.5 -> 0.1, two evaluations below the peak - 0.15
+    assert read["lo/on_no_is"][0]["prereg_step"] == 20 and read["lo/on_no_is"][0]["prereg_how"] == "C1"
+    # the cold start's spread across variants, per seed: seed 0 reads 0.5, 0.48, 0.5; seed 1 0.52, 0.55
+    assert evaluation_noise(read) == pytest.approx({0: 0.02, 1: 0.03})
+    table = readings_table(read, {"on_no_is": "on_minirl"})
+    row = next(line for line in table.splitlines() if line.startswith("| hi/on_no_is | 0 |"))
+    assert "| 15.25 |" in row   # its mean k1 KL over its reference's, same seed: (15e-3 + 45 x 2e-2) / 60 / 1e-3
+    # the dose figure's points: final accuracy minus the same rung's reference, paired by seed
+    pts = dose_points(read, {"on_no_is": "on_minirl"}, {"hi": {"kl_k1": 3e-2}, "lo": {"kl_k1": 1e-4}})
+    assert len(pts) == 1   # the lo rung has no reference run: no point
+    (p,) = pts
+    assert p["rung"] == "hi" and p["dose_k1"] == 3e-2 and p["diffs"] == pytest.approx([-0.1, -0.12])
+    # mean -0.11, sd 0.01414, two pairs: t(1 df) = 12.706, half-width 12.706 x 0.01414 / sqrt(2) = 0.12706
+    assert p["mean"] == pytest.approx(-0.11) and p["lo"] == pytest.approx(-0.23706, abs=1e-5)
+    assert p["hi"] == pytest.approx(0.01706, abs=1e-5)

@@ -182,6 +182,7 @@ EXPERIMENTS: dict[str, dict] = {
         "variants": _LONG_CAL,
         "seed_offset": 100,
         "in_all": False,
+        "preregistered": True,   # readings.md: C1 decides (the run is its own reference)
     },
     "long-dose": {
         "title": f"The next set, experiment 1: the numerics ladder vs on-policy IS / R3 and N = {DOSE_N} replay",
@@ -192,5 +193,7 @@ EXPERIMENTS: dict[str, dict] = {
         "reference": {"on_no_is": "on_minirl", "on_r3": "on_minirl", "off_r2": "off_noreplay", "off_r3": "off_noreplay"},
         "rows": {rung: [v for v in _LONG_DOSE if v.startswith(f"{rung}/")] for rung in LADDER},
         "in_all": False,
+        # readings.md: C3 compares each run's entropy with the same seed and rung's on-policy MiniRL
+        "preregistered": True, "c3_reference": "on_minirl",
     },
 }

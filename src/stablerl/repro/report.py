@@ -11,6 +11,7 @@ from stablerl import metrics as M
 from stablerl.plot import moving_average
 from stablerl.repro.dose import dose_points, dose_table, plot_dose_response
 from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.reading import write_reading
 from stablerl.repro.stats import (finished_runs_by_seed, mean_finite, mean_std, paired_interval, rollout_steps,
                                   run_stats, series)
 
@@ -111,6 +112,8 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
         if EXPERIMENTS[name].get("reference"):
             paths["paired_md"] = dest / "paired.md"
             paths["paired_md"].write_text(paired_table(by_seed, EXPERIMENTS[name]["reference"]))
+        if EXPERIMENTS[name].get("preregistered"):
+            paths.update(write_reading(name, by_seed, dest))
         if name == "dose-response":
             points = dose_points(runs)
             paths["dose_md"] = dest / "dose_table.md"

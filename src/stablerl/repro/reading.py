@@ -1,0 +1,204 @@
+"""The pre-registered reading of the next set (docs/preregistration.md s.3-5), from finished runs:
+one row per run with the collapse definition's parts and the quantities every run reports, the
+evaluation noise of the cold start, and the dose figure (paired differences against the *cold
+start's* mismatch at each rung, from ``benchmarks/dose_axis.py``)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from stablerl import metrics as M
+from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.stats import collapse, collapse_c1, collapse_c2, collapse_c3, collapse_preregistered, \
+    paired_interval, run_stats
+
+Runs = dict[str, dict[int, tuple[dict, list[dict], int]]]   # variant -> seed -> (summary, rows, N)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r and r[key] == r[key]]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def c3_reference_of(variant: str, c3_reference: str | None) -> str | None:
+    """The run whose entropy C3 compares ``variant``'s with: the same row's ``c3_reference``
+    (e.g. ``nvfp4/on_minirl`` for ``nvfp4/on_no_is``); none for the reference itself."""
+    if c3_reference is None:
+        return None
+    row, _, name = variant.rpartition("/")
+    ref = f"{row}/{c3_reference}" if row else c3_reference
+    return None if ref == variant else ref
+
+
+def run_reading(rows: list[dict], n: int, aborted: bool, reference_rows: list[dict] | None) -> dict:
+    """One run's pre-registered numbers (steps are optimizer steps)."""
+    c3, direction = collapse_c3(rows, reference_rows, n) if reference_rows is not None else (None, "")
+    step, how = collapse_preregistered(rows, reference_rows, aborted, n)
+    old_step, old_how = collapse(rows, aborted, n=n)
+    return {
+        "c1": collapse_c1(rows, n), "c2": collapse_c2(rows, n), "c3": c3, "c3_direction": direction,
+        "prereg_step": step, "prereg_how": how, "old_collapse": old_step, "old_how": old_how,
+        "kl_k1": _mean(rows, M.TRAIN_INFER_KL_K1), "staleness_kl": _mean(rows, M.STALENESS_KL),
+        "clip_low": _mean(rows, "clip_frac_low"), "clip_high": _mean(rows, M.CLIP_FRAC_HIGH),
+        "stale_agreement": _mean(rows, M.ROUTE_STALE), "seq_log_w": _mean(rows, "seq_log_w/mean"),
+        "seq_log_w_p01": _mean(rows, M.SEQ_LOG_W_P01), "seq_log_w_p05": _mean(rows, "seq_log_w/p05"),
+        "entropy": _mean(rows, M.ENTROPY),
+    }
+
+
+def readings(by_seed: Runs, c3_reference: str | None) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for variant, runs in by_seed.items():
+        ref_name = c3_reference_of(variant, c3_reference)
+        for seed, (summary, rows, n) in runs.items():
+            if summary.get("interrupted"):
+                continue
+            ref = by_seed.get(ref_name, {}).get(seed) if ref_name else None
+            reading = run_reading(rows, n, bool(summary.get("aborted")), ref[1] if ref else None)
+            reading.update(run_stats(summary, rows, n))
+            reading["c3_reference"] = ref_name if ref else None
+            out.setdefault(variant, {})[seed] = reading
+    return out
+
+
+def _step(step: int | None, how: str = "") -> str:
+    return "-" if step is None else f"{step}" + (f" ({how})" if how else "")
+
+
+def _g(x: float, fmt: str = ".2e") -> str:
+    return "n/a" if x != x else format(x, fmt)
+
+
+def readings_table(read: dict[str, dict[int, dict]], reference: str | dict[str, str] | None) -> str:
+    """Markdown: one row per run; C3 is '-' where its reference run has not finished (then only C1
+    decides). ``k1 KL / reference's``: the run's mean k1 KL over its reference's, same seed (for
+    an R3 variant, 1 minus it is the share of the KL that R3 removes)."""
+    from stablerl.repro.report import reference_of
+
+    head = ["variant", "seed", "acc step 0", "final acc", "peak acc", "C1", "C2", "C3 (vs)", "collapsed (pre-registered)",
+            "collapsed (old definition)", "k1 KL", "k1 KL / reference's", "staleness KL", "clip low / high",
+            "stale routing agreement", "seq log w mean / p05 / p01", "entropy", "KL spikes / opt step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, seeds in read.items():
+        ref_name = reference_of(variant, reference) if reference else None
+        for seed, r in sorted(seeds.items()):
+            ref = read.get(ref_name, {}).get(seed) if ref_name else None
+            ratio = f"{r['kl_k1'] / ref['kl_k1']:.2f}" if ref and ref["kl_k1"] > 0 else "-"
+            c3 = "-" if r["c3_reference"] is None else _step(r["c3"], r["c3_direction"])
+            lines.append("| " + " | ".join([
+                variant, str(seed), _g(r["initial_acc"], ".3f"), _g(r["final_acc"], ".3f"), _g(r["peak_acc"], ".3f"),
+                _step(r["c1"]), _step(r["c2"]), c3, _step(r["prereg_step"], r["prereg_how"]),
+                _step(r["old_collapse"], r["old_how"]), _g(r["kl_k1"]), ratio, _g(r["staleness_kl"]),
+                f"{_g(r['clip_low'], '.1e')} / {_g(r['clip_high'], '.1e')}", _g(r["stale_agreement"], ".4f"),
+                f"{_g(r['seq_log_w'], '.2f')} / {_g(r['seq_log_w_p05'], '.2f')} / {_g(r['seq_log_w_p01'], '.2f')}",
+                _g(r["entropy"], ".3f"), _g(r["kl_spikes_per_opt_step"], ".3f")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_noise(read: dict[str, dict[int, dict]]) -> dict[int, float]:
+    """Per seed, the spread (max - min) of the step-0 held-out accuracy across variants: the same
+    cold start evaluated with different sampling, so evaluation noise only (s.5)."""
+    by_seed: dict[int, list[float]] = {}
+    for seeds in read.values():
+        for seed, r in seeds.items():
+            if r["initial_acc"] == r["initial_acc"]:
+                by_seed.setdefault(seed, []).append(r["initial_acc"])
+    return {s: max(v) - min(v) for s, v in sorted(by_seed.items()) if len(v) > 1}
+
+
+def noise_line(noise: dict[int, float]) -> str:
+    if not noise:
+        return "Evaluation noise: fewer than two variants per seed have finished; not measured yet.\n"
+    worst = max(noise.values())
+    return (f"Evaluation noise (s.5): the cold start's step-0 held-out accuracy spreads by "
+            f"{', '.join(f'{v:.3f} (seed {s})' for s, v in noise.items())} across variants (the same policy); "
+            f"no difference smaller than 3x the largest, {3 * worst:.3f}, is claimed.\n")
+
+
+def dose_points(read: dict[str, dict[int, dict]], reference: dict[str, str], dose_axis: dict[str, dict]) -> list[dict]:
+    """Per rung and compared variant: the cold start's k1 KL at the rung (the axis), the paired
+    final-accuracy differences against the variant's reference, their mean and 95% interval."""
+    from stablerl.repro.report import reference_of
+
+    points = []
+    for variant, seeds in read.items():
+        rung, _, name = variant.rpartition("/")
+        ref_name = reference_of(variant, reference)
+        if not ref_name or rung not in dose_axis:
+            continue
+        ref = read.get(ref_name, {})
+        diffs = [seeds[s]["final_acc"] - ref[s]["final_acc"] for s in sorted(set(seeds) & set(ref))]
+        if not diffs:
+            continue
+        ci = paired_interval(diffs)
+        points.append({"rung": rung, "variant": name, "reference": ref_name.rpartition("/")[2],
+                       "dose_k1": dose_axis[rung]["kl_k1"], "seq_log_w": dose_axis[rung].get("seq_log_w_mean"),
+                       "diffs": diffs, "mean": statistics.mean(diffs),
+                       "lo": ci[1] if ci else None, "hi": ci[2] if ci else None})
+    return points
+
+
+def dose_markdown(points: list[dict]) -> str:
+    lines = ["Against the dose (the cold start's k1 KL per token at each rung, dose_axis.json):\n",
+             "| rung | cold start's k1 KL | cold start's sum log w / response | variant - reference | "
+             "per-seed differences | mean | 95% interval |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (-p["dose_k1"], p["variant"])):
+        ci = f"[{p['lo']:+.3f}, {p['hi']:+.3f}]" if p["lo"] is not None else "n/a (< 2 seeds)"
+        seq = f"{p['seq_log_w']:+.2f}" if p["seq_log_w"] is not None else "n/a"
+        lines.append(f"| {p['rung']} | {p['dose_k1']:.2e} | {seq} | {p['variant']} - {p['reference']} | "
+                     f"{', '.join(f'{d:+.3f}' for d in p['diffs'])} | {p['mean']:+.3f} | {ci} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_dose(points: list[dict], path: Path, title: str) -> Path:
+    """Paired final-accuracy differences (mean, 95% interval where >= 2 seeds) against the cold
+    start's per-token k1 KL at each rung."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for i, name in enumerate(dict.fromkeys(p["variant"] for p in points)):
+        pts = sorted((p for p in points if p["variant"] == name), key=lambda p: p["dose_k1"])
+        xs = [max(p["dose_k1"], 1e-8) for p in pts]
+        ys = [p["mean"] for p in pts]
+        err = [[(p["mean"] - p["lo"]) if p["lo"] is not None else 0 for p in pts],
+               [(p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{name} - {pts[0]['reference']}")
+        for p, x in zip(pts, xs):
+            ax.annotate(p["rung"], (x, p["mean"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("the cold start's training-inference KL at the rung (k1 per token, benchmarks/dose_axis.py)")
+    ax.set_ylabel("final held-out accuracy, paired difference")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_reading(name: str, by_seed: Runs, dest: Path) -> dict[str, Path]:
+    """``readings.md`` (and the dose figure where ``dest/dose_axis.json`` exists) for an experiment
+    marked ``"preregistered"``."""
+    exp = EXPERIMENTS[name]
+    read = readings(by_seed, exp.get("c3_reference"))
+    if not read:
+        return {}
+    paths = {"readings_md": dest / "readings.md"}
+    text = (f"Pre-registered reading (docs/preregistration.md s.3-4), one row per finished run; steps are "
+            f"optimizer steps.\n\n{noise_line(evaluation_noise(read))}\n{readings_table(read, exp.get('reference'))}")
+    axis_path = dest / "dose_axis.json"
+    if isinstance(exp.get("reference"), dict) and axis_path.exists():
+        measured = json.loads(axis_path.read_text())   # benchmarks/dose_axis.py --out: one entry per rung
+        axis = {rung: v for rung, v in measured.items() if isinstance(v, dict) and "kl_k1" in v}
+        points = dose_points(read, exp["reference"], axis)
+        if points:
+            paths["dose_png"] = plot_dose(points, dest / "dose.png", exp["title"])
+            text += "\n" + dose_markdown(points)
+    paths["readings_md"].write_text(text)
+    return paths
