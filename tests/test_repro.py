@@ -28,7 +28,9 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
             build_config(RunConfig, None, exp["base"] + exp["variants"][v] + ["train.seed=0", f"run_dir={tmp_path}/x"])
         # ... and the machinery runs on the short task, one rung of the ladder
         tiny += ["task.style=steps", "task.max_operand=99"]
-        variants = [v for v in exp["variants"] if "/" not in v or v.startswith("fp8_w8a8/")]
+        # (experiments 3 and 4: their smallest N / lag only)
+        variants = [v for v in exp["variants"] if "/" not in v or
+                    (v.startswith("fp8_w8a8/") and v.count("/") == 1) or v.startswith(("fp8_w8a8/n2/", "fp8_w8a8/eta1/"))]
     logs = []
     dirs = run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append, variants=variants)
     assert len(dirs) == len(variants or EXPERIMENTS[name]["variants"])
@@ -225,6 +227,11 @@ def test_readings_compare_each_run_with_its_own_rung_and_seed():
     assert read["hi/on_no_is"][0]["prereg_step"] == 26 and read["hi/on_no_is"][0]["prereg_how"] == "C2+C3 (drop)"
     assert read["hi/on_no_is"][1]["c3"] is None and read["hi/on_no_is"][1]["prereg_step"] is None
     assert read["hi/on_minirl"][0]["c3_reference"] is None and read["lo/on_no_is"][0]["c3_reference"] is None
+    # experiments 3 and 4 compare with experiment 1's run of the same rung and seed (another pool)
+    other = {"hi/n4/clip_r2": {0: by_seed["hi/on_no_is"][0]}}
+    moved = readings(other, "on_minirl", pool={**by_seed, **other})["hi/n4/clip_r2"][0]
+    assert moved["c3_reference"] == "hi/on_minirl" and moved["c3"] == 26
+    assert readings(other, "on_minirl")["hi/n4/clip_r2"][0]["c3_reference"] is None   # not in its own pool
     # C1 alone decides where there is no reference: 0.5 -> 0.1, two evaluations below the peak - 0.15
     assert read["lo/on_no_is"][0]["prereg_step"] == 20 and read["lo/on_no_is"][0]["prereg_how"] == "C1"
     # the cold start's spread across variants, per seed: seed 0 reads 0.5, 0.48, 0.5; seed 1 0.52, 0.55

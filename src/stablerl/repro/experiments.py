@@ -130,6 +130,22 @@ _LONG_DOSE = {f"{rung}/{name}": engine + variant
                                     ("on_r3", long_schedule(1) + R3), ("off_noreplay", long_schedule(DOSE_N)),
                                     ("off_r2", long_schedule(DOSE_N) + R2), ("off_r3", long_schedule(DOSE_N) + R3))}
 
+# experiments 3 and 4 of the set run at the rung where experiment 1 finds IS starting to matter,
+# which is not known before it: every rung is a row, and `--variants` picks the rung's.
+OFF_NS = (2, 4, 8)
+LAG_ETAS = (1, 2, 4)
+_OFF_FOUR = {"noclip_noreplay": NO_CLIP, "noclip_r2": NO_CLIP + R2, "clip_r2": R2, "clip_r3": R3}
+_LONG_OFF = {f"{rung}/n{n}/{name}": engine + long_schedule(n) + v
+             for rung, engine in LADDER.items() for n in OFF_NS for name, v in _OFF_FOUR.items()}
+# the lag: on-policy mini-batches sampled eta versions back; the decoupled correction (pi_old
+# recomputed) for the four variants, the bypass (pi_old := mu) beside the two it allows (R2
+# replays the recomputed pi_old's routes, which the bypass skips: rejected by the config)
+_LONG_LAG = {f"{rung}/eta{eta}/{name}{suffix}": engine + long_schedule(1) + [f"rollout.max_staleness={eta}",
+                                                                          f"loss.proximal={proximal}"] + v
+             for rung, engine in LADDER.items() for eta in LAG_ETAS for name, v in _OFF_FOUR.items()
+             for suffix, proximal in (("", "recompute"), ("_bypass", "rollout"))
+             if not (proximal == "rollout" and "r2" in name)}
+
 EXPERIMENTS: dict[str, dict] = {
     "calibration": {
         "title": "Calibration: the recommended recipes (on-policy MiniRL; N = 8 MiniRL + R3) over learning rates",
@@ -195,5 +211,27 @@ EXPERIMENTS: dict[str, dict] = {
         "in_all": False,
         # readings.md: C3 compares each run's entropy with the same seed and rung's on-policy MiniRL
         "preregistered": True, "c3_reference": "on_minirl",
+    },
+    "long-offpolicy": {
+        "title": "The next set, experiment 3: off-policy by mini-batches (N = 2, 4, 8), at one rung",
+        "base": [*LONG_COMMON, f"optim.lr={LONG_LR}"],
+        "variants": _LONG_OFF,
+        "reference": {name: "noclip_noreplay" for name in _OFF_FOUR if name != "noclip_noreplay"},
+        "rows": {f"{rung} N={n}": [v for v in _LONG_OFF if v.startswith(f"{rung}/n{n}/")]
+                 for rung in LADDER for n in OFF_NS},
+        "in_all": False,
+        # C3's reference is experiment 1's run (same seed and rung, on-policy MiniRL)
+        "preregistered": True, "c3_reference": "on_minirl", "c3_from": "long-dose",
+    },
+    "long-lag": {
+        "title": "The next set, experiment 4: off-policy by lag (eta = 1, 2, 4), decoupled and bypass, at one rung",
+        "base": [*LONG_COMMON, f"optim.lr={LONG_LR}"],
+        "variants": _LONG_LAG,
+        "reference": {name: "noclip_noreplay" for name in [*_OFF_FOUR, "clip_r3_bypass"] if name != "noclip_noreplay"}
+        | {"noclip_noreplay_bypass": "noclip_noreplay"},
+        "rows": {f"{rung} eta={eta}": [v for v in _LONG_LAG if v.startswith(f"{rung}/eta{eta}/")]
+                 for rung in LADDER for eta in LAG_ETAS},
+        "in_all": False,
+        "preregistered": True, "c3_reference": "on_minirl", "c3_from": "long-dose",
     },
 }

@@ -23,12 +23,13 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 def c3_reference_of(variant: str, c3_reference: str | None) -> str | None:
-    """The run whose entropy C3 compares ``variant``'s with: the same row's ``c3_reference``
-    (e.g. ``nvfp4/on_minirl`` for ``nvfp4/on_no_is``); none for the reference itself."""
+    """The run whose entropy C3 compares ``variant``'s with: the same rung's (the variant name's
+    first part) ``c3_reference``, e.g. ``nvfp4/on_minirl`` for ``nvfp4/on_no_is`` and for
+    ``nvfp4/n4/clip_r2``; none for the reference itself."""
     if c3_reference is None:
         return None
-    row, _, name = variant.rpartition("/")
-    ref = f"{row}/{c3_reference}" if row else c3_reference
+    rung = variant.split("/")[0] if "/" in variant else ""
+    ref = f"{rung}/{c3_reference}" if rung else c3_reference
     return None if ref == variant else ref
 
 
@@ -48,14 +49,17 @@ def run_reading(rows: list[dict], n: int, aborted: bool, reference_rows: list[di
     }
 
 
-def readings(by_seed: Runs, c3_reference: str | None) -> dict[str, dict[int, dict]]:
+def readings(by_seed: Runs, c3_reference: str | None, pool: Runs | None = None) -> dict[str, dict[int, dict]]:
+    """Per variant and seed, ``run_reading`` with ``run_stats``; C3's reference runs are looked up
+    in ``pool`` (default: ``by_seed``; another experiment's runs where the reference lives there)."""
+    pool = by_seed if pool is None else pool
     out: dict[str, dict[int, dict]] = {}
     for variant, runs in by_seed.items():
         ref_name = c3_reference_of(variant, c3_reference)
         for seed, (summary, rows, n) in runs.items():
             if summary.get("interrupted"):
                 continue
-            ref = by_seed.get(ref_name, {}).get(seed) if ref_name else None
+            ref = pool.get(ref_name, {}).get(seed) if ref_name else None
             reading = run_reading(rows, n, bool(summary.get("aborted")), ref[1] if ref else None)
             reading.update(run_stats(summary, rows, n))
             reading["c3_reference"] = ref_name if ref else None
@@ -182,11 +186,12 @@ def plot_dose(points: list[dict], path: Path, title: str) -> Path:
     return Path(path)
 
 
-def write_reading(name: str, by_seed: Runs, dest: Path) -> dict[str, Path]:
+def write_reading(name: str, by_seed: Runs, dest: Path, pool: Runs | None = None) -> dict[str, Path]:
     """``readings.md`` (and the dose figure where ``dest/dose_axis.json`` exists) for an experiment
-    marked ``"preregistered"``."""
+    marked ``"preregistered"``; ``pool`` holds C3's reference runs when they are another
+    experiment's (``"c3_from"``)."""
     exp = EXPERIMENTS[name]
-    read = readings(by_seed, exp.get("c3_reference"))
+    read = readings(by_seed, exp.get("c3_reference"), pool)
     if not read:
         return {}
     paths = {"readings_md": dest / "readings.md"}

@@ -113,7 +113,9 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
             paths["paired_md"] = dest / "paired.md"
             paths["paired_md"].write_text(paired_table(by_seed, EXPERIMENTS[name]["reference"]))
         if EXPERIMENTS[name].get("preregistered"):
-            paths.update(write_reading(name, by_seed, dest))
+            other = EXPERIMENTS[name].get("c3_from")   # C3's reference runs live in that experiment
+            pool = {**finished_runs_by_seed(other, out, seeds), **by_seed} if other else None
+            paths.update(write_reading(name, by_seed, dest, pool))
         if name == "dose-response":
             points = dose_points(runs)
             paths["dose_md"] = dest / "dose_table.md"
@@ -131,6 +133,8 @@ def plot_experiment(name: str, runs: dict[str, list[tuple[dict, list[dict], int]
 
     variants = list(EXPERIMENTS[name]["variants"])
     rows = EXPERIMENTS[name].get("rows") or {"": variants}
+    # only the rows that have a finished run (experiments 3 and 4 run one rung of six)
+    rows = {title: vs for title, vs in rows.items() if any(runs.get(v) for v in vs)} or rows
     fig, grid = plt.subplots(len(rows), len(CURVES), figsize=(5 * len(CURVES), 4 * len(rows)),
                              constrained_layout=True, squeeze=False)
     for axes, (row_title, row_variants) in zip(grid, rows.items()):
