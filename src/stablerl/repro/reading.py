@@ -101,24 +101,34 @@ def readings_table(read: dict[str, dict[int, dict]], reference: str | dict[str, 
     return "\n".join(lines) + "\n"
 
 
-def evaluation_noise(read: dict[str, dict[int, dict]]) -> dict[int, float]:
-    """Per seed, the spread (max - min) of the step-0 held-out accuracy across variants: the same
-    cold start evaluated with different sampling, so evaluation noise only (s.5)."""
+def evaluation_noise(read: dict[str, dict[int, dict]]) -> tuple[dict[int, float], float | None]:
+    """The cold start's step-0 held-out accuracy, which can only differ by evaluation noise (s.5):
+    per seed, its spread (max - min) across variants — zero when, as in stablerl, evaluation
+    samples with seeds drawn from the run's seed and step alone — and its spread across seeds (the
+    mean over variants per seed; different sampling seeds, the same policy), None below 2 seeds."""
     by_seed: dict[int, list[float]] = {}
     for seeds in read.values():
         for seed, r in seeds.items():
             if r["initial_acc"] == r["initial_acc"]:
                 by_seed.setdefault(seed, []).append(r["initial_acc"])
-    return {s: max(v) - min(v) for s, v in sorted(by_seed.items()) if len(v) > 1}
+    per_seed = {s: max(v) - min(v) for s, v in sorted(by_seed.items()) if len(v) > 1}
+    means = [statistics.mean(v) for v in by_seed.values()]
+    return per_seed, (max(means) - min(means)) if len(means) > 1 else None
 
 
-def noise_line(noise: dict[int, float]) -> str:
-    if not noise:
-        return "Evaluation noise: fewer than two variants per seed have finished; not measured yet.\n"
-    worst = max(noise.values())
-    return (f"Evaluation noise (s.5): the cold start's step-0 held-out accuracy spreads by "
-            f"{', '.join(f'{v:.3f} (seed {s})' for s, v in noise.items())} across variants (the same policy); "
-            f"no difference smaller than 3x the largest, {3 * worst:.3f}, is claimed.\n")
+def noise_line(noise: tuple[dict[int, float], float | None]) -> str:
+    per_seed, across = noise
+    if not per_seed and across is None:
+        return "Evaluation noise: fewer than two step-0 evaluations have finished; not measured yet.\n"
+    parts = []
+    if per_seed:
+        parts.append("across variants of one seed it spreads by " + ", ".join(f"{v:.3f} (seed {s})" for s, v in per_seed.items())
+                     + (" (the same evaluation seeds: no noise can show there)" if max(per_seed.values()) == 0 else ""))
+    if across is not None:
+        parts.append(f"across seeds (different sampling, the same policy) by {across:.3f}")
+    worst = max([*per_seed.values(), across or 0.0])
+    return (f"Evaluation noise (s.5): the cold start's step-0 held-out accuracy {'; '.join(parts)}. No difference "
+            f"smaller than 3x the largest, {3 * worst:.3f}, is claimed.\n")
 
 
 def dose_points(read: dict[str, dict[int, dict]], reference: dict[str, str], dose_axis: dict[str, dict]) -> list[dict]:
