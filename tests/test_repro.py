@@ -222,7 +222,7 @@ def test_readings_compare_each_run_with_its_own_rung_and_seed():
     }
     read = readings(by_seed, "on_minirl")
     assert read["hi/on_no_is"][0]["c3_reference"] == "hi/on_minirl"
-    assert read["hi/on_no_is"][0]["c2"] == 19 and read["hi/on_no_is"][0]["c3"] == 26
+    assert read["hi/on_no_is"][0]["c2_step"] == 19 and read["hi/on_no_is"][0]["c3"] == 26
     assert read["hi/on_no_is"][0]["c3_direction"] == "drop"
     assert read["hi/on_no_is"][0]["prereg_step"] == 26 and read["hi/on_no_is"][0]["prereg_how"] == "C2+C3 (drop)"
     assert read["hi/on_no_is"][1]["c3"] is None and read["hi/on_no_is"][1]["prereg_step"] is None

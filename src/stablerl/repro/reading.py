@@ -11,8 +11,7 @@ from pathlib import Path
 
 from stablerl import metrics as M
 from stablerl.repro.experiments import EXPERIMENTS
-from stablerl.repro.stats import collapse, collapse_c1, collapse_c2, collapse_c3, collapse_preregistered, \
-    paired_interval, run_stats
+from stablerl.repro.stats import collapse_c3, collapse_preregistered, paired_interval, run_stats
 
 Runs = dict[str, dict[int, tuple[dict, list[dict], int]]]   # variant -> seed -> (summary, rows, N)
 
@@ -34,13 +33,12 @@ def c3_reference_of(variant: str, c3_reference: str | None) -> str | None:
 
 
 def run_reading(rows: list[dict], n: int, aborted: bool, reference_rows: list[dict] | None) -> dict:
-    """One run's pre-registered numbers (steps are optimizer steps)."""
+    """One run's pre-registered numbers beyond ``run_stats``'s (which holds C1, C2 and the old
+    definition); steps are optimizer steps."""
     c3, direction = collapse_c3(rows, reference_rows, n) if reference_rows is not None else (None, "")
     step, how = collapse_preregistered(rows, reference_rows, aborted, n)
-    old_step, old_how = collapse(rows, aborted, n=n)
     return {
-        "c1": collapse_c1(rows, n), "c2": collapse_c2(rows, n), "c3": c3, "c3_direction": direction,
-        "prereg_step": step, "prereg_how": how, "old_collapse": old_step, "old_how": old_how,
+        "c3": c3, "c3_direction": direction, "prereg_step": step, "prereg_how": how,
         "kl_k1": _mean(rows, M.TRAIN_INFER_KL_K1), "staleness_kl": _mean(rows, M.STALENESS_KL),
         "clip_low": _mean(rows, "clip_frac_low"), "clip_high": _mean(rows, M.CLIP_FRAC_HIGH),
         "stale_agreement": _mean(rows, M.ROUTE_STALE), "seq_log_w": _mean(rows, "seq_log_w/mean"),
@@ -93,8 +91,8 @@ def readings_table(read: dict[str, dict[int, dict]], reference: str | dict[str, 
             c3 = "-" if r["c3_reference"] is None else _step(r["c3"], r["c3_direction"])
             lines.append("| " + " | ".join([
                 variant, str(seed), _g(r["initial_acc"], ".3f"), _g(r["final_acc"], ".3f"), _g(r["peak_acc"], ".3f"),
-                _step(r["c1"]), _step(r["c2"]), c3, _step(r["prereg_step"], r["prereg_how"]),
-                _step(r["old_collapse"], r["old_how"]), _g(r["kl_k1"]), ratio, _g(r["staleness_kl"]),
+                _step(r["c1_step"]), _step(r["c2_step"]), c3, _step(r["prereg_step"], r["prereg_how"]),
+                _step(r["collapse_step"], r["collapse_how"]), _g(r["kl_k1"]), ratio, _g(r["staleness_kl"]),
                 f"{_g(r['clip_low'], '.1e')} / {_g(r['clip_high'], '.1e')}", _g(r["stale_agreement"], ".4f"),
                 f"{_g(r['seq_log_w'], '.2f')} / {_g(r['seq_log_w_p05'], '.2f')} / {_g(r['seq_log_w_p01'], '.2f')}",
                 _g(r["entropy"], ".3f"), _g(r["kl_spikes_per_opt_step"], ".3f")]) + " |")
