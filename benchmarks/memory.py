@@ -21,8 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-SHAPES = {"default": {}, "deep": {"num_layers": 8, "num_experts": 32, "top_k": 4, "expert_size": 48}}
+from shapes import SHAPES  # benchmarks/shapes.py
 
 
 def child(args) -> dict:

@@ -19,8 +19,7 @@ import statistics
 import time
 
 import torch
-
-SHAPES = {"default": {}, "deep": {"num_layers": 8, "num_experts": 32, "top_k": 4, "expert_size": 48}}
+from shapes import SHAPES  # benchmarks/shapes.py
 
 
 def main() -> None:

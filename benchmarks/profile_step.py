@@ -9,6 +9,10 @@ on the built-in task, 16 prompts x 8 responses. One warm-up step, then ``--steps
 The padded-token fraction is the share of positions a forward computes that are padding: for the
 update, of each micro-batch's trimmed ``[rows, prompt + longest response]``; for the rollout, of
 the ``[B, prompt + max_new_tokens]`` cache the decoder fills.
+
+Each phase's matrix-multiply floor (benchmarks/profiling.py) is its matmul operators' self time
+in the profiled steps; ``--steps`` unprofiled steps run first and give the wall times it is set
+against (``floor_share``: the share of a step that is matrix arithmetic).
 """
 
 from __future__ import annotations
@@ -22,14 +26,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-SHAPES = {"default": {}, "deep": {"num_layers": 8, "num_experts": 32, "top_k": 4, "expert_size": 48}}
-
-
-def top_ops(prof, n: int) -> list[dict]:
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in rows) or 1
-    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
-             "calls": e.count} for e in rows[:n]]
+from profiling import matmul_ms, top_ops  # benchmarks/profiling.py
+from shapes import SHAPES  # benchmarks/shapes.py
 
 
 def main() -> None:
@@ -59,9 +57,19 @@ def main() -> None:
     trainer = Trainer(cfg, tmp / "run", log=lambda *_: None)
     trainer._setup(resume=False)
     phases = {"rollout": [], "update": []}
+    unprofiled = {"rollout": [], "update": []}
+    floor = {"rollout": [], "update": []}
     padded = {"rollout": [], "update": []}
     report = {"shape": args.shape, "new_tokens": args.new_tokens}
-    for step in range(1, args.steps + 2):
+    for step in range(1, 2 * args.steps + 2):
+        if 1 < step <= args.steps + 1:  # unprofiled: the wall times the floor is set against
+            t0 = time.perf_counter()
+            batch, _ = trainer.rollout(step)
+            t1 = time.perf_counter()
+            trainer.learner.update(step, batch, first_row=0)
+            unprofiled["rollout"].append(t1 - t0)
+            unprofiled["update"].append(time.perf_counter() - t1)
+            continue
         profiled = step > 1
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as p_roll:
@@ -74,6 +82,8 @@ def main() -> None:
             continue
         phases["rollout"].append(t1 - t0)
         phases["update"].append(t2 - t1)
+        floor["rollout"].append(matmul_ms(p_roll) / 1e3)
+        floor["update"].append(matmul_ms(p_upd) / 1e3)
         B, P = batch.input_ids.shape[0], batch.prompt_width
         padded["rollout"].append(1 - float(batch.attention_mask.sum()) / (B * (P + args.new_tokens)))
         trimmed = batch.trim()
@@ -89,6 +99,11 @@ def main() -> None:
     for phase in ("rollout", "update"):
         report[f"{phase}_s"] = sum(phases[phase]) / len(phases[phase])
         report[f"{phase}_padded_fraction"] = sum(padded[phase]) / len(padded[phase])
+        report[f"{phase}_unprofiled_s"] = sum(unprofiled[phase]) / len(unprofiled[phase])
+        report[f"{phase}_matmul_floor_s"] = sum(floor[phase]) / len(floor[phase])
+    report["step_unprofiled_s"] = report["rollout_unprofiled_s"] + report["update_unprofiled_s"]
+    report["step_matmul_floor_s"] = report["rollout_matmul_floor_s"] + report["update_matmul_floor_s"]
+    report["floor_share"] = report["step_matmul_floor_s"] / report["step_unprofiled_s"]
     trainer.close()
     for name in ("budget", "budget_sorted"):
         report[f"update_padded_fraction_{name}"] = sum(padded[name]) / len(padded[name])
@@ -97,6 +112,9 @@ def main() -> None:
           f"update {report['update_s']:.2f} s/step (padded {report['update_padded_fraction']:.1%}; with "
           f"max_tokens_per_micro_batch={args.max_tokens}: {report['update_padded_fraction_budget']:.1%} in mini-batch "
           f"order, {report['update_padded_fraction_budget_sorted']:.1%} length-sorted)")
+    print(f"unprofiled: rollout {report['rollout_unprofiled_s']:.2f} s, update {report['update_unprofiled_s']:.2f} s; "
+          f"matrix-multiply floor: rollout {report['rollout_matmul_floor_s']:.2f} s, update "
+          f"{report['update_matmul_floor_s']:.2f} s; floor share of a step {report['floor_share']:.1%}")
     for phase in ("rollout", "update"):
         print(f"\n{phase}: top operators by self CPU time")
         for r in report[f"{phase}_top"]:

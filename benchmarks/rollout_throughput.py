@@ -6,6 +6,15 @@ on for both (HF through ``stablerl.routing.capture_routes``). The two run altern
 process; the ratio of medians is reported.
 
     .venv/bin/python benchmarks/rollout_throughput.py [--batch 64] [--prompt 24] [--new-tokens 32]
+    .venv/bin/python benchmarks/rollout_throughput.py --shape deep --new-tokens 160
+
+The model is a tiny Qwen3-MoE (4 layers, 8 experts, top-2, hidden 64, vocabulary 64) unless
+``--shape`` names the run's default policy (``default``: hidden 96) or examples/deep_moe's shape
+(``deep``: 8 layers, 32 experts, top-4), over the built-in tokenizer.
+
+After the timed pairs, one more engine run under torch.profiler gives stablerl's matrix-multiply
+floor (benchmarks/profiling.py): ``bound`` = HF's median / that floor, the largest speedup any
+removal of overhead could reach without doing less arithmetic.
 """
 
 from __future__ import annotations
@@ -16,9 +25,13 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from profiling import matmul_ms  # benchmarks/profiling.py
+from shapes import SHAPES  # benchmarks/shapes.py
 
 from stablerl.config import SamplingConfig
-from stablerl.models import build_model, tiny_config
+from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
 from stablerl.rollout import LocalEngine
 from stablerl.routing import capture_routes
 
@@ -31,12 +44,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--shape", default=None, choices=list(SHAPES), help="default: the 64-wide tiny MoE above")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
-    model = build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=None), seed=0, dtype=dtype).eval()
+    if args.shape is None:
+        config = tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=None)
+    else:  # the run's tokenizer and shape; no EOS, so that every response has the requested length
+        config = default_model_config(build_tokenizer(), **SHAPES[args.shape])
+        config.eos_token_id, config.pad_token_id = None, 0
+    model = build_model(config, seed=0, dtype=dtype).eval()
     engine = LocalEngine(model, args.precision, eos_token_id=[], pad_token_id=0)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, model.config.vocab_size, (args.batch, args.prompt), generator=g)
@@ -66,8 +85,12 @@ def main() -> None:
         times["stablerl"].append(run_engine())
         times["hf_generate"].append(run_hf())
     med = {k: statistics.median(v) for k, v in times.items()}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_engine()
+    floor = matmul_ms(prof) / 1e3
     result = {
-        "setup": vars(args) | {"model": "tiny qwen3_moe (4 layers, 8 experts, top-2, hidden 64)",
+        "setup": vars(args) | {"model": f"qwen3_moe, {config.num_hidden_layers} layers, {config.num_experts} experts, "
+                                        f"top-{config.num_experts_per_tok}, hidden {config.hidden_size}",
                                "torch_threads": torch.get_num_threads()},
         "tokens_per_s": {k: n_tokens / v for k, v in med.items()},
         "median_s": med,
@@ -75,6 +98,9 @@ def main() -> None:
         # each pair ran back to back, so its ratio is less exposed to this machine's load swings
         "speedup_median_of_pairs": statistics.median(
             h / s for h, s in zip(times["hf_generate"], times["stablerl"])),
+        "stablerl_matmul_floor_s": floor,
+        "floor_share_of_stablerl": floor / med["stablerl"],
+        "bound": med["hf_generate"] / floor,
     }
     print(json.dumps(result, indent=2))
 

@@ -2,7 +2,7 @@
 
 Same model (the default tiny Qwen3-MoE, one saved checkpoint loaded by both), same task prompts
 and reward, 8 prompts x 8 responses per step, sampled with the fp32 weights by both
-(`--precision`), at most 32 new tokens, temperature 1, CPU, one optimizer step per rollout batch
+(`--precision`), at most `--new-tokens` (32) new tokens, temperature 1, CPU, one optimizer step per rollout batch
 (on-policy), no reference model / KL term. Each framework runs
 `--steps` steps per round, alternating for `--rounds` rounds in one process; the first
 `--warmup` steps of every round are dropped, and the median step time is compared.
@@ -10,6 +10,14 @@ and reward, 8 prompts x 8 responses per step, sampled with the fp32 weights by b
 TRL is an optional benchmark dependency: `.venv/bin/pip install -e '.[bench]'`.
 
     .venv/bin/python benchmarks/trl_step_time.py [--steps 8] [--rounds 2]
+    .venv/bin/python benchmarks/trl_step_time.py --shape deep --new-tokens 160   # long responses
+
+After the rounds, one more stablerl round runs under torch.profiler: its matrix-multiply self time
+per step is stablerl's floor (benchmarks/profiling.py), and ``bound`` = TRL's median / that floor
+is the largest speedup that removing overhead could reach without doing less arithmetic.
+
+`--shape deep` is examples/deep_moe's shape (8 layers, 32 experts, top-4) at random init (a fresh
+checkpoint), whose responses run long.
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from profiling import matmul_ms  # benchmarks/profiling.py
+from shapes import SHAPES  # benchmarks/shapes.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> list[dict]:
+def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str, new_tokens: int) -> list[dict]:
     from stablerl.config import RunConfig
     from stablerl.config_io import build_config
     from stablerl.runlog import read_metrics
@@ -35,14 +47,14 @@ def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str) -> lis
 
     cfg = build_config(RunConfig, None, [
         f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={steps}", "batch.prompts_per_step=8",
-        "batch.group_size=8", "rollout.max_new_tokens=32", f"rollout.precision={precision}", "batch.micro_batch_size=64",
+        "batch.group_size=8", f"rollout.max_new_tokens={new_tokens}", f"rollout.precision={precision}", "batch.micro_batch_size=64",
         "eval.every=100000", "eval.greedy=false", "eval.sampled=false", "checkpoint.every=100000",
         "log.progress=false", "log.tensorboard=false", "task.eval_size=1"])
     Trainer(cfg, run_dir, log=lambda *_: None).run()
     return [r for r in read_metrics(run_dir) if "step_time" in r]
 
 
-def trl_round(ckpt: Path, steps: int, out_dir: Path) -> list[float]:
+def trl_round(ckpt: Path, steps: int, out_dir: Path, new_tokens: int) -> list[float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -69,7 +81,7 @@ def trl_round(ckpt: Path, steps: int, out_dir: Path) -> list[float]:
             times.append(time.perf_counter() - self.t)
 
     args = GRPOConfig(output_dir=str(out_dir), per_device_train_batch_size=64, num_generations=8,
-                      max_completion_length=32, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
+                      max_completion_length=new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
                       num_iterations=1, learning_rate=5e-5, max_steps=steps, logging_steps=1000,
                       save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
                       disable_dropout=True, dataloader_num_workers=0)
@@ -85,7 +97,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--checkpoint", help="HF checkpoint to use (default: a fresh default tiny MoE)")
+    ap.add_argument("--checkpoint", help="HF checkpoint to use (default: a fresh tiny MoE of --shape)")
+    ap.add_argument("--shape", default="default", choices=list(SHAPES))
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp8"],
                     help="stablerl's rollout engine precision (TRL generates with the fp32 training model, "
                          "so fp32 is the like-for-like comparison; bf16/fp8 add the emulation's cost)")
@@ -98,20 +112,25 @@ def main() -> None:
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
         tok = build_tokenizer()
-        ckpt = save_model_dir(tmp / "model", build_model(default_model_config(tok), seed=0), tok)
+        ckpt = save_model_dir(tmp / "model", build_model(default_model_config(tok, **SHAPES[args.shape]), seed=0), tok)
     times: dict[str, list[float]] = {"stablerl": [], "trl": []}
     ours: list[dict] = []
     for r in range(args.rounds):
-        ours += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}", args.precision)[args.warmup:]
-        times["trl"] += trl_round(ckpt, args.steps, tmp / f"trl{r}")[args.warmup:]
+        ours += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}", args.precision, args.new_tokens)[args.warmup:]
+        times["trl"] += trl_round(ckpt, args.steps, tmp / f"trl{r}", args.new_tokens)[args.warmup:]
     times["stablerl"] = [m["step_time"] for m in ours]
     med = {k: statistics.median(v) for k, v in times.items()}
     # stablerl's own split of a step (from its metrics): rollout = generation + rewards, train = update
     split = {k: statistics.median(m[k] for m in ours) for k in ("rollout_time", "train_time")}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        stablerl_round(ckpt, args.steps, tmp / "stablerl_profiled", args.precision, args.new_tokens)
+    floor = matmul_ms(prof) / 1e3 / args.steps
     print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
                       "median_step_s": med, "stablerl_median_split_s": split,
                       "steps_measured": {k: len(v) for k, v in times.items()},
-                      "speedup": med["trl"] / med["stablerl"]}, indent=2))
+                      "speedup": med["trl"] / med["stablerl"],
+                      "stablerl_matmul_floor_s": floor, "floor_share_of_stablerl": floor / med["stablerl"],
+                      "bound": med["trl"] / floor}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,29 @@
+"""torch.profiler readings shared by the benchmarks: the top operators by self CPU time, and the
+matrix-multiply floor (the self time of the kernels that do a forward's or backward's arithmetic).
+
+The floor is what a piece of work would take if everything but its matrix multiplies cost
+nothing: a peer's wall time divided by stablerl's floor is the largest speedup that removing
+overhead (a compiled step, fused elementwise kernels, fewer Python-level ops) could reach without
+doing less arithmetic. The profiler's own per-op cost lands on the many small operators, not on the
+matmuls, so the floor is read as an absolute time and set against an unprofiled wall time.
+"""
+
+from __future__ import annotations
+
+# the operators whose self time is matrix arithmetic on CPU (linear layers resolve to mm/addmm;
+# the experts to bmm or grouped_mm; attention to bmm or the sdpa kernels), forward and backward
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def top_ops(prof, n: int) -> list[dict]:
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in rows[:n]]
+
+
+def matmul_ms(prof) -> float:
+    """Self CPU time of the matrix-multiply operators in a profile, in milliseconds."""
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e3
