@@ -1,0 +1,72 @@
+"""The decode's experts kernel: capacity-padded batched matmuls (``stablerl.moe.grouped_experts``,
+what the local engine runs) vs ``F.grouped_mm`` over the token-expert pairs (no padding).
+
+    .venv/bin/python benchmarks/decode_experts.py [--threads 0]
+
+Random weights and router logits at the default and deep shapes' decode (one token per row) and
+prefill sizes; per shape: the padding factor (experts x the busiest expert's load / pairs), the
+median time of each kernel, and the largest difference between their outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from stablerl.moe import grouped_experts
+
+# (experts, top-k, hidden, expert width, tokens)
+CASES = ((8, 2, 96, 96, 128), (8, 2, 96, 96, 3072), (32, 4, 96, 48, 64), (32, 4, 96, 48, 128), (32, 4, 96, 48, 1536))
+
+
+def grouped_mm_experts(h, idx, weights, gate_up_proj, down_proj, act_fn):
+    N, k = idx.shape
+    flat = idx.reshape(-1)
+    _, perm = flat.sort(stable=True)
+    offsets = torch.bincount(flat, minlength=gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(h.index_select(0, perm // k), gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    y = F.grouped_mm(act_fn(gate) * up, down_proj.transpose(1, 2), offs=offsets)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel())
+    return (y.index_select(0, inverse).view(N, k, -1) * weights[..., None]).sum(1)
+
+
+def timed_ms(fn, args, n=30, repeats=7) -> float:
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn(*args)
+        times.append((time.perf_counter() - t) / n * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for E, k, H, I, N in CASES:
+        gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.1, torch.randn(E, H, I, generator=g) * 0.1
+        h, logits = torch.randn(N, H, generator=g), torch.randn(N, E, generator=g)
+        weights, idx = torch.softmax(logits, -1).topk(k, -1)
+        a = (h, idx, weights, gate_up, down, F.silu)
+        padded, grouped = timed_ms(grouped_experts, a), timed_ms(grouped_mm_experts, a)
+        rows.append({"experts": E, "top_k": k, "tokens": N,
+                     "padding": E * int(torch.bincount(idx.reshape(-1), minlength=E).max()) / (N * k),
+                     "padded_bmm_ms": padded, "grouped_mm_ms": grouped, "speedup": padded / grouped,
+                     "max_diff": float((grouped_experts(*a) - grouped_mm_experts(*a)).abs().max())})
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "cases": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
