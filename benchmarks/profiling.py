@@ -27,3 +27,9 @@ def top_ops(prof, n: int) -> list[dict]:
 def matmul_ms(prof) -> float:
     """Self CPU time of the matrix-multiply operators in a profile, in milliseconds."""
     return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e3
+
+
+def floor_fields(floor_s: float, stablerl_s: float, peer_s: float) -> dict:
+    """The floor, its share of stablerl's (unprofiled) time, and the bound it sets against a peer."""
+    return {"stablerl_matmul_floor_s": floor_s, "floor_share_of_stablerl": floor_s / stablerl_s,
+            "bound": peer_s / floor_s}

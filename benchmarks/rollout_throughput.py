@@ -27,7 +27,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from profiling import matmul_ms  # benchmarks/profiling.py
+from profiling import floor_fields, matmul_ms  # benchmarks/profiling.py
 from shapes import SHAPES  # benchmarks/shapes.py
 
 from stablerl.config import SamplingConfig
@@ -98,10 +98,7 @@ def main() -> None:
         # each pair ran back to back, so its ratio is less exposed to this machine's load swings
         "speedup_median_of_pairs": statistics.median(
             h / s for h, s in zip(times["hf_generate"], times["stablerl"])),
-        "stablerl_matmul_floor_s": floor,
-        "floor_share_of_stablerl": floor / med["stablerl"],
-        "bound": med["hf_generate"] / floor,
-    }
+    } | floor_fields(floor, med["stablerl"], med["hf_generate"])
     print(json.dumps(result, indent=2))
 
 

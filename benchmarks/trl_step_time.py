@@ -11,6 +11,8 @@ TRL is an optional benchmark dependency: `.venv/bin/pip install -e '.[bench]'`.
 
     .venv/bin/python benchmarks/trl_step_time.py [--steps 8] [--rounds 2]
     .venv/bin/python benchmarks/trl_step_time.py --shape deep --new-tokens 160   # long responses
+    .venv/bin/python benchmarks/trl_step_time.py --shape deep --new-tokens 160 \
+        --set batch.packing=true batch.max_tokens_per_micro_batch=4096 rollout.drop_finished=true
 
 After the rounds, one more stablerl round runs under torch.profiler: its matrix-multiply self time
 per step is stablerl's floor (benchmarks/profiling.py), and ``bound`` = TRL's median / that floor
@@ -33,13 +35,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from profiling import matmul_ms  # benchmarks/profiling.py
+from profiling import floor_fields, matmul_ms  # benchmarks/profiling.py
 from shapes import SHAPES  # benchmarks/shapes.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str, new_tokens: int) -> list[dict]:
+def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str, new_tokens: int,
+                   overrides: list[str]) -> list[dict]:
     from stablerl.config import RunConfig
     from stablerl.config_io import build_config
     from stablerl.runlog import read_metrics
@@ -49,7 +52,7 @@ def stablerl_round(ckpt: Path, steps: int, run_dir: Path, precision: str, new_to
         f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={steps}", "batch.prompts_per_step=8",
         "batch.group_size=8", f"rollout.max_new_tokens={new_tokens}", f"rollout.precision={precision}", "batch.micro_batch_size=64",
         "eval.every=100000", "eval.greedy=false", "eval.sampled=false", "checkpoint.every=100000",
-        "log.progress=false", "log.tensorboard=false", "task.eval_size=1"])
+        "log.progress=false", "log.tensorboard=false", "task.eval_size=1", *overrides])
     Trainer(cfg, run_dir, log=lambda *_: None).run()
     return [r for r in read_metrics(run_dir) if "step_time" in r]
 
@@ -103,6 +106,9 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp8"],
                     help="stablerl's rollout engine precision (TRL generates with the fp32 training model, "
                          "so fp32 is the like-for-like comparison; bf16/fp8 add the emulation's cost)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more stablerl config overrides, e.g. the options that do less arithmetic: "
+                         "batch.packing=true batch.max_tokens_per_micro_batch=4096 rollout.drop_finished=true")
     args = ap.parse_args()
 
     from stablerl.models import build_model, build_tokenizer, default_model_config
@@ -116,21 +122,21 @@ def main() -> None:
     times: dict[str, list[float]] = {"stablerl": [], "trl": []}
     ours: list[dict] = []
     for r in range(args.rounds):
-        ours += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}", args.precision, args.new_tokens)[args.warmup:]
+        ours += stablerl_round(ckpt, args.steps, tmp / f"stablerl{r}", args.precision, args.new_tokens,
+                               args.set)[args.warmup:]
         times["trl"] += trl_round(ckpt, args.steps, tmp / f"trl{r}", args.new_tokens)[args.warmup:]
     times["stablerl"] = [m["step_time"] for m in ours]
     med = {k: statistics.median(v) for k, v in times.items()}
     # stablerl's own split of a step (from its metrics): rollout = generation + rewards, train = update
     split = {k: statistics.median(m[k] for m in ours) for k in ("rollout_time", "train_time")}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        stablerl_round(ckpt, args.steps, tmp / "stablerl_profiled", args.precision, args.new_tokens)
+        stablerl_round(ckpt, args.steps, tmp / "stablerl_profiled", args.precision, args.new_tokens, args.set)
     floor = matmul_ms(prof) / 1e3 / args.steps
     print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
                       "median_step_s": med, "stablerl_median_split_s": split,
                       "steps_measured": {k: len(v) for k, v in times.items()},
-                      "speedup": med["trl"] / med["stablerl"],
-                      "stablerl_matmul_floor_s": floor, "floor_share_of_stablerl": floor / med["stablerl"],
-                      "bound": med["trl"] / floor}, indent=2))
+                      "speedup": med["trl"] / med["stablerl"]}
+                     | floor_fields(floor, med["stablerl"], med["trl"]), indent=2))
 
 
 if __name__ == "__main__":
