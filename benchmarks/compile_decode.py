@@ -23,8 +23,9 @@ import time
 
 import torch
 
+from shapes import decode_model  # benchmarks/shapes.py
+
 from stablerl.config import SamplingConfig
-from stablerl.models import build_model, tiny_config
 from stablerl.rollout import LocalEngine
 from stablerl.rollout import decoders
 
@@ -38,7 +39,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=None), seed=0).eval()
+    model = decode_model(None)
     engine = LocalEngine(model, "fp32", eos_token_id=[], pad_token_id=0)
     prompts = torch.randint(2, model.config.vocab_size, (64, 24), generator=torch.Generator().manual_seed(0)).tolist()
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=32)

@@ -28,10 +28,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from profiling import floor_fields, matmul_ms  # benchmarks/profiling.py
-from shapes import SHAPES  # benchmarks/shapes.py
+from shapes import SHAPES, decode_model  # benchmarks/shapes.py
 
 from stablerl.config import SamplingConfig
-from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
 from stablerl.rollout import LocalEngine
 from stablerl.routing import capture_routes
 
@@ -50,12 +49,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
-    if args.shape is None:
-        config = tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=None)
-    else:  # the run's tokenizer and shape; no EOS, so that every response has the requested length
-        config = default_model_config(build_tokenizer(), **SHAPES[args.shape])
-        config.eos_token_id, config.pad_token_id = None, 0
-    model = build_model(config, seed=0, dtype=dtype).eval()
+    model = decode_model(args.shape, dtype)
+    config = model.config
     engine = LocalEngine(model, args.precision, eos_token_id=[], pad_token_id=0)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, model.config.vocab_size, (args.batch, args.prompt), generator=g)
