@@ -11,14 +11,9 @@ from pathlib import Path
 
 from stablerl import metrics as M
 from stablerl.repro.experiments import EXPERIMENTS
-from stablerl.repro.stats import collapse_c3, collapse_preregistered, paired_interval, run_stats
+from stablerl.repro.stats import collapse_c3, collapse_preregistered, metric_mean, paired_interval, run_stats
 
 Runs = dict[str, dict[int, tuple[dict, list[dict], int]]]   # variant -> seed -> (summary, rows, N)
-
-
-def _mean(rows: list[dict], key: str) -> float:
-    vals = [r[key] for r in rows if key in r and r[key] == r[key]]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def c3_reference_of(variant: str, c3_reference: str | None) -> str | None:
@@ -39,11 +34,11 @@ def run_reading(rows: list[dict], n: int, aborted: bool, reference_rows: list[di
     step, how = collapse_preregistered(rows, reference_rows, aborted, n)
     return {
         "c3": c3, "c3_direction": direction, "prereg_step": step, "prereg_how": how,
-        "kl_k1": _mean(rows, M.TRAIN_INFER_KL_K1), "staleness_kl": _mean(rows, M.STALENESS_KL),
-        "clip_low": _mean(rows, "clip_frac_low"), "clip_high": _mean(rows, M.CLIP_FRAC_HIGH),
-        "stale_agreement": _mean(rows, M.ROUTE_STALE), "seq_log_w": _mean(rows, "seq_log_w/mean"),
-        "seq_log_w_p01": _mean(rows, M.SEQ_LOG_W_P01), "seq_log_w_p05": _mean(rows, "seq_log_w/p05"),
-        "entropy": _mean(rows, M.ENTROPY),
+        "kl_k1": metric_mean(rows, M.TRAIN_INFER_KL_K1), "staleness_kl": metric_mean(rows, M.STALENESS_KL),
+        "clip_low": metric_mean(rows, "clip_frac_low"), "clip_high": metric_mean(rows, M.CLIP_FRAC_HIGH),
+        "stale_agreement": metric_mean(rows, M.ROUTE_STALE), "seq_log_w": metric_mean(rows, "seq_log_w/mean"),
+        "seq_log_w_p01": metric_mean(rows, M.SEQ_LOG_W_P01), "seq_log_w_p05": metric_mean(rows, "seq_log_w/p05"),
+        "entropy": metric_mean(rows, M.ENTROPY),
     }
 
 

@@ -200,14 +200,10 @@ def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
     evals = [r[M.EVAL_SAMPLED] for r in rows if M.EVAL_SAMPLED in r]
     rewards = [r[M.REWARD_MEAN] for r in rows if M.REWARD_MEAN in r][-rollout_steps(REWARD_WINDOW, n):]
 
-    def values(key: str) -> list[float]:
-        return [r[key] for r in rows if key in r and r[key] == r[key]]
-
     def mean_of(key: str) -> float:
-        vals = values(key)
-        return sum(vals) / len(vals) if vals else float("nan")
+        return metric_mean(rows, key)
 
-    kls = values(M.TRAIN_INFER_KL)
+    kls = metric_values(rows, M.TRAIN_INFER_KL)
     step, how = collapse(rows, bool(summary.get("aborted")), n=n)
     return {"final_acc": evals[-1] if evals else float("nan"), "peak_acc": max(evals) if evals else float("nan"),
             "initial_acc": evals[0] if evals else float("nan"),
@@ -218,11 +214,22 @@ def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
             "max_kl": max(kls) if kls else float("nan"), "kl_spikes": sum(k > KL_SPIKE for k in kls),
             "route_agreement": mean_of(M.ROUTE_TRAIN_INFER), "entropy": mean_of(M.ENTROPY),
             "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG), "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED),
-            "staleness_max": max(values(M.STALENESS_MAX), default=float("nan")),
+            "staleness_max": max(metric_values(rows, M.STALENESS_MAX), default=float("nan")),
             # the pre-registered reading's per-run numbers (docs/preregistration.md s.3-4)
             "c1_step": collapse_c1(rows, n), "c2_step": collapse_c2(rows, n),
             "seq_log_w_p01": mean_of(M.SEQ_LOG_W_P01),
             "kl_spikes_per_opt_step": sum(k > KL_SPIKE for k in kls) / (len(kls) * n) if kls else float("nan")}
+
+
+def metric_values(rows: list[dict], key: str) -> list[float]:
+    """A metric's logged values over a run's rows (rows without it, and NaNs, left out)."""
+    return [r[key] for r in rows if key in r and r[key] == r[key]]
+
+
+def metric_mean(rows: list[dict], key: str) -> float:
+    """The mean of a metric over a run's rows (NaN when it was never logged)."""
+    vals = metric_values(rows, key)
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def mean_finite(xs: list[float]) -> float:
