@@ -176,7 +176,9 @@ def plot_dose(points: list[dict], path: Path, title: str) -> Path:
                [(p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in pts]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{name} - {pts[0]['reference']}")
         for p, x in zip(pts, xs):
-            ax.annotate(p["rung"], (x, p["mean"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
+            # a rung whose KL is at round-off (fp32: |k1| ~ 1e-9, either sign) has no place on a log axis
+            label = p["rung"] if p["dose_k1"] >= 1e-8 else f"{p['rung']} (KL {p['dose_k1']:.0e}, drawn at 1e-8)"
+            ax.annotate(label, (x, p["mean"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("the cold start's training-inference KL at the rung (k1 per token, benchmarks/dose_axis.py)")
