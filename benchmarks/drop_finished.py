@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from shapes import SHAPES  # benchmarks/shapes.py
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +31,7 @@ def main() -> None:
     from stablerl.rollout import LocalEngine
 
     tok = build_tokenizer()
-    model = build_model(default_model_config(tok, num_layers=8, num_experts=32, top_k=4, expert_size=48), seed=0).eval()
+    model = build_model(default_model_config(tok, **SHAPES["deep"]), seed=0).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 60, (12,), generator=g).tolist() for _ in range(args.responses)]
     engine = LocalEngine(model, "bf16", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
