@@ -159,6 +159,11 @@ def dose_markdown(points: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the dose figure's log axis starts here: a rung whose KL is at round-off (fp32: |k1| ~ 1e-9, either
+# sign) is drawn at it, and labelled so
+DOSE_AXIS_FLOOR = 1e-8
+
+
 def plot_dose(points: list[dict], path: Path, title: str) -> Path:
     """Paired final-accuracy differences (mean, 95% interval where >= 2 seeds) against the cold
     start's per-token k1 KL at each rung."""
@@ -170,14 +175,14 @@ def plot_dose(points: list[dict], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for i, name in enumerate(dict.fromkeys(p["variant"] for p in points)):
         pts = sorted((p for p in points if p["variant"] == name), key=lambda p: p["dose_k1"])
-        xs = [max(p["dose_k1"], 1e-8) for p in pts]
+        xs = [max(p["dose_k1"], DOSE_AXIS_FLOOR) for p in pts]
         ys = [p["mean"] for p in pts]
         err = [[(p["mean"] - p["lo"]) if p["lo"] is not None else 0 for p in pts],
                [(p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in pts]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{name} - {pts[0]['reference']}")
         for p, x in zip(pts, xs):
-            # a rung whose KL is at round-off (fp32: |k1| ~ 1e-9, either sign) has no place on a log axis
-            label = p["rung"] if p["dose_k1"] >= 1e-8 else f"{p['rung']} (KL {p['dose_k1']:.0e}, drawn at 1e-8)"
+            label = (p["rung"] if p["dose_k1"] >= DOSE_AXIS_FLOOR
+                     else f"{p['rung']} (KL {p['dose_k1']:.0e}, drawn at {DOSE_AXIS_FLOOR:.0e})")
             ax.annotate(label, (x, p["mean"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
