@@ -249,3 +249,63 @@ def test_readings_compare_each_run_with_its_own_rung_and_seed():
     # mean -0.11, sd 0.01414, two pairs: t(1 df) = 12.706, half-width 12.706 x 0.01414 / sqrt(2) = 0.12706
     assert p["mean"] == pytest.approx(-0.11) and p["lo"] == pytest.approx(-0.23706, abs=1e-5)
     assert p["hi"] == pytest.approx(0.01706, abs=1e-5)
+
+
+def test_a_report_is_regenerated_from_run_records_when_the_run_directories_are_gone(tmp_path):
+    """Every finished run leaves a small record beside the report; with the run directories
+    deleted (a lost machine), the report reads the records and writes the same tables."""
+    import gzip
+    import shutil
+
+    from stablerl.repro.records import pack, read_record, record_path
+    from stablerl.repro.runner import run_dir_of
+    from stablerl.repro.stats import finished_runs_by_seed
+
+    name = "long-dose"
+    made = {("nvfp4/on_minirl", 0): _run([0.5, 0.6, 0.4], [1.0] * 41, [1e-3] * 41, every=20),
+            ("nvfp4/on_no_is", 0): _run([0.45, 0.7, 0.8], [1.0] * 41, [2e-3] * 41, every=20),
+            ("nvfp4/on_minirl", 1): _run([0.5, 0.55, float("nan")], [1.0] * 41, [1e-3] * 41, every=20)}
+    for (variant, seed), (summary, rows, _) in made.items():
+        d = run_dir_of(tmp_path, name, variant, seed)
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # an interrupted run resumes later: it gets no record
+    d = run_dir_of(tmp_path, name, "nvfp4/on_r3", 0)
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"steps": 3, "interrupted": True}))
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "reward_mean": 0.5}) + "\n")
+
+    first = write_report(name, tmp_path, seeds=2)
+    table, paired = first["json"].read_text(), first["paired_md"].read_text()
+    readings_md = first["readings_md"].read_text()
+    for (variant, seed), (summary, rows, n) in made.items():
+        record = record_path(tmp_path, name, variant, seed)
+        assert read_record(record) == (summary, rows, n) or seed == 1   # NaN != NaN: checked below
+        assert record.read_bytes() == pack(summary, rows, n)            # deterministic: no timestamp
+        assert gzip.decompress(record.read_bytes())[:1] == b"{"
+    nan_run = read_record(record_path(tmp_path, name, "nvfp4/on_minirl", 1))[1]
+    assert nan_run[40]["eval/sampled_acc"] != nan_run[40]["eval/sampled_acc"]   # a NaN survives the round trip
+    assert not record_path(tmp_path, name, "nvfp4/on_r3", 0).exists()
+    stamp = record_path(tmp_path, name, "nvfp4/on_no_is", 0).stat().st_mtime_ns
+
+    for variant in ("nvfp4/on_minirl", "nvfp4/on_no_is"):   # the finished runs' directories
+        shutil.rmtree(run_dir_of(tmp_path, name, variant, 0).parent)
+    runs = finished_runs_by_seed(name, tmp_path, 2)
+    assert sorted(runs["nvfp4/on_minirl"]) == [0, 1] and sorted(runs["nvfp4/on_no_is"]) == [0]
+    assert runs["nvfp4/on_minirl"][1][1][:3] == made[("nvfp4/on_minirl", 1)][1][:3]
+    again = write_report(name, tmp_path, seeds=2)
+    assert again["json"].read_text() == table and again["paired_md"].read_text() == paired
+    assert again["readings_md"].read_text() == readings_md
+    # the report's rewrite of an unchanged record leaves the file alone (no churn in git)
+    assert record_path(tmp_path, name, "nvfp4/on_no_is", 0).stat().st_mtime_ns == stamp
+    # its paired difference is the hand-worked one: 0.8 - 0.4
+    assert "| nvfp4/on_no_is | nvfp4/on_minirl | 1 | +0.400 |" in paired
+
+
+def test_report_only_runs_nothing(tmp_path, capsys):
+    from stablerl.cli import main
+
+    assert main(["repro", "long-dose", "--report-only", "--out", str(tmp_path)]) == 0
+    assert "no finished run or record" in capsys.readouterr().out
+    assert not (tmp_path / "long-dose" / "nvfp4").exists()

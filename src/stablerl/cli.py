@@ -123,6 +123,12 @@ def _repro(args: argparse.Namespace) -> int:
 
     names = [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
     out = Path(args.out)
+    if args.report_only:
+        for name in names:
+            paths = write_report(name, out, args.seeds)
+            print(f"[repro {name}] report of seeds 0..{args.seeds - 1}: {paths['md']}" if paths["md"].is_file()
+                  else f"[repro {name}] no finished run or record under {out / name}")
+        return 0
     # seed by seed across the experiments: an interrupted `all` has every experiment at equal depth
     for seed in range(args.seeds):
         for name in names:
@@ -195,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run only these variants of the experiment (default: all); the report covers every "
                          "finished run")
     rp.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
+    rp.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report from the finished runs under --out and the run records "
+                         "beside it (<out>/<experiment>/records/, e.g. copied back from docs/results/)")
     rp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run (after the experiment's)")
     rp.set_defaults(func=_repro)
 

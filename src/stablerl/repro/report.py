@@ -12,6 +12,7 @@ from stablerl.plot import moving_average
 from stablerl.repro.dose import dose_points, dose_table, plot_dose_response
 from stablerl.repro.experiments import EXPERIMENTS
 from stablerl.repro.reading import write_reading
+from stablerl.repro.records import record_path, write_record
 from stablerl.repro.stats import (finished_runs_by_seed, mean_finite, mean_std, paired_interval, rollout_steps,
                                   run_stats, series)
 
@@ -92,8 +93,19 @@ def paired_table(by_seed: dict[str, dict[int, tuple[dict, list[dict], int]]], re
     return "\n".join(lines) + "\n"
 
 
+def write_records(name: str, out: Path, by_seed: dict[str, dict[int, tuple[dict, list[dict], int]]]) -> int:
+    """Keep a record of every finished run beside the report (an interrupted one resumes: no
+    record); returns how many were written or changed."""
+    return sum(write_record(record_path(out, name, variant, seed), *run)
+               for variant, runs in by_seed.items() for seed, run in runs.items()
+               if not run[0].get("interrupted"))
+
+
 def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
+    """The tables, figures and readings of experiment ``name`` from the finished runs under
+    ``out`` (run directories, else their records), and a record of each finished run."""
     by_seed = finished_runs_by_seed(name, out, seeds)
+    write_records(name, out, by_seed)
     runs = {variant: list(r.values()) for variant, r in by_seed.items()}
     table = experiment_table(runs)
     dest = out / name

@@ -33,6 +33,7 @@ from pathlib import Path
 from stablerl import metrics as M
 from stablerl.plot import moving_average
 from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.records import read_record, record_path
 from stablerl.repro.runner import run_dir_of
 from stablerl.rundir import RunDir
 from stablerl.runlog import read_metrics
@@ -182,12 +183,17 @@ def minibatches_of(run_dir: Path) -> int:
 
 def finished_runs_by_seed(name: str, out: Path, seeds: int) -> dict[str, dict[int, tuple[dict, list[dict], int]]]:
     """Per variant and seed, ``(summary, metrics rows, N)`` of every finished run (one with a
-    summary.json), read once for the tables and the figures."""
+    summary.json), read once for the tables and the figures: from its run directory, or, where
+    that is gone, from its record (``stablerl.repro.records``)."""
     runs = {}
     for variant in EXPERIMENTS[name]["variants"]:
-        dirs = {s: run_dir_of(out, name, variant, s) for s in range(seeds)}
-        runs[variant] = {s: (json.loads(RunDir(d).summary.read_text()), read_metrics(d), minibatches_of(d))
-                         for s, d in dirs.items() if RunDir(d).summary.exists()}
+        runs[variant] = {}
+        for s in range(seeds):
+            d, record = run_dir_of(out, name, variant, s), record_path(out, name, variant, s)
+            if RunDir(d).summary.exists():
+                runs[variant][s] = (json.loads(RunDir(d).summary.read_text()), read_metrics(d), minibatches_of(d))
+            elif record.is_file():
+                runs[variant][s] = read_record(record)
     return runs
 
 
