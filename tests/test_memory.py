@@ -176,8 +176,13 @@ def test_packed_forward_equals_the_padded_forward(family):
             out = response_logp(model, batch, replay=replay, packed=out is packed)
             (out["logp"] * torch.linspace(0.5, 1.5, out["logp"].numel()).view_as(out["logp"])).sum().backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        # the same terms summed in another order: they agree to round-off relative to the terms'
+        # size, not to a sum that cancels to near zero (an embedding gradient of -0.0018 among
+        # entries of 0.5 differs by 2e-6 on an AMD EPYC); a packing bug (a response attending to
+        # another, wrong positions) moves gradients by O(1) of their scale
         for n in grads[0]:
-            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+            scale = float(grads[0][n].abs().max())
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=max(1e-6, 1e-5 * scale), msg=n)
 
 
 def test_packed_forward_attends_over_each_sequence_alone(monkeypatch):

@@ -35,23 +35,34 @@ def _standard_layout(experts: nn.Module) -> bool:
             and hasattr(F, "grouped_mm"))
 
 
-def grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k * expert_{e_k}(h) for every token; ``hidden_states`` ``[N, H]``, index/weights ``[N, k]``."""
-    if not _standard_layout(self):
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+def grouped_mm_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       gate_up_proj: torch.Tensor, down_proj: torch.Tensor, apply_gate) -> torch.Tensor:
+    """sum_k w_k * expert_{e_k}(h) for every token, one grouped matmul per projection over the
+    token-expert pairs (no padding). ``hidden_states`` ``[N, H]``, index/weights ``[N, k]``,
+    ``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``; ``apply_gate`` maps the
+    concatenated gate/up projection ``[P, 2I]`` to ``[P, I]`` (HF's ``_apply_gate``)."""
     N, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     _, perm = flat.sort(stable=True)  # pair p = token * k + j, in expert order
-    offsets = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
-    x = hidden_states.index_select(0, perm // k).to(self.gate_up_proj.dtype)
-    h = self._apply_gate(F.grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offsets))
-    y = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)
+    offsets = torch.bincount(flat, minlength=gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+    x = hidden_states.index_select(0, perm // k).to(gate_up_proj.dtype)
+    h = apply_gate(F.grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets))
+    y = F.grouped_mm(h, down_proj.transpose(1, 2), offs=offsets)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     y = y.index_select(0, inverse).view(N, k, -1)
     # the k contributions of a token summed in a fixed order (no scatter-add), as HF does
     return (y * top_k_weights.to(y.dtype)[..., None]).sum(1).to(hidden_states.dtype)
+
+
+def grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"stablerl_grouped_mm"`` experts implementation: ``grouped_mm_experts`` on an HF
+    experts module in the standard layout, HF's own ``grouped_mm`` on any other."""
+    if not _standard_layout(self):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return grouped_mm_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                              self._apply_gate)
 
 
 ExpertsInterface.register(NAME, grouped_experts_forward)
