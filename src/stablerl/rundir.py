@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +199,29 @@ class RunState:
     def add_reward_failures(self, stats) -> None:
         for kind in ("errors", "timeouts", "crashes"):
             setattr(self, f"reward_{kind}", getattr(self, f"reward_{kind}") + getattr(stats, kind))
+
+
+@contextmanager
+def waiting_lock(path: Path, on_wait=None):
+    """An exclusive ``flock`` on ``path`` for the ``with`` block, waiting while another process
+    holds it (``on_wait()`` is called once if it has to). For work that several processes may
+    start at once and only one should do, e.g. a shared cold start; like ``RunLock``, a holder
+    that dies releases it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from stablerl.checkpoint import save_model_dir
 from stablerl.generation import encode_messages, encode_prompt
 from stablerl.models import build_default_policy, build_tokenizer
+from stablerl.rundir import waiting_lock
 from stablerl.tasks.base import Problem, Task
 
 
@@ -117,6 +118,17 @@ def cold_start(cfg, task: Task, log=print) -> Path:
     if (out / "config.json").is_file():
         log(f"[cold start] reusing {out}")
         return out
+    # several processes may need the same cold start at once (`stablerl repro` side by side): one
+    # trains it, the others wait for it and reuse it
+    with waiting_lock(out.with_name(out.name + ".lock"),
+                      on_wait=lambda: log(f"[cold start] another process is training {out}; waiting for it")):
+        if (out / "config.json").is_file():
+            log(f"[cold start] reusing {out}")
+            return out
+        return _train_cold_start(cfg, task, out, log)
+
+
+def _train_cold_start(cfg, task: Task, out: Path, log) -> Path:
     tokenizer = build_tokenizer()
     model = build_default_policy(cfg.model, tokenizer)
     log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
