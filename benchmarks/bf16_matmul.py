@@ -14,27 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+
+from profiling import timed_ms
 
 # (name, a's shape, b's shape): the default run's decode at batch 64 and a large square
 CASES = (("experts bmm (8 experts, 20 rows)", (8, 20, 96), (8, 96, 192)),
          ("q/k/v projection", (64, 96), (96, 288)),
          ("LM head", (64, 96), (96, 64)),
          ("square 512", (512, 512), (512, 512)))
-
-
-def median_ms(fn, n: int = 20, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t) / n * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -50,9 +39,9 @@ def main() -> None:
         ab, bb = a.bfloat16(), b.bfloat16()
         native = torch.matmul(ab, bb)
         via_fp32 = torch.matmul(ab.float(), bb.float()).bfloat16()
-        rows.append({"case": name, "fp32_ms": median_ms(lambda: torch.matmul(a, b)),
-                     "bf16_ms": median_ms(lambda: torch.matmul(ab, bb)),
-                     "bf16_via_fp32_ms": median_ms(lambda: torch.matmul(ab.float(), bb.float()).bfloat16()),
+        rows.append({"case": name, "fp32_ms": timed_ms(lambda: torch.matmul(a, b), n=20, repeats=5),
+                     "bf16_ms": timed_ms(lambda: torch.matmul(ab, bb), n=20, repeats=5),
+                     "bf16_via_fp32_ms": timed_ms(lambda: torch.matmul(ab.float(), bb.float()).bfloat16(), n=20, repeats=5),
                      "via_fp32_differs_frac": float((native != via_fp32).float().mean())})
         rows[-1]["bf16_over_fp32"] = rows[-1]["bf16_ms"] / rows[-1]["fp32_ms"]
     print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(),

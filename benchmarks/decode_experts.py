@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from profiling import timed_ms
 from stablerl.moe import grouped_experts, grouped_mm_experts
 
 # (experts, top-k, hidden, expert width, tokens)
@@ -27,17 +26,6 @@ CASES = ((8, 2, 96, 96, 128), (8, 2, 96, 96, 3072), (32, 4, 96, 48, 64), (32, 4,
 def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)   # HF's _apply_gate for a gated SiLU expert
     return F.silu(gate) * up
-
-
-def timed_ms(fn, args, n=30, repeats=7) -> float:
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn(*args)
-        times.append((time.perf_counter() - t) / n * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:

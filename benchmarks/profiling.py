@@ -1,4 +1,5 @@
-"""torch.profiler readings shared by the benchmarks: the top operators by self CPU time, and the
+"""Timing and torch.profiler readings shared by the benchmarks: the median time of a small kernel,
+the top operators by self CPU time, and the
 matrix-multiply floor (the self time of the kernels that do a forward's or backward's arithmetic).
 
 The floor is what a piece of work would take if everything but its matrix multiplies cost
@@ -10,11 +11,27 @@ matmuls, so the floor is read as an absolute time and set against an unprofiled 
 
 from __future__ import annotations
 
+import statistics
+import time
+
 # the operators whose self time is matrix arithmetic on CPU (linear layers resolve to mm/addmm;
 # the experts to bmm or grouped_mm; attention to bmm or the sdpa kernels), forward and backward
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm",
               "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def timed_ms(fn, args=(), n: int = 30, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean milliseconds of ``n`` calls ``fn(*args)``, after one
+    warm-up call."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn(*args)
+        times.append((time.perf_counter() - t) / n * 1e3)
+    return statistics.median(times)
 
 
 def top_ops(prof, n: int) -> list[dict]:
