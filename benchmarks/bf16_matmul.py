@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from profiling import timed_ms
+from profiling import parse_with_threads, timed_ms
 
 # (name, a's shape, b's shape): the default run's decode at batch 64 and a large square
 CASES = (("experts bmm (8 experts, 20 rows)", (8, 20, 96), (8, 96, 192)),
@@ -27,11 +27,7 @@ CASES = (("experts bmm (8 experts, 20 rows)", (8, 20, 96), (8, 96, 192)),
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parse_with_threads(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     g = torch.Generator().manual_seed(0)
     rows = []
     for name, sa, sb in CASES:

@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from profiling import timed_ms
+from profiling import parse_with_threads, timed_ms
 from stablerl.moe import grouped_experts, grouped_mm_experts
 
 # (experts, top-k, hidden, expert width, tokens)
@@ -29,11 +29,7 @@ def silu_gate(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parse_with_threads(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     g = torch.Generator().manual_seed(0)
     rows = []
     for E, k, H, I, N in CASES:

@@ -21,6 +21,17 @@ MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_g
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
+def parse_with_threads(ap):
+    """``ap``'s arguments plus ``--threads`` (torch threads; 0 = torch's default), applied."""
+    import torch
+
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def timed_ms(fn, args=(), n: int = 30, repeats: int = 7) -> float:
     """Median over ``repeats`` of the mean milliseconds of ``n`` calls ``fn(*args)``, after one
     warm-up call."""
