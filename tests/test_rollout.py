@@ -84,6 +84,51 @@ def test_low_precision_engines_show_a_measurable_discrepancy(moe):
     assert agree_fp8 > 0.8  # a discrepancy, not a different model
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matmuls_multiplied_in_fp32_are_within_an_ulp_of_the_native_kernel(dtype):
+    """``precision.linear`` / ``matmul`` with fp32 weights (a CPU without native half kernels):
+    the same half-precision inputs, fp32 sums, one rounding of the result, so within 1 ulp of the
+    result's dtype of torch's own half-precision kernel, plus what summing K products in another
+    fp32 order can move (the textbook bound 2 K u_fp32 sum_k |a_k b_k|, which matters only where
+    the sum cancels to near zero)."""
+    from stablerl.precision import linear, matmul
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 96, generator=g).to(dtype), torch.randn(288, 96, generator=g).to(dtype)
+    a, b = torch.randn(8, 20, 96, generator=g).to(dtype), torch.randn(8, 96, 192, generator=g).to(dtype)
+    mantissa = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    for ours, native, magnitude in ((linear(x, w.float()), torch.nn.functional.linear(x, w), x.double().abs() @ w.double().abs().T),
+                                    (matmul(a, b, torch.float32), torch.bmm(a, b), a.double().abs() @ b.double().abs())):
+        assert ours.dtype == dtype and ours.shape == native.shape
+        # the spacing of the result's dtype at the result (subnormals: the fixed smallest step)
+        ulp = (2.0 ** (torch.floor(torch.log2(native.double().abs())) - mantissa)).clamp(
+            min=torch.finfo(dtype).smallest_normal * 2.0 ** -mantissa)
+        bound = ulp + 2 * 96 * 2.0 ** -24 * magnitude
+        diff = (ours.double() - native.double()).abs()
+        assert bool((diff <= bound).all()), float((diff / bound).max())
+        assert float((diff > 0).float().mean()) < 0.05  # mostly bit-equal: the same inputs and products
+
+
+def test_the_fp32_multiply_of_bf16_inputs_keeps_the_engine_numerics(moe, monkeypatch):
+    """The fast decoder at bf16 multiplying in fp32 (``matmul_dtype``; the default on CPUs without
+    native bf16) vs in bf16 through torch's kernel: the same tokens, and the same discrepancy
+    against the fp32 training forward."""
+    import stablerl.rollout.decoders as decoders
+
+    ps, sampling = prompts(32, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=16)
+    out = {}
+    for mode, dtype_of in (("fp32", lambda dtype, device="cpu": torch.float32 if dtype == torch.bfloat16 else dtype),
+                           ("native", lambda dtype, device="cpu": dtype)):
+        monkeypatch.setattr(decoders, "matmul_dtype", dtype_of)
+        batch = LocalEngine(moe, "bf16", eos_token_id=[], fast=True).generate(ps, sampling, seeds=seeds(32, 5))
+        with torch.no_grad():
+            train = response_logp(moe, batch, capture=True)
+        out[mode] = batch, train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask)
+    (ours, kl_ours), (native, kl_native) = out["fp32"], out["native"]
+    assert float((ours.input_ids == native.input_ids).float().mean()) > 0.95
+    assert kl_ours > 0 and kl_native > 0 and kl_ours == pytest.approx(kl_native, rel=0.3)
+
+
 def test_sampling_is_reproducible_and_per_request(moe):
     engine = LocalEngine(moe, "bf16")
     ps = prompts(6, seed=3)
@@ -322,6 +367,33 @@ def test_e2m1_rounding_and_nvfp4_blocks_hand_worked():
     scaled = e.clone()
     scaled[0] *= 100
     assert torch.equal(quantize_nvfp4(scaled)[1:], quantize_nvfp4(e)[1:]) and quantize_nvfp4(e).shape == (3, 8, 40)
+
+
+def _nearest_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Brute force: the nearest of the eight magnitudes (in float64), a tie to the even index;
+    beyond 6 it saturates."""
+    from stablerl.precision import E2M1_VALUES
+
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float64)
+    dist = (x.double().abs().clamp(max=6.0)[:, None] - grid).abs()
+    nearest = dist == dist.min(dim=1, keepdim=True).values
+    prefer_even = torch.tensor([2.0, 1.0] * 4, dtype=torch.float64)
+    return torch.sign(x.double()) * grid[(nearest * prefer_even).argmax(dim=1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_e2m1_rounding_equals_the_brute_force_nearest_value(dtype):
+    from stablerl.precision import round_e2m1
+
+    if dtype == torch.bfloat16:  # every bfloat16 number but NaN and inf
+        x = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    else:  # every midpoint and grid value, its two neighbours, and a spread of random values
+        points = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+        points = torch.cat([points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(9.0))])
+        spread = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 4
+        x = torch.cat([points, -points, spread])
+    x = x[x.isfinite()]
+    assert torch.equal(round_e2m1(x).double(), _nearest_e2m1(x))
 
 
 def test_nvfp4_engines_raise_the_discrepancy_above_fp8(moe):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
-from stablerl.precision import quantize_activations_fp8, quantize_activations_nvfp4
+from stablerl.precision import matmul, quantize_activations_fp8, quantize_activations_nvfp4
 
 NAME = "stablerl_grouped_mm"
 
@@ -100,7 +100,9 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     and results come out by gathers (index_select), not a scatter-add, so each token's k
     contributions are summed in a fixed order, as HF's grouped_mm path does. Used for decoding;
     training uses ``grouped_experts_forward`` (its backward measured faster on CPU). ``quant``
-    (W8A8 engines) rounds the down projection's input per row; the caller quantizes ``h``.
+    (W8A8 engines) rounds the down projection's input per row; the caller quantizes ``h``. The
+    projections multiply in their weights' dtype (the fast decoder passes them in its
+    ``matmul_dtype``), the products rounded to ``h``'s.
     """
     N, k = idx.shape
     E, _, H = gate_up_proj.shape
@@ -115,11 +117,11 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     src = torch.full((E * C,), N, dtype=torch.long, device=h.device)
     src[slot] = torch.arange(N * k, device=h.device) // k
     x = torch.cat([h, h.new_zeros(1, H)]).index_select(0, src).view(E, C, H)
-    gate, up = torch.bmm(x, gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+    gate, up = matmul(x, gate_up_proj.transpose(1, 2), gate_up_proj.dtype).chunk(2, dim=-1)
     inner = act_fn(gate) * up
     if quant is not None:
         inner = quant(inner)
-    y = torch.bmm(inner, down_proj.transpose(1, 2)).view(E * C, H)
+    y = matmul(inner, down_proj.transpose(1, 2), down_proj.dtype).view(E * C, H)
     return (y.index_select(0, slot).view(N, k, H) * weights[..., None]).sum(1)
 
 

@@ -8,7 +8,9 @@ step, returning next-token logits and (for MoE) the routes of the fed positions.
   cache), masks and rotary tables built once per step for all layers, plain batched-matmul
   attention for single-token decode, routes recorded inline (no hooks), experts as
   capacity-grouped batched matmuls (``stablerl.moe.grouped_experts``). It reads the weights from the engine's
-  HF model when built (once per generate call), so a weight sync updates both paths.
+  HF model when built (once per generate call), so a weight sync updates both paths. Every
+  matrix multiply runs in ``stablerl.precision.matmul_dtype`` (bf16 inputs multiplied in fp32 on
+  a CPU without native bf16 kernels), its weights cast to it once per build.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from stablerl.models import is_moe, position_ids_from_mask
 from stablerl.moe import grouped_experts
+from stablerl.precision import linear, matmul, matmul_dtype
 from stablerl.routing import capture_routes
 
 
@@ -88,14 +91,25 @@ class FastQwen3MoeDecoder:
         self.v_cache = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool)
         self.length = 0
-        # q/k/v as one matmul and the q/k head norms as one: built per decoder (i.e. per generate
-        # call) from the engine's current weights
-        self.qkv_weight, self.qk_norm_weight = [], []
+        # the matrices, in the dtype they are multiplied in, built per decoder (i.e. per generate
+        # call) from the engine's current weights: a no-op cast unless that dtype differs
+        self.mm_dtype = mm = matmul_dtype(dtype)
+        self.lm_head_weight = model.lm_head.weight.detach().to(mm)
+        self.lm_head_bias = model.lm_head.bias
+        # q/k/v as one matmul and the q/k head norms as one
+        self.qkv_weight, self.o_weight, self.qk_norm_weight, self.mlp_weights = [], [], [], []
         for layer in self.layers:
             a = layer.self_attn
             if a.q_proj.bias is not None:
                 raise ValueError("the fast decoder does not support attention biases")
-            self.qkv_weight.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            self.qkv_weight.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().to(mm))
+            self.o_weight.append(a.o_proj.weight.detach().to(mm))
+            mlp = layer.mlp
+            if hasattr(mlp, "experts"):  # router, experts' gate/up and down projections
+                names = (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+            else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
+                names = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            self.mlp_weights.append(tuple(w.detach().to(mm) for w in names))
             # the attention scale folded into q's norm weight (RoPE is linear, so it commutes)
             self.qk_norm_weight.append(torch.cat([a.q_norm.weight.expand(self.n_heads, -1) * a.scaling,
                                                   a.k_norm.weight.expand(self.n_kv, -1)])[:, None])
@@ -140,13 +154,14 @@ class FastQwen3MoeDecoder:
                                     cos, sin, mask, i, t0, t1)
             h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
             if hasattr(layer.mlp, "experts"):
-                out, idx = self._moe(layer.mlp, h.reshape(B * T, -1))
+                out, idx = self._moe(layer.mlp, h.reshape(B * T, -1), i)
                 x = x + out.view(B, T, -1)
                 routes.append(idx.view(B, T, -1))
             else:
-                x = x + layer.mlp(h)
+                gate, up, down = self.mlp_weights[i]
+                x = x + linear(layer.mlp.act_fn(linear(h, gate)) * linear(h, up), down)
         x = _rms_norm(x[:, -1], self.model.model.norm.weight, self.eps)
-        logits = self.model.lm_head(x)
+        logits = linear(x, self.lm_head_weight, self.lm_head_bias)
         if not (self.capture and routes):
             return logits, None
         return logits, torch.stack(routes, dim=2)
@@ -154,7 +169,7 @@ class FastQwen3MoeDecoder:
     def _attention(self, attn, h, cos, sin, mask, layer_idx, t0, t1):
         B, T, _ = h.shape
         nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        qkv = F.linear(self.quant(h), self.qkv_weight[layer_idx]).view(B, T, nq + 2 * nkv, hd).transpose(1, 2)
+        qkv = linear(self.quant(h), self.qkv_weight[layer_idx]).view(B, T, nq + 2 * nkv, hd).transpose(1, 2)
         # q and k: per-head RMSNorm (scale folded in) and rotary embedding in one go, then split
         qk = _rms_norm(qkv[:, : nq + nkv], self.qk_norm_weight[layer_idx], self.eps)
         qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
@@ -163,21 +178,21 @@ class FastQwen3MoeDecoder:
         vc[:, :, t0:t1] = qkv[:, nq + nkv:]
         q, k, v = qk[:, :nq], kc[:, :, :t1], vc[:, :, :t1]
         if T == 1:  # decode: three small batched matmuls beat the CPU flash kernel here
-            scores = (q.reshape(B, nkv, nq // nkv, hd) @ k.transpose(-1, -2)).float() + mask
+            scores = matmul(q.reshape(B, nkv, nq // nkv, hd), k.transpose(-1, -2), self.mm_dtype).float() + mask
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            out = (probs @ v).view(B, nq, 1, hd)
+            out = matmul(probs, v, self.mm_dtype).view(B, nq, 1, hd)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
-        return F.linear(self.quant(out.transpose(1, 2).reshape(B, T, -1)), attn.o_proj.weight)
+        return linear(self.quant(out.transpose(1, 2).reshape(B, T, -1)), self.o_weight[layer_idx])
 
-    def _moe(self, block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moe(self, block, h: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        router, gate_up_proj, down_proj = self.mlp_weights[layer_idx]
         # the router exactly as HF computes it: softmax in fp32, top-k, optional renormalization
-        router_logits = F.linear(h, block.gate.weight)
+        router_logits = linear(h, router)
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
         weights, idx = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
-        experts = block.experts
-        out = grouped_experts(self.quant(h), idx, weights.to(h.dtype), experts.gate_up_proj, experts.down_proj,
-                              experts.act_fn, quant=self.act_quant)
+        out = grouped_experts(self.quant(h), idx, weights.to(h.dtype), gate_up_proj, down_proj,
+                              block.experts.act_fn, quant=self.act_quant)
         return out, idx
