@@ -17,9 +17,9 @@ from stablerl.objectives import policy_loss
 
 @pytest.fixture(scope="module")
 def default_result():
-    t0 = time.perf_counter()
+    cpu0 = time.process_time()
     result = run_lab(LabConfig())
-    result["_wall"] = time.perf_counter() - t0
+    result["_cpu_s"] = time.process_time() - cpu0
     return result
 
 
@@ -162,7 +162,10 @@ def test_length_normalization_is_biased_even_on_policy(default_result):
 
 
 def test_default_lab_is_fast(default_result):
-    assert default_result["_wall"] < 60
+    # CPU seconds of this process (all its threads), not wall time: the bound is on the lab's
+    # cost, which other jobs on the machine barely change (27 CPU s on an AVX2 EPYC beside two runs,
+    # 40 s wall there; a wall bound failed at 78.7 s under a heavier load)
+    assert default_result["_cpu_s"] < 60
 
 
 def test_cli_writes_table_json_and_png(tmp_path, capsys):
