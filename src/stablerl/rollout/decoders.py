@@ -93,7 +93,7 @@ class FastQwen3MoeDecoder:
         self.length = 0
         # the matrices, in the dtype they are multiplied in, built per decoder (i.e. per generate
         # call) from the engine's current weights: a no-op cast unless that dtype differs
-        self.mm_dtype = mm = matmul_dtype(dtype)
+        self.mm_dtype = mm = matmul_dtype(dtype, model.model.embed_tokens.weight.device)
         self.lm_head_weight = model.lm_head.weight.detach().to(mm)
         self.lm_head_bias = model.lm_head.bias
         # q/k/v as one matmul and the q/k head norms as one
