@@ -115,12 +115,12 @@ def test_the_fp32_multiply_of_bf16_inputs_keeps_the_engine_numerics(moe, monkeyp
     against the fp32 training forward."""
     import stablerl.rollout.decoders as decoders
 
-    ps, sampling = prompts(32, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=16)
+    ps, sampling = prompts(16, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=12)
     out = {}
     for mode, dtype_of in (("fp32", lambda dtype, device="cpu": torch.float32 if dtype == torch.bfloat16 else dtype),
                            ("native", lambda dtype, device="cpu": dtype)):
         monkeypatch.setattr(decoders, "matmul_dtype", dtype_of)
-        batch = LocalEngine(moe, "bf16", eos_token_id=[], fast=True).generate(ps, sampling, seeds=seeds(32, 5))
+        batch = LocalEngine(moe, "bf16", eos_token_id=[], fast=True).generate(ps, sampling, seeds=seeds(16, 5))
         with torch.no_grad():
             train = response_logp(moe, batch, capture=True)
         out[mode] = batch, train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask)
