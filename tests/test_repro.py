@@ -13,13 +13,14 @@ from stablerl.repro.stats import collapse, run_stats
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
-def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro):
+def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro, monkeypatch):
     tiny = ["train.steps=1", "batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=10",
             "task.eval_size=4", "eval.samples=1", "log.tensorboard=false", "task.levels=[1]",
             "model.hidden_size=32", "model.num_layers=2", "sft.steps=3", "sft.batch_size=8",
             f"sft.output_dir={sft_ckpt_for_repro}"]
-    if name.startswith("cold-start"):  # each teacher style needs its own cold start
+    if name.startswith("cold-start"):  # each teacher style needs its own cold start ...
         tiny = [t for t in tiny if not t.startswith("sft.output_dir")]
+        monkeypatch.chdir(tmp_path)  # ... at its default path, runs/sft/<hash>: here, not in the checkout
     variants = None
     if name.startswith("long-"):
         # every variant's real configuration is valid (the long task's length check included) ...
