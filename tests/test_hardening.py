@@ -380,3 +380,8 @@ def test_run_summary_says_the_run_collapsed(tmp_path, capsys):
     summary = write_summary(tmp_path, state)
     assert summary["collapsed"] and "entropy rose" in summary["collapse_warnings"][0]
     assert "possible collapse" in capsys.readouterr().out
+    # the CLI's closing line says what the detector knows: a flag, not a verdict
+    from stablerl.cli import collapse_line
+
+    line = collapse_line(summary)
+    assert "possible collapse" in line and "entropy rose" in line and "this run collapsed" not in line
