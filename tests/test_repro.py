@@ -310,3 +310,25 @@ def test_report_only_runs_nothing(tmp_path, capsys):
     assert main(["repro", "long-dose", "--report-only", "--out", str(tmp_path)]) == 0
     assert "no finished run or record" in capsys.readouterr().out
     assert not (tmp_path / "long-dose" / "nvfp4").exists()
+
+
+def test_a_run_whose_record_is_kept_is_not_run_again(tmp_path):
+    """After a lost machine the records are copied back and the runner resumes the set: a run
+    whose directory is gone but whose record is there is finished (the report reads it), so it
+    is skipped, not trained a second time; a run with neither is started."""
+    from stablerl.repro.records import pack, record_path
+    from stablerl.repro.runner import has_record_only, run_dir_of, run_experiment
+
+    summary, rows, n = _run([0.5, 0.6, 0.4], [1.0] * 41, [1e-3] * 41, every=20)
+    record = record_path(tmp_path, "long-dose", "nvfp4/on_minirl", 0)
+    record.parent.mkdir(parents=True)
+    record.write_bytes(pack(summary, rows, n))
+    assert has_record_only(tmp_path, "long-dose", "nvfp4/on_minirl", 0)
+    assert not has_record_only(tmp_path, "long-dose", "nvfp4/on_minirl", 1)
+    said = []
+    run_experiment("long-dose", tmp_path, [0], log=said.append, variants=["nvfp4/on_minirl"])
+    assert said == ["[repro long-dose] 1/1 nvfp4/on_minirl seed 0: done (its record is kept), skipped"]
+    assert not run_dir_of(tmp_path, "long-dose", "nvfp4/on_minirl", 0).exists()
+    # a run directory (an interrupted run) wins over a record: it is resumed, not skipped
+    run_dir_of(tmp_path, "long-dose", "nvfp4/on_minirl", 0).mkdir(parents=True)
+    assert not has_record_only(tmp_path, "long-dose", "nvfp4/on_minirl", 0)

@@ -9,6 +9,7 @@ from pathlib import Path
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.records import record_path
 from stablerl.rundir import RunDir, RunLocked, is_run_dir, write_json_atomic
 
 
@@ -28,10 +29,18 @@ def is_done(run_dir: Path) -> bool:
         return False
 
 
+def has_record_only(out: Path, experiment: str, variant: str, seed: int) -> bool:
+    """The run finished elsewhere (or on a lost machine): no run directory here, its record kept."""
+    return not run_dir_of(out, experiment, variant, seed).exists() and record_path(out, experiment, variant, seed).is_file()
+
+
 def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print,
                    variants: list[str] | None = None) -> list[Path]:
     """Run every variant of ``name`` for ``seeds`` (a count: 0..K-1, or a list); returns the
-    run directories. A run with a summary.json is done and skipped; one started before resumes
+    run directories. A run with a summary.json is done and skipped, and so is one whose directory
+    is gone but whose record is kept (a lost machine, records copied back from docs/results/: the
+    report reads it from the record, so rerunning it would only make a second draw of a finished
+    run); one started before resumes
     from its last checkpoint (or restarts if it had none); one that another process is running
     (its run directory is locked) is left to it, so several `stablerl repro` processes started
     on the same --out share the work."""
@@ -56,6 +65,9 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
         if is_done(run_dir):
             log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: done, skipped")
             continue
+        if has_record_only(out, name, variant, seed):
+            log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: done (its record is kept), skipped")
+            continue
         train_seed = seed + exp.get("seed_offset", 0)
         overrides = exp["base"] + exp["variants"][variant] + [f"train.seed={train_seed}", f"run_dir={run_dir}"] + list(extra)
         cfg = build_config(RunConfig, None, overrides)
@@ -77,7 +89,7 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
         summary.update({"variant": variant, "seed": seed, "aborted": aborted, "seconds": time.perf_counter() - t0})
         write_json_atomic(summary_path, summary)
         ran += 1
-        left = sum(not is_done(run_dir_of(out, name, v, s)) for v, s in jobs)
+        left = sum(not (is_done(run_dir_of(out, name, v, s)) or has_record_only(out, name, v, s)) for v, s in jobs)
         eta = (time.perf_counter() - t_start) / ran * left
         log(f"[repro {name}] {variant} seed {seed}: sampled acc {summary.get('sampled_before', float('nan')):.3f}"
             f" -> {summary.get('sampled_after', float('nan')):.3f} ({summary['seconds']:.0f} s; {left} runs left, "
