@@ -312,7 +312,7 @@ def test_report_only_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "long-dose" / "nvfp4").exists()
 
 
-def test_a_run_whose_record_is_kept_is_not_run_again(tmp_path):
+def test_a_run_whose_record_is_kept_is_not_run_again(tmp_path, capsys):
     """After a lost machine the records are copied back and the runner resumes the set: a run
     whose directory is gone but whose record is there is finished (the report reads it), so it
     is skipped, not trained a second time; a run with neither is started."""
@@ -329,6 +329,12 @@ def test_a_run_whose_record_is_kept_is_not_run_again(tmp_path):
     run_experiment("long-dose", tmp_path, [0], log=said.append, variants=["nvfp4/on_minirl"])
     assert said == ["[repro long-dose] 1/1 nvfp4/on_minirl seed 0: done (its record is kept), skipped"]
     assert not run_dir_of(tmp_path, "long-dose", "nvfp4/on_minirl", 0).exists()
+    # the command line says the seed is done, not that another process still runs it
+    from stablerl.cli import main
+
+    assert main(["repro", "long-dose", "--seeds", "1", "--variants", "nvfp4/on_minirl", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "[repro long-dose] seeds 0..0 done; table:" in printed and "another process" not in printed
     # a run directory (an interrupted run) wins over a record: it is resumed, not skipped
     run_dir_of(tmp_path, "long-dose", "nvfp4/on_minirl", 0).mkdir(parents=True)
     assert not has_record_only(tmp_path, "long-dose", "nvfp4/on_minirl", 0)

@@ -142,7 +142,9 @@ def _repro(args: argparse.Namespace) -> int:
         for name in names:
             dirs = run_experiment(name, out, [seed], args.overrides, variants=args.variants)
             paths = write_report(name, out, args.seeds)
-            elsewhere = sum(not is_done(d) for d in dirs)
+            # a run another process holds has a (locked) directory; one finished on a lost machine
+            # has only its record, and no directory
+            elsewhere = sum(d.exists() and not is_done(d) for d in dirs)
             state = f"{elsewhere} run(s) of seed {seed} still running in another process" if elsewhere else "done"
             print(f"[repro {name}] seeds 0..{seed} {state}; table: {paths['md']}  figure: {paths['png']}")
     return 0
