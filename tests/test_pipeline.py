@@ -195,11 +195,6 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
         assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()), k
 
 
-def test_a_vllm_engine_in_a_worker_is_refused_not_hung():
-    with pytest.raises(ValueError, match=r"rollout.workers with rollout.engine=vllm"):
-        build_config(RunConfig, None, ["rollout.workers=1", "rollout.engine=vllm"])
-
-
 def test_lag_kl_splits_the_mismatch_into_engine_and_lag(sft_ckpt, tmp_path):
     """log.lag_kl: k1(mu || pi_old) = k1(mu || pi_v) + k1(pi_v || pi_old) on the same tokens. At
     the first steps the sampler's version is the learner's (v = s - 1): no lag; later the lag

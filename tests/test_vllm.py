@@ -267,3 +267,28 @@ def test_two_gloo_ranks_each_with_its_own_vllm(tmp_path):
     for ra, rb in zip(ma[1:], mb[1:]):
         assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-6)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+
+
+@needs_vllm
+def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(tmp_path):
+    """1 learner + 1 rollout worker running vLLM (its own default process group: vLLM's groups
+    span the workers only) at eta = 1, against the same config with no worker (the learner's own
+    vLLM, lagged in-process): the same samples by the same versions, the same training."""
+    from stablerl.runlog import read_metrics
+
+    ckpt = _vllm_ckpt(tmp_path)
+    extra = [f"model.path={ckpt}", *VLLM_RUN, "log.rollouts=true", "rollout.max_staleness=1"]
+    zero = subprocess.run([sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'w0'}", *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *extra, "rollout.workers=1"], timeout=600)
+    assert rc == 0, out[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "w0" / "rollouts.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "w1" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["completions"] for r in a] == [r["completions"] for r in b]
+    ma, mb = read_metrics(tmp_path / "w0"), read_metrics(tmp_path / "w1")
+    assert [r["rollout_version"] for r in mb[1:]] == [0, 0, 1]
+    for ra, rb in zip(ma[1:], mb[1:]):
+        for k in ("reward_mean", "train_infer_kl", "route_agreement/train_infer"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-9), k
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)

@@ -186,8 +186,7 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            group = {"process_group": D.learner_group()} if D.learner_group() is not None else {}
-            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR), **group)
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
         if world.is_main:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -248,8 +247,7 @@ def load(ckpt: Path, model, optimizer) -> None:
     sd = _dcp_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        group = {"process_group": D.learner_group()} if D.learner_group() is not None else {}
-        dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR), **group)
+        dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 

@@ -500,10 +500,6 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":
-        if self.rollout.workers and self.rollout.engine == "vllm":
-            raise ValueError("rollout.workers with rollout.engine=vllm: a vLLM engine inside a rollout worker process "
-                             "is not supported yet (vLLM sets up its own distributed state under torchrun); use "
-                             "rollout.engine=local with workers, or rollout.workers=0 with vLLM")
         if self.task.name == "arithmetic" and self.task.style.endswith("columns") and self.model.path is None:
             # the default tokenizer is character-level: a worked solution is this many tokens (+ EOS)
             d, L = len(str(self.task.max_operand)), max(self.task.levels)

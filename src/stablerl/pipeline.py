@@ -124,7 +124,9 @@ def run_worker(cfg, world, log=print) -> None:
     eta, P, G, K, R = (cfg.rollout.max_staleness, cfg.batch.prompts_per_step, cfg.batch.group_size, world.size,
                        world.workers)
     versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
-    engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
+    # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
+    # never the learners' (distributed/world.py)
+    engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=True)
     moe = is_moe(model)
     sampling = cfg.rollout.sampling()
     mine = D.share(world.worker_index, R, P)

@@ -43,30 +43,28 @@ def is_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, mesh, device: torch.device,
-                     group=None) -> nn.Module:
+def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, mesh, device: torch.device) -> nn.Module:
     """Shard ``model`` over ``mesh`` when only the group's first rank holds its weights: there
     ``model`` is the real model; on the others a meta-device skeleton (``models.model_skeleton``), which
     never holds a full copy. Every rank shards its model, materializes only its own shards
     (``to_empty``), then receives them from rank 0 one tensor at a time (``distribute_tensor``
     scatters each parameter's shards from rank 0; buffers are broadcast) — what
-    ``set_model_state_dict(..., broadcast_from_rank0=True)`` does, over the learner group instead
-    of every rank of the job (rollout workers take no part). Peak on a rank other than 0: its
+    ``set_model_state_dict(..., broadcast_from_rank0=True)`` does, over the default process group
+    (the learners: rollout workers have a group of their own). Peak on a rank other than 0: its
     shards plus one full tensor at a time."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from stablerl.distributed.world import broadcast_object
 
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    is_src = dist.get_rank() == src
+    is_src = dist.get_rank() == 0
     if is_src == is_meta(model):
         raise RuntimeError("shard_from_rank0: the first learner rank must hold the real model, the others a skeleton")
     full = model.state_dict() if is_src else None
     # buffers outside the state dict (RoPE's inverse frequencies): computed at construction, which
     # the skeleton skipped; small, so sent whole
     extra = broadcast_object({n: b for n, b in model.named_buffers() if n not in full} if is_src else None,
-                             src=src, group=group)
+                             src=0)
     model = shard_model(model, param_dtype, reduce_dtype, mesh)
     if not is_src:
         model.to_empty(device=device)
@@ -77,7 +75,7 @@ def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, mesh
                 t.to_local().copy_(distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=0).to_local())
             else:
                 buf = full[name].to(device) if is_src else t
-                dist.broadcast(buf, src=src, group=group)
+                dist.broadcast(buf, src=0)
                 if not is_src:
                     t.copy_(buf)
         for name, b in extra.items():

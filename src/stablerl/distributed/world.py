@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -63,31 +64,63 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
         backend, device = "gloo", torch.device("cpu")
     # torchrun sets OMP_NUM_THREADS=1 per rank; share the machine's cores out explicitly instead
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_size))
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                **({"device_id": device} if backend == "nccl" else {}))
-    global _GROUP, _MONITOR, _LONG, _TRANSFER, _TRANSFER_LONG
+    global _MONITOR, _LONG, _JOB, _TRANSFER, _TRANSFER_LONG, _TRANSFER_TENSORS
     K = size - workers
-    learners = list(range(K))
     timeout = datetime.timedelta(seconds=timeout_s)
-    # the learners' collectives (FSDP, metrics, checkpoints) run on their own group when there are workers
-    _GROUP = dist.new_group(ranks=learners, timeout=timeout) if workers else None
-    # a gloo group only for naming the ranks that stopped answering when a collective fails
-    # (monitored_barrier is gloo-only; NCCL runs get it too)
-    _MONITOR = dist.new_group(ranks=learners, backend="gloo", timeout=timeout)
-    _LONG = dist.new_group(ranks=learners, backend="gloo", timeout=LONG_WORK_TIMEOUT)
-    if workers:  # learner rank 0 and the workers: weights out, and the start-up handshake
-        _TRANSFER = dist.new_group(ranks=[0, *range(K, size)], timeout=timeout)
-        _TRANSFER_LONG = dist.new_group(ranks=[0, *range(K, size)], backend="gloo", timeout=LONG_WORK_TIMEOUT)
+    device_id = {"device_id": device} if backend == "nccl" else {}
+    if not workers:
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timeout, **device_id)
+    else:
+        # Learners and workers each get a default process group of their own, made over torchrun's
+        # store under a prefix per role; the job's groups across the roles are made beside them.
+        # Why not one default group over the whole job: an engine that joins torch.distributed
+        # itself (vLLM builds its groups with new_group over every rank of the default group) would
+        # wait forever on the ranks of the other role. Each role's collectives stay in its own group.
+        if dist.is_initialized():
+            raise RuntimeError("rollout.workers: torch.distributed was initialized before stablerl could lay out "
+                               "the learners' and the workers' process groups")
+        store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
+        role, role_rank, role_size = ("learners", rank, K) if rank < K else ("workers", rank - K, workers)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"stablerl/{role}", store), rank=role_rank,
+                                world_size=role_size, timeout=timeout, **device_id)
+        # every rank of the job, by its global rank: the batches, worker -> learner (pickled objects)
+        _JOB = _group_outside_default(store, "job", rank, size, "gloo", timeout)
+        transfer = [0, *range(K, size)]  # learner rank 0 and the workers: weights out, the handshake
+        if rank in transfer:
+            i = transfer.index(rank)
+            # the weights' tensors on the device's backend (NCCL on GPU); what describes them, on gloo
+            _TRANSFER_TENSORS = _group_outside_default(store, "transfer_tensors", i, len(transfer), backend, timeout)
+            _TRANSFER = _group_outside_default(store, "transfer", i, len(transfer), "gloo", timeout)
+            _TRANSFER_LONG = _group_outside_default(store, "transfer_long", i, len(transfer), "gloo", LONG_WORK_TIMEOUT)
+    if rank < K:
+        # a gloo group only for naming the ranks that stopped answering when a collective fails
+        # (monitored_barrier is gloo-only; NCCL runs get it too)
+        _MONITOR = dist.new_group(backend="gloo", timeout=timeout)
+        _LONG = dist.new_group(backend="gloo", timeout=LONG_WORK_TIMEOUT)
     return World(rank=rank, size=K, local_rank=local_rank, device=device, backend=backend, workers=workers,
                  worker_index=rank - K if rank >= K else None)
 
 
-_GROUP = None          # the learners' group (None: the default group, which is all learners)
 _MONITOR = None
 _LONG = None
-_TRANSFER = None       # learner rank 0 + the rollout workers
+_JOB = None            # every rank of a job with rollout workers (outside the default group)
+_TRANSFER = None       # learner rank 0 + the rollout workers (outside the default group)
 _TRANSFER_LONG = None
+_TRANSFER_TENSORS = None
+
+
+def _group_outside_default(store, name: str, rank: int, size: int, backend: str, timeout: datetime.timedelta):
+    """A process group of ``size`` ranks over ``store`` that is not part of any rank's default
+    group (so its ranks may belong to different default groups); used through its own methods."""
+    prefixed = dist.PrefixStore(f"stablerl/{name}", store)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, size, options)
+    return dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+
+
 UNRESPONSIVE_WAIT_S = 5.0
 
 
@@ -114,8 +147,8 @@ def unresponsive_ranks() -> str:
 
 def shutdown_world(broken: bool = False) -> None:
     """Leave the process group; after a failed collective (``broken``) only what cannot hang."""
-    global _GROUP, _MONITOR, _LONG, _TRANSFER, _TRANSFER_LONG
-    _GROUP = _MONITOR = _LONG = _TRANSFER = _TRANSFER_LONG = None
+    global _MONITOR, _LONG, _JOB, _TRANSFER, _TRANSFER_LONG, _TRANSFER_TENSORS
+    _MONITOR = _LONG = _JOB = _TRANSFER = _TRANSFER_LONG = _TRANSFER_TENSORS = None
     if dist.is_initialized() and not broken:
         dist.destroy_process_group()
 
@@ -128,40 +161,26 @@ def share(index: int, count: int, total: int) -> range:
 
 def _active() -> bool:
     """Whether the learners' collectives have more than one rank to talk to."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(_GROUP) > 1
-
-
-def learner_group():
-    """The process group of the learner ranks (None: the default group)."""
-    return _GROUP
-
-
-def learner_mesh(device: torch.device):
-    """A 1-D device mesh over the learner ranks, for FSDP (None: the default, every rank)."""
-    if _GROUP is None:
-        return None
-    from torch.distributed.device_mesh import DeviceMesh
-
-    return DeviceMesh.from_group(_GROUP, device.type)
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def barrier() -> None:
     if _active():
-        dist.barrier(group=_GROUP)
+        dist.barrier()
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
     """Element-wise sum over ranks, in float64 (counts and partial sums)."""
     t = torch.as_tensor(values, dtype=torch.float64).clone()
     if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_GROUP)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_max(values: list[float] | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64).clone()
     if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_GROUP)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -174,8 +193,8 @@ def all_gather_objects(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (small picklable objects only)."""
     if not _active():
         return [obj]
-    out = [None] * dist.get_world_size(_GROUP)
-    dist.all_gather_object(out, obj, group=_GROUP)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -184,7 +203,7 @@ def broadcast_object(obj, src: int = 0, *, group=None):
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group if group is not None else _GROUP)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
@@ -204,25 +223,48 @@ def broadcast_after_long_work(obj, src: int = 0):
 # --------------------------------------------------------------------------------------------
 # Learner rank 0 <-> the rollout workers (stablerl.pipeline): weights out, batches in.
 # --------------------------------------------------------------------------------------------
+def _to_bytes(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+
+
+def _from_bytes(data: torch.Tensor):
+    return pickle.loads(data.numpy().tobytes())
+
+
+def _broadcast_object_on(group, obj):
+    """Rank 0's ``obj`` on every rank of ``group`` (a gloo group outside the default one, used
+    through its own methods): its pickled length, then its bytes."""
+    is_src = group.rank() == 0
+    data = _to_bytes(obj) if is_src else None
+    size = torch.tensor([data.numel() if is_src else 0], dtype=torch.int64)
+    group.broadcast([size], dist.BroadcastOptions()).wait()
+    if not is_src:
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+    group.broadcast([data], dist.BroadcastOptions()).wait()
+    return obj if is_src else _from_bytes(data)
+
+
 def transfer_object(obj=None, *, long: bool = False):
     """Learner rank 0's ``obj`` on every worker (``long``: on the group with the long timeout, for
     the start-up handshake that may wait out rank 0's cold start)."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_TRANSFER_LONG if long else _TRANSFER)
-    return box[0]
+    return _broadcast_object_on(_TRANSFER_LONG if long else _TRANSFER, obj)
 
 
 def transfer_tensor(t: torch.Tensor) -> None:
     """``t`` of learner rank 0 into ``t`` of every worker, in place."""
-    dist.broadcast(t, src=0, group=_TRANSFER)
+    _TRANSFER_TENSORS.broadcast([t], dist.BroadcastOptions()).wait()
 
 
 def send_object(obj, dst: int) -> None:
     """To global rank ``dst`` (a learner rank is its global rank; worker w is learners + w)."""
-    dist.send_object_list([obj], dst=dst)
+    data = _to_bytes(obj)
+    _JOB.send([torch.tensor([data.numel()], dtype=torch.int64)], dst, 0).wait()
+    _JOB.send([data], dst, 1).wait()
 
 
 def recv_object(src: int):
-    box = [None]
-    dist.recv_object_list(box, src=src)
-    return box[0]
+    size = torch.zeros(1, dtype=torch.int64)
+    _JOB.recv([size], src, 0).wait()
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    _JOB.recv([data], src, 1).wait()
+    return _from_bytes(data)
