@@ -270,10 +270,12 @@ def test_two_gloo_ranks_each_with_its_own_vllm(tmp_path):
 
 
 @needs_vllm
-def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(tmp_path):
-    """1 learner + 1 rollout worker running vLLM (its own default process group: vLLM's groups
-    span the workers only) at eta = 1, against the same config with no worker (the learner's own
-    vLLM, lagged in-process): the same samples by the same versions, the same training."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(tmp_path, workers):
+    """1 learner + 1 or 2 rollout workers running vLLM (the workers' own default process group:
+    vLLM's groups span the workers only) at eta = 1, against the same config with no worker (the
+    learner's own vLLM, lagged in-process): the same samples by the same versions, the same
+    training."""
     from stablerl.runlog import read_metrics
 
     ckpt = _vllm_ckpt(tmp_path)
@@ -281,7 +283,8 @@ def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(t
     zero = subprocess.run([sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'w0'}", *extra],
                           capture_output=True, text=True, timeout=600)
     assert zero.returncode == 0, zero.stderr[-3000:]
-    rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *extra, "rollout.workers=1"], timeout=600)
+    rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *extra, f"rollout.workers={workers}"], nproc=1 + workers,
+                             timeout=600)
     assert rc == 0, out[-3000:]
     a = [json.loads(x) for x in (tmp_path / "w0" / "rollouts.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "w1" / "rollouts.jsonl").read_text().splitlines()]
