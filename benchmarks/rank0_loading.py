@@ -44,7 +44,7 @@ def child(args) -> None:
     if args.mode == "every":
         model = shard_model(model, "fp32", "fp32")
     else:
-        model = shard_from_rank0(model, "fp32", "fp32", None, torch.device("cpu"))
+        model = shard_from_rank0(model, "fp32", "fp32", torch.device("cpu"))
     sharded = peak()
     local = sum(float(p.to_local().double().sum()) for p in model.parameters())
     params = sum(p.numel() for p in model.parameters())

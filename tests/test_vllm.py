@@ -275,7 +275,6 @@ def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(t
     two vLLMs' groups span the workers only) at eta = 1, against the same config with no worker
     (the learner's own vLLM, lagged in-process): the same samples by the same versions, the same
     training. (One worker, the README's command, ran the same way; two keep the suite's time.)"""
-    workers = 2
     from stablerl.runlog import read_metrics
 
     ckpt = _vllm_ckpt(tmp_path)
@@ -283,8 +282,7 @@ def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(t
     zero = subprocess.run([sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'w0'}", *extra],
                           capture_output=True, text=True, timeout=600)
     assert zero.returncode == 0, zero.stderr[-3000:]
-    rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *extra, f"rollout.workers={workers}"], nproc=1 + workers,
-                             timeout=600)
+    rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *extra, "rollout.workers=2"], nproc=3, timeout=600)
     assert rc == 0, out[-3000:]
     a = [json.loads(x) for x in (tmp_path / "w0" / "rollouts.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "w1" / "rollouts.jsonl").read_text().splitlines()]

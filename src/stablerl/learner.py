@@ -140,7 +140,7 @@ class Learner:
         # sends each rank its shards
         if self.world.is_main:
             model = model.to(self.world.device)
-        return shard_from_rank0(model, self.dtype, self.cfg.distributed.reduce_dtype, None, self.world.device)
+        return shard_from_rank0(model, self.dtype, self.cfg.distributed.reduce_dtype, self.world.device)
 
     def _logp(self, model: torch.nn.Module, part: RolloutBatch, **kwargs) -> dict[str, torch.Tensor]:
         """``forward.response_logp`` in the training dtype: bf16 on one rank is autocast (fp32

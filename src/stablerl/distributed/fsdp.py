@@ -18,15 +18,15 @@ from stablerl.models import decoder_layers
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def shard_model(model: nn.Module, param_dtype: str = "fp32", reduce_dtype: str = "fp32", mesh=None) -> nn.Module:
-    """Shard ``model`` in place with ``fully_shard`` per decoder layer, then the root, over
-    ``mesh`` (the learner ranks; None: every rank of the job)."""
+def shard_model(model: nn.Module, param_dtype: str = "fp32", reduce_dtype: str = "fp32") -> nn.Module:
+    """Shard ``model`` in place with ``fully_shard`` per decoder layer, then the root, over the
+    default process group (the learner ranks: rollout workers have a group of their own)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp, mesh=mesh)
-    fully_shard(model, mp_policy=mp, mesh=mesh)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     # sum over ranks (see the module docstring), as a plain SUM collective, which gloo supports
     # (the default pre-multiplied sum is NCCL-only). Each FSDP unit has its own setting.
     from torch.distributed.fsdp import FSDPModule
@@ -43,8 +43,8 @@ def is_meta(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, mesh, device: torch.device) -> nn.Module:
-    """Shard ``model`` over ``mesh`` when only the group's first rank holds its weights: there
+def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, device: torch.device) -> nn.Module:
+    """Shard ``model`` over the learner ranks when only the group's first rank holds its weights: there
     ``model`` is the real model; on the others a meta-device skeleton (``models.model_skeleton``), which
     never holds a full copy. Every rank shards its model, materializes only its own shards
     (``to_empty``), then receives them from rank 0 one tensor at a time (``distribute_tensor``
@@ -65,7 +65,7 @@ def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, mesh
     # the skeleton skipped; small, so sent whole
     extra = broadcast_object({n: b for n, b in model.named_buffers() if n not in full} if is_src else None,
                              src=0)
-    model = shard_model(model, param_dtype, reduce_dtype, mesh)
+    model = shard_model(model, param_dtype, reduce_dtype)
     if not is_src:
         model.to_empty(device=device)
     with torch.no_grad():

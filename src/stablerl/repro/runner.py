@@ -34,6 +34,11 @@ def has_record_only(out: Path, experiment: str, variant: str, seed: int) -> bool
     return not run_dir_of(out, experiment, variant, seed).exists() and record_path(out, experiment, variant, seed).is_file()
 
 
+def is_finished(out: Path, experiment: str, variant: str, seed: int) -> bool:
+    """Done here (``is_done``) or elsewhere (``has_record_only``)."""
+    return is_done(run_dir_of(out, experiment, variant, seed)) or has_record_only(out, experiment, variant, seed)
+
+
 def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print,
                    variants: list[str] | None = None) -> list[Path]:
     """Run every variant of ``name`` for ``seeds`` (a count: 0..K-1, or a list); returns the
@@ -89,7 +94,7 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
         summary.update({"variant": variant, "seed": seed, "aborted": aborted, "seconds": time.perf_counter() - t0})
         write_json_atomic(summary_path, summary)
         ran += 1
-        left = sum(not (is_done(run_dir_of(out, name, v, s)) or has_record_only(out, name, v, s)) for v, s in jobs)
+        left = sum(not is_finished(out, name, v, s) for v, s in jobs)
         eta = (time.perf_counter() - t_start) / ran * left
         log(f"[repro {name}] {variant} seed {seed}: sampled acc {summary.get('sampled_before', float('nan')):.3f}"
             f" -> {summary.get('sampled_after', float('nan')):.3f} ({summary['seconds']:.0f} s; {left} runs left, "
