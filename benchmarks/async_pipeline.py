@@ -1,6 +1,7 @@
 """Synchronous vs asynchronous: trained tokens per second of the same config, side by side.
 
     .venv/bin/python benchmarks/async_pipeline.py [--steps 24] [--skip 4] [--out runs/bench/async_pipeline.json]
+                                                  [--set train.compile=true ...]
 
 - sync:  one process, both cores (2 threads), rollout.max_staleness=0 — sample, then train.
 - async: torchrun with 1 learner + 1 rollout worker (1 thread each), rollout.max_staleness=1 — the
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--skip", type=int, default=4)
     ap.add_argument("--out", default="runs/bench/async_pipeline.json")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides applied to both layouts (e.g. train.compile=true)")
     args = ap.parse_args()
 
     from stablerl.checkpoint import save_model_dir
@@ -49,7 +52,7 @@ def main() -> None:
     model_dir = save_model_dir(tmp / "model", build_default_policy(ModelConfig(), tok), tok)
     common = [f"model.path={model_dir}", f"train.steps={args.steps}", "eval.every=100000", "eval.greedy=false",
               "eval.sampled=false", "log.progress=false", "log.tensorboard=false", "checkpoint.every=100000",
-              "task.reward_workers=1"]
+              "task.reward_workers=1", *args.set]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def train(name, launcher, extra):
@@ -71,7 +74,7 @@ def main() -> None:
     u1 = med(async_, "train_time")
     r1 = r2 * (u1 / u2)  # sampling on one core, by the update's measured 1-core / 2-core slowdown
     report = {
-        "steps_measured": len(sync), "sync_tokens_per_s": rate(sync), "async_tokens_per_s": rate(async_),
+        "set": args.set, "steps_measured": len(sync), "sync_tokens_per_s": rate(sync), "async_tokens_per_s": rate(async_),
         "ratio": rate(async_) / rate(sync),
         "sync_rollout_s": r2, "sync_update_s": u2, "async_update_s": u1,
         "async_learner_wait_s": med(async_, "pipeline/learner_wait_s"),

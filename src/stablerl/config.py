@@ -333,6 +333,10 @@ class TrainConfig(StrictModel):
                                                    "dtype: bf16 computes in bfloat16 (autocast on one rank, FSDP2's "
                                                    "param_dtype on several) with fp32 master weights, optimizer state "
                                                    "and gradients; auto: bf16 on CUDA, fp32 on CPU.")
+    compile: bool = Field(False, description="torch.compile (dynamic shapes) each decoder layer's parts that hold no "
+                          "MoE router (attention, norms, experts, a dense MLP; routers stay eager for routing "
+                          "replay's hooks): a faster training forward/backward after a one-off compile at the "
+                          "run's first steps (docs/performance.md). Equal to eager up to float round-off.")
 
 
 class BatchConfig(StrictModel):

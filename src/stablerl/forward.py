@@ -7,6 +7,9 @@ R3: the rollout engine's routes).
 ``enable_activation_checkpointing`` (``train.activation_checkpointing``) recomputes each decoder
 layer's forward during the backward instead of keeping its activations.
 
+``compile_router_free_parts`` (``train.compile``) compiles each decoder layer's parts that hold
+no MoE router; routers, where routing replay and route capture hook in, stay eager.
+
 ``packed=True`` (``batch.packing``) runs the same forward without padding: the real tokens of every
 row are laid end to end in one sequence, positions restart at 0 for each row and attention stays
 inside each row (HF's packed-sequence masks, detected from the restarting position ids), routes
@@ -29,9 +32,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from stablerl.models import decoder_layers, position_ids_from_mask
+from stablerl.models import decoder_layers, is_moe, position_ids_from_mask
+from stablerl.moe import compilable
 from stablerl.rollout.base import RolloutBatch
-from stablerl.routing import NO_ROUTE, active_replay, capture_routes, replay_router_hooks, replay_routes
+from stablerl.routing import NO_ROUTE, active_replay, capture_routes, moe_routers, replay_router_hooks, replay_routes
 
 
 @lru_cache(maxsize=None)
@@ -134,10 +138,15 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     for name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids"):
         kwargs.pop(name, None)
+    return _per_sequence_sdpa(module, query, key, value, cu_seq_lens_q, *args, **kwargs), None
+
+
+@torch.compiler.disable  # a loop over data-dependent bounds: under train.compile it stays eager
+def _per_sequence_sdpa(module, query, key, value, cu_seq_lens_q, *args, **kwargs) -> torch.Tensor:
     bounds = cu_seq_lens_q.tolist()
     outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, *args, **kwargs)[0]
             for a, b in zip(bounds, bounds[1:])]
-    return torch.cat(outs, dim=1), None
+    return torch.cat(outs, dim=1)
 
 
 def use_packed_attention(model: nn.Module) -> None:
@@ -216,6 +225,39 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
             continue
         layer.forward = partial(_checkpointed, layer.forward, model)
     return model
+
+
+def compile_router_free_parts(model: nn.Module) -> list[str]:
+    """``torch.compile`` (in place, dynamic shapes) every part of each decoder layer that holds
+    no MoE router — attention, norms, the experts, a dense MLP — and return their names.
+
+    What stays eager, and why: the routers and the modules above them (the MoE block, the layer),
+    because routing replay and route capture install hooks on the routers for one forward at a
+    time (``stablerl.routing``), which a compiled graph would not see change; the layer's own call,
+    where FSDP's hooks and the activation-checkpointing wrapper live; and experts the compiler
+    cannot trace (``moe.compilable``). The per-sequence loop of a packed forward's attention runs
+    eager inside the compiled attention (a graph break). A compiled part computes the same
+    function in another operation order (fused elementwise kernels): results equal eager up to
+    float round-off. Shapes are symbolic, so micro-batches of new lengths reuse the graphs."""
+    routers = {id(r) for r in moe_routers(model)} if is_moe(model) else set()
+    compiled: list[str] = []
+
+    def holds_router(module: nn.Module) -> bool:
+        return any(id(m) in routers for m in module.modules())
+
+    def visit(name: str, module: nn.Module) -> None:
+        if not holds_router(module):
+            if compilable(module):
+                module.compile(dynamic=True)
+                compiled.append(name)
+            return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}", child)
+
+    for i, layer in enumerate(decoder_layers(model)):
+        for child_name, child in layer.named_children():
+            visit(f"layers.{i}.{child_name}", child)
+    return compiled
 
 
 def _checkpointed(forward, model: nn.Module, *args, **kwargs):

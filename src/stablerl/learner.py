@@ -39,7 +39,7 @@ from stablerl.config import RunConfig
 from stablerl.corrections import m2_tokens
 from stablerl.diagnostics import first_order_gap, route_agreement_counts, route_agreement_from_counts
 from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_from_rank0
-from stablerl.forward import enable_activation_checkpointing, response_logp
+from stablerl.forward import compile_router_free_parts, enable_activation_checkpointing, response_logp
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
 from stablerl.rollout import RolloutBatch
@@ -119,6 +119,8 @@ class Learner:
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.model = self._place(model)
+        if cfg.train.compile:
+            compile_router_free_parts(self.model)
         self.model.train()
         # the frozen reference of the KL penalty (loss.kl_beta): one more model copy, sharded alike
         self.reference = None

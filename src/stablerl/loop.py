@@ -35,7 +35,7 @@ from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
 from stablerl.models import build_model, is_moe, load_model, load_policy, model_skeleton
 from stablerl.pipeline import LaggedWeights, initial_versions, send_version
-from stablerl.preflight import check_memory, check_prompts
+from stablerl.preflight import check_compiler, check_memory, check_prompts
 from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine, concat
 from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config, saved_changes
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
@@ -119,6 +119,7 @@ class Trainer:
 
     def _setup(self, resume: bool) -> None:
         cfg, world = self.cfg, self.world
+        check_compiler(cfg, world.device)
         for w in getattr(self.task, "warnings", []):
             self.log(f"[warning] {w}")
         self.state = RunState()

@@ -13,6 +13,11 @@ order is restored, so no weight gather is needed at all.
 
 Layouts other than HF's default (biases, transposed or non-gated experts, post-expert norms,
 expert parallelism) fall through to HF's ``grouped_mm`` unchanged.
+
+Under ``torch.compile`` (``train.compile``) the grouped matmuls run as custom ops the compiler
+does not trace (``grouped_mm_op``): dynamo's fake kernel of ``torch._grouped_mm`` accepts bf16
+inputs only, though the CPU kernel runs fp32, so tracing it fails at the first MoE layer. The ops
+call the same ``F.grouped_mm``, forward and backward, so the numbers are the eager kernel's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,53 @@ def _standard_layout(experts: nn.Module) -> bool:
             and hasattr(F, "grouped_mm"))
 
 
+@torch.library.custom_op("stablerl::grouped_mm", mutates_args=())
+def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm(x, w, offs=offs)`` (``x`` ``[P, K]``, ``w`` ``[E, K, N]``, ``offs`` the groups'
+    cumulative row counts) as an op the compiler treats as opaque."""
+    return F.grouped_mm(x, w, offs=offs)
+
+
+@grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("stablerl::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``grouped_mm_op``'s ``w``: group e's ``x_e^T grad_e``, ``[E, K, N]``."""
+    return F.grouped_mm(x.t(), grad, offs=offs)
+
+
+@grouped_mm_weight_grad.register_fake
+def _(x, grad, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    return grouped_mm_op(grad, w.transpose(-1, -2), offs), grouped_mm_weight_grad(x, grad, offs), None
+
+
+grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # eager: torch's own op (and its autograd), bit for bit as before; compiled: the opaque op
+    return grouped_mm_op(x, w, offs) if torch.compiler.is_compiling() else F.grouped_mm(x, w, offs=offs)
+
+
+def compilable(module: nn.Module) -> bool:
+    """Whether ``torch.compile`` can trace ``module``'s experts: HF experts in a layout other than
+    the standard one run HF's ``grouped_mm`` (traced, and refused in fp32), so they stay eager."""
+    is_experts = isinstance(getattr(module, "down_proj", None), nn.Parameter)  # a dense MLP's is a Linear
+    return not is_experts or _standard_layout(module)
+
+
 def grouped_mm_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor, apply_gate) -> torch.Tensor:
     """sum_k w_k * expert_{e_k}(h) for every token, one grouped matmul per projection over the
@@ -46,8 +98,8 @@ def grouped_mm_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, t
     _, perm = flat.sort(stable=True)  # pair p = token * k + j, in expert order
     offsets = torch.bincount(flat, minlength=gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
     x = hidden_states.index_select(0, perm // k).to(gate_up_proj.dtype)
-    h = apply_gate(F.grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets))
-    y = F.grouped_mm(h, down_proj.transpose(1, 2), offs=offsets)
+    h = apply_gate(_grouped_mm(x, gate_up_proj.transpose(1, 2), offsets))
+    y = _grouped_mm(h, down_proj.transpose(1, 2), offsets)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     y = y.index_select(0, inverse).view(N, k, -1)

@@ -1,8 +1,11 @@
 """Checks made at start-up, before any sampling or training: every prompt fits (one over-long row
-must never take the machine down), and one step's rollout batch fits in memory.
+must never take the machine down), one step's rollout batch fits in memory, and train.compile has
+the C++ compiler it needs on CPU.
 """
 
 from __future__ import annotations
+
+import torch
 
 from stablerl.config import RunConfig
 from stablerl.generation import encode_problem
@@ -123,3 +126,19 @@ def check_memory(cfg: RunConfig, model_config, ranks: int, prompt_tokens: int) -
                      f"{prompt_tokens} + {cfg.rollout.max_new_tokens} tokens over {ranks} rank(s)), but "
                      f"{have / gib:.1f} GiB is available; lower batch.prompts_per_step, batch.micro_batch_size or "
                      "rollout.max_new_tokens, or spread the batch over more ranks")
+
+
+def check_compiler(cfg: RunConfig, device: torch.device) -> None:
+    """``train.compile`` on CPU needs a C++ compiler (inductor builds its kernels with one): a clear
+    error before any work where there is none, instead of a traceback at the first update."""
+    if not cfg.train.compile or device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise ValueError("train.compile=true needs a C++ compiler on CPU (torch.compile builds its kernels with "
+                         "one) and none works here (torch looked for $CXX, then g++); install g++ (e.g. apt-get install g++) or "
+                         "set train.compile=false") from None
