@@ -65,8 +65,9 @@ def main() -> None:
         compiled = copy.deepcopy(model)
         if args.region == "parts":  # what train.compile compiles (always with dynamic shapes)
             compile_router_free_parts(compiled)
-        for layer in compiled.model.layers if args.region == "layers" else []:
-            layer.compile(dynamic=args.dynamic)
+        else:
+            for layer in compiled.model.layers:
+                layer.compile(dynamic=args.dynamic)
     ids = torch.randint(5, 90, (64, 56), generator=torch.Generator().manual_seed(0))
 
     def step(m, ids=ids) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
