@@ -1,6 +1,8 @@
 """vLLM against stablerl's local engine, in one process, on the same model, prompts and sampling.
 
     .venv-vllm/bin/python benchmarks/vllm_engine.py          # after `bash scripts/setup_vllm.sh`
+    .venv-vllm/bin/python benchmarks/vllm_engine.py --throughput-only --sft-steps 50 \
+        --set model.hidden_size=512 --out runs/bench/vllm_engine_h512.json     # a larger model
 
 1. Discrepancy: per-layer routing agreement and training-inference KL (k3 and k1, per sampled
    token) of each engine against the fp32 training model: vLLM fp32 and bf16 (real inference
@@ -11,7 +13,11 @@
 
 The model is the default tiny Qwen3-MoE widened to hidden 128 (head_dim 32: vLLM's CPU attention
 needs one of its head sizes), cold-started by SFT on the arithmetic task so that its distribution
-is as peaked as a trained policy's (cached under runs/sft/).
+is as peaked as a trained policy's (cached under runs/sft/). `--set model.KEY=VALUE` sizes the
+model otherwise (hidden size, layers, experts, expert width; 4 attention heads, so the head size is
+hidden / 4 and must be one vLLM's CPU attention supports: 32, 64, 80, ..., 256). Throughput does not
+depend on how well the model was trained (no EOS: every response is `--new-tokens` long), so larger
+sizes can take a short cold start (`--sft-steps 50`) and `--throughput-only`.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ from pathlib import Path
 import torch
 
 
-def cold_start(sft_steps: int):
+def cold_start(sft_steps: int, overrides: list[str]):
     from stablerl.config import RunConfig
     from stablerl.config_io import build_config
     from stablerl.models import load_policy
     from stablerl.sft import cold_start as sft
     from stablerl.tasks import build_task
 
-    cfg = build_config(RunConfig, None, ["model.hidden_size=128", f"sft.steps={sft_steps}"])
+    cfg = build_config(RunConfig, None, ["model.hidden_size=128", f"sft.steps={sft_steps}", *overrides])
     path = sft(cfg, build_task(cfg.task), log=lambda *_: None)
     return (*load_policy(path), build_task(cfg.task))
 
@@ -57,8 +63,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--set", nargs="*", default=[], metavar="model.KEY=VALUE",
+                    help="model size overrides (model.hidden_size, model.num_layers, model.num_experts, ...)")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the discrepancy part")
     ap.add_argument("--out", default="runs/bench/vllm_engine.json")
     args = ap.parse_args()
+    if any(not s.startswith("model.") for s in args.set):
+        ap.error(f"--set takes model.KEY=VALUE overrides only, got {args.set}")
 
     from stablerl.config import SamplingConfig
     from stablerl.rollout import LocalEngine
@@ -66,10 +77,12 @@ def main() -> None:
     from stablerl.routing import capture_routes
     from stablerl.generation import encode_prompt
 
-    model, tok, task = cold_start(args.sft_steps)
+    model, tok, task = cold_start(args.sft_steps, args.set)
     prompts = [encode_prompt(tok, task.train_problem(i).prompt) for i in range(args.batch)]
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-    report: dict = {"setup": vars(args), "discrepancy": {}, "throughput_tokens_per_s": {}}
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters ({' '.join(args.set) or 'hidden 128'})")
+    report: dict = {"setup": vars(args), "parameters": n_params, "discrepancy": {}, "throughput_tokens_per_s": {}}
 
     def engines_with(eos: list[int]) -> dict:
         local = dict(eos_token_id=eos, pad_token_id=tok.pad_token_id)
@@ -79,7 +92,7 @@ def main() -> None:
                 "local_fp8": LocalEngine(model, "fp8", **local), "local_fp8_w8a8": LocalEngine(model, "fp8_w8a8", **local)}
 
     # discrepancy on responses as RL samples them: each ends at its EOS
-    engines = engines_with([tok.eos_token_id])
+    engines = {} if args.throughput_only else engines_with([tok.eos_token_id])
     for name, engine in engines.items():
         report["discrepancy"][name] = discrepancy(engine, model, prompts, sampling)
         print(f"{name:>15}: KL k3 {report['discrepancy'][name]['kl_k3']:.2e}  k1 {report['discrepancy'][name]['kl_k1']:.2e}"

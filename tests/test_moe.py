@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stablerl.models import build_model, tiny_config
-from stablerl.moe import NAME, grouped_experts
+from stablerl.moe import NAME, grouped_experts, pick_layout
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
@@ -38,13 +38,15 @@ def test_dense_models_are_left_alone():
     assert getattr(model.config, "_experts_implementation", None) != NAME
 
 
-def test_grouped_experts_matches_a_per_expert_loop_in_value_and_gradient():
+@pytest.mark.parametrize("layout,dtype,tol,H,I", [("padded", torch.float64, 1e-12, 6, 5), ("pairs", torch.float32, 1e-5, 8, 4)])
+def test_grouped_experts_matches_a_per_expert_loop_in_value_and_gradient(layout, dtype, tol, H, I):
+    # the pairs layout runs F.grouped_mm: no float64 kernel, rows of whole 16-byte multiples
     g = torch.Generator().manual_seed(0)
-    N, H, I, E, k = 37, 6, 5, 4, 2
-    h = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
-    gate_up = torch.randn(E, 2 * I, H, generator=g, dtype=torch.float64, requires_grad=True)
-    down = torch.randn(E, H, I, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(N, k, generator=g, dtype=torch.float64, requires_grad=True)
+    N, E, k = 37, 4, 2
+    h = torch.randn(N, H, generator=g, dtype=dtype, requires_grad=True)
+    gate_up = torch.randn(E, 2 * I, H, generator=g, dtype=dtype, requires_grad=True)
+    down = torch.randn(E, H, I, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.rand(N, k, generator=g, dtype=dtype, requires_grad=True)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
     idx[:9] = torch.tensor([1, 3])  # an unbalanced load: expert 1 and 3 busiest, so padding slots exist
     act = torch.nn.functional.silu
@@ -60,11 +62,33 @@ def test_grouped_experts_matches_a_per_expert_loop_in_value_and_gradient():
             rows.append(acc)
         return torch.stack(rows)
 
-    out = grouped_experts(h, idx, w, gate_up, down, act)
+    out = grouped_experts(h, idx, w, gate_up, down, act, layout=layout)
     ref = loop(h, gate_up, down, w)
-    assert torch.allclose(out, ref, atol=1e-12)
-    probe = torch.randn(N, H, generator=g, dtype=torch.float64)
+    assert torch.allclose(out, ref, atol=tol)
+    probe = torch.randn(N, H, generator=g, dtype=dtype)
     grads = torch.autograd.grad((out * probe).sum(), (h, gate_up, down, w))
     grads_ref = torch.autograd.grad((ref * probe).sum(), (h, gate_up, down, w))
     for a, b in zip(grads, grads_ref):
-        assert torch.allclose(a, b, atol=1e-12)
+        assert torch.allclose(a, b, atol=tol)
+
+
+def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows():
+    g = torch.Generator().manual_seed(1)
+    N, H, I, E, k = 16, 8, 8, 4, 2
+    h, w = torch.randn(N, H, generator=g), torch.rand(N, k, generator=g)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    act = torch.nn.functional.silu
+    balanced = torch.arange(N * k).view(N, k) % E            # 8 pairs per expert: no padding
+    skewed = torch.stack([torch.zeros(N, dtype=torch.long), torch.arange(N) % (E - 1) + 1], 1)  # expert 0: all 16
+    assert pick_layout(N * k, E * 8, H, I, torch.float32) == "padded"
+    assert pick_layout(N * k, E * 16, H, I, torch.float32) == "pairs"      # 64 rows for 32 pairs
+    assert pick_layout(N * k, E * 16, H, I, torch.bfloat16) == "padded"    # small bf16 experts
+    assert pick_layout(N * k, E * 16, 512, 512, torch.bfloat16) == "pairs"
+    assert pick_layout(N * k, E * 16, 6, 8, torch.float32) == "padded"    # 24-byte rows: no grouped_mm
+    for idx, chosen in ((balanced, "padded"), (skewed, "pairs")):
+        auto = grouped_experts(h, idx, w, gate_up, down, act)
+        assert torch.equal(auto, grouped_experts(h, idx, w, gate_up, down, act, layout=chosen))
+        other = grouped_experts(h, idx, w, gate_up, down, act, layout={"padded": "pairs", "pairs": "padded"}[chosen])
+        assert torch.allclose(auto, other, atol=1e-5)
+    with pytest.raises(ValueError, match="layout must be"):
+        grouped_experts(h, skewed, w, gate_up, down, act, layout="dense")

@@ -1,5 +1,6 @@
 """MoE experts kernels: the training-side one (HF's grouped-matmul experts with cheaper gathers)
-and the decoder's capacity-grouped batched matmuls (``grouped_experts``).
+and the decoder's (``grouped_experts``: capacity-padded batched matmuls or grouped matmuls over the
+token-expert pairs, whichever pays for the call's shape).
 
 transformers runs the experts of Qwen3-MoE / Qwen2-MoE / Mixtral / OLMoE through a pluggable
 "experts implementation" (default ``grouped_mm``): sort the token-expert pairs by expert, one
@@ -141,27 +142,37 @@ ExpertsInterface.register(W4A4_NAME, quantized_activations_experts("nvfp4_w4a4",
 ACTIVATION_EXPERTS = {"fp8_w8a8": W8A8_NAME, "nvfp4_w4a4": W4A4_NAME}
 
 
-def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None) -> torch.Tensor:
+def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None, layout: str | None = None) -> torch.Tensor:
     """sum_k w_k * down_e(act(gate_e(h)) * up_e(h)) over each token's experts e = idx[:, k].
 
     ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` are in HF's layout.
 
-    Token-expert pairs are sorted by expert into a zero-padded [E, C, H] block (C = the busiest
-    expert's load) and both projections run as one batched matmul each: on CPU this beats a
-    per-expert loop of small matmuls (~1.7x on the default tiny MoE at batch 64). Tokens go in
-    and results come out by gathers (index_select), not a scatter-add, so each token's k
-    contributions are summed in a fixed order, as HF's grouped_mm path does. Used for decoding;
-    training uses ``grouped_experts_forward`` (its backward measured faster on CPU). ``quant``
-    (W8A8 engines) rounds the down projection's input per row; the caller quantizes ``h``. The
-    projections multiply in their weights' dtype (the fast decoder passes them in its
+    Two layouts of the same sum, the faster chosen per call (``layout=None``; ``pick_layout``):
+
+    - ``"padded"``: token-expert pairs sorted by expert into a zero-padded [E, C, H] block (C = the
+      busiest expert's load), both projections one batched matmul each. On CPU this beats per-
+      expert matmuls at small sizes (~1.7x on the default tiny MoE at batch 64), but it computes
+      E * C rows for N * k pairs: a trained router's uneven loads make that 3-4x at decode.
+    - ``"pairs"``: one ``F.grouped_mm`` per projection over the pairs themselves (no padding).
+
+    Tokens go in and results come out by gathers (index_select), not a scatter-add, so each
+    token's k contributions are summed in a fixed order, as HF's grouped_mm path does. Used for
+    decoding; training uses ``grouped_experts_forward`` (its backward measured faster on CPU).
+    ``quant`` (W8A8 engines) rounds the down projection's input per row; the caller quantizes
+    ``h``. The projections multiply in their weights' dtype (the fast decoder passes them in its
     ``matmul_dtype``), the products rounded to ``h``'s.
     """
     N, k = idx.shape
-    E, _, H = gate_up_proj.shape
+    E, two_i, H = gate_up_proj.shape
     flat = idx.reshape(-1)
     expert, order = flat.sort(stable=True)
     counts = torch.bincount(flat, minlength=E)
     C = int(counts.max())
+    layout = layout or pick_layout(N * k, E * C, H, two_i // 2, gate_up_proj.dtype)
+    if layout == "pairs":
+        return _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant)
+    if layout != "padded":
+        raise ValueError(f"layout must be 'padded', 'pairs' or None (pick), not {layout!r}")
     # slot[p]: the row of the [E * C] block that holds pair p = token * k + j
     slot = torch.empty_like(order)
     slot[order] = expert * C + (torch.arange(N * k, device=h.device) - (counts.cumsum(0) - counts)[expert])
@@ -175,6 +186,33 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
         inner = quant(inner)
     y = matmul(inner, down_proj.transpose(1, 2), down_proj.dtype).view(E * C, H)
     return (y.index_select(0, slot).view(N, k, H) * weights[..., None]).sum(1)
+
+
+def _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant) -> torch.Tensor:
+    # the "pairs" layout of grouped_experts: order = the pairs sorted by expert, counts per expert
+    N, k = weights.shape
+    offsets = counts.cumsum(0).to(torch.int32)
+    x = h.index_select(0, order // k).to(gate_up_proj.dtype)
+    gate, up = _grouped_mm(x, gate_up_proj.transpose(1, 2), offsets).to(h.dtype).chunk(2, dim=-1)
+    inner = act_fn(gate) * up
+    if quant is not None:
+        inner = quant(inner)
+    y = _grouped_mm(inner.to(down_proj.dtype), down_proj.transpose(1, 2), offsets).to(h.dtype)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return (y.index_select(0, inverse).view(N, k, -1) * weights[..., None]).sum(1)
+
+
+def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype) -> str:
+    """``grouped_experts``'s layout for one call, by what was measured on CPU
+    (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout pays once padding at
+    least doubles the rows, in fp32 at every size measured and in bf16 from 512 x 512 experts up
+    (below that the bf16 grouped matmul's fixed cost loses to the padded block's waste).
+    ``F.grouped_mm`` needs rows of whole 16-byte multiples; other shapes stay padded."""
+    size = torch.finfo(dtype).bits // 8
+    if padded_rows < 2 * pairs or (hidden * size) % 16 or (width * size) % 16:
+        return "padded"
+    return "pairs" if dtype == torch.float32 or hidden * width >= 512 * 512 else "padded"
 
 
 def use_fast_experts(model: nn.Module, name: str = NAME) -> nn.Module:

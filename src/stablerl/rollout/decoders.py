@@ -7,7 +7,8 @@ step, returning next-token logits and (for MoE) the routes of the fed positions.
   inference engine would: a preallocated KV cache (no per-step concatenation of the whole
   cache), masks and rotary tables built once per step for all layers, plain batched-matmul
   attention for single-token decode, routes recorded inline (no hooks), experts as
-  capacity-grouped batched matmuls (``stablerl.moe.grouped_experts``). It reads the weights from the engine's
+  capacity-padded batched matmuls or grouped matmuls over the token-expert pairs, picked per call
+  (``stablerl.moe.grouped_experts``). It reads the weights from the engine's
   HF model when built (once per generate call), so a weight sync updates both paths. Every
   matrix multiply runs in ``stablerl.precision.matmul_dtype`` (bf16 inputs multiplied in fp32 on
   a CPU without native bf16 kernels), its weights cast to it once per build.
