@@ -85,6 +85,7 @@ def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows():
     assert pick_layout(N * k, E * 16, H, I, torch.bfloat16) == "padded"    # small bf16 experts
     assert pick_layout(N * k, E * 16, 512, 512, torch.bfloat16) == "pairs"
     assert pick_layout(N * k, E * 16, 6, 8, torch.float32) == "padded"    # 24-byte rows: no grouped_mm
+    assert pick_layout(N * k, E * 16, H, I, torch.float32, "meta") == "padded"  # measured on CPU only
     for idx, chosen in ((balanced, "padded"), (skewed, "pairs")):
         auto = grouped_experts(h, idx, w, gate_up, down, act)
         assert torch.equal(auto, grouped_experts(h, idx, w, gate_up, down, act, layout=chosen))

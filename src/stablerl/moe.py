@@ -168,7 +168,7 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     expert, order = flat.sort(stable=True)
     counts = torch.bincount(flat, minlength=E)
     C = int(counts.max())
-    layout = layout or pick_layout(N * k, E * C, H, two_i // 2, gate_up_proj.dtype)
+    layout = layout or pick_layout(N * k, E * C, H, two_i // 2, gate_up_proj.dtype, h.device)
     if layout == "pairs":
         return _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant)
     if layout != "padded":
@@ -203,14 +203,17 @@ def _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, q
     return (y.index_select(0, inverse).view(N, k, -1) * weights[..., None]).sum(1)
 
 
-def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype) -> str:
+def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> str:
     """``grouped_experts``'s layout for one call, by what was measured on CPU
     (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout pays once padding at
     least doubles the rows, in fp32 at every size measured and in bf16 from 512 x 512 experts up
     (below that the bf16 grouped matmul's fixed cost loses to the padded block's waste).
-    ``F.grouped_mm`` needs rows of whole 16-byte multiples; other shapes stay padded."""
+    ``F.grouped_mm`` needs rows of whole 16-byte multiples; other shapes stay padded, and so does
+    every other device (not measured there: the padded block is what the decoder always ran)."""
     size = torch.finfo(dtype).bits // 8
-    if padded_rows < 2 * pairs or (hidden * size) % 16 or (width * size) % 16:
+    if (torch.device(device).type != "cpu" or padded_rows < 2 * pairs
+            or (hidden * size) % 16 or (width * size) % 16):
         return "padded"
     return "pairs" if dtype == torch.float32 or hidden * width >= 512 * 512 else "padded"
 
