@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from stablerl.models import build_model, tiny_config
+from stablerl import moe
 from stablerl.moe import NAME, grouped_experts, pick_layout
+from stablerl.precision import PackedWeight, native_half_matmul, pack_weight
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
@@ -72,7 +74,7 @@ def test_grouped_experts_matches_a_per_expert_loop_in_value_and_gradient(layout,
         assert torch.allclose(a, b, atol=tol)
 
 
-def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows():
+def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows(monkeypatch):
     g = torch.Generator().manual_seed(1)
     N, H, I, E, k = 16, 8, 8, 4, 2
     h, w = torch.randn(N, H, generator=g), torch.rand(N, k, generator=g)
@@ -80,16 +82,28 @@ def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows():
     act = torch.nn.functional.silu
     balanced = torch.arange(N * k).view(N, k) % E            # 8 pairs per expert: no padding
     skewed = torch.stack([torch.zeros(N, dtype=torch.long), torch.arange(N) % (E - 1) + 1], 1)  # expert 0: all 16
-    assert pick_layout(N * k, E * 8, H, I, torch.float32) == "padded"
-    assert pick_layout(N * k, E * 16, H, I, torch.float32) == "pairs"      # 64 rows for 32 pairs
-    assert pick_layout(N * k, E * 16, H, I, torch.bfloat16) == "padded"    # small bf16 experts
-    assert pick_layout(N * k, E * 16, 512, 512, torch.bfloat16) == "pairs"
-    assert pick_layout(N * k, E * 16, 6, 8, torch.float32) == "padded"    # 24-byte rows: no grouped_mm
-    assert pick_layout(N * k, E * 16, H, I, torch.float32, "meta") == "padded"  # measured on CPU only
+    big = (512, 512)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert pick_layout(N * k, E * 8, *big, dtype) == "padded"         # no padding
+        assert pick_layout(N * k, E * 16, *big, dtype) == "pairs"         # 64 rows for 32 pairs
+        assert pick_layout(N * k, E * 16, 256, 512, dtype) == "padded"    # small experts
+    assert pick_layout(N * k, E * 16, 516, 516, torch.bfloat16) == "padded"  # 1032-byte rows: no grouped_mm
+    assert pick_layout(N * k, E * 16, *big, torch.float32, "meta") == "padded"  # measured on CPU only
+    monkeypatch.setattr(moe, "pick_layout", lambda pairs, rows, *rest: "pairs" if rows >= 2 * pairs else "padded")
     for idx, chosen in ((balanced, "padded"), (skewed, "pairs")):
         auto = grouped_experts(h, idx, w, gate_up, down, act)
         assert torch.equal(auto, grouped_experts(h, idx, w, gate_up, down, act, layout=chosen))
         other = grouped_experts(h, idx, w, gate_up, down, act, layout={"padded": "pairs", "pairs": "padded"}[chosen])
         assert torch.allclose(auto, other, atol=1e-5)
+    if native_half_matmul(torch.bfloat16):  # the pairs layout on prepacked bf16 matrices, expert by expert
+        hb, wb, gub, db = h.bfloat16(), w.bfloat16(), gate_up.bfloat16(), down.bfloat16()
+        packed = ([pack_weight(m, 4) for m in gub], [pack_weight(m, 4) for m in db])
+        assert isinstance(packed[0][0], PackedWeight)
+        on_packed = grouped_experts(hb, skewed, wb, gub, db, act, layout="pairs", packed=packed)
+        grouped = grouped_experts(hb, skewed, wb, gub, db, act, layout="pairs")
+        exact = grouped_experts(h.double(), skewed, w.double(), gate_up.double(), down.double(), act, layout="padded")
+        scale = float(exact.abs().max())
+        assert float((on_packed.double() - exact).abs().max()) < 0.02 * scale  # bf16 round-off
+        assert float((on_packed.double() - grouped.double()).abs().max()) < 0.02 * scale
     with pytest.raises(ValueError, match="layout must be"):
         grouped_experts(h, skewed, w, gate_up, down, act, layout="dense")

@@ -10,6 +10,7 @@ from stablerl.config import SamplingConfig
 from stablerl.diagnostics import route_agreement, train_infer_kl
 from stablerl.forward import response_logp
 from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
+from stablerl.precision import PackedWeight, linear, native_half_matmul, pack_weight
 from stablerl.rollout import LocalEngine
 from stablerl.rollout.sampling import GumbelNoise, filter_logits, sample
 from stablerl.routing import NO_ROUTE
@@ -127,6 +128,29 @@ def test_the_fp32_multiply_of_bf16_inputs_keeps_the_engine_numerics(moe, monkeyp
     (ours, kl_ours), (native, kl_native) = out["fp32"], out["native"]
     assert float((ours.input_ids == native.input_ids).float().mean()) > 0.95
     assert kl_ours > 0 and kl_native > 0 and kl_ours == pytest.approx(kl_native, rel=0.3)
+
+
+@pytest.mark.skipif(not native_half_matmul(torch.bfloat16), reason="prepacking applies where oneDNN has native bf16 kernels")
+def test_prepacked_weights_change_no_engine_number(moe, monkeypatch):
+    """The fast decoder's bf16 matrices prepacked for oneDNN (``pack_weight``) vs plain: the same
+    kernel's products, so the same tokens, log-probs and routes, bit for bit; and ``linear`` on a
+    packed matrix equals ``F.linear`` on the plain one at every row count."""
+    import stablerl.rollout.decoders as decoders
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    packed = pack_weight(w, 16)
+    assert isinstance(packed, PackedWeight)
+    assert not isinstance(pack_weight(w.float(), 16), PackedWeight)  # fp32: left as it is
+    for shape in ((1, 64), (16, 64), (100, 64), (4, 3, 64)):
+        x = torch.randn(*shape, generator=g).bfloat16()
+        assert torch.equal(linear(x, packed), torch.nn.functional.linear(x, w))
+    ps, sampling = prompts(16, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=12)
+    packed_batch = LocalEngine(moe, "bf16", eos_token_id=[], fast=True).generate(ps, sampling, seeds=seeds(16, 5))
+    monkeypatch.setattr(decoders, "pack_weight", lambda weight, rows: weight)
+    plain = LocalEngine(moe, "bf16", eos_token_id=[], fast=True).generate(ps, sampling, seeds=seeds(16, 5))
+    assert torch.equal(packed_batch.input_ids, plain.input_ids)
+    assert torch.equal(packed_batch.rollout_logp, plain.rollout_logp) and torch.equal(packed_batch.routes, plain.routes)
 
 
 def test_sampling_is_reproducible_and_per_request(moe):

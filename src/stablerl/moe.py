@@ -23,12 +23,14 @@ call the same ``F.grouped_mm``, forward and backward, so the numbers are the eag
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
-from stablerl.precision import matmul, quantize_activations_fp8, quantize_activations_nvfp4
+from stablerl.precision import linear, matmul, quantize_activations_fp8, quantize_activations_nvfp4
 
 NAME = "stablerl_grouped_mm"
 
@@ -142,7 +144,8 @@ ExpertsInterface.register(W4A4_NAME, quantized_activations_experts("nvfp4_w4a4",
 ACTIVATION_EXPERTS = {"fp8_w8a8": W8A8_NAME, "nvfp4_w4a4": W4A4_NAME}
 
 
-def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None, layout: str | None = None) -> torch.Tensor:
+def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None, layout: str | None = None,
+                    packed: tuple[list, list] | None = None) -> torch.Tensor:
     """sum_k w_k * down_e(act(gate_e(h)) * up_e(h)) over each token's experts e = idx[:, k].
 
     ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` are in HF's layout.
@@ -160,7 +163,9 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     decoding; training uses ``grouped_experts_forward`` (its backward measured faster on CPU).
     ``quant`` (W8A8 engines) rounds the down projection's input per row; the caller quantizes
     ``h``. The projections multiply in their weights' dtype (the fast decoder passes them in its
-    ``matmul_dtype``), the products rounded to ``h``'s.
+    ``matmul_dtype``), the products rounded to ``h``'s. ``packed``: each expert's two matrices
+    prepacked for oneDNN (``stablerl.precision.pack_weight``), which the pairs layout then
+    multiplies expert by expert instead of through ``F.grouped_mm``.
     """
     N, k = idx.shape
     E, two_i, H = gate_up_proj.shape
@@ -170,7 +175,7 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     C = int(counts.max())
     layout = layout or pick_layout(N * k, E * C, H, two_i // 2, gate_up_proj.dtype, h.device)
     if layout == "pairs":
-        return _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant)
+        return _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant, packed)
     if layout != "padded":
         raise ValueError(f"layout must be 'padded', 'pairs' or None (pick), not {layout!r}")
     # slot[p]: the row of the [E * C] block that holds pair p = token * k + j
@@ -188,16 +193,28 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     return (y.index_select(0, slot).view(N, k, H) * weights[..., None]).sum(1)
 
 
-def _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant) -> torch.Tensor:
+def _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant, packed=None) -> torch.Tensor:
     # the "pairs" layout of grouped_experts: order = the pairs sorted by expert, counts per expert
     N, k = weights.shape
-    offsets = counts.cumsum(0).to(torch.int32)
-    x = h.index_select(0, order // k).to(gate_up_proj.dtype)
-    gate, up = _grouped_mm(x, gate_up_proj.transpose(1, 2), offsets).to(h.dtype).chunk(2, dim=-1)
-    inner = act_fn(gate) * up
-    if quant is not None:
-        inner = quant(inner)
-    y = _grouped_mm(inner.to(down_proj.dtype), down_proj.transpose(1, 2), offsets).to(h.dtype)
+    x = h.index_select(0, order // k)
+
+    def expert(x, gate_up, down):  # x @ gate_up -> act(gate) * up (-> quant) @ down, in h's dtype
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        inner = act_fn(gate) * up
+        return down(inner if quant is None else quant(inner))
+
+    if packed is not None:  # expert by expert, on the prepacked matrices
+        pieces, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                pieces.append(expert(x[start:start + n], partial(linear, weight=packed[0][e]),
+                                     partial(linear, weight=packed[1][e])))
+                start += n
+        y = torch.cat(pieces)
+    else:
+        offsets = counts.cumsum(0).to(torch.int32)
+        y = expert(x, lambda z: _grouped_mm(z.to(gate_up_proj.dtype), gate_up_proj.transpose(1, 2), offsets).to(h.dtype),
+                   lambda z: _grouped_mm(z.to(down_proj.dtype), down_proj.transpose(1, 2), offsets).to(h.dtype))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return (y.index_select(0, inverse).view(N, k, -1) * weights[..., None]).sum(1)
@@ -206,16 +223,18 @@ def _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, q
 def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> str:
     """``grouped_experts``'s layout for one call, by what was measured on CPU
-    (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout pays once padding at
-    least doubles the rows, in fp32 at every size measured and in bf16 from 512 x 512 experts up
-    (below that the bf16 grouped matmul's fixed cost loses to the padded block's waste).
+    (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout once padding at
+    least doubles the rows and the experts are at least 512 x 512 (there it measured 1.2-1.9x
+    faster in fp32 and bf16). Smaller experts keep the padded block: in bf16 it is faster there,
+    in fp32 the pairs gain 1.1-1.3x on the experts alone, and keeping it leaves every small
+    model's engine numbers (the default run's, the tests', the experiments') exactly as before.
     ``F.grouped_mm`` needs rows of whole 16-byte multiples; other shapes stay padded, and so does
-    every other device (not measured there: the padded block is what the decoder always ran)."""
+    every other device (not measured there)."""
     size = torch.finfo(dtype).bits // 8
-    if (torch.device(device).type != "cpu" or padded_rows < 2 * pairs
+    if (torch.device(device).type != "cpu" or padded_rows < 2 * pairs or hidden * width < 512 * 512
             or (hidden * size) % 16 or (width * size) % 16):
         return "padded"
-    return "pairs" if dtype == torch.float32 or hidden * width >= 512 * 512 else "padded"
+    return "pairs"
 
 
 def use_fast_experts(model: nn.Module, name: str = NAME) -> nn.Module:

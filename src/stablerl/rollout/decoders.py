@@ -7,8 +7,8 @@ step, returning next-token logits and (for MoE) the routes of the fed positions.
   inference engine would: a preallocated KV cache (no per-step concatenation of the whole
   cache), masks and rotary tables built once per step for all layers, plain batched-matmul
   attention for single-token decode, routes recorded inline (no hooks), experts as
-  capacity-padded batched matmuls or grouped matmuls over the token-expert pairs, picked per call
-  (``stablerl.moe.grouped_experts``). It reads the weights from the engine's
+  capacity-padded batched matmuls or matmuls over the token-expert pairs, picked per call
+  (``stablerl.moe.grouped_experts``); bf16 matrices prepacked for oneDNN where it runs them. It reads the weights from the engine's
   HF model when built (once per generate call), so a weight sync updates both paths. Every
   matrix multiply runs in ``stablerl.precision.matmul_dtype`` (bf16 inputs multiplied in fp32 on
   a CPU without native bf16 kernels), its weights cast to it once per build.
@@ -22,7 +22,7 @@ from torch import nn
 
 from stablerl.models import is_moe, position_ids_from_mask
 from stablerl.moe import grouped_experts
-from stablerl.precision import linear, matmul, matmul_dtype
+from stablerl.precision import PackedWeight, linear, matmul, matmul_dtype, pack_weight
 from stablerl.routing import capture_routes
 
 
@@ -95,22 +95,34 @@ class FastQwen3MoeDecoder:
         # the matrices, in the dtype they are multiplied in, built per decoder (i.e. per generate
         # call) from the engine's current weights: a no-op cast unless that dtype differs
         self.mm_dtype = mm = matmul_dtype(dtype, model.model.embed_tokens.weight.device)
-        self.lm_head_weight = model.lm_head.weight.detach().to(mm)
+        # the 2-D matrices prepacked once for oneDNN's bf16 kernel where it runs them (a no-op
+        # otherwise: stablerl.precision.pack_weight); rows = a decode step's
+        def pack(w):
+            return pack_weight(w.detach().to(mm), batch_size)
+
+        self.lm_head_weight = pack(model.lm_head.weight)
         self.lm_head_bias = model.lm_head.bias
         # q/k/v as one matmul and the q/k head norms as one
         self.qkv_weight, self.o_weight, self.qk_norm_weight, self.mlp_weights = [], [], [], []
+        self.packed_experts: list[tuple[list, list] | None] = []
         for layer in self.layers:
             a = layer.self_attn
             if a.q_proj.bias is not None:
                 raise ValueError("the fast decoder does not support attention biases")
-            self.qkv_weight.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().to(mm))
-            self.o_weight.append(a.o_proj.weight.detach().to(mm))
+            self.qkv_weight.append(pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])))
+            self.o_weight.append(pack(a.o_proj.weight))
             mlp = layer.mlp
             if hasattr(mlp, "experts"):  # router, experts' gate/up and down projections
-                names = (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj)
+                gate_up, down = (w.detach().to(mm) for w in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
+                self.mlp_weights.append((pack(mlp.gate.weight), gate_up, down))
+                # each expert's matrices packed too, for the pairs layout (stablerl.moe.grouped_experts)
+                rows = max(1, batch_size * self.top_k // len(gate_up))
+                packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
+                self.packed_experts.append(packed if isinstance(packed[0][0], PackedWeight) else None)
             else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
-                names = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-            self.mlp_weights.append(tuple(w.detach().to(mm) for w in names))
+                self.mlp_weights.append(tuple(pack(w) for w in (mlp.gate_proj.weight, mlp.up_proj.weight,
+                                                                mlp.down_proj.weight)))
+                self.packed_experts.append(None)
             # the attention scale folded into q's norm weight (RoPE is linear, so it commutes)
             self.qk_norm_weight.append(torch.cat([a.q_norm.weight.expand(self.n_heads, -1) * a.scaling,
                                                   a.k_norm.weight.expand(self.n_kv, -1)])[:, None])
@@ -195,5 +207,5 @@ class FastQwen3MoeDecoder:
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         out = grouped_experts(self.quant(h), idx, weights.to(h.dtype), gate_up_proj, down_proj,
-                              block.experts.act_fn, quant=self.act_quant)
+                              block.experts.act_fn, quant=self.act_quant, packed=self.packed_experts[layer_idx])
         return out, idx
