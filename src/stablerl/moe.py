@@ -224,17 +224,20 @@ def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: to
                 device: torch.device | str = "cpu") -> str:
     """``grouped_experts``'s layout for one call, by what was measured on CPU
     (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout once padding at
-    least doubles the rows and the experts are at least 512 x 512 (there it measured 1.2-1.9x
-    faster in fp32 and bf16). Smaller experts keep the padded block: in bf16 it is faster there,
-    in fp32 the pairs gain 1.1-1.3x on the experts alone, and keeping it leaves every small
-    model's engine numbers (the default run's, the tests', the experiments') exactly as before.
-    ``F.grouped_mm`` needs rows of whole 16-byte multiples; other shapes stay padded, and so does
-    every other device (not measured there)."""
+    least doubles the rows on experts where it can pay (``pairs_can_pay``)."""
+    return "pairs" if padded_rows >= 2 * pairs and pairs_can_pay(hidden, width, dtype, device) else "padded"
+
+
+def pairs_can_pay(hidden: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether experts of this shape may run in the pairs layout: at least 512 x 512 (there it
+    measured 1.2-1.9x faster than the padded block under uneven loads, fp32 and bf16). Smaller
+    experts keep the padded block: in bf16 it is faster there, in fp32 the pairs gain 1.1-1.3x on
+    the experts alone, and keeping it leaves every small model's engine numbers (the default
+    run's, the tests', the experiments') exactly as before. ``F.grouped_mm`` needs rows of whole
+    16-byte multiples; and only the CPU was measured (other devices keep the padded block)."""
     size = torch.finfo(dtype).bits // 8
-    if (torch.device(device).type != "cpu" or padded_rows < 2 * pairs or hidden * width < 512 * 512
-            or (hidden * size) % 16 or (width * size) % 16):
-        return "padded"
-    return "pairs"
+    return (torch.device(device).type == "cpu" and hidden * width >= 512 * 512
+            and (hidden * size) % 16 == 0 and (width * size) % 16 == 0)
 
 
 def use_fast_experts(model: nn.Module, name: str = NAME) -> nn.Module:

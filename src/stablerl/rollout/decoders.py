@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablerl.models import is_moe, position_ids_from_mask
-from stablerl.moe import grouped_experts
+from stablerl.moe import grouped_experts, pairs_can_pay
 from stablerl.precision import PackedWeight, linear, matmul, matmul_dtype, pack_weight
 from stablerl.routing import capture_routes
 
@@ -115,10 +115,13 @@ class FastQwen3MoeDecoder:
             if hasattr(mlp, "experts"):  # router, experts' gate/up and down projections
                 gate_up, down = (w.detach().to(mm) for w in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
                 self.mlp_weights.append((pack(mlp.gate.weight), gate_up, down))
-                # each expert's matrices packed too, for the pairs layout (stablerl.moe.grouped_experts)
-                rows = max(1, batch_size * self.top_k // len(gate_up))
-                packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
-                self.packed_experts.append(packed if isinstance(packed[0][0], PackedWeight) else None)
+                # each expert's matrices packed too, where the pairs layout may run them
+                # (stablerl.moe.grouped_experts)
+                packed = None
+                if pairs_can_pay(gate_up.shape[2], down.shape[2], mm, gate_up.device):
+                    rows = max(1, batch_size * self.top_k // len(gate_up))
+                    packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
+                self.packed_experts.append(packed if packed and isinstance(packed[0][0], PackedWeight) else None)
             else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
                 self.mlp_weights.append(tuple(pack(w) for w in (mlp.gate_proj.weight, mlp.up_proj.weight,
                                                                 mlp.down_proj.weight)))
