@@ -17,9 +17,16 @@ from stablerl.objectives import policy_loss
 
 @pytest.fixture(scope="module")
 def default_result():
-    cpu0 = time.process_time()
-    result = run_lab(LabConfig())
-    result["_cpu_s"] = time.process_time() - cpu0
+    # one torch thread while it is timed: with two, the threads' spin-waits on a loaded machine
+    # count as CPU time (3 CPU s alone on the Xeon, 75 beside two experiment runs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu0 = time.process_time()
+        result = run_lab(LabConfig())
+        result["_cpu_s"] = time.process_time() - cpu0
+    finally:
+        torch.set_num_threads(threads)
     return result
 
 
