@@ -78,7 +78,6 @@ class PackedWeight:
     docs/performance.md)."""
 
     packed: torch.Tensor
-    dtype: torch.dtype = torch.bfloat16
 
 
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | PackedWeight:
@@ -97,8 +96,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     ``matmul_dtype`` once, and may prepack it: ``pack_weight``), the product rounded to ``x``'s
     dtype."""
     if isinstance(weight, PackedWeight):
-        b = None if bias is None else bias.to(weight.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight.packed, b, "none", [], "").to(x.dtype)
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight.packed, b, "none", [], "").to(x.dtype)
     return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
 
 

@@ -119,7 +119,7 @@ class FastQwen3MoeDecoder:
                 # (stablerl.moe.grouped_experts)
                 packed = None
                 if pairs_can_pay(gate_up.shape[2], down.shape[2], mm, gate_up.device):
-                    rows = max(1, batch_size * self.top_k // len(gate_up))
+                    rows = batch_size * self.top_k // len(gate_up)
                     packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
                 self.packed_experts.append(packed if packed and isinstance(packed[0][0], PackedWeight) else None)
             else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
