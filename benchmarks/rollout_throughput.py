@@ -7,6 +7,10 @@ process; the ratio of medians is reported.
 
     .venv/bin/python benchmarks/rollout_throughput.py [--batch 64] [--prompt 24] [--new-tokens 32]
     .venv/bin/python benchmarks/rollout_throughput.py --shape deep --new-tokens 160
+    .venv/bin/python benchmarks/rollout_throughput.py --compile     # the engine's rollout.compile
+
+With ``--compile`` the engine's decode step is compiled (``rollout.compile``); its first call,
+which compiles, is timed apart and reported as ``first_call_s``.
 
 The model is a tiny Qwen3-MoE (4 layers, 8 experts, top-2, hidden 64, vocabulary 64) unless
 ``--shape`` names the run's default policy (``default``: hidden 96) or examples/deep_moe's shape
@@ -44,6 +48,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--shape", default=None, choices=list(SHAPES), help="default: the 64-wide tiny MoE above")
+    ap.add_argument("--compile", action="store_true", help="stablerl's engine with rollout.compile")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +56,7 @@ def main() -> None:
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
     model = decode_model(args.shape, dtype)
     config = model.config
-    engine = LocalEngine(model, args.precision, eos_token_id=[], pad_token_id=0)
+    engine = LocalEngine(model, args.precision, eos_token_id=[], pad_token_id=0, compile=args.compile)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, model.config.vocab_size, (args.batch, args.prompt), generator=g)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.new_tokens)
@@ -74,7 +79,8 @@ def main() -> None:
         assert out.shape[1] - args.prompt == args.new_tokens and len(cap.all_routes) == args.new_tokens
         return elapsed
 
-    run_engine(), run_hf()  # warm-up
+    first_call_s = run_engine()
+    run_hf()  # warm-up
     times = {"stablerl": [], "hf_generate": []}
     for _ in range(args.repeats):
         times["stablerl"].append(run_engine())
@@ -89,6 +95,7 @@ def main() -> None:
                                "torch_threads": torch.get_num_threads()},
         "tokens_per_s": {k: n_tokens / v for k, v in med.items()},
         "median_s": med,
+        "first_call_s": first_call_s,  # with --compile: the compile
         "speedup": med["hf_generate"] / med["stablerl"],
         # each pair ran back to back, so its ratio is less exposed to this machine's load swings
         "speedup_median_of_pairs": statistics.median(

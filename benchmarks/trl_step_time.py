@@ -17,6 +17,9 @@ TRL is an optional benchmark dependency: `.venv/bin/pip install -e '.[bench]'`.
 After the rounds, one more stablerl round runs under torch.profiler: its matrix-multiply self time
 per step is stablerl's floor (benchmarks/profiling.py), and ``bound`` = TRL's median / that floor
 is the largest speedup that removing overhead could reach without doing less arithmetic.
+``--no-floor`` skips that round: a profile of the deep shape's steps holds millions of events and
+took 12 GB of memory to read back (21 GB with ``rollout.compile``), more than a shared machine
+may spare.
 
 `--shape deep` is examples/deep_moe's shape (8 layers, 32 experts, top-4) at random init (a fresh
 checkpoint), whose responses run long.
@@ -106,6 +109,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp8"],
                     help="stablerl's rollout engine precision (TRL generates with the fp32 training model, "
                          "so fp32 is the like-for-like comparison; bf16/fp8 add the emulation's cost)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the profiled round (no matmul floor)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more stablerl config overrides, e.g. the options that do less arithmetic: "
                          "batch.packing=true batch.max_tokens_per_micro_batch=4096 rollout.drop_finished=true")
@@ -129,14 +133,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     # stablerl's own split of a step (from its metrics): rollout = generation + rewards, train = update
     split = {k: statistics.median(m[k] for m in ours) for k in ("rollout_time", "train_time")}
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        stablerl_round(ckpt, args.steps, tmp / "stablerl_profiled", args.precision, args.new_tokens, args.set)
-    floor = matmul_ms(prof) / 1e3 / args.steps
-    print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
-                      "median_step_s": med, "stablerl_median_split_s": split,
-                      "steps_measured": {k: len(v) for k, v in times.items()},
-                      "speedup": med["trl"] / med["stablerl"]}
-                     | floor_fields(floor, med["stablerl"], med["trl"]), indent=2))
+    result = {"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
+              "median_step_s": med, "stablerl_median_split_s": split,
+              "steps_measured": {k: len(v) for k, v in times.items()},
+              "speedup": med["trl"] / med["stablerl"]}
+    if not args.no_floor:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            stablerl_round(ckpt, args.steps, tmp / "stablerl_profiled", args.precision, args.new_tokens, args.set)
+        result |= floor_fields(matmul_ms(prof) / 1e3 / args.steps, med["stablerl"], med["trl"])
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def test_dense_models_are_left_alone():
     assert getattr(model.config, "_experts_implementation", None) != NAME
 
 
-@pytest.mark.parametrize("layout,dtype,tol,H,I", [("padded", torch.float64, 1e-12, 6, 5), ("pairs", torch.float32, 1e-5, 8, 4)])
+@pytest.mark.parametrize("layout,dtype,tol,H,I", [("padded", torch.float64, 1e-12, 6, 5), ("pairs", torch.float32, 1e-5, 8, 4),
+                                                  ("dense", torch.float64, 1e-12, 6, 5)])
 def test_grouped_experts_matches_a_per_expert_loop_in_value_and_gradient(layout, dtype, tol, H, I):
     # the pairs layout runs F.grouped_mm: no float64 kernel, rows of whole 16-byte multiples
     g = torch.Generator().manual_seed(0)
@@ -105,5 +106,5 @@ def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows(mo
         scale = float(exact.abs().max())
         assert float((on_packed.double() - exact).abs().max()) < 0.02 * scale  # bf16 round-off
         assert float((on_packed.double() - grouped.double()).abs().max()) < 0.02 * scale
-    with pytest.raises(ValueError, match="layout must be"):
-        grouped_experts(h, skewed, w, gate_up, down, act, layout="dense")
+    with pytest.raises(ValueError, match="layout must be 'padded', 'pairs', 'dense' or None"):
+        grouped_experts(h, skewed, w, gate_up, down, act, layout="diagonal")

@@ -150,13 +150,18 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
 
     ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` are in HF's layout.
 
-    Two layouts of the same sum, the faster chosen per call (``layout=None``; ``pick_layout``):
+    Three layouts of the same sum; of the first two, the faster is chosen per call (``layout=None``;
+    ``pick_layout``):
 
     - ``"padded"``: token-expert pairs sorted by expert into a zero-padded [E, C, H] block (C = the
       busiest expert's load), both projections one batched matmul each. On CPU this beats per-
       expert matmuls at small sizes (~1.7x on the default tiny MoE at batch 64), but it computes
       E * C rows for N * k pairs: a trained router's uneven loads make that 3-4x at decode.
     - ``"pairs"``: one ``F.grouped_mm`` per projection over the pairs themselves (no padding).
+    - ``"dense"``: every expert on every token (E / k times the pairs' arithmetic), the results
+      combined with the routing weights (zero for the experts a token did not pick). No sort,
+      gather or data-dependent shape: what a compiled, static-shape decode step holds
+      (``rollout.compile``); never picked automatically.
 
     Tokens go in and results come out by gathers (index_select), not a scatter-add, so each
     token's k contributions are summed in a fixed order, as HF's grouped_mm path does. Used for
@@ -169,15 +174,20 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     """
     N, k = idx.shape
     E, two_i, H = gate_up_proj.shape
+    if layout == "dense":
+        return _dense_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant)
     flat = idx.reshape(-1)
     expert, order = flat.sort(stable=True)
-    counts = torch.bincount(flat, minlength=E)
-    C = int(counts.max())
-    layout = layout or pick_layout(N * k, E * C, H, two_i // 2, gate_up_proj.dtype, h.device)
+    # the pairs per expert (bincount's output length would depend on the data: a compiled step's
+    # graph could not hold it)
+    counts = torch.zeros(E, dtype=torch.long, device=h.device).index_add_(0, flat, torch.ones_like(flat))
+    if layout is None:
+        layout = pick_layout(N * k, E * int(counts.max()), H, two_i // 2, gate_up_proj.dtype, h.device)
     if layout == "pairs":
         return _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant, packed)
     if layout != "padded":
-        raise ValueError(f"layout must be 'padded', 'pairs' or None (pick), not {layout!r}")
+        raise ValueError(f"layout must be 'padded', 'pairs', 'dense' or None (pick), not {layout!r}")
+    C = int(counts.max())
     # slot[p]: the row of the [E * C] block that holds pair p = token * k + j
     slot = torch.empty_like(order)
     slot[order] = expert * C + (torch.arange(N * k, device=h.device) - (counts.cumsum(0) - counts)[expert])
@@ -218,6 +228,35 @@ def _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, q
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return (y.index_select(0, inverse).view(N, k, -1) * weights[..., None]).sum(1)
+
+
+def _dense_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant) -> torch.Tensor:
+    # the "dense" layout of grouped_experts: all E experts' gate/up projections as one matrix
+    # multiply, the down projections one batched multiply, then each token's sum over experts with
+    # its routing weights scattered into [N, E] (exact zeros where it picked no expert)
+    N, k = idx.shape
+    E, two_i, H = gate_up_proj.shape
+    gate, up = linear(h, gate_up_proj.reshape(E * two_i, H)).view(N, E, two_i).transpose(0, 1).chunk(2, dim=-1)
+    inner = act_fn(gate) * up                                                     # [E, N, I]
+    if quant is not None:
+        inner = quant(inner)
+    y = matmul(inner, down_proj.transpose(1, 2), down_proj.dtype)                # [E, N, H]
+    routing = torch.zeros(N, E, dtype=weights.dtype, device=h.device).scatter_(1, idx, weights)
+    # weighted, then summed over experts in h's dtype, as the other layouts sum over the k picks
+    # (the zeros add nothing, so a token's sum is theirs up to the order of its k terms)
+    return (y * routing.t()[..., None]).sum(0)
+
+
+def static_layout(experts: int, top_k: int, hidden: int, width: int, dtype: torch.dtype, decode: bool = True) -> str:
+    """The experts' layout of the compiled, static-shape decode (``rollout.compile``), where the
+    padded block cannot go (its capacity depends on the data): for a decode step, the dense one
+    while it costs at most 4x the pairs' arithmetic (E <= 4k; there one matrix multiply beats
+    grouped matmuls' per-expert loop: docs/performance.md); for the prefill (tens of rows per
+    expert) and above 4k, the pairs through ``F.grouped_mm``, where its rows are whole 16-byte
+    multiples (dense otherwise)."""
+    size = torch.finfo(dtype).bits // 8
+    aligned = (hidden * size) % 16 == 0 and (width * size) % 16 == 0
+    return "dense" if (decode and experts <= 4 * top_k) or not aligned else "pairs"
 
 
 def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype,

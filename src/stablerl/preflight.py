@@ -129,9 +129,12 @@ def check_memory(cfg: RunConfig, model_config, ranks: int, prompt_tokens: int) -
 
 
 def check_compiler(cfg: RunConfig, device: torch.device) -> None:
-    """``train.compile`` on CPU needs a C++ compiler (inductor builds its kernels with one): a clear
-    error before any work where there is none, instead of a traceback at the first update."""
-    if not cfg.train.compile or device.type != "cpu":
+    """``train.compile`` on CPU and ``rollout.compile`` (the local engine runs on CPU) need a C++
+    compiler (inductor builds its kernels with one): a clear error before any work where there is
+    none, instead of a traceback at the first update or rollout."""
+    keys = [k for k, on in (("train.compile", cfg.train.compile and device.type == "cpu"),
+                            ("rollout.compile", cfg.rollout.compile and cfg.rollout.engine == "local")) if on]
+    if not keys:
         return
     from torch._inductor import cpp_builder
     from torch._inductor.exc import InvalidCxxCompiler
@@ -139,6 +142,7 @@ def check_compiler(cfg: RunConfig, device: torch.device) -> None:
     try:
         cpp_builder.get_cpp_compiler()
     except InvalidCxxCompiler:
-        raise ValueError("train.compile=true needs a C++ compiler on CPU (torch.compile builds its kernels with "
-                         "one) and none works here (torch looked for $CXX, then g++); install g++ (e.g. apt-get install g++) or "
-                         "set train.compile=false") from None
+        on = " and ".join(f"{k}=true" for k in keys)
+        raise ValueError(f"{on} needs a C++ compiler on CPU (torch.compile builds its kernels with one) and none "
+                         "works here (torch looked for $CXX, then g++); install g++ (e.g. apt-get install g++) or "
+                         f"set {' and '.join(f'{k}=false' for k in keys)}") from None

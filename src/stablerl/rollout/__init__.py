@@ -15,7 +15,7 @@ def build_engine(cfg, model, tokenizer, *, seed: int = 0, distributed: bool = Fa
     if cfg.engine == "local":
         return LocalEngine(model, cfg.precision, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, weight_noise=cfg.weight_noise, weights=weights,
-                           version=version, drop_finished=cfg.drop_finished)
+                           version=version, drop_finished=cfg.drop_finished, compile=cfg.compile)
     if cfg.weight_noise:
         raise ValueError("rollout.weight_noise perturbs the local engine's weights; it has no effect with "
                          "rollout.engine=vllm (set it to 0, or use rollout.engine=local)")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablerl.models import is_moe, position_ids_from_mask
-from stablerl.moe import grouped_experts, pairs_can_pay
+from stablerl.moe import grouped_experts, pairs_can_pay, static_layout
 from stablerl.precision import PackedWeight, linear, matmul, matmul_dtype, pack_weight
 from stablerl.routing import capture_routes
 
@@ -64,6 +64,27 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
+# rollout.compile: prompt widths are left-padded to a multiple of COMPILED_WIDTH_BUCKET and cache
+# lengths rounded up to one of COMPILED_LEN_BUCKET, so that batches of different widths share
+# their compiled prefill and step
+COMPILED_WIDTH_BUCKET, COMPILED_LEN_BUCKET = 8, 64
+_COMPILED: dict = {}
+
+
+def _compiled(name: str):
+    """``FastQwen3MoeDecoder``'s method ``name`` (``_static_prefill``, ``_static_step``) under
+    ``torch.compile``, one compiled function per method for the process: dynamo keeps a graph per
+    batch size, width or cache length and dtype, and guards on tensors' shapes (the decoder holds
+    its weights as tensors), so a new decoder of a known shape reuses its graph."""
+    if name not in _COMPILED:
+        # emulate_precision_casts: fused kernels round to bf16 between operations where eager
+        # does (by default inductor keeps fp32 there, which made a bf16 engine's mismatch with
+        # the fp32 training forward 25% smaller than eager's: not the precision it names)
+        _COMPILED[name] = torch.compile(getattr(FastQwen3MoeDecoder, name), dynamic=False,
+                                        options={"emulate_precision_casts": True})
+    return _COMPILED[name]
+
+
 class FastQwen3MoeDecoder:
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -71,9 +92,12 @@ class FastQwen3MoeDecoder:
         return (cfg.model_type == "qwen3_moe" and getattr(cfg, "sliding_window", None) is None
                 and cfg.rope_parameters.get("rope_type", "default") == "default")
 
-    def __init__(self, model: nn.Module, capture: bool, batch_size: int, max_len: int, act_quant=None):
+    def __init__(self, model: nn.Module, capture: bool, batch_size: int, max_len: int, act_quant=None,
+                 compiled: bool = False):
         cfg = model.config
-        self.model, self.capture = model, capture
+        self.model, self.capture, self.compiled = model, capture, compiled
+        if compiled:  # a few cache lengths for all prompt widths (room for the widths' bucketing)
+            max_len = -(-(max_len + COMPILED_WIDTH_BUCKET - 1) // COMPILED_LEN_BUCKET) * COMPILED_LEN_BUCKET
         # W8A8 engines: the input of each fp8 matmul rounded per token (identity otherwise)
         self.act_quant = act_quant
         self.quant = act_quant or (lambda x: x)
@@ -97,65 +121,98 @@ class FastQwen3MoeDecoder:
         self.mm_dtype = mm = matmul_dtype(dtype, model.model.embed_tokens.weight.device)
         # the 2-D matrices prepacked once for oneDNN's bf16 kernel where it runs them (a no-op
         # otherwise: stablerl.precision.pack_weight); rows = a decode step's
-        def pack(w):
-            return pack_weight(w.detach().to(mm), batch_size)
+        def pack(w):  # (the compiled step multiplies plain matrices: the compiler picks its kernels)
+            w = w.detach().to(mm)
+            return w if compiled else pack_weight(w, batch_size)
 
         self.lm_head_weight = pack(model.lm_head.weight)
         self.lm_head_bias = model.lm_head.bias
         # q/k/v as one matmul and the q/k head norms as one
         self.qkv_weight, self.o_weight, self.qk_norm_weight, self.mlp_weights = [], [], [], []
         self.packed_experts: list[tuple[list, list] | None] = []
+        # the compiled decode's experts layouts per layer: (prefill, step)
+        self.static_layouts: list[tuple[str, str] | None] = []
+        # the tensors and functions the layers need, held here rather than read from the modules
+        # in the forward: a compiled step then guards on tensors' shapes, not on module objects, so
+        # an engine of the same shape (another run in the process) reuses its graph
+        self.embed_weight, self.final_norm_weight = model.model.embed_tokens.weight, model.model.norm.weight
+        self.norm_weights, self.act_fns, self.is_moe_layer = [], [], []
         for layer in self.layers:
+            self.norm_weights.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
             a = layer.self_attn
             if a.q_proj.bias is not None:
                 raise ValueError("the fast decoder does not support attention biases")
             self.qkv_weight.append(pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])))
             self.o_weight.append(pack(a.o_proj.weight))
             mlp = layer.mlp
+            self.is_moe_layer.append(hasattr(mlp, "experts"))
+            act = mlp.experts.act_fn if hasattr(mlp, "experts") else mlp.act_fn
+            # transformers' SiLUActivation (nn.SiLU in older versions) is F.silu
+            self.act_fns.append(F.silu if type(act).__name__ in ("SiLUActivation", "SiLU") else act)
             if hasattr(mlp, "experts"):  # router, experts' gate/up and down projections
                 gate_up, down = (w.detach().to(mm) for w in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
                 self.mlp_weights.append((pack(mlp.gate.weight), gate_up, down))
                 # each expert's matrices packed too, where the pairs layout may run them
                 # (stablerl.moe.grouped_experts)
                 packed = None
-                if pairs_can_pay(gate_up.shape[2], down.shape[2], mm, gate_up.device):
+                if not compiled and pairs_can_pay(gate_up.shape[2], down.shape[2], mm, gate_up.device):
                     rows = batch_size * self.top_k // len(gate_up)
                     packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
                 self.packed_experts.append(packed if packed and isinstance(packed[0][0], PackedWeight) else None)
+                self.static_layouts.append(tuple(static_layout(len(gate_up), self.top_k, gate_up.shape[2], down.shape[2],
+                                                               mm, decode) for decode in (False, True)))
             else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
                 self.mlp_weights.append(tuple(pack(w) for w in (mlp.gate_proj.weight, mlp.up_proj.weight,
                                                                 mlp.down_proj.weight)))
                 self.packed_experts.append(None)
+                self.static_layouts.append(None)
             # the attention scale folded into q's norm weight (RoPE is linear, so it commutes)
             self.qk_norm_weight.append(torch.cat([a.q_norm.weight.expand(self.n_heads, -1) * a.scaling,
                                                   a.k_norm.weight.expand(self.n_kv, -1)])[:, None])
 
     # -- public ------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor):
-        return self._forward(ids, position_ids_from_mask(attention_mask), attention_mask.bool())
+        if not self.compiled:
+            return self._forward(ids, position_ids_from_mask(attention_mask), attention_mask.bool())
+        # left-padded to a bucketed width: the extra columns are padding (masked keys), so the
+        # prompts' numbers are unchanged but for the order of their sums
+        B, P = ids.shape
+        extra = -P % COMPILED_WIDTH_BUCKET
+        ids = torch.cat([ids.new_zeros(B, extra), ids], dim=1)
+        attention_mask = torch.cat([attention_mask.new_zeros(B, extra), attention_mask], dim=1)
+        logits, routes = _compiled("_static_prefill")(self, ids, position_ids_from_mask(attention_mask),
+                                                      attention_mask.bool())
+        return logits, (None if routes is None else routes[:, extra:])
+
+    def _static_prefill(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+        # the prefill with the experts in the compiled step's layouts (no data-dependent shape)
+        return self._forward(ids, positions, valid, static=True)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
-        return self._forward(tokens[:, None], positions[:, None], valid[:, None])
+        if not self.compiled:
+            return self._forward(tokens[:, None], positions[:, None], valid[:, None])
+        slot = self.length
+        self.key_valid[:, slot] = valid
+        self.length += 1
+        return _compiled("_static_step")(self, tokens, positions, torch.tensor([slot]))
 
     def keep(self, rows: torch.Tensor) -> None:
         """Decode only ``rows`` (indices into the current batch) from now on: the caches shrink
         to them (one copy), and every later step computes only those rows."""
+        if self.compiled:
+            raise ValueError("a compiled decode step has a fixed batch: it cannot drop finished rows")
         self.k_cache = [c.index_select(0, rows) for c in self.k_cache]
         self.v_cache = [c.index_select(0, rows) for c in self.v_cache]
         self.key_valid = self.key_valid.index_select(0, rows)
 
     # -- the model ---------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, static: bool = False):
         B, T = ids.shape
         t0, t1 = self.length, self.length + T
         self.key_valid[:, t0:t1] = valid
         self.length = t1
-        x = F.embedding(ids, self.model.model.embed_tokens.weight)
-        freqs = positions[..., None].float() * self.inv_freq
-        cos = (torch.cat((freqs, freqs), dim=-1).cos() * self.rope_scale).to(x.dtype)[:, None]
-        # rotate_half(x) * sin == roll(x, d/2) * [-sin_1, sin_2]: one op fewer per layer
-        sin = freqs.sin() * self.rope_scale
-        sin = torch.cat((-sin, sin), dim=-1).to(x.dtype)[:, None]
+        x = F.embedding(ids, self.embed_weight)
+        cos, sin = self._rope(positions, x.dtype)
         # query i (cache slot t0+i) sees valid keys up to itself; a padded query sees itself so
         # its (unused) softmax is never over an empty set
         slots = torch.arange(t1)
@@ -164,25 +221,52 @@ class FastQwen3MoeDecoder:
         mask = mask[:, None]                                                            # [B, 1, T, t1]
         if T == 1:  # decode attends [B, n_kv, group, t1]: an additive mask shared by all layers
             mask = torch.zeros(mask.shape, dtype=torch.float).masked_fill_(~mask, float("-inf"))
+        return self._layers(x, cos, sin, mask, slice(t0, t1), static)
+
+    def _static_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor):
+        """One decode step in which every shape is fixed by the batch and the cache's length, so
+        that it compiles to one graph (``rollout.compile``): the token's key and value written at
+        cache slot ``slot`` (a tensor, not a Python int), attention over the whole cache with the
+        slots not yet written masked out, the experts in a layout with no data-dependent shape
+        (``stablerl.moe.static_layout``). The same maths as ``_forward`` at T = 1, summed in other
+        orders."""
+        x = F.embedding(tokens[:, None], self.embed_weight)
+        cos, sin = self._rope(positions[:, None], x.dtype)
+        # a key is visible once written and valid; a padded query sees itself (as in _forward)
+        visible = self.key_valid | (torch.arange(self.key_valid.shape[1]) == slot)
+        mask = torch.zeros(visible.shape, dtype=torch.float).masked_fill_(~visible, float("-inf"))[:, None, None]
+        return self._layers(x, cos, sin, mask, slot, static=True)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        cos = (torch.cat((freqs, freqs), dim=-1).cos() * self.rope_scale).to(dtype)[:, None]
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin_1, sin_2]: one op fewer per layer
+        sin = freqs.sin() * self.rope_scale
+        return cos, torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
+
+    def _layers(self, x, cos, sin, mask, slots: slice | torch.Tensor, static: bool = False):
+        # the decoder layers, the final norm and the LM head (of the last position); ``slots``:
+        # the cache slots the positions write (a slice; or a slot tensor, and then attention reads
+        # the whole cache); ``static``: the experts in the compiled step's layouts
+        B, T, _ = x.shape
         routes = []
-        for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer.self_attn, _rms_norm(x, layer.input_layernorm.weight, self.eps),
-                                    cos, sin, mask, i, t0, t1)
-            h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            if hasattr(layer.mlp, "experts"):
-                out, idx = self._moe(layer.mlp, h.reshape(B * T, -1), i)
+        for i, (input_norm, post_norm) in enumerate(self.norm_weights):
+            x = x + self._attention(_rms_norm(x, input_norm, self.eps), cos, sin, mask, i, slots)
+            h = _rms_norm(x, post_norm, self.eps)
+            if self.is_moe_layer[i]:
+                out, idx = self._moe(h.reshape(B * T, -1), i, self.static_layouts[i][T == 1] if static else None)
                 x = x + out.view(B, T, -1)
                 routes.append(idx.view(B, T, -1))
             else:
                 gate, up, down = self.mlp_weights[i]
-                x = x + linear(layer.mlp.act_fn(linear(h, gate)) * linear(h, up), down)
-        x = _rms_norm(x[:, -1], self.model.model.norm.weight, self.eps)
+                x = x + linear(self.act_fns[i](linear(h, gate)) * linear(h, up), down)
+        x = _rms_norm(x[:, -1], self.final_norm_weight, self.eps)
         logits = linear(x, self.lm_head_weight, self.lm_head_bias)
         if not (self.capture and routes):
             return logits, None
         return logits, torch.stack(routes, dim=2)
 
-    def _attention(self, attn, h, cos, sin, mask, layer_idx, t0, t1):
+    def _attention(self, h, cos, sin, mask, layer_idx, slots: slice | torch.Tensor):
         B, T, _ = h.shape
         nq, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = linear(self.quant(h), self.qkv_weight[layer_idx]).view(B, T, nq + 2 * nkv, hd).transpose(1, 2)
@@ -190,9 +274,14 @@ class FastQwen3MoeDecoder:
         qk = _rms_norm(qkv[:, : nq + nkv], self.qk_norm_weight[layer_idx], self.eps)
         qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-        kc[:, :, t0:t1] = qk[:, nq:]
-        vc[:, :, t0:t1] = qkv[:, nq + nkv:]
-        q, k, v = qk[:, :nq], kc[:, :, :t1], vc[:, :, :t1]
+        if isinstance(slots, slice):  # read back up to the last slot written
+            kc[:, :, slots] = qk[:, nq:]
+            vc[:, :, slots] = qkv[:, nq + nkv:]
+            q, k, v = qk[:, :nq], kc[:, :, :slots.stop], vc[:, :, :slots.stop]
+        else:  # the compiled step: the whole cache, its unwritten slots masked
+            kc.index_copy_(2, slots, qk[:, nq:])
+            vc.index_copy_(2, slots, qkv[:, nq + nkv:])
+            q, k, v = qk[:, :nq], kc, vc
         if T == 1:  # decode: three small batched matmuls beat the CPU flash kernel here
             scores = matmul(q.reshape(B, nkv, nq // nkv, hd), k.transpose(-1, -2), self.mm_dtype).float() + mask
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
@@ -201,7 +290,7 @@ class FastQwen3MoeDecoder:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
         return linear(self.quant(out.transpose(1, 2).reshape(B, T, -1)), self.o_weight[layer_idx])
 
-    def _moe(self, block, h: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moe(self, h: torch.Tensor, layer_idx: int, layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         router, gate_up_proj, down_proj = self.mlp_weights[layer_idx]
         # the router exactly as HF computes it: softmax in fp32, top-k, optional renormalization
         router_logits = linear(h, router)
@@ -210,5 +299,6 @@ class FastQwen3MoeDecoder:
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         out = grouped_experts(self.quant(h), idx, weights.to(h.dtype), gate_up_proj, down_proj,
-                              block.experts.act_fn, quant=self.act_quant, packed=self.packed_experts[layer_idx])
+                              self.act_fns[layer_idx], quant=self.act_quant, layout=layout,
+                              packed=self.packed_experts[layer_idx])
         return out, idx

@@ -50,7 +50,7 @@ class LocalEngine:
 
     def __init__(self, model: nn.Module, precision: str = "bf16", *, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0, weights=None,
-                 version: int = 0, drop_finished: bool = False):
+                 version: int = 0, drop_finished: bool = False, compile: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not 0 <= weight_noise < float("inf"):
@@ -68,6 +68,13 @@ class LocalEngine:
         if fast and not FastQwen3MoeDecoder.supports(self.model):
             raise ValueError(f"the fast decoder supports qwen3_moe only, not {config.model_type!r}")
         self.fast = FastQwen3MoeDecoder.supports(self.model) if fast is None else fast
+        if compile and not self.fast:
+            raise ValueError(f"rollout.compile compiles the fast decoder's step, which supports qwen3_moe models only "
+                             f"(this model is {config.model_type!r}); set rollout.compile=false")
+        if compile and drop_finished:
+            raise ValueError("rollout.compile and rollout.drop_finished cannot be combined (a compiled step has a "
+                             "fixed batch)")
+        self.compile = compile
         eos = eos_token_id if eos_token_id is not None else config.eos_token_id
         self.eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
         self.pad_token_id = pad_token_id
@@ -121,8 +128,8 @@ class LocalEngine:
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
         capture = capture_routes and is_moe(self.model)
-        decoder = (FastQwen3MoeDecoder(self.model, capture, B, P + R, act_quant=self.act_quant) if self.fast
-                   else HFDecoder(self.model, capture))
+        decoder = (FastQwen3MoeDecoder(self.model, capture, B, P + R, act_quant=self.act_quant, compiled=self.compile)
+                   if self.fast else HFDecoder(self.model, capture))
         noise = GumbelNoise(seeds, self.vocab_size)
 
         logits, routes = decoder.prefill(ids, attention_mask)
