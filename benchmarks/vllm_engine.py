@@ -17,7 +17,8 @@ is as peaked as a trained policy's (cached under runs/sft/). `--set model.KEY=VA
 model otherwise (hidden size, layers, experts, expert width; 4 attention heads, so the head size is
 hidden / 4 and must be one vLLM's CPU attention supports: 32, 64, 80, ..., 256). Throughput does not
 depend on how well the model was trained (no EOS: every response is `--new-tokens` long), so larger
-sizes can take a short cold start (`--sft-steps 50`) and `--throughput-only`.
+sizes can take a short cold start (`--sft-steps 50`) and `--throughput-only`. `--compile` also times
+the local engine with `rollout.compile` (its first call, in the warm-up, compiles).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="model.KEY=VALUE",
                     help="model size overrides (model.hidden_size, model.num_layers, model.num_experts, ...)")
     ap.add_argument("--throughput-only", action="store_true", help="skip the discrepancy part")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time LocalEngine with rollout.compile (local_fp32_compiled, local_bf16_compiled)")
     ap.add_argument("--out", default="runs/bench/vllm_engine.json")
     args = ap.parse_args()
     if any(not s.startswith("model.") for s in args.set):
@@ -118,6 +121,11 @@ def main() -> None:
 
     timed = {"vllm_fp32": gen("vllm_fp32"), "local_fp32": gen("local_fp32"), "hf_generate_fp32": hf_generate,
              "vllm_bf16": gen("vllm_bf16"), "local_bf16": gen("local_bf16")}
+    if args.compile:  # their first calls (the warm-up below) compile
+        for p in ("fp32", "bf16"):
+            engines[f"local_{p}_compiled"] = LocalEngine(model, p, eos_token_id=[], pad_token_id=tok.pad_token_id,
+                                                         compile=True)
+            timed[f"local_{p}_compiled"] = gen(f"local_{p}_compiled")
     times: dict[str, list[float]] = {k: [] for k in timed}
     for fn in timed.values():  # warm-up
         fn()
