@@ -108,3 +108,14 @@ def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows(mo
         assert float((on_packed.double() - grouped.double()).abs().max()) < 0.02 * scale
     with pytest.raises(ValueError, match="layout must be 'padded', 'pairs', 'dense' or None"):
         grouped_experts(h, skewed, w, gate_up, down, act, layout="diagonal")
+
+
+def test_the_compiled_decode_layout_follows_the_rule():
+    from stablerl.moe import static_layout
+
+    f32, b16 = torch.float32, torch.bfloat16
+    assert static_layout(8, 2, 64, 64, f32) == "dense"                 # the tiny model's step
+    assert static_layout(8, 2, 64, 64, f32, decode=False) == "pairs"   # its prefill
+    assert static_layout(32, 4, 64, 48, f32) == "pairs"                # the deep shape: E > 4k
+    assert static_layout(8, 2, 1024, 512, b16) == "pairs"              # experts of 512 x 512 and up
+    assert static_layout(32, 4, 64, 6, b16) == "dense"                 # 12-byte rows: no grouped_mm

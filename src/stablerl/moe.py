@@ -249,14 +249,16 @@ def _dense_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant) -> t
 
 def static_layout(experts: int, top_k: int, hidden: int, width: int, dtype: torch.dtype, decode: bool = True) -> str:
     """The experts' layout of the compiled, static-shape decode (``rollout.compile``), where the
-    padded block cannot go (its capacity depends on the data): for a decode step, the dense one
-    while it costs at most 4x the pairs' arithmetic (E <= 4k; there one matrix multiply beats
-    grouped matmuls' per-expert loop: docs/performance.md); for the prefill (tens of rows per
-    expert) and above 4k, the pairs through ``F.grouped_mm``, where its rows are whole 16-byte
-    multiples (dense otherwise)."""
+    padded block cannot go (its capacity depends on the data): for a decode step on small experts,
+    the dense one while it costs at most 4x the pairs' arithmetic (E <= 4k; there one matrix
+    multiply beats grouped matmuls' per-expert loop: docs/performance.md); for the prefill (tens of
+    rows per expert), above 4k and from experts of 512 x 512 up (where arithmetic, not overhead,
+    bounds the decode: ``pairs_can_pay``'s line), the pairs through ``F.grouped_mm``, where its rows
+    are whole 16-byte multiples (dense otherwise)."""
     size = torch.finfo(dtype).bits // 8
     aligned = (hidden * size) % 16 == 0 and (width * size) % 16 == 0
-    return "dense" if (decode and experts <= 4 * top_k) or not aligned else "pairs"
+    small = hidden * width < 512 * 512
+    return "dense" if (decode and experts <= 4 * top_k and small) or not aligned else "pairs"
 
 
 def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype,
