@@ -181,13 +181,13 @@ def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None
     # the pairs per expert (bincount's output length would depend on the data: a compiled step's
     # graph could not hold it)
     counts = torch.zeros(E, dtype=torch.long, device=h.device).index_add_(0, flat, torch.ones_like(flat))
-    if layout is None:
-        layout = pick_layout(N * k, E * int(counts.max()), H, two_i // 2, gate_up_proj.dtype, h.device)
+    # the padded block's capacity, read once (a host sync); never for the pairs a compiled step asks for
+    C = None if layout == "pairs" else int(counts.max())
+    layout = layout or pick_layout(N * k, E * C, H, two_i // 2, gate_up_proj.dtype, h.device)
     if layout == "pairs":
         return _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant, packed)
     if layout != "padded":
         raise ValueError(f"layout must be 'padded', 'pairs', 'dense' or None (pick), not {layout!r}")
-    C = int(counts.max())
     # slot[p]: the row of the [E * C] block that holds pair p = token * k + j
     slot = torch.empty_like(order)
     slot[order] = expert * C + (torch.arange(N * k, device=h.device) - (counts.cumsum(0) - counts)[expert])
@@ -247,6 +247,16 @@ def _dense_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant) -> t
     return (y * routing.t()[..., None]).sum(0)
 
 
+# experts from this size up (hidden x width) are bound by arithmetic, not per-op overhead, on CPU
+LARGE_EXPERTS = 512 * 512
+
+
+def _grouped_mm_fits(hidden: int, width: int, dtype: torch.dtype) -> bool:
+    # F.grouped_mm needs the experts' rows in whole 16-byte multiples
+    size = torch.finfo(dtype).bits // 8
+    return (hidden * size) % 16 == 0 and (width * size) % 16 == 0
+
+
 def static_layout(experts: int, top_k: int, hidden: int, width: int, dtype: torch.dtype, decode: bool = True) -> str:
     """The experts' layout of the compiled, static-shape decode (``rollout.compile``), where the
     padded block cannot go (its capacity depends on the data): for a decode step on small experts,
@@ -255,9 +265,8 @@ def static_layout(experts: int, top_k: int, hidden: int, width: int, dtype: torc
     rows per expert), above 4k and from experts of 512 x 512 up (where arithmetic, not overhead,
     bounds the decode: ``pairs_can_pay``'s line), the pairs through ``F.grouped_mm``, where its rows
     are whole 16-byte multiples (dense otherwise)."""
-    size = torch.finfo(dtype).bits // 8
-    aligned = (hidden * size) % 16 == 0 and (width * size) % 16 == 0
-    small = hidden * width < 512 * 512
+    small = hidden * width < LARGE_EXPERTS
+    aligned = _grouped_mm_fits(hidden, width, dtype)
     return "dense" if (decode and experts <= 4 * top_k and small) or not aligned else "pairs"
 
 
@@ -276,9 +285,8 @@ def pairs_can_pay(hidden: int, width: int, dtype: torch.dtype, device: torch.dev
     the experts alone, and keeping it leaves every small model's engine numbers (the default
     run's, the tests', the experiments') exactly as before. ``F.grouped_mm`` needs rows of whole
     16-byte multiples; and only the CPU was measured (other devices keep the padded block)."""
-    size = torch.finfo(dtype).bits // 8
-    return (torch.device(device).type == "cpu" and hidden * width >= 512 * 512
-            and (hidden * size) % 16 == 0 and (width * size) % 16 == 0)
+    return (torch.device(device).type == "cpu" and hidden * width >= LARGE_EXPERTS
+            and _grouped_mm_fits(hidden, width, dtype))
 
 
 def use_fast_experts(model: nn.Module, name: str = NAME) -> nn.Module:

@@ -95,13 +95,13 @@ class FastQwen3MoeDecoder:
     def __init__(self, model: nn.Module, capture: bool, batch_size: int, max_len: int, act_quant=None,
                  compiled: bool = False):
         cfg = model.config
-        self.model, self.capture, self.compiled = model, capture, compiled
+        self.capture, self.compiled = capture, compiled
         if compiled:  # a few cache lengths for all prompt widths (room for the widths' bucketing)
             max_len = -(-(max_len + COMPILED_WIDTH_BUCKET - 1) // COMPILED_LEN_BUCKET) * COMPILED_LEN_BUCKET
         # W8A8 engines: the input of each fp8 matmul rounded per token (identity otherwise)
         self.act_quant = act_quant
         self.quant = act_quant or (lambda x: x)
-        self.layers = list(model.model.layers)
+        layers = list(model.model.layers)
         self.eps = cfg.rms_norm_eps
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -112,8 +112,8 @@ class FastQwen3MoeDecoder:
         # [B, n_kv, max_len, head_dim] per layer: a slice [:, :, :t] keeps batch and head dims
         # collapsible, so the attention matmuls read the cache in place (no copy per step)
         shape = (batch_size, self.n_kv, max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
+        self.k_cache = [torch.zeros(shape, dtype=dtype) for _ in layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype) for _ in layers]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool)
         self.length = 0
         # the matrices, in the dtype they are multiplied in, built per decoder (i.e. per generate
@@ -137,7 +137,7 @@ class FastQwen3MoeDecoder:
         # an engine of the same shape (another run in the process) reuses its graph
         self.embed_weight, self.final_norm_weight = model.model.embed_tokens.weight, model.model.norm.weight
         self.norm_weights, self.act_fns, self.is_moe_layer = [], [], []
-        for layer in self.layers:
+        for layer in layers:
             self.norm_weights.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
             a = layer.self_attn
             if a.q_proj.bias is not None:
