@@ -195,6 +195,26 @@ def test_the_compiled_engine_samples_what_the_eager_engine_samples():
     assert not torch.equal(c.rollout_logp, b.rollout_logp)  # the other model's own weights ran
 
 
+@pytest.mark.parametrize("settings", [{"temperature": 0.0}, {"temperature": 0.7, "top_k": 8, "top_p": 0.9}])
+def test_the_compiled_engine_tempers_and_filters_as_the_eager_engine(settings):
+    """The compiled decode samples inside its step's graph (``sampling.sample_next``): greedy
+    decoding, and temperature with top-k and top-p, give the eager engine's tokens and routes, mu
+    within round-off (exactly 0 when greedy). (The settings are constants of the compiled graph: a
+    graph reused across settings would sample other tokens.)"""
+    moe = build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=1), seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 64, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(16)]
+    sampling = SamplingConfig(max_new_tokens=10, **settings)
+    a = LocalEngine(moe, "fp32", eos_token_id=[5, 9]).generate(prompts, sampling, seeds=list(range(16)))
+    b = LocalEngine(moe, "fp32", eos_token_id=[5, 9], compile=True).generate(prompts, sampling, seeds=list(range(16)))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+    assert torch.equal(a.routes, b.routes)
+    assert float((a.rollout_logp - b.rollout_logp).abs().max()) < 1e-5
+    if settings["temperature"] == 0:
+        assert not b.rollout_logp.any()
+
+
 def test_the_compiled_bf16_step_is_within_bf16_round_off():
     """Compiled (inductor's fused kernels told to round to bf16 where eager rounds:
     emulate_precision_casts), not the same bits as the eager bf16 decode, but the same distance

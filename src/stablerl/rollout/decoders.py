@@ -16,6 +16,8 @@ step, returning next-token logits and (for MoE) the routes of the fed positions.
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,8 @@ from torch import nn
 from stablerl.models import is_moe, position_ids_from_mask
 from stablerl.moe import grouped_experts, pairs_can_pay, static_layout
 from stablerl.precision import PackedWeight, linear, matmul, matmul_dtype, pack_weight
-from stablerl.routing import capture_routes
+from stablerl.rollout.sampling import sample_next
+from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, capture_routes
 
 
 class HFDecoder:
@@ -69,19 +72,24 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 # their compiled prefill and step
 COMPILED_WIDTH_BUCKET, COMPILED_LEN_BUCKET = 8, 64
 _COMPILED: dict = {}
+# the sampling settings as the compiled step sees them
+Sampling = namedtuple("Sampling", "temperature top_k top_p")
 
 
 def _compiled(name: str):
-    """``FastQwen3MoeDecoder``'s method ``name`` (``_static_prefill``, ``_static_step``) under
+    """``FastQwen3MoeDecoder``'s method ``name`` (``_static_prefill``, ``_static_step``,
+    ``_static_sample_and_step``) under
     ``torch.compile``, one compiled function per method for the process: dynamo keeps a graph per
     batch size, width or cache length and dtype, and guards on tensors' shapes (the decoder holds
     its weights as tensors), so a new decoder of a known shape reuses its graph."""
     if name not in _COMPILED:
         # emulate_precision_casts: fused kernels round to bf16 between operations where eager
         # does (by default inductor keeps fp32 there, which made a bf16 engine's mismatch with
-        # the fp32 training forward 25% smaller than eager's: not the precision it names)
+        # the fp32 training forward 25% smaller than eager's: not the precision it names).
+        # cpp_wrapper: the graph's kernel calls and buffer allocations issued from C++, not from a
+        # Python wrapper (a step of the tiny model calls ~30 kernels: 6-8% of its rollout)
         _COMPILED[name] = torch.compile(getattr(FastQwen3MoeDecoder, name), dynamic=False,
-                                        options={"emulate_precision_casts": True})
+                                        options={"emulate_precision_casts": True, "cpp_wrapper": True})
     return _COMPILED[name]
 
 
@@ -195,6 +203,33 @@ class FastQwen3MoeDecoder:
         self.key_valid[:, slot] = valid
         self.length += 1
         return _compiled("_static_step")(self, tokens, positions, torch.tensor([slot]))
+
+    def sample_and_step(self, logits: torch.Tensor, gumbel: torch.Tensor | None, finished: torch.Tensor,
+                        positions: torch.Tensor, sampling, eos_ids: torch.Tensor, pad_token_id: int):
+        """The compiled decode's loop body (``rollout.compile``): sample the next tokens from
+        ``logits`` (``stablerl.rollout.sampling.sample_next``) and feed them at ``positions``, in one
+        compiled call — per step, the sampling's dozen small eager operations and a second call's
+        fixed cost are what a compiled decode of a small model has left outside its graph.
+        Returns the tokens, their log-probs, the rows active before them, the rows finished after
+        them, the next logits and the fed tokens' routes (-1 on rows not active; None without
+        capture)."""
+        if not self.compiled:
+            raise ValueError("sample_and_step is the compiled decode's step (rollout.compile)")
+        slot = torch.tensor([self.length])
+        self.length += 1
+        # plain values, so that the compiled graph guards on them as constants
+        sampling = Sampling(float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
+        return _compiled("_static_sample_and_step")(self, logits, gumbel, finished, positions, slot, sampling,
+                                                    eos_ids, pad_token_id)
+
+    def _static_sample_and_step(self, logits, gumbel, finished, positions, slot, sampling, eos_ids, pad_token_id):
+        tokens, logp, active, finished = sample_next(logits, gumbel, finished, sampling, eos_ids, pad_token_id)
+        # the token just sampled is real (valid) even if it was EOS; pads after it are not
+        self.key_valid.index_copy_(1, slot, active[:, None])
+        logits, routes = self._static_step(tokens, positions, slot)
+        if routes is not None:
+            routes = routes.to(ROUTE_DTYPE).masked_fill(~active[:, None, None, None], NO_ROUTE)
+        return tokens, logp, active, finished, logits, routes
 
     def keep(self, rows: torch.Tensor) -> None:
         """Decode only ``rows`` (indices into the current batch) from now on: the caches shrink

@@ -15,7 +15,7 @@ from stablerl.moe import ACTIVATION_EXPERTS, use_fast_experts
 from stablerl.precision import PRECISIONS, activation_quantizer, cast_named, compute_dtype, perturb_weight
 from stablerl.rollout.base import RolloutBatch
 from stablerl.rollout.decoders import FastQwen3MoeDecoder, HFDecoder
-from stablerl.rollout.sampling import GumbelNoise, sample
+from stablerl.rollout.sampling import GumbelNoise, sample, sample_next
 from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_routers, route_shape
 
 
@@ -135,6 +135,32 @@ class LocalEngine:
         logits, routes = decoder.prefill(ids, attention_mask)
         route_chunks = [_mask_routes(routes, attention_mask.bool())] if capture else []
         positions = attention_mask.sum(-1)  # position of the first response token
+        decode = self._decode_compiled if self.compile else self._decode
+        tokens, logps, masks, finished = decode(decoder, logits, positions, sampling, noise, route_chunks, capture)
+
+        response = torch.stack(tokens, dim=1)
+        response_mask = torch.stack(masks, dim=1)
+        batch = RolloutBatch(
+            input_ids=torch.cat([ids, response], dim=1),
+            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+            prompt_width=P,
+            response_mask=response_mask,
+            rollout_logp=torch.stack(logps, dim=1).float(),
+            finished=finished,
+            version=self.version,
+        )
+        if capture:
+            # the last sampled token is never fed back: its route is unknown (-1)
+            layers, top_k, _ = route_shape(self.model)
+            tail = torch.full((B, 1, layers, top_k), NO_ROUTE, dtype=ROUTE_DTYPE)
+            batch.routes = torch.cat(route_chunks + [tail], dim=1)
+        return batch
+
+    def _decode(self, decoder, logits, positions, sampling, noise, route_chunks, capture):
+        """The decode loop: sample, then feed the sampled tokens back, until every row has ended
+        or ``max_new_tokens``; the per-step tokens, log-probs, valid masks, and the rows finished
+        (routes appended to ``route_chunks``)."""
+        B, R = len(positions), sampling.max_new_tokens
         tokens, logps, masks = [], [], []
         finished = torch.zeros(B, dtype=torch.bool)
         live = torch.arange(B)  # the rows the decoder still computes (finished ones are dropped)
@@ -161,24 +187,31 @@ class LocalEngine:
             logits, routes = decoder.step(tokens[-1][live], (positions + s)[live], active[live])
             if capture:
                 route_chunks.append(_spread(_mask_routes(routes, active[live][:, None]), live, B, NO_ROUTE))
+        return tokens, logps, masks, finished
 
-        response = torch.stack(tokens, dim=1)
-        response_mask = torch.stack(masks, dim=1)
-        batch = RolloutBatch(
-            input_ids=torch.cat([ids, response], dim=1),
-            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
-            prompt_width=P,
-            response_mask=response_mask,
-            rollout_logp=torch.stack(logps, dim=1).float(),
-            finished=finished,
-            version=self.version,
-        )
-        if capture:
-            # the last sampled token is never fed back: its route is unknown (-1)
-            layers, top_k, _ = route_shape(self.model)
-            tail = torch.full((B, 1, layers, top_k), NO_ROUTE, dtype=ROUTE_DTYPE)
-            batch.routes = torch.cat(route_chunks + [tail], dim=1)
-        return batch
+    def _decode_compiled(self, decoder, logits, positions, sampling, noise, route_chunks, capture):
+        """``_decode`` for ``rollout.compile``: each step's sampling, bookkeeping and decode in one
+        compiled call (``FastQwen3MoeDecoder.sample_and_step``); the same tokens, masks and routes
+        (rows never leave the batch), mu within float round-off."""
+        B, R = len(positions), sampling.max_new_tokens
+        tokens, logps, masks = [], [], []
+        finished = torch.zeros(B, dtype=torch.bool)
+        for s in range(R):
+            gumbel = noise.step(s) if sampling.temperature != 0 else None
+            if s == R - 1:  # the last token is sampled, never fed back
+                tok, lp, active, finished = sample_next(logits, gumbel, finished, sampling, self.eos_ids,
+                                                        self.pad_token_id)
+            else:
+                tok, lp, active, finished, logits, routes = decoder.sample_and_step(
+                    logits, gumbel, finished, positions + s, sampling, self.eos_ids, self.pad_token_id)
+            tokens.append(tok)
+            logps.append(lp)
+            masks.append(active)
+            if s == R - 1 or bool(finished.all()):
+                break  # (when every row has just ended, the step computed along is not used)
+            if capture:
+                route_chunks.append(routes)
+        return tokens, logps, masks, finished
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompts or any(len(p) == 0 for p in prompts):

@@ -54,11 +54,31 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, noise: GumbelNoise, step: 
            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled tokens ``[B]`` and their log-probs under the distribution sampled from ``[B]``;
     ``rows``: which requests of ``noise`` the B logits rows are (default: all, in order)."""
-    filtered = filter_logits(logits, cfg)
+    gumbel = noise.step(step) if cfg.temperature != 0 else None
+    if gumbel is not None and rows is not None:
+        gumbel = gumbel[rows]
+    return _draw(filter_logits(logits, cfg), cfg, gumbel)
+
+
+def _draw(filtered: torch.Tensor, cfg: SamplingConfig, gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.temperature == 0:
         tokens = filtered.argmax(-1)
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32)
-    gumbel = noise.step(step)
-    tokens = (filtered + (gumbel if rows is None else gumbel[rows])).argmax(-1)
+    tokens = (filtered + gumbel).argmax(-1)
     logp = filtered.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logp
+
+
+def sample_next(logits: torch.Tensor, gumbel: torch.Tensor | None, finished: torch.Tensor, cfg,
+                eos_ids: torch.Tensor, pad_token_id: int):
+    """One decode step's sampling and bookkeeping over every row, in tensor operations only (no
+    value read back, no shape that depends on data), so that the compiled decode (rollout.compile)
+    runs it inside its step's graph: the tokens ``[B]`` (pad on rows that had finished), their
+    log-probs (0 there), the rows still active before these tokens, and the rows finished after
+    them (an EOS among ``eos_ids``). ``gumbel``: this step's noise rows (``GumbelNoise.step``; None
+    at temperature 0); ``cfg``: anything with ``temperature``, ``top_k`` and ``top_p``."""
+    tokens, logp = _draw(filter_logits(logits, cfg), cfg, gumbel)
+    active = ~finished
+    tokens = torch.where(active, tokens, pad_token_id)
+    logp = torch.where(active, logp, 0.0)
+    return tokens, logp, active, finished | (active & (tokens[:, None] == eos_ids).any(-1))
