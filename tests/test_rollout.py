@@ -12,7 +12,7 @@ from stablerl.forward import response_logp
 from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
 from stablerl.precision import PackedWeight, linear, native_half_matmul, pack_weight
 from stablerl.rollout import LocalEngine
-from stablerl.rollout.sampling import GumbelNoise, filter_logits, sample
+from stablerl.rollout.sampling import GumbelNoise, filter_logits, sample, sample_next
 from stablerl.routing import NO_ROUTE
 
 EOS = 1
@@ -332,6 +332,27 @@ def test_gumbel_sampling_matches_the_filtered_distribution():
     for p, f in zip(target.tolist(), freq.tolist()):
         assert abs(f - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9
     torch.testing.assert_close(logp, target.log()[tokens])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sample_next_is_the_eager_loops_sampling_and_bookkeeping(temperature):
+    """``sample_next`` (what the compiled decode runs inside its graph) against the eager loop's
+    steps written out by hand: rows that had finished get the pad token and log-prob 0, a row
+    ends when it samples one of the EOS ids, the others draw what ``sample`` draws."""
+    cfg = SamplingConfig(temperature=temperature, top_k=6)
+    logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(0)) * 3
+    finished = torch.tensor([False, True, False, False, True, False, False, False])
+    eos, pad = torch.tensor([2, 7]), 9
+    drawn, drawn_logp = sample(logits, cfg, GumbelNoise(list(range(8)), 10), 3)
+    noise = GumbelNoise(list(range(8)), 10)
+    tokens, logp, active, now_finished = sample_next(logits, noise.step(3) if temperature else None, finished, cfg,
+                                                     eos, pad)
+    assert torch.equal(active, ~finished)
+    assert tokens.tolist() == [pad if f else int(t) for t, f in zip(drawn, finished)]
+    assert logp.tolist() == [0.0 if f else float(lp) for lp, f in zip(drawn_logp, finished)]
+    assert now_finished.tolist() == [bool(f or int(t) in (2, 7)) for t, f in zip(drawn, finished)]
+    assert bool((now_finished & ~finished).any())  # a row really ended here (it drew EOS 7)
+    assert (temperature == 0) == (not logp.any())
 
 
 def test_engine_errors(moe):
