@@ -15,7 +15,7 @@ from stablerl.moe import ACTIVATION_EXPERTS, use_fast_experts
 from stablerl.precision import PRECISIONS, activation_quantizer, cast_named, compute_dtype, perturb_weight
 from stablerl.rollout.base import RolloutBatch
 from stablerl.rollout.decoders import FastQwen3MoeDecoder, HFDecoder
-from stablerl.rollout.sampling import GumbelNoise, sample, sample_next
+from stablerl.rollout.sampling import GumbelNoise, mark_ended, sample, sample_next
 from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_routers, route_shape
 
 
@@ -167,11 +167,10 @@ class LocalEngine:
         for s in range(R):
             tok, lp = sample(logits, sampling, noise, s, rows=None if len(live) == B else live)
             tok, lp = _spread(tok, live, B, self.pad_token_id), _spread(lp, live, B, 0.0)
-            active = ~finished
-            tokens.append(torch.where(active, tok, torch.full_like(tok, self.pad_token_id)))
-            logps.append(torch.where(active, lp, torch.zeros_like(lp)))
+            tok, lp, active, finished = mark_ended(tok, lp, finished, self.eos_ids, self.pad_token_id)
+            tokens.append(tok)
+            logps.append(lp)
             masks.append(active)
-            finished = finished | (active & torch.isin(tok, self.eos_ids))
             if bool(finished.all()) or s == R - 1:
                 break
             # a row that finished a step ago has fed back its EOS: it needs no more compute. With

@@ -78,6 +78,14 @@ def sample_next(logits: torch.Tensor, gumbel: torch.Tensor | None, finished: tor
     them (an EOS among ``eos_ids``). ``gumbel``: this step's noise rows (``GumbelNoise.step``; None
     at temperature 0); ``cfg``: anything with ``temperature``, ``top_k`` and ``top_p``."""
     tokens, logp = _draw(filter_logits(logits, cfg), cfg, gumbel)
+    return mark_ended(tokens, logp, finished, eos_ids, pad_token_id)
+
+
+def mark_ended(tokens: torch.Tensor, logp: torch.Tensor, finished: torch.Tensor, eos_ids: torch.Tensor,
+               pad_token_id: int):
+    """A decode step's bookkeeping on its sampled ``tokens`` / ``logp`` ``[B]``: rows that had
+    finished get the pad token and log-prob 0; returns them, the rows active before this step, and
+    the rows finished after it (an EOS among ``eos_ids``). Selections only: no value is rounded."""
     active = ~finished
     tokens = torch.where(active, tokens, pad_token_id)
     logp = torch.where(active, logp, 0.0)
