@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from stablerl.rundir import RunDir, RunState, atomic_write_text, truncate_lines
 
 
@@ -75,3 +78,64 @@ def test_a_cold_start_two_processes_need_is_trained_once(tmp_path):
     assert child.exitcode == 0
     assert got == [("log", f"[cold start] reusing {out}"), ("returned", str(out))]
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp   # not trained again
+
+
+class _StopAt:
+    """A task whose training stream fails at one SFT problem index: a cold start killed there."""
+
+    def __init__(self, task, index: int):
+        self._task, self._index = task, index
+
+    def train_problem(self, index: int):
+        if index == self._index:
+            raise KeyboardInterrupt("killed")
+        return self._task.train_problem(index)
+
+
+def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
+    """Every sft.checkpoint_every steps the cold start saves its whole state; killed after step 5 of
+    8 (checkpoint at 4), it resumes at step 4 and ends bit-identical to one that was never stopped,
+    and the partial state is gone once the checkpoint is published."""
+    from safetensors.torch import load_file
+
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
+    from stablerl.sft import _train_cold_start, sft_state_path
+    from stablerl.tasks import build_task
+
+    base = ["model.hidden_size=32", "model.num_layers=2", "sft.steps=8", "sft.batch_size=4",
+            "sft.checkpoint_every=2", "task.levels=[1]"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    cfg = build_config(RunConfig, None, base + [f"sft.output_dir={whole}"])
+    _train_cold_start(cfg, build_task(cfg.task), whole, log=lambda *_: None)
+    assert not sft_state_path(whole).exists()
+
+    cfg = build_config(RunConfig, None, base + [f"sft.output_dir={resumed}"])
+    task = build_task(cfg.task)
+    with pytest.raises(KeyboardInterrupt):   # dies while building step 5's batch (0-based step 5)
+        _train_cold_start(cfg, _StopAt(task, 10_000_000 + 5 * 4 + 1), resumed, log=lambda *_: None)
+    assert sft_state_path(resumed).is_file() and not resumed.exists()
+    logs = []
+    _train_cold_start(cfg, task, resumed, log=logs.append)
+    assert any(m.startswith("[sft] resuming at step 4/8") for m in logs), logs
+    assert not sft_state_path(resumed).exists()
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_partial_cold_start_of_other_settings_is_refused(tmp_path):
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
+    from stablerl.sft import _train_cold_start, sft_state_path
+    from stablerl.tasks import build_task
+
+    out = tmp_path / "ckpt"
+    base = ["model.hidden_size=32", "model.num_layers=2", "sft.batch_size=4", "sft.checkpoint_every=2",
+            "task.levels=[1]", f"sft.output_dir={out}"]
+    cfg = build_config(RunConfig, None, base + ["sft.steps=8"])
+    with pytest.raises(KeyboardInterrupt):
+        _train_cold_start(cfg, _StopAt(build_task(cfg.task), 10_000_000 + 3 * 4), out, log=lambda *_: None)
+    cfg = build_config(RunConfig, None, base + ["sft.steps=6"])
+    with pytest.raises(ValueError, match="partial cold start of other settings"):
+        _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
+    assert sft_state_path(out).is_file()   # never deleted: it is someone's completed work

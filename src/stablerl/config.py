@@ -203,8 +203,9 @@ class TaskConfig(StrictModel):
         "noisy", description="arithmetic: teacher solution style for SFT (noisy: 30% of worked solutions carry "
         "one slip, so the cold start is imperfect and RL has something to fix; columns / noisy_columns: digit-by-"
         "digit column addition with carries, the long-reasoning styles).")
-    max_operand: int = Field(99, ge=9, le=10**9, description="arithmetic: the largest number in a problem "
-                             "(99: two digits; level 5 with 999999 and a column style gives 109-token solutions).")
+    max_operand: int = Field(99, ge=9, le=10**18, description="arithmetic: the largest number in a problem "
+                             "(99: two digits; level 5 with 999999 and a column style gives 109-token solutions; "
+                             "level 2 with 18 nines, ~200).")
     eval_size: int = Field(500, ge=1, description="Held-out problems.")
     seed: int = Field(0, description="Task seed (problem stream and held-out split).")
     dataset: str | None = Field(None, description="dataset: what datasets.load_dataset reads: a local file "
@@ -263,6 +264,10 @@ class SFTConfig(StrictModel):
     seed: int = Field(0, description="SFT seed.")
     output_dir: str | None = Field(None, description="Where the cold-start checkpoint lives; none = "
                                    "runs/sft/<hash of model, task and SFT settings> (reused if present).")
+    checkpoint_every: int = Field(100, ge=0, description="Save the cold start's partial state (weights, "
+                                  "optimizer, schedule) every this many steps next to its directory "
+                                  "(<dir>.partial.pt), so a killed cold start resumes where it stopped "
+                                  "with the same result; 0 = never.")
 
 
 class VllmConfig(StrictModel):
@@ -542,4 +547,4 @@ RESUMABLE_KEYS = ("run_dir", "train.steps", "train.max_nonfinite_steps", "optim.
                   "batch.packing",
                   "train.activation_checkpointing", "task.reward_timeout_s", "task.reward_workers",
                   "task.reward_memory_mb", "task.reward_fail_fast", "rollout.vllm.", "rollout.workers", "eval.", "checkpoint.", "log.", "distributed.timeout_s",
-                  "distributed.threads")
+                  "distributed.threads", "sft.checkpoint_every")

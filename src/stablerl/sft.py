@@ -3,11 +3,18 @@
 The loss is the mean token cross-entropy of ``solution + EOS`` given ``BOS + prompt`` (prompt
 tokens are not trained on). The result is saved as an HF checkpoint (safetensors) plus the
 tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer``.
+
+A long cold start (the long-reasoning task's takes most of an hour on a CPU core) is resumable:
+every ``sft.checkpoint_every`` steps its whole state (weights, AdamW moments, schedule, losses) is
+written atomically next to the cache directory, and a cold start that finds it goes on from there to
+the state an uninterrupted one reaches (bit-identical within a process, tests/test_rundir.py; across
+processes SFT on CPU differs at round-off anyway, docs/training.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import time
@@ -18,7 +25,7 @@ import torch
 from stablerl.checkpoint import save_model_dir
 from stablerl.generation import encode_messages, encode_prompt
 from stablerl.models import build_default_policy, build_tokenizer
-from stablerl.rundir import waiting_lock
+from stablerl.rundir import atomic_write_bytes, waiting_lock
 from stablerl.tasks.base import Problem, Task
 
 
@@ -50,19 +57,29 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float, seed: int,
             warmup: int = 20, log_every: int = 50, log=print, chat_template: bool = False,
-            system_prompt: str | None = None) -> list[float]:
+            system_prompt: str | None = None, state_path: Path | None = None, checkpoint_every: int = 0,
+            settings: dict | None = None) -> list[float]:
     """Fine-tune ``model`` in place on ``task``'s training stream; returns the loss per step.
 
     AdamW with linear warm-up then cosine decay to 10% of ``lr``. Problems are drawn from the
     task's stream at indices offset by a large constant, so SFT and RL see different problems.
+
+    With ``state_path`` and ``checkpoint_every`` > 0 the state is saved there every that many
+    steps, and a state found there at the start is resumed from (it must have been written with
+    the same ``settings``: what the cold start depends on).
     """
     torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    losses, t0 = [], time.perf_counter()
-    for step in range(steps):
+    losses, first = [], 0
+    if state_path is not None and Path(state_path).is_file():
+        first, losses = _load_sft_state(Path(state_path), model, opt, schedule, settings)
+        if log:
+            log(f"[sft] resuming at step {first}/{steps} from {state_path}")
+    t0 = time.perf_counter()
+    for step in range(first, steps):
         problems = [task.train_problem(10_000_000 + step * batch_size + i) for i in range(batch_size)]
         loss = sft_loss(model, sft_batch(tokenizer, problems, chat_template, system_prompt))
         opt.zero_grad(set_to_none=True)
@@ -74,12 +91,36 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
         if log and (step + 1) % log_every == 0:
             log(f"[sft] step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
                 f"({time.perf_counter() - t0:.0f}s)")
+        if state_path is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_sft_state(Path(state_path), step + 1, losses, model, opt, schedule, settings)
     model.eval()
     return losses
 
 
+def _save_sft_state(path: Path, step: int, losses: list[float], model, opt, schedule, settings: dict | None) -> None:
+    buf = io.BytesIO()
+    torch.save({"step": step, "losses": losses, "settings": settings, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state()}, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_sft_state(path: Path, model, opt, schedule, settings: dict | None) -> tuple[int, list[float]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("settings") != settings:
+        raise ValueError(f"{path} holds a partial cold start of other settings ({state.get('settings')}), not "
+                         f"these ({settings}); remove it, or set sft.output_dir to another directory")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"]), list(state["losses"])
+
+
 SFT_TASK_KEYS = {"name", "levels", "style", "seed", "max_operand", "dataset", "dataset_config", "split", "eval_dataset", "eval_split",
                  "columns", "prompt_template", "chat_template", "system_prompt"}
+SFT_NOT_IN_KEY = {"output_dir", "checkpoint_every"}
 
 
 def sft_output_dir(cfg) -> Path:
@@ -88,13 +129,23 @@ def sft_output_dir(cfg) -> Path:
     gives a new cold start instead of silently reusing the old one."""
     if cfg.sft.output_dir:
         return Path(cfg.sft.output_dir)
-    # what the SFT data depends on (not the reward functions, the held-out size or the pool)
+    return Path("runs") / "sft" / hashlib.sha256(_sft_key(cfg).encode()).hexdigest()[:12]
+
+
+def _sft_key(cfg) -> str:
+    """What a cold start depends on: the model, the task's SFT data (not the reward functions, the
+    held-out size or the pool), the SFT settings (not where it is saved, nor how often its partial
+    state is)."""
     task = cfg.task.model_dump(include=SFT_TASK_KEYS)
     for key in ("dataset", "eval_dataset"):
         if task.get(key):
             task[key] = _data_digest(task[key])
-    key = json.dumps([cfg.model.model_dump(), task, cfg.sft.model_dump(exclude={"output_dir"})], sort_keys=True)
-    return Path("runs") / "sft" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    return json.dumps([cfg.model.model_dump(), task, cfg.sft.model_dump(exclude=SFT_NOT_IN_KEY)], sort_keys=True)
+
+
+def sft_state_path(out: Path) -> Path:
+    """Where the partial state of the cold start cached at ``out`` lives while it trains."""
+    return out.with_name(out.name + ".partial.pt")
 
 
 def _data_digest(source: str) -> str:
@@ -133,8 +184,12 @@ def _train_cold_start(cfg, task: Task, out: Path, log) -> Path:
     model = build_default_policy(cfg.model, tokenizer)
     log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"for {cfg.sft.steps} steps -> {out}")
+    state = sft_state_path(out)
     run_sft(model, tokenizer, task, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
             lr=cfg.sft.lr, seed=cfg.sft.seed, log=log, chat_template=cfg.task.chat_template,
-            system_prompt=cfg.task.system_prompt)
+            system_prompt=cfg.task.system_prompt, state_path=state, checkpoint_every=cfg.sft.checkpoint_every,
+            settings=json.loads(_sft_key(cfg)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    return save_model_dir(out, model, tokenizer)
+    saved = save_model_dir(out, model, tokenizer)
+    state.unlink(missing_ok=True)   # the finished checkpoint supersedes it
+    return saved
