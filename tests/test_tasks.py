@@ -80,6 +80,19 @@ def test_column_style_needs_room_for_its_solutions():
     assert longest <= 110  # the bound the check uses holds
     build_config(RunConfig, None, ["task.style=columns", "task.levels=[5]", "task.max_operand=999999",
                                    "rollout.max_new_tokens=110"])
+    # the ~200-token length of docs/preregistration.md's experiment 2: three 18-digit numbers
+    eighteen = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}"]
+    with pytest.raises(ValueError, match="up to 218 tokens, more than rollout.max_new_tokens=112"):
+        build_config(RunConfig, None, [*eighteen, "rollout.max_new_tokens=112"])
+    build_config(RunConfig, None, [*eighteen, "rollout.max_new_tokens=224"])
+    task = ArithmeticTask(levels=[2], style="columns", max_operand=10**18 - 1)
+    problems = [task.train_problem(i) for i in range(2000)]
+    assert max(len(p.solution) for p in problems) + 1 <= 218
+    assert 195 <= sum(len(p.solution) for p in problems) / len(problems) <= 218   # twice the 9-digit length
+    assert all(task.reward(p.solution, p) == 1.0 for p in problems)   # exact beyond float precision
+    assert task.reward(problems[0].solution[:-1] + str((int(problems[0].answer) + 1) % 10), problems[0]) == 0.0
+    with pytest.raises(ValueError, match="task.max_operand"):
+        build_config(RunConfig, None, ["task.max_operand=10000000000000000000"])
 
 
 def test_held_out_split_is_disjoint_and_deterministic():

@@ -146,6 +146,18 @@ _LONG_LAG = {f"{rung}/eta{eta}/{name}{suffix}": engine + long_schedule(1) + [f"r
              for suffix, proximal in (("", "recompute"), ("_bypass", "rollout"))
              if not (proximal == "rollout" and "r2" in name)}
 
+# experiment 2, the sequence length (docs/preregistration.md Amendment 8): the on-policy pair
+# (MiniRL, no IS) down the same ladder at twice the length. Three 18-digit numbers instead of three
+# 9-digit ones: the same column step (three digits and a carry), twice as many of them, ~200-token
+# solutions. Its own cold start with the same SFT budget; the learning rate, run length, batch and
+# evaluation are the ~100-token set's, so the length is the one thing that changes.
+LONG2_TASK = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}",
+              "rollout.max_new_tokens=224", "sft.steps=1500"]
+LONG2_COMMON = [*LONG2_TASK, *LONG_COMMON[len(LONG_TASK):]]
+_LONG_LENGTH = {f"{rung}/{name}": engine + variant
+                for rung, engine in LADDER.items()
+                for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS))}
+
 EXPERIMENTS: dict[str, dict] = {
     "calibration": {
         "title": "Calibration: the recommended recipes (on-policy MiniRL; N = 8 MiniRL + R3) over learning rates",
@@ -210,6 +222,15 @@ EXPERIMENTS: dict[str, dict] = {
         "rows": {rung: [v for v in _LONG_DOSE if v.startswith(f"{rung}/")] for rung in LADDER},
         "in_all": False,
         # readings.md: C3 compares each run's entropy with the same seed and rung's on-policy MiniRL
+        "preregistered": True, "c3_reference": "on_minirl",
+    },
+    "long-length": {
+        "title": "The next set, experiment 2: the numerics ladder vs on-policy IS at twice the length (~200 tokens)",
+        "base": [*LONG2_COMMON, f"optim.lr={LONG_LR}"],
+        "variants": _LONG_LENGTH,
+        "reference": {"on_no_is": "on_minirl"},
+        "rows": {rung: [v for v in _LONG_LENGTH if v.startswith(f"{rung}/")] for rung in LADDER},
+        "in_all": False,
         "preregistered": True, "c3_reference": "on_minirl",
     },
     "long-offpolicy": {
