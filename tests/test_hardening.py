@@ -103,6 +103,36 @@ def test_saving_refuses_a_non_finite_state(sft_ckpt, tmp_path):
     assert checkpoint.latest(tmp_path) is None
 
 
+def test_the_batched_finiteness_check_agrees_with_a_check_per_element():
+    """checkpoint.all_finite (one 2-norm per tensor, batched) against torch.isfinite on every
+    element: NaN, +-inf at every position of tensors of three dtypes, finite values near the fp32
+    maximum (their squares overflow: the exact test must decide), empty tensors."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for n in (1, 5, 16, 17, 300):
+            for pos in range(n):
+                for value in (float("nan"), float("inf"), -float("inf"), 3e38):
+                    t = torch.randn(n, generator=g).to(dtype)
+                    t[pos] = value
+                    group = [torch.zeros(0), torch.randn(3, 2, generator=g), t]
+                    assert checkpoint.all_finite(group) == all(bool(torch.isfinite(x).all()) for x in group)
+    assert checkpoint.all_finite([]) and checkpoint.all_finite([torch.zeros(0)])
+
+
+def test_the_check_names_a_non_finite_optimizer_state(sft_ckpt):
+    from stablerl.models import load_policy
+
+    model, _ = load_policy(sft_ckpt)
+    opt = torch.optim.AdamW(model.parameters())
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    checkpoint.check_finite(model, opt)   # finite: nothing raised
+    second = list(opt.state.values())[1]
+    second["exp_avg_sq"].view(-1)[-1] = float("inf")
+    with pytest.raises(checkpoint.NonFiniteState, match="optimizer state exp_avg_sq of parameter #1"):
+        checkpoint.check_finite(model, opt)
+
+
 @pytest.mark.parametrize("bad", ["optim.lr=.inf", "optim.lr=nan", "task.reward_timeout_s=inf",
                                  "distributed.timeout_s=.nan", "loss.is_cap=inf"])
 def test_non_finite_config_values_are_rejected_at_start(bad, capsys, tmp_path):
