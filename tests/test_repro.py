@@ -194,6 +194,25 @@ def test_paired_references_within_a_row():
     assert reference_of("eta4", "eta0") == "eta0" and reference_of("eta0", "eta0") is None
 
 
+def test_a_second_preregistered_comparison_is_tabled_after_the_references():
+    """Amendment 6 compares clip_r3_bypass with its reference and with its decoupled twin
+    (``also_compare``): both rows, hand-computed (differences +0.1, +0.2, 0.0: mean 0.1, sd 0.1,
+    t(2) = 4.303, half-width 4.303 * 0.1 / sqrt(3) = 0.248)."""
+    from stablerl.repro.report import paired_table
+
+    finals = {"noclip_noreplay": (0.4, 0.4, 0.4), "clip_r3": (0.5, 0.6, 0.7), "clip_r3_bypass": (0.6, 0.8, 0.7)}
+    by_seed = {f"fp8_w8a8/eta1/{name}": {seed: _run([0.6, a], [0.1, 0.1], [1e-3, 1e-3]) for seed, a in enumerate(accs)}
+               for name, accs in finals.items()}
+    text = paired_table(by_seed, {"clip_r3": "noclip_noreplay", "clip_r3_bypass": "noclip_noreplay"},
+                        also={"clip_r3_bypass": "clip_r3"})
+    rows = [line for line in text.splitlines() if line.startswith("| fp8")]
+    assert rows == [
+        "| fp8_w8a8/eta1/clip_r3 | fp8_w8a8/eta1/noclip_noreplay | 3 | +0.100, +0.200, +0.300 | +0.200 | [-0.048, +0.448] |",
+        "| fp8_w8a8/eta1/clip_r3_bypass | fp8_w8a8/eta1/noclip_noreplay | 3 | +0.200, +0.400, +0.300 | +0.300 | [+0.052, +0.548] |",
+        "| fp8_w8a8/eta1/clip_r3_bypass | fp8_w8a8/eta1/clip_r3 | 3 | +0.100, +0.200, +0.000 | +0.100 | [-0.148, +0.348] |"]
+    assert EXPERIMENTS["long-lag"]["also_compare"] == {"clip_r3_bypass": "clip_r3"}
+
+
 def _run(acc, entropy, kl, n=1, every=1):
     """(summary, rows, N) of a hand-made run: evaluations every ``every`` steps."""
     rows = [{"step": i, "reward_mean": 0.5, "entropy": e, "train_infer_kl_k1": k, "train_infer_kl": k}

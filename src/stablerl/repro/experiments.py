@@ -250,6 +250,8 @@ EXPERIMENTS: dict[str, dict] = {
         "variants": _LONG_LAG,
         "reference": {name: "noclip_noreplay" for name in [*_OFF_FOUR, "clip_r3_bypass"] if name != "noclip_noreplay"}
         | {"noclip_noreplay_bypass": "noclip_noreplay"},
+        # Amendment 6's second comparison of the bypass: against its decoupled twin
+        "also_compare": {"clip_r3_bypass": "clip_r3"},
         "rows": {f"{rung} eta={eta}": [v for v in _LONG_LAG if v.startswith(f"{rung}/eta{eta}/")]
                  for rung in LADDER for eta in LAG_ETAS},
         "in_all": False,

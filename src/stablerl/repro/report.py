@@ -69,18 +69,23 @@ def reference_of(variant: str, reference: str | dict[str, str]) -> str | None:
     return f"{row}/{reference[name]}" if row else reference[name]
 
 
-def paired_table(by_seed: dict[str, dict[int, tuple[dict, list[dict], int]]], reference: str | dict[str, str]) -> str:
+def paired_table(by_seed: dict[str, dict[int, tuple[dict, list[dict], int]]], reference: str | dict[str, str],
+                 also: dict[str, str] | None = None) -> str:
     """Final held-out sampled accuracy of every variant minus its reference's (``reference_of``),
     paired by seed (``by_seed``: ``stats.finished_runs_by_seed``; interrupted runs left out):
-    per-seed differences, their mean and 95% t-interval (none from a single seed)."""
+    per-seed differences, their mean and 95% t-interval (none from a single seed). ``also``: further
+    pre-registered comparisons within a row (variant name -> the name it is compared with), listed
+    after the references'."""
     acc = {variant: {seed: run_stats(summary, rows, n)["final_acc"] for seed, (summary, rows, n) in runs.items()
                      if not summary.get("interrupted")} for variant, runs in by_seed.items()}
     what = f"{reference}'s" if isinstance(reference, str) else "its reference's"
     lines = [f"Final held-out sampled accuracy minus {what}, paired by seed (95% t-interval over seeds)\n",
              "| variant | reference | seeds paired | per-seed differences | mean | 95% interval |",
              "|---|---|---|---|---|---|"]
-    for variant, accs in acc.items():
-        ref_name = reference_of(variant, reference)
+    pairs = [(variant, reference_of(variant, reference)) for variant in acc]
+    pairs += [(variant, reference_of(variant, also)) for variant in acc] if also else []
+    for variant, ref_name in pairs:
+        accs = acc[variant]
         if ref_name is None or not accs:
             continue
         ref = acc.get(ref_name, {})
@@ -123,7 +128,8 @@ def write_report(name: str, out: Path, seeds: int) -> dict[str, Path]:
         plot_experiment(name, runs, paths["png"])
         if EXPERIMENTS[name].get("reference"):
             paths["paired_md"] = dest / "paired.md"
-            paths["paired_md"].write_text(paired_table(by_seed, EXPERIMENTS[name]["reference"]))
+            paths["paired_md"].write_text(paired_table(by_seed, EXPERIMENTS[name]["reference"],
+                                                       EXPERIMENTS[name].get("also_compare")))
         if EXPERIMENTS[name].get("preregistered"):
             other = EXPERIMENTS[name].get("c3_from")   # C3's reference runs live in that experiment
             pool = {**finished_runs_by_seed(other, out, seeds), **by_seed} if other else None
