@@ -136,6 +136,6 @@ def test_a_partial_cold_start_of_other_settings_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _train_cold_start(cfg, _StopAt(build_task(cfg.task), 10_000_000 + 3 * 4), out, log=lambda *_: None)
     cfg = build_config(RunConfig, None, base + ["sft.steps=6"])
-    with pytest.raises(ValueError, match="partial cold start of other settings"):
+    with pytest.raises(ValueError, match=r"partial cold start of other settings \(sft.steps differ\)"):
         _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
     assert sft_state_path(out).is_file()   # never deleted: it is someone's completed work

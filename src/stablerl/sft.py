@@ -109,13 +109,22 @@ def _save_sft_state(path: Path, step: int, losses: list[float], model, opt, sche
 def _load_sft_state(path: Path, model, opt, schedule, settings: dict | None) -> tuple[int, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("settings") != settings:
-        raise ValueError(f"{path} holds a partial cold start of other settings ({state.get('settings')}), not "
-                         f"these ({settings}); remove it, or set sft.output_dir to another directory")
+        raise ValueError(f"{path} holds a partial cold start of other settings ({_differing(state.get('settings'), settings)} "
+                         "differ); remove it, or set sft.output_dir to another directory")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["rng"])
     return int(state["step"]), list(state["losses"])
+
+
+def _differing(saved, wanted) -> str:
+    """The settings (``section.key``) in which two cold-start keys (``_sft_key``, parsed) differ."""
+    if not (isinstance(saved, list) and isinstance(wanted, list) and len(saved) == len(wanted) == 3):
+        return "all settings"
+    names = [f"{section}.{k}" for section, a, b in zip(("model", "task", "sft"), saved, wanted)
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(names) or "the settings"
 
 
 SFT_TASK_KEYS = {"name", "levels", "style", "seed", "max_operand", "dataset", "dataset_config", "split", "eval_dataset", "eval_split",
