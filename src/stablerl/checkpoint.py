@@ -133,18 +133,28 @@ def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None)
 # --------------------------------------------------------------------------------------------
 def check_finite(model, optimizer) -> None:
     """``NonFiniteState`` naming the first non-finite tensor (on any rank; a collective)."""
-    state = [t for s in optimizer.state.values() for t in map(_local, s.values())
-             if torch.is_tensor(t) and t.is_floating_point()]
-    finite = all_finite([_local(p.detach()) for p in model.parameters()] + state)
-    bad = "" if finite else _first_nonfinite(model, optimizer)
+    named = _named_state(model, optimizer)
+    bad = "" if all_finite([t for _, t in named]) else next(
+        name for name, t in named if not bool(torch.isfinite(t).all()))
     names = [b for b in D.all_gather_objects(bad) if b]
     if names:
         raise NonFiniteState(f"the weights or optimizer state are no longer finite ({names[0]})")
 
 
+def _named_state(model, optimizer) -> list[tuple[str, torch.Tensor]]:
+    """This rank's weights and floating-point optimizer state, each with the name an error gives it."""
+    named = [(f"parameter {name}", _local(p.detach())) for name, p in model.named_parameters()]
+    for i, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            t = _local(value)
+            if torch.is_tensor(t) and t.is_floating_point():
+                named.append((f"optimizer state {key} of parameter #{i}", t))
+    return named
+
+
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Every element of every tensor finite. The learner asks every step, so the common case is one
-    batched reduction (a test per tensor cost 5% of the default update): a 2-norm is finite only
+    batched reduction (a test per tensor cost ~6% of the default update): a 2-norm is finite only
     when every element is (NaN and inf propagate), and when it is not, either an element is not
     finite or finite ones are so large that their squares overflow: the exact test decides."""
     tensors = [t for t in tensors if t.numel()]
@@ -153,19 +163,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     if bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors, 2)])).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _first_nonfinite(model, optimizer) -> str:
-    """Which tensor is not finite (only asked once ``all_finite`` said one is)."""
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(_local(p.detach())).all()):
-            return f"parameter {name}"
-    for i, state in enumerate(optimizer.state.values()):
-        for key, t in state.items():
-            local = _local(t)
-            if torch.is_tensor(local) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
-                return f"optimizer state {key} of parameter #{i}"
-    return "a tensor"
 
 
 def _local(t):

@@ -113,9 +113,11 @@ LONG_LR = 2e-4                       # long-calibration (docs/results.md "The ne
 LADDER: dict[str, list[str]] = {     # the dose, in decreasing order: what the budget cuts is the low end
     rung: [f"rollout.precision={rung}"] for rung in ("nvfp4_w4a4", "nvfp4", "fp8_w8a8", "fp8", "bf16", "fp32")
 }
-LONG_COMMON = [*LONG_TASK, f"batch.group_size={GROUP}", "log.progress=false", "task.eval_size=500", "eval.samples=4",
-               "eval.greedy=false", "checkpoint.keep_last=1", "batch.max_tokens_per_micro_batch=4096",
-               "batch.packing=true", "rollout.precision=fp8_w8a8"]
+# everything but the task: the same for both lengths (experiment 2 changes only the task)
+LONG_RUN = [f"batch.group_size={GROUP}", "log.progress=false", "task.eval_size=500", "eval.samples=4",
+            "eval.greedy=false", "checkpoint.keep_last=1", "batch.max_tokens_per_micro_batch=4096",
+            "batch.packing=true", "rollout.precision=fp8_w8a8"]
+LONG_COMMON = [*LONG_TASK, *LONG_RUN]
 LONG_CALIBRATION_LRS = (5e-5, 1e-4, 2e-4)
 
 
@@ -155,7 +157,7 @@ _LONG_LAG = {f"{rung}/eta{eta}/{name}{suffix}": engine + long_schedule(1) + [f"r
 # they give (docs/results.md "Experiment 2").
 LONG2_TASK = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}",
               "rollout.max_new_tokens=224", "sft.steps=3000"]
-LONG2_COMMON = [*LONG2_TASK, *LONG_COMMON[len(LONG_TASK):]]
+LONG2_COMMON = [*LONG2_TASK, *LONG_RUN]
 _LONG_LENGTH = {f"{rung}/{name}": engine + variant
                 for rung, engine in LADDER.items()
                 for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS))}
