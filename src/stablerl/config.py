@@ -168,6 +168,11 @@ class LabConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # The training run (`stablerl train` / `stablerl sft`).
 # --------------------------------------------------------------------------------------------
+# the default tiny model's context; a cold start of this context is keyed as before the setting
+# existed, so the cold starts already trained keep their cache directories (stablerl.sft._sft_key)
+DEFAULT_CONTEXT = 256
+
+
 class ModelConfig(StrictModel):
     path: str | None = Field(None, description="HF checkpoint dir (model + tokenizer) to start from; "
                              "none = the default tiny Qwen3-MoE, cold-started by SFT.")
@@ -178,6 +183,9 @@ class ModelConfig(StrictModel):
     num_experts: int = Field(8, ge=2, description="Default model only: routed experts per MoE layer.")
     top_k: int = Field(2, ge=1, description="Default model only: experts per token.")
     init_seed: int = Field(0, description="Default model only: initialization seed.")
+    max_positions: int = Field(DEFAULT_CONTEXT, ge=16, description="Default model only: its context in tokens "
+                               "(the longest prompt + response it accepts). Rotary positions have no weights, so "
+                               "a longer context changes no number, only what fits.")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from stablerl.config import DEFAULT_CONTEXT
 from stablerl.moe import use_fast_experts
 from stablerl.routing import moe_routers
 from stablerl.rundir import RunDir
@@ -222,13 +223,14 @@ def build_default_policy(model_cfg, tokenizer):
     """The default tiny MoE shaped by the config's ``model`` section, freshly initialized."""
     m = model_cfg
     config = default_model_config(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                  num_experts=m.num_experts, top_k=m.top_k, expert_size=m.expert_size or m.hidden_size)
+                                  num_experts=m.num_experts, top_k=m.top_k, expert_size=m.expert_size or m.hidden_size,
+                                  max_positions=m.max_positions)
     return build_model(config, seed=m.init_seed)
 
 
 def default_model_config(tokenizer, **overrides) -> PretrainedConfig:
     """The default policy: a tiny Qwen3-MoE (4 layers, 8 experts, top-2) over ``tokenizer``."""
-    settings = dict(hidden_size=96, num_layers=4, num_experts=8, top_k=2, expert_size=96, max_positions=256)
+    settings = dict(hidden_size=96, num_layers=4, num_experts=8, top_k=2, expert_size=96, max_positions=DEFAULT_CONTEXT)
     settings.update(overrides)
     return tiny_config("qwen3_moe", len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **settings)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from stablerl.checkpoint import save_model_dir
+from stablerl.config import DEFAULT_CONTEXT
 from stablerl.generation import encode_messages, encode_prompt
 from stablerl.models import build_default_policy, build_tokenizer
 from stablerl.rundir import atomic_write_bytes, waiting_lock
@@ -149,7 +150,10 @@ def _sft_key(cfg) -> str:
     for key in ("dataset", "eval_dataset"):
         if task.get(key):
             task[key] = _data_digest(task[key])
-    return json.dumps([cfg.model.model_dump(), task, cfg.sft.model_dump(exclude=SFT_NOT_IN_KEY)], sort_keys=True)
+    # the default context is left out, so cold starts trained before model.max_positions existed
+    # keep their keys; any other context is a different model and gets its own cold start
+    model = cfg.model.model_dump(exclude={"max_positions"} if cfg.model.max_positions == DEFAULT_CONTEXT else None)
+    return json.dumps([model, task, cfg.sft.model_dump(exclude=SFT_NOT_IN_KEY)], sort_keys=True)
 
 
 def sft_state_path(out: Path) -> Path:
