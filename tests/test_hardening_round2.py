@@ -136,7 +136,7 @@ def test_an_over_long_prompt_is_named_before_any_work(tmp_path):
     data = _dataset(tmp_path, long_row=7)
     cfg = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}", "task.eval_size=2"])
     tok = build_tokenizer()
-    with pytest.raises(ValueError, match=r"row 8: over .* characters.*task.max_prompt_tokens.*long_prompts=skip"):
+    with pytest.raises(ValueError, match=r"row 8: over .* characters.*raise model.max_positions.*long_prompts=skip"):
         check_prompts(build_task(cfg.task), [], tok, cfg, default_model_config(tok))
     cfg.task.long_prompts = "skip"
     task, notes = build_task(cfg.task), []
@@ -150,6 +150,17 @@ def test_the_model_context_is_the_hard_limit(tmp_path):
     cfg = build_config(RunConfig, None, ["task.max_prompt_tokens=100000", "rollout.max_new_tokens=250", "task.levels=[3]"])
     with pytest.raises(ValueError, match=r"model's context \(256 tokens\) less rollout.max_new_tokens \(250\)"):
         check_prompts(build_task(cfg.task), [], tok, cfg, default_model_config(tok))
+
+
+def test_eval_refuses_prompts_the_context_cannot_hold(sft_ckpt, capsys):
+    # what a run of the same settings refuses, `stablerl eval` refuses too, before any sampling
+    # (it used to generate past the model's declared context)
+    from stablerl.cli import main
+
+    rc = main(["eval", str(sft_ckpt), "task.levels=[3]", "task.eval_size=4", "rollout.max_new_tokens=250"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "model's context (256 tokens) less rollout.max_new_tokens (250)" in err and "model.max_positions" in err
 
 
 def test_a_huge_rollout_batch_fails_with_a_memory_estimate():

@@ -91,6 +91,9 @@ class _StopAt:
             raise KeyboardInterrupt("killed")
         return self._task.train_problem(index)
 
+    def __getattr__(self, name):   # the rest (held-out prompts, for the start-up checks) is the task's
+        return getattr(self._task, name)
+
 
 def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
     """Every sft.checkpoint_every steps the cold start saves its whole state; killed after step 5 of
@@ -139,3 +142,65 @@ def test_a_partial_cold_start_of_other_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"partial cold start of other settings \(sft.steps differ\)"):
         _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
     assert sft_state_path(out).is_file()   # never deleted: it is someone's completed work
+
+
+def test_a_cold_start_checks_the_model_context_before_any_step(tmp_path):
+    """Prompts + rollout.max_new_tokens over the context (what a run of these settings refuses) and
+    teacher rows over it (what the SFT would train at positions the model does not declare) stop
+    the cold start before its first step, naming model.max_positions; nothing is written."""
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
+    from stablerl.sft import _train_cold_start, sft_state_path
+    from stablerl.tasks import build_task
+
+    out = tmp_path / "ckpt"
+    long = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}",
+            "rollout.max_new_tokens=224", "model.hidden_size=32", "model.num_layers=2", "sft.steps=2"]
+    cfg = build_config(RunConfig, None, long)   # 58-token prompts + 224 > 256
+    with pytest.raises(ValueError, match=r"longer than 32 tokens, the limit set by the model's context \(256 tokens\)"
+                                         r".*raise model.max_positions"):
+        _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
+    assert not out.exists() and not sft_state_path(out).exists()
+
+    # a dataset's teacher solution of ~400 tokens in a 256-token context (its prompt is short)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1", "answer": str(i + 1), "solution": "1" * 400}) + "\n"
+                            for i in range(12)))
+    cfg = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}", "task.columns.solution=solution",
+                                         "task.eval_size=2", "model.hidden_size=32", "model.num_layers=2", "sft.steps=2"])
+    with pytest.raises(ValueError, match=r"10 of 10 teacher rows checked are longer than the model's context "
+                                         r"\(256 tokens\), the longest 4\d\d tokens .*model.max_positions"):
+        _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
+    assert not out.exists()
+    # a 512-token context holds them: the cold start trains
+    cfg = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}", "task.columns.solution=solution",
+                                         "task.eval_size=2", "model.hidden_size=32", "model.num_layers=2", "sft.steps=2",
+                                         "model.max_positions=512"])
+    _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 512
+
+
+def test_a_longer_context_changes_no_weight_of_the_cold_start(tmp_path):
+    """Rotary positions have no weights: a cold start declaring 512 positions equals one declaring
+    the default 256 weight for weight (so experiment 2's cold start at 512 is the one measured at
+    256), and only a non-default context gets a cache key of its own."""
+    from safetensors.torch import load_file
+
+    from stablerl.config import RunConfig
+    from stablerl.config_io import build_config
+    from stablerl.sft import _sft_key, _train_cold_start, sft_output_dir
+    from stablerl.tasks import build_task
+
+    base = ["model.hidden_size=32", "model.num_layers=2", "sft.steps=6", "sft.batch_size=4", "task.levels=[1]"]
+    weights = []
+    for n in (256, 512):
+        cfg = build_config(RunConfig, None, base + [f"model.max_positions={n}"])
+        _train_cold_start(cfg, build_task(cfg.task), tmp_path / str(n), log=lambda *_: None)
+        weights.append(load_file(tmp_path / str(n) / "model.safetensors"))
+    a, b = weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the default context is not in the key (cold starts trained before the setting keep theirs)
+    key = lambda *extra: _sft_key(build_config(RunConfig, None, base + list(extra)))  # noqa: E731
+    assert "max_positions" not in json.loads(key())[0] and json.loads(key("model.max_positions=512"))[0]["max_positions"] == 512
+    assert sft_output_dir(build_config(RunConfig, None, base)) != sft_output_dir(
+        build_config(RunConfig, None, base + ["model.max_positions=512"]))

@@ -101,6 +101,7 @@ def _sft(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from stablerl.evaluation import build_eval_sets, evaluate
     from stablerl.models import check_model_dir, load_policy
+    from stablerl.preflight import check_prompts
     from stablerl.rollout import LocalEngine
     from stablerl.seeds import eval_seed
     from stablerl.tasks import build_task, reward_pool
@@ -116,6 +117,8 @@ def _eval(args: argparse.Namespace) -> int:
     with reward_pool(task, cfg.task) as pool:
         sets = build_eval_sets(cfg, pool)
         try:
+            # the prompts a run would refuse (a prompt and rollout.max_new_tokens must fit the context)
+            check_prompts(task, sets, tokenizer, cfg, model.config, lambda m: print(m, file=sys.stderr))
             result = evaluate(engine, tokenizer, task, pool, cfg,
                               lambda *p: eval_seed(cfg.train.seed, 0, *p), sets=sets)
         finally:

@@ -48,6 +48,25 @@ def over_long(problems: list[Problem], tokenizer, cfg: RunConfig, limit: int,
     return out
 
 
+def check_sft_rows(problems: list[Problem], tokenizer, cfg: RunConfig, model_config) -> None:
+    """The cold start's teacher rows (prompt + solution + EOS) against the model's context: a row
+    longer than it would train positions the model does not declare, and a run of these settings
+    would refuse the cold start only after it had trained (``check_prompts`` checks the prompts)."""
+    from stablerl.sft import sft_row   # the SFT's own encoding, so the lengths are the trained ones
+
+    context = getattr(model_config, "max_position_embeddings", None)
+    if not context:
+        return
+    lengths = [(p, len(sft_row(tokenizer, p, cfg.task.chat_template, cfg.task.system_prompt)[0]))
+               for p in problems if p.solution]
+    over = [(p, n) for p, n in lengths if n > context]
+    if over:
+        p, n = max(over, key=lambda x: x[1])
+        raise ValueError(f"{len(over)} of {len(lengths)} teacher rows checked are longer than the model's context "
+                         f"({context} tokens), the longest {n} tokens ({p.prompt[:60]!r}); raise model.max_positions "
+                         "(the default model) or use shorter solutions")
+
+
 def check_prompts(task, eval_sets, tokenizer, cfg: RunConfig, model_config, log=print) -> int:
     """Every prompt of the task (its held-out split, its training rows when it has a finite list,
     and every ``eval.sets`` entry) against the prompt limit; over-long rows stop the run naming
@@ -74,8 +93,10 @@ def check_prompts(task, eval_sets, tokenizer, cfg: RunConfig, model_config, log=
                                                  else f"{n} tokens") for name, p, n in found[:3])
     more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
     skip = "" if in_eval_sets else " or set task.long_prompts=skip to drop such rows"
+    fix = ("lower rollout.max_new_tokens, raise model.max_positions (the default model)" if why.startswith("the model's")
+           else "raise task.max_prompt_tokens (up to the model's context)")
     raise ValueError(f"{len(found)} prompts are longer than {limit} tokens, the limit set by {why}: {shown}{more}; "
-                     f"shorten them, raise task.max_prompt_tokens (up to the model's context){skip}")
+                     f"shorten them, {fix}{skip}")
 
 
 def _where(p: Problem, group: str) -> str:

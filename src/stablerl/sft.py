@@ -26,8 +26,23 @@ from stablerl.checkpoint import save_model_dir
 from stablerl.config import DEFAULT_CONTEXT
 from stablerl.generation import encode_messages, encode_prompt
 from stablerl.models import build_default_policy, build_tokenizer
+from stablerl.preflight import check_prompts, check_sft_rows
 from stablerl.rundir import atomic_write_bytes, waiting_lock
 from stablerl.tasks.base import Problem, Task
+
+
+# SFT draws the task's stream from here on, so SFT and RL see different problems
+SFT_STREAM_OFFSET = 10_000_000
+
+
+def sft_row(tokenizer, p: Problem, chat_template: bool = False,
+            system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+    """One teacher row: the prompt's tokens then the solution's and EOS, and its labels (-100 on
+    the prompt, where no loss is taken)."""
+    prompt = (encode_messages(tokenizer, list(p.messages), system_prompt) if p.messages
+              else encode_prompt(tokenizer, p.prompt, chat_template, system_prompt))
+    target = tokenizer(p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt + target, [-100] * len(prompt) + target
 
 
 def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
@@ -37,11 +52,9 @@ def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
     for p in problems:
         if not p.solution:
             raise ValueError(f"problem {p.prompt!r} has no teacher solution to fine-tune on")
-        prompt = (encode_messages(tokenizer, list(p.messages), system_prompt) if p.messages
-                  else encode_prompt(tokenizer, p.prompt, chat_template, system_prompt))
-        target = tokenizer(p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
+        row, label = sft_row(tokenizer, p, chat_template, system_prompt)
+        rows.append(row)
+        labels.append(label)
     T = max(map(len, rows))
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
@@ -81,8 +94,14 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
             log(f"[sft] resuming at step {first}/{steps} from {state_path}")
     t0 = time.perf_counter()
     for step in range(first, steps):
-        problems = [task.train_problem(10_000_000 + step * batch_size + i) for i in range(batch_size)]
-        loss = sft_loss(model, sft_batch(tokenizer, problems, chat_template, system_prompt))
+        problems = [task.train_problem(SFT_STREAM_OFFSET + step * batch_size + i) for i in range(batch_size)]
+        batch = sft_batch(tokenizer, problems, chat_template, system_prompt)
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context and batch["input_ids"].shape[1] > context:
+            raise ValueError(f"SFT step {step}: a teacher row of {batch['input_ids'].shape[1]} tokens is longer than "
+                             f"the model's context ({context} tokens); raise model.max_positions (the default model) "
+                             "or use shorter solutions")
+        loss = sft_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -195,6 +214,12 @@ def cold_start(cfg, task: Task, log=print) -> Path:
 def _train_cold_start(cfg, task: Task, out: Path, log) -> Path:
     tokenizer = build_tokenizer()
     model = build_default_policy(cfg.model, tokenizer)
+    # before any step: the prompts a run of these settings would refuse, and the teacher rows the
+    # model's context cannot hold (a stream task: its first step's; run_sft checks every step's)
+    check_prompts(task, [], tokenizer, cfg, model.config, log)
+    finite = getattr(task, "train_problems", None)
+    rows = finite() if finite else [task.train_problem(SFT_STREAM_OFFSET + i) for i in range(cfg.sft.batch_size)]
+    check_sft_rows(rows, tokenizer, cfg, model.config)
     log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"for {cfg.sft.steps} steps -> {out}")
     state = sft_state_path(out)
