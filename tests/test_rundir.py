@@ -204,3 +204,18 @@ def test_a_longer_context_changes_no_weight_of_the_cold_start(tmp_path):
     assert "max_positions" not in json.loads(key())[0] and json.loads(key("model.max_positions=512"))[0]["max_positions"] == 512
     assert sft_output_dir(build_config(RunConfig, None, base)) != sft_output_dir(
         build_config(RunConfig, None, base + ["model.max_positions=512"]))
+
+
+def test_run_sft_refuses_a_batch_longer_than_the_context():
+    # the guard inside the loop (a stream whose later rows grow past the context): named, no step
+    from stablerl.models import build_model, build_tokenizer, default_model_config
+    from stablerl.sft import run_sft
+    from stablerl.tasks import ArithmeticTask
+
+    tok = build_tokenizer()
+    model = build_model(default_model_config(tok, hidden_size=32, num_layers=1, max_positions=16), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"SFT step 0: a teacher row of \d+ tokens is longer than the model's "
+                                         r"context \(16 tokens\).*model.max_positions"):
+        run_sft(model, tok, ArithmeticTask(levels=[3]), steps=2, batch_size=2, lr=1e-3, seed=0, log=None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

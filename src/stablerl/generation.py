@@ -21,6 +21,16 @@ def encode_problem(tokenizer, problem, task: TaskConfig) -> list[int]:
     return encode_prompt(tokenizer, problem.prompt, task.chat_template, task.system_prompt)
 
 
+def encode_sft_row(tokenizer, problem, chat_template: bool = False,
+                   system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+    """A cold start's teacher row: the prompt's tokens then the solution's and EOS, and its labels
+    (-100 on the prompt, where the SFT takes no loss)."""
+    prompt = (encode_messages(tokenizer, list(problem.messages), system_prompt) if problem.messages
+              else encode_prompt(tokenizer, problem.prompt, chat_template, system_prompt))
+    target = tokenizer(problem.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt + target, [-100] * len(prompt) + target
+
+
 def encode_messages(tokenizer, messages: list[dict], system_prompt: str | None = None) -> list[int]:
     """Chat turns through the tokenizer's chat template, the assistant's turn opened."""
     if not getattr(tokenizer, "chat_template", None):

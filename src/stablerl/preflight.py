@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from stablerl.config import RunConfig
-from stablerl.generation import encode_problem
+from stablerl.generation import encode_problem, encode_sft_row
 from stablerl.tasks import Problem
 
 # no tokenizer in use packs more characters than this into one token on average: a prompt longer
@@ -52,12 +52,10 @@ def check_sft_rows(problems: list[Problem], tokenizer, cfg: RunConfig, model_con
     """The cold start's teacher rows (prompt + solution + EOS) against the model's context: a row
     longer than it would train positions the model does not declare, and a run of these settings
     would refuse the cold start only after it had trained (``check_prompts`` checks the prompts)."""
-    from stablerl.sft import sft_row   # the SFT's own encoding, so the lengths are the trained ones
-
     context = getattr(model_config, "max_position_embeddings", None)
     if not context:
         return
-    lengths = [(p, len(sft_row(tokenizer, p, cfg.task.chat_template, cfg.task.system_prompt)[0]))
+    lengths = [(p, len(encode_sft_row(tokenizer, p, cfg.task.chat_template, cfg.task.system_prompt)[0]))
                for p in problems if p.solution]
     over = [(p, n) for p, n in lengths if n > context]
     if over:

@@ -24,7 +24,7 @@ import torch
 
 from stablerl.checkpoint import save_model_dir
 from stablerl.config import DEFAULT_CONTEXT
-from stablerl.generation import encode_messages, encode_prompt
+from stablerl.generation import encode_sft_row
 from stablerl.models import build_default_policy, build_tokenizer
 from stablerl.preflight import check_prompts, check_sft_rows
 from stablerl.rundir import atomic_write_bytes, waiting_lock
@@ -35,16 +35,6 @@ from stablerl.tasks.base import Problem, Task
 SFT_STREAM_OFFSET = 10_000_000
 
 
-def sft_row(tokenizer, p: Problem, chat_template: bool = False,
-            system_prompt: str | None = None) -> tuple[list[int], list[int]]:
-    """One teacher row: the prompt's tokens then the solution's and EOS, and its labels (-100 on
-    the prompt, where no loss is taken)."""
-    prompt = (encode_messages(tokenizer, list(p.messages), system_prompt) if p.messages
-              else encode_prompt(tokenizer, p.prompt, chat_template, system_prompt))
-    target = tokenizer(p.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prompt + target, [-100] * len(prompt) + target
-
-
 def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
               system_prompt: str | None = None) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the solution)."""
@@ -52,7 +42,7 @@ def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
     for p in problems:
         if not p.solution:
             raise ValueError(f"problem {p.prompt!r} has no teacher solution to fine-tune on")
-        row, label = sft_row(tokenizer, p, chat_template, system_prompt)
+        row, label = encode_sft_row(tokenizer, p, chat_template, system_prompt)
         rows.append(row)
         labels.append(label)
     T = max(map(len, rows))
