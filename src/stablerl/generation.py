@@ -16,17 +16,20 @@ from stablerl.tasks import Problem, RewardPool, RewardResult
 def encode_problem(tokenizer, problem, task: TaskConfig) -> list[int]:
     """The token ids of a problem's prompt: its chat turns when it has them (TRL's conversational
     format), else its text as ``task`` says (chat template or BOS + text)."""
+    return _prompt_ids(tokenizer, problem, task.chat_template, task.system_prompt)
+
+
+def _prompt_ids(tokenizer, problem, chat_template: bool, system_prompt: str | None) -> list[int]:
     if problem.messages:
-        return encode_messages(tokenizer, list(problem.messages), task.system_prompt)
-    return encode_prompt(tokenizer, problem.prompt, task.chat_template, task.system_prompt)
+        return encode_messages(tokenizer, list(problem.messages), system_prompt)
+    return encode_prompt(tokenizer, problem.prompt, chat_template, system_prompt)
 
 
 def encode_sft_row(tokenizer, problem, chat_template: bool = False,
                    system_prompt: str | None = None) -> tuple[list[int], list[int]]:
     """A cold start's teacher row: the prompt's tokens then the solution's and EOS, and its labels
     (-100 on the prompt, where the SFT takes no loss)."""
-    prompt = (encode_messages(tokenizer, list(problem.messages), system_prompt) if problem.messages
-              else encode_prompt(tokenizer, problem.prompt, chat_template, system_prompt))
+    prompt = _prompt_ids(tokenizer, problem, chat_template, system_prompt)
     target = tokenizer(problem.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return prompt + target, [-100] * len(prompt) + target
 

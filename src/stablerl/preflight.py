@@ -91,7 +91,7 @@ def check_prompts(task, eval_sets, tokenizer, cfg: RunConfig, model_config, log=
                                                  else f"{n} tokens") for name, p, n in found[:3])
     more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
     skip = "" if in_eval_sets else " or set task.long_prompts=skip to drop such rows"
-    fix = ("lower rollout.max_new_tokens, raise model.max_positions (the default model)" if why.startswith("the model's")
+    fix = ("lower rollout.max_new_tokens, raise model.max_positions (the default model)" if limit < cfg.task.max_prompt_tokens
            else "raise task.max_prompt_tokens (up to the model's context)")
     raise ValueError(f"{len(found)} prompts are longer than {limit} tokens, the limit set by {why}: {shown}{more}; "
                      f"shorten them, {fix}{skip}")

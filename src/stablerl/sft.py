@@ -204,12 +204,12 @@ def cold_start(cfg, task: Task, log=print) -> Path:
 def _train_cold_start(cfg, task: Task, out: Path, log) -> Path:
     tokenizer = build_tokenizer()
     model = build_default_policy(cfg.model, tokenizer)
-    # before any step: the prompts a run of these settings would refuse, and the teacher rows the
-    # model's context cannot hold (a stream task: its first step's; run_sft checks every step's)
+    # before any step: the prompts a run of these settings would refuse, and a dataset's teacher rows
+    # the model's context cannot hold (a stream's rows run_sft checks step by step, from step 0)
     check_prompts(task, [], tokenizer, cfg, model.config, log)
     finite = getattr(task, "train_problems", None)
-    rows = finite() if finite else [task.train_problem(SFT_STREAM_OFFSET + i) for i in range(cfg.sft.batch_size)]
-    check_sft_rows(rows, tokenizer, cfg, model.config)
+    if finite:
+        check_sft_rows(finite(), tokenizer, cfg, model.config)
     log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"for {cfg.sft.steps} steps -> {out}")
     state = sft_state_path(out)
