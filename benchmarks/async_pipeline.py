@@ -38,32 +38,55 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--skip", type=int, default=4)
     ap.add_argument("--out", default="runs/bench/async_pipeline.json")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="config overrides applied to both layouts (e.g. train.compile=true)")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides applied to both layouts (e.g. train.compile=true)",
+    )
     args = ap.parse_args()
 
     from stablerl.checkpoint import save_model_dir
-    from stablerl.models import build_default_policy, build_tokenizer
     from stablerl.config import ModelConfig
+    from stablerl.models import build_default_policy, build_tokenizer
     from stablerl.runlog import read_metrics
 
     tmp = Path(tempfile.mkdtemp(prefix="stablerl-async-"))
     tok = build_tokenizer()
     model_dir = save_model_dir(tmp / "model", build_default_policy(ModelConfig(), tok), tok)
-    common = [f"model.path={model_dir}", f"train.steps={args.steps}", "eval.every=100000", "eval.greedy=false",
-              "eval.sampled=false", "log.progress=false", "log.tensorboard=false", "checkpoint.every=100000",
-              "task.reward_workers=1", *args.set]
+    common = [
+        f"model.path={model_dir}",
+        f"train.steps={args.steps}",
+        "eval.every=100000",
+        "eval.greedy=false",
+        "eval.sampled=false",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "checkpoint.every=100000",
+        "task.reward_workers=1",
+        *args.set,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def train(name, launcher, extra):
         run_dir = tmp / name
         cmd = [*launcher, *common, f"run_dir={run_dir}", *extra]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-        return read_metrics(run_dir)[1 + args.skip:]
+        return read_metrics(run_dir)[1 + args.skip :]
 
     py = [sys.executable, "-m", "stablerl", "train"]
     sync = train("sync", py, ["rollout.max_staleness=0", "distributed.threads=2"])
-    tr = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stablerl", "train"]
+    tr = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "stablerl",
+        "train",
+    ]
     async_ = train("async", tr, ["rollout.max_staleness=1", "rollout.workers=1", "distributed.threads=1"])
 
     def rate(rows):
@@ -74,9 +97,14 @@ def main() -> None:
     u1 = med(async_, "train_time")
     r1 = r2 * (u1 / u2)  # sampling on one core, by the update's measured 1-core / 2-core slowdown
     report = {
-        "set": args.set, "steps_measured": len(sync), "sync_tokens_per_s": rate(sync), "async_tokens_per_s": rate(async_),
+        "set": args.set,
+        "steps_measured": len(sync),
+        "sync_tokens_per_s": rate(sync),
+        "async_tokens_per_s": rate(async_),
         "ratio": rate(async_) / rate(sync),
-        "sync_rollout_s": r2, "sync_update_s": u2, "async_update_s": u1,
+        "sync_rollout_s": r2,
+        "sync_update_s": u2,
+        "async_update_s": u1,
         "async_learner_wait_s": med(async_, "pipeline/learner_wait_s"),
         "async_worker_wait_s": med(async_, "pipeline/worker_wait_s"),
         "ideal_ratio": (r2 + u2) / max(r1, u1),

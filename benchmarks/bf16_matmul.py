@@ -16,18 +16,21 @@ import argparse
 import json
 
 import torch
-
 from profiling import parse_with_threads, timed_ms
 
 # (name, a's shape, b's shape): the default run's decode at batch 64 and a large square
-CASES = (("experts bmm (8 experts, 20 rows)", (8, 20, 96), (8, 96, 192)),
-         ("q/k/v projection", (64, 96), (96, 288)),
-         ("LM head", (64, 96), (96, 64)),
-         ("square 512", (512, 512), (512, 512)))
+CASES = (
+    ("experts bmm (8 experts, 20 rows)", (8, 20, 96), (8, 96, 192)),
+    ("q/k/v projection", (64, 96), (96, 288)),
+    ("LM head", (64, 96), (96, 64)),
+    ("square 512", (512, 512), (512, 512)),
+)
 
 
 def main() -> None:
-    parse_with_threads(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parse_with_threads(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     g = torch.Generator().manual_seed(0)
     rows = []
     for name, sa, sb in CASES:
@@ -35,14 +38,29 @@ def main() -> None:
         ab, bb = a.bfloat16(), b.bfloat16()
         native = torch.matmul(ab, bb)
         via_fp32 = torch.matmul(ab.float(), bb.float()).bfloat16()
-        rows.append({"case": name, "fp32_ms": timed_ms(lambda: torch.matmul(a, b), n=20, repeats=5),
-                     "bf16_ms": timed_ms(lambda: torch.matmul(ab, bb), n=20, repeats=5),
-                     "bf16_via_fp32_ms": timed_ms(lambda: torch.matmul(ab.float(), bb.float()).bfloat16(), n=20, repeats=5),
-                     "via_fp32_differs_frac": float((native != via_fp32).float().mean())})
+        rows.append(
+            {
+                "case": name,
+                "fp32_ms": timed_ms(lambda a=a, b=b: torch.matmul(a, b), n=20, repeats=5),
+                "bf16_ms": timed_ms(lambda ab=ab, bb=bb: torch.matmul(ab, bb), n=20, repeats=5),
+                "bf16_via_fp32_ms": timed_ms(
+                    lambda ab=ab, bb=bb: torch.matmul(ab.float(), bb.float()).bfloat16(), n=20, repeats=5
+                ),
+                "via_fp32_differs_frac": float((native != via_fp32).float().mean()),
+            }
+        )
         rows[-1]["bf16_over_fp32"] = rows[-1]["bf16_ms"] / rows[-1]["fp32_ms"]
-    print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                      "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                      "torch_threads": torch.get_num_threads(), "cases": rows}, indent=1))
+    print(
+        json.dumps(
+            {
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                "torch_threads": torch.get_num_threads(),
+                "cases": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

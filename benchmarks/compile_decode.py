@@ -22,12 +22,10 @@ import statistics
 import time
 
 import torch
-
 from shapes import decode_model  # benchmarks/shapes.py
 
 from stablerl.config import SamplingConfig
-from stablerl.rollout import LocalEngine
-from stablerl.rollout import decoders
+from stablerl.rollout import LocalEngine, decoders
 
 
 def main() -> None:
@@ -53,17 +51,26 @@ def main() -> None:
     eager = [run()[0] for _ in range(args.repeats)]
     _, reference = run()
     name = "_forward" if args.region == "forward" else "_attention"
-    setattr(decoders.FastQwen3MoeDecoder, name,
-            torch.compile(getattr(decoders.FastQwen3MoeDecoder, name), dynamic=True))
+    setattr(
+        decoders.FastQwen3MoeDecoder, name, torch.compile(getattr(decoders.FastQwen3MoeDecoder, name), dynamic=True)
+    )
     first, _ = run()
     compiled = [run()[0] for _ in range(args.repeats)]
     _, out = run()
     med = {"eager": statistics.median(eager), "compiled": statistics.median(compiled)}
-    print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
-                      "median_s": med, "first_compiled_run_s": first,
-                      "speedup": med["eager"] / med["compiled"],
-                      "tokens_identical": bool(torch.equal(reference.input_ids, out.input_ids)),
-                      "max_logp_diff": float((reference.rollout_logp - out.rollout_logp).abs().max())}, indent=2))
+    print(
+        json.dumps(
+            {
+                "setup": vars(args) | {"torch_threads": torch.get_num_threads()},
+                "median_s": med,
+                "first_compiled_run_s": first,
+                "speedup": med["eager"] / med["compiled"],
+                "tokens_identical": bool(torch.equal(reference.input_ids, out.input_ids)),
+                "max_logp_diff": float((reference.rollout_logp - out.rollout_logp).abs().max()),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,13 +42,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dynamic", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--region", choices=["model", "layers", "parts"], default="model",
-                    help="what is compiled: the whole model; each decoder layer; or what train.compile compiles, "
-                         "each layer's attention, experts and norms (routers stay eager; always dynamic shapes)")
-    ap.add_argument("--traced-grouped-mm", action="store_true",
-                    help="let the compiler trace torch._grouped_mm (as before stablerl.moe.grouped_mm_op): it refuses")
-    ap.add_argument("--new-lengths", type=int, nargs="*", default=[40, 72],
-                    help="with --dynamic: further sequence lengths to time (each one's first call apart)")
+    ap.add_argument(
+        "--region",
+        choices=["model", "layers", "parts"],
+        default="model",
+        help="what is compiled: the whole model; each decoder layer; or what train.compile compiles, "
+        "each layer's attention, experts and norms (routers stay eager; always dynamic shapes)",
+    )
+    ap.add_argument(
+        "--traced-grouped-mm",
+        action="store_true",
+        help="let the compiler trace torch._grouped_mm (as before stablerl.moe.grouped_mm_op): it refuses",
+    )
+    ap.add_argument(
+        "--new-lengths",
+        type=int,
+        nargs="*",
+        default=[40, 72],
+        help="with --dynamic: further sequence lengths to time (each one's first call apart)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,8 +95,11 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - report why the compiler refused, as the measurement
         lines = [ln.strip() for ln in f"{e}\n{e.__cause__ or ''}".splitlines() if ln.strip()]
         cause = next((ln for ln in lines if "Expected" in ln), next((ln for ln in lines if "Error:" in ln), ""))
-        print(json.dumps({"setup": vars(args), "compiled": False, "error": f"{type(e).__name__}: {cause[:300]}"},
-                         indent=2))
+        print(
+            json.dumps(
+                {"setup": vars(args), "compiled": False, "error": f"{type(e).__name__}: {cause[:300]}"}, indent=2
+            )
+        )
         return
     times = {"eager": [], "compiled": []}
     for _ in range(args.repeats):
@@ -94,18 +109,26 @@ def main() -> None:
     _, logits_c, grads_c = step(compiled)
     med = {k: statistics.median(v) for k, v in times.items()}
     new_lengths = {}
-    for length in (args.new_lengths if args.dynamic else []):
+    for length in args.new_lengths if args.dynamic else []:
         other = torch.randint(5, 90, (64, length), generator=torch.Generator().manual_seed(length))
         first_new = step(compiled, other)[0]
         e = statistics.median(step(model, other)[0] for _ in range(3))
         c = statistics.median(step(compiled, other)[0] for _ in range(3))
         new_lengths[length] = {"first_call_s": first_new, "eager_s": e, "compiled_s": c, "speedup": e / c}
-    print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()},
-                      "median_s": med, "first_compiled_call_s": first,
-                      "speedup": med["eager"] / med["compiled"],
-                      "max_logit_diff": float((logits_e - logits_c).abs().max()),
-                      "max_grad_diff": max(float((a - b).abs().max()) for a, b in zip(grads_e, grads_c)),
-                      "new_lengths": new_lengths}, indent=2))
+    print(
+        json.dumps(
+            {
+                "setup": vars(args) | {"torch_threads": torch.get_num_threads()},
+                "median_s": med,
+                "first_compiled_call_s": first,
+                "speedup": med["eager"] / med["compiled"],
+                "max_logit_diff": float((logits_e - logits_c).abs().max()),
+                "max_grad_diff": max(float((a - b).abs().max()) for a, b in zip(grads_e, grads_c)),
+                "new_lengths": new_lengths,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

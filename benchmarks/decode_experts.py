@@ -20,13 +20,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from profiling import parse_with_threads, timed_ms
+
 from stablerl.moe import grouped_experts, pick_layout
 
 # (experts, top-k, hidden, expert width, tokens)
-CASES = ((8, 2, 96, 96, 128), (8, 2, 96, 96, 3072), (32, 4, 96, 48, 64), (32, 4, 96, 48, 128), (32, 4, 96, 48, 1536),
-         (8, 2, 128, 128, 64), (8, 2, 256, 256, 64), (8, 2, 512, 512, 64), (8, 2, 1024, 1024, 64))
+CASES = (
+    (8, 2, 96, 96, 128),
+    (8, 2, 96, 96, 3072),
+    (32, 4, 96, 48, 64),
+    (32, 4, 96, 48, 128),
+    (32, 4, 96, 48, 1536),
+    (8, 2, 128, 128, 64),
+    (8, 2, 256, 256, 64),
+    (8, 2, 512, 512, 64),
+    (8, 2, 1024, 1024, 64),
+)
 
 
 def main() -> None:
@@ -49,13 +58,29 @@ def main() -> None:
                 pairs = timed_ms(lambda *x: grouped_experts(*x, layout="pairs"), a)
                 C = int(torch.bincount(idx.reshape(-1), minlength=E).max())
                 diff = grouped_experts(*a, layout="padded").float() - grouped_experts(*a, layout="pairs").float()
-                rows.append({"dtype": str(dtype).removeprefix("torch."), "routing": routing, "experts": E, "top_k": k,
-                             "hidden": H, "width": I, "tokens": N, "padding": E * C / (N * k),
-                             "padded_ms": padded, "pairs_ms": pairs, "pairs_speedup": padded / pairs,
-                             "picked": pick_layout(N * k, E * C, H, I, dtype), "max_diff": float(diff.abs().max())})
+                rows.append(
+                    {
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "routing": routing,
+                        "experts": E,
+                        "top_k": k,
+                        "hidden": H,
+                        "width": I,
+                        "tokens": N,
+                        "padding": E * C / (N * k),
+                        "padded_ms": padded,
+                        "pairs_ms": pairs,
+                        "pairs_speedup": padded / pairs,
+                        "picked": pick_layout(N * k, E * C, H, I, dtype),
+                        "max_diff": float(diff.abs().max()),
+                    }
+                )
                 r = rows[-1]
-                print(f"{r['dtype']:>8} {routing:>6} E{E} k{k} H{H} I{I} N{N}: padding {r['padding']:.2f}  padded "
-                      f"{padded:.3f} ms  pairs {pairs:.3f} ms  ({padded / pairs:.2f}x)  picked {r['picked']}", flush=True)
+                print(
+                    f"{r['dtype']:>8} {routing:>6} E{E} k{k} H{H} I{I} N{N}: padding {r['padding']:.2f}  padded "
+                    f"{padded:.3f} ms  pairs {pairs:.3f} ms  ({padded / pairs:.2f}x)  picked {r['picked']}",
+                    flush=True,
+                )
     report = {"torch_threads": torch.get_num_threads(), "cases": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

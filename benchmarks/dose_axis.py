@@ -49,8 +49,12 @@ def main() -> None:
     prompts = [encode_problem(tokenizer, p, cfg.task) for p in problems for _ in range(args.samples)]
     seeds = [args.seed + i for i in range(len(prompts))]
     sampling = cfg.rollout.sampling()
-    report = {"checkpoint": args.checkpoint, "overrides": args.overrides, "prompts": len(problems),
-              "samples": args.samples}
+    report = {
+        "checkpoint": args.checkpoint,
+        "overrides": args.overrides,
+        "prompts": len(problems),
+        "samples": args.samples,
+    }
     for rung in LADDER:
         engine = LocalEngine(model, rung, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         batch = engine.generate(prompts, sampling, seeds=seeds)
@@ -64,17 +68,25 @@ def main() -> None:
             "kl_k3": train_infer_kl(train["logp"], batch.rollout_logp, mask),
             "seq_log_w_mean": float(seq.mean()),
             "seq_log_w_p01": float(torch.quantile(seq, 0.01)),
-            "route_agreement": float(route_agreement(train["routes"], batch.routes).nanmean()) if batch.routes is not None else None,
+            "route_agreement": float(route_agreement(train["routes"], batch.routes).nanmean())
+            if batch.routes is not None
+            else None,
             "response_len_mean": float(mask.sum(-1).float().mean()),
         }
         print(f"{rung}: {report[rung]}", file=sys.stderr)
     print(json.dumps(report, indent=1))
-    print("| rung | k1 KL / token (the axis) | k3 KL / token | sum log w / response: mean | 1st percentile | routing agreement | mean length |")
+    print(
+        "| rung | k1 KL / token (the axis) | k3 KL / token | sum log w / response: mean | 1st percentile "
+        "| routing agreement | mean length |"
+    )
     print("|---|---|---|---|---|---|---|")
     for rung in LADDER:
         r = report[rung]
-        print(f"| {rung} | {r['kl_k1']:.2e} | {r['kl_k3']:.2e} | {r['seq_log_w_mean']:+.3f} | {r['seq_log_w_p01']:+.3f} | "
-              f"{r['route_agreement']:.3f} | {r['response_len_mean']:.0f} |")
+        print(
+            f"| {rung} | {r['kl_k1']:.2e} | {r['kl_k3']:.2e} | {r['seq_log_w_mean']:+.3f} | "
+            f"{r['seq_log_w_p01']:+.3f} | "
+            f"{r['route_agreement']:.3f} | {r['response_len_mean']:.0f} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

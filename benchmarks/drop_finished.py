@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-
 from shapes import SHAPES  # benchmarks/shapes.py
 
 
@@ -46,9 +45,11 @@ def main() -> None:
             times[drop].append(time.perf_counter() - t0)
     keep, drop = times[False], times[True]
     same = torch.equal(batches[False].response_ids, batches[True].response_ids)
-    print(f"mean response {float(batches[False].response_mask.sum(-1).float().mean()):.0f} of {args.new_tokens} tokens; "
-          f"keep ended rows {statistics.median(keep):.2f} s, drop them {statistics.median(drop):.2f} s: "
-          f"{statistics.median(keep) / statistics.median(drop):.2f}x; the same tokens: {same}")
+    print(
+        f"mean response {float(batches[False].response_mask.sum(-1).float().mean()):.0f} of {args.new_tokens} tokens; "
+        f"keep ended rows {statistics.median(keep):.2f} s, drop them {statistics.median(drop):.2f} s: "
+        f"{statistics.median(keep) / statistics.median(drop):.2f}x; the same tokens: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     report = {"setup": vars(args)}
     for precision in PRECISIONS:
-        batch = LocalEngine(model, precision, eos_token_id=[]).generate(prompts, sampling, seeds=[args.seed + i for i in range(len(prompts))])
+        batch = LocalEngine(model, precision, eos_token_id=[]).generate(
+            prompts, sampling, seeds=[args.seed + i for i in range(len(prompts))]
+        )
         with torch.no_grad():
             train = response_logp(model, batch, capture=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -57,8 +59,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for precision in PRECISIONS:
         r = report[precision]
-        print(f"| {precision} | {r['train_infer_kl']:.2e} | {r['train_infer_kl_bf16_training']:.2e} | "
-              f"{r['route_agreement_mean']:.4f} |")
+        print(
+            f"| {precision} | {r['train_infer_kl']:.2e} | {r['train_infer_kl_bf16_training']:.2e} | "
+            f"{r['route_agreement_mean']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

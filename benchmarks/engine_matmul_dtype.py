@@ -39,8 +39,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 60, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
     sampling, seeds = SamplingConfig(max_new_tokens=args.new_tokens), list(range(args.batch))
-    ways = {"fp32_multiply": lambda dtype, device="cpu": torch.float32 if dtype == torch.bfloat16 else dtype,
-            "torch_bf16": lambda dtype, device="cpu": dtype}
+    ways = {
+        "fp32_multiply": lambda dtype, device="cpu": torch.float32 if dtype == torch.bfloat16 else dtype,
+        "torch_bf16": lambda dtype, device="cpu": dtype,
+    }
     seconds, batches = {way: [] for way in ways}, {}
     engine.generate(prompts[:4], SamplingConfig(max_new_tokens=4), seeds=seeds[:4])  # warm-up
     for _ in range(args.repeats):
@@ -52,13 +54,23 @@ def main() -> None:
     tokens = args.batch * args.new_tokens
     median = {way: statistics.median(s) for way, s in seconds.items()}
     a, b = batches["fp32_multiply"], batches["torch_bf16"]
-    print(json.dumps({"shape": args.shape, "precision": args.precision, "batch": args.batch,
-                      "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
-                      "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                      "tokens_per_s": {way: tokens / m for way, m in median.items()},
-                      "speedup": median["torch_bf16"] / median["fp32_multiply"],
-                      "same_tokens_frac": float((a.input_ids == b.input_ids).float().mean()),
-                      "seconds": seconds}, indent=1))
+    print(
+        json.dumps(
+            {
+                "shape": args.shape,
+                "precision": args.precision,
+                "batch": args.batch,
+                "new_tokens": args.new_tokens,
+                "torch_threads": torch.get_num_threads(),
+                "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                "tokens_per_s": {way: tokens / m for way, m in median.items()},
+                "speedup": median["torch_bf16"] / median["fp32_multiply"],
+                "same_tokens_frac": float((a.input_ids == b.input_ids).float().mean()),
+                "seconds": seconds,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def main() -> None:
     x = torch.randn(3584, 96, requires_grad=True)
     idx = torch.randint(0, 3584, (7168,), generator=torch.Generator().manual_seed(1))
     g = torch.randn(7168, 96)
-    gather = {"advanced_indexing_ms": timed(lambda: x[idx].backward(g), 4 * args.repeats),
-              "index_select_ms": timed(lambda: x.index_select(0, idx).backward(g), 4 * args.repeats)}
+    gather = {
+        "advanced_indexing_ms": timed(lambda: x[idx].backward(g), 4 * args.repeats),
+        "index_select_ms": timed(lambda: x.index_select(0, idx).backward(g), 4 * args.repeats),
+    }
 
     for p in model.parameters():
         p.grad = torch.randn_like(p)
@@ -85,15 +87,22 @@ def main() -> None:
         adamw[name] = timed(opt.step, 4 * args.repeats)
 
     a, b = outputs["grouped_mm"], outputs[NAME]
-    print(json.dumps({
-        "setup": {"repeats": args.repeats, "torch_threads": torch.get_num_threads(), "tokens": ids.numel()},
-        "train_forward_backward": {i: {k: statistics.median(v) for k, v in t.items()} for i, t in times.items()},
-        "max_logit_diff": float((a[0] - b[0]).abs().max()),
-        "max_grad_diff": max(float((u - v).abs().max()) for u, v in zip(a[1], b[1])),
-        "index_put_share_of_profile": index_put_share,
-        "row_gather_forward_backward": gather,
-        "adamw_step": adamw,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "setup": {"repeats": args.repeats, "torch_threads": torch.get_num_threads(), "tokens": ids.numel()},
+                "train_forward_backward": {
+                    i: {k: statistics.median(v) for k, v in t.items()} for i, t in times.items()
+                },
+                "max_logit_diff": float((a[0] - b[0]).abs().max()),
+                "max_grad_diff": max(float((u - v).abs().max()) for u, v in zip(a[1], b[1])),
+                "index_put_share_of_profile": index_put_share,
+                "row_gather_forward_backward": gather,
+                "adamw_step": adamw,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from shapes import SHAPES  # benchmarks/shapes.py
 
 
@@ -42,11 +43,21 @@ def child(args) -> dict:
     with torch.no_grad(), capture_routes(model) as cap:  # routes to replay (those of the same weights)
         model(input_ids=ids[:4])
     routes = torch.cat([cap.routes] * (B // 4))
-    batch = RolloutBatch(input_ids=ids, attention_mask=torch.ones_like(ids), prompt_width=P,
-                         response_mask=torch.ones(B, R, dtype=torch.bool), rollout_logp=torch.zeros(B, R),
-                         finished=torch.ones(B, dtype=torch.bool), version=0, routes=routes)
-    cfg = build_config(RunConfig, None, [f"train.dtype={args.dtype}",
-                                         f"train.activation_checkpointing={str(args.checkpointing).lower()}"])
+    batch = RolloutBatch(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        prompt_width=P,
+        response_mask=torch.ones(B, R, dtype=torch.bool),
+        rollout_logp=torch.zeros(B, R),
+        finished=torch.ones(B, dtype=torch.bool),
+        version=0,
+        routes=routes,
+    )
+    cfg = build_config(
+        RunConfig,
+        None,
+        [f"train.dtype={args.dtype}", f"train.activation_checkpointing={str(args.checkpointing).lower()}"],
+    )
     learner = Learner(model, cfg)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
@@ -57,8 +68,7 @@ def child(args) -> dict:
     grads = {n: p.grad for n, p in learner.model.named_parameters() if p.grad is not None}
     torch.save(grads, args.grads)
     params = sum(p.numel() for p in model.parameters())
-    return {"peak_above_start_mib": (peak - before) / 1024, "seconds": seconds, "params": params,
-            "tokens": B * (P + R)}
+    return {"peak_above_start_mib": (peak - before) / 1024, "seconds": seconds, "params": params, "tokens": B * (P + R)}
 
 
 def main() -> None:
@@ -84,20 +94,43 @@ def main() -> None:
     for dtype in ("fp32", "bf16"):
         for ckpt in (False, True):
             grads = out.with_name(f"grads_{dtype}_{ckpt}.pt")
-            cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--responses", str(args.responses),
-                   "--response-len", str(args.response_len), "--dtype", dtype, "--grads", str(grads)]
-            res = json.loads(subprocess.run(cmd + (["--checkpointing"] if ckpt else []), check=True,
-                                            capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--shape",
+                args.shape,
+                "--responses",
+                str(args.responses),
+                "--response-len",
+                str(args.response_len),
+                "--dtype",
+                dtype,
+                "--grads",
+                str(grads),
+            ]
+            res = json.loads(
+                subprocess.run(cmd + (["--checkpointing"] if ckpt else []), check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             g = torch.load(grads)
             grads.unlink()
             ref = ref or g
             res["max_rel_grad_diff"] = max(float((g[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)) for k in ref)
             res.update(dtype=dtype, activation_checkpointing=ckpt)
             rows.append(res)
-            print(f"{dtype} checkpointing={ckpt!s:5}  peak +{res['peak_above_start_mib']:7.0f} MiB  "
-                  f"{res['seconds']:6.2f} s  grad rel diff {res['max_rel_grad_diff']:.1e}", flush=True)
-    out.write_text(json.dumps({"shape": args.shape, "responses": args.responses, "response_len": args.response_len,
-                               "rows": rows}, indent=1))
+            print(
+                f"{dtype} checkpointing={ckpt!s:5}  peak +{res['peak_above_start_mib']:7.0f} MiB  "
+                f"{res['seconds']:6.2f} s  grad rel diff {res['max_rel_grad_diff']:.1e}",
+                flush=True,
+            )
+    out.write_text(
+        json.dumps(
+            {"shape": args.shape, "responses": args.responses, "response_len": args.response_len, "rows": rows},
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -19,8 +19,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 # shape name -> config file (None = the default tiny MoE); the deep shape ships as an example config
 SHAPES = {"default": None, "deep": Path(__file__).resolve().parents[1] / "examples" / "deep_moe" / "config.yaml"}
 
@@ -35,12 +33,11 @@ def main() -> None:
 
     from stablerl.config import RunConfig
     from stablerl.config_io import build_config
-    from stablerl.diagnostics import route_agreement
+    from stablerl.diagnostics import k3, route_agreement
     from stablerl.forward import response_logp
+    from stablerl.generation import encode_prompt
     from stablerl.models import load_policy
     from stablerl.rollout import LocalEngine
-    from stablerl.diagnostics import k3
-    from stablerl.generation import encode_prompt
     from stablerl.sft import cold_start
     from stablerl.tasks import build_task
 
@@ -54,7 +51,9 @@ def main() -> None:
         sft_s = time.perf_counter() - t0
         model, tok = load_policy(path)
         n_params = sum(p.numel() for p in model.parameters())
-        prompts = [encode_prompt(tok, p.prompt) for p in task.eval_problems()[: args.prompts] for _ in range(args.samples)]
+        prompts = [
+            encode_prompt(tok, p.prompt) for p in task.eval_problems()[: args.prompts] for _ in range(args.samples)
+        ]
         sampling = cfg.rollout.sampling()
         rows = {"params": n_params, "sft_seconds_incl_cache": round(sft_s, 1)}
         for precision in ("bf16", "fp16", "fp8", "fp8_w8a8"):
@@ -68,12 +67,17 @@ def main() -> None:
             m = batch.response_mask
             log_w = (out["logp"].detach() - batch.rollout_logp)[m]
             per_layer = route_agreement(out["routes"], batch.routes)
-            rows[precision] = {"kl_k3": float(k3(log_w).mean()), "kl_k1": float((-log_w).mean()),
-                               "route_agreement": float(per_layer.mean()),
-                               "per_layer": [round(float(x), 4) for x in per_layer],
-                               "update_forward_backward_s": round(update_s, 2)}
-            print(f"{shape:>8} {precision:>9}: KL k3 {rows[precision]['kl_k3']:.2e}  k1 {rows[precision]['kl_k1']:.2e}"
-                  f"  agreement {rows[precision]['route_agreement']:.4f}  by layer {rows[precision]['per_layer']}")
+            rows[precision] = {
+                "kl_k3": float(k3(log_w).mean()),
+                "kl_k1": float((-log_w).mean()),
+                "route_agreement": float(per_layer.mean()),
+                "per_layer": [round(float(x), 4) for x in per_layer],
+                "update_forward_backward_s": round(update_s, 2),
+            }
+            print(
+                f"{shape:>8} {precision:>9}: KL k3 {rows[precision]['kl_k3']:.2e}  k1 {rows[precision]['kl_k1']:.2e}"
+                f"  agreement {rows[precision]['route_agreement']:.4f}  by layer {rows[precision]['per_layer']}"
+            )
         report[shape] = rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from profiling import matmul_ms, top_ops  # benchmarks/profiling.py
 from shapes import SHAPES  # benchmarks/shapes.py
+from torch.profiler import ProfilerActivity, profile
 
 
 def main() -> None:
@@ -36,8 +35,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--max-tokens", type=int, default=2048,
-                    help="also report the update's padding with batch.max_tokens_per_micro_batch at this budget")
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=2048,
+        help="also report the update's padding with batch.max_tokens_per_micro_batch at this budget",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -51,9 +54,18 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="stablerl-profile-"))
     tok = build_tokenizer()
     ckpt = save_model_dir(tmp / "ckpt", build_model(default_model_config(tok, **SHAPES[args.shape]), seed=0), tok)
-    cfg = build_config(RunConfig, None, [f"model.path={ckpt}", f"run_dir={tmp / 'run'}", "log.progress=false",
-                                         "log.tensorboard=false", f"rollout.max_new_tokens={args.new_tokens}",
-                                         "task.eval_size=8"])
+    cfg = build_config(
+        RunConfig,
+        None,
+        [
+            f"model.path={ckpt}",
+            f"run_dir={tmp / 'run'}",
+            "log.progress=false",
+            "log.tensorboard=false",
+            f"rollout.max_new_tokens={args.new_tokens}",
+            "task.eval_size=8",
+        ],
+    )
     trainer = Trainer(cfg, tmp / "run", log=lambda *_: None)
     trainer._setup(resume=False)
     phases = {"rollout": [], "update": []}
@@ -91,7 +103,10 @@ def main() -> None:
         report["rollout_top"], report["update_top"] = top_ops(p_roll, args.top), top_ops(p_upd, args.top)
         lengths = batch.response_mask.sum(-1)
         rows = torch.randperm(B, generator=torch.Generator().manual_seed(step))  # a mini-batch's order
-        for name, order in (("budget", rows), ("budget_sorted", rows[torch.argsort(lengths[rows], descending=True, stable=True)])):
+        for name, order in (
+            ("budget", rows),
+            ("budget_sorted", rows[torch.argsort(lengths[rows], descending=True, stable=True)]),
+        ):
             pieces = micro_batches(order, lengths, P, B, args.max_tokens)
             computed = sum(len(p) * (P + int(lengths[p].max())) for p in pieces)
             padded.setdefault(name, []).append(1 - float(batch.attention_mask.sum()) / computed)
@@ -107,14 +122,18 @@ def main() -> None:
     trainer.close()
     for name in ("budget", "budget_sorted"):
         report[f"update_padded_fraction_{name}"] = sum(padded[name]) / len(padded[name])
-    print(f"shape {args.shape}, {args.new_tokens} new tokens (mean response {report['response_len_mean']:.0f}): "
-          f"rollout {report['rollout_s']:.2f} s/step (padded {report['rollout_padded_fraction']:.1%}), "
-          f"update {report['update_s']:.2f} s/step (padded {report['update_padded_fraction']:.1%}; with "
-          f"max_tokens_per_micro_batch={args.max_tokens}: {report['update_padded_fraction_budget']:.1%} in mini-batch "
-          f"order, {report['update_padded_fraction_budget_sorted']:.1%} length-sorted)")
-    print(f"unprofiled: rollout {report['rollout_unprofiled_s']:.2f} s, update {report['update_unprofiled_s']:.2f} s; "
-          f"matrix-multiply floor: rollout {report['rollout_matmul_floor_s']:.2f} s, update "
-          f"{report['update_matmul_floor_s']:.2f} s; floor share of a step {report['floor_share']:.1%}")
+    print(
+        f"shape {args.shape}, {args.new_tokens} new tokens (mean response {report['response_len_mean']:.0f}): "
+        f"rollout {report['rollout_s']:.2f} s/step (padded {report['rollout_padded_fraction']:.1%}), "
+        f"update {report['update_s']:.2f} s/step (padded {report['update_padded_fraction']:.1%}; with "
+        f"max_tokens_per_micro_batch={args.max_tokens}: {report['update_padded_fraction_budget']:.1%} in mini-batch "
+        f"order, {report['update_padded_fraction_budget_sorted']:.1%} length-sorted)"
+    )
+    print(
+        f"unprofiled: rollout {report['rollout_unprofiled_s']:.2f} s, update {report['update_unprofiled_s']:.2f} s; "
+        f"matrix-multiply floor: rollout {report['rollout_matmul_floor_s']:.2f} s, update "
+        f"{report['update_matmul_floor_s']:.2f} s; floor share of a step {report['floor_share']:.1%}"
+    )
     for phase in ("rollout", "update"):
         print(f"\n{phase}: top operators by self CPU time")
         for r in report[f"{phase}_top"]:

@@ -16,9 +16,15 @@ import time
 
 # the operators whose self time is matrix arithmetic on CPU (linear layers resolve to mm/addmm;
 # the experts to bmm or grouped_mm; attention to bmm or the sdpa kernels), forward and backward
-MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm",
-              "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+MATMUL_OPS = (
+    "aten::mm",
+    "aten::bmm",
+    "aten::addmm",
+    "aten::baddbmm",
+    "aten::_grouped_mm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+)
 
 
 def parse_with_threads(ap):
@@ -48,8 +54,10 @@ def timed_ms(fn, args=(), n: int = 30, repeats: int = 7) -> float:
 def top_ops(prof, n: int) -> list[dict]:
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows) or 1
-    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
-             "calls": e.count} for e in rows[:n]]
+    return [
+        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total, "calls": e.count}
+        for e in rows[:n]
+    ]
 
 
 def matmul_ms(prof) -> float:
@@ -59,5 +67,8 @@ def matmul_ms(prof) -> float:
 
 def floor_fields(floor_s: float, stablerl_s: float, peer_s: float) -> dict:
     """The floor, its share of stablerl's (unprofiled) time, and the bound it sets against a peer."""
-    return {"stablerl_matmul_floor_s": floor_s, "floor_share_of_stablerl": floor_s / stablerl_s,
-            "bound": peer_s / floor_s}
+    return {
+        "stablerl_matmul_floor_s": floor_s,
+        "floor_share_of_stablerl": floor_s / stablerl_s,
+        "bound": peer_s / floor_s,
+    }

@@ -48,8 +48,15 @@ def child(args) -> None:
     sharded = peak()
     local = sum(float(p.to_local().double().sum()) for p in model.parameters())
     params = sum(p.numel() for p in model.parameters())
-    row = {"rank": rank, "mode": args.mode, "start_mib": start, "after_load_mib": loaded, "after_shard_mib": sharded,
-           "params": params, "shard_checksum": local}
+    row = {
+        "rank": rank,
+        "mode": args.mode,
+        "start_mib": start,
+        "after_load_mib": loaded,
+        "after_shard_mib": sharded,
+        "params": params,
+        "shard_checksum": local,
+    }
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     if rank == 0:
@@ -77,32 +84,59 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="stablerl-rank0-") as tmp:
         tok = build_tokenizer()
-        model = build_model(default_model_config(tok, hidden_size=args.hidden, expert_size=args.hidden // 2,
-                                                 num_layers=args.layers, num_experts=32, top_k=4), seed=0)
+        model = build_model(
+            default_model_config(
+                tok,
+                hidden_size=args.hidden,
+                expert_size=args.hidden // 2,
+                num_layers=args.layers,
+                num_experts=32,
+                top_k=4,
+            ),
+            seed=0,
+        )
         params = sum(p.numel() for p in model.parameters())
         path = save_model_dir(Path(tmp) / "ckpt", model, tok)
         del model
         print(f"model: {params / 1e6:.0f}M parameters, {params * 4 / 2**20:.0f} MiB in fp32", flush=True)
         for mode in ("rank0", "every"):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-                   __file__, "--child", "--mode", mode, "--path", str(path)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                 timeout=900)
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={args.ranks}",
+                __file__,
+                "--child",
+                "--mode",
+                mode,
+                "--path",
+                str(path),
+            ]
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900
+            )
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
-            results[mode] = json.loads(line[len("RESULT "):])
+            results[mode] = json.loads(line[len("RESULT ") :])
             for r in results[mode]:
-                print(f"{mode:5}  rank {r['rank']}: start {r['start_mib']:6.0f} MiB, after load {r['after_load_mib']:6.0f}, "
-                      f"after sharding {r['after_shard_mib']:6.0f} (peak RSS); shard checksum {r['shard_checksum']:.6e}",
-                      flush=True)
-    same = all(abs(a["shard_checksum"] - b["shard_checksum"]) <= 1e-9 * max(1.0, abs(a["shard_checksum"]))
-               for a, b in zip(results["rank0"], results["every"]))
+                print(
+                    f"{mode:5}  rank {r['rank']}: start {r['start_mib']:6.0f} MiB, "
+                    f"after load {r['after_load_mib']:6.0f}, "
+                    f"after sharding {r['after_shard_mib']:6.0f} (peak RSS); shard checksum {r['shard_checksum']:.6e}",
+                    flush=True,
+                )
+    same = all(
+        abs(a["shard_checksum"] - b["shard_checksum"]) <= 1e-9 * max(1.0, abs(a["shard_checksum"]))
+        for a, b in zip(results["rank0"], results["every"])
+    )
     print(f"the same shards in both modes: {same}")
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"params": params, "ranks": args.ranks, "results": results, "same_shards": same},
-                                   indent=1))
+    out_path.write_text(
+        json.dumps({"params": params, "ranks": args.ranks, "results": results, "same_shards": same}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,17 @@ def main() -> None:
             t = time.perf_counter()
             pool.score(items)
             times.append(time.perf_counter() - t)
-    print(json.dumps({"setup": vars(args) | {"reward_workers": cfg.reward_workers},
-                      "median_s": statistics.median(times), "min_s": min(times),
-                      "mean_reward": mean_reward}, indent=2))
+    print(
+        json.dumps(
+            {
+                "setup": vars(args) | {"reward_workers": cfg.reward_workers},
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "mean_reward": mean_reward,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,10 +29,9 @@ import statistics
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from profiling import floor_fields, matmul_ms  # benchmarks/profiling.py
 from shapes import SHAPES, decode_model  # benchmarks/shapes.py
+from torch.profiler import ProfilerActivity, profile
 
 from stablerl.config import SamplingConfig
 from stablerl.rollout import LocalEngine
@@ -72,9 +71,17 @@ def main() -> None:
     def run_hf() -> float:
         t = time.perf_counter()
         with torch.no_grad(), capture_routes(model) as cap:
-            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
-                                 top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, pad_token_id=0)
+            out = model.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=0,
+            )
         elapsed = time.perf_counter() - t
         assert out.shape[1] - args.prompt == args.new_tokens and len(cap.all_routes) == args.new_tokens
         return elapsed
@@ -90,16 +97,18 @@ def main() -> None:
         run_engine()
     floor = matmul_ms(prof) / 1e3
     result = {
-        "setup": vars(args) | {"model": f"qwen3_moe, {config.num_hidden_layers} layers, {config.num_experts} experts, "
-                                        f"top-{config.num_experts_per_tok}, hidden {config.hidden_size}",
-                               "torch_threads": torch.get_num_threads()},
+        "setup": vars(args)
+        | {
+            "model": f"qwen3_moe, {config.num_hidden_layers} layers, {config.num_experts} experts, "
+            f"top-{config.num_experts_per_tok}, hidden {config.hidden_size}",
+            "torch_threads": torch.get_num_threads(),
+        },
         "tokens_per_s": {k: n_tokens / v for k, v in med.items()},
         "median_s": med,
         "first_call_s": first_call_s,  # with --compile: the compile
         "speedup": med["hf_generate"] / med["stablerl"],
         # each pair ran back to back, so its ratio is less exposed to this machine's load swings
-        "speedup_median_of_pairs": statistics.median(
-            h / s for h, s in zip(times["hf_generate"], times["stablerl"])),
+        "speedup_median_of_pairs": statistics.median(h / s for h, s in zip(times["hf_generate"], times["stablerl"])),
     } | floor_fields(floor, med["stablerl"], med["hf_generate"])
     print(json.dumps(result, indent=2))
 

@@ -24,18 +24,38 @@ from pathlib import Path
 
 def run(k: int, args, workdir: Path, ckpt: Path) -> dict:
     run_dir = workdir / f"k{k}"
-    overrides = [f"model.path={ckpt}", f"run_dir={run_dir}", f"train.steps={args.steps}",
-                 f"batch.prompts_per_step={args.prompts}", f"batch.group_size={args.group}",
-                 f"batch.minibatches_per_step={args.minibatches}", f"rollout.max_new_tokens={args.new_tokens}",
-                 f"rollout.precision={args.precision}", "eval.every=100000", "eval.greedy=false", "eval.sampled=false",
-                 "log.progress=false", "log.tensorboard=false", "checkpoint.every=100000"]
+    overrides = [
+        f"model.path={ckpt}",
+        f"run_dir={run_dir}",
+        f"train.steps={args.steps}",
+        f"batch.prompts_per_step={args.prompts}",
+        f"batch.group_size={args.group}",
+        f"batch.minibatches_per_step={args.minibatches}",
+        f"rollout.max_new_tokens={args.new_tokens}",
+        f"rollout.precision={args.precision}",
+        "eval.every=100000",
+        "eval.greedy=false",
+        "eval.sampled=false",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "checkpoint.every=100000",
+    ]
     if args.threads_per_rank:
         overrides.append(f"distributed.threads={args.threads_per_rank}")
     if k == 1:
         cmd = [sys.executable, "-m", "stablerl", "train", *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}",
-               "-m", "stablerl", "train", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={k}",
+            "-m",
+            "stablerl",
+            "train",
+            *overrides,
+        ]
     env = {**os.environ}
     if args.threads_per_rank:
         env["OMP_NUM_THREADS"] = str(args.threads_per_rank)
@@ -46,8 +66,14 @@ def run(k: int, args, workdir: Path, ckpt: Path) -> dict:
     rows = [r for r in rows if r.get("step", 0) > args.warmup]
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     tokens = statistics.median(r["response_len_mean"] * args.prompts * args.group for r in rows)
-    return {"ranks": k, "step_s": med("step_time"), "rollout_s": med("rollout_time"), "update_s": med("train_time"),
-            "response_tokens_per_s": tokens / med("step_time"), "steps_measured": len(rows)}
+    return {
+        "ranks": k,
+        "step_s": med("step_time"),
+        "rollout_s": med("rollout_time"),
+        "update_s": med("train_time"),
+        "response_tokens_per_s": tokens / med("step_time"),
+        "steps_measured": len(rows),
+    }
 
 
 def main() -> None:
@@ -64,8 +90,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/scaling.json")
     args = ap.parse_args()
 
-    from stablerl.models import build_model, build_tokenizer, default_model_config
     from stablerl.checkpoint import save_model_dir
+    from stablerl.models import build_model, build_tokenizer, default_model_config
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -76,8 +102,10 @@ def main() -> None:
     print(f"{'K':>3} {'step s':>8} {'rollout s':>10} {'update s':>9} {'tokens/s':>9} {'speed-up':>9}")
     for r in results:
         r["speedup"] = base["step_s"] / r["step_s"]
-        print(f"{r['ranks']:>3} {r['step_s']:>8.3f} {r['rollout_s']:>10.3f} {r['update_s']:>9.3f} "
-              f"{r['response_tokens_per_s']:>9.0f} {r['speedup']:>8.2f}x")
+        print(
+            f"{r['ranks']:>3} {r['step_s']:>8.3f} {r['rollout_s']:>10.3f} {r['update_s']:>9.3f} "
+            f"{r['response_tokens_per_s']:>9.0f} {r['speedup']:>8.2f}x"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"setup": vars(args), "results": results}, indent=1))

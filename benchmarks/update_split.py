@@ -2,7 +2,8 @@
 finiteness check, the optimizer step and gradient clipping, the loss and metrics (wall time per
 RL step: each part's sum over ``--steps`` steps divided by their number).
 
-    .venv/bin/python benchmarks/update_split.py [--steps 10] [--threads 2] [--set rollout.compile=true train.compile=true]
+    .venv/bin/python benchmarks/update_split.py [--steps 10] [--threads 2] \
+        [--set rollout.compile=true train.compile=true]
 
 The same configuration as ``trl_step_time.py``'s stablerl side (the default shape at random init,
 8 prompts x 8 responses, one micro-batch, 32 new tokens); a first run of ``--warmup`` steps (which
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from shapes import SHAPES  # benchmarks/shapes.py
 from trl_step_time import stablerl_round  # benchmarks/trl_step_time.py
 
@@ -54,8 +54,16 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    for name in ("update", "_micro_step", "_logp", "_old_pass", "_optimizer_step", "_clip_grad_norm", "_record",
-                 "_step_metrics"):
+    for name in (
+        "update",
+        "_micro_step",
+        "_logp",
+        "_old_pass",
+        "_optimizer_step",
+        "_clip_grad_norm",
+        "_record",
+        "_step_metrics",
+    ):
         timed(learner.Learner, name, name)
     timed(learner, "policy_loss", "policy_loss")
     timed(learner, "check_finite", "check_finite")
@@ -68,8 +76,11 @@ def main() -> None:
     seconds.clear()
     stablerl_round(ckpt, args.steps, tmp / "timed", "fp32", 32, args.set)
     per_step_ms = {k: round(v / args.steps * 1e3, 2) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
-    print(json.dumps({"setup": vars(args) | {"torch_threads": torch.get_num_threads()}, "ms_per_step": per_step_ms},
-                     indent=2))
+    print(
+        json.dumps(
+            {"setup": vars(args) | {"torch_threads": torch.get_num_threads()}, "ms_per_step": per_step_ms}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,12 @@ def discrepancy(engine, model, prompts, sampling) -> dict:
     m = batch.response_mask
     log_w = (train["logp"] - batch.rollout_logp)[m]
     per_layer = route_agreement(train["routes"], batch.routes)
-    return {"kl_k3": float((log_w.exp() - 1 - log_w).mean()), "kl_k1": float((-log_w).mean()),
-            "route_agreement": float(per_layer.mean()), "per_layer": [round(float(x), 4) for x in per_layer]}
+    return {
+        "kl_k3": float((log_w.exp() - 1 - log_w).mean()),
+        "kl_k1": float((-log_w).mean()),
+        "route_agreement": float(per_layer.mean()),
+        "per_layer": [round(float(x), 4) for x in per_layer],
+    }
 
 
 def main() -> None:
@@ -64,21 +68,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--set", nargs="*", default=[], metavar="model.KEY=VALUE",
-                    help="model size overrides (model.hidden_size, model.num_layers, model.num_experts, ...)")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="model.KEY=VALUE",
+        help="model size overrides (model.hidden_size, model.num_layers, model.num_experts, ...)",
+    )
     ap.add_argument("--throughput-only", action="store_true", help="skip the discrepancy part")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time LocalEngine with rollout.compile (local_fp32_compiled, local_bf16_compiled)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time LocalEngine with rollout.compile (local_fp32_compiled, local_bf16_compiled)",
+    )
     ap.add_argument("--out", default="runs/bench/vllm_engine.json")
     args = ap.parse_args()
     if any(not s.startswith("model.") for s in args.set):
         ap.error(f"--set takes model.KEY=VALUE overrides only, got {args.set}")
 
     from stablerl.config import SamplingConfig
+    from stablerl.generation import encode_prompt
     from stablerl.rollout import LocalEngine
     from stablerl.rollout.vllm import VllmEngine
     from stablerl.routing import capture_routes
-    from stablerl.generation import encode_prompt
 
     model, tok, task = cold_start(args.sft_steps, args.set)
     prompts = [encode_prompt(tok, task.train_problem(i).prompt) for i in range(args.batch)]
@@ -89,18 +101,25 @@ def main() -> None:
 
     def engines_with(eos: list[int]) -> dict:
         local = dict(eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        return {"vllm_fp32": VllmEngine(model, tok, "fp32", max_model_len=256, eos_token_id=eos),
-                "vllm_bf16": VllmEngine(model, tok, "bf16", max_model_len=256, eos_token_id=eos),
-                "local_fp32": LocalEngine(model, "fp32", **local), "local_bf16": LocalEngine(model, "bf16", **local),
-                "local_fp8": LocalEngine(model, "fp8", **local), "local_fp8_w8a8": LocalEngine(model, "fp8_w8a8", **local)}
+        return {
+            "vllm_fp32": VllmEngine(model, tok, "fp32", max_model_len=256, eos_token_id=eos),
+            "vllm_bf16": VllmEngine(model, tok, "bf16", max_model_len=256, eos_token_id=eos),
+            "local_fp32": LocalEngine(model, "fp32", **local),
+            "local_bf16": LocalEngine(model, "bf16", **local),
+            "local_fp8": LocalEngine(model, "fp8", **local),
+            "local_fp8_w8a8": LocalEngine(model, "fp8_w8a8", **local),
+        }
 
     # discrepancy on responses as RL samples them: each ends at its EOS
     engines = {} if args.throughput_only else engines_with([tok.eos_token_id])
     for name, engine in engines.items():
         report["discrepancy"][name] = discrepancy(engine, model, prompts, sampling)
-        print(f"{name:>15}: KL k3 {report['discrepancy'][name]['kl_k3']:.2e}  k1 {report['discrepancy'][name]['kl_k1']:.2e}"
-              f"  routing agreement {report['discrepancy'][name]['route_agreement']:.4f} per layer "
-              f"{report['discrepancy'][name]['per_layer']}")
+        print(
+            f"{name:>15}: KL k3 {report['discrepancy'][name]['kl_k3']:.2e}  "
+            f"k1 {report['discrepancy'][name]['kl_k1']:.2e}"
+            f"  routing agreement {report['discrepancy'][name]['route_agreement']:.4f} per layer "
+            f"{report['discrepancy'][name]['per_layer']}"
+        )
 
     def hf_generate():
         pad = tok.pad_token_id
@@ -108,8 +127,15 @@ def main() -> None:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
         with torch.inference_mode(), capture_routes(model):  # routes captured, as by both engines
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, top_k=0, pad_token_id=pad)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                top_k=0,
+                pad_token_id=pad,
+            )
 
     for engine in engines.values():
         if hasattr(engine, "close"):
@@ -119,12 +145,18 @@ def main() -> None:
     def gen(name):
         return lambda: engines[name].generate(prompts, sampling, seeds=list(range(len(prompts))))
 
-    timed = {"vllm_fp32": gen("vllm_fp32"), "local_fp32": gen("local_fp32"), "hf_generate_fp32": hf_generate,
-             "vllm_bf16": gen("vllm_bf16"), "local_bf16": gen("local_bf16")}
+    timed = {
+        "vllm_fp32": gen("vllm_fp32"),
+        "local_fp32": gen("local_fp32"),
+        "hf_generate_fp32": hf_generate,
+        "vllm_bf16": gen("vllm_bf16"),
+        "local_bf16": gen("local_bf16"),
+    }
     if args.compile:  # their first calls (the warm-up below) compile
         for p in ("fp32", "bf16"):
-            engines[f"local_{p}_compiled"] = LocalEngine(model, p, eos_token_id=[], pad_token_id=tok.pad_token_id,
-                                                         compile=True)
+            engines[f"local_{p}_compiled"] = LocalEngine(
+                model, p, eos_token_id=[], pad_token_id=tok.pad_token_id, compile=True
+            )
             timed[f"local_{p}_compiled"] = gen(f"local_{p}_compiled")
     times: dict[str, list[float]] = {k: [] for k in timed}
     for fn in timed.values():  # warm-up

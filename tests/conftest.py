@@ -2,8 +2,8 @@
 
 import pytest
 
-from stablerl.models import build_model, build_tokenizer, default_model_config
 from stablerl.checkpoint import save_model_dir
+from stablerl.models import build_model, build_tokenizer, default_model_config
 from stablerl.sft import run_sft
 from stablerl.tasks import ArithmeticTask
 

@@ -11,10 +11,26 @@ import pytest
 def torchrun_train(args: list[str], *, nproc: int = 2, timeout: float = 240) -> tuple[int, str]:
     """``torchrun --standalone`` (a free port of its own) in its own session; on timeout the
     whole process group is killed and the test fails with the output's tail."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "stablerl", "train", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "stablerl",
+        "train",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -29,10 +45,26 @@ def torchrun_train(args: list[str], *, nproc: int = 2, timeout: float = 240) -> 
 def torchrun_start(args: list[str], *, nproc: int = 2) -> subprocess.Popen:
     """``torchrun_train`` without waiting: the caller interacts with the run, then must end the
     whole process group (``os.killpg(proc.pid, SIGKILL)``) whatever happens."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "stablerl", "train", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "stablerl",
+        "train",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:

@@ -8,7 +8,7 @@ def assert_batch_layout(batch, prompts: list[list[int]], is_eos, max_new_tokens:
     assert P == max(len(p) for p in prompts)
     lengths = []
     for i, p in enumerate(prompts):
-        assert batch.input_ids[i, P - len(p):P].tolist() == p
+        assert batch.input_ids[i, P - len(p) : P].tolist() == p
         assert batch.attention_mask[i, :P].tolist() == [0] * (P - len(p)) + [1] * len(p)
         m = batch.response_mask[i]
         n = int(m.sum())

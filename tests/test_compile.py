@@ -25,8 +25,11 @@ from test_memory import COMPARED, _run
 def test_compiled_parts_are_everything_but_the_routers_and_what_holds_them():
     moe = build_model(tiny_config("qwen3_moe", num_layers=2), seed=0)
     names = compile_router_free_parts(moe)
-    assert names == [f"layers.{i}.{part}" for i in range(2)
-                     for part in ("self_attn", "mlp.experts", "input_layernorm", "post_attention_layernorm")]
+    assert names == [
+        f"layers.{i}.{part}"
+        for i in range(2)
+        for part in ("self_attn", "mlp.experts", "input_layernorm", "post_attention_layernorm")
+    ]
     dense = build_model(tiny_config("qwen3", num_layers=2), seed=0)
     assert "layers.0.mlp" in compile_router_free_parts(dense)
 
@@ -49,8 +52,9 @@ def test_replay_holds_in_a_compiled_model(family):
     ids = torch.randint(1, 64, (3, 9), generator=torch.Generator().manual_seed(0))
     top_k, layers = 2, len(moe_routers(eager))
     # routes no live router would pick here: each position's experts drawn at random
-    routes = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(s))[:top_k]
-                          for s in range(3 * 9 * layers)]).view(3, 9, layers, top_k)
+    routes = torch.stack(
+        [torch.randperm(8, generator=torch.Generator().manual_seed(s))[:top_k] for s in range(3 * 9 * layers)]
+    ).view(3, 9, layers, top_k)
     for replayed in (routes, None):
         le, ge = _logits_and_grads(eager, ids, replayed)
         lc, gc = _logits_and_grads(compiled, ids, replayed)
@@ -68,9 +72,17 @@ def test_a_compiled_run_equals_the_eager_run(sft_ckpt, tmp_path):
     attention's per-sequence loop breaks the compiled graph, the recompute runs compiled parts."""
     torch._dynamo.reset()
     base_rows, base_w = _run(sft_ckpt, tmp_path / "eager", ["train.routing_replay=R3"])
-    rows, weights = _run(sft_ckpt, tmp_path / "compiled", [
-        "train.routing_replay=R3", "train.compile=true", "batch.max_tokens_per_micro_batch=40", "batch.packing=true",
-        "train.activation_checkpointing=true"])
+    rows, weights = _run(
+        sft_ckpt,
+        tmp_path / "compiled",
+        [
+            "train.routing_replay=R3",
+            "train.compile=true",
+            "batch.max_tokens_per_micro_batch=40",
+            "batch.packing=true",
+            "train.activation_checkpointing=true",
+        ],
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert all(r["grad_norm"] > 0 for r in base_rows[1:])
     for a, b in zip(base_rows, rows):
@@ -93,19 +105,39 @@ def test_compile_without_a_cxx_compiler_is_a_clear_error_before_any_work(sft_ckp
         raise InvalidCxxCompiler()
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
-    cfg = build_config(RunConfig, None, [f"model.path={sft_ckpt}", f"run_dir={tmp_path / 'run'}", "train.compile=true",
-                                         "log.progress=false", "log.tensorboard=false"])
+    cfg = build_config(
+        RunConfig,
+        None,
+        [
+            f"model.path={sft_ckpt}",
+            f"run_dir={tmp_path / 'run'}",
+            "train.compile=true",
+            "log.progress=false",
+            "log.tensorboard=false",
+        ],
+    )
     with pytest.raises(ValueError, match=r"train.compile=true needs a C\+\+ compiler .* set train.compile=false"):
         Trainer(cfg, tmp_path / "run", log=lambda *_: None).run()
     assert not (tmp_path / "run" / "checkpoints").exists()
-    cfg = build_config(RunConfig, None, [f"model.path={sft_ckpt}", f"run_dir={tmp_path / 'run'}", "rollout.compile=true",
-                                         "rollout.precision=fp32", "log.progress=false", "log.tensorboard=false"])
+    cfg = build_config(
+        RunConfig,
+        None,
+        [
+            f"model.path={sft_ckpt}",
+            f"run_dir={tmp_path / 'run'}",
+            "rollout.compile=true",
+            "rollout.precision=fp32",
+            "log.progress=false",
+            "log.tensorboard=false",
+        ],
+    )
     with pytest.raises(ValueError, match=r"rollout.compile=true needs a C\+\+ compiler .* set rollout.compile=false"):
         Trainer(cfg, tmp_path / "run", log=lambda *_: None).run()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # -- rollout.compile ------------------------------------------------------------------------------
+
 
 def _teacher_forced(engine, steps=10, seed=0):
     """Prefill 12 left-padded prompts, then feed the same random tokens for ``steps`` steps (two
@@ -115,8 +147,9 @@ def _teacher_forced(engine, steps=10, seed=0):
     P = int(widths.max())
     ids = torch.randint(2, 64, (12, P), generator=g)
     mask = torch.arange(P)[None, :] >= (P - widths)[:, None]
-    d = decoders.FastQwen3MoeDecoder(engine.model, True, 12, P + steps, act_quant=engine.act_quant,
-                                     compiled=engine.compile)
+    d = decoders.FastQwen3MoeDecoder(
+        engine.model, True, 12, P + steps, act_quant=engine.act_quant, compiled=engine.compile
+    )
     with torch.inference_mode():
         logits, _ = d.prefill(ids, mask)
         out = [logits]
@@ -139,7 +172,8 @@ def test_the_static_decode_step_computes_the_eager_decode(precision, experts, mo
     static = LocalEngine(moe, precision, compile=True)
     # (prefill, step) per layer: the pairs for the prefill; for the step, dense while E <= 4k
     assert {("pairs", "dense" if experts == 8 else "pairs")} == set(
-        decoders.FastQwen3MoeDecoder(static.model, True, 2, 8, compiled=True).static_layouts)
+        decoders.FastQwen3MoeDecoder(static.model, True, 2, 8, compiled=True).static_layouts
+    )
     logits, routes = _teacher_forced(eager)
     s_logits, s_routes = _teacher_forced(static)
     if precision == "fp32":  # the same sums in other orders
@@ -175,8 +209,10 @@ def test_the_compiled_engine_samples_what_the_eager_engine_samples():
     compiled = LocalEngine(moe, "fp32", eos_token_id=[5, 9], compile=True)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # (a count over the process)
     for call in range(2):
-        prompts = [torch.randint(2, 64, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-                   for _ in range(16)]
+        prompts = [
+            torch.randint(2, 64, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(16)
+        ]
         a = eager.generate(prompts, sampling, seeds=list(range(16)))
         b = compiled.generate(prompts, sampling, seeds=list(range(16)))
         lengths = a.response_mask.sum(-1)
@@ -203,8 +239,9 @@ def test_the_compiled_engine_tempers_and_filters_as_the_eager_engine(settings):
     graph reused across settings would sample other tokens.)"""
     moe = build_model(tiny_config("qwen3_moe", pad_token_id=0, eos_token_id=1), seed=0).eval()
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(2, 64, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(16)]
+    prompts = [
+        torch.randint(2, 64, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(16)
+    ]
     sampling = SamplingConfig(max_new_tokens=10, **settings)
     a = LocalEngine(moe, "fp32", eos_token_id=[5, 9]).generate(prompts, sampling, seeds=list(range(16)))
     b = LocalEngine(moe, "fp32", eos_token_id=[5, 9], compile=True).generate(prompts, sampling, seeds=list(range(16)))
@@ -222,8 +259,9 @@ def test_the_compiled_bf16_step_is_within_bf16_round_off():
     smaller dose than the precision names)."""
     torch._dynamo.reset()
     moe = build_model(tiny_config("qwen3_moe", pad_token_id=0), seed=0).eval()
-    _assert_the_same_dose(moe, "bf16", _teacher_forced(LocalEngine(moe, "bf16")),
-                          _teacher_forced(LocalEngine(moe, "bf16", compile=True)))
+    _assert_the_same_dose(
+        moe, "bf16", _teacher_forced(LocalEngine(moe, "bf16")), _teacher_forced(LocalEngine(moe, "bf16", compile=True))
+    )
 
 
 def test_rollout_compile_errors():
@@ -233,4 +271,3 @@ def test_rollout_compile_errors():
         RolloutConfig(compile=True, drop_finished=True)
     with pytest.raises(ValueError, match="qwen3_moe models only .* set rollout.compile=false"):
         LocalEngine(build_model(tiny_config("mixtral")), "fp32", compile=True)
-

@@ -35,18 +35,22 @@ def test_m2po_removes_the_largest_squared_deviations_until_the_mean_fits():
 def test_m2po_weights_make_it_an_expectation():
     # weights 3 and 1 on d = [1, 0]: weighted mean 0.75 > 0.5 -> drop d = 1
     logp = torch.tensor([[1.0, 0.0]])
-    drop = m2_tokens(logp, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), 0.5, weight=torch.tensor([[3.0, 1.0]]))
+    drop = m2_tokens(
+        logp, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), 0.5, weight=torch.tensor([[3.0, 1.0]])
+    )
     assert drop.tolist() == [[True, False]]
-    drop = m2_tokens(logp, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), 0.8, weight=torch.tensor([[3.0, 1.0]]))
+    drop = m2_tokens(
+        logp, torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), 0.8, weight=torch.tensor([[3.0, 1.0]])
+    )
     assert drop.tolist() == [[False, False]]
 
 
 def test_rejection_by_geometric_mean_and_the_minirl_loss_by_hand():
-    old = torch.tensor([[0.1, -0.1], [0.2, 0.2]])          # log w: response 0 geo 1.0, response 1 geo e^0.2
+    old = torch.tensor([[0.1, -0.1], [0.2, 0.2]])  # log w: response 0 geo 1.0, response 1 geo e^0.2
     roll = torch.zeros(2, 2)
     mask = torch.ones(2, 2, dtype=torch.bool)
     assert reject_sequences(old, roll, mask, 0.95, 1.05).tolist() == [False, True]
-    logp = old.clone().requires_grad_(True)                 # pi_theta = pi_old: r = 1
+    logp = old.clone().requires_grad_(True)  # pi_theta = pi_old: r = 1
     adv = torch.tensor([1.0, -1.0])
     cfg = LossConfig(reject="sequence_geo")
     loss, m = policy_loss(logp, old, roll, adv, mask, cfg, normalizer=4.0)
@@ -108,11 +112,18 @@ def test_every_correction_together_matches_a_plain_python_reference(aggregation,
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = torch.rand(B, T, generator=g) < 0.8
     mask[:, 0] = True
-    cfg = LossConfig(reject="sequence_geo", reject_low=0.9, reject_high=1.1, opsm_delta=0.1, m2_threshold=0.05,
-                     aggregation=aggregation)
+    cfg = LossConfig(
+        reject="sequence_geo",
+        reject_low=0.9,
+        reject_high=1.1,
+        opsm_delta=0.1,
+        m2_threshold=0.05,
+        aggregation=aggregation,
+    )
     loss, m = policy_loss(logp, old, roll, adv, mask, cfg, normalizer=7.0)
-    assert float(loss) == pytest.approx(_reference_minirl(logp.detach(), old, roll, adv, mask, cfg, 7.0, aggregation),
-                                        rel=1e-10, abs=1e-12)
+    assert float(loss) == pytest.approx(
+        _reference_minirl(logp.detach(), old, roll, adv, mask, cfg, 7.0, aggregation), rel=1e-10, abs=1e-12
+    )
     # the gradient, by central finite differences of the reference in each kept coordinate
     loss.backward()
     eps = 1e-6
@@ -121,7 +132,10 @@ def test_every_correction_together_matches_a_plain_python_reference(aggregation,
         up[i, t] += eps
         down[i, t] -= eps
         # the masks are fixed at logp (stop-gradient): evaluate the reference with them held
-        fd = (_fixed(up, logp, old, roll, adv, mask, cfg, aggregation) - _fixed(down, logp, old, roll, adv, mask, cfg, aggregation)) / (2 * eps)
+        fd = (
+            _fixed(up, logp, old, roll, adv, mask, cfg, aggregation)
+            - _fixed(down, logp, old, roll, adv, mask, cfg, aggregation)
+        ) / (2 * eps)
         assert float(logp.grad[i, t]) == pytest.approx(fd, rel=1e-5, abs=1e-8)
     assert 0 <= m["masked/m2"] <= 1 and m["n_responses"] == B
 
@@ -163,8 +177,10 @@ def _reference_m2(logp, roll, tokens, threshold) -> set:
     position) removed one by one while the mean of the rest exceeds the threshold."""
     if threshold is None:
         return set()
-    d_all = sorted(((float(logp[i, t] - roll[i, t]) ** 2, i, t) for i in range(len(tokens)) for t in tokens[i]),
-                   key=lambda x: (-x[0], x[1], x[2]))
+    d_all = sorted(
+        ((float(logp[i, t] - roll[i, t]) ** 2, i, t) for i in range(len(tokens)) for t in tokens[i]),
+        key=lambda x: (-x[0], x[1], x[2]),
+    )
     vals = [x[0] for x in d_all]
     k = 0
     while k < len(vals) and sum(vals[k:]) / (len(vals) - k) > threshold:
@@ -186,8 +202,15 @@ def test_corrections_compose_with_every_algorithm(algorithm, clip):
     base_logp = old + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     mask = torch.ones(B, T, dtype=torch.bool)
-    on = LossConfig(algorithm=algorithm, clip=clip, reject="sequence_geo", reject_low=0.85, reject_high=1.15,
-                    opsm_delta=0.05, m2_threshold=0.04)
+    on = LossConfig(
+        algorithm=algorithm,
+        clip=clip,
+        reject="sequence_geo",
+        reject_low=0.85,
+        reject_high=1.15,
+        opsm_delta=0.05,
+        m2_threshold=0.04,
+    )
     off = LossConfig(algorithm=algorithm, clip=clip)
     grads = []
     for cfg in (on, off):
@@ -197,7 +220,10 @@ def test_corrections_compose_with_every_algorithm(algorithm, clip):
         loss.backward()
         grads.append((logp.grad, m))
     (g_on, m_on), (g_off, _) = grads
-    dropped = reject_sequences(old, roll, mask, 0.85, 1.15)[:, None] | opsm_sequences(base_logp, roll, adv, mask, 0.05)[:, None]
+    dropped = (
+        reject_sequences(old, roll, mask, 0.85, 1.15)[:, None]
+        | opsm_sequences(base_logp, roll, adv, mask, 0.05)[:, None]
+    )
     dropped = dropped | m2_tokens(base_logp, roll, mask, 0.04)
     assert dropped.any() and (~dropped).any()
     assert g_on[dropped].abs().sum() == 0
@@ -209,10 +235,15 @@ def test_corrections_compose_with_every_algorithm(algorithm, clip):
 # ---------------------------------------------------------------------------------------------
 # bad values name the key
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override,key", [("loss.opsm_delta=-0.1", "loss.opsm_delta"),
-                                          ("loss.m2_threshold=0", "loss.m2_threshold"),
-                                          ("loss.reject=token", "loss.reject"),
-                                          ("loss.reject_high=0.9", "reject_low")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("loss.opsm_delta=-0.1", "loss.opsm_delta"),
+        ("loss.m2_threshold=0", "loss.m2_threshold"),
+        ("loss.reject=token", "loss.reject"),
+        ("loss.reject_high=0.9", "reject_low"),
+    ],
+)
 def test_bad_values_are_rejected_with_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_config(RunConfig, None, [override])
@@ -226,10 +257,22 @@ def test_m2po_in_training_does_not_depend_on_micro_batch_size(sft_ckpt, tmp_path
     from stablerl.loop import Trainer
     from stablerl.runlog import read_metrics
 
-    common = [f"model.path={sft_ckpt}", "batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12",
-              "task.levels=[1]", "task.eval_size=4", "eval.every=5", "log.progress=false", "log.tensorboard=false",
-              "train.steps=2", "batch.minibatches_per_step=2", "loss.m2_threshold=1e-6", "optim.lr=1e-3",
-              "loss.opsm_delta=0.001"]
+    common = [
+        f"model.path={sft_ckpt}",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=12",
+        "task.levels=[1]",
+        "task.eval_size=4",
+        "eval.every=5",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "train.steps=2",
+        "batch.minibatches_per_step=2",
+        "loss.m2_threshold=1e-6",
+        "optim.lr=1e-3",
+        "loss.opsm_delta=0.001",
+    ]
     rows, weights = [], []
     for micro in (128, 3):
         run = tmp_path / f"m{micro}"

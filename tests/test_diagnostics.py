@@ -24,9 +24,9 @@ def test_first_order_gap_hand_worked():
 def test_route_agreement_hand_worked():
     a = torch.tensor([[[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[0, 1], [2, 3]]]], dtype=torch.int16)  # [1, 3, 2, 2]
     b = a.clone()
-    b[0, 0, 0] = torch.tensor([1, 0])     # same set, other order: agrees
-    b[0, 1, 1] = torch.tensor([6, 5])     # one expert differs: disagrees
-    b[0, 2, 0] = torch.tensor([-1, -1])   # no route: left out
+    b[0, 0, 0] = torch.tensor([1, 0])  # same set, other order: agrees
+    b[0, 1, 1] = torch.tensor([6, 5])  # one expert differs: disagrees
+    b[0, 2, 0] = torch.tensor([-1, -1])  # no route: left out
     agree = route_agreement(a, b)
     assert agree.tolist() == pytest.approx([1.0, 2 / 3])
     with pytest.raises(ValueError, match="shape"):

@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from launch import torchrun_train
 
 from stablerl import checkpoint
-from stablerl.rundir import RunDir
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.loop import Trainer
+from stablerl.rundir import RunDir
 from stablerl.runlog import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -32,10 +31,26 @@ TIMING = ("time", "per_s")
 
 
 def base_args(ckpt, run_dir, *extra):
-    return [f"model.path={ckpt}", f"run_dir={run_dir}", "batch.prompts_per_step=2", "batch.group_size=4",
-            "rollout.max_new_tokens=12", "rollout.precision=fp32", "task.levels=[1]", "task.eval_size=6",
-            "eval.every=2", "eval.samples=2", "log.progress=false", "log.tensorboard=false", "log.rollouts=true",
-            "train.steps=3", f"task.reward_fns=[{REWARD}]", "task.reward_workers=1", "optim.lr=1e-4", *extra]
+    return [
+        f"model.path={ckpt}",
+        f"run_dir={run_dir}",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=12",
+        "rollout.precision=fp32",
+        "task.levels=[1]",
+        "task.eval_size=6",
+        "eval.every=2",
+        "eval.samples=2",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.rollouts=true",
+        "train.steps=3",
+        f"task.reward_fns=[{REWARD}]",
+        "task.reward_workers=1",
+        "optim.lr=1e-4",
+        *extra,
+    ]
 
 
 def torchrun(args, *, resume=None, timeout=240):
@@ -87,19 +102,34 @@ def ckpt(sft_ckpt):
     return sft_ckpt
 
 
-@pytest.mark.parametrize("mode", [[], ["batch.minibatches_per_step=2", "train.routing_replay=R2"],
-                                  ["batch.minibatches_per_step=2", "train.routing_replay=R3",
-                                   "batch.micro_batch_size=3"],
-                                  # M2PO's mask is decided over the whole mini-batch, on every rank alike
-                                  ["batch.minibatches_per_step=2", "batch.micro_batch_size=3",
-                                   "loss.m2_threshold=1e-8", "loss.opsm_delta=0.0001", "loss.reject=sequence_geo"],
-                                  # memory settings: FSDP with checkpointed layers, packed micro-batches by
-                                  # tokens (ranks cut differently; every rank runs the most any rank needs),
-                                  # and the KL reference, which like the policy only rank 0 reads
-                                  ["batch.minibatches_per_step=2", "train.routing_replay=R2",
-                                   "train.activation_checkpointing=true", "batch.max_tokens_per_micro_batch=40",
-                                   "batch.packing=true", "loss.kl_beta=0.1"]],
-                         ids=["on-policy", "N2-R2", "N2-R3-micro3", "N2-corrections-micro3", "N2-R2-memory"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        [],
+        ["batch.minibatches_per_step=2", "train.routing_replay=R2"],
+        ["batch.minibatches_per_step=2", "train.routing_replay=R3", "batch.micro_batch_size=3"],
+        # M2PO's mask is decided over the whole mini-batch, on every rank alike
+        [
+            "batch.minibatches_per_step=2",
+            "batch.micro_batch_size=3",
+            "loss.m2_threshold=1e-8",
+            "loss.opsm_delta=0.0001",
+            "loss.reject=sequence_geo",
+        ],
+        # memory settings: FSDP with checkpointed layers, packed micro-batches by
+        # tokens (ranks cut differently; every rank runs the most any rank needs),
+        # and the KL reference, which like the policy only rank 0 reads
+        [
+            "batch.minibatches_per_step=2",
+            "train.routing_replay=R2",
+            "train.activation_checkpointing=true",
+            "batch.max_tokens_per_micro_batch=40",
+            "batch.packing=true",
+            "loss.kl_beta=0.1",
+        ],
+    ],
+    ids=["on-policy", "N2-R2", "N2-R3-micro3", "N2-corrections-micro3", "N2-R2-memory"],
+)
 def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
     one_rank(ckpt, tmp_path / "k1", *mode)
     rc, out = torchrun(base_args(ckpt, tmp_path / "k2", *mode))
@@ -158,8 +188,15 @@ def test_rank_0s_cold_start_runs_outside_the_collective_timeout(tmp_path):
     """Rank 0 trains the cold start (~15 s here) while rank 1 waits; distributed.timeout_s is 6 s.
     The wait is on a group of its own (distributed.broadcast_after_long_work), so nobody times out and the SFT is
     not lost."""
-    tiny = ["model.hidden_size=32", "model.num_layers=1", "model.expert_size=32", "sft.steps=1500",
-            "sft.batch_size=8", f"sft.output_dir={tmp_path / 'sft'}", "distributed.timeout_s=6"]
+    tiny = [
+        "model.hidden_size=32",
+        "model.num_layers=1",
+        "model.expert_size=32",
+        "sft.steps=1500",
+        "sft.batch_size=8",
+        f"sft.output_dir={tmp_path / 'sft'}",
+        "distributed.timeout_s=6",
+    ]
     args = [a for a in base_args("unused", tmp_path / "run", "train.steps=1") if not a.startswith("model.path")]
     rc, out = torchrun([*args, *tiny], timeout=300)
     assert rc == 0, out[-3000:]
@@ -177,8 +214,7 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(ckpt, tmp_path
     from launch import end_session, rank_pid, torchrun_start
 
     run_dir = tmp_path / "run"
-    proc = torchrun_start(base_args(ckpt, run_dir, "train.steps=400", "eval.every=1000",
-                                    "distributed.timeout_s=10"))
+    proc = torchrun_start(base_args(ckpt, run_dir, "train.steps=400", "eval.every=1000", "distributed.timeout_s=10"))
     try:
         deadline = time.monotonic() + 180
         while not checkpoint.latest(run_dir) and time.monotonic() < deadline and proc.poll() is None:
@@ -199,7 +235,9 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout_naming_it(ckpt, tmp_path
     finally:
         end_session(proc)
     assert proc.returncode != 0
-    said_line = next((line for line in lines if "collective did not complete within distributed.timeout_s=10" in line), out[-3000:])
+    said_line = next(
+        (line for line in lines if "collective did not complete within distributed.timeout_s=10" in line), out[-3000:]
+    )
     assert "Ranks 1 failed to pass monitoredBarrier" in said_line, said_line  # the stopped rank, named
     # the timeout, then the 5 s barrier that names the rank (plus the step in flight on a loaded machine)
     assert said is not None and said < 10 + 5 + 10, said

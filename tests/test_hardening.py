@@ -20,14 +20,21 @@ from stablerl.cli import main
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.loop import Trainer, TrainingAborted
-from stablerl.rundir import RunLock, RunLocked
-from stablerl.rundir import RunState
+from stablerl.rundir import RunLock, RunLocked, RunState
 from stablerl.runlog import CollapseDetector, RunLogger, read_metrics, write_summary
 
 FNS = str(Path(__file__).parent / "data" / "reward_fns.py")
 SAMPLE = str(Path(__file__).parents[1] / "src" / "stablerl" / "tasks" / "data" / "sample_math.jsonl")
-TINY = ["batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]",
-        "task.eval_size=8", "eval.every=2", "log.progress=false", "log.tensorboard=false"]
+TINY = [
+    "batch.prompts_per_step=2",
+    "batch.group_size=4",
+    "rollout.max_new_tokens=12",
+    "task.levels=[1]",
+    "task.eval_size=8",
+    "eval.every=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
 
 
 def args(ckpt, run_dir, *extra):
@@ -55,9 +62,17 @@ def test_a_hanging_verifier_costs_its_timeout_not_the_run(sft_ckpt, tmp_path):
     t0 = time.monotonic()
     # every response has digits, so every call of step 1 times out: going on with 0 is the opt-out
     # now (task.reward_fail_fast=false; by default such a function stops the run at step 1)
-    state = train(sft_ckpt, tmp_path / "r", "train.steps=2", f"task.reward_fns=[{FNS}:hang_on_digits]",
-                  "task.reward_fail_fast=false",
-                  "task.reward_timeout_s=0.5", "task.reward_workers=2", "eval.every=10", "task.eval_size=2")
+    state = train(
+        sft_ckpt,
+        tmp_path / "r",
+        "train.steps=2",
+        f"task.reward_fns=[{FNS}:hang_on_digits]",
+        "task.reward_fail_fast=false",
+        "task.reward_timeout_s=0.5",
+        "task.reward_workers=2",
+        "eval.every=10",
+        "task.eval_size=2",
+    )
     rows = read_metrics(tmp_path / "r")
     assert rows[-1]["step"] == 2 and state.reward_timeouts > 0
     assert rows[1]["reward_timeouts"] > 0
@@ -66,8 +81,16 @@ def test_a_hanging_verifier_costs_its_timeout_not_the_run(sft_ckpt, tmp_path):
 
 
 def test_eval_counts_verifier_failures(sft_ckpt, tmp_path, capsys):
-    rc = main(["eval", str(sft_ckpt), "task.levels=[1]", "task.eval_size=4", "eval.samples=1",
-               f"task.reward_fns=[{FNS}:boom_always]"])
+    rc = main(
+        [
+            "eval",
+            str(sft_ckpt),
+            "task.levels=[1]",
+            "task.eval_size=4",
+            "eval.samples=1",
+            f"task.reward_fns=[{FNS}:boom_always]",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["eval/reward_failures"] == 8  # 4 greedy + 4 sampled calls, each raised
     assert "boom_always x8" in out["eval/reward_failures_detail"]
@@ -126,15 +149,17 @@ def test_the_check_names_a_non_finite_optimizer_state(sft_ckpt):
     opt = torch.optim.AdamW(model.parameters())
     model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
-    checkpoint.check_finite(model, opt)   # finite: nothing raised
+    checkpoint.check_finite(model, opt)  # finite: nothing raised
     second = list(opt.state.values())[1]
     second["exp_avg_sq"].view(-1)[-1] = float("inf")
     with pytest.raises(checkpoint.NonFiniteState, match="optimizer state exp_avg_sq of parameter #1"):
         checkpoint.check_finite(model, opt)
 
 
-@pytest.mark.parametrize("bad", ["optim.lr=.inf", "optim.lr=nan", "task.reward_timeout_s=inf",
-                                 "distributed.timeout_s=.nan", "loss.is_cap=inf"])
+@pytest.mark.parametrize(
+    "bad",
+    ["optim.lr=.inf", "optim.lr=nan", "task.reward_timeout_s=inf", "distributed.timeout_s=.nan", "loss.is_cap=inf"],
+)
 def test_non_finite_config_values_are_rejected_at_start(bad, capsys, tmp_path):
     err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'x'}", bad])
     assert bad.split("=")[0] in err and "finite" in err
@@ -159,8 +184,10 @@ def test_a_second_writer_fails_at_once(sft_ckpt, tmp_path, capsys):
 
 
 def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path):
-    code = f"from stablerl.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); " \
-           "import time; time.sleep(60)"
+    code = (
+        f"from stablerl.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+        "import time; time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -195,8 +222,12 @@ def test_killed_before_the_first_checkpoint_resumes_cleanly(sft_ckpt, tmp_path, 
 def test_resume_overrides_are_checked_and_recorded(sft_ckpt, tmp_path, capsys):
     run_dir = tmp_path / "rec"
     train(sft_ckpt, run_dir, "train.steps=1")
-    for bad, key in (("model.hidden_size=64", "model.hidden_size"), ("batch.group_size=8", "batch.group_size"),
-                     ("loss.algorithm=grpo", "loss.algorithm"), ("rollout.precision=fp8", "rollout.precision")):
+    for bad, key in (
+        ("model.hidden_size=64", "model.hidden_size"),
+        ("batch.group_size=8", "batch.group_size"),
+        ("loss.algorithm=grpo", "loss.algorithm"),
+        ("rollout.precision=fp8", "rollout.precision"),
+    ):
         err = cli_error(capsys, ["train", "--resume", str(run_dir), bad])
         assert key in err and "Allowed on resume" in err
     cfg_file = tmp_path / "more.yaml"
@@ -225,10 +256,14 @@ def test_yaml_errors_in_files_and_overrides(tmp_path, capsys):
     assert cfg.task.prompt_template == "Question: {question}"
 
 
-@pytest.mark.parametrize("content, expect", [
-    (b"", "empty"), (b"  \n\n \t\n", "empty"),
-    (b'{"question": "1+1?", "answer": "2"}\n{"question": "caf\xe9", "answer": "1"}\n', "line 2 is not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        (b"", "empty"),
+        (b"  \n\n \t\n", "empty"),
+        (b'{"question": "1+1?", "answer": "2"}\n{"question": "caf\xe9", "answer": "1"}\n', "line 2 is not valid UTF-8"),
+    ],
+)
 def test_bad_data_files(tmp_path, capsys, content, expect):
     data = tmp_path / "data.jsonl"
     data.write_bytes(content)
@@ -321,12 +356,21 @@ def test_overrides_after_config(sft_ckpt, tmp_path):
 # 5. no silent no-ops
 # ---------------------------------------------------------------------------------------------
 def test_routing_replay_that_cannot_or_does_nothing(tmp_path, capsys):
-    from stablerl.models import build_model, build_tokenizer, tiny_config
     from stablerl.checkpoint import save_model_dir
+    from stablerl.models import build_model, build_tokenizer, tiny_config
 
     tok = build_tokenizer()
-    dense = build_model(tiny_config("qwen3", len(tok), hidden_size=32, num_layers=2, pad_token_id=tok.pad_token_id,
-                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    dense = build_model(
+        tiny_config(
+            "qwen3",
+            len(tok),
+            hidden_size=32,
+            num_layers=2,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     path = save_model_dir(tmp_path / "dense", dense, tok)
     err = cli_error(capsys, ["train", *args(path, tmp_path / "r3"), "train.routing_replay=R3"])
     assert "needs a Mixture-of-Experts model" in err and "train.routing_replay=none" in err
@@ -360,8 +404,17 @@ def test_sft_cache_is_keyed_on_data_content(tmp_path):
     assert sft_output_dir(cfg) != before
     # the reward functions, the held-out size and the pool do not change the SFT data: same cache
     data.write_text(Path(SAMPLE).read_text())
-    other = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}",
-                                           "task.columns.solution=solution", "task.eval_size=3", "task.reward_workers=4"])
+    other = build_config(
+        RunConfig,
+        None,
+        [
+            "task.name=dataset",
+            f"task.dataset={data}",
+            "task.columns.solution=solution",
+            "task.eval_size=3",
+            "task.reward_workers=4",
+        ],
+    )
     assert sft_output_dir(other) == before
 
 

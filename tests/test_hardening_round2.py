@@ -24,8 +24,16 @@ from stablerl.runlog import read_metrics
 from stablerl.tasks import RewardPool, build_task
 
 FNS = str(Path(__file__).parent / "data" / "reward_fns.py")
-TINY = ["batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]",
-        "task.eval_size=8", "eval.every=2", "log.progress=false", "log.tensorboard=false"]
+TINY = [
+    "batch.prompts_per_step=2",
+    "batch.group_size=4",
+    "rollout.max_new_tokens=12",
+    "task.levels=[1]",
+    "task.eval_size=8",
+    "eval.every=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
 
 
 def config(ckpt, run_dir, *extra) -> RunConfig:
@@ -89,14 +97,17 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_pat
 # ---------------------------------------------------------------------------------------------
 # 4. rewards: numbers only, in a range the float32 maths survives; k3 measures small mismatches
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fn,value,error", [
-    ("string_reward", 0.0, "returned a str ('0.75'), not a number"),
-    ("huge", 0.0, "outside the allowed range"),
-    ("overflowing", 0.0, "outside the allowed range"),
-    ("not_a_number", 0.0, "outside the allowed range"),
-    ("numpy_reward", 0.5, None),
-    ("bool_reward", 1.0, None),
-])
+@pytest.mark.parametrize(
+    "fn,value,error",
+    [
+        ("string_reward", 0.0, "returned a str ('0.75'), not a number"),
+        ("huge", 0.0, "outside the allowed range"),
+        ("overflowing", 0.0, "outside the allowed range"),
+        ("not_a_number", 0.0, "outside the allowed range"),
+        ("numpy_reward", 0.5, None),
+        ("bool_reward", 1.0, None),
+    ],
+)
 def test_reward_values_are_numbers_in_range(fn, value, error):
     with RewardPool([f"{FNS}:{fn}"], workers=1, timeout_s=10) as pool:
         result = pool.score([("1+1=", "a2", {"answer": "2"})])
@@ -147,7 +158,9 @@ def test_an_over_long_prompt_is_named_before_any_work(tmp_path):
 
 def test_the_model_context_is_the_hard_limit(tmp_path):
     tok = build_tokenizer()
-    cfg = build_config(RunConfig, None, ["task.max_prompt_tokens=100000", "rollout.max_new_tokens=250", "task.levels=[3]"])
+    cfg = build_config(
+        RunConfig, None, ["task.max_prompt_tokens=100000", "rollout.max_new_tokens=250", "task.levels=[3]"]
+    )
     with pytest.raises(ValueError, match=r"model's context \(256 tokens\) less rollout.max_new_tokens \(250\)"):
         check_prompts(build_task(cfg.task), [], tok, cfg, default_model_config(tok))
 
@@ -173,8 +186,14 @@ def test_a_huge_rollout_batch_fails_with_a_memory_estimate():
 
 def test_a_trainer_on_a_10mb_row_stops_at_start_up_and_leaves_nothing(sft_ckpt, tmp_path):
     data = _dataset(tmp_path, long_row=3)
-    cfg = config(sft_ckpt, tmp_path / "run", "task.name=dataset", f"task.dataset={data}", "task.eval_size=2",
-                 "task.reward_fns=[" + FNS + ":exact]")
+    cfg = config(
+        sft_ckpt,
+        tmp_path / "run",
+        "task.name=dataset",
+        f"task.dataset={data}",
+        "task.eval_size=2",
+        "task.reward_fns=[" + FNS + ":exact]",
+    )
     with pytest.raises(ValueError, match="row 4"):
         Trainer(cfg, tmp_path / "run", log=lambda *_: None)
     assert not (tmp_path / "run").exists()
@@ -256,10 +275,13 @@ def test_reward_modules_are_imported_in_a_worker_never_in_the_trainer(tmp_path, 
     assert str(os.getpid()) not in marker.read_text().split()
 
 
-@pytest.mark.parametrize("module,match", [
-    ("exits_at_import.py", r"importing it failed: SystemExit: 4"),
-    ("interrupts_at_import.py", r"importing it failed: KeyboardInterrupt"),
-])
+@pytest.mark.parametrize(
+    "module,match",
+    [
+        ("exits_at_import.py", r"importing it failed: SystemExit: 4"),
+        ("interrupts_at_import.py", r"importing it failed: KeyboardInterrupt"),
+    ],
+)
 def test_import_time_exits_and_interrupts_are_one_line_errors(module, match):
     with pytest.raises(ValueError, match=match):
         RewardPool([f"{EFFECTS / module}:reward"], workers=1)
@@ -296,11 +318,17 @@ def test_a_timed_out_calls_children_die_with_it(tmp_path, monkeypatch):
     pid = int(marker.read_text())
     deadline = __import__("time").monotonic() + 5
     while Path(f"/proc/{pid}").exists() and __import__("time").monotonic() < deadline:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}/stat").exists() else "X"
+        state = (
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if Path(f"/proc/{pid}/stat").exists()
+            else "X"
+        )
         if state == "Z":  # reaped by nobody yet, but dead
             break
         __import__("time").sleep(0.1)
-    alive = Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    alive = (
+        Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    )
     assert not alive, "the grandchild in its own session outlived the timed-out call"
 
 
@@ -311,8 +339,11 @@ def test_a_reward_function_failing_on_every_first_step_call_stops_the_run(sft_ck
     from stablerl.loop import TrainingAborted
 
     with pytest.raises(TrainingAborted, match=r"boom_always failed on every response of the first step"):
-        Trainer(config(sft_ckpt, tmp_path / "r", "train.steps=2", f"task.reward_fns=[{FNS}:boom_always]"),
-                tmp_path / "r", log=lambda *_: None).run()
+        Trainer(
+            config(sft_ckpt, tmp_path / "r", "train.steps=2", f"task.reward_fns=[{FNS}:boom_always]"),
+            tmp_path / "r",
+            log=lambda *_: None,
+        ).run()
 
 
 def test_cli_version_print_config_and_list_index_overrides(capsys, tmp_path):
@@ -324,9 +355,20 @@ def test_cli_version_print_config_and_list_index_overrides(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"stablerl {__version__}"
-    assert main(["train", "--print-config", f"run_dir={tmp_path / 'r'}", "loss.eps_high=0.3",
-                 "eval.sets=[{name: t, dataset: x.jsonl}]",
-                 "eval.sets.0.samples=7", "eval.sets.0.prompt_template=Q: {question}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--print-config",
+                f"run_dir={tmp_path / 'r'}",
+                "loss.eps_high=0.3",
+                "eval.sets=[{name: t, dataset: x.jsonl}]",
+                "eval.sets.0.samples=7",
+                "eval.sets.0.prompt_template=Q: {question}",
+            ]
+        )
+        == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["loss"]["eps_high"] == 0.3 and printed["eval"]["sets"][0]["samples"] == 7
     assert printed["eval"]["sets"][0]["prompt_template"] == "Q: {question}"
@@ -343,9 +385,11 @@ def test_learning_rate_schedules_by_hand(schedule):
     optim = OptimConfig(lr=1.0, warmup_steps=2, schedule=schedule, min_lr_ratio=0.1)
     lrs = [learning_rate(s, optim, total_steps=12) for s in range(12)]
     assert lrs[:2] == [0.5, 1.0]  # warm-up: (s + 1) / 2
-    expected = {"constant": [1.0] * 10,
-                "linear": [0.1 + 0.9 * (1 - k / 9) for k in range(10)],
-                "cosine": [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 9)) for k in range(10)]}[schedule]
+    expected = {
+        "constant": [1.0] * 10,
+        "linear": [0.1 + 0.9 * (1 - k / 9) for k in range(10)],
+        "cosine": [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 9)) for k in range(10)],
+    }[schedule]
     assert lrs[2:] == pytest.approx(expected)
     assert lrs[-1] == pytest.approx(1.0 if schedule == "constant" else 0.1)
 
@@ -353,9 +397,15 @@ def test_learning_rate_schedules_by_hand(schedule):
 def test_python_api_trains_from_a_dict_and_resumes(sft_ckpt, tmp_path):
     import stablerl
 
-    cfg = {"model": {"path": str(sft_ckpt)}, "run_dir": str(tmp_path / "api"), "train": {"steps": 1},
-           "batch": {"prompts_per_step": 2, "group_size": 4}, "rollout": {"max_new_tokens": 12},
-           "task": {"levels": [1], "eval_size": 4}, "log": {"progress": False, "tensorboard": False}}
+    cfg = {
+        "model": {"path": str(sft_ckpt)},
+        "run_dir": str(tmp_path / "api"),
+        "train": {"steps": 1},
+        "batch": {"prompts_per_step": 2, "group_size": 4},
+        "rollout": {"max_new_tokens": 12},
+        "task": {"levels": [1], "eval_size": 4},
+        "log": {"progress": False, "tensorboard": False},
+    }
     summary = stablerl.train(cfg, log=lambda *_: None)
     assert summary["steps"] == 1 and summary["run_dir"] == str(tmp_path / "api") and "sampled_after" in summary
     summary = stablerl.train(resume=tmp_path / "api", overrides=["train.steps=2"], log=lambda *_: None)
@@ -368,8 +418,9 @@ def test_console_that_is_not_a_terminal_gets_plain_whole_lines(tmp_path, capsys)
     from stablerl.config import LogConfig
     from stablerl.runlog import RunLogger
 
-    logger = RunLogger(tmp_path, LogConfig(tensorboard=False, progress=True, print_every=2), total_steps=5,
-                       start_step=0)
+    logger = RunLogger(
+        tmp_path, LogConfig(tensorboard=False, progress=True, print_every=2), total_steps=5, start_step=0
+    )
     for step in range(1, 6):
         logger.log_step(step, {"reward_mean": 0.5, "entropy": 0.1})
     logger.print("[yellow]" + "x" * 200 + "[/yellow]")
@@ -403,8 +454,9 @@ def test_plot_labels_are_unique_and_say_what_they_show(tmp_path):
         run = RunDir(tmp_path / d)
         run.path.mkdir(parents=True)
         run.config.write_text(json.dumps({"task": {"reward_fns": ["x.py:f"], "reward_weights": [2.0]}}))
-        run.metrics.write_text("".join(json.dumps({"step": s, "reward_mean": 0.5, "eval/sampled_acc": 1.5}) + "\n"
-                                       for s in range(3)))
+        run.metrics.write_text(
+            "".join(json.dumps({"step": s, "reward_mean": 0.5, "eval/sampled_acc": 1.5}) + "\n" for s in range(3))
+        )
     assert not reward_is_accuracy(tmp_path / "a" / "seed0")
     out = plot_runs([tmp_path / "a" / "seed0", tmp_path / "b" / "seed0"], tmp_path / "c.png")
     assert out.stat().st_size > 5000
@@ -420,11 +472,14 @@ def test_the_readme_loss_snippet_runs_as_pasted():
     assert namespace["logp"].grad is not None and torch.isfinite(namespace["logp"].grad).all()
 
 
-@pytest.mark.parametrize("estimator,grad", [
-    ("k1", lambda d: 1.0),
-    ("k2", lambda d: d),
-    ("k3", lambda d: 1 - math.exp(-d)),  # d/dlogp [e^{-d} - 1 + d], d = logp - ref
-])
+@pytest.mark.parametrize(
+    "estimator,grad",
+    [
+        ("k1", lambda d: 1.0),
+        ("k2", lambda d: d),
+        ("k3", lambda d: 1 - math.exp(-d)),  # d/dlogp [e^{-d} - 1 + d], d = logp - ref
+    ],
+)
 def test_kl_penalty_gradient_by_hand(estimator, grad):
     from stablerl.config import LossConfig
     from stablerl.objectives import policy_loss
@@ -434,8 +489,9 @@ def test_kl_penalty_gradient_by_hand(estimator, grad):
     logp = (ref + d).requires_grad_(True)
     cfg = LossConfig(kl_beta=0.5, kl_estimator=estimator, is_mode="none")
     adv = torch.zeros(1, dtype=torch.float64)  # no policy-gradient term: only the penalty
-    loss, m = policy_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(1, 3, dtype=torch.bool), cfg,
-                          normalizer=3.0, ref_logp=ref)
+    loss, m = policy_loss(
+        logp, logp.detach(), logp.detach(), adv, torch.ones(1, 3, dtype=torch.bool), cfg, normalizer=3.0, ref_logp=ref
+    )
     loss.backward()
     assert logp.grad[0].tolist() == pytest.approx([0.5 * grad(float(x)) / 3.0 for x in d[0]])
     assert m["kl_ref"] > 0 if estimator != "k1" else True
@@ -448,13 +504,18 @@ def test_kl_penalty_in_training_starts_at_zero_and_survives_a_resume(sft_ckpt, t
 
     run = tmp_path / "kl"
     graded = f"task.reward_fns=[{FNS}:digit_fraction]"  # non-zero advantages at every step: the policy moves
-    Trainer(config(sft_ckpt, run, "train.steps=2", "loss.kl_beta=0.1", "optim.lr=1e-3", graded), run,
-            log=lambda *_: None).run()
+    Trainer(
+        config(sft_ckpt, run, "train.steps=2", "loss.kl_beta=0.1", "optim.lr=1e-3", graded), run, log=lambda *_: None
+    ).run()
     rows = read_metrics(run)
     assert rows[1]["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
     assert rows[2]["kl_ref"] > 1e-6  # it moved
-    Trainer(config(sft_ckpt, run, "train.steps=3", "loss.kl_beta=0.1", "optim.lr=1e-3", graded), run, resume=True,
-            log=lambda *_: None).run()
+    Trainer(
+        config(sft_ckpt, run, "train.steps=3", "loss.kl_beta=0.1", "optim.lr=1e-3", graded),
+        run,
+        resume=True,
+        log=lambda *_: None,
+    ).run()
     assert read_metrics(run)[3]["kl_ref"] > 0
 
 
@@ -497,12 +558,12 @@ def test_trl_dataset_formats_and_gsm8k_answers(tmp_path):
 
 
 def test_hub_ids_are_accepted_and_offline_says_how_to_download(monkeypatch, capsys):
-    from stablerl.cli import main
-    from stablerl.models import is_hub_id, load_policy
-
     # this machine has no hub: fail fast, as offline would (the libraries read the variable at import)
     import datasets
     import huggingface_hub
+
+    from stablerl.cli import main
+    from stablerl.models import is_hub_id, load_policy
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -65,8 +65,15 @@ def test_true_gradient_matches_finite_differences():
         assert float(g @ torch.cat([x.reshape(-1) for x in d])) == pytest.approx((jp - jm) / (2 * h), rel=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(is_mode="none", clip=False),
-                                 LossConfig(aggregation="seq_mean_token_mean"), LossConfig(algorithm="gspo")])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LossConfig(),
+        LossConfig(is_mode="none", clip=False),
+        LossConfig(aggregation="seq_mean_token_mean"),
+        LossConfig(algorithm="gspo"),
+    ],
+)
 def test_expected_surrogate_gradient_equals_per_response_sum(cfg):
     """The lab's one-call expectation (advantages scaled by mu) against an explicit loop:
     sum_y mu(y) * gradient of policy_loss on the single response y."""
@@ -85,17 +92,25 @@ def test_expected_surrogate_gradient_equals_per_response_sum(cfg):
     slow = torch.zeros_like(fast)
     for i in range(space.tokens.shape[0]):
         row = slice(i, i + 1)
-        loss, _ = policy_loss(logp[row], old_logp[row], rollout_logp[row], adv[row], space.mask[row], cfg,
-                              normalizer=1.0)
+        loss, _ = policy_loss(
+            logp[row], old_logp[row], rollout_logp[row], adv[row], space.mask[row], cfg, normalizer=1.0
+        )
         scale = mean_len if cfg.aggregation == "seq_mean_token_mean" else 1.0
         grads = torch.autograd.grad(loss, list(theta.parameters()), retain_graph=True)
         slow -= mu[i] * scale * torch.cat([g.reshape(-1) for g in grads])
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(is_mode="sequence_mask"), LossConfig(algorithm="cispo"),
-                                 LossConfig(algorithm="gspo", aggregation="seq_mean_token_mean"),
-                                 LossConfig(reject="sequence_geo", reject_low=0.9, reject_high=1.1, opsm_delta=0.05)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LossConfig(),
+        LossConfig(is_mode="sequence_mask"),
+        LossConfig(algorithm="cispo"),
+        LossConfig(algorithm="gspo", aggregation="seq_mean_token_mean"),
+        LossConfig(reject="sequence_geo", reject_low=0.9, reject_high=1.1, opsm_delta=0.05),
+    ],
+)
 def test_estimator_moments_equal_per_response_autograd(cfg):
     """The lab's hand-derived moments (mean gradient and E||g||^2 of the one-response estimator)
     against autograd on every single response."""
@@ -116,15 +131,18 @@ def test_estimator_moments_equal_per_response_autograd(cfg):
     grads = []
     for i in range(space.tokens.shape[0]):
         row = slice(i, i + 1)
-        loss, _ = policy_loss(logp[row], old_logp[row], rollout_logp[row], adv[row], space.mask[row], cfg,
-                              normalizer=1.0)
+        loss, _ = policy_loss(
+            logp[row], old_logp[row], rollout_logp[row], adv[row], space.mask[row], cfg, normalizer=1.0
+        )
         g = torch.autograd.grad(loss, list(theta.parameters()), retain_graph=True)
         grads.append(-scale * torch.cat([x.reshape(-1) for x in g]))
     grads = torch.stack(grads)
     torch.testing.assert_close(mean, (mu[:, None] * grads).sum(0), rtol=1e-10, atol=1e-13)
     expected = float((mu * grads.pow(2).sum(1)).sum() - (mu[:, None] * grads).sum(0).pow(2).sum())
     assert variance == pytest.approx(expected, rel=1e-9)
-    torch.testing.assert_close(mean, surrogate_gradient(theta, space, old_logp, rollout_logp, cfg), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(
+        mean, surrogate_gradient(theta, space, old_logp, rollout_logp, cfg), rtol=1e-10, atol=1e-13
+    )
 
 
 def test_every_correction_is_ranked_and_exact_where_it_is_inactive(default_result):

@@ -22,7 +22,11 @@ from stablerl.routing import capture_routes, replay_routes
 def _grads(model, ids, routes):
     model.zero_grad(set_to_none=True)
     mask = torch.ones_like(ids)
-    ctx = replay_routes(model, routes) if routes is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    ctx = (
+        replay_routes(model, routes)
+        if routes is not None
+        else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    )
     with ctx:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     # the backward runs after the replay context closed, as the learner's does
@@ -119,11 +123,18 @@ def _ragged_batch(model, seed=0):
     ids = torch.zeros(B, P + R, dtype=torch.long)
     am = torch.zeros(B, P + R, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompt_lens, resp_lens)):
-        ids[i, P - p:P + r] = torch.randint(3, 60, (p + r,), generator=g)
-        am[i, P - p:P + r] = 1
+        ids[i, P - p : P + r] = torch.randint(3, 60, (p + r,), generator=g)
+        am[i, P - p : P + r] = 1
     rm = am[:, P:].bool()
-    batch = RolloutBatch(input_ids=ids, attention_mask=am, prompt_width=P, response_mask=rm,
-                         rollout_logp=torch.zeros(B, R), finished=torch.ones(B, dtype=torch.bool), version=0)
+    batch = RolloutBatch(
+        input_ids=ids,
+        attention_mask=am,
+        prompt_width=P,
+        response_mask=rm,
+        rollout_logp=torch.zeros(B, R),
+        finished=torch.ones(B, dtype=torch.bool),
+        version=0,
+    )
     if model.config.model_type != "qwen3":
         other = build_model(model.config, seed=99, dtype=torch.float32).eval()
         with torch.no_grad(), capture_routes(other) as cap:
@@ -137,9 +148,15 @@ def test_pack_layout_hand_worked():
 
     # prompt width 2, response width 3: row 0 = [pad, a | b, c, pad], row 1 = [d, e | f, pad, pad]
     am = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
-    batch = RolloutBatch(input_ids=torch.arange(10).view(2, 5) * am, attention_mask=am, prompt_width=2,
-                         response_mask=am[:, 2:].bool(), rollout_logp=torch.zeros(2, 3),
-                         finished=torch.ones(2, dtype=torch.bool), version=0)
+    batch = RolloutBatch(
+        input_ids=torch.arange(10).view(2, 5) * am,
+        attention_mask=am,
+        prompt_width=2,
+        response_mask=am[:, 2:].bool(),
+        rollout_logp=torch.zeros(2, 3),
+        finished=torch.ones(2, dtype=torch.bool),
+        version=0,
+    )
     layout = pack_layout(batch)
     assert layout.real.tolist() == [1, 2, 3, 5, 6, 7]
     assert layout.pack(batch.input_ids).tolist() == [[1, 2, 3, 5, 6, 7]]
@@ -147,9 +164,15 @@ def test_pack_layout_hand_worked():
     # b and c are predicted from packed positions 0 and 1, f from 4 (e)
     assert layout.predicts.tolist() == [0, 1, 4]
     assert layout.unpack(layout.pack(batch.input_ids), -1).tolist() == [[-1, 1, 2, 3, -1], [5, 6, 7, -1, -1]]
-    holey = RolloutBatch(input_ids=batch.input_ids, attention_mask=torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 0, 0]]),
-                         prompt_width=2, response_mask=torch.tensor([[True, False, True], [True, False, False]]),
-                         rollout_logp=torch.zeros(2, 3), finished=torch.ones(2, dtype=torch.bool), version=0)
+    holey = RolloutBatch(
+        input_ids=batch.input_ids,
+        attention_mask=torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 0, 0]]),
+        prompt_width=2,
+        response_mask=torch.tensor([[True, False, True], [True, False, False]]),
+        rollout_logp=torch.zeros(2, 3),
+        finished=torch.ones(2, dtype=torch.bool),
+        version=0,
+    )
     with pytest.raises(ValueError, match="contiguous"):
         pack_layout(holey)
 
@@ -159,7 +182,7 @@ def test_packed_forward_equals_the_padded_forward(family):
     model = build_model(tiny_config(family, pad_token_id=0, eos_token_id=None), seed=3, dtype=torch.float32).eval()
     batch = _ragged_batch(model)
     moe = batch.routes is not None
-    for replay in ([None, batch.routes] if moe else [None]):
+    for replay in [None, batch.routes] if moe else [None]:
         padded = response_logp(model, batch, replay=replay, capture=moe, with_entropy=True)
         packed = response_logp(model, batch, replay=replay, capture=moe, with_entropy=True, packed=True)
         mask = batch.response_mask
@@ -194,8 +217,13 @@ def test_packed_forward_attends_over_each_sequence_alone(monkeypatch):
     batch = _ragged_batch(model)
     calls = []
     original = F.sdpa_attention_forward
-    monkeypatch.setattr(F, "sdpa_attention_forward",
-                        lambda m, q, k, v, mask, *a, **kw: calls.append((q.shape[2], mask is None)) or original(m, q, k, v, mask, *a, **kw))
+    monkeypatch.setattr(
+        F,
+        "sdpa_attention_forward",
+        lambda m, q, k, v, mask, *a, **kw: (
+            calls.append((q.shape[2], mask is None)) or original(m, q, k, v, mask, *a, **kw)
+        ),
+    )
     with torch.no_grad():
         response_logp(model, batch, packed=True)
     lengths = batch.attention_mask.sum(-1).tolist()
@@ -237,28 +265,58 @@ def _run(sft_ckpt, run_dir, extra):
     from stablerl.loop import Trainer
     from stablerl.runlog import read_metrics
 
-    common = [f"model.path={sft_ckpt}", f"run_dir={run_dir}", "batch.prompts_per_step=2", "batch.group_size=4",
-              "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4", "eval.every=5", "log.progress=false",
-              "log.tensorboard=false", "train.steps=2", "batch.minibatches_per_step=2", "optim.lr=1e-3",
-              f"task.reward_fns=[{REWARD}]", "task.reward_workers=1", "rollout.precision=fp32"]
+    common = [
+        f"model.path={sft_ckpt}",
+        f"run_dir={run_dir}",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=12",
+        "task.levels=[1]",
+        "task.eval_size=4",
+        "eval.every=5",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "train.steps=2",
+        "batch.minibatches_per_step=2",
+        "optim.lr=1e-3",
+        f"task.reward_fns=[{REWARD}]",
+        "task.reward_workers=1",
+        "rollout.precision=fp32",
+    ]
     cfg = build_config(RunConfig, None, [*common, *extra])
     Trainer(cfg, run_dir, log=lambda *_: None).run()
     return read_metrics(run_dir), checkpoint.load_model_weights(checkpoint.latest(run_dir))
 
 
-COMPARED = ("loss", "grad_norm", "train_infer_kl", "staleness_kl", "is_weight_mean", "entropy", "reward_mean",
-            "clip_frac_low", "clip_frac_high", "n_tokens_contrib", "route_agreement/train_infer", "route_agreement/stale")
+COMPARED = (
+    "loss",
+    "grad_norm",
+    "train_infer_kl",
+    "staleness_kl",
+    "is_weight_mean",
+    "entropy",
+    "reward_mean",
+    "clip_frac_low",
+    "clip_frac_high",
+    "n_tokens_contrib",
+    "route_agreement/train_infer",
+    "route_agreement/stale",
+)
 
 
 @pytest.mark.parametrize("replay", ["R2", "R3"])
 def test_memory_settings_never_change_the_run(sft_ckpt, tmp_path, replay):
     base_rows, base_w = _run(sft_ckpt, tmp_path / "base", [f"train.routing_replay={replay}"])
     assert all(r["grad_norm"] > 0 for r in base_rows[1:])
-    for name, extra in (("tokens", ["batch.max_tokens_per_micro_batch=40"]),
-                        ("ckpt", ["train.activation_checkpointing=true", "batch.micro_batch_size=3"]),
-                        # packed forwards of <= 40 real tokens (the no-grad pi_old pass is cut too), recomputed
-                        ("packed", ["batch.max_tokens_per_micro_batch=40", "batch.packing=true",
-                                    "train.activation_checkpointing=true"])):
+    for name, extra in (
+        ("tokens", ["batch.max_tokens_per_micro_batch=40"]),
+        ("ckpt", ["train.activation_checkpointing=true", "batch.micro_batch_size=3"]),
+        # packed forwards of <= 40 real tokens (the no-grad pi_old pass is cut too), recomputed
+        (
+            "packed",
+            ["batch.max_tokens_per_micro_batch=40", "batch.packing=true", "train.activation_checkpointing=true"],
+        ),
+    ):
         rows, weights = _run(sft_ckpt, tmp_path / name, [f"train.routing_replay={replay}", *extra])
         for a, b in zip(base_rows, rows):
             for k in COMPARED:
@@ -306,9 +364,15 @@ def test_bf16_learner_computes_in_bf16_with_fp32_gradients(sft_ckpt):
     handle = learner.model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     from stablerl.rollout.base import RolloutBatch
 
-    batch = RolloutBatch(input_ids=ids, attention_mask=torch.ones_like(ids), prompt_width=2,
-                         response_mask=torch.ones(2, 4, dtype=torch.bool), rollout_logp=torch.zeros(2, 4),
-                         finished=torch.ones(2, dtype=torch.bool), version=0)
+    batch = RolloutBatch(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        prompt_width=2,
+        response_mask=torch.ones(2, 4, dtype=torch.bool),
+        rollout_logp=torch.zeros(2, 4),
+        finished=torch.ones(2, dtype=torch.bool),
+        version=0,
+    )
     out = learner._logp(learner.model, batch)
     handle.remove()
     out["logp"].sum().backward()

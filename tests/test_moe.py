@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from stablerl.models import build_model, tiny_config
 from stablerl import moe
+from stablerl.models import build_model, tiny_config
 from stablerl.moe import NAME, grouped_experts, pick_layout
 from stablerl.precision import PackedWeight, native_half_matmul, pack_weight
 
@@ -40,8 +40,14 @@ def test_dense_models_are_left_alone():
     assert getattr(model.config, "_experts_implementation", None) != NAME
 
 
-@pytest.mark.parametrize("layout,dtype,tol,H,I", [("padded", torch.float64, 1e-12, 6, 5), ("pairs", torch.float32, 1e-5, 8, 4),
-                                                  ("dense", torch.float64, 1e-12, 6, 5)])
+@pytest.mark.parametrize(
+    "layout,dtype,tol,H,I",
+    [
+        ("padded", torch.float64, 1e-12, 6, 5),
+        ("pairs", torch.float32, 1e-5, 8, 4),
+        ("dense", torch.float64, 1e-12, 6, 5),
+    ],
+)
 def test_grouped_experts_matches_a_per_expert_loop_in_value_and_gradient(layout, dtype, tol, H, I):
     # the pairs layout runs F.grouped_mm: no float64 kernel, rows of whole 16-byte multiples
     g = torch.Generator().manual_seed(0)
@@ -81,13 +87,13 @@ def test_grouped_experts_picks_the_pairs_layout_once_padding_doubles_the_rows(mo
     h, w = torch.randn(N, H, generator=g), torch.rand(N, k, generator=g)
     gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
     act = torch.nn.functional.silu
-    balanced = torch.arange(N * k).view(N, k) % E            # 8 pairs per expert: no padding
+    balanced = torch.arange(N * k).view(N, k) % E  # 8 pairs per expert: no padding
     skewed = torch.stack([torch.zeros(N, dtype=torch.long), torch.arange(N) % (E - 1) + 1], 1)  # expert 0: all 16
     big = (512, 512)
     for dtype in (torch.float32, torch.bfloat16):
-        assert pick_layout(N * k, E * 8, *big, dtype) == "padded"         # no padding
-        assert pick_layout(N * k, E * 16, *big, dtype) == "pairs"         # 64 rows for 32 pairs
-        assert pick_layout(N * k, E * 16, 256, 512, dtype) == "padded"    # small experts
+        assert pick_layout(N * k, E * 8, *big, dtype) == "padded"  # no padding
+        assert pick_layout(N * k, E * 16, *big, dtype) == "pairs"  # 64 rows for 32 pairs
+        assert pick_layout(N * k, E * 16, 256, 512, dtype) == "padded"  # small experts
     assert pick_layout(N * k, E * 16, 516, 516, torch.bfloat16) == "padded"  # 1032-byte rows: no grouped_mm
     assert pick_layout(N * k, E * 16, *big, torch.float32, "meta") == "padded"  # measured on CPU only
     monkeypatch.setattr(moe, "pick_layout", lambda pairs, rows, *rest: "pairs" if rows >= 2 * pairs else "padded")
@@ -114,8 +120,8 @@ def test_the_compiled_decode_layout_follows_the_rule():
     from stablerl.moe import static_layout
 
     f32, b16 = torch.float32, torch.bfloat16
-    assert static_layout(8, 2, 64, 64, f32) == "dense"                 # the tiny model's step
-    assert static_layout(8, 2, 64, 64, f32, decode=False) == "pairs"   # its prefill
-    assert static_layout(32, 4, 64, 48, f32) == "pairs"                # the deep shape: E > 4k
-    assert static_layout(8, 2, 1024, 512, b16) == "pairs"              # experts of 512 x 512 and up
-    assert static_layout(32, 4, 64, 6, b16) == "dense"                 # 12-byte rows: no grouped_mm
+    assert static_layout(8, 2, 64, 64, f32) == "dense"  # the tiny model's step
+    assert static_layout(8, 2, 64, 64, f32, decode=False) == "pairs"  # its prefill
+    assert static_layout(32, 4, 64, 48, f32) == "pairs"  # the deep shape: E > 4k
+    assert static_layout(8, 2, 1024, 512, b16) == "pairs"  # experts of 512 x 512 and up
+    assert static_layout(32, 4, 64, 6, b16) == "dense"  # 12-byte rows: no grouped_mm

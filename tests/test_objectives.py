@@ -225,9 +225,17 @@ def test_micro_batch_accumulation_is_exact(algorithm, aggregation):
         sub = [t[rows] for t in (old, roll, adv, mask)]
         # trim the micro-batch's padding to its own longest response, as a trainer would
         T = int(sub[3].sum(-1).max())
-        loss, _ = policy_loss(x[rows][:, :T], sub[0][:, :T], sub[1][:, :T], sub[2], sub[3][:, :T], cfg,
-                              normalizer=aggregation_normalizer(mask, aggregation, max_response_len=mask.shape[1])
-                              if aggregation == "token_sum" else norm)
+        loss, _ = policy_loss(
+            x[rows][:, :T],
+            sub[0][:, :T],
+            sub[1][:, :T],
+            sub[2],
+            sub[3][:, :T],
+            cfg,
+            normalizer=aggregation_normalizer(mask, aggregation, max_response_len=mask.shape[1])
+            if aggregation == "token_sum"
+            else norm,
+        )
         loss.backward()
     torch.testing.assert_close(x.grad, g_full, rtol=1e-12, atol=1e-15)
 

@@ -23,10 +23,26 @@ REWARD = str(Path(__file__).parent / "data" / "reward_fns.py") + ":digit_fractio
 
 
 def config(ckpt, run_dir, *extra) -> RunConfig:
-    return build_config(RunConfig, None, [
-        f"model.path={ckpt}", f"run_dir={run_dir}", "batch.prompts_per_step=2", "batch.group_size=4",
-        "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4", "eval.every=100", "log.progress=false",
-        "log.tensorboard=false", "log.rollouts=true", f"task.reward_fns=[{REWARD}]", "optim.lr=1e-3", *extra])
+    return build_config(
+        RunConfig,
+        None,
+        [
+            f"model.path={ckpt}",
+            f"run_dir={run_dir}",
+            "batch.prompts_per_step=2",
+            "batch.group_size=4",
+            "rollout.max_new_tokens=12",
+            "task.levels=[1]",
+            "task.eval_size=4",
+            "eval.every=100",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "log.rollouts=true",
+            f"task.reward_fns=[{REWARD}]",
+            "optim.lr=1e-3",
+            *extra,
+        ],
+    )
 
 
 def run(ckpt, run_dir, *extra, resume=False):
@@ -67,8 +83,9 @@ def test_a_lagged_run_resumes_exactly(sft_ckpt, tmp_path):
     skip = ("time", "per_s", "eval/")
     assert len(full) == len(resumed)
     for a, b in zip(full, resumed):
-        assert {k: v for k, v in a.items() if not any(t in k for t in skip)} == \
-               {k: v for k, v in b.items() if not any(t in k for t in skip)}
+        assert {k: v for k, v in a.items() if not any(t in k for t in skip)} == {
+            k: v for k, v in b.items() if not any(t in k for t in skip)
+        }
     wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "full"))
     wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "part"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -78,14 +95,21 @@ def test_eta_zero_is_the_synchronous_loop(sft_ckpt, tmp_path):
     a = run(sft_ckpt, tmp_path / "a", "train.steps=2")
     b = run(sft_ckpt, tmp_path / "b", "train.steps=2", "rollout.max_staleness=0")
     timing = ("time", "per_s")
-    assert [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in a] == \
-           [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in b]
+    assert [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in a] == [
+        {k: v for k, v in r.items() if not any(t in k for t in timing)} for r in b
+    ]
     assert [r["rollout_version"] for r in a[1:]] == [0, 1]
 
 
 def test_bypass_makes_pi_old_the_sampler_and_refuses_r2(sft_ckpt, tmp_path):
-    rows = run(sft_ckpt, tmp_path / "bp", "train.steps=2", "loss.proximal=rollout", "rollout.max_staleness=1",
-               "batch.minibatches_per_step=2")
+    rows = run(
+        sft_ckpt,
+        tmp_path / "bp",
+        "train.steps=2",
+        "loss.proximal=rollout",
+        "rollout.max_staleness=1",
+        "batch.minibatches_per_step=2",
+    )
     for r in rows[1:]:  # pi_old := mu: the IS weight is exactly 1, the train-infer KL exactly 0
         assert r["is_weight_mean"] == 1.0 and r["train_infer_kl"] == 0.0
     with pytest.raises(ValueError, match=r"loss.proximal=rollout.*train.routing_replay=R2"):
@@ -111,8 +135,11 @@ def _comparable(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("eta,learners,workers", [(1, 1, 1), (0, 1, 1), (2, 1, 2), (1, 2, 1)],
-                         ids=["eta1-R1", "eta0-R1", "eta2-R2", "eta1-L2-R1"])
+@pytest.mark.parametrize(
+    "eta,learners,workers",
+    [(1, 1, 1), (0, 1, 1), (2, 1, 2), (1, 2, 1)],
+    ids=["eta1-R1", "eta0-R1", "eta2-R2", "eta1-L2-R1"],
+)
 def test_workers_equal_zero_workers(sft_ckpt, tmp_path, eta, learners, workers):
     import sys
 
@@ -121,10 +148,26 @@ def test_workers_equal_zero_workers(sft_ckpt, tmp_path, eta, learners, workers):
 
     extra = ["train.steps=4", "rollout.precision=fp32", f"rollout.max_staleness={eta}", "checkpoint.every=2"]
     ref = run(sft_ckpt, tmp_path / "ref", *extra)
-    args = [f"{a}" for a in [f"model.path={sft_ckpt}", f"run_dir={tmp_path / 'w'}", "batch.prompts_per_step=2",
-                             "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4",
-                             "eval.every=100", "log.progress=false", "log.tensorboard=false", "log.rollouts=true",
-                             f"task.reward_fns=[{REWARD}]", "optim.lr=1e-3", *extra, f"rollout.workers={workers}"]]
+    args = [
+        f"{a}"
+        for a in [
+            f"model.path={sft_ckpt}",
+            f"run_dir={tmp_path / 'w'}",
+            "batch.prompts_per_step=2",
+            "batch.group_size=4",
+            "rollout.max_new_tokens=12",
+            "task.levels=[1]",
+            "task.eval_size=4",
+            "eval.every=100",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "log.rollouts=true",
+            f"task.reward_fns=[{REWARD}]",
+            "optim.lr=1e-3",
+            *extra,
+            f"rollout.workers={workers}",
+        ]
+    ]
     rc, out = torchrun_train(args, nproc=learners + workers, timeout=300)
     assert rc == 0, out[-3000:]
     got = read_metrics(tmp_path / "w")
@@ -162,10 +205,24 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
 
     extra = ["train.steps=6", "rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=1"]
     ref = run(sft_ckpt, tmp_path / "ref", *extra)
-    args = [f"model.path={sft_ckpt}", f"run_dir={tmp_path / 'w'}", "batch.prompts_per_step=2", "batch.group_size=4",
-            "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=4", "eval.every=100", "log.progress=false",
-            "log.tensorboard=false", "log.rollouts=true", f"task.reward_fns=[{REWARD}]", "optim.lr=1e-3", *extra,
-            "rollout.workers=1", "distributed.timeout_s=30"]
+    args = [
+        f"model.path={sft_ckpt}",
+        f"run_dir={tmp_path / 'w'}",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=12",
+        "task.levels=[1]",
+        "task.eval_size=4",
+        "eval.every=100",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.rollouts=true",
+        f"task.reward_fns=[{REWARD}]",
+        "optim.lr=1e-3",
+        *extra,
+        "rollout.workers=1",
+        "distributed.timeout_s=30",
+    ]
     proc = torchrun_start(args, nproc=2)
     try:
         deadline = time.monotonic() + 180
@@ -199,12 +256,19 @@ def test_lag_kl_splits_the_mismatch_into_engine_and_lag(sft_ckpt, tmp_path):
     """log.lag_kl: k1(mu || pi_old) = k1(mu || pi_v) + k1(pi_v || pi_old) on the same tokens. At
     the first steps the sampler's version is the learner's (v = s - 1): no lag; later the lag
     part is the rest, and the engine part is what an fp32 engine shows: ~0."""
-    rows = run(sft_ckpt, tmp_path / "r", "train.steps=4", "rollout.max_staleness=2", "log.lag_kl=true",
-               "rollout.precision=fp32", "optim.lr=1e-2")
+    rows = run(
+        sft_ckpt,
+        tmp_path / "r",
+        "train.steps=4",
+        "rollout.max_staleness=2",
+        "log.lag_kl=true",
+        "rollout.precision=fp32",
+        "optim.lr=1e-2",
+    )
     for r in rows[1:]:
         assert r["lag/lag_kl_k1"] + r["lag/engine_kl_k1"] == pytest.approx(r["train_infer_kl_k1"], abs=1e-9)
         assert abs(r["lag/engine_kl_k1"]) < 1e-5 and r["lag/engine_kl"] < 1e-6  # fp32 engine = pi_v
-    assert abs(rows[1]["lag/lag_kl_k1"]) < 1e-5   # step 1 is sampled by version 0 = pi_old
+    assert abs(rows[1]["lag/lag_kl_k1"]) < 1e-5  # step 1 is sampled by version 0 = pi_old
     assert rows[4]["staleness/max"] == 2 and rows[4]["train_infer_kl"] > 1e-4  # lagging two versions: a mismatch
     assert abs(rows[4]["lag/lag_kl_k1"] - rows[4]["train_infer_kl_k1"]) < 1e-5  # ... and all of it is the lag
 

@@ -14,10 +14,21 @@ from stablerl.repro.stats import collapse, run_stats
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro, monkeypatch):
-    tiny = ["train.steps=1", "batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=10",
-            "task.eval_size=4", "eval.samples=1", "log.tensorboard=false", "task.levels=[1]",
-            "model.hidden_size=32", "model.num_layers=2", "sft.steps=3", "sft.batch_size=8",
-            f"sft.output_dir={sft_ckpt_for_repro}"]
+    tiny = [
+        "train.steps=1",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=10",
+        "task.eval_size=4",
+        "eval.samples=1",
+        "log.tensorboard=false",
+        "task.levels=[1]",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "sft.steps=3",
+        "sft.batch_size=8",
+        f"sft.output_dir={sft_ckpt_for_repro}",
+    ]
     if name.startswith("cold-start"):  # each teacher style needs its own cold start ...
         tiny = [t for t in tiny if not t.startswith("sft.output_dir")]
         monkeypatch.chdir(tmp_path)  # ... at its default path, runs/sft/<hash>: here, not in the checkout
@@ -30,8 +41,13 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro, 
         # ... and the machinery runs on the short task, one rung of the ladder
         tiny += ["task.style=steps", "task.max_operand=99"]
         # (experiments 3 and 4: their smallest N / lag only)
-        variants = [v for v in exp["variants"] if "/" not in v or
-                    (v.startswith("fp8_w8a8/") and v.count("/") == 1) or v.startswith(("fp8_w8a8/n2/", "fp8_w8a8/eta1/"))]
+        variants = [
+            v
+            for v in exp["variants"]
+            if "/" not in v
+            or (v.startswith("fp8_w8a8/") and v.count("/") == 1)
+            or v.startswith(("fp8_w8a8/n2/", "fp8_w8a8/eta1/"))
+        ]
     logs = []
     dirs = run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append, variants=variants)
     assert len(dirs) == len(variants or EXPERIMENTS[name]["variants"])
@@ -54,11 +70,15 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro, 
         text = paths["readings_md"].read_text()
         assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + len(dirs)
     if name == "long-dose":  # with the cold start's dose axis beside the runs, the dose figure
-        (tmp_path / name / "dose_axis.json").write_text(json.dumps({"fp8_w8a8": {"kl_k1": 1e-3, "seq_log_w_mean": -0.1}}))
+        (tmp_path / name / "dose_axis.json").write_text(
+            json.dumps({"fp8_w8a8": {"kl_k1": 1e-3, "seq_log_w_mean": -0.1}})
+        )
         paths = write_report(name, tmp_path, seeds=1)
         assert paths["dose_png"].stat().st_size > 5_000
     logs.clear()
-    run_experiment(name, tmp_path, seeds=1, extra=tiny, log=logs.append, variants=variants)  # finished runs are not repeated
+    run_experiment(
+        name, tmp_path, seeds=1, extra=tiny, log=logs.append, variants=variants
+    )  # finished runs are not repeated
     assert all("skipped" in line for line in logs)
 
 
@@ -70,8 +90,18 @@ def sft_ckpt_for_repro(tmp_path_factory):
     from stablerl.tasks import build_task
 
     out = tmp_path_factory.mktemp("sft") / "ckpt"
-    cfg = build_config(RunConfig, None, ["model.hidden_size=32", "model.num_layers=2", "sft.steps=3",
-                                         "sft.batch_size=8", "task.levels=[1]", f"sft.output_dir={out}"])
+    cfg = build_config(
+        RunConfig,
+        None,
+        [
+            "model.hidden_size=32",
+            "model.num_layers=2",
+            "sft.steps=3",
+            "sft.batch_size=8",
+            "task.levels=[1]",
+            f"sft.output_dir={out}",
+        ],
+    )
     return cold_start(cfg, build_task(cfg.task), log=lambda *_: None)
 
 
@@ -81,7 +111,7 @@ def test_collapse_definition():
 
     stable = [0.3] * 20 + [0.5] * 60
     assert collapse_step(rows(stable)) is None
-    collapsing = [0.3] * 20 + [0.6] * 40 + [0.05] * 40   # falls and never recovers
+    collapsing = [0.3] * 20 + [0.6] * 40 + [0.05] * 40  # falls and never recovers
     step = collapse_step(rows(collapsing))
     assert 60 < step < 80
     dip = [0.3] * 20 + [0.6] * 40 + [0.05] * 15 + [0.6] * 25  # recovers: not a collapse
@@ -106,8 +136,9 @@ def test_collapse_catches_both_entropy_directions():
     # window is 5 rollout steps, below half the peak 0.6 once 3 of its 5 values are 0.05 (rollout step 63)
     assert collapse(rows(rewards, [0.1] * 100), n=4) == (4 * 63, "reward fell")
     # and the final reward is over the last 20 optimizer steps' worth: 5 rollout steps at N = 4
-    assert run_stats({}, rows(rewards[:57] + [0.2, 0.2, 0.4, 0.4, 0.4], [0.1] * 62), n=4)["final_reward"] == pytest.approx(
-        (0.2 * 2 + 0.4 * 3) / 5)
+    assert run_stats({}, rows(rewards[:57] + [0.2, 0.2, 0.4, 0.4, 0.4], [0.1] * 62), n=4)[
+        "final_reward"
+    ] == pytest.approx((0.2 * 2 + 0.4 * 3) / 5)
     assert run_stats({}, rows(rewards, [0.1] * 100))["final_reward"] == pytest.approx(0.05)
 
 
@@ -127,8 +158,8 @@ def test_the_deep_moe_example_builds_the_shape_it_names():
     assert (c.num_hidden_layers, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size) == (8, 32, 4, 48)
     h, v, e, i, hd = 96, len(tok), 32, 48, 96 // 4
     attention = h * 4 * hd + 2 * (h * 2 * hd) + 4 * hd * h + 2 * hd  # q, k, v, o, q/k norms
-    moe = h * e + e * 3 * h * i                                      # router, experts (gate, up, down)
-    per_layer = attention + moe + 2 * h                              # + two RMSNorms
+    moe = h * e + e * 3 * h * i  # router, experts (gate, up, down)
+    per_layer = attention + moe + 2 * h  # + two RMSNorms
     assert sum(p.numel() for p in model.parameters()) == v * h + 8 * per_layer + h  # tied embedding, final norm
 
 
@@ -162,8 +193,8 @@ def test_preregistered_collapse_parts_on_hand_made_curves():
     # C1: peak 0.6 at eval 2; from eval 4 on every value <= 0.45 (two evaluations at least)
     acc = _rows("eval/sampled_acc", [0.4, 0.5, 0.6, 0.5, 0.44, 0.40], every=20)
     assert collapse_c1(acc) == 80
-    assert collapse_c1(_rows("eval/sampled_acc", [0.4, 0.6, 0.5, 0.44])) is None   # one evaluation only
-    assert collapse_c1(_rows("eval/sampled_acc", [0.6, 0.4, 0.5, 0.4])) is None    # 0.5 > 0.6 - 0.15: recovered
+    assert collapse_c1(_rows("eval/sampled_acc", [0.4, 0.6, 0.5, 0.44])) is None  # one evaluation only
+    assert collapse_c1(_rows("eval/sampled_acc", [0.6, 0.4, 0.5, 0.4])) is None  # 0.5 > 0.6 - 0.15: recovered
     # C2: early median 1e-3; the running median (10 steps) reaches 1e-2 and stays
     kl = _rows("train_infer_kl_k1", [1e-3] * 10 + [2e-2] * 30)
     # at step 14 the window holds five 1e-3 and five 2e-2: its median, the mean of the middle two,
@@ -180,7 +211,7 @@ def test_preregistered_collapse_parts_on_hand_made_curves():
     both = [{**a, **b} for a, b in zip(kl, _rows("entropy", [1.0] * 10 + [0.1] * 30))]
     step, how = collapse_preregistered(both, ref[:40])
     assert how == "C2+C3 (drop)" and step >= 14
-    assert collapse_preregistered(kl, None) == (None, "")   # C2 alone is not a collapse
+    assert collapse_preregistered(kl, None) == (None, "")  # C2 alone is not a collapse
     assert collapse_preregistered(acc, None) == (80, "C1")
 
 
@@ -201,22 +232,31 @@ def test_a_second_preregistered_comparison_is_tabled_after_the_references():
     from stablerl.repro.report import paired_table
 
     finals = {"noclip_noreplay": (0.4, 0.4, 0.4), "clip_r3": (0.5, 0.6, 0.7), "clip_r3_bypass": (0.6, 0.8, 0.7)}
-    by_seed = {f"fp8_w8a8/eta1/{name}": {seed: _run([0.6, a], [0.1, 0.1], [1e-3, 1e-3]) for seed, a in enumerate(accs)}
-               for name, accs in finals.items()}
-    text = paired_table(by_seed, {"clip_r3": "noclip_noreplay", "clip_r3_bypass": "noclip_noreplay"},
-                        also={"clip_r3_bypass": "clip_r3"})
+    by_seed = {
+        f"fp8_w8a8/eta1/{name}": {seed: _run([0.6, a], [0.1, 0.1], [1e-3, 1e-3]) for seed, a in enumerate(accs)}
+        for name, accs in finals.items()
+    }
+    text = paired_table(
+        by_seed, {"clip_r3": "noclip_noreplay", "clip_r3_bypass": "noclip_noreplay"}, also={"clip_r3_bypass": "clip_r3"}
+    )
     rows = [line for line in text.splitlines() if line.startswith("| fp8")]
     assert rows == [
-        "| fp8_w8a8/eta1/clip_r3 | fp8_w8a8/eta1/noclip_noreplay | 3 | +0.100, +0.200, +0.300 | +0.200 | [-0.048, +0.448] |",
-        "| fp8_w8a8/eta1/clip_r3_bypass | fp8_w8a8/eta1/noclip_noreplay | 3 | +0.200, +0.400, +0.300 | +0.300 | [+0.052, +0.548] |",
-        "| fp8_w8a8/eta1/clip_r3_bypass | fp8_w8a8/eta1/clip_r3 | 3 | +0.100, +0.200, +0.000 | +0.100 | [-0.148, +0.348] |"]
+        "| fp8_w8a8/eta1/clip_r3 | fp8_w8a8/eta1/noclip_noreplay"
+        " | 3 | +0.100, +0.200, +0.300 | +0.200 | [-0.048, +0.448] |",
+        "| fp8_w8a8/eta1/clip_r3_bypass | fp8_w8a8/eta1/noclip_noreplay"
+        " | 3 | +0.200, +0.400, +0.300 | +0.300 | [+0.052, +0.548] |",
+        "| fp8_w8a8/eta1/clip_r3_bypass | fp8_w8a8/eta1/clip_r3"
+        " | 3 | +0.100, +0.200, +0.000 | +0.100 | [-0.148, +0.348] |",
+    ]
     assert EXPERIMENTS["long-lag"]["also_compare"] == {"clip_r3_bypass": "clip_r3"}
 
 
 def _run(acc, entropy, kl, n=1, every=1):
     """(summary, rows, N) of a hand-made run: evaluations every ``every`` steps."""
-    rows = [{"step": i, "reward_mean": 0.5, "entropy": e, "train_infer_kl_k1": k, "train_infer_kl": k}
-            for i, (e, k) in enumerate(zip(entropy, kl))]
+    rows = [
+        {"step": i, "reward_mean": 0.5, "entropy": e, "train_infer_kl_k1": k, "train_infer_kl": k}
+        for i, (e, k) in enumerate(zip(entropy, kl))
+    ]
     for j, a in enumerate(acc):
         rows[j * every]["eval/sampled_acc"] = a
     return {"steps": len(rows)}, rows, n
@@ -228,15 +268,19 @@ def test_readings_compare_each_run_with_its_own_rung_and_seed():
     flat = [1.0] * 60
     by_seed = {
         # the reference of the "hi" rung: seed 0's entropy flat, seed 1's falling at step 20
-        "hi/on_minirl": {0: _run([0.5, 0.6, 0.6], flat, [1e-3] * 60, every=20),
-                         1: _run([0.52, 0.6, 0.62], [1.0] * 20 + [0.2] * 40, [1e-3] * 60, every=20)},
+        "hi/on_minirl": {
+            0: _run([0.5, 0.6, 0.6], flat, [1e-3] * 60, every=20),
+            1: _run([0.52, 0.6, 0.62], [1.0] * 20 + [0.2] * 40, [1e-3] * 60, every=20),
+        },
         # no IS: entropy drops to 0.2 at step 20 and the KL rises 20x from step 15. C2: the 10-step
         # running median reaches 1.05e-2 >= 10 x 1e-3 when five of its values are 2e-2 (step 19);
         # C3: the trailing 10-step mean of the entropy falls below 0.5 x 1.0 when seven are 0.2
         # (step 26) and stays out for 20 steps: C2 and C3 on seed 0, collapse at the later, 26;
         # on seed 1 its reference's entropy falls the same way, so C2 without C3: no collapse
-        "hi/on_no_is": {0: _run([0.48, 0.5, 0.5], [1.0] * 20 + [0.2] * 40, [1e-3] * 15 + [2e-2] * 45, every=20),
-                        1: _run([0.55, 0.5, 0.5], [1.0] * 20 + [0.2] * 40, [1e-3] * 15 + [2e-2] * 45, every=20)},
+        "hi/on_no_is": {
+            0: _run([0.48, 0.5, 0.5], [1.0] * 20 + [0.2] * 40, [1e-3] * 15 + [2e-2] * 45, every=20),
+            1: _run([0.55, 0.5, 0.5], [1.0] * 20 + [0.2] * 40, [1e-3] * 15 + [2e-2] * 45, every=20),
+        },
         # another rung: C3 must not compare with the hi rung's reference (it has none: '-')
         "lo/on_no_is": {0: _run([0.5, 0.1, 0.1], flat, [1e-3] * 60, every=20)},
     }
@@ -251,7 +295,7 @@ def test_readings_compare_each_run_with_its_own_rung_and_seed():
     other = {"hi/n4/clip_r2": {0: by_seed["hi/on_no_is"][0]}}
     moved = readings(other, "on_minirl", pool={**by_seed, **other})["hi/n4/clip_r2"][0]
     assert moved["c3_reference"] == "hi/on_minirl" and moved["c3"] == 26
-    assert readings(other, "on_minirl")["hi/n4/clip_r2"][0]["c3_reference"] is None   # not in its own pool
+    assert readings(other, "on_minirl")["hi/n4/clip_r2"][0]["c3_reference"] is None  # not in its own pool
     # C1 alone decides where there is no reference: 0.5 -> 0.1, two evaluations below the peak - 0.15
     assert read["lo/on_no_is"][0]["prereg_step"] == 20 and read["lo/on_no_is"][0]["prereg_how"] == "C1"
     # the cold start's spread across variants, per seed: seed 0 reads 0.5, 0.48, 0.5; seed 1 0.52, 0.55;
@@ -260,10 +304,10 @@ def test_readings_compare_each_run_with_its_own_rung_and_seed():
     assert per_seed == pytest.approx({0: 0.02, 1: 0.03}) and across == pytest.approx(0.041667, abs=1e-5)
     table = readings_table(read, {"on_no_is": "on_minirl"})
     row = next(line for line in table.splitlines() if line.startswith("| hi/on_no_is | 0 |"))
-    assert "| 15.25 |" in row   # its mean k1 KL over its reference's, same seed: (15e-3 + 45 x 2e-2) / 60 / 1e-3
+    assert "| 15.25 |" in row  # its mean k1 KL over its reference's, same seed: (15e-3 + 45 x 2e-2) / 60 / 1e-3
     # the dose figure's points: final accuracy minus the same rung's reference, paired by seed
     pts = dose_points(read, {"on_no_is": "on_minirl"}, {"hi": {"kl_k1": 3e-2}, "lo": {"kl_k1": 1e-4}})
-    assert len(pts) == 1   # the lo rung has no reference run: no point
+    assert len(pts) == 1  # the lo rung has no reference run: no point
     (p,) = pts
     assert p["rung"] == "hi" and p["dose_k1"] == 3e-2 and p["diffs"] == pytest.approx([-0.1, -0.12])
     # mean -0.11, sd 0.01414, two pairs: t(1 df) = 12.706, half-width 12.706 x 0.01414 / sqrt(2) = 0.12706
@@ -282,9 +326,11 @@ def test_a_report_is_regenerated_from_run_records_when_the_run_directories_are_g
     from stablerl.repro.stats import finished_runs_by_seed
 
     name = "long-dose"
-    made = {("nvfp4/on_minirl", 0): _run([0.5, 0.6, 0.4], [1.0] * 41, [1e-3] * 41, every=20),
-            ("nvfp4/on_no_is", 0): _run([0.45, 0.7, 0.8], [1.0] * 41, [2e-3] * 41, every=20),
-            ("nvfp4/on_minirl", 1): _run([0.5, 0.55, float("nan")], [1.0] * 41, [1e-3] * 41, every=20)}
+    made = {
+        ("nvfp4/on_minirl", 0): _run([0.5, 0.6, 0.4], [1.0] * 41, [1e-3] * 41, every=20),
+        ("nvfp4/on_no_is", 0): _run([0.45, 0.7, 0.8], [1.0] * 41, [2e-3] * 41, every=20),
+        ("nvfp4/on_minirl", 1): _run([0.5, 0.55, float("nan")], [1.0] * 41, [1e-3] * 41, every=20),
+    }
     for (variant, seed), (summary, rows, _) in made.items():
         d = run_dir_of(tmp_path, name, variant, seed)
         d.mkdir(parents=True)
@@ -301,15 +347,15 @@ def test_a_report_is_regenerated_from_run_records_when_the_run_directories_are_g
     readings_md = first["readings_md"].read_text()
     for (variant, seed), (summary, rows, n) in made.items():
         record = record_path(tmp_path, name, variant, seed)
-        assert read_record(record) == (summary, rows, n) or seed == 1   # NaN != NaN: checked below
-        assert record.read_bytes() == pack(summary, rows, n)            # deterministic: no timestamp
+        assert read_record(record) == (summary, rows, n) or seed == 1  # NaN != NaN: checked below
+        assert record.read_bytes() == pack(summary, rows, n)  # deterministic: no timestamp
         assert gzip.decompress(record.read_bytes())[:1] == b"{"
     nan_run = read_record(record_path(tmp_path, name, "nvfp4/on_minirl", 1))[1]
-    assert nan_run[40]["eval/sampled_acc"] != nan_run[40]["eval/sampled_acc"]   # a NaN survives the round trip
+    assert nan_run[40]["eval/sampled_acc"] != nan_run[40]["eval/sampled_acc"]  # a NaN survives the round trip
     assert not record_path(tmp_path, name, "nvfp4/on_r3", 0).exists()
     stamp = record_path(tmp_path, name, "nvfp4/on_no_is", 0).stat().st_mtime_ns
 
-    for variant in ("nvfp4/on_minirl", "nvfp4/on_no_is"):   # the finished runs' directories
+    for variant in ("nvfp4/on_minirl", "nvfp4/on_no_is"):  # the finished runs' directories
         shutil.rmtree(run_dir_of(tmp_path, name, variant, 0).parent)
     runs = finished_runs_by_seed(name, tmp_path, 2)
     assert sorted(runs["nvfp4/on_minirl"]) == [0, 1] and sorted(runs["nvfp4/on_no_is"]) == [0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablerl.config import RunConfig, SamplingConfig
+from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.evaluation import evaluate
 from stablerl.models import build_tokenizer
@@ -48,26 +48,35 @@ def test_evaluate_path_reports_accuracy_of_correct_answers(tmp_path):
     """`stablerl eval`'s path (loop.evaluate) on the shipped sample file: an engine whose answers
     are the teacher solutions scores 100%, and reward failures are reported (0 here)."""
     tok = build_tokenizer()
-    cfg = build_config(RunConfig, None, [f"task.dataset={SAMPLE}", "task.name=dataset", "task.eval_size=4",
-                                         "task.columns.solution=solution", "eval.samples=2"])
+    cfg = build_config(
+        RunConfig,
+        None,
+        [
+            f"task.dataset={SAMPLE}",
+            "task.name=dataset",
+            "task.eval_size=4",
+            "task.columns.solution=solution",
+            "eval.samples=2",
+        ],
+    )
     task = build_task(cfg.task)
     by_prompt = {tuple(tok(p.prompt, add_special_tokens=False).input_ids): p.solution for p in task.eval_problems()}
 
     class TeacherEngine:  # answers every prompt with its teacher solution
         def generate(self, prompts, sampling, seeds=None, capture_routes=False):
-            answers = [tok(by_prompt[tuple(p[1:])], add_special_tokens=False).input_ids + [tok.eos_token_id]
-                       for p in prompts]
+            answers = [
+                tok(by_prompt[tuple(p[1:])], add_special_tokens=False).input_ids + [tok.eos_token_id] for p in prompts
+            ]
             R, P = max(map(len, answers)), max(map(len, prompts))
             ids = torch.full((len(prompts), P + R), tok.pad_token_id)
             mask = torch.zeros(len(prompts), R, dtype=torch.bool)
             for i, (p, a) in enumerate(zip(prompts, answers)):
-                ids[i, P - len(p):P] = torch.tensor(p)
-                ids[i, P:P + len(a)] = torch.tensor(a)
-                mask[i, :len(a)] = True
+                ids[i, P - len(p) : P] = torch.tensor(p)
+                ids[i, P : P + len(a)] = torch.tensor(a)
+                mask[i, : len(a)] = True
             att = torch.cat([(ids[:, :P] != tok.pad_token_id).long(), mask.long()], 1)
             return RolloutBatch(ids, att, P, mask, torch.zeros(len(prompts), R), mask[:, -1] | True, 0)
 
-    sampling = SamplingConfig(max_new_tokens=64)
     with reward_pool(task, cfg.task) as pool:
         out = evaluate(TeacherEngine(), tok, task, pool, cfg, lambda *p: 0)
     assert out["eval/greedy_acc"] == 1.0 and out["eval/sampled_acc"] == 1.0
@@ -75,9 +84,13 @@ def test_evaluate_path_reports_accuracy_of_correct_answers(tmp_path):
 
 
 def test_each_failure_gives_zero_is_counted_and_named_and_the_pool_goes_on():
-    cases = [("boom", "errors", "RuntimeError: verifier crashed"), ("exits", "errors", "SystemExit: 3"),
-             ("dies", "crashes", "worker died"), ("hog", "errors", "MemoryError"),
-             ("hang", "timeouts", "still running after 1 s")]
+    cases = [
+        ("boom", "errors", "RuntimeError: verifier crashed"),
+        ("exits", "errors", "SystemExit: 3"),
+        ("dies", "crashes", "worker died"),
+        ("hog", "errors", "MemoryError"),
+        ("hang", "timeouts", "still running after 1 s"),
+    ]
     trigger = {"boom": "boom", "exits": "exit", "dies": "die", "hog": "hog", "hang": "hang"}
     for name, kind, detail in cases:
         with RewardPool([fn(name)], workers=2, timeout_s=1.0, memory_mb=1024) as pool:
@@ -114,12 +127,15 @@ def test_weights_and_per_function_rewards():
     assert result.total == [2.5, 0.5, 0.0]
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("no_colon", "expected 'package.module:function'"),
-    ("stablerl.nope:f", "cannot import module 'stablerl.nope'"),
-    ("stablerl.tasks.verifiers:nope", "has no function 'nope'"),
-    ("missing/file.py:f", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("no_colon", "expected 'package.module:function'"),
+        ("stablerl.nope:f", "cannot import module 'stablerl.nope'"),
+        ("stablerl.tasks.verifiers:nope", "has no function 'nope'"),
+        ("missing/file.py:f", "does not exist"),
+    ],
+)
 def test_bad_reward_function_paths_fail_before_any_work(spec, match):
     with pytest.raises(ValueError, match=match):
         RewardPool([spec])
@@ -144,7 +160,8 @@ def test_pool_works_from_an_unguarded_script(tmp_path):
         "from stablerl.tasks import RewardPool\n"
         f"pool = RewardPool([{fn('exact')!r}], workers=2)\n"
         "print('total', pool.score([('p', '1', {'answer': '1'}), ('p', '2', {'answer': '1'})]).total)\n"
-        "pool.close()\n")
+        "pool.close()\n"
+    )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("total") == 1 and "total [1.0, 0.0]" in out.stdout

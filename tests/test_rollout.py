@@ -30,8 +30,9 @@ def seeds(n, base):
 
 def prompts(n=8, seed=0, lo=3, hi=10):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 64, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(2, 64, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -77,8 +78,10 @@ def test_low_precision_engines_show_a_measurable_discrepancy(moe):
         batch = LocalEngine(moe, precision, eos_token_id=[]).generate(ps, sampling, seeds=seeds(32, 5))
         with torch.no_grad():
             train = response_logp(moe, batch, capture=True)
-        results[precision] = (train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask),
-                              float(route_agreement(train["routes"], batch.routes).mean()))
+        results[precision] = (
+            train_infer_kl(train["logp"], batch.rollout_logp, batch.response_mask),
+            float(route_agreement(train["routes"], batch.routes).mean()),
+        )
     (kl_bf16, agree_bf16), (kl_fp8, agree_fp8) = results["bf16"], results["fp8"]
     assert 0 < kl_bf16 < kl_fp8
     assert agree_fp8 < agree_bf16 < 1.0
@@ -98,13 +101,16 @@ def test_half_precision_matmuls_multiplied_in_fp32_are_within_an_ulp_of_the_nati
     x, w = torch.randn(64, 96, generator=g).to(dtype), torch.randn(288, 96, generator=g).to(dtype)
     a, b = torch.randn(8, 20, 96, generator=g).to(dtype), torch.randn(8, 96, 192, generator=g).to(dtype)
     mantissa = {torch.bfloat16: 7, torch.float16: 10}[dtype]
-    for ours, native, magnitude in ((linear(x, w.float()), torch.nn.functional.linear(x, w), x.double().abs() @ w.double().abs().T),
-                                    (matmul(a, b, torch.float32), torch.bmm(a, b), a.double().abs() @ b.double().abs())):
+    for ours, native, magnitude in (
+        (linear(x, w.float()), torch.nn.functional.linear(x, w), x.double().abs() @ w.double().abs().T),
+        (matmul(a, b, torch.float32), torch.bmm(a, b), a.double().abs() @ b.double().abs()),
+    ):
         assert ours.dtype == dtype and ours.shape == native.shape
         # the spacing of the result's dtype at the result (subnormals: the fixed smallest step)
         ulp = (2.0 ** (torch.floor(torch.log2(native.double().abs())) - mantissa)).clamp(
-            min=torch.finfo(dtype).smallest_normal * 2.0 ** -mantissa)
-        bound = ulp + 2 * 96 * 2.0 ** -24 * magnitude
+            min=torch.finfo(dtype).smallest_normal * 2.0**-mantissa
+        )
+        bound = ulp + 2 * 96 * 2.0**-24 * magnitude
         diff = (ours.double() - native.double()).abs()
         assert bool((diff <= bound).all()), float((diff / bound).max())
         assert float((diff > 0).float().mean()) < 0.05  # mostly bit-equal: the same inputs and products
@@ -118,8 +124,10 @@ def test_the_fp32_multiply_of_bf16_inputs_keeps_the_engine_numerics(moe, monkeyp
 
     ps, sampling = prompts(16, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=12)
     out = {}
-    for mode, dtype_of in (("fp32", lambda dtype, device="cpu": torch.float32 if dtype == torch.bfloat16 else dtype),
-                           ("native", lambda dtype, device="cpu": dtype)):
+    for mode, dtype_of in (
+        ("fp32", lambda dtype, device="cpu": torch.float32 if dtype == torch.bfloat16 else dtype),
+        ("native", lambda dtype, device="cpu": dtype),
+    ):
         monkeypatch.setattr(decoders, "matmul_dtype", dtype_of)
         batch = LocalEngine(moe, "bf16", eos_token_id=[], fast=True).generate(ps, sampling, seeds=seeds(16, 5))
         with torch.no_grad():
@@ -130,7 +138,9 @@ def test_the_fp32_multiply_of_bf16_inputs_keeps_the_engine_numerics(moe, monkeyp
     assert kl_ours > 0 and kl_native > 0 and kl_ours == pytest.approx(kl_native, rel=0.3)
 
 
-@pytest.mark.skipif(not native_half_matmul(torch.bfloat16), reason="prepacking applies where oneDNN has native bf16 kernels")
+@pytest.mark.skipif(
+    not native_half_matmul(torch.bfloat16), reason="prepacking applies where oneDNN has native bf16 kernels"
+)
 def test_prepacked_weights_change_no_engine_number(moe, monkeypatch):
     """The fast decoder's bf16 matrices prepacked for oneDNN (``pack_weight``) vs plain: the same
     kernel's products, so the same tokens, log-probs and routes, bit for bit; and ``linear`` on a
@@ -179,12 +189,12 @@ def test_layout_eos_padding_and_routes(moe):
     for i, n in enumerate(lengths):
         routes = batch.routes[i]
         real = batch.attention_mask[i].bool()
-        assert bool((routes[~real] == NO_ROUTE).all())          # padding: no route
+        assert bool((routes[~real] == NO_ROUTE).all())  # padding: no route
         last_step = batch.response_ids.shape[1] - 1
         if n - 1 == last_step:  # sampled in the final step: never fed back, so no route
             assert bool((routes[P + n - 1] == NO_ROUTE).all())
             assert bool((routes[real][:-1] >= 0).all())
-        else:                   # an EOS fed back in the next step has its route
+        else:  # an EOS fed back in the next step has its route
             assert bool((routes[real] >= 0).all())
     assert batch.routes.shape == (8, batch.input_ids.shape[1], 4, 2)
 
@@ -207,7 +217,7 @@ def test_temperature_and_greedy_match_the_training_distribution(moe):
         # left-padded rows need position ids from the mask; compare on the unpadded row instead
         row = torch.tensor(ps[i] + greedy.response_ids[i, :n].tolist())[None]
         with torch.no_grad():
-            row_logits = moe(input_ids=row).logits[0, len(ps[i]) - 1:-1]
+            row_logits = moe(input_ids=row).logits[0, len(ps[i]) - 1 : -1]
         assert row_logits.argmax(-1).tolist() == greedy.response_ids[i, :n].tolist()
     assert bool((greedy.rollout_logp == 0).all()) and logits.shape[0] == 4 and len(pos) > 0
 
@@ -345,8 +355,9 @@ def test_sample_next_is_the_eager_loops_sampling_and_bookkeeping(temperature):
     eos, pad = torch.tensor([2, 7]), 9
     drawn, drawn_logp = sample(logits, cfg, GumbelNoise(list(range(8)), 10), 3)
     noise = GumbelNoise(list(range(8)), 10)
-    tokens, logp, active, now_finished = sample_next(logits, noise.step(3) if temperature else None, finished, cfg,
-                                                     eos, pad)
+    tokens, logp, active, now_finished = sample_next(
+        logits, noise.step(3) if temperature else None, finished, cfg, eos, pad
+    )
     assert torch.equal(active, ~finished)
     assert tokens.tolist() == [pad if f else int(t) for t, f in zip(drawn, finished)]
     assert logp.tolist() == [0.0 if f else float(lp) for lp, f in zip(drawn_logp, finished)]
@@ -382,8 +393,10 @@ def test_concat_of_pieces_is_the_layout_of_one_call():
     prompts = [[1, 5, 6], [1, 7, 8, 9, 10], [1, 5], [1, 9, 9, 9]]
     sampling = SamplingConfig(max_new_tokens=8)
     whole = engine.generate(prompts, sampling, seeds=[0, 1, 2, 3])
-    joined = concat([engine.generate(prompts[:2], sampling, seeds=[0, 1]),
-                     engine.generate(prompts[2:], sampling, seeds=[2, 3])], tok.pad_token_id)
+    joined = concat(
+        [engine.generate(prompts[:2], sampling, seeds=[0, 1]), engine.generate(prompts[2:], sampling, seeds=[2, 3])],
+        tok.pad_token_id,
+    )
     assert joined.prompt_width == whole.prompt_width
     for name in ("input_ids", "attention_mask", "response_mask", "finished", "routes"):
         assert torch.equal(getattr(joined, name), getattr(whole, name)), name
@@ -431,10 +444,12 @@ def test_e2m1_rounding_equals_the_brute_force_nearest_value(dtype):
     from stablerl.precision import round_e2m1
 
     if dtype == torch.bfloat16:  # every bfloat16 number but NaN and inf
-        x = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     else:  # every midpoint and grid value, its two neighbours, and a spread of random values
         points = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
-        points = torch.cat([points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(9.0))])
+        points = torch.cat(
+            [points, torch.nextafter(points, torch.tensor(0.0)), torch.nextafter(points, torch.tensor(9.0))]
+        )
         spread = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 4
         x = torch.cat([points, -points, spread])
     x = x[x.isfinite()]
@@ -446,8 +461,13 @@ def test_nvfp4_engines_raise_the_discrepancy_above_fp8(moe):
     nvfp4_w4a4 quantizes the same way on the fast and the generic path."""
     ps, sampling = prompts(32, seed=2, lo=6, hi=12), SamplingConfig(max_new_tokens=16)
     kl = {}
-    for precision, fast in (("fp8", True), ("fp8_w8a8", True), ("nvfp4", True), ("nvfp4_w4a4", True),
-                            ("nvfp4_w4a4", False)):
+    for precision, fast in (
+        ("fp8", True),
+        ("fp8_w8a8", True),
+        ("nvfp4", True),
+        ("nvfp4_w4a4", True),
+        ("nvfp4_w4a4", False),
+    ):
         batch = LocalEngine(moe, precision, eos_token_id=[], fast=fast).generate(ps, sampling, seeds=seeds(32, 5))
         with torch.no_grad():
             train = response_logp(moe, batch)
@@ -473,8 +493,13 @@ def test_dropping_finished_rows_changes_nothing(moe, fast, monkeypatch):
     out = {}
     for drop in (0.01, 0.25, 2.0):  # 0.01: at every row that ends; 2.0: never
         monkeypatch.setattr(local, "DROP_FINISHED", drop)
-        engine = LocalEngine(moe, "bf16", eos_token_id=[5, 9, 17], fast=fast,  # frequent EOS: rows end apart
-                             drop_finished=True)
+        engine = LocalEngine(
+            moe,
+            "bf16",
+            eos_token_id=[5, 9, 17],
+            fast=fast,  # frequent EOS: rows end apart
+            drop_finished=True,
+        )
         out[drop] = engine.generate(ps, sampling, seeds=seeds(24, 3))
     b = out[2.0]
     lengths = b.response_mask.sum(-1)

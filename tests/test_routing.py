@@ -78,8 +78,12 @@ def test_replaying_another_engines_routes_routes_exactly_as_replayed(models, fam
         live = forward(model, ids)
     assert not torch.equal(theirs.routes, ours.routes)  # the two engines route differently
     # capture nested inside replay, and capture outside replay, both see the replayed routes
-    with torch.no_grad(), capture_routes(model) as outer, replay_routes(model, theirs.routes), \
-            capture_routes(model) as inner:
+    with (
+        torch.no_grad(),
+        capture_routes(model) as outer,
+        replay_routes(model, theirs.routes),
+        capture_routes(model) as inner,
+    ):
         replayed = forward(model, ids)
     assert torch.equal(inner.routes, theirs.routes) and torch.equal(outer.routes, theirs.routes)
     assert not torch.allclose(replayed, live)
@@ -93,8 +97,8 @@ def test_missing_routes_fall_back_to_live_routing(models):
         forward(other, ids)
         forward(model, ids)
     routes = theirs.routes.clone()
-    routes[0, 3:] = NO_ROUTE      # an engine could not report these positions
-    routes[1, :, 2] = NO_ROUTE    # nor layer 2 of the second sequence
+    routes[0, 3:] = NO_ROUTE  # an engine could not report these positions
+    routes[1, :, 2] = NO_ROUTE  # nor layer 2 of the second sequence
     with torch.no_grad(), replay_routes(model, routes), capture_routes(model) as got:
         forward(model, ids)
     expected = theirs.routes.clone()
@@ -112,7 +116,7 @@ def test_replay_weights_gradient_is_exact():
     logits = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     idx = torch.tensor([[0, 3], [7, 1], [2, 2 + 3], [4, 6], [1, 0]])
     for normalize in (True, False):
-        assert torch.autograd.gradcheck(lambda x: replay_weights(x, idx, normalize, torch.float64), (logits,))
+        assert torch.autograd.gradcheck(lambda x, n=normalize: replay_weights(x, idx, n, torch.float64), (logits,))
 
 
 def test_router_gradient_under_replay_matches_finite_differences():

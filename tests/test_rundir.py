@@ -57,11 +57,17 @@ def test_a_cold_start_two_processes_need_is_trained_once(tmp_path):
     from stablerl.tasks import build_task
 
     out = tmp_path / "sft" / "ckpt"
-    overrides = ["model.hidden_size=32", "model.num_layers=2", "sft.steps=2", "sft.batch_size=4",
-                 "task.levels=[1]", f"sft.output_dir={out}"]
+    overrides = [
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "sft.steps=2",
+        "sft.batch_size=4",
+        "task.levels=[1]",
+        f"sft.output_dir={out}",
+    ]
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
-    with waiting_lock(out.with_name("ckpt.lock")):   # this process is "the first": it holds the lock
+    with waiting_lock(out.with_name("ckpt.lock")):  # this process is "the first": it holds the lock
         child = ctx.Process(target=_cold_start_in_child, args=(overrides, messages))
         child.start()
         try:
@@ -77,7 +83,7 @@ def test_a_cold_start_two_processes_need_is_trained_once(tmp_path):
     child.join(timeout=60)
     assert child.exitcode == 0
     assert got == [("log", f"[cold start] reusing {out}"), ("returned", str(out))]
-    assert (out / "model.safetensors").stat().st_mtime_ns == stamp   # not trained again
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # not trained again
 
 
 class _StopAt:
@@ -91,7 +97,7 @@ class _StopAt:
             raise KeyboardInterrupt("killed")
         return self._task.train_problem(index)
 
-    def __getattr__(self, name):   # the rest (held-out prompts, for the start-up checks) is the task's
+    def __getattr__(self, name):  # the rest (held-out prompts, for the start-up checks) is the task's
         return getattr(self._task, name)
 
 
@@ -106,8 +112,14 @@ def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
     from stablerl.sft import _train_cold_start, sft_state_path
     from stablerl.tasks import build_task
 
-    base = ["model.hidden_size=32", "model.num_layers=2", "sft.steps=8", "sft.batch_size=4",
-            "sft.checkpoint_every=2", "task.levels=[1]"]
+    base = [
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "sft.steps=8",
+        "sft.batch_size=4",
+        "sft.checkpoint_every=2",
+        "task.levels=[1]",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     cfg = build_config(RunConfig, None, base + [f"sft.output_dir={whole}"])
     _train_cold_start(cfg, build_task(cfg.task), whole, log=lambda *_: None)
@@ -115,7 +127,7 @@ def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
 
     cfg = build_config(RunConfig, None, base + [f"sft.output_dir={resumed}"])
     task = build_task(cfg.task)
-    with pytest.raises(KeyboardInterrupt):   # dies while building step 5's batch (0-based step 5)
+    with pytest.raises(KeyboardInterrupt):  # dies while building step 5's batch (0-based step 5)
         _train_cold_start(cfg, _StopAt(task, 10_000_000 + 5 * 4 + 1), resumed, log=lambda *_: None)
     assert sft_state_path(resumed).is_file() and not resumed.exists()
     logs = []
@@ -133,15 +145,21 @@ def test_a_partial_cold_start_of_other_settings_is_refused(tmp_path):
     from stablerl.tasks import build_task
 
     out = tmp_path / "ckpt"
-    base = ["model.hidden_size=32", "model.num_layers=2", "sft.batch_size=4", "sft.checkpoint_every=2",
-            "task.levels=[1]", f"sft.output_dir={out}"]
+    base = [
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "sft.batch_size=4",
+        "sft.checkpoint_every=2",
+        "task.levels=[1]",
+        f"sft.output_dir={out}",
+    ]
     cfg = build_config(RunConfig, None, base + ["sft.steps=8"])
     with pytest.raises(KeyboardInterrupt):
         _train_cold_start(cfg, _StopAt(build_task(cfg.task), 10_000_000 + 3 * 4), out, log=lambda *_: None)
     cfg = build_config(RunConfig, None, base + ["sft.steps=6"])
     with pytest.raises(ValueError, match=r"partial cold start of other settings \(sft.steps differ\)"):
         _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
-    assert sft_state_path(out).is_file()   # never deleted: it is someone's completed work
+    assert sft_state_path(out).is_file()  # never deleted: it is someone's completed work
 
 
 def test_a_cold_start_checks_the_model_context_before_any_step(tmp_path):
@@ -154,28 +172,66 @@ def test_a_cold_start_checks_the_model_context_before_any_step(tmp_path):
     from stablerl.tasks import build_task
 
     out = tmp_path / "ckpt"
-    long = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}",
-            "rollout.max_new_tokens=224", "model.hidden_size=32", "model.num_layers=2", "sft.steps=2"]
-    cfg = build_config(RunConfig, None, long)   # 58-token prompts + 224 > 256
-    with pytest.raises(ValueError, match=r"longer than 32 tokens, the limit set by the model's context \(256 tokens\)"
-                                         r".*raise model.max_positions"):
+    long = [
+        "task.style=noisy_columns",
+        "task.levels=[2]",
+        f"task.max_operand={10**18 - 1}",
+        "rollout.max_new_tokens=224",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "sft.steps=2",
+    ]
+    cfg = build_config(RunConfig, None, long)  # 58-token prompts + 224 > 256
+    with pytest.raises(
+        ValueError,
+        match=r"longer than 32 tokens, the limit set by the model's context \(256 tokens\)"
+        r".*raise model.max_positions",
+    ):
         _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
     assert not out.exists() and not sft_state_path(out).exists()
 
     # a dataset's teacher solution of ~400 tokens in a 256-token context (its prompt is short)
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{i}+1", "answer": str(i + 1), "solution": "1" * 400}) + "\n"
-                            for i in range(12)))
-    cfg = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}", "task.columns.solution=solution",
-                                         "task.eval_size=2", "model.hidden_size=32", "model.num_layers=2", "sft.steps=2"])
-    with pytest.raises(ValueError, match=r"10 of 10 teacher rows checked are longer than the model's context "
-                                         r"\(256 tokens\), the longest 4\d\d tokens .*model.max_positions"):
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"{i}+1", "answer": str(i + 1), "solution": "1" * 400}) + "\n" for i in range(12)
+        )
+    )
+    cfg = build_config(
+        RunConfig,
+        None,
+        [
+            "task.name=dataset",
+            f"task.dataset={data}",
+            "task.columns.solution=solution",
+            "task.eval_size=2",
+            "model.hidden_size=32",
+            "model.num_layers=2",
+            "sft.steps=2",
+        ],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"10 of 10 teacher rows checked are longer than the model's context "
+        r"\(256 tokens\), the longest 4\d\d tokens .*model.max_positions",
+    ):
         _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
     assert not out.exists()
     # a 512-token context holds them: the cold start trains
-    cfg = build_config(RunConfig, None, ["task.name=dataset", f"task.dataset={data}", "task.columns.solution=solution",
-                                         "task.eval_size=2", "model.hidden_size=32", "model.num_layers=2", "sft.steps=2",
-                                         "model.max_positions=512"])
+    cfg = build_config(
+        RunConfig,
+        None,
+        [
+            "task.name=dataset",
+            f"task.dataset={data}",
+            "task.columns.solution=solution",
+            "task.eval_size=2",
+            "model.hidden_size=32",
+            "model.num_layers=2",
+            "sft.steps=2",
+            "model.max_positions=512",
+        ],
+    )
     _train_cold_start(cfg, build_task(cfg.task), out, log=lambda *_: None)
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 512
 
@@ -201,9 +257,13 @@ def test_a_longer_context_changes_no_weight_of_the_cold_start(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the default context is not in the key (cold starts trained before the setting keep theirs)
     key = lambda *extra: _sft_key(build_config(RunConfig, None, base + list(extra)))  # noqa: E731
-    assert "max_positions" not in json.loads(key())[0] and json.loads(key("model.max_positions=512"))[0]["max_positions"] == 512
+    assert (
+        "max_positions" not in json.loads(key())[0]
+        and json.loads(key("model.max_positions=512"))[0]["max_positions"] == 512
+    )
     assert sft_output_dir(build_config(RunConfig, None, base)) != sft_output_dir(
-        build_config(RunConfig, None, base + ["model.max_positions=512"]))
+        build_config(RunConfig, None, base + ["model.max_positions=512"])
+    )
 
 
 def test_run_sft_refuses_a_batch_longer_than_the_context():
@@ -215,7 +275,10 @@ def test_run_sft_refuses_a_batch_longer_than_the_context():
     tok = build_tokenizer()
     model = build_model(default_model_config(tok, hidden_size=32, num_layers=1, max_positions=16), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"SFT step 0: a teacher row of \d+ tokens is longer than the model's "
-                                         r"context \(16 tokens\).*model.max_positions"):
+    with pytest.raises(
+        ValueError,
+        match=r"SFT step 0: a teacher row of \d+ tokens is longer than the model's "
+        r"context \(16 tokens\).*model.max_positions",
+    ):
         run_sft(model, tok, ArithmeticTask(levels=[3]), steps=2, batch_size=2, lr=1e-3, seed=0, log=None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

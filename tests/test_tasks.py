@@ -6,8 +6,8 @@ from importlib.resources import files
 import pytest
 import torch
 
-from stablerl.models import build_model, build_tokenizer, default_model_config
 from stablerl.checkpoint import save_model_dir
+from stablerl.models import build_model, build_tokenizer, default_model_config
 from stablerl.sft import run_sft, sft_batch
 from stablerl.tasks import ArithmeticTask, Columns, DatasetTask, MalformedDataError, Problem
 
@@ -20,9 +20,9 @@ def test_arithmetic_reward_hand_worked():
     assert task.reward("17+25=42;42+8=50#50", p) == 1.0
     assert task.reward("#50", p) == 1.0
     assert task.reward("17+25=42;42+8=51#51", p) == 0.0
-    assert task.reward("17+25=42;42+8=50", p) == 0.0      # no final answer marker
-    assert task.reward("#50#49", p) == 0.0                 # the last answer counts
-    assert task.reward("#050", p) == 0.0                   # exact match
+    assert task.reward("17+25=42;42+8=50", p) == 0.0  # no final answer marker
+    assert task.reward("#50#49", p) == 0.0  # the last answer counts
+    assert task.reward("#050", p) == 0.0  # exact match
 
 
 @pytest.mark.parametrize("style", ["steps", "direct", "noisy"])
@@ -60,7 +60,7 @@ def test_column_solutions_hand_worked_and_always_right():
         for col, step in enumerate(p.solution.split("#")[0].split(";")):
             lhs, total = step.split("=")
             terms = [int(t) for t in lhs.split("+")]
-            assert terms[:-1] == [n // 10 ** col % 10 for n in nums] and terms[-1] == carry
+            assert terms[:-1] == [n // 10**col % 10 for n in nums] and terms[-1] == carry
             assert int(total) == sum(terms)
             carry = int(total) // 10
         assert col == width - 1
@@ -78,8 +78,11 @@ def test_column_style_needs_room_for_its_solutions():
     task = ArithmeticTask(levels=[5], style="columns", max_operand=999999)
     longest = max(len(task.train_problem(i).solution) for i in range(2000)) + 1  # + EOS
     assert longest <= 110  # the bound the check uses holds
-    build_config(RunConfig, None, ["task.style=columns", "task.levels=[5]", "task.max_operand=999999",
-                                   "rollout.max_new_tokens=110"])
+    build_config(
+        RunConfig,
+        None,
+        ["task.style=columns", "task.levels=[5]", "task.max_operand=999999", "rollout.max_new_tokens=110"],
+    )
     # the ~200-token length of docs/preregistration.md's experiment 2: three 18-digit numbers
     eighteen = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}"]
     with pytest.raises(ValueError, match="up to 218 tokens, more than rollout.max_new_tokens=112"):
@@ -88,8 +91,8 @@ def test_column_style_needs_room_for_its_solutions():
     task = ArithmeticTask(levels=[2], style="columns", max_operand=10**18 - 1)
     problems = [task.train_problem(i) for i in range(2000)]
     assert max(len(p.solution) for p in problems) + 1 <= 218
-    assert 195 <= sum(len(p.solution) for p in problems) / len(problems) <= 218   # twice the 9-digit length
-    assert all(task.reward(p.solution, p) == 1.0 for p in problems)   # exact beyond float precision
+    assert 195 <= sum(len(p.solution) for p in problems) / len(problems) <= 218  # twice the 9-digit length
+    assert all(task.reward(p.solution, p) == 1.0 for p in problems)  # exact beyond float precision
     assert task.reward(problems[0].solution[:-1] + str((int(problems[0].answer) + 1) % 10), problems[0]) == 0.0
     with pytest.raises(ValueError, match="task.max_operand"):
         build_config(RunConfig, None, ["task.max_operand=10000000000000000000"])
@@ -113,7 +116,7 @@ def test_dataset_task_with_math_verify(tmp_path):
     task = DatasetTask(SAMPLE, columns=Columns(solution="solution"), eval_size=4, seed=0)
     assert len(task.eval_problems()) == 4
     half = next(p for p in task.eval_problems() + [task.train_problem(i) for i in range(16)] if "half of 9" in p.prompt)
-    assert task.reward("so it is \\boxed{4.5}", half) == 1.0   # 4.5 == 9/2, symbolically
+    assert task.reward("so it is \\boxed{4.5}", half) == 1.0  # 4.5 == 9/2, symbolically
     assert task.reward("The answer is \\boxed{5}", half) == 0.0
     assert task.reward(half.solution, half) == 1.0
     # Parquet, through datasets
@@ -121,8 +124,9 @@ def test_dataset_task_with_math_verify(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"q": ["What is 2+2?", "What is 3+3?"], "a": ["4", "6"]}), tmp_path / "x.parquet")
-    ptask = DatasetTask(str(tmp_path / "x.parquet"), eval_dataset=str(tmp_path / "x.parquet"),
-                        columns=Columns(question="q", answer="a"))
+    ptask = DatasetTask(
+        str(tmp_path / "x.parquet"), eval_dataset=str(tmp_path / "x.parquet"), columns=Columns(question="q", answer="a")
+    )
     assert ptask.reward("\\boxed{4}", ptask.eval_problems()[0]) == 1.0
 
 
@@ -132,8 +136,13 @@ def test_malformed_rows_are_reported_with_their_number(tmp_path):
     with pytest.raises(MalformedDataError, match="line 2 is not valid JSON"):
         DatasetTask(str(bad_json))
     missing = tmp_path / "missing.jsonl"
-    missing.write_text("\n".join(json.dumps(r) for r in [{"question": "a", "answer": "1"}, {"question": "b"},
-                                                           {"question": "", "answer": "3"}]) + "\n")
+    missing.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [{"question": "a", "answer": "1"}, {"question": "b"}, {"question": "", "answer": "3"}]
+        )
+        + "\n"
+    )
     with pytest.raises(MalformedDataError, match="row 2: missing or empty answer.*row 3: missing or empty question"):
         DatasetTask(str(missing))
     with pytest.raises(ValueError, match="does not exist"):

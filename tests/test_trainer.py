@@ -6,24 +6,32 @@ import pytest
 import torch
 
 from stablerl import checkpoint
-from stablerl.rundir import RunDir
+from stablerl.checkpoint import save_model_dir
 from stablerl.cli import main
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
-from stablerl.models import build_model, build_tokenizer, default_model_config, tiny_config
-from stablerl.runlog import CollapseDetector, read_metrics
-from stablerl.checkpoint import save_model_dir
-from stablerl.sft import run_sft
-from stablerl.tasks import ArithmeticTask
 from stablerl.loop import Trainer, TrainingAborted
+from stablerl.models import build_model, build_tokenizer, tiny_config
+from stablerl.rundir import RunDir
+from stablerl.runlog import CollapseDetector, read_metrics
 
 TIMING = {"step_time", "rollout_time", "train_time", "rollout_tokens_per_s", "train_tokens_per_s"}
 
 
 def config(ckpt, run_dir, *extra):
-    base = [f"model.path={ckpt}", f"run_dir={run_dir}", "batch.prompts_per_step=2", "batch.group_size=4",
-            "rollout.max_new_tokens=12", "task.levels=[1]", "task.eval_size=8", "eval.every=2",
-            "log.progress=false", "log.tensorboard=false", "train.steps=4"]
+    base = [
+        f"model.path={ckpt}",
+        f"run_dir={run_dir}",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=12",
+        "task.levels=[1]",
+        "task.eval_size=8",
+        "eval.every=2",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "train.steps=4",
+    ]
     return build_config(RunConfig, None, base + list(extra))
 
 
@@ -42,10 +50,27 @@ def test_smoke_run_logs_every_diagnostic(sft_ckpt, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert "eval/greedy_acc" in rows[0] and "eval/sampled_acc" in rows[2] and "eval/greedy_acc" in rows[4]
     step = rows[1]
-    for key in ("reward_mean", "groups_all_wrong", "entropy", "response_len_mean", "train_infer_kl",
-                "staleness_kl", "is_weight_mean", "is_frac_truncated", "clip_frac_low", "clip_frac_high",
-                "grad_norm", "first_order_gap", "route_agreement/train_infer", "route_agreement/train_infer/layer_1",
-                "step_time", "rollout_tokens_per_s", "train_tokens_per_s", "n_tokens_contrib", "policy_version"):
+    for key in (
+        "reward_mean",
+        "groups_all_wrong",
+        "entropy",
+        "response_len_mean",
+        "train_infer_kl",
+        "staleness_kl",
+        "is_weight_mean",
+        "is_frac_truncated",
+        "clip_frac_low",
+        "clip_frac_high",
+        "grad_norm",
+        "first_order_gap",
+        "route_agreement/train_infer",
+        "route_agreement/train_infer/layer_1",
+        "step_time",
+        "rollout_tokens_per_s",
+        "train_tokens_per_s",
+        "n_tokens_contrib",
+        "policy_version",
+    ):
         assert key in step, key
     assert 0 <= step["route_agreement/train_infer"] <= 1 and step["entropy"] > 0
     assert step["staleness_kl"] == pytest.approx(0.0, abs=1e-12)  # on-policy: pi_theta == pi_old
@@ -75,8 +100,14 @@ def test_resume_matches_an_uninterrupted_run(sft_ckpt, tmp_path):
 
 def test_off_policy_minibatches_with_routing_replay(sft_ckpt, tmp_path):
     for mode in ("none", "R2", "R3"):
-        rows = run(sft_ckpt, tmp_path / mode, "batch.minibatches_per_step=2", f"train.routing_replay={mode}",
-                   "train.steps=2", "batch.micro_batch_size=3")
+        rows = run(
+            sft_ckpt,
+            tmp_path / mode,
+            "batch.minibatches_per_step=2",
+            f"train.routing_replay={mode}",
+            "train.steps=2",
+            "batch.micro_batch_size=3",
+        )
         step = rows[1]
         assert step["staleness_kl/mb0"] == pytest.approx(0.0, abs=1e-10)  # first mini-batch: pi_theta == pi_old
         assert "staleness_kl/mb1" in step and "route_agreement/train_infer" in step
@@ -86,8 +117,17 @@ def test_off_policy_minibatches_with_routing_replay(sft_ckpt, tmp_path):
 
 def test_dense_model_trains_too(tmp_path):
     tok = build_tokenizer()
-    dense = build_model(tiny_config("qwen3", len(tok), hidden_size=32, num_layers=2, pad_token_id=tok.pad_token_id,
-                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    dense = build_model(
+        tiny_config(
+            "qwen3",
+            len(tok),
+            hidden_size=32,
+            num_layers=2,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     path = save_model_dir(tmp_path / "dense", dense, tok)
     rows = run(path, tmp_path / "r", "train.steps=1")
     assert "route_agreement/train_infer" not in rows[1] and rows[1]["policy_version"] == 1
@@ -148,8 +188,16 @@ def test_cli_train_config_errors_fail_before_any_work(tmp_path, capsys):
 
 def test_cli_train_resume_and_plot(sft_ckpt, tmp_path, capsys):
     run_dir = tmp_path / "cli"
-    args = [f"model.path={sft_ckpt}", "batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12",
-            "task.levels=[1]", "task.eval_size=8", "log.progress=false", "log.tensorboard=false"]
+    args = [
+        f"model.path={sft_ckpt}",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=12",
+        "task.levels=[1]",
+        "task.eval_size=8",
+        "log.progress=false",
+        "log.tensorboard=false",
+    ]
     assert main(["train", f"run_dir={run_dir}", "train.steps=1", *args]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy (greedy)" in out and "plots" in out
@@ -166,6 +214,10 @@ def test_per_sequence_log_w_tail(sft_ckpt, tmp_path):
     mean response length, negated (the same tokens, summed per response instead of per token)."""
     rows = run(sft_ckpt, tmp_path / "r", "rollout.precision=fp8_w8a8", "train.steps=2")
     for r in rows[1:]:
-        assert r["seq_log_w/mean"] == pytest.approx(-r["train_infer_kl_k1"] * r["response_len_mean"], rel=1e-4, abs=1e-7)
+        assert r["seq_log_w/mean"] == pytest.approx(
+            -r["train_infer_kl_k1"] * r["response_len_mean"], rel=1e-4, abs=1e-7
+        )
         assert r["seq_log_w/min"] <= r["seq_log_w/p01"] <= r["seq_log_w/p05"]
-        assert r["seq_log_w/min"] < 0 < r["train_infer_kl"]  # an fp8 engine: some responses are far less likely under pi
+        assert (
+            r["seq_log_w/min"] < 0 < r["train_infer_kl"]
+        )  # an fp8 engine: some responses are far less likely under pi

@@ -45,8 +45,10 @@ def tiny(seed=0):
 
 def prompts(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(5, 99, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        [1] + torch.randint(5, 99, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,11 @@ def training_logp(model, batch, sampling: SamplingConfig) -> torch.Tensor:
     computed independently of any engine: the training forward's logits, filtered."""
     P, R = batch.prompt_width, batch.response_ids.shape[1]
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, P - 1:P + R - 1]
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+        ).logits[:, P - 1 : P + R - 1]
     B, T, V = logits.shape
     filtered = filter_logits(logits.reshape(B * T, V), sampling).view(B, T, V)
     logp = filtered.log_softmax(-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
@@ -73,9 +78,11 @@ def training_logp(model, batch, sampling: SamplingConfig) -> torch.Tensor:
 
 
 @needs_vllm
-@pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=16),
-                                      SamplingConfig(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=20)],
-                         ids=["T1", "T0.8-p0.9-k20"])
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingConfig(max_new_tokens=16), SamplingConfig(max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=20)],
+    ids=["T1", "T0.8-p0.9-k20"],
+)
 def test_processed_logprobs_match_the_training_model(engine_and_model, sampling):
     engine, model, _ = engine_and_model
     batch = engine.generate(prompts(), sampling, seeds=list(range(12)))
@@ -120,12 +127,19 @@ def test_weight_sync_refreshes_every_layer(engine_and_model):
         engine.load_weights(trained.state_dict(), version=5)
         batch = engine.generate(prompts(), sampling, seeds=list(range(12)))
         assert batch.version == 5
-        assert float((training_logp(trained, batch, sampling) - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
-        assert float((training_logp(model, batch, sampling) - batch.rollout_logp)[batch.response_mask].abs().max()) > 1e-2
+        assert (
+            float((training_logp(trained, batch, sampling) - batch.rollout_logp)[batch.response_mask].abs().max())
+            < 1e-4
+        )
+        assert (
+            float((training_logp(model, batch, sampling) - batch.rollout_logp)[batch.response_mask].abs().max()) > 1e-2
+        )
         # a stream of (name, tensor), as the learner sends from its shards, works the same
         engine.load_weights(iter(list(model.state_dict().items())), version=6)
         batch = engine.generate(prompts(), sampling, seeds=list(range(12)))
-        assert float((training_logp(model, batch, sampling) - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
+        assert (
+            float((training_logp(model, batch, sampling) - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
+        )
     finally:
         engine.load_weights(model.state_dict(), version=0)
 
@@ -227,10 +241,23 @@ def _vllm_ckpt(tmp_path):
     return save_model_dir(tmp_path / "model", model, tok)
 
 
-VLLM_RUN = ["batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12", "task.levels=[1]",
-            "task.eval_size=4", "eval.every=2", "eval.samples=1", "log.progress=false", "log.tensorboard=false",
-            "train.steps=3", f"task.reward_fns=[{FNS}:digit_fraction]", "rollout.engine=vllm",
-            "rollout.precision=fp32", "train.routing_replay=R3", "rollout.vllm.kv_cache_gb=0.25"]
+VLLM_RUN = [
+    "batch.prompts_per_step=2",
+    "batch.group_size=4",
+    "rollout.max_new_tokens=12",
+    "task.levels=[1]",
+    "task.eval_size=4",
+    "eval.every=2",
+    "eval.samples=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "train.steps=3",
+    f"task.reward_fns=[{FNS}:digit_fraction]",
+    "rollout.engine=vllm",
+    "rollout.precision=fp32",
+    "train.routing_replay=R3",
+    "rollout.vllm.kv_cache_gb=0.25",
+]
 
 
 @needs_vllm
@@ -255,8 +282,12 @@ def test_two_gloo_ranks_each_with_its_own_vllm(tmp_path):
 
     ckpt = _vllm_ckpt(tmp_path)
     extra = [f"model.path={ckpt}", *VLLM_RUN, "log.rollouts=true"]
-    one = subprocess.run([sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'k1'}", *extra],
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'k1'}", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     rc, out = torchrun_train([f"run_dir={tmp_path / 'k2'}", *extra], timeout=600)
     assert rc == 0, out[-3000:]
@@ -279,8 +310,12 @@ def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(t
 
     ckpt = _vllm_ckpt(tmp_path)
     extra = [f"model.path={ckpt}", *VLLM_RUN, "log.rollouts=true", "rollout.max_staleness=1"]
-    zero = subprocess.run([sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'w0'}", *extra],
-                          capture_output=True, text=True, timeout=600)
+    zero = subprocess.run(
+        [sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'w0'}", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert zero.returncode == 0, zero.stderr[-3000:]
     rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *extra, "rollout.workers=2"], nproc=3, timeout=600)
     assert rc == 0, out[-3000:]

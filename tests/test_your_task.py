@@ -13,17 +13,25 @@ from stablerl.cli import main
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.evaluation import pass_at_k
+from stablerl.generation import encode_prompt
 from stablerl.loop import Trainer
 from stablerl.models import build_tokenizer
 from stablerl.runlog import read_metrics
-from stablerl.generation import encode_prompt
 from stablerl.tasks import Columns, DatasetTask
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "your_task"
 FNS = str(Path(__file__).parent / "data" / "reward_fns.py")
-TINY = ["batch.prompts_per_step=2", "batch.group_size=4", "rollout.max_new_tokens=12", "task.eval_size=8",
-        "eval.every=2", "eval.samples=2", "log.progress=false", "log.tensorboard=false"]
+TINY = [
+    "batch.prompts_per_step=2",
+    "batch.group_size=4",
+    "rollout.max_new_tokens=12",
+    "task.eval_size=8",
+    "eval.every=2",
+    "eval.samples=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
 
 
 def run(ckpt, run_dir, *extra):
@@ -33,15 +41,25 @@ def run(ckpt, run_dir, *extra):
 
 
 def example_task(*extra):
-    return ["task.name=dataset", f"task.dataset={EXAMPLE / 'data' / 'train.jsonl'}",
-            "task.columns.solution=solution", *extra]
+    return [
+        "task.name=dataset",
+        f"task.dataset={EXAMPLE / 'data' / 'train.jsonl'}",
+        "task.columns.solution=solution",
+        *extra,
+    ]
 
 
 def test_reward_module_by_path_weights_and_per_function_logging(sft_ckpt, tmp_path):
     rewards = EXAMPLE / "rewards.py"
-    rows = run(sft_ckpt, tmp_path / "r", "train.steps=2", *example_task(
-        f"task.reward_fns=[{rewards}:correct, {rewards}:well_formed, {FNS}:digit_fraction]",
-        "task.reward_weights=[1.0, 0.5, 2.0]"))
+    rows = run(
+        sft_ckpt,
+        tmp_path / "r",
+        "train.steps=2",
+        *example_task(
+            f"task.reward_fns=[{rewards}:correct, {rewards}:well_formed, {FNS}:digit_fraction]",
+            "task.reward_weights=[1.0, 0.5, 2.0]",
+        ),
+    )
     step = rows[1]
     parts = step["reward/correct"] * 1.0 + step["reward/well_formed"] * 0.5 + step["reward/digit_fraction"] * 2.0
     assert step["reward_mean"] == pytest.approx(parts, rel=1e-6)  # the total is the weighted sum (float32 mean)
@@ -66,9 +84,17 @@ def test_misbehaving_reward_functions_give_zero_and_training_goes_on(sft_ckpt, t
     t0 = time.monotonic()
     # training on with 0 for failed calls is the opt-out now (task.reward_fail_fast=false): by
     # default a function that fails on every response of the first step stops the run (below)
-    rows = run(sft_ckpt, tmp_path / "always", "train.steps=2", "task.reward_timeout_s=0.5", "eval.every=100",
-               "task.eval_size=2", "eval.sampled=false", "task.reward_fail_fast=false",
-               f"task.reward_fns=[{FNS}:hang_always, {FNS}:boom_always, {FNS}:die_always, {FNS}:digit_fraction]")
+    rows = run(
+        sft_ckpt,
+        tmp_path / "always",
+        "train.steps=2",
+        "task.reward_timeout_s=0.5",
+        "eval.every=100",
+        "task.eval_size=2",
+        "eval.sampled=false",
+        "task.reward_fail_fast=false",
+        f"task.reward_fns=[{FNS}:hang_always, {FNS}:boom_always, {FNS}:die_always, {FNS}:digit_fraction]",
+    )
     step = rows[1]
     n = 8  # responses per step
     assert step["reward_timeouts"] == n and step["reward_errors"] == n and step["reward_crashes"] == n
@@ -117,9 +143,14 @@ def test_chat_template_prompt(tmp_path):
 
 def test_eval_sets_report_avg_and_pass_at_k(sft_ckpt, tmp_path):
     assert pass_at_k([[0, 0, 1], [0, 0, 0], [1, 1, 1]], 1.0) == pytest.approx(2 / 3)
-    rows = run(sft_ckpt, tmp_path / "sets", "train.steps=1", f"task.reward_fns=[{FNS}:digit_fraction]",
-               f"eval.sets=[{{name: ex, dataset: {EXAMPLE / 'data' / 'test.csv'}, samples: 3, max_problems: 5,"
-               f" pass_threshold: 0.01}}]")
+    rows = run(
+        sft_ckpt,
+        tmp_path / "sets",
+        "train.steps=1",
+        f"task.reward_fns=[{FNS}:digit_fraction]",
+        f"eval.sets=[{{name: ex, dataset: {EXAMPLE / 'data' / 'test.csv'}, samples: 3, max_problems: 5,"
+        f" pass_threshold: 0.01}}]",
+    )
     first = rows[0]
     assert 0 < first["eval/ex/avg@3"] <= 1 and first["eval/ex/pass@3"] >= first["eval/ex/avg@3"] - 1e-12
     assert "eval/ex/pass@3" in rows[-1]
@@ -136,15 +167,20 @@ def test_wandb_offline_run_directory(sft_ckpt, tmp_path, monkeypatch):
     assert b"minibatches_per_step" in records and b"reward_mean" in records and b"eval/sampled_acc" in records
 
 
-@pytest.mark.parametrize("override, key", [
-    ("task.reward_fns=[nope_module:fn]", "task.reward_fns"),
-    (f"task.reward_fns=[{FNS}:no_such_function]", "task.reward_fns"),
-    ("task.columns.question=prompt_text", "task.columns.question"),
-    ("task.columns.solution=teacher", "task.columns.solution"),
-    ("eval.sets=[{name: t, dataset: examples/your_task/data/test.csv, columns: {question: nope}}]",
-     "eval.sets[t].columns.question"),
-    ("task.dataset=does/not_exist.jsonl", "task.dataset"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("task.reward_fns=[nope_module:fn]", "task.reward_fns"),
+        (f"task.reward_fns=[{FNS}:no_such_function]", "task.reward_fns"),
+        ("task.columns.question=prompt_text", "task.columns.question"),
+        ("task.columns.solution=teacher", "task.columns.solution"),
+        (
+            "eval.sets=[{name: t, dataset: examples/your_task/data/test.csv, columns: {question: nope}}]",
+            "eval.sets[t].columns.question",
+        ),
+        ("task.dataset=does/not_exist.jsonl", "task.dataset"),
+    ],
+)
 def test_bad_keys_fail_before_any_work(tmp_path, capsys, override, key, monkeypatch):
     monkeypatch.chdir(ROOT)
     rc = main(["train", f"run_dir={tmp_path / 'r'}", *example_task(), override])
@@ -157,9 +193,20 @@ def test_the_shipped_example_runs(tmp_path, monkeypatch):
     """docs/your-task.md's example, a few steps: its config, data, reward module, eval set."""
     monkeypatch.chdir(ROOT)
     run_dir = tmp_path / "example"
-    cfg_args = ["train", "--config", str(EXAMPLE / "config.yaml"), f"run_dir={run_dir}", "train.steps=2",
-                "sft.steps=5", f"sft.output_dir={tmp_path / 'sft'}", "eval.every=2", "log.progress=false",
-                "task.eval_size=4", "log.tensorboard=false", "batch.prompts_per_step=4"]
+    cfg_args = [
+        "train",
+        "--config",
+        str(EXAMPLE / "config.yaml"),
+        f"run_dir={run_dir}",
+        "train.steps=2",
+        "sft.steps=5",
+        f"sft.output_dir={tmp_path / 'sft'}",
+        "eval.every=2",
+        "log.progress=false",
+        "task.eval_size=4",
+        "log.tensorboard=false",
+        "batch.prompts_per_step=4",
+    ]
     assert main(cfg_args) == 0
     rows = read_metrics(run_dir)
     assert "eval/test/avg@8" in rows[0] and "reward/correct" in rows[1] and "reward/well_formed" in rows[1]

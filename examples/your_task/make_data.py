@@ -21,8 +21,12 @@ def row(rng: random.Random) -> dict:
     for n in numbers[1:]:
         top = max(top, n)
         steps.append(str(top))
-    return {"question": f"Largest of {listed}?", "answer": str(best), "numbers": listed,
-            "solution": f"{' '.join(steps)}. Answer: {best}"}
+    return {
+        "question": f"Largest of {listed}?",
+        "answer": str(best),
+        "numbers": listed,
+        "solution": f"{' '.join(steps)}. Answer: {best}",
+    }
 
 
 def main() -> None:

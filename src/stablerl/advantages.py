@@ -23,8 +23,7 @@ def group_advantages(
     """
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
         raise ValueError(
-            f"rewards and group_ids must both have shape [B]; got {tuple(rewards.shape)} and "
-            f"{tuple(group_ids.shape)}"
+            f"rewards and group_ids must both have shape [B]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
         )
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contain NaN/inf")

@@ -20,15 +20,21 @@ from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 
 
-def resolve_run(config: RunConfig | dict | str | Path | None = None, *, resume: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> tuple[RunConfig, Path]:
+def resolve_run(
+    config: RunConfig | dict | str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> tuple[RunConfig, Path]:
     """The validated config and the run directory a ``train`` call would use."""
     from stablerl.rundir import resume_config
 
     if resume is not None:
         if isinstance(config, (RunConfig, dict)):
-            raise ValueError("resume=RUN_DIR continues the config saved there: pass changes as a config file or "
-                             "as overrides, not as a config object")
+            raise ValueError(
+                "resume=RUN_DIR continues the config saved there: pass changes as a config file or "
+                "as overrides, not as a config object"
+            )
         return resume_config(Path(resume), None if config is None else str(config), list(overrides)), Path(resume)
     if isinstance(config, RunConfig):
         cfg = build_config(RunConfig, None, list(overrides), base=config.model_dump(mode="json"))
@@ -39,8 +45,13 @@ def resolve_run(config: RunConfig | dict | str | Path | None = None, *, resume: 
     return cfg, Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def train(config: RunConfig | dict | str | Path | None = None, *, resume: str | Path | None = None,
-          overrides: list[str] | tuple[str, ...] = (), log=print) -> dict:
+def train(
+    config: RunConfig | dict | str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    log=print,
+) -> dict:
     """Run (or, with ``resume``, continue) a training run to its end; returns its summary (what
     RUN_DIR/summary.json holds: steps, held-out accuracy before and after, collapse warnings,
     reward failures; ``run_dir`` names the directory). Raises ``stablerl.TrainingAborted`` when
@@ -77,9 +88,11 @@ def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=p
             raise
         broken = True  # a rank died, hung or was stopped: say which, and stop (the last checkpoint stays)
         who = D.unresponsive_ranks()
-        raise RankStopped(f"rank {world.rank}: a collective did not complete within distributed.timeout_s="
-                          f"{cfg.distributed.timeout_s:g} s — {who or 'another rank died or stopped responding'}"
-                          f"; the last checkpoint is intact: resume with `stablerl train --resume {run_dir}`") from None
+        raise RankStopped(
+            f"rank {world.rank}: a collective did not complete within distributed.timeout_s="
+            f"{cfg.distributed.timeout_s:g} s — {who or 'another rank died or stopped responding'}"
+            f"; the last checkpoint is intact: resume with `stablerl train --resume {run_dir}`"
+        ) from None
     finally:
         D.shutdown_world(broken)
     files = RunDir(run_dir)

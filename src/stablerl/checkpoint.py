@@ -52,8 +52,15 @@ DCP_DIR = "dcp"
 # --------------------------------------------------------------------------------------------
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
@@ -74,8 +81,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             obj = getattr(torch, name, None)
             if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
                 return obj
-        raise UnsafeCheckpoint(f"refusing to load {module}.{name}: a checkpoint's metadata names only DCP's own "
-                               "metadata classes (the file may have been crafted to run code)")
+        raise UnsafeCheckpoint(
+            f"refusing to load {module}.{name}: a checkpoint's metadata names only DCP's own "
+            "metadata classes (the file may have been crafted to run code)"
+        )
 
 
 def _safe_reader(path: Path):
@@ -110,8 +119,9 @@ class CheckpointWriteError(RuntimeError):
 def _write_error(path: Path, e: OSError) -> CheckpointWriteError:
     name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
     hint = " (the disk is full: free space there, then --resume)" if e.errno == errno.ENOSPC else ""
-    return CheckpointWriteError(f"writing {path} failed: {name}: {e.strerror or e}{hint}; the previous "
-                                "checkpoint is intact")
+    return CheckpointWriteError(
+        f"writing {path} failed: {name}: {e.strerror or e}{hint}; the previous checkpoint is intact"
+    )
 
 
 def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
@@ -134,8 +144,11 @@ def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None)
 def check_finite(model, optimizer) -> None:
     """``NonFiniteState`` naming the first non-finite tensor (on any rank; a collective)."""
     named = _named_state(model, optimizer)
-    bad = "" if all_finite([t for _, t in named]) else next(
-        name for name, t in named if not bool(torch.isfinite(t).all()))
+    bad = (
+        ""
+        if all_finite([t for _, t in named])
+        else next(name for name, t in named if not bool(torch.isfinite(t).all()))
+    )
     names = [b for b in D.all_gather_objects(bad) if b]
     if names:
         raise NonFiniteState(f"the weights or optimizer state are no longer finite ({names[0]})")
@@ -177,8 +190,17 @@ def _dcp_state(model, optimizer):
     return {"model": msd, "optim": osd}
 
 
-def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState, keep_last: int,
-         world: D.World | None = None, extra=None) -> Path:
+def save(
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    state: RunState,
+    keep_last: int,
+    world: D.World | None = None,
+    extra=None,
+) -> Path:
     """A checkpoint of ``step`` (every rank calls it; rank 0 publishes it). ``extra(dir)``, on rank
     0, writes more files into it before it is checksummed and published."""
     import torch.distributed.checkpoint as dcp
@@ -212,9 +234,13 @@ def save(run_dir: Path, step: int, model, tokenizer, optimizer, state: RunState,
             run_config = RunDir(run_dir).config  # a copy that outlives damage to RUN_DIR/config.json
             if run_config.is_file():
                 shutil.copyfile(run_config, tmp / CONFIG_COPY)
-            atomic_write_text(tmp / STATE_FILE, json.dumps({**state.to_checkpoint(), "step": step,
-                                                            "world_size": world.size, "files": _checksums(tmp)},
-                                                           indent=1))
+            atomic_write_text(
+                tmp / STATE_FILE,
+                json.dumps(
+                    {**state.to_checkpoint(), "step": step, "world_size": world.size, "files": _checksums(tmp)},
+                    indent=1,
+                ),
+            )
             publish_dir(tmp, final)
     except Exception as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
         if _collective_failure(e):  # a rank stopped answering: not a write error (api.train names the rank)
@@ -276,8 +302,9 @@ def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     sd: dict = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
-        _load_state_dict(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)
+        _load_state_dict(
+            sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+        )
     return sd["model"]
 
 
@@ -320,9 +347,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-                  and (p / STATE_FILE).is_file())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()
+    )
 
 
 def latest(run_dir: Path) -> Path | None:

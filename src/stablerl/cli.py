@@ -68,10 +68,14 @@ def _train(args: argparse.Namespace) -> int:
         lines.append(collapse_line(summary))
     failures = sum(summary.get(k, 0) for k in ("reward_errors", "reward_timeouts", "reward_crashes"))
     if failures:
-        lines.append(f"reward failures (reward 0): {summary.get('reward_errors', 0)} errors, "
-                     f"{summary.get('reward_timeouts', 0)} timeouts, {summary.get('reward_crashes', 0)} crashes")
-    lines += [f"metrics: {files.metrics}   tensorboard: {files.tensorboard}   plots: {plots}",
-              f"checkpoint: {files.checkpoints}   HF export: {files.exports}"]
+        lines.append(
+            f"reward failures (reward 0): {summary.get('reward_errors', 0)} errors, "
+            f"{summary.get('reward_timeouts', 0)} timeouts, {summary.get('reward_crashes', 0)} crashes"
+        )
+    lines += [
+        f"metrics: {files.metrics}   tensorboard: {files.tensorboard}   plots: {plots}",
+        f"checkpoint: {files.checkpoints}   HF export: {files.exports}",
+    ]
     print("\n".join(lines))
     return 0
 
@@ -80,8 +84,10 @@ def collapse_line(summary: dict) -> str:
     """The summary's line for a run the online detector flagged. The detector watches short
     windows of training metrics (log.collapse_*), so what it flags is a sign to check the held-out
     curve, not a verdict: a 3-step KL excursion that passes is flagged too (docs/training.md)."""
-    return ("WARNING: the online diagnostics flagged a possible collapse (check the held-out accuracy "
-            "in the plots): " + "; ".join(summary["collapse_warnings"]))
+    return (
+        "WARNING: the online diagnostics flagged a possible collapse (check the held-out accuracy "
+        "in the plots): " + "; ".join(summary["collapse_warnings"])
+    )
 
 
 def _pct(x: float) -> str:
@@ -112,15 +118,17 @@ def _eval(args: argparse.Namespace) -> int:
     for w in getattr(task, "warnings", []):
         print(f"[warning] {w}", file=sys.stderr)
     model, tokenizer = load_policy(args.checkpoint)
-    engine = LocalEngine(model, cfg.eval.precision, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    engine = LocalEngine(
+        model, cfg.eval.precision, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     with reward_pool(task, cfg.task) as pool:
         sets = build_eval_sets(cfg, pool)
         try:
             # the prompts a run would refuse (a prompt and rollout.max_new_tokens must fit the context)
             check_prompts(task, sets, tokenizer, cfg, model.config, lambda m: print(m, file=sys.stderr))
-            result = evaluate(engine, tokenizer, task, pool, cfg,
-                              lambda *p: eval_seed(cfg.train.seed, 0, *p), sets=sets)
+            result = evaluate(
+                engine, tokenizer, task, pool, cfg, lambda *p: eval_seed(cfg.train.seed, 0, *p), sets=sets
+            )
         finally:
             for s in sets:
                 s.close()
@@ -132,13 +140,18 @@ def _repro(args: argparse.Namespace) -> int:
     from stablerl.repro import EXPERIMENTS, run_experiment, write_report
     from stablerl.repro.runner import is_done
 
-    names = [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
+    names = (
+        [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
+    )
     out = Path(args.out)
     if args.report_only:
         for name in names:
             paths = write_report(name, out, args.seeds)
-            print(f"[repro {name}] report of seeds 0..{args.seeds - 1}: {paths['md']}" if paths["md"].is_file()
-                  else f"[repro {name}] no finished run or record under {out / name}")
+            print(
+                f"[repro {name}] report of seeds 0..{args.seeds - 1}: {paths['md']}"
+                if paths["md"].is_file()
+                else f"[repro {name}] no finished run or record under {out / name}"
+            )
         return 0
     # seed by seed across the experiments: an interrupted `all` has every experiment at equal depth
     for seed in range(args.seeds):
@@ -155,7 +168,6 @@ def _repro(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from stablerl.plot import plot_runs
-
     from stablerl.rundir import RunDir
 
     out = plot_runs(args.run_dirs, args.out or RunDir(args.run_dirs[0]).plots / "curves.png")
@@ -182,17 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     lab.set_defaults(func=_lab)
 
     keys = "config keys (set with section.key=value):\n" + "\n".join(describe(RunConfig))
-    train = sub.add_parser("train", help="RL training (cold start by SFT if no checkpoint), then evaluation",
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=keys)
+    train = sub.add_parser(
+        "train",
+        help="RL training (cold start by SFT if no checkpoint), then evaluation",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=keys,
+    )
     train.add_argument("--config", help="YAML or TOML file with RunConfig sections")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    train.add_argument("--print-config", action="store_true",
-                       help="print the resolved config (file, overrides, defaults) as YAML and exit; nothing runs")
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file, overrides, defaults) as YAML and exit; nothing runs",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. loss.eps_high=0.28 train.steps=100")
     train.set_defaults(func=_train)
 
-    sft = sub.add_parser("sft", help="cold-start SFT on teacher solutions; saves an HF checkpoint",
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=keys)
+    sft = sub.add_parser(
+        "sft",
+        help="cold-start SFT on teacher solutions; saves an HF checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=keys,
+    )
     sft.add_argument("--config")
     sft.add_argument("--out", help="checkpoint directory (default: runs/sft/<hash>)")
     sft.add_argument("overrides", nargs="*", metavar="key=value")
@@ -207,16 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("repro", help="the paper's experiments in miniature (docs/results.md)")
     from stablerl.repro.experiments import EXPERIMENTS
 
-    rp.add_argument("experiment", choices=[*EXPERIMENTS, "all"],
-                    help="one experiment, or all of them (but calibration), seed by seed")
+    rp.add_argument(
+        "experiment",
+        choices=[*EXPERIMENTS, "all"],
+        help="one experiment, or all of them (but calibration), seed by seed",
+    )
     rp.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
-    rp.add_argument("--variants", nargs="+", metavar="VARIANT",
-                    help="run only these variants of the experiment (default: all); the report covers every "
-                         "finished run")
+    rp.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="VARIANT",
+        help="run only these variants of the experiment (default: all); the report covers every finished run",
+    )
     rp.add_argument("--out", default="runs/repro", help="output directory (default runs/repro)")
-    rp.add_argument("--report-only", action="store_true",
-                    help="run nothing: write the report from the finished runs under --out and the run records "
-                         "beside it (<out>/<experiment>/records/, e.g. copied back from docs/results/)")
+    rp.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the report from the finished runs under --out and the run records "
+        "beside it (<out>/<experiment>/records/, e.g. copied back from docs/results/)",
+    )
     rp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run (after the experiment's)")
     rp.set_defaults(func=_repro)
 

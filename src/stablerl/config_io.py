@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from stablerl.config import RESUMABLE_KEYS, RunConfig
 
+
 def load_file(path: str) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict."""
     from pathlib import Path
@@ -74,8 +75,10 @@ def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel] | N
             try:
                 node[leaf] = yaml.safe_load(raw)
             except yaml.YAMLError as e:
-                raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
-                                 "quote it, e.g. key='text: with colon'") from None
+                raise ValueError(
+                    f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                    "quote it, e.g. key='text: with colon'"
+                ) from None
     return out
 
 
@@ -83,14 +86,18 @@ def _child(node, part: str, item: str, where: str):
     """``node[part]`` for a section (created when missing) or, for a list and a number, its entry."""
     if isinstance(node, list):
         if not part.isdigit() or int(part) >= len(node):
-            raise ValueError(f"override {item!r}: {where.rpartition('.')[0]} has {len(node)} entries (indices 0.."
-                             f"{len(node) - 1}); {part!r} is not one of them")
+            raise ValueError(
+                f"override {item!r}: {where.rpartition('.')[0]} has {len(node)} entries (indices 0.."
+                f"{len(node) - 1}); {part!r} is not one of them"
+            )
         return node[int(part)]
     if not isinstance(node, dict):
         raise ValueError(f"override {item!r}: {where.rpartition('.')[0] or where!r} is not a section")
     if part.isdigit() and not node:
-        raise ValueError(f"override {item!r}: {where.rpartition('.')[0]} has no entries to index; set the whole "
-                         "list (in the config file, or as key=[{...}]) first")
+        raise ValueError(
+            f"override {item!r}: {where.rpartition('.')[0]} has no entries to index; set the whole "
+            "list (in the config file, or as key=[{...}]) first"
+        )
     child = node.setdefault(part, {})
     if not isinstance(child, (dict, list)) and where != item.partition("=")[0]:
         raise ValueError(f"override {item!r}: {part!r} is not a section")
@@ -145,7 +152,9 @@ def build_config(model: type[BaseModel], path: str | None, overrides: list[str],
                 allowed = _allowed_keys(model, err["loc"][:-1])
                 msg = f"unknown key; allowed here: {', '.join(allowed)}"
             value = err.get("input")
-            shown = f" (got {value!r})" if isinstance(value, (int, float, str)) and err["type"] != "extra_forbidden" else ""
+            shown = (
+                f" (got {value!r})" if isinstance(value, (int, float, str)) and err["type"] != "extra_forbidden" else ""
+            )
             problems.append(f"{loc}: {msg}{shown}")
         # one line, however many problems: "invalid config: a.b: ... ; c.d: ..."
         raise ValueError("invalid config: " + "; ".join(problems)) from None
@@ -173,13 +182,17 @@ def flatten(data: dict, prefix: str = "") -> dict:
 def resume_changes(saved: RunConfig, new: RunConfig) -> dict[str, tuple]:
     """``{key: (old, new)}`` of every changed key; ``ValueError`` naming those that may not change."""
     before, after = flatten(saved.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
-    changed = {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    changed = {
+        k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+    }
     fixed = [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_KEYS)]
     if fixed:
         lines = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in fixed)
-        raise ValueError(f"cannot change {lines} when resuming: it would contradict the checkpoint or change the "
-                         f"maths mid-run. Allowed on resume: {', '.join(RESUMABLE_KEYS)}* (start a new run "
-                         "for anything else)")
+        raise ValueError(
+            f"cannot change {lines} when resuming: it would contradict the checkpoint or change the "
+            f"maths mid-run. Allowed on resume: {', '.join(RESUMABLE_KEYS)}* (start a new run "
+            "for anything else)"
+        )
     return changed
 
 

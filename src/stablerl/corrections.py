@@ -27,16 +27,18 @@ def response_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
 
 
-def reject_sequences(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                     low: float, high: float) -> torch.Tensor:
+def reject_sequences(
+    old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, low: float, high: float
+) -> torch.Tensor:
     """``[B]`` True for a response whose geometric-mean weight exp(mean_t log(pi_old/mu_old)) lies
     outside ``[low, high]`` (responses without tokens are never rejected)."""
     geo = response_mean(old_logp.detach().double() - rollout_logp.detach().double(), mask).exp()
     return ((geo < low) | (geo > high)) & mask.any(-1)
 
 
-def opsm_sequences(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   delta: float) -> torch.Tensor:
+def opsm_sequences(
+    logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, delta: float
+) -> torch.Tensor:
     """``[B]`` True for a response with a negative advantage (its mean over its tokens, for
     token-level advantages) whose mean_t (log mu_old - log pi_theta) exceeds ``delta``."""
     drift = response_mean(rollout_logp.detach().double() - logp.detach().double(), mask)
@@ -44,8 +46,13 @@ def opsm_sequences(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: t
     return (adv < 0) & (drift > delta) & mask.any(-1)
 
 
-def m2_tokens(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, threshold: float,
-              weight: torch.Tensor | None = None) -> torch.Tensor:
+def m2_tokens(
+    logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[B, T]`` True for the tokens M2PO masks: the largest d = (log pi_theta - log mu_old)^2,
     removed one by one until the (``weight``-weighted) mean of d over the remaining tokens is at
     most ``threshold``; all of them when even the smallest exceeds it.

@@ -25,15 +25,20 @@ def train_infer_kl(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: tor
     return float(k3((old_logp - rollout_logp)[mask]).mean())
 
 
-def is_weight_stats(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                    cap: float = 2.0) -> dict[str, float]:
+def is_weight_stats(
+    old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> dict[str, float]:
     """The distribution of the token IS weight w = pi_old / mu_old over sampled tokens:
     mean, min, max, quantiles, and the fractions outside [1/cap, cap]."""
     w = (old_logp - rollout_logp)[mask.bool()].double().exp()
     q = torch.quantile(w, torch.tensor([0.01, 0.5, 0.99], dtype=w.dtype))
     return {
-        "is_weight_mean": float(w.mean()), "is_weight_min": float(w.min()), "is_weight_max": float(w.max()),
-        "is_weight_p01": float(q[0]), "is_weight_p50": float(q[1]), "is_weight_p99": float(q[2]),
+        "is_weight_mean": float(w.mean()),
+        "is_weight_min": float(w.min()),
+        "is_weight_max": float(w.max()),
+        "is_weight_p01": float(q[0]),
+        "is_weight_p50": float(q[1]),
+        "is_weight_p99": float(q[2]),
         "is_weight_frac_above_cap": float((w > cap).double().mean()),
         "is_weight_frac_below_inv_cap": float((w < 1 / cap).double().mean()),
     }

@@ -16,8 +16,17 @@ from stablerl.generation import sample_and_score
 from stablerl.tasks import Problem, RewardPool, RewardStats, columns_of, load_problems
 
 
-def _sample_problems(engine, tokenizer, problems: list[Problem], rewards: RewardPool, cfg: RunConfig, n: int,
-                     temperature: float, seed_of, world: D.World) -> tuple[list[list[float]], RewardStats]:
+def _sample_problems(
+    engine,
+    tokenizer,
+    problems: list[Problem],
+    rewards: RewardPool,
+    cfg: RunConfig,
+    n: int,
+    temperature: float,
+    seed_of,
+    world: D.World,
+) -> tuple[list[list[float]], RewardStats]:
     """``n`` responses per problem, this rank's slice of them; every rank's per-problem rewards,
     in problem order, and the reward failures over all ranks."""
     mine = D.share(world.rank, world.size, len(problems))
@@ -26,24 +35,32 @@ def _sample_problems(engine, tokenizer, problems: list[Problem], rewards: Reward
     if len(mine):
         sampling = cfg.rollout.sampling().model_copy(update={"temperature": temperature})
         seeds = [seed_of(i * n + s) for i in mine for s in range(n)]
-        scored = sample_and_score(engine, tokenizer, [problems[i] for i in mine], n, rewards, sampling, seeds,
-                                  cfg.task)
+        scored = sample_and_score(engine, tokenizer, [problems[i] for i in mine], n, rewards, sampling, seeds, cfg.task)
         stats = scored.result.stats
-        scores = [scored.result.total[j * n:(j + 1) * n] for j in range(len(mine))]
+        scores = [scored.result.total[j * n : (j + 1) * n] for j in range(len(mine))]
     scores = [x for part in D.all_gather_objects(scores) for x in part]
     return scores, RewardStats.merge(D.all_gather_objects(stats))
 
 
-def evaluate(engine, tokenizer, task, rewards: RewardPool, cfg: RunConfig, seed_of, world: D.World | None = None,
-             sets: list["EvalSet"] = ()) -> dict:
+def evaluate(
+    engine,
+    tokenizer,
+    task,
+    rewards: RewardPool,
+    cfg: RunConfig,
+    seed_of,
+    world: D.World | None = None,
+    sets: list[EvalSet] = (),
+) -> dict:
     """Held-out accuracy, greedy and sampled (mean over ``eval.samples`` per problem, by level when
     the task has levels), every evaluation set's avg@k and pass@k, and the reward failures."""
     world = world or D.World()
     problems = task.eval_problems()
     out: dict = {}
     failures = RewardStats()
-    modes = [("greedy", 0.0, 1)] * cfg.eval.greedy + \
-        [("sampled", cfg.rollout.temperature, cfg.eval.samples)] * cfg.eval.sampled
+    modes = [("greedy", 0.0, 1)] * cfg.eval.greedy + [
+        ("sampled", cfg.rollout.temperature, cfg.eval.samples)
+    ] * cfg.eval.sampled
     for name, temperature, n in modes:
         scores, stats = _sample_problems(engine, tokenizer, problems, rewards, cfg, n, temperature, seed_of, world)
         failures = RewardStats.merge([failures, stats])
@@ -55,9 +72,17 @@ def evaluate(engine, tokenizer, task, rewards: RewardPool, cfg: RunConfig, seed_
             out[f"eval/{name}_acc/level_{lv}"] = sum(sel) / len(sel)
     for k, eval_set in enumerate(sets):
         # each set's seeds are its own (index k + 1), distinct from the held-out split's
-        scores, stats = _sample_problems(engine, tokenizer, eval_set.problems, eval_set.rewards, cfg,
-                                         eval_set.cfg.samples, cfg.rollout.temperature,
-                                         lambda *p, k=k: seed_of(1_000_000 * (k + 1), *p), world)
+        scores, stats = _sample_problems(
+            engine,
+            tokenizer,
+            eval_set.problems,
+            eval_set.rewards,
+            cfg,
+            eval_set.cfg.samples,
+            cfg.rollout.temperature,
+            lambda *p, k=k: seed_of(1_000_000 * (k + 1), *p),
+            world,
+        )
         failures = RewardStats.merge([failures, stats])
         out.update(eval_set.metrics(scores))
     out["eval/reward_failures"] = failures.failures
@@ -82,21 +107,34 @@ class EvalSet:
         columns = replace(columns_of(cfg.columns or task_cfg.columns), solution=None)
         if not cfg.reward_fns and not task_cfg.reward_fns and columns.answer is None:
             raise ValueError(f"eval.sets[{cfg.name}]: no answer column and no reward functions to score with")
-        self.problems = load_problems(cfg.dataset, columns, cfg.prompt_template or task_cfg.prompt_template,
-                                      cfg.split, cfg.dataset_config, key=key)[: cfg.max_problems]
+        self.problems = load_problems(
+            cfg.dataset,
+            columns,
+            cfg.prompt_template or task_cfg.prompt_template,
+            cfg.split,
+            cfg.dataset_config,
+            key=key,
+        )[: cfg.max_problems]
         self.own_rewards = None
         if cfg.reward_fns:
             try:
-                self.own_rewards = RewardPool(cfg.reward_fns, cfg.reward_weights, workers=task_cfg.reward_workers,
-                                              timeout_s=task_cfg.reward_timeout_s, memory_mb=task_cfg.reward_memory_mb)
+                self.own_rewards = RewardPool(
+                    cfg.reward_fns,
+                    cfg.reward_weights,
+                    workers=task_cfg.reward_workers,
+                    timeout_s=task_cfg.reward_timeout_s,
+                    memory_mb=task_cfg.reward_memory_mb,
+                )
             except ValueError as e:
                 raise ValueError(f"eval.sets[{cfg.name}].reward_fns: {e}") from None
         self.rewards = self.own_rewards or task_rewards
 
     def metrics(self, scores: list[list[float]]) -> dict[str, float]:
         k, name = self.cfg.samples, self.cfg.name
-        return {f"eval/{name}/avg@{k}": sum(sum(s) / k for s in scores) / len(scores),
-                f"eval/{name}/pass@{k}": pass_at_k(scores, self.cfg.pass_threshold)}
+        return {
+            f"eval/{name}/avg@{k}": sum(sum(s) / k for s in scores) / len(scores),
+            f"eval/{name}/pass@{k}": pass_at_k(scores, self.cfg.pass_threshold),
+        }
 
     def close(self) -> None:
         if self.own_rewards is not None:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cache, partial
 
 import torch
 from torch import nn
-
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -38,7 +37,7 @@ from stablerl.rollout.base import RolloutBatch
 from stablerl.routing import NO_ROUTE, active_replay, capture_routes, moe_routers, replay_router_hooks, replay_routes
 
 
-@lru_cache(maxsize=None)
+@cache
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
@@ -86,7 +85,8 @@ def response_logp(
         logp = torch.where(mask, logp, torch.zeros_like(logp))
     else:  # one row per response token, in the mask's row-major order
         logp = torch.zeros(mask.shape, dtype=logp_all.dtype, device=logp_all.device).masked_scatter(
-            mask, logp_all.gather(-1, batch.response_ids[mask][:, None]).squeeze(-1))
+            mask, logp_all.gather(-1, batch.response_ids[mask][:, None]).squeeze(-1)
+        )
     result = {"logp": logp}
     if with_entropy:  # a diagnostic: kept out of the autograd graph
         with torch.no_grad():
@@ -94,7 +94,9 @@ def response_logp(
             if layout is None:
                 result["entropy"] = torch.where(mask, entropy, torch.zeros_like(entropy))
             else:
-                result["entropy"] = torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(mask, entropy)
+                result["entropy"] = torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).masked_scatter(
+                    mask, entropy
+                )
     if capture:
         result["routes"] = cap.routes if layout is None else layout.unpack(cap.routes, NO_ROUTE)
     return result
@@ -105,22 +107,35 @@ def _padded_logits(model: nn.Module, batch: RolloutBatch) -> torch.Tensor:
     R = batch.response_ids.shape[1]
     # only positions P-1 .. P+R-2 predict response tokens: skip the LM head everywhere else
     keep = {"logits_to_keep": R + 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=position_ids_from_mask(batch.attention_mask), use_cache=False, **keep)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+        use_cache=False,
+        **keep,
+    )
     # position t predicts token t+1: the logits for response token j sit at position P + j - 1
-    return out.logits[:, -(R + 1):-1]
+    return out.logits[:, -(R + 1) : -1]
 
 
-def _packed_logits(model: nn.Module, batch: RolloutBatch, layout: "PackLayout") -> torch.Tensor:
+def _packed_logits(model: nn.Module, batch: RolloutBatch, layout: PackLayout) -> torch.Tensor:
     """``[n, V]``: the logits that predict each response token (``response_mask``'s row-major
     order), from one forward over the packed sequence."""
     use_packed_attention(model)
     keep = {"logits_to_keep": layout.predicts} if _accepts_logits_to_keep(model) else {}
     # HF passes the sequence boundaries (its flash-attention varlen keywords) down to every
     # attention call; attention_mask=None and restarting positions keep any other path exact too
-    out = model(input_ids=layout.pack(batch.input_ids), position_ids=layout.position_ids, attention_mask=None,
-                use_cache=False, cu_seq_lens_q=layout.cu_seq_lens, cu_seq_lens_k=layout.cu_seq_lens,
-                max_length_q=layout.max_length, max_length_k=layout.max_length, **keep)
+    out = model(
+        input_ids=layout.pack(batch.input_ids),
+        position_ids=layout.position_ids,
+        attention_mask=None,
+        use_cache=False,
+        cu_seq_lens_q=layout.cu_seq_lens,
+        cu_seq_lens_k=layout.cu_seq_lens,
+        max_length_q=layout.max_length,
+        max_length_k=layout.max_length,
+        **keep,
+    )
     logits = out.logits[0]
     return logits if keep else logits[layout.predicts]
 
@@ -128,9 +143,16 @@ def _packed_logits(model: nn.Module, batch: RolloutBatch, layout: "PackLayout") 
 PACKED_ATTENTION = "stablerl_packed_sdpa"
 
 
-def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, *args, cu_seq_lens_q: torch.Tensor | None = None,
-                          **kwargs):
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs,
+):
     """HF's sdpa attention, and for a packed forward (``cu_seq_lens_q`` given) causal sdpa over
     each sequence on its own: a dense mask over the packed length would cost T^2 where the
     sequences need the sum of their squared lengths (CPU torch has no varlen kernel)."""
@@ -144,8 +166,10 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 @torch.compiler.disable  # a loop over data-dependent bounds: under train.compile it stays eager
 def _per_sequence_sdpa(module, query, key, value, cu_seq_lens_q, *args, **kwargs) -> torch.Tensor:
     bounds = cu_seq_lens_q.tolist()
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, *args, **kwargs)[0]
-            for a, b in zip(bounds, bounds[1:])]
+    outs = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, *args, **kwargs)[0]
+        for a, b in zip(bounds, bounds[1:])
+    ]
     return torch.cat(outs, dim=1)
 
 
@@ -156,8 +180,9 @@ def use_packed_attention(model: nn.Module) -> None:
     if config._attn_implementation == PACKED_ATTENTION:
         return
     if config._attn_implementation != "sdpa":
-        raise ValueError(f"batch.packing needs a model with sdpa attention; this one uses "
-                         f"{config._attn_implementation!r}")
+        raise ValueError(
+            f"batch.packing needs a model with sdpa attention; this one uses {config._attn_implementation!r}"
+        )
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
     config._attn_implementation = PACKED_ATTENTION
@@ -167,12 +192,12 @@ def use_packed_attention(model: nn.Module) -> None:
 class PackLayout:
     """Where the real tokens of a padded ``[B, W]`` batch sit in one packed ``[1, T]`` sequence."""
 
-    real: torch.Tensor          # [T]: flat indices (row * W + column) of the real tokens, row by row
-    shape: tuple[int, int]      # (B, W)
+    real: torch.Tensor  # [T]: flat indices (row * W + column) of the real tokens, row by row
+    shape: tuple[int, int]  # (B, W)
     position_ids: torch.Tensor  # [1, T]: 0 at each row's first real token
-    predicts: torch.Tensor      # [n]: packed positions whose logits predict a response token
-    cu_seq_lens: torch.Tensor   # [B + 1]: where each row's tokens start in the packed sequence, then T
-    max_length: int             # the longest row
+    predicts: torch.Tensor  # [n]: packed positions whose logits predict a response token
+    cu_seq_lens: torch.Tensor  # [B + 1]: where each row's tokens start in the packed sequence, then T
+    max_length: int  # the longest row
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, W, ...]`` -> ``[1, T, ...]``: the real positions, padding dropped."""
@@ -203,8 +228,10 @@ def pack_layout(batch: RolloutBatch) -> PackLayout:
     same_row = position_ids[1:] > 0
     gaps = bool(((real[1:] - real[:-1])[same_row] != 1).any())
     if gaps or bool((where[flat] <= 0).any()) or bool((position_ids[where[flat]] == 0).any()):
-        raise ValueError("packing needs each row's real tokens to be contiguous (a left-padded prompt followed by "
-                         "a right-padded response) and every response token to be a real token")
+        raise ValueError(
+            "packing needs each row's real tokens to be contiguous (a left-padded prompt followed by "
+            "a right-padded response) and every response token to be a real token"
+        )
     cu_seq_lens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
     return PackLayout(real, (B, W), position_ids[None], predicts, cu_seq_lens, int(lengths.max()))
 

@@ -25,8 +25,9 @@ def _prompt_ids(tokenizer, problem, chat_template: bool, system_prompt: str | No
     return encode_prompt(tokenizer, problem.prompt, chat_template, system_prompt)
 
 
-def encode_sft_row(tokenizer, problem, chat_template: bool = False,
-                   system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+def encode_sft_row(
+    tokenizer, problem, chat_template: bool = False, system_prompt: str | None = None
+) -> tuple[list[int], list[int]]:
     """A cold start's teacher row: the prompt's tokens then the solution's and EOS, and its labels
     (-100 on the prompt, where the SFT takes no loss)."""
     prompt = _prompt_ids(tokenizer, problem, chat_template, system_prompt)
@@ -37,8 +38,10 @@ def encode_sft_row(tokenizer, problem, chat_template: bool = False,
 def encode_messages(tokenizer, messages: list[dict], system_prompt: str | None = None) -> list[int]:
     """Chat turns through the tokenizer's chat template, the assistant's turn opened."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the prompts are chat messages (a conversational prompt column), but the model's tokenizer "
-                         "has no chat template; use a tokenizer that has one, or plain-text prompts")
+        raise ValueError(
+            "the prompts are chat messages (a conversational prompt column), but the model's tokenizer "
+            "has no chat template; use a tokenizer that has one, or plain-text prompts"
+        )
     if system_prompt and not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -55,14 +58,18 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_pr
         bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         return bos + tokenizer(prompt, add_special_tokens=False).input_ids
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("task.chat_template=true, but the model's tokenizer has no chat template; set "
-                         "task.chat_template=false or use a tokenizer that has one")
+        raise ValueError(
+            "task.chat_template=true, but the model's tokenizer has no chat template; set "
+            "task.chat_template=false or use a tokenizer that has one"
+        )
     return encode_messages(tokenizer, [{"role": "user", "content": prompt}], system_prompt)
 
 
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
-    return [tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
-            for i in range(len(batch))]
+    return [
+        tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
+        for i in range(len(batch))
+    ]
 
 
 @dataclass
@@ -75,16 +82,28 @@ class Scored:
     result: RewardResult
 
 
-def sample_and_score(engine: RolloutEngine, tokenizer, problems: list[Problem], n: int, rewards: RewardPool,
-                     sampling: SamplingConfig, seeds: list[int], task: TaskConfig, *,
-                     capture_routes: bool = False) -> Scored:
+def sample_and_score(
+    engine: RolloutEngine,
+    tokenizer,
+    problems: list[Problem],
+    n: int,
+    rewards: RewardPool,
+    sampling: SamplingConfig,
+    seeds: list[int],
+    task: TaskConfig,
+    *,
+    capture_routes: bool = False,
+) -> Scored:
     """Sample ``n`` responses to each of ``problems`` (response ``i * n + j`` is problem ``i``'s
     ``j``-th, with seed ``seeds[i * n + j]``) and score them in the reward pool."""
     encoded = [encode_problem(tokenizer, p, task) for p in problems]
-    batch = engine.generate([e for e in encoded for _ in range(n)], sampling, seeds=seeds,
-                            capture_routes=capture_routes)
+    batch = engine.generate(
+        [e for e in encoded for _ in range(n)], sampling, seeds=seeds, capture_routes=capture_routes
+    )
     batch.sampling = sampling  # the learner reads temperature and length limit from the batch
     texts = decode_responses(tokenizer, batch)
-    result = rewards.score([(p.prompt, t, p.reward_fields()) for p, t in zip((p for p in problems for _ in range(n)), texts)])
+    result = rewards.score(
+        [(p.prompt, t, p.reward_fields()) for p, t in zip((p for p in problems for _ in range(n)), texts)]
+    )
     batch.rewards = torch.tensor(result.total)
     return Scored(batch, texts, result)

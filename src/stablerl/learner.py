@@ -38,7 +38,13 @@ from stablerl.checkpoint import check_finite
 from stablerl.config import RunConfig
 from stablerl.corrections import m2_tokens
 from stablerl.diagnostics import first_order_gap, route_agreement_counts, route_agreement_from_counts
-from stablerl.distributed.fsdp import full_state_dict, is_sharded, iter_full_tensors, set_gradient_sync, shard_from_rank0
+from stablerl.distributed.fsdp import (
+    full_state_dict,
+    is_sharded,
+    iter_full_tensors,
+    set_gradient_sync,
+    shard_from_rank0,
+)
 from stablerl.forward import compile_router_free_parts, enable_activation_checkpointing, response_logp
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
@@ -68,7 +74,8 @@ def _can_fuse(model: torch.nn.Module) -> bool:
     # the fused AdamW kernel (one pass over all tensors) is ~3x faster than the per-tensor loop on
     # CPU for the tiny default model; it needs plain float params on CPU or CUDA
     return not is_sharded(model) and all(
-        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()
+    )
 
 
 @dataclass
@@ -82,19 +89,19 @@ class OldPolicy:
 
 @dataclass
 class MiniBatch:
-    k: int                 # 0-based index in the step
-    rows: torch.Tensor     # this rank's rows of it (indices into its slice of the rollout batch)
-    first_row: int         # this rank's first row in the global rollout batch
+    k: int  # 0-based index in the step
+    rows: torch.Tensor  # this rank's rows of it (indices into its slice of the rollout batch)
+    first_row: int  # this rank's first row in the global rollout batch
     pieces: list[torch.Tensor]  # this rank's micro-batches of it (row indices, as ``rows``)
-    n_micro: int           # micro-batches every rank runs for it (the most any rank needs)
-    normalizer: float      # the aggregation's denominator over the whole mini-batch, all ranks
+    n_micro: int  # micro-batches every rank runs for it (the most any rank needs)
+    normalizer: float  # the aggregation's denominator over the whole mini-batch, all ranks
 
 
 @dataclass
 class StepRecord:
     """What one step's update measured, before reduction over ranks."""
 
-    values: dict[str, list] = field(default_factory=dict)          # key -> [(value, weight), ...]
+    values: dict[str, list] = field(default_factory=dict)  # key -> [(value, weight), ...]
     routes: dict[str, torch.Tensor] = field(default_factory=dict)  # "train_infer"/"stale" -> counts
     train_tokens: int = 0
     seq_log_w: list[float] = field(default_factory=list)  # per response: sum_t log pi_old - log mu
@@ -107,12 +114,18 @@ class StepRecord:
 
 
 class Learner:
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world: D.World | None = None,
-                 reference: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: RunConfig,
+        world: D.World | None = None,
+        reference: torch.nn.Module | None = None,
+    ):
         self.cfg, self.world = cfg, world or D.World()
         self.moe = is_moe(model)
-        self.plan = RoutingPlan(cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step,
-                                bypass=cfg.loss.proximal == "rollout")
+        self.plan = RoutingPlan(
+            cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step, bypass=cfg.loss.proximal == "rollout"
+        )
         self.model_config = model.config
         dtype = cfg.train.dtype
         self.dtype = ("bf16" if self.world.device.type == "cuda" else "fp32") if dtype == "auto" else dtype
@@ -129,8 +142,13 @@ class Learner:
                 raise ValueError("loss.kl_beta > 0 needs the reference policy (the run's starting weights)")
             self.reference = self._place(reference.eval().requires_grad_(False))
         opt = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=(0.9, 0.99),
-                                           weight_decay=opt.weight_decay, fused=_can_fuse(self.model))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=opt.lr,
+            betas=(0.9, 0.99),
+            weight_decay=opt.weight_decay,
+            fused=_can_fuse(self.model),
+        )
         self.optimizer_steps = 0
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -153,22 +171,32 @@ class Learner:
                 return response_logp(model, part, **kwargs)
             return self._packed_logp(model, part, **kwargs)
 
-    def _packed_logp(self, model: torch.nn.Module, part: RolloutBatch, replay: torch.Tensor | None = None,
-                     **kwargs) -> dict[str, torch.Tensor]:
+    def _packed_logp(
+        self, model: torch.nn.Module, part: RolloutBatch, replay: torch.Tensor | None = None, **kwargs
+    ) -> dict[str, torch.Tensor]:
         """Packed forwards of at most ``batch.max_tokens_per_micro_batch`` real tokens each: a
         gradient forward is one micro-batch already; a no-grad pass over a whole batch (pi_old,
         the diagnostics) is cut the same way and its outputs put back in row order."""
-        pieces = micro_batches(torch.arange(len(part)), part.response_lengths, part.prompt_width, len(part),
-                               self.cfg.batch.max_tokens_per_micro_batch, prompt_lengths=_prompt_lengths(part))
+        pieces = micro_batches(
+            torch.arange(len(part)),
+            part.response_lengths,
+            part.prompt_width,
+            len(part),
+            self.cfg.batch.max_tokens_per_micro_batch,
+            prompt_lengths=_prompt_lengths(part),
+        )
         if len(pieces) == 1:
             return response_logp(model, part, replay=replay, packed=True, **kwargs)
-        outs = [response_logp(model, part.select(rows), replay=None if replay is None else replay[rows],
-                              packed=True, **kwargs) for rows in pieces]
+        outs = [
+            response_logp(
+                model, part.select(rows), replay=None if replay is None else replay[rows], packed=True, **kwargs
+            )
+            for rows in pieces
+        ]
         return {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
 
     def lr(self, optimizer_step: int) -> float:
-        return learning_rate(optimizer_step, self.cfg.optim,
-                             self.cfg.train.steps * self.cfg.batch.minibatches_per_step)
+        return learning_rate(optimizer_step, self.cfg.optim, self.cfg.train.steps * self.cfg.batch.minibatches_per_step)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights for exports (a collective when sharded)."""
@@ -193,8 +221,10 @@ class Learner:
         ``nonfinite: True`` when the update was skipped.
         """
         if batch.sampling is None:
-            raise ValueError("the rollout batch does not say how it was sampled (RolloutBatch.sampling); sample "
-                             "it with stablerl.generation.sample_and_score")
+            raise ValueError(
+                "the rollout batch does not say how it was sampled (RolloutBatch.sampling); sample "
+                "it with stablerl.generation.sample_and_score"
+            )
         adv = group_advantages(batch.rewards, batch.group_ids, std_normalize=self.cfg.loss.std_normalize)
         record = StepRecord()
         self.model.eval()  # no dropout in the tiny models; eval() also keeps HF MoE jitter off
@@ -216,8 +246,13 @@ class Learner:
         plan = self.plan.old_pass()
         with torch.no_grad():
             if plan is not None:
-                out = self._logp(self.model, batch, capture=plan.capture is not None,
-                                    replay=batch.routes if plan.replay == "rollout" else None, temperature=temperature)
+                out = self._logp(
+                    self.model,
+                    batch,
+                    capture=plan.capture is not None,
+                    replay=batch.routes if plan.replay == "rollout" else None,
+                    temperature=temperature,
+                )
                 old.logp, old.routes = out["logp"], out.get("routes")
             if self.plan.diagnostic_pass:
                 old.routes = self._logp(self.model, batch, capture=True, temperature=temperature)["routes"]
@@ -232,7 +267,9 @@ class Learner:
         rank), each as this rank's rows of it."""
         B_local, K, N = len(batch), self.world.size, self.cfg.batch.minibatches_per_step
         micro, max_tokens = self.cfg.batch.micro_batch_size, self.cfg.batch.max_tokens_per_micro_batch
-        order = torch.randperm(B_local * K, generator=torch.Generator().manual_seed(shuffle_seed(self.cfg.train.seed, step)))
+        order = torch.randperm(
+            B_local * K, generator=torch.Generator().manual_seed(shuffle_seed(self.cfg.train.seed, step))
+        )
         lengths = batch.response_lengths
         prompt_lengths = _prompt_lengths(batch) if self.cfg.batch.packing else None
         for k, chunk in enumerate(torch.tensor_split(order, N)):
@@ -246,13 +283,22 @@ class Learner:
                 n_micro = max(1, max(math.ceil(int(c) / micro) for c in per_rank))
             else:
                 n_micro = max(1, int(D.all_reduce_max([len(pieces)])[0]))
-            norm = float(D.all_reduce_sum([aggregation_normalizer(
-                batch.response_mask[rows], self.cfg.loss.aggregation,
-                max_response_len=batch.sampling.max_new_tokens)])[0])
+            norm = float(
+                D.all_reduce_sum(
+                    [
+                        aggregation_normalizer(
+                            batch.response_mask[rows],
+                            self.cfg.loss.aggregation,
+                            max_response_len=batch.sampling.max_new_tokens,
+                        )
+                    ]
+                )[0]
+            )
             yield MiniBatch(k, rows, first_row, pieces, n_micro, norm)
 
-    def _minibatch(self, mb: MiniBatch, batch: RolloutBatch, adv: torch.Tensor, old: OldPolicy,
-                   record: StepRecord) -> bool:
+    def _minibatch(
+        self, mb: MiniBatch, batch: RolloutBatch, adv: torch.Tensor, old: OldPolicy, record: StepRecord
+    ) -> bool:
         """Accumulate the mini-batch's gradient over its micro-batches, then one optimizer step;
         False (and no step) when any rank saw a non-finite loss or gradient."""
         m2 = self._m2_mask(mb, batch, old) if self.cfg.loss.m2_threshold is not None else None
@@ -286,20 +332,35 @@ class Learner:
             with torch.no_grad():
                 logp = self._logp(self.model, part, replay=replay, temperature=batch.sampling.temperature)["logp"]
             logp = torch.nn.functional.pad(logp, (0, R - logp.shape[1]))
-        parts = D.all_gather_objects((mb.rows + mb.first_row, logp, batch.rollout_logp[mb.rows], batch.response_mask[mb.rows]))
+        parts = D.all_gather_objects(
+            (mb.rows + mb.first_row, logp, batch.rollout_logp[mb.rows], batch.response_mask[mb.rows])
+        )
         width = max(p[1].shape[1] for p in parts)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         rows = torch.cat([p[0] for p in parts])
         order = torch.argsort(rows)
-        drop = m2_tokens(torch.cat([pad(p[1]) for p in parts])[order], torch.cat([pad(p[2]) for p in parts])[order],
-                         torch.cat([pad(p[3]) for p in parts])[order], self.cfg.loss.m2_threshold)
+        drop = m2_tokens(
+            torch.cat([pad(p[1]) for p in parts])[order],
+            torch.cat([pad(p[2]) for p in parts])[order],
+            torch.cat([pad(p[3]) for p in parts])[order],
+            self.cfg.loss.m2_threshold,
+        )
         mine = drop[torch.argsort(order)][torch.isin(rows, mb.rows + mb.first_row)]  # back to this rank's order
         full = torch.zeros_like(batch.response_mask)
         full[mb.rows] = mine[:, :R]
         return full
 
-    def _micro_step(self, mb: MiniBatch, idx: torch.Tensor, real: bool, batch: RolloutBatch, adv: torch.Tensor,
-                    old: OldPolicy, record: StepRecord, m2: torch.Tensor | None = None) -> bool:
+    def _micro_step(
+        self,
+        mb: MiniBatch,
+        idx: torch.Tensor,
+        real: bool,
+        batch: RolloutBatch,
+        adv: torch.Tensor,
+        old: OldPolicy,
+        record: StepRecord,
+        m2: torch.Tensor | None = None,
+    ) -> bool:
         """Forward, loss and backward of the rows ``idx``; False when the loss was not finite.
 
         The backward runs even for a bad or stand-in micro-batch (with a zero loss): FSDP's
@@ -307,8 +368,14 @@ class Learner:
         micro = batch.select(idx).trim()
         plan = self.plan.minibatch(mb.k)
         replay = _replayed(plan, old, idx, micro)
-        out = self._logp(self.model, micro, replay=replay, capture=plan.capture is not None,
-                            temperature=batch.sampling.temperature, with_entropy=True)
+        out = self._logp(
+            self.model,
+            micro,
+            replay=replay,
+            capture=plan.capture is not None,
+            temperature=batch.sampling.temperature,
+            with_entropy=True,
+        )
         logp, mask = out["logp"], micro.response_mask
         if self.cfg.loss.proximal == "rollout":  # the bypass: pi_old := mu
             old_logp = micro.rollout_logp
@@ -322,9 +389,17 @@ class Learner:
         finite = bool(torch.isfinite(logp.detach()[mask]).all())
         if finite:
             try:
-                loss, m = policy_loss(logp, old_logp, micro.rollout_logp, adv[idx], mask, self.cfg.loss,
-                                      normalizer=max(mb.normalizer, 1.0),
-                                      m2_mask=None if m2 is None else m2[idx][:, : mask.shape[1]], ref_logp=ref_logp)
+                loss, m = policy_loss(
+                    logp,
+                    old_logp,
+                    micro.rollout_logp,
+                    adv[idx],
+                    mask,
+                    self.cfg.loss,
+                    normalizer=max(mb.normalizer, 1.0),
+                    m2_mask=None if m2 is None else m2[idx][:, : mask.shape[1]],
+                    ref_logp=ref_logp,
+                )
             except FloatingPointError:  # the ratio overflowed: this mini-batch is skipped on every rank
                 finite = False
         (loss if real else loss * 0.0).backward()
@@ -334,8 +409,17 @@ class Learner:
             self._record(mb, micro, out, m, plan.capture, old.routes, idx, record)
         return finite
 
-    def _record(self, mb: MiniBatch, micro: RolloutBatch, out: dict, m: dict, capture: str | None,
-                old_routes: torch.Tensor | None, idx: torch.Tensor, record: StepRecord) -> None:
+    def _record(
+        self,
+        mb: MiniBatch,
+        micro: RolloutBatch,
+        out: dict,
+        m: dict,
+        capture: str | None,
+        old_routes: torch.Tensor | None,
+        idx: torch.Tensor,
+        record: StepRecord,
+    ) -> None:
         mask = micro.response_mask
         m[M.ENTROPY] = float(out["entropy"][mask].mean())
         m[f"{M.STALENESS_KL}/mb{mb.k}"] = m[M.STALENESS_KL]
@@ -367,8 +451,14 @@ class Learner:
                     metrics.update(route_agreement_from_counts(total, name))
         seq = torch.tensor([x for part in D.all_gather_objects(record.seq_log_w) for x in part], dtype=torch.float64)
         if len(seq):
-            metrics.update({M.SEQ_LOG_W_MEAN: float(seq.mean()), M.SEQ_LOG_W_P01: float(torch.quantile(seq, 0.01)),
-                            M.SEQ_LOG_W_P05: float(torch.quantile(seq, 0.05)), M.SEQ_LOG_W_MIN: float(seq.min())})
+            metrics.update(
+                {
+                    M.SEQ_LOG_W_MEAN: float(seq.mean()),
+                    M.SEQ_LOG_W_P01: float(torch.quantile(seq, 0.01)),
+                    M.SEQ_LOG_W_P05: float(torch.quantile(seq, 0.05)),
+                    M.SEQ_LOG_W_MIN: float(seq.min()),
+                }
+            )
         metrics["lr"] = self.lr(self.optimizer_steps)
         metrics[M.TRAIN_TOKENS] = int(D.all_reduce_sum([record.train_tokens])[0])
         if skipped:
@@ -385,8 +475,14 @@ class Learner:
         return float(total)
 
 
-def micro_batches(rows: torch.Tensor, response_lengths: torch.Tensor, prompt_width: int, max_rows: int,
-                  max_tokens: int | None = None, prompt_lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+def micro_batches(
+    rows: torch.Tensor,
+    response_lengths: torch.Tensor,
+    prompt_width: int,
+    max_rows: int,
+    max_tokens: int | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """``rows`` cut, in order, into micro-batches of at most ``max_rows`` rows and, with
     ``max_tokens``, at most that many tokens in the padded forward a micro-batch runs (its rows x
     (``prompt_width`` + its longest response); ``RolloutBatch.trim``) or, given ``prompt_lengths``

@@ -58,22 +58,30 @@ def check_layout(cfg: RunConfig, world: D.World) -> None:
     """The rollout batch must deal out to the ranks in whole groups: fail before any work."""
     P, K, R = cfg.batch.prompts_per_step, world.size, cfg.rollout.workers
     if P % K:
-        raise ValueError(f"batch.prompts_per_step={P} does not divide by the {K} ranks (the learner ranks: "
-                         "WORLD_SIZE less rollout.workers): each rank trains whole groups; use a multiple of them")
+        raise ValueError(
+            f"batch.prompts_per_step={P} does not divide by the {K} ranks (the learner ranks: "
+            "WORLD_SIZE less rollout.workers): each rank trains whole groups; use a multiple of them"
+        )
     if R and P % R:
-        raise ValueError(f"batch.prompts_per_step={P} does not divide by rollout.workers={R}: each worker samples "
-                         "whole groups; use a multiple of the number of workers")
+        raise ValueError(
+            f"batch.prompts_per_step={P} does not divide by rollout.workers={R}: each worker samples "
+            "whole groups; use a multiple of the number of workers"
+        )
 
 
 def check_model(cfg: RunConfig, model) -> list[str]:
     """Errors for settings that cannot work on this model; warnings for those that do nothing."""
     mode, warnings = cfg.train.routing_replay, []
     if mode != "none" and not is_moe(model):
-        raise ValueError(f"train.routing_replay={mode} needs a Mixture-of-Experts model, but "
-                         f"{model.config.model_type!r} is dense; use train.routing_replay=none")
+        raise ValueError(
+            f"train.routing_replay={mode} needs a Mixture-of-Experts model, but "
+            f"{model.config.model_type!r} is dense; use train.routing_replay=none"
+        )
     if mode == "R2" and cfg.batch.minibatches_per_step == 1:
-        warnings.append("train.routing_replay=R2 does nothing on-policy (batch.minibatches_per_step=1): it replays "
-                        "pi_old's routes, which the gradient forward takes anyway; use R3 to replay the rollout's")
+        warnings.append(
+            "train.routing_replay=R2 does nothing on-policy (batch.minibatches_per_step=1): it replays "
+            "pi_old's routes, which the gradient forward takes anyway; use R3 to replay the rollout's"
+        )
     return warnings
 
 
@@ -131,13 +139,17 @@ class Trainer:
             for w in damaged:
                 self.log(f"[warning] {w}")
             if ckpt is None and damaged:
-                raise ValueError(f"{self.run_dir}: every checkpoint is damaged ({damaged[0]}); remove "
-                                 f"{self.files.checkpoints} to start the run again from step 0")
+                raise ValueError(
+                    f"{self.run_dir}: every checkpoint is damaged ({damaged[0]}); remove "
+                    f"{self.files.checkpoints} to start the run again from step 0"
+                )
             if ckpt is None:
                 self.log(f"[resume] {self.run_dir} has no complete checkpoint yet: starting it again from step 0")
         elif self.files.is_run():
-            raise ValueError(f"run_dir {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
-                             "or pick another run_dir")
+            raise ValueError(
+                f"run_dir {self.run_dir} already holds a run; resume it with --resume {self.run_dir} "
+                "or pick another run_dir"
+            )
         # with several learner ranks only rank 0 reads the weights; the others build a meta-device
         # skeleton and receive their shards from it (Learner._place): no full copy on them
         holds_weights = world.is_main or not world.distributed
@@ -188,8 +200,15 @@ class Trainer:
         self.engine = None
         if not cfg.rollout.workers:
             structure = model_skeleton(self.model_config) if world.distributed else model
-            self.engine = build_engine(cfg.rollout, structure, tokenizer, seed=cfg.train.seed,
-                                       distributed=world.distributed, weights=weights, version=version)
+            self.engine = build_engine(
+                cfg.rollout,
+                structure,
+                tokenizer,
+                seed=cfg.train.seed,
+                distributed=world.distributed,
+                weights=weights,
+                version=version,
+            )
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs
         self._lag_model = None  # log.lag_kl: the training policy at the sampler's version
@@ -200,8 +219,10 @@ class Trainer:
         start), read again from where they came from — on a resume too."""
         path = Path(self.cfg.model.path) if self.cfg.model.path else sft_output_dir(self.cfg)
         if not (path / "config.json").is_file():
-            raise ValueError(f"loss.kl_beta > 0: the reference policy (the run's starting weights) is not at {path} "
-                             "any more; restore it there, or set loss.kl_beta=0")
+            raise ValueError(
+                f"loss.kl_beta > 0: the reference policy (the run's starting weights) is not at {path} "
+                "any more; restore it there, or set loss.kl_beta=0"
+            )
         if self.world.distributed and not self.world.is_main:  # rank 0 sends the shards (Learner._place)
             return load_policy(path, weights=False)[0]
         return load_model(path)
@@ -228,13 +249,30 @@ class Trainer:
         else:
             problems = [self.task.train_problem(step * P + i) for i in mine]
             seeds = rollout_seeds(self.cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
-            scored = sample_and_score(self.engine, self.tokenizer, problems, G, self.rewards, self.sampling, seeds,
-                                      self.cfg.task, capture_routes=self.moe)
+            scored = sample_and_score(
+                self.engine,
+                self.tokenizer,
+                problems,
+                G,
+                self.rewards,
+                self.sampling,
+                seeds,
+                self.cfg.task,
+                capture_routes=self.moe,
+            )
             batch, texts, stats, per_fn = scored.batch, scored.texts, scored.result.stats, scored.result.per_fn
         batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
         # metrics over the global batch: every rank's rewards, lengths, finished flags and failures
-        parts = D.all_gather_objects((batch.rewards, batch.response_lengths, batch.finished, stats, per_fn,
-                                      texts if self.cfg.log.rollouts else None))
+        parts = D.all_gather_objects(
+            (
+                batch.rewards,
+                batch.response_lengths,
+                batch.finished,
+                stats,
+                per_fn,
+                texts if self.cfg.log.rollouts else None,
+            )
+        )
         R = torch.cat([p[0] for p in parts])
         lengths, finished = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
         all_stats = RewardStats.merge([p[3] for p in parts])
@@ -243,23 +281,32 @@ class Trainer:
             self.log(f"[reward] step {step}: {all_stats.summary()}")
         broken = [fn for fn, n in all_stats.by_fn.items() if n >= len(R) and fn in per_fn]
         if step == 1 and broken and self.cfg.task.reward_fail_fast:  # it would train on zeros
-            raise TrainingAborted(f"reward function {broken[0]} failed on every response of the first step "
-                                  f"({all_stats.first_error}); fix it before training on rewards of 0")
+            raise TrainingAborted(
+                f"reward function {broken[0]} failed on every response of the first step "
+                f"({all_stats.first_error}); fix it before training on rewards of 0"
+            )
         per_group = R.view(P, G)
         metrics = {
-            M.REWARD_MEAN: float(R.mean()), "reward_std": float(R.std()),
+            M.REWARD_MEAN: float(R.mean()),
+            "reward_std": float(R.std()),
             "groups_all_correct": float((per_group.min(1).values == 1).float().mean()),
             M.GROUPS_ALL_WRONG: float((per_group.max(1).values == 0).float().mean()),
-            M.RESPONSE_LEN_MEAN: float(lengths.float().mean()), "finished_frac": float(finished.float().mean()),
-            **all_stats.metrics(), **waits,
+            M.RESPONSE_LEN_MEAN: float(lengths.float().mean()),
+            "finished_frac": float(finished.float().mean()),
+            **all_stats.metrics(),
+            **waits,
         }
         if len(per_fn) > 1:  # each reward function's own mean, beside the weighted total
             for name in per_fn:
                 metrics[f"reward/{name}"] = sum(sum(p[4][name]) for p in parts) / len(R)
         if self.cfg.log.rollouts and self.world.is_main:
             all_problems = [self.task.train_problem(step * P + i) for i in range(P)]
-            record = {"step": step, "prompts": [p.prompt for p in all_problems],
-                      "completions": [t for p in parts for t in p[5]], "rewards": R.tolist()}
+            record = {
+                "step": step,
+                "prompts": [p.prompt for p in all_problems],
+                "completions": [t for p in parts for t in p[5]],
+                "rewards": R.tolist(),
+            }
             append_line(self.files.rollouts, json.dumps(record))
         return batch, metrics
 
@@ -272,17 +319,21 @@ class Trainer:
             try:
                 messages.append(D.recv_object(src=src))
             except Exception as e:  # noqa: BLE001 - gloo reports a dead or silent peer many ways
-                raise TrainingAborted(f"rollout worker {w} (rank {src}) died or stopped responding within "
-                                      f"distributed.timeout_s={self.cfg.distributed.timeout_s:g} s "
-                                      f"({str(e).strip().splitlines()[0][:200]}); the last checkpoint is intact: "
-                                      f"resume with `stablerl train --resume {self.run_dir}`") from None
+                raise TrainingAborted(
+                    f"rollout worker {w} (rank {src}) died or stopped responding within "
+                    f"distributed.timeout_s={self.cfg.distributed.timeout_s:g} s "
+                    f"({str(e).strip().splitlines()[0][:200]}); the last checkpoint is intact: "
+                    f"resume with `stablerl train --resume {self.run_dir}`"
+                ) from None
         learner_wait = time.perf_counter() - t0
         parts = [m["part"] for m in messages if m["part"] is not None]
         batch = concat([p["batch"] for p in parts], self.tokenizer.pad_token_id)
         texts = [t for p in parts for t in p["texts"]]
         per_fn = {name: [v for p in parts for v in p["per_fn"][name]] for name in parts[0]["per_fn"]}
-        waits = {"pipeline/learner_wait_s": learner_wait,
-                 "pipeline/worker_wait_s": max(m["worker_wait_s"] for m in messages)}
+        waits = {
+            "pipeline/learner_wait_s": learner_wait,
+            "pipeline/worker_wait_s": max(m["worker_wait_s"] for m in messages),
+        }
         return batch, texts, RewardStats.merge([m["stats"] for m in messages]), per_fn, waits
 
     def _start_workers(self) -> None:
@@ -301,21 +352,38 @@ class Trainer:
         """The rollout engine itself when it computes as ``eval.precision`` asks (its weights are
         current), else one cached engine in ``eval.precision`` synced to the policy. Evaluation
         never sees the rollout engine's ``weight_noise``: it measures the policy."""
-        if (self.engine is not None and self.cfg.eval.precision == self.cfg.rollout.precision
-                and not self.cfg.rollout.weight_noise and self.lag is None):
+        if (
+            self.engine is not None
+            and self.cfg.eval.precision == self.cfg.rollout.precision
+            and not self.cfg.rollout.weight_noise
+            and self.lag is None
+        ):
             return self.engine  # (a lagged engine holds old weights: evaluation measures the current ones)
         weights = self.learner.full_weights()
         if self._eval is None:  # from a meta-device skeleton: the engine's copy is its only one
-            self._eval = LocalEngine(model_skeleton(self.model_config), self.cfg.eval.precision,
-                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                     weights=weights, version=self.state.step)
+            self._eval = LocalEngine(
+                model_skeleton(self.model_config),
+                self.cfg.eval.precision,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                weights=weights,
+                version=self.state.step,
+            )
         else:
             self._eval.load_weights(weights, version=self.state.step)
         return self._eval
 
     def evaluate(self, step: int) -> dict:
-        return evaluate(self._eval_engine(), self.tokenizer, self.task, self.rewards, self.cfg,
-                        lambda *p: eval_seed(self.cfg.train.seed, step, *p), self.world, self.eval_sets)
+        return evaluate(
+            self._eval_engine(),
+            self.tokenizer,
+            self.task,
+            self.rewards,
+            self.cfg,
+            lambda *p: eval_seed(self.cfg.train.seed, step, *p),
+            self.world,
+            self.eval_sets,
+        )
 
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -355,8 +423,9 @@ class Trainer:
         try:
             metrics.update(self.learner.update(step, batch, first_row=len(batch) * world.rank))
         except checkpoint.NonFiniteState as e:
-            raise TrainingAborted(f"step {step}: {e} after a finite loss and gradient; stopping. "
-                                  f"{self._advice()}") from None
+            raise TrainingAborted(
+                f"step {step}: {e} after a finite loss and gradient; stopping. {self._advice()}"
+            ) from None
         t2 = time.perf_counter()
         if cfg.log.lag_kl:
             metrics.update(self._lag_split(batch, metrics))
@@ -366,15 +435,21 @@ class Trainer:
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
             metrics.update(self.evaluate(step))
         n_resp_tokens = int(D.all_reduce_sum([int(batch.response_mask.sum())])[0])
-        metrics.update({
-            "nonfinite_total": self.state.nonfinite_total, "policy_version": step,
-            # how many versions behind the learner's pi_old the batch's sampler was (the lag)
-            "rollout_version": batch.version, M.STALENESS_MEAN: step - 1 - batch.version,
-            M.STALENESS_MAX: step - 1 - batch.version,
-            "step_time": time.perf_counter() - t0, "rollout_time": t1 - t0, "train_time": t2 - t1,
-            "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
-            "train_tokens_per_s": metrics[M.TRAIN_TOKENS] / max(t2 - t1, 1e-9),
-        })
+        metrics.update(
+            {
+                "nonfinite_total": self.state.nonfinite_total,
+                "policy_version": step,
+                # how many versions behind the learner's pi_old the batch's sampler was (the lag)
+                "rollout_version": batch.version,
+                M.STALENESS_MEAN: step - 1 - batch.version,
+                M.STALENESS_MAX: step - 1 - batch.version,
+                "step_time": time.perf_counter() - t0,
+                "rollout_time": t1 - t0,
+                "train_time": t2 - t1,
+                "rollout_tokens_per_s": n_resp_tokens / max(t1 - t0, 1e-9),
+                "train_tokens_per_s": metrics[M.TRAIN_TOKENS] / max(t2 - t1, 1e-9),
+            }
+        )
         self._log(logger, step, metrics)
         self.state.step = step
         # a skipped step is not checkpointed: the last checkpoint stays the last good state
@@ -391,12 +466,16 @@ class Trainer:
         self.nonfinite_streak += 1
         self.state.nonfinite_total += 1
         if logger:
-            logger.print(f"[yellow]step {step}: non-finite loss or gradient, update skipped "
-                         f"({self.nonfinite_streak} in a row)[/yellow]")
+            logger.print(
+                f"[yellow]step {step}: non-finite loss or gradient, update skipped "
+                f"({self.nonfinite_streak} in a row)[/yellow]"
+            )
         limit = self.cfg.train.max_nonfinite_steps
         if self.nonfinite_streak >= limit:
-            raise TrainingAborted(f"{self.nonfinite_streak} non-finite steps in a row (train.max_nonfinite_steps="
-                                  f"{limit}); stopping. {self._advice()}")
+            raise TrainingAborted(
+                f"{self.nonfinite_streak} non-finite steps in a row (train.max_nonfinite_steps="
+                f"{limit}); stopping. {self._advice()}"
+            )
 
     def _lag_split(self, batch: RolloutBatch, metrics: dict) -> dict:
         """The training-inference mismatch split (``log.lag_kl``): the engine's part, mu against
@@ -412,7 +491,9 @@ class Trainer:
         self._lag_model.load_state_dict(weights)
         replay = batch.routes if self.cfg.train.routing_replay == "R3" else None
         with torch.no_grad():
-            logp_v = response_logp(self._lag_model, batch, replay=replay, temperature=batch.sampling.temperature)["logp"]
+            logp_v = response_logp(self._lag_model, batch, replay=replay, temperature=batch.sampling.temperature)[
+                "logp"
+            ]
         d = (logp_v - batch.rollout_logp)[batch.response_mask].double()
         k1_sum, k3_sum, n = D.all_reduce_sum([float(-d.sum()), float(k3(d).sum()), float(d.numel())]).tolist()
         out = {M.LAG_ENGINE_KL: k3_sum / max(n, 1.0), M.LAG_ENGINE_KL_K1: k1_sum / max(n, 1.0)}
@@ -430,8 +511,12 @@ class Trainer:
         version, weights = self.lag.advance(step)
         if self.engine is not None and version != self.engine.version:
             self.engine.load_weights(weights, version=version)
-        if self.world.workers and self.cfg.rollout.max_staleness == 0 and step < self.cfg.train.steps \
-                and self.world.is_main:
+        if (
+            self.world.workers
+            and self.cfg.rollout.max_staleness == 0
+            and step < self.cfg.train.steps
+            and self.world.is_main
+        ):
             send_version(step, self.lag.versions[step], self.world.device)
 
     def _finish(self, logger: RunLogger | None, finished: bool) -> None:
@@ -473,8 +558,12 @@ class Trainer:
             self.files.cut_logs_to(self.state)
         record_config(self.run_dir, self.cfg, self.state.step, self.changes)
         if self.changes:
-            self.log("[resume] config changes from step " + str(self.state.step + 1) + ": " +
-                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changes.items()))
+            self.log(
+                "[resume] config changes from step "
+                + str(self.state.step + 1)
+                + ": "
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changes.items())
+            )
 
     def _log(self, logger: RunLogger | None, step: int, metrics: dict) -> None:
         if logger is None:
@@ -485,16 +574,28 @@ class Trainer:
     def _advice(self) -> str:
         last = checkpoint.latest(self.run_dir)
         if last is None:
-            return (f"No checkpoint was written yet: lower optim.lr (or enable clipping), then `stablerl train "
-                    f"--resume {self.run_dir} optim.lr=...` starts it again from step 0.")
-        return (f"The last good checkpoint is {last}; lower optim.lr (or enable clipping), then `stablerl train "
-                f"--resume {self.run_dir} optim.lr=...` continues from it.")
+            return (
+                f"No checkpoint was written yet: lower optim.lr (or enable clipping), then `stablerl train "
+                f"--resume {self.run_dir} optim.lr=...` starts it again from step 0."
+            )
+        return (
+            f"The last good checkpoint is {last}; lower optim.lr (or enable clipping), then `stablerl train "
+            f"--resume {self.run_dir} optim.lr=...` continues from it."
+        )
 
     def save(self, step: int) -> None:
         try:
-            checkpoint.save(self.run_dir, step, self.learner.model, self.tokenizer, self.learner.optimizer,
-                            self.state, self.cfg.checkpoint.keep_last, self.world,
-                            extra=None if self.lag is None else (lambda d: self.lag.save(d, step)))
+            checkpoint.save(
+                self.run_dir,
+                step,
+                self.learner.model,
+                self.tokenizer,
+                self.learner.optimizer,
+                self.state,
+                self.cfg.checkpoint.keep_last,
+                self.world,
+                extra=None if self.lag is None else (lambda d: self.lag.save(d, step)),
+            )
         except checkpoint.NonFiniteState as e:
             raise TrainingAborted(f"step {step}: {e}; not saved. {self._advice()}") from None
         except checkpoint.CheckpointWriteError as e:

@@ -42,8 +42,13 @@ def tiny_config(
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
     )
-    moe = dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
-               intermediate_size=2 * expert_size, output_router_logits=False)
+    moe = dict(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=expert_size,
+        intermediate_size=2 * expert_size,
+        output_router_logits=False,
+    )
     if family == "qwen3_moe":
         cfg = Qwen3MoeConfig(**common, **moe, head_dim=hidden_size // 4, norm_topk_prob=True)
     elif family == "qwen2_moe":
@@ -52,8 +57,13 @@ def tiny_config(
         moe.pop("moe_intermediate_size")
         cfg = OlmoeConfig(**common, **{**moe, "intermediate_size": expert_size}, norm_topk_prob=False)
     elif family == "mixtral":
-        cfg = MixtralConfig(**common, num_local_experts=num_experts, num_experts_per_tok=top_k,
-                            intermediate_size=expert_size, output_router_logits=False)
+        cfg = MixtralConfig(
+            **common,
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+            intermediate_size=expert_size,
+            output_router_logits=False,
+        )
     elif family == "qwen3":
         cfg = Qwen3Config(**common, intermediate_size=2 * expert_size, head_dim=hidden_size // 4)
     else:
@@ -115,17 +125,23 @@ def is_hub_id(path) -> bool:
     from pathlib import Path
 
     text = str(path)
-    return (text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
-            and all(part and " " not in part for part in text.split("/")))
+    return (
+        text.count("/") == 1
+        and not text.startswith((".", "/", "~"))
+        and not Path(text).exists()
+        and all(part and " " not in part for part in text.split("/"))
+    )
 
 
 def hub_error(key: str, repo: str, e: BaseException, repo_type: str = "model") -> str:
     """What to do when a hub id cannot be fetched (typically: no network here)."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
-    return (f"{key} {repo!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({first[:200]}); on a machine with network: `hf download {repo}{kind} --local-dir DIR`, then set "
-            f"{key}=DIR")
+    return (
+        f"{key} {repo!r} is not a local directory and could not be fetched from the Hugging Face Hub "
+        f"({first[:200]}); on a machine with network: `hf download {repo}{kind} --local-dir DIR`, then set "
+        f"{key}=DIR"
+    )
 
 
 def check_model_dir(path, key: str = "model.path") -> None:
@@ -137,14 +153,18 @@ def check_model_dir(path, key: str = "model.path") -> None:
     if not p.exists():
         if is_hub_id(path) and key == "model.path":
             return
-        raise ValueError(f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
-                         "(config.json + weights + tokenizer)")
+        raise ValueError(
+            f"{key} {str(path)!r} does not exist; give a local HF checkpoint directory "
+            "(config.json + weights + tokenizer)"
+        )
     run = RunDir(p)
     if run.looks_like_run():
         exports = sorted(run.exports.glob("step_*")) if run.exports.is_dir() else []
         hint = f"e.g. {exports[-1]}" if exports else "it has none yet: runs export at their end"
-        raise ValueError(f"{key} {str(path)!r} is a stablerl run directory, not a model; give one of its HF "
-                         f"exports, RUN_DIR/export/step_N ({hint})")
+        raise ValueError(
+            f"{key} {str(path)!r} is a stablerl run directory, not a model; give one of its HF "
+            f"exports, RUN_DIR/export/step_N ({hint})"
+        )
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ValueError(f"{key} {str(path)!r} is not an HF model directory (no config.json)")
 
@@ -181,8 +201,9 @@ def add_bos_on_encode(tokenizer):
     from tokenizers.processors import TemplateProcessing
 
     token = tokenizer.bos_token
-    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{token} $A", pair=f"{token} $A $B:1",
-                                                             special_tokens=[(token, bos)])
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{token} $A", pair=f"{token} $A $B:1", special_tokens=[(token, bos)]
+    )
     return tokenizer
 
 
@@ -207,24 +228,33 @@ def build_tokenizer():
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
     core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                        eos_token="<eos>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return add_bos_on_encode(tokenizer)
 
 
 # a small chat template for the default tokenizer (task.chat_template=true), in the usual shape:
 # BOS, one "[role] content" line per turn, then the assistant's turn opened
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}[assistant] {% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 
 
 def build_default_policy(model_cfg, tokenizer):
     """The default tiny MoE shaped by the config's ``model`` section, freshly initialized."""
     m = model_cfg
-    config = default_model_config(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                  num_experts=m.num_experts, top_k=m.top_k, expert_size=m.expert_size or m.hidden_size,
-                                  max_positions=m.max_positions)
+    config = default_model_config(
+        tokenizer,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        expert_size=m.expert_size or m.hidden_size,
+        max_positions=m.max_positions,
+    )
     return build_model(config, seed=m.init_seed)
 
 
@@ -232,5 +262,11 @@ def default_model_config(tokenizer, **overrides) -> PretrainedConfig:
     """The default policy: a tiny Qwen3-MoE (4 layers, 8 experts, top-2) over ``tokenizer``."""
     settings = dict(hidden_size=96, num_layers=4, num_experts=8, top_k=2, expert_size=96, max_positions=DEFAULT_CONTEXT)
     settings.update(overrides)
-    return tiny_config("qwen3_moe", len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    return tiny_config(
+        "qwen3_moe",
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **settings,
+    )

@@ -37,10 +37,15 @@ NAME = "stablerl_grouped_mm"
 
 def _standard_layout(experts: nn.Module) -> bool:
     # transformers < 5.20 has no `has_post_expert_norm` (and no such norms): absent means False
-    return (getattr(experts, "has_gate", False) and not getattr(experts, "has_bias", True)
-            and not getattr(experts, "is_transposed", True) and not getattr(experts, "has_post_expert_norm", False)
-            and getattr(experts, "is_concatenated", False) and not getattr(experts, "_is_expert_parallel", True)
-            and hasattr(F, "grouped_mm"))
+    return (
+        getattr(experts, "has_gate", False)
+        and not getattr(experts, "has_bias", True)
+        and not getattr(experts, "is_transposed", True)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and getattr(experts, "is_concatenated", False)
+        and not getattr(experts, "_is_expert_parallel", True)
+        and hasattr(F, "grouped_mm")
+    )
 
 
 @torch.library.custom_op("stablerl::grouped_mm", mutates_args=())
@@ -90,8 +95,14 @@ def compilable(module: nn.Module) -> bool:
     return not is_experts or _standard_layout(module)
 
 
-def grouped_mm_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                       gate_up_proj: torch.Tensor, down_proj: torch.Tensor, apply_gate) -> torch.Tensor:
+def grouped_mm_experts(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    apply_gate,
+) -> torch.Tensor:
     """sum_k w_k * expert_{e_k}(h) for every token, one grouped matmul per projection over the
     token-expert pairs (no padding). ``hidden_states`` ``[N, H]``, index/weights ``[N, k]``,
     ``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``; ``apply_gate`` maps the
@@ -110,29 +121,40 @@ def grouped_mm_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, t
     return (y * top_k_weights.to(y.dtype)[..., None]).sum(1).to(hidden_states.dtype)
 
 
-def grouped_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
+def grouped_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The ``"stablerl_grouped_mm"`` experts implementation: ``grouped_mm_experts`` on an HF
     experts module in the standard layout, HF's own ``grouped_mm`` on any other."""
     if not _standard_layout(self):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return grouped_mm_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
-                              self._apply_gate)
+    return grouped_mm_experts(
+        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self._apply_gate
+    )
 
 
 ExpertsInterface.register(NAME, grouped_experts_forward)
+
 
 def quantized_activations_experts(precision: str, quant):
     """The inference engine's experts for a precision that rounds activations (``quant``, per
     token: ``stablerl.precision``): the input of both projections rounded; inference only (no
     gradient path is needed)."""
 
-    def forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         if not _standard_layout(self):
             raise ValueError(f"{precision} supports experts in HF's standard layout only, not {type(self).__name__}")
-        return grouped_experts(quant(hidden_states), top_k_index, top_k_weights.to(hidden_states.dtype),
-                               self.gate_up_proj, self.down_proj, self.act_fn, quant=quant)
+        return grouped_experts(
+            quant(hidden_states),
+            top_k_index,
+            top_k_weights.to(hidden_states.dtype),
+            self.gate_up_proj,
+            self.down_proj,
+            self.act_fn,
+            quant=quant,
+        )
 
     return forward
 
@@ -144,8 +166,17 @@ ExpertsInterface.register(W4A4_NAME, quantized_activations_experts("nvfp4_w4a4",
 ACTIVATION_EXPERTS = {"fp8_w8a8": W8A8_NAME, "nvfp4_w4a4": W4A4_NAME}
 
 
-def grouped_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant=None, layout: str | None = None,
-                    packed: tuple[list, list] | None = None) -> torch.Tensor:
+def grouped_experts(
+    h,
+    idx,
+    weights,
+    gate_up_proj,
+    down_proj,
+    act_fn,
+    quant=None,
+    layout: str | None = None,
+    packed: tuple[list, list] | None = None,
+) -> torch.Tensor:
     """sum_k w_k * down_e(act(gate_e(h)) * up_e(h)) over each token's experts e = idx[:, k].
 
     ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]`` are in HF's layout.
@@ -217,14 +248,20 @@ def _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, q
         pieces, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                pieces.append(expert(x[start:start + n], partial(linear, weight=packed[0][e]),
-                                     partial(linear, weight=packed[1][e])))
+                pieces.append(
+                    expert(
+                        x[start : start + n], partial(linear, weight=packed[0][e]), partial(linear, weight=packed[1][e])
+                    )
+                )
                 start += n
         y = torch.cat(pieces)
     else:
         offsets = counts.cumsum(0).to(torch.int32)
-        y = expert(x, lambda z: _grouped_mm(z.to(gate_up_proj.dtype), gate_up_proj.transpose(1, 2), offsets).to(h.dtype),
-                   lambda z: _grouped_mm(z.to(down_proj.dtype), down_proj.transpose(1, 2), offsets).to(h.dtype))
+        y = expert(
+            x,
+            lambda z: _grouped_mm(z.to(gate_up_proj.dtype), gate_up_proj.transpose(1, 2), offsets).to(h.dtype),
+            lambda z: _grouped_mm(z.to(down_proj.dtype), down_proj.transpose(1, 2), offsets).to(h.dtype),
+        )
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return (y.index_select(0, inverse).view(N, k, -1) * weights[..., None]).sum(1)
@@ -237,10 +274,10 @@ def _dense_experts(h, idx, weights, gate_up_proj, down_proj, act_fn, quant) -> t
     N, k = idx.shape
     E, two_i, H = gate_up_proj.shape
     gate, up = linear(h, gate_up_proj.reshape(E * two_i, H)).view(N, E, two_i).transpose(0, 1).chunk(2, dim=-1)
-    inner = act_fn(gate) * up                                                     # [E, N, I]
+    inner = act_fn(gate) * up  # [E, N, I]
     if quant is not None:
         inner = quant(inner)
-    y = matmul(inner, down_proj.transpose(1, 2), down_proj.dtype)                # [E, N, H]
+    y = matmul(inner, down_proj.transpose(1, 2), down_proj.dtype)  # [E, N, H]
     routing = torch.zeros(N, E, dtype=weights.dtype, device=h.device).scatter_(1, idx, weights)
     # weighted, then summed over experts in h's dtype, as the other layouts sum over the k picks
     # (the zeros add nothing, so a token's sum is theirs up to the order of its k terms)
@@ -270,8 +307,9 @@ def static_layout(experts: int, top_k: int, hidden: int, width: int, dtype: torc
     return "dense" if (decode and experts <= 4 * top_k and small) or not aligned else "pairs"
 
 
-def pick_layout(pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> str:
+def pick_layout(
+    pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> str:
     """``grouped_experts``'s layout for one call, by what was measured on CPU
     (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout once padding at
     least doubles the rows on experts where it can pay (``pairs_can_pay``)."""
@@ -285,13 +323,18 @@ def pairs_can_pay(hidden: int, width: int, dtype: torch.dtype, device: torch.dev
     the experts alone, and keeping it leaves every small model's engine numbers (the default
     run's, the tests', the experiments') exactly as before. ``F.grouped_mm`` needs rows of whole
     16-byte multiples; and only the CPU was measured (other devices keep the padded block)."""
-    return (torch.device(device).type == "cpu" and hidden * width >= LARGE_EXPERTS
-            and _grouped_mm_fits(hidden, width, dtype))
+    return (
+        torch.device(device).type == "cpu"
+        and hidden * width >= LARGE_EXPERTS
+        and _grouped_mm_fits(hidden, width, dtype)
+    )
 
 
 def use_fast_experts(model: nn.Module, name: str = NAME) -> nn.Module:
     """Switch a transformers MoE model's experts to ``stablerl_grouped_mm`` (or ``name``) in
     place; models without pluggable experts (dense ones, other architectures) are unchanged."""
-    if getattr(model.config, "_experts_implementation", None) is not None and hasattr(model, "set_experts_implementation"):
+    if getattr(model.config, "_experts_implementation", None) is not None and hasattr(
+        model, "set_experts_implementation"
+    ):
         model.set_experts_implementation(name)
     return model

@@ -14,8 +14,8 @@ algorithm, aggregates with a constant or per-response normalizer and returns ``-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -25,13 +25,25 @@ from stablerl.corrections import m2_tokens, opsm_sequences, reject_sequences, re
 from stablerl.diagnostics import k3
 from stablerl.metrics import STALENESS_KL, TRAIN_INFER_KL, TRAIN_INFER_KL_K1, Reduce
 
-__all__ = ["LossConfig", "policy_loss", "aggregation_normalizer", "importance_weights", "ALGORITHMS",
-           "METRIC_REDUCTION"]
+__all__ = [
+    "LossConfig",
+    "policy_loss",
+    "aggregation_normalizer",
+    "importance_weights",
+    "ALGORITHMS",
+    "METRIC_REDUCTION",
+]
 
 # how policy_loss's metrics combine over micro-batches and ranks (the rest: token-weighted means)
-METRIC_REDUCTION = {"loss": Reduce.SUM, "n_tokens": Reduce.SUM, "n_tokens_contrib": Reduce.SUM,
-                    "n_responses": Reduce.SUM, "is_weight_min": Reduce.MIN, "is_weight_max": Reduce.MAX,
-                    "ratio_max": Reduce.MAX}
+METRIC_REDUCTION = {
+    "loss": Reduce.SUM,
+    "n_tokens": Reduce.SUM,
+    "n_tokens_contrib": Reduce.SUM,
+    "n_responses": Reduce.SUM,
+    "is_weight_min": Reduce.MIN,
+    "is_weight_max": Reduce.MAX,
+    "ratio_max": Reduce.MAX,
+}
 # what each correction removed: masked/<technique> is a fraction of tokens, masked_responses/<technique>
 # a fraction of responses (those that lost at least one token to it)
 TECHNIQUES = ("is", "reject", "opsm", "m2")
@@ -49,8 +61,7 @@ def _validate(
     mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check shapes and values; return (bool mask [B, T], advantages broadcast to [B, T])."""
-    named = {"logp": logp, "old_logp": old_logp, "rollout_logp": rollout_logp,
-             "advantages": advantages, "mask": mask}
+    named = {"logp": logp, "old_logp": old_logp, "rollout_logp": rollout_logp, "advantages": advantages, "mask": mask}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -58,9 +69,7 @@ def _validate(
         raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
     for name in ("old_logp", "rollout_logp", "mask"):
         if named[name].shape != logp.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(named[name].shape)}, expected {tuple(logp.shape)} like logp"
-            )
+            raise ValueError(f"{name} has shape {tuple(named[name].shape)}, expected {tuple(logp.shape)} like logp")
     for name in ("logp", "old_logp", "rollout_logp"):
         if not named[name].is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
@@ -74,9 +83,7 @@ def _validate(
     if advantages.shape == (B,):
         advantages = advantages[:, None].expand(B, T)
     elif advantages.shape != (B, T):
-        raise ValueError(
-            f"advantages must have shape [B]=({B},) or [B, T]=({B}, {T}), got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must have shape [B]=({B},) or [B, T]=({B}, {T}), got {tuple(advantages.shape)}")
     # Padding positions may hold anything (engines pad with 0, -inf or garbage); only the values
     # that enter the loss must be finite.
     for name in ("logp", "old_logp", "rollout_logp", "advantages"):
@@ -90,6 +97,7 @@ def _validate(
 # --------------------------------------------------------------------------------------------
 # IS correction of the training-inference discrepancy.
 # --------------------------------------------------------------------------------------------
+
 
 def importance_weights(
     old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cfg: LossConfig
@@ -124,11 +132,11 @@ def importance_weights(
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Ctx:
-    logp: torch.Tensor        # log pi_theta, grad, zero at padding
-    log_r: torch.Tensor       # log pi_theta - sg[log pi_old], grad
-    adv: torch.Tensor         # [B, T]
-    is_weight: torch.Tensor   # [B, T], no grad
-    mask: torch.Tensor        # [B, T] bool
+    logp: torch.Tensor  # log pi_theta, grad, zero at padding
+    log_r: torch.Tensor  # log pi_theta - sg[log pi_old], grad
+    adv: torch.Tensor  # [B, T]
+    is_weight: torch.Tensor  # [B, T], no grad
+    mask: torch.Tensor  # [B, T] bool
     cfg: LossConfig
 
     @property
@@ -211,9 +219,7 @@ ALGORITHMS: dict[str, Callable[[_Ctx], Terms]] = {name: globals()[f"_{name}"] fo
 # Aggregation. The normalizer is a property of the whole (mini-)batch, so gradient accumulation
 # over micro-batches is exact when every micro-batch is given the same normalizer.
 # --------------------------------------------------------------------------------------------
-def aggregation_normalizer(
-    mask: torch.Tensor, aggregation: str, max_response_len: int | None = None
-) -> float:
+def aggregation_normalizer(mask: torch.Tensor, aggregation: str, max_response_len: int | None = None) -> float:
     """The denominator ``aggregation`` uses, computed over a whole (mini-)batch.
 
     token_sum: responses x max response length (a constant: per-response length normalization
@@ -315,8 +321,9 @@ def policy_loss(
             f"policy_loss is not finite ({float(loss)}): max log-ratio log(pi_theta/pi_old) = "
             f"{float(ctx.log_r.detach()[mask].max()):.3g}; enable clipping or lower the learning rate"
         )
-    metrics = _metrics(loss, replace(ctx, mask=mask), old_logp, rollout_logp, truncated, dropped, clip_low, clip_high,
-                       active)
+    metrics = _metrics(
+        loss, replace(ctx, mask=mask), old_logp, rollout_logp, truncated, dropped, clip_low, clip_high, active
+    )
     metrics.update(_removal_metrics(removed, mask))
     if kl is not None:
         metrics["kl_ref"] = float(kl.detach()[mask].mean())
@@ -368,8 +375,9 @@ def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) 
     raise ValueError(f"unknown kl_estimator {estimator!r}; allowed: k1, k2, k3")
 
 
-def _corrections(logp, old_logp, rollout_logp, advantages, mask, cfg: LossConfig,
-                 m2_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _corrections(
+    logp, old_logp, rollout_logp, advantages, mask, cfg: LossConfig, m2_mask: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """``[B, T]`` maps of the tokens each dropping correction removes (``stablerl.corrections``)."""
     none = torch.zeros_like(mask)
     out = {"reject": none, "opsm": none, "m2": none}

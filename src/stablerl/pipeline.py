@@ -70,8 +70,10 @@ class LaggedWeights:
         for v in range(sampling_version(newest + 1, self.eta), newest):
             path = Path(ckpt_dir) / LAG_DIR / f"version_{v:06d}.safetensors"
             if not path.is_file():
-                raise ValueError(f"{ckpt_dir}: the weights of policy version {v}, which rollout.max_staleness="
-                                 f"{self.eta} samples the next step with, are missing ({path})")
+                raise ValueError(
+                    f"{ckpt_dir}: the weights of policy version {v}, which rollout.max_staleness="
+                    f"{self.eta} samples the next step with, are missing ({path})"
+                )
             self.versions[v] = load_file(str(path))
         self.keep(newest, newest_weights)
 
@@ -121,8 +123,13 @@ def run_worker(cfg, world, log=print) -> None:
         return
     model, tokenizer = load_policy(hello["source"])
     task = build_task(cfg.task)
-    eta, P, G, K, R = (cfg.rollout.max_staleness, cfg.batch.prompts_per_step, cfg.batch.group_size, world.size,
-                       world.workers)
+    eta, P, G, K, R = (
+        cfg.rollout.max_staleness,
+        cfg.batch.prompts_per_step,
+        cfg.batch.group_size,
+        world.size,
+        world.workers,
+    )
     versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
     # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
     # never the learners' (distributed/world.py)
@@ -143,17 +150,23 @@ def run_worker(cfg, world, log=print) -> None:
             versions = {v: w for v, w in versions.items() if v >= target}
             problems = [task.train_problem(step * P + i) for i in mine]
             seeds = rollout_seeds(cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
-            scored = sample_and_score(engine, tokenizer, problems, G, rewards, sampling, seeds, cfg.task,
-                                      capture_routes=moe)
+            scored = sample_and_score(
+                engine, tokenizer, problems, G, rewards, sampling, seeds, cfg.task, capture_routes=moe
+            )
             for r in range(K):  # every learner gets one message per step and worker, maybe empty
                 theirs = [j for j, i in enumerate(mine) if i in D.share(r, K, P)]
                 rows = [j * G + g for j in theirs for g in range(G)]
                 part = None
                 if rows:
-                    part = {"batch": scored.batch.select(rows), "texts": [scored.texts[i] for i in rows],
-                            "per_fn": {n: [vals[i] for i in rows] for n, vals in scored.result.per_fn.items()}}
-                D.send_object({"part": part, "stats": scored.result.stats if r == 0 else RewardStats(),
-                               "worker_wait_s": waited}, dst=r)
+                    part = {
+                        "batch": scored.batch.select(rows),
+                        "texts": [scored.texts[i] for i in rows],
+                        "per_fn": {n: [vals[i] for i in rows] for n, vals in scored.result.per_fn.items()},
+                    }
+                D.send_object(
+                    {"part": part, "stats": scored.result.stats if r == 0 else RewardStats(), "worker_wait_s": waited},
+                    dst=r,
+                )
             if eta >= 1 and step >= 2:
                 v, w = receive_version(world.device)
                 versions[v] = w

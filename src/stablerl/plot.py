@@ -69,20 +69,30 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smooth: int = 5) -> P
     score = "accuracy" if all(reward_is_accuracy(d) for d in run_dirs) else "reward"
     panels = [p for p in PANELS if any(any(p[0] in r for r in rows) for rows in runs.values())]
     cols = 3
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(15, 3.2 * -(-len(panels) // cols)),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        -(-len(panels) // cols),
+        cols,
+        figsize=(15, 3.2 * -(-len(panels) // cols)),
+        constrained_layout=True,
+        squeeze=False,
+    )
     for ax, (key, title, smoothed) in zip(axes.flat, panels):
         for name, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, moving_average(list(ys), smooth) if smoothed else ys, label=name,
-                        marker=None if smoothed else "o", ms=3)
+                ax.plot(
+                    xs,
+                    moving_average(list(ys), smooth) if smoothed else ys,
+                    label=name,
+                    marker=None if smoothed else "o",
+                    ms=3,
+                )
         title = title.replace("accuracy", score)
         ax.set_title(f"{title} (moving average, {smooth} steps)" if smoothed and smooth > 1 else title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     out = Path(out)

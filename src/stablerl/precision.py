@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from stablerl.config import PRECISIONS, Precision  # noqa: F401 - the one list of precisions
+
 FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes a 4-bit e2m1 number takes
 E2M1_MAX = 6.0
@@ -65,7 +66,11 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     rounded to ``dtype``) are multiplied in fp32 and the product rounded once to ``dtype`` by
     ``linear`` / ``matmul`` — what a native half-precision GEMM computes, in another summation
     order, 5-20x faster than PyTorch's fallback there."""
-    if dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu" and not native_half_matmul(dtype):
+    if (
+        dtype in (torch.bfloat16, torch.float16)
+        and torch.device(device).type == "cpu"
+        and not native_half_matmul(dtype)
+    ):
         return torch.float32
     return dtype
 
@@ -85,8 +90,12 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | PackedWeight:
     with native bf16 kernels; ``rows``: the expected rows of an input, a layout hint only), else
     ``weight`` unchanged. The products are oneDNN's bf16 GEMM either way (bit-identical to
     ``F.linear`` on the plain weight: ``tests/test_rollout.py``)."""
-    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2
-            or not native_half_matmul(torch.bfloat16)):
+    if (
+        weight.dtype != torch.bfloat16
+        or weight.device.type != "cpu"
+        or weight.dim() != 2
+        or not native_half_matmul(torch.bfloat16)
+    ):
         return weight
     return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), max(rows, 1)))
 
@@ -174,8 +183,12 @@ def quantize_activations_nvfp4(x: torch.Tensor) -> torch.Tensor:
 
 def weight_quantizer(precision: str):
     """How an engine of ``precision`` rounds its matrices, or None (a plain cast)."""
-    return {"fp8": quantize_fp8_e4m3, "fp8_w8a8": quantize_fp8_e4m3, "nvfp4": quantize_nvfp4,
-            "nvfp4_w4a4": quantize_nvfp4}.get(precision)
+    return {
+        "fp8": quantize_fp8_e4m3,
+        "fp8_w8a8": quantize_fp8_e4m3,
+        "nvfp4": quantize_nvfp4,
+        "nvfp4_w4a4": quantize_nvfp4,
+    }.get(precision)
 
 
 def activation_quantizer(precision: str):

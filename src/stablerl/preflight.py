@@ -23,16 +23,20 @@ def prompt_limit(cfg: RunConfig, model_config) -> tuple[int, str]:
     context = getattr(model_config, "max_position_embeddings", None)
     room = context - cfg.rollout.max_new_tokens if context else None
     if room is not None and room < 1:
-        raise ValueError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
-                         f"model's context of {context} tokens; lower it")
+        raise ValueError(
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context of {context} tokens; lower it"
+        )
     if room is not None and room < cfg.task.max_prompt_tokens:
-        return room, (f"the model's context ({context} tokens) less rollout.max_new_tokens "
-                      f"({cfg.rollout.max_new_tokens})")
+        return room, (
+            f"the model's context ({context} tokens) less rollout.max_new_tokens ({cfg.rollout.max_new_tokens})"
+        )
     return cfg.task.max_prompt_tokens, "task.max_prompt_tokens"
 
 
-def over_long(problems: list[Problem], tokenizer, cfg: RunConfig, limit: int,
-              lengths: dict | None = None) -> list[tuple[Problem, int | None]]:
+def over_long(
+    problems: list[Problem], tokenizer, cfg: RunConfig, limit: int, lengths: dict | None = None
+) -> list[tuple[Problem, int | None]]:
     """``(problem, its length in tokens)`` for every prompt longer than ``limit`` (None: rejected
     on its character count alone, never tokenized); ``lengths`` collects every measured length."""
     out = []
@@ -55,14 +59,19 @@ def check_sft_rows(problems: list[Problem], tokenizer, cfg: RunConfig, model_con
     context = getattr(model_config, "max_position_embeddings", None)
     if not context:
         return
-    lengths = [(p, len(encode_sft_row(tokenizer, p, cfg.task.chat_template, cfg.task.system_prompt)[0]))
-               for p in problems if p.solution]
+    lengths = [
+        (p, len(encode_sft_row(tokenizer, p, cfg.task.chat_template, cfg.task.system_prompt)[0]))
+        for p in problems
+        if p.solution
+    ]
     over = [(p, n) for p, n in lengths if n > context]
     if over:
         p, n = max(over, key=lambda x: x[1])
-        raise ValueError(f"{len(over)} of {len(lengths)} teacher rows checked are longer than the model's context "
-                         f"({context} tokens), the longest {n} tokens ({p.prompt[:60]!r}); raise model.max_positions "
-                         "(the default model) or use shorter solutions")
+        raise ValueError(
+            f"{len(over)} of {len(lengths)} teacher rows checked are longer than the model's context "
+            f"({context} tokens), the longest {n} tokens ({p.prompt[:60]!r}); raise model.max_positions "
+            "(the default model) or use shorter solutions"
+        )
 
 
 def check_prompts(task, eval_sets, tokenizer, cfg: RunConfig, model_config, log=print) -> int:
@@ -84,17 +93,26 @@ def check_prompts(task, eval_sets, tokenizer, cfg: RunConfig, model_config, log=
     if cfg.task.long_prompts == "skip" and hasattr(task, "drop") and not in_eval_sets:
         bad = {id(p) for _, p, _ in found}
         n_train, n_eval = task.drop(lambda p: id(p) in bad)
-        log(f"[warning] task.long_prompts=skip: dropped {n_train} training and {n_eval} held-out rows whose prompt "
-            f"is over {limit} tokens ({why})")
+        log(
+            f"[warning] task.long_prompts=skip: dropped {n_train} training and {n_eval} held-out rows whose prompt "
+            f"is over {limit} tokens ({why})"
+        )
         return longest
-    shown = "; ".join(f"{_where(p, name)}: " + (f"over {MAX_CHARS_PER_TOKEN * limit} characters" if n is None
-                                                 else f"{n} tokens") for name, p, n in found[:3])
+    shown = "; ".join(
+        f"{_where(p, name)}: " + (f"over {MAX_CHARS_PER_TOKEN * limit} characters" if n is None else f"{n} tokens")
+        for name, p, n in found[:3]
+    )
     more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
     skip = "" if in_eval_sets else " or set task.long_prompts=skip to drop such rows"
-    fix = ("lower rollout.max_new_tokens, raise model.max_positions (the default model)" if limit < cfg.task.max_prompt_tokens
-           else "raise task.max_prompt_tokens (up to the model's context)")
-    raise ValueError(f"{len(found)} prompts are longer than {limit} tokens, the limit set by {why}: {shown}{more}; "
-                     f"shorten them, {fix}{skip}")
+    fix = (
+        "lower rollout.max_new_tokens, raise model.max_positions (the default model)"
+        if limit < cfg.task.max_prompt_tokens
+        else "raise task.max_prompt_tokens (up to the model's context)"
+    )
+    raise ValueError(
+        f"{len(found)} prompts are longer than {limit} tokens, the limit set by {why}: {shown}{more}; "
+        f"shorten them, {fix}{skip}"
+    )
 
 
 def _where(p: Problem, group: str) -> str:
@@ -140,19 +158,27 @@ def check_memory(cfg: RunConfig, model_config, ranks: int, prompt_tokens: int) -
     if have is None or need <= 0.9 * have:
         return
     gib = 2**30
-    raise ValueError(f"one step would need about {need / gib:.1f} GiB per process (batch.prompts_per_step="
-                     f"{cfg.batch.prompts_per_step} x batch.group_size={cfg.batch.group_size} responses of up to "
-                     f"{prompt_tokens} + {cfg.rollout.max_new_tokens} tokens over {ranks} rank(s)), but "
-                     f"{have / gib:.1f} GiB is available; lower batch.prompts_per_step, batch.micro_batch_size or "
-                     "rollout.max_new_tokens, or spread the batch over more ranks")
+    raise ValueError(
+        f"one step would need about {need / gib:.1f} GiB per process (batch.prompts_per_step="
+        f"{cfg.batch.prompts_per_step} x batch.group_size={cfg.batch.group_size} responses of up to "
+        f"{prompt_tokens} + {cfg.rollout.max_new_tokens} tokens over {ranks} rank(s)), but "
+        f"{have / gib:.1f} GiB is available; lower batch.prompts_per_step, batch.micro_batch_size or "
+        "rollout.max_new_tokens, or spread the batch over more ranks"
+    )
 
 
 def check_compiler(cfg: RunConfig, device: torch.device) -> None:
     """``train.compile`` on CPU and ``rollout.compile`` (the local engine runs on CPU) need a C++
     compiler (inductor builds its kernels with one): a clear error before any work where there is
     none, instead of a traceback at the first update or rollout."""
-    keys = [k for k, on in (("train.compile", cfg.train.compile and device.type == "cpu"),
-                            ("rollout.compile", cfg.rollout.compile and cfg.rollout.engine == "local")) if on]
+    keys = [
+        k
+        for k, on in (
+            ("train.compile", cfg.train.compile and device.type == "cpu"),
+            ("rollout.compile", cfg.rollout.compile and cfg.rollout.engine == "local"),
+        )
+        if on
+    ]
     if not keys:
         return
     from torch._inductor import cpp_builder
@@ -162,6 +188,8 @@ def check_compiler(cfg: RunConfig, device: torch.device) -> None:
         cpp_builder.get_cpp_compiler()
     except InvalidCxxCompiler:
         on = " and ".join(f"{k}=true" for k in keys)
-        raise ValueError(f"{on} needs a C++ compiler on CPU (torch.compile builds its kernels with one) and none "
-                         "works here (torch looked for $CXX, then g++); install g++ (e.g. apt-get install g++) or "
-                         f"set {' and '.join(f'{k}=false' for k in keys)}") from None
+        raise ValueError(
+            f"{on} needs a C++ compiler on CPU (torch.compile builds its kernels with one) and none "
+            "works here (torch looked for $CXX, then g++); install g++ (e.g. apt-get install g++) or "
+            f"set {' and '.join(f'{k}=false' for k in keys)}"
+        ) from None

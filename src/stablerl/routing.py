@@ -24,9 +24,10 @@ Implementation: every supported family has a router module returning
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ SUPPORTED_ROUTERS: dict[str, tuple[str, bool | None]] = {
 }
 
 
-_ROUTER_CACHE: "weakref.WeakKeyDictionary[nn.Module, list[nn.Module]]" = weakref.WeakKeyDictionary()
+_ROUTER_CACHE: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def moe_routers(model: nn.Module) -> list[nn.Module]:
@@ -125,7 +126,9 @@ def capture_routes(model: nn.Module) -> Iterator[RouteCapture]:
     def pre_hook(_module, args, kwargs):
         B, T = _input_shape(args, kwargs)
         am = kwargs.get("attention_mask")
-        state.update(shape=(B, T), layers=[], pad=(am == 0) if am is not None and am.dim() == 2 and am.shape == (B, T) else None)
+        state.update(
+            shape=(B, T), layers=[], pad=(am == 0) if am is not None and am.dim() == 2 and am.shape == (B, T) else None
+        )
 
     def router_hook(_module, _args, output):
         B, T = state["shape"]
@@ -140,8 +143,7 @@ def capture_routes(model: nn.Module) -> Iterator[RouteCapture]:
             routes = routes.masked_fill(state["pad"][:, :, None, None], NO_ROUTE)
         cap.all_routes.append(routes)
 
-    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-               model.register_forward_hook(post_hook)]
+    handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True), model.register_forward_hook(post_hook)]
     handles += [r.register_forward_hook(router_hook) for r in routers]  # after any replay hook
     try:
         yield cap
@@ -155,9 +157,7 @@ def validate_routes(model: nn.Module, routes: torch.Tensor) -> None:
     if not isinstance(routes, torch.Tensor) or routes.is_floating_point() or routes.dim() != 4:
         raise ValueError("routes must be an integer tensor [B, T, num_moe_layers, top_k]")
     if routes.shape[2:] != (layers, top_k):
-        raise ValueError(
-            f"routes have {tuple(routes.shape[2:])} (layers, top_k); the model has ({layers}, {top_k})"
-        )
+        raise ValueError(f"routes have {tuple(routes.shape[2:])} (layers, top_k); the model has ({layers}, {top_k})")
     if bool(((routes < NO_ROUTE) | (routes >= num_experts)).any()):
         raise ValueError(f"route indices must be -1 (no route) or in [0, {num_experts})")
     missing = routes < 0
@@ -165,7 +165,9 @@ def validate_routes(model: nn.Module, routes: torch.Tensor) -> None:
         raise ValueError("a position must have all of its top_k experts or none (-1) in a layer")
 
 
-def replay_weights(router_logits: torch.Tensor, indices: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+def replay_weights(
+    router_logits: torch.Tensor, indices: torch.Tensor, normalize: bool, dtype: torch.dtype
+) -> torch.Tensor:
     """Routing weights over fixed experts, recomputed from live logits so the router has a gradient.
 
     The softmax runs in fp32 as in HF's routers (fp64 for an fp64 model, so gradients can be
@@ -194,7 +196,9 @@ def replay_routes(model: nn.Module, routes: torch.Tensor) -> Iterator[None]:
     def pre_hook(_module, args, kwargs):
         shape = _input_shape(args, kwargs)
         if shape != tuple(routes.shape[:2]):
-            raise ValueError(f"replayed routes are for inputs of shape {tuple(routes.shape[:2])}, the forward got {shape}")
+            raise ValueError(
+                f"replayed routes are for inputs of shape {tuple(routes.shape[:2])}, the forward got {shape}"
+            )
 
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     stack = model.__dict__.setdefault("_stablerl_replay", [])

@@ -101,7 +101,7 @@ class RunDir:
         except OSError:
             pass
 
-    def cut_logs_to(self, state: "RunState") -> None:
+    def cut_logs_to(self, state: RunState) -> None:
         """Cut the logs back to the steps the checkpoint of ``state`` covers (a resume)."""
         truncate_lines(self.metrics, state.metrics_lines)
         truncate_lines(self.rollouts, state.step)  # one line per step
@@ -174,15 +174,15 @@ def publish_dir(tmp: Path, final: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class RunState:
-    step: int = 0                 # the last completed step (its weights are the policy version)
-    nonfinite_total: int = 0      # updates skipped for a non-finite loss or gradient
-    metrics_lines: int = 0        # lines of metrics.jsonl this state covers
+    step: int = 0  # the last completed step (its weights are the policy version)
+    nonfinite_total: int = 0  # updates skipped for a non-finite loss or gradient
+    metrics_lines: int = 0  # lines of metrics.jsonl this state covers
     reward_errors: int = 0
     reward_timeouts: int = 0
     reward_crashes: int = 0
-    collapse: list[str] = field(default_factory=list)   # collapse warnings, in order
-    aborted: str | None = None    # why the run stopped early (never checkpointed)
-    interrupted: bool = False     # stopped by Ctrl-C / SIGINT (never checkpointed): resumable, not done
+    collapse: list[str] = field(default_factory=list)  # collapse warnings, in order
+    aborted: str | None = None  # why the run stopped early (never checkpointed)
+    interrupted: bool = False  # stopped by Ctrl-C / SIGINT (never checkpointed): resumable, not done
 
     def to_checkpoint(self) -> dict:
         out = dataclasses.asdict(self)
@@ -191,7 +191,7 @@ class RunState:
         return out
 
     @classmethod
-    def from_checkpoint(cls, data: dict) -> "RunState":
+    def from_checkpoint(cls, data: dict) -> RunState:
         """A state from a checkpoint's state.json (keys this version does not know are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"aborted", "interrupted"}
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -242,7 +242,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -252,8 +252,10 @@ class RunLock:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise RunLocked(f"run directory {self.path.parent} is in use by {holder}; one process may write "
-                                    "a run at a time (wait for it, or pick another run_dir)") from None
+                    raise RunLocked(
+                        f"run directory {self.path.parent} is in use by {holder}; one process may write "
+                        "a run at a time (wait for it, or pick another run_dir)"
+                    ) from None
                 raise
             # the file locked must still be the one at the path: a holder that removed its lock file
             # just before we locked our (now unlinked) copy does not make two holders
@@ -265,8 +267,10 @@ class RunLock:
                 break
             os.close(fd)
         else:
-            raise RunLocked(f"run directory {self.path.parent}: its lock file keeps changing; another process is "
-                            "starting or ending a run there")
+            raise RunLocked(
+                f"run directory {self.path.parent}: its lock file keeps changing; another process is "
+                "starting or ending a run there"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}".encode(), 0)
         self.fd = fd
@@ -282,7 +286,7 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -300,7 +304,7 @@ def read_config(run_dir: Path) -> dict:
         raise ValueError(f"{run_dir} is not a run directory (no {CONFIG}); start a run with `stablerl train`")
     text = path.read_text(errors="replace")
     copies = sorted(RunDir(run_dir).checkpoints.glob(f"step_*/{CONFIG_COPY}"))
-    restore = (f"copy the intact copy {copies[-1]} back to {path}" if copies else "restore it")
+    restore = f"copy the intact copy {copies[-1]} back to {path}" if copies else "restore it"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -339,6 +343,9 @@ def record_config(run_dir: Path, cfg: RunConfig, step: int, changes: dict | None
     run_dir = RunDir(run_dir)
     write_json_atomic(run_dir.config, cfg.model_dump(mode="json"))
     if changes:
-        line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}}
+        line = {
+            "step": step,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
+        }
         append_line(run_dir.changes, json.dumps(line))

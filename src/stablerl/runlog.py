@@ -16,9 +16,14 @@ from stablerl.config import LogConfig
 from stablerl.rundir import RunDir, RunState, append_line, write_json_atomic
 
 # the figures shown on the progress line, in order
-PROGRESS_KEYS = (("reward", M.REWARD_MEAN, ".2f"), ("acc", M.EVAL_GREEDY, ".2f"),
-                 ("H", M.ENTROPY, ".3f"), ("KL_ti", M.TRAIN_INFER_KL, ".1e"), ("route", M.ROUTE_TRAIN_INFER, ".3f"),
-                 ("lag", M.STALENESS_MAX, "d"))  # the lag only where there is one (rollout.max_staleness)
+PROGRESS_KEYS = (
+    ("reward", M.REWARD_MEAN, ".2f"),
+    ("acc", M.EVAL_GREEDY, ".2f"),
+    ("H", M.ENTROPY, ".3f"),
+    ("KL_ti", M.TRAIN_INFER_KL, ".1e"),
+    ("route", M.ROUTE_TRAIN_INFER, ".3f"),
+    ("lag", M.STALENESS_MAX, "d"),
+)  # the lag only where there is one (rollout.max_staleness)
 
 
 # what a collapse looks like in each watched metric (docs/formulation.md "What the paper found"):
@@ -53,8 +58,8 @@ class CollapseDetector:
         if len(hist) < 1 + self.sustain:
             return None
         values = list(hist)
-        base = statistics.median(values[: -self.sustain][-self.window:])
-        recent = values[-self.sustain:]
+        base = statistics.median(values[: -self.sustain][-self.window :])
+        recent = values[-self.sustain :]
         direction, floor = WATCHED.get(key, "up"), ABS_FLOOR.get(key, 0.0)
         up = all(v > self.factor * base and v - base > floor for v in recent)
         down = all(v < base / self.factor and base - v > floor for v in recent)
@@ -74,8 +79,9 @@ def check_wandb(cfg: LogConfig) -> None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise ValueError("log.wandb=true needs the wandb package: pip install 'stablerl[wandb]' "
-                         "(or set log.wandb=false)") from None
+        raise ValueError(
+            "log.wandb=true needs the wandb package: pip install 'stablerl[wandb]' (or set log.wandb=false)"
+        ) from None
 
 
 class WandbLog:
@@ -89,13 +95,26 @@ class WandbLog:
         id_file = RunDir(run_dir).wandb_id
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run_dir.name, id=run_id,
-                              resume="allow", dir=str(run_dir), config=config or {}, mode=cfg.wandb_mode,
-                              settings=wandb.Settings(silent=True, console="off"))
+        self.run = wandb.init(
+            project=cfg.wandb_project,
+            name=cfg.wandb_run_name or run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config or {},
+            mode=cfg.wandb_mode,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
 
     def log(self, step: int, metrics: dict) -> None:
-        self.run.log({k: v for k, v in metrics.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}, step=step)
+        self.run.log(
+            {
+                k: v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            },
+            step=step,
+        )
 
     def close(self) -> None:
         self.run.finish()
@@ -119,8 +138,13 @@ class RunLogger:
         if cfg.progress and not self.plain:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.description}"))
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+            )
             self.progress.start()
             self.task_id = self.progress.add_task("", total=total_steps, completed=start_step)
         self.last_eval: dict[str, float] = {}
@@ -146,8 +170,11 @@ class RunLogger:
         for w in warnings:
             self.print(f"[yellow]WARNING[/yellow] {w}")
         shown = {**metrics, **self.last_eval}
-        desc = "  ".join(f"{name} {shown[key]:{fmt}}" for name, key, fmt in PROGRESS_KEYS
-                         if key in shown and (key != M.STALENESS_MAX or shown[key]))
+        desc = "  ".join(
+            f"{name} {shown[key]:{fmt}}"
+            for name, key, fmt in PROGRESS_KEYS
+            if key in shown and (key != M.STALENESS_MAX or shown[key])
+        )
         if self.progress is not None:
             self.progress.update(self.task_id, completed=step, description=desc)
         elif self.plain and (step % self.cfg.print_every == 0 or step == self.total_steps):
@@ -196,7 +223,7 @@ def read_metrics(run_dir: Path, tolerant: bool = False) -> list[dict]:
     return rows
 
 
-def replay_history(logger: "RunLogger", run_dir: Path) -> None:
+def replay_history(logger: RunLogger, run_dir: Path) -> None:
     """On resume, feed the steps already logged to the collapse detector (nothing is printed)."""
     if RunDir(run_dir).metrics.exists():
         for row in read_metrics(run_dir, tolerant=True):

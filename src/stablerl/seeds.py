@@ -17,9 +17,9 @@ SEED_MODULUS = 2**62
 class Purpose(IntEnum):
     """What a derived seed is for; the value is part of the hash, so it never changes."""
 
-    ROLLOUT = 0   # the sampling noise of a step's rollouts (one stream per global response index)
-    SHUFFLE = 1   # the order in which a step's rollout batch is split into mini-batches
-    EVAL = 2      # the sampling noise of held-out evaluation
+    ROLLOUT = 0  # the sampling noise of a step's rollouts (one stream per global response index)
+    SHUFFLE = 1  # the order in which a step's rollout batch is split into mini-batches
+    EVAL = 2  # the sampling noise of held-out evaluation
 
 
 def derive_seed(seed: int, *parts: int) -> int:

@@ -30,13 +30,13 @@ from stablerl.preflight import check_prompts, check_sft_rows
 from stablerl.rundir import atomic_write_bytes, waiting_lock
 from stablerl.tasks.base import Problem, Task
 
-
 # SFT draws the task's stream from here on, so SFT and RL see different problems
 SFT_STREAM_OFFSET = 10_000_000
 
 
-def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
-              system_prompt: str | None = None) -> dict[str, torch.Tensor]:
+def sft_batch(
+    tokenizer, problems: list[Problem], chat_template: bool = False, system_prompt: str | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the solution)."""
     rows, labels = [], []
     for p in problems:
@@ -49,20 +49,38 @@ def sft_batch(tokenizer, problems: list[Problem], chat_template: bool = False,
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
     lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
-    return {"input_ids": ids, "attention_mask": (torch.arange(T)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(),
-            "labels": lab}
+    return {
+        "input_ids": ids,
+        "attention_mask": (torch.arange(T)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(),
+        "labels": lab,
+    }
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
-def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: float, seed: int,
-            warmup: int = 20, log_every: int = 50, log=print, chat_template: bool = False,
-            system_prompt: str | None = None, state_path: Path | None = None, checkpoint_every: int = 0,
-            settings: dict | None = None) -> list[float]:
+def run_sft(
+    model,
+    tokenizer,
+    task: Task,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    warmup: int = 20,
+    log_every: int = 50,
+    log=print,
+    chat_template: bool = False,
+    system_prompt: str | None = None,
+    state_path: Path | None = None,
+    checkpoint_every: int = 0,
+    settings: dict | None = None,
+) -> list[float]:
     """Fine-tune ``model`` in place on ``task``'s training stream; returns the loss per step.
 
     AdamW with linear warm-up then cosine decay to 10% of ``lr``. Problems are drawn from the
@@ -76,7 +94,8 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
     losses, first = [], 0
     if state_path is not None and Path(state_path).is_file():
         first, losses = _load_sft_state(Path(state_path), model, opt, schedule, settings)
@@ -88,9 +107,11 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
         batch = sft_batch(tokenizer, problems, chat_template, system_prompt)
         context = getattr(model.config, "max_position_embeddings", None)
         if context and batch["input_ids"].shape[1] > context:
-            raise ValueError(f"SFT step {step}: a teacher row of {batch['input_ids'].shape[1]} tokens is longer than "
-                             f"the model's context ({context} tokens); raise model.max_positions (the default model) "
-                             "or use shorter solutions")
+            raise ValueError(
+                f"SFT step {step}: a teacher row of {batch['input_ids'].shape[1]} tokens is longer than "
+                f"the model's context ({context} tokens); raise model.max_positions (the default model) "
+                "or use shorter solutions"
+            )
         loss = sft_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -99,8 +120,10 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
         schedule.step()
         losses.append(float(loss.detach()))
         if log and (step + 1) % log_every == 0:
-            log(f"[sft] step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
-                f"({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"[sft] step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
         if state_path is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             _save_sft_state(Path(state_path), step + 1, losses, model, opt, schedule, settings)
     model.eval()
@@ -109,9 +132,18 @@ def run_sft(model, tokenizer, task: Task, *, steps: int, batch_size: int, lr: fl
 
 def _save_sft_state(path: Path, step: int, losses: list[float], model, opt, schedule, settings: dict | None) -> None:
     buf = io.BytesIO()
-    torch.save({"step": step, "losses": losses, "settings": settings, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state()}, buf)
+    torch.save(
+        {
+            "step": step,
+            "losses": losses,
+            "settings": settings,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "schedule": schedule.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        buf,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -119,8 +151,10 @@ def _save_sft_state(path: Path, step: int, losses: list[float], model, opt, sche
 def _load_sft_state(path: Path, model, opt, schedule, settings: dict | None) -> tuple[int, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("settings") != settings:
-        raise ValueError(f"{path} holds a partial cold start of other settings ({_differing(state.get('settings'), settings)} "
-                         "differ); remove it, or set sft.output_dir to another directory")
+        raise ValueError(
+            f"{path} holds a partial cold start of other settings ({_differing(state.get('settings'), settings)} "
+            "differ); remove it, or set sft.output_dir to another directory"
+        )
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -132,13 +166,31 @@ def _differing(saved, wanted) -> str:
     """The settings (``section.key``) in which two cold-start keys (``_sft_key``, parsed) differ."""
     if not (isinstance(saved, list) and isinstance(wanted, list) and len(saved) == len(wanted) == 3):
         return "all settings"
-    names = [f"{section}.{k}" for section, a, b in zip(("model", "task", "sft"), saved, wanted)
-             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    names = [
+        f"{section}.{k}"
+        for section, a, b in zip(("model", "task", "sft"), saved, wanted)
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
     return ", ".join(names) or "the settings"
 
 
-SFT_TASK_KEYS = {"name", "levels", "style", "seed", "max_operand", "dataset", "dataset_config", "split", "eval_dataset", "eval_split",
-                 "columns", "prompt_template", "chat_template", "system_prompt"}
+SFT_TASK_KEYS = {
+    "name",
+    "levels",
+    "style",
+    "seed",
+    "max_operand",
+    "dataset",
+    "dataset_config",
+    "split",
+    "eval_dataset",
+    "eval_split",
+    "columns",
+    "prompt_template",
+    "chat_template",
+    "system_prompt",
+}
 SFT_NOT_IN_KEY = {"output_dir", "checkpoint_every"}
 
 
@@ -193,8 +245,10 @@ def cold_start(cfg, task: Task, log=print) -> Path:
         return out
     # several processes may need the same cold start at once (`stablerl repro` side by side): one
     # trains it, the others wait for it and reuse it
-    with waiting_lock(out.with_name(out.name + ".lock"),
-                      on_wait=lambda: log(f"[cold start] another process is training {out}; waiting for it")):
+    with waiting_lock(
+        out.with_name(out.name + ".lock"),
+        on_wait=lambda: log(f"[cold start] another process is training {out}; waiting for it"),
+    ):
         if (out / "config.json").is_file():
             log(f"[cold start] reusing {out}")
             return out
@@ -210,14 +264,27 @@ def _train_cold_start(cfg, task: Task, out: Path, log) -> Path:
     finite = getattr(task, "train_problems", None)
     if finite:
         check_sft_rows(finite(), tokenizer, cfg, model.config)
-    log(f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
-        f"for {cfg.sft.steps} steps -> {out}")
+    log(
+        f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
+        f"for {cfg.sft.steps} steps -> {out}"
+    )
     state = sft_state_path(out)
-    run_sft(model, tokenizer, task, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
-            lr=cfg.sft.lr, seed=cfg.sft.seed, log=log, chat_template=cfg.task.chat_template,
-            system_prompt=cfg.task.system_prompt, state_path=state, checkpoint_every=cfg.sft.checkpoint_every,
-            settings=json.loads(_sft_key(cfg)))
+    run_sft(
+        model,
+        tokenizer,
+        task,
+        steps=cfg.sft.steps,
+        batch_size=cfg.sft.batch_size,
+        lr=cfg.sft.lr,
+        seed=cfg.sft.seed,
+        log=log,
+        chat_template=cfg.task.chat_template,
+        system_prompt=cfg.task.system_prompt,
+        state_path=state,
+        checkpoint_every=cfg.sft.checkpoint_every,
+        settings=json.loads(_sft_key(cfg)),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     saved = save_model_dir(out, model, tokenizer)
-    state.unlink(missing_ok=True)   # the finished checkpoint supersedes it
+    state.unlink(missing_ok=True)  # the finished checkpoint supersedes it
     return saved

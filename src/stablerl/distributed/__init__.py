@@ -24,6 +24,22 @@ from stablerl.distributed.world import (
     unresponsive_ranks,
 )
 
-__all__ = ["World", "all_gather_objects", "all_reduce_max", "all_reduce_sum", "any_true", "barrier",
-           "broadcast_after_long_work", "broadcast_object", "init_world", "is_collective_failure", "recv_object", "send_object", "share",
-           "shutdown_world", "transfer_object", "transfer_tensor", "unresponsive_ranks"]
+__all__ = [
+    "World",
+    "all_gather_objects",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "any_true",
+    "barrier",
+    "broadcast_after_long_work",
+    "broadcast_object",
+    "init_world",
+    "is_collective_failure",
+    "recv_object",
+    "send_object",
+    "share",
+    "shutdown_world",
+    "transfer_object",
+    "transfer_tensor",
+    "unresponsive_ranks",
+]

@@ -63,8 +63,7 @@ def shard_from_rank0(model: nn.Module, param_dtype: str, reduce_dtype: str, devi
     full = model.state_dict() if is_src else None
     # buffers outside the state dict (RoPE's inverse frequencies): computed at construction, which
     # the skeleton skipped; small, so sent whole
-    extra = broadcast_object({n: b for n, b in model.named_buffers() if n not in full} if is_src else None,
-                             src=0)
+    extra = broadcast_object({n: b for n, b in model.named_buffers() if n not in full} if is_src else None, src=0)
     model = shard_model(model, param_dtype, reduce_dtype)
     if not is_src:
         model.to_empty(device=device)

@@ -27,7 +27,7 @@ class World:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str = "none"
-    workers: int = 0                 # rollout worker processes in the job (rollout.workers)
+    workers: int = 0  # rollout worker processes in the job (rollout.workers)
     worker_index: int | None = None  # set on a rollout worker: which one (0 .. workers - 1)
 
     @property
@@ -49,8 +49,10 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
     every process group the run uses is made here, once (every rank must enter each)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size - workers < 1:
-        raise ValueError(f"rollout.workers={workers} leaves no learner rank in a job of {size} process(es); launch "
-                         f"learners + workers processes: torchrun --nproc_per_node=<learners + {workers}> ...")
+        raise ValueError(
+            f"rollout.workers={workers} leaves no learner rank in a job of {size} process(es); launch "
+            f"learners + workers processes: torchrun --nproc_per_node=<learners + {workers}> ..."
+        )
     if size <= 1:
         if threads:
             torch.set_num_threads(threads)
@@ -78,12 +80,20 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
         # itself (vLLM builds its groups with new_group over every rank of the default group) would
         # wait forever on the ranks of the other role. Each role's collectives stay in its own group.
         if dist.is_initialized():
-            raise RuntimeError("rollout.workers: torch.distributed was initialized before stablerl could lay out "
-                               "the learners' and the workers' process groups")
+            raise RuntimeError(
+                "rollout.workers: torch.distributed was initialized before stablerl could lay out "
+                "the learners' and the workers' process groups"
+            )
         store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
         role, role_rank, role_size = ("learners", rank, K) if rank < K else ("workers", rank - K, workers)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"stablerl/{role}", store), rank=role_rank,
-                                world_size=role_size, timeout=timeout, **device_id)
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"stablerl/{role}", store),
+            rank=role_rank,
+            world_size=role_size,
+            timeout=timeout,
+            **device_id,
+        )
         # every rank of the job, by its global rank: the batches, worker -> learner (pickled objects)
         _JOB = _group_outside_default(store, "job", rank, size, "gloo", timeout)
         transfer = [0, *range(K, size)]  # learner rank 0 and the workers: weights out, the handshake
@@ -98,14 +108,21 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
         # (monitored_barrier is gloo-only; NCCL runs get it too)
         _MONITOR = dist.new_group(backend="gloo", timeout=timeout)
         _LONG = dist.new_group(backend="gloo", timeout=LONG_WORK_TIMEOUT)
-    return World(rank=rank, size=K, local_rank=local_rank, device=device, backend=backend, workers=workers,
-                 worker_index=rank - K if rank >= K else None)
+    return World(
+        rank=rank,
+        size=K,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        workers=workers,
+        worker_index=rank - K if rank >= K else None,
+    )
 
 
 _MONITOR = None
 _LONG = None
-_JOB = None            # every rank of a job with rollout workers (outside the default group)
-_TRANSFER = None       # learner rank 0 + the rollout workers (outside the default group)
+_JOB = None  # every rank of a job with rollout workers (outside the default group)
+_TRANSFER = None  # learner rank 0 + the rollout workers (outside the default group)
 _TRANSFER_LONG = None
 _TRANSFER_TENSORS = None
 
@@ -138,8 +155,9 @@ def unresponsive_ranks() -> str:
     if _MONITOR is None or not _active():
         return ""
     try:
-        dist.monitored_barrier(group=_MONITOR, timeout=datetime.timedelta(seconds=UNRESPONSIVE_WAIT_S),
-                               wait_all_ranks=True)
+        dist.monitored_barrier(
+            group=_MONITOR, timeout=datetime.timedelta(seconds=UNRESPONSIVE_WAIT_S), wait_all_ranks=True
+        )
     except RuntimeError as e:
         return str(e).strip().splitlines()[0][:300]
     return ""

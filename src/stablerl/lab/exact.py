@@ -42,8 +42,9 @@ def _normalizer(cfg: LossConfig, mu: torch.Tensor, space: ResponseSpace) -> floa
     raise ValueError(f"the lab compares token_sum and seq_mean_token_mean, not {cfg.aggregation!r}")
 
 
-def _m2_mask(cfg: LossConfig, logp: torch.Tensor, rollout_logp: torch.Tensor, mu: torch.Tensor,
-             space: ResponseSpace) -> torch.Tensor | None:
+def _m2_mask(
+    cfg: LossConfig, logp: torch.Tensor, rollout_logp: torch.Tensor, mu: torch.Tensor, space: ResponseSpace
+) -> torch.Tensor | None:
     """M2PO's mask of the *expected* mini-batch: tokens weighted by the probability mu_old gives
     their response, so the mean it bounds is E_mu[sum_t d_t] / E_mu[|y|]."""
     if cfg.m2_threshold is None:
@@ -68,23 +69,40 @@ def surrogate_gradient(
     mu = rollout_logp.sum(-1).exp()
     advantage = space.reward - (mu * space.reward).sum()
     logp = token_logp(policy, space)
-    loss, _ = policy_loss(logp, old_logp, rollout_logp, mu * advantage, space.mask, cfg,
-                          normalizer=_normalizer(cfg, mu, space), m2_mask=_m2_mask(cfg, logp, rollout_logp, mu, space))
+    loss, _ = policy_loss(
+        logp,
+        old_logp,
+        rollout_logp,
+        mu * advantage,
+        space.mask,
+        cfg,
+        normalizer=_normalizer(cfg, mu, space),
+        m2_mask=_m2_mask(cfg, logp, rollout_logp, mu, space),
+    )
     return -flat_grad(loss, policy)
 
 
 def policy_forward(policy: EnumerablePolicy, space: ResponseSpace) -> dict[str, torch.Tensor]:
     """What ``gradient_moments`` needs of one policy, computed once for every surrogate."""
     with torch.no_grad():
-        h = torch.tanh(space.features @ policy.w1.T + policy.b1)         # [N, L, H]
-        probs = torch.softmax(h @ policy.w2.T + policy.b2, dim=-1)       # [N, L, V]
+        h = torch.tanh(space.features @ policy.w1.T + policy.b1)  # [N, L, H]
+        probs = torch.softmax(h @ policy.w2.T + policy.b2, dim=-1)  # [N, L, V]
         onehot = torch.nn.functional.one_hot(space.tokens.clamp(min=0), probs.shape[-1]).double()
-        return {"h": h, "dlogp_dlogits": (onehot - probs) * space.mask[..., None],
-                "gram_h": h @ h.transpose(1, 2), "gram_x": space.features @ space.features.transpose(1, 2)}
+        return {
+            "h": h,
+            "dlogp_dlogits": (onehot - probs) * space.mask[..., None],
+            "gram_h": h @ h.transpose(1, 2),
+            "gram_x": space.features @ space.features.transpose(1, 2),
+        }
 
 
-def gradient_moments(policy: EnumerablePolicy, space: ResponseSpace, coef: torch.Tensor,
-                     weight: torch.Tensor, forward: dict | None = None) -> tuple[torch.Tensor, float]:
+def gradient_moments(
+    policy: EnumerablePolicy,
+    space: ResponseSpace,
+    coef: torch.Tensor,
+    weight: torch.Tensor,
+    forward: dict | None = None,
+) -> tuple[torch.Tensor, float]:
     """With g(y) = sum_t coef[y, t] * grad_theta log pi(y_t | y_<t): ``sum_y weight(y) g(y)`` (flat,
     in ``flat_grad``'s parameter order) and ``sum_y weight(y) ||g(y)||^2``, worked out by hand for
     the lab's MLP. No per-response gradient is materialized: a weight matrix's per-response
@@ -93,13 +111,23 @@ def gradient_moments(policy: EnumerablePolicy, space: ResponseSpace, coef: torch
     f = forward or policy_forward(policy, space)
     h = f["h"]
     with torch.no_grad():
-        g_logits = coef[..., None] * f["dlogp_dlogits"]                  # d(coef . log pi) / d logits
-        g_pre = (g_logits @ policy.w2) * (1 - h * h)                     # back through tanh
+        g_logits = coef[..., None] * f["dlogp_dlogits"]  # d(coef . log pi) / d logits
+        g_pre = (g_logits @ policy.w2) * (1 - h * h)  # back through tanh
         wg_pre, wg_logits = g_pre * weight[:, None, None], g_logits * weight[:, None, None]
-        mean = torch.cat([(wg_pre.flatten(0, 1).T @ x.flatten(0, 1)).reshape(-1), wg_pre.sum((0, 1)),
-                          (wg_logits.flatten(0, 1).T @ h.flatten(0, 1)).reshape(-1), wg_logits.sum((0, 1))])
-        square = ((g_pre @ g_pre.transpose(1, 2) * f["gram_x"]).sum((1, 2)) + g_pre.sum(1).pow(2).sum(1)
-                  + (g_logits @ g_logits.transpose(1, 2) * f["gram_h"]).sum((1, 2)) + g_logits.sum(1).pow(2).sum(1))
+        mean = torch.cat(
+            [
+                (wg_pre.flatten(0, 1).T @ x.flatten(0, 1)).reshape(-1),
+                wg_pre.sum((0, 1)),
+                (wg_logits.flatten(0, 1).T @ h.flatten(0, 1)).reshape(-1),
+                wg_logits.sum((0, 1)),
+            ]
+        )
+        square = (
+            (g_pre @ g_pre.transpose(1, 2) * f["gram_x"]).sum((1, 2))
+            + g_pre.sum(1).pow(2).sum(1)
+            + (g_logits @ g_logits.transpose(1, 2) * f["gram_h"]).sum((1, 2))
+            + g_logits.sum(1).pow(2).sum(1)
+        )
     return mean, float((weight * square).sum())
 
 
@@ -119,8 +147,16 @@ def surrogate_estimator(
     mu = rollout_logp.sum(-1).exp()
     advantage = space.reward - (mu * space.reward).sum()
     logp = (token_logp(policy, space) if logp is None else logp).detach().requires_grad_(True)
-    loss, _ = policy_loss(logp, old_logp, rollout_logp, advantage, space.mask, cfg,
-                          normalizer=_normalizer(cfg, mu, space), m2_mask=_m2_mask(cfg, logp, rollout_logp, mu, space))
+    loss, _ = policy_loss(
+        logp,
+        old_logp,
+        rollout_logp,
+        advantage,
+        space.mask,
+        cfg,
+        normalizer=_normalizer(cfg, mu, space),
+        m2_mask=_m2_mask(cfg, logp, rollout_logp, mu, space),
+    )
     coef = -torch.autograd.grad(loss, logp)[0]  # d (sum_y objective(y)) / d log pi(y_t)
     mean, second = gradient_moments(policy, space, coef, mu, forward)
     return mean, max(second - float(mean.pow(2).sum()), 0.0)

@@ -65,9 +65,9 @@ def _prefix_features(tokens: torch.Tensor, K: int) -> torch.Tensor:
     """
     N, L = tokens.shape
     slots = L - 1
-    pos = torch.arange(L)[:, None]                      # [L, 1]  position t
-    j = torch.arange(slots)[None, :]                    # [1, S]  slot j
-    sym = tokens[:, None, :slots].expand(N, L, slots)   # token in slot j
+    pos = torch.arange(L)[:, None]  # [L, 1]  position t
+    j = torch.arange(slots)[None, :]  # [1, S]  slot j
+    sym = tokens[:, None, :slots].expand(N, L, slots)  # token in slot j
     sym = torch.where((j < pos)[None], sym - 1, torch.full_like(sym, K))  # 0..K-1 content, K empty
     sym = sym.clamp(min=0)  # slots past a short response's end are masked out anyway
     return nn.functional.one_hot(sym, K + 1).reshape(N, L, slots * (K + 1)).double()

@@ -30,9 +30,11 @@ def format_table(result: dict) -> str:
         f"expected reward {result['expected_reward']:.3f} after {result['warm_start_steps']} warm-start steps, "
         f"{result['seconds']:.1f} s",
     ]
-    for metric, title in (("cosine", "cosine(surrogate grad, true grad)"),
-                          ("rel_error", "relative error |g - g*| / |g*|"),
-                          ("rel_std", "one-sample estimator: sqrt(total variance) / |g*| (one response y ~ mu_old)")):
+    for metric, title in (
+        ("cosine", "cosine(surrogate grad, true grad)"),
+        ("rel_error", "relative error |g - g*| / |g*|"),
+        ("rel_std", "one-sample estimator: sqrt(total variance) / |g*| (one response y ~ mu_old)"),
+    ):
         lines += ["", title, head + "".join(f"{_short(n):>{width + 1}}" for n in names)]
         for sweep, point, r in _rows(result):
             cells = "".join(f"{r['surrogates'][n][metric]:>{width + 1}.4f}" for n in names)
@@ -69,14 +71,25 @@ def plot(result: dict, path: Path) -> None:
     colors = {n: f"C{i}" for i, n in enumerate(names)}
     # several surrogates coincide exactly in a pure sweep (e.g. clipping is inactive at theta =
     # theta_old): wide solid lines under thin dashed ones keep every curve visible
-    styles = {n: dict(ls=["-", "--", ":", "-."][i % 4], marker="osD^v<>"[i % 7], lw=max(0.8, 3.5 - 0.22 * i),
-                      ms=max(2.5, 7 - 0.35 * i)) for i, n in enumerate(names)}
+    styles = {
+        n: dict(
+            ls=["-", "--", ":", "-."][i % 4],
+            marker="osD^v<>"[i % 7],
+            lw=max(0.8, 3.5 - 0.22 * i),
+            ms=max(2.5, 7 - 0.35 * i),
+        )
+        for i, n in enumerate(names)
+    }
     for row, (sweep, key, xlabel) in enumerate(panels):
         points = result[sweep]
         xs = [p[key] for p in points]
-        for col, (metric, ylabel) in enumerate((("cosine", "cosine to true gradient"),
-                                                ("rel_error", "relative error to true gradient"),
-                                                ("rel_std", "one-sample std / |true gradient|"))):
+        for col, (metric, ylabel) in enumerate(
+            (
+                ("cosine", "cosine to true gradient"),
+                ("rel_error", "relative error to true gradient"),
+                ("rel_std", "one-sample std / |true gradient|"),
+            )
+        ):
             ax = axes[row, col]
             for n in names:
                 ax.plot(xs, [p["surrogates"][n][metric] for p in points], color=colors[n], label=n, **styles[n])

@@ -12,8 +12,14 @@ import torch
 
 from stablerl.config import LabConfig, LossConfig
 from stablerl.diagnostics import first_order_gap
-from stablerl.lab.exact import (compare, policy_forward, surrogate_estimator, surrogate_gradient, true_gradient,
-                                true_objective)
+from stablerl.lab.exact import (
+    compare,
+    policy_forward,
+    surrogate_estimator,
+    surrogate_gradient,
+    true_gradient,
+    true_objective,
+)
 from stablerl.lab.policy import (
     EnumerablePolicy,
     ResponseSpace,
@@ -67,7 +73,9 @@ def perturbed(policy: EnumerablePolicy, noise: float, seed: int) -> EnumerablePo
     return out
 
 
-def stale_policies(policy: EnumerablePolicy, space: ResponseSpace, steps: list[int], lr: float) -> dict[int, EnumerablePolicy]:
+def stale_policies(
+    policy: EnumerablePolicy, space: ResponseSpace, steps: list[int], lr: float
+) -> dict[int, EnumerablePolicy]:
     """theta_k for every k in ``steps``: Adam steps on the exact unclipped MiniRL surrogate with
     pi_old = mu_old = the starting policy (pure staleness, as N mini-batches of one rollout
     batch would move it). Unclipped so the distance grows steadily with k."""
@@ -81,7 +89,7 @@ def stale_policies(policy: EnumerablePolicy, space: ResponseSpace, steps: list[i
         opt.zero_grad()
         offset = 0
         for p in theta.parameters():  # the surrogate gradient is an ascent direction
-            p.grad = -grads[offset: offset + p.numel()].view_as(p)
+            p.grad = -grads[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         opt.step()
         if k in steps:
@@ -105,14 +113,17 @@ def evaluate_point(
             "train_infer_kl": token_kl(mu_logits, old_logits, rollout_logp.sum(-1).exp(), space),
             "staleness_kl": token_kl(old_logits, theta_logits, old_logp.sum(-1).exp(), space),
             # its expectation under mu_old, exactly
-            "first_order_gap": float((rollout_logp.sum(-1).exp()
-                                      * first_order_gap(theta_logp, rollout_logp, space.mask)).sum()),
+            "first_order_gap": float(
+                (rollout_logp.sum(-1).exp() * first_order_gap(theta_logp, rollout_logp, space.mask)).sum()
+            ),
             "objective": float(true_objective(theta, space)),
         }
     forward = policy_forward(theta, space)
     point["surrogates"] = {}
     for name, cfg in SURROGATES.items():
-        mean, variance = surrogate_estimator(theta, space, old_logp, rollout_logp, cfg, logp=theta_logp, forward=forward)
+        mean, variance = surrogate_estimator(
+            theta, space, old_logp, rollout_logp, cfg, logp=theta_logp, forward=forward
+        )
         # the spread of a one-response estimate, relative to the size of what it estimates
         point["surrogates"][name] = {**compare(mean, g_true), "rel_std": variance**0.5 / float(g_true.norm())}
     return point

@@ -2,7 +2,7 @@
 
 from stablerl.repro.experiments import EXPERIMENTS
 from stablerl.repro.report import write_report
-from stablerl.repro.stats import collapse_step
 from stablerl.repro.runner import run_experiment
+from stablerl.repro.stats import collapse_step
 
 __all__ = ["EXPERIMENTS", "collapse_step", "run_experiment", "write_report"]

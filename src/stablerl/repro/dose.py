@@ -16,8 +16,12 @@ from stablerl.repro.experiments import DOSE_LEVELS, DOSE_N
 from stablerl.repro.stats import run_stats
 
 FAMILIES = {  # variant suffix -> label
-    "on_minirl": "on-policy MiniRL", "on_no_is": "on-policy, no IS", "on_r3": "on-policy + R3",
-    "off_noreplay": f"N={DOSE_N}, no replay", "off_r2": f"N={DOSE_N} + R2", "off_r3": f"N={DOSE_N} + R3",
+    "on_minirl": "on-policy MiniRL",
+    "on_no_is": "on-policy, no IS",
+    "on_r3": "on-policy + R3",
+    "off_noreplay": f"N={DOSE_N}, no replay",
+    "off_r2": f"N={DOSE_N} + R2",
+    "off_r3": f"N={DOSE_N} + R3",
 }
 
 
@@ -32,16 +36,21 @@ def dose_points(runs: dict) -> dict[str, list[dict]]:
                 continue
             rewards = [s["final_reward"] for s in stats]
             accs = [s["final_acc"] for s in stats]
-            out.setdefault(family, []).append({
-                "level": level, "seeds": len(stats),
-                "kl": statistics.mean(s["mean_train_infer_kl"] for s in stats),
-                "kl_k1": statistics.mean(s["mean_train_infer_kl_k1"] for s in stats),
-                "route_agreement": statistics.mean(s["route_agreement"] for s in stats),
-                "reward": statistics.mean(rewards), "reward_std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
-                "acc": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "drop": statistics.mean(s["peak_acc"] - s["final_acc"] for s in stats),
-                "collapse_rate": sum(s["collapse_step"] is not None for s in stats) / len(stats),
-            })
+            out.setdefault(family, []).append(
+                {
+                    "level": level,
+                    "seeds": len(stats),
+                    "kl": statistics.mean(s["mean_train_infer_kl"] for s in stats),
+                    "kl_k1": statistics.mean(s["mean_train_infer_kl_k1"] for s in stats),
+                    "route_agreement": statistics.mean(s["route_agreement"] for s in stats),
+                    "reward": statistics.mean(rewards),
+                    "reward_std": statistics.stdev(rewards) if len(rewards) > 1 else 0.0,
+                    "acc": statistics.mean(accs),
+                    "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "drop": statistics.mean(s["peak_acc"] - s["final_acc"] for s in stats),
+                    "collapse_rate": sum(s["collapse_step"] is not None for s in stats) / len(stats),
+                }
+            )
     return out
 
 
@@ -64,12 +73,16 @@ def dose_table(points: dict[str, list[dict]]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         return lines
 
-    reward = table(lambda p: f"{p['reward']:.3f} ± {p['reward_std']:.3f} "
-                             f"({round(p['collapse_rate'] * p['seeds'])}/{p['seeds']})")
+    reward = table(
+        lambda p: f"{p['reward']:.3f} ± {p['reward_std']:.3f} ({round(p['collapse_rate'] * p['seeds'])}/{p['seeds']})"
+    )
     acc = table(lambda p: f"{p['acc']:.3f} ± {p['acc_std']:.3f} (-{p['drop']:.3f})")
-    return ("Final training reward (the engine's samples, mu), mean ± std over seeds (collapsed/seeds):\n\n"
-            + "\n".join(reward) + "\n\nFinal held-out accuracy (the policy pi, fp32, no engine noise), "
-            "mean ± std over seeds (drop from the peak):\n\n" + "\n".join(acc) + "\n")
+    return (
+        "Final training reward (the engine's samples, mu), mean ± std over seeds (collapsed/seeds):\n\n"
+        + "\n".join(reward)
+        + "\n\nFinal held-out accuracy (the policy pi, fp32, no engine noise), "
+        "mean ± std over seeds (drop from the peak):\n\n" + "\n".join(acc) + "\n"
+    )
 
 
 def plot_dose_response(points: dict[str, list[dict]], path: Path) -> Path:
@@ -89,16 +102,22 @@ def plot_dose_response(points: dict[str, list[dict]], path: Path) -> Path:
         col = 0 if family.startswith("on_") else 1
         for row, (key, err) in enumerate((("reward", "reward_std"), ("acc", "acc_std"))):
             ax = axes[row, col]
-            ax.errorbar(xs, [p[key] for p in pts], yerr=[p[err] for p in pts], marker="o", capsize=3,
-                        color=f"C{i}", label=label)
+            ax.errorbar(
+                xs, [p[key] for p in pts], yerr=[p[err] for p in pts], marker="o", capsize=3, color=f"C{i}", label=label
+            )
             if family in ("on_minirl", "off_r2"):
                 for p, x in zip(pts, xs):
                     ax.annotate(p["level"], (x, p[key]), fontsize=7, textcoords="offset points", xytext=(3, -10))
         axes[0, 2].plot(xs, [p["collapse_rate"] for p in pts], marker="o", color=f"C{i}", label=label)
         axes[1, 2].plot(xs, [p["drop"] for p in pts], marker="o", color=f"C{i}", label=label)
-    titles = ("on-policy: final training reward (engine, mu)", f"N = {DOSE_N}: final training reward (engine, mu)",
-              "collapse rate", "on-policy: final held-out accuracy (policy, pi)",
-              f"N = {DOSE_N}: final held-out accuracy (policy, pi)", "held-out accuracy: drop from peak")
+    titles = (
+        "on-policy: final training reward (engine, mu)",
+        f"N = {DOSE_N}: final training reward (engine, mu)",
+        "collapse rate",
+        "on-policy: final held-out accuracy (policy, pi)",
+        f"N = {DOSE_N}: final held-out accuracy (policy, pi)",
+        "held-out accuracy: drop from peak",
+    )
     for ax, title in zip(axes.flat, titles):
         ax.set_xscale("log")
         ax.set_xlabel("measured training-inference KL (k3, mean over the run)")

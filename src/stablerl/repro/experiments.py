@@ -24,10 +24,10 @@ seed outside the reported ones, so that what separates the variants is the pract
 
 from __future__ import annotations
 
-MINI_PROMPTS, GROUP = 8, 16          # one mini-batch: 8 prompts x 16 responses = 128 responses
-OPT_STEPS = 160                      # optimizer steps per run, for every N (divisible by 1, 2, 4, 8)
-EVAL_OPT_STEPS = 20                  # evaluate every this many optimizer steps
-STRESS_LR = 2e-4                     # calibrated once for all experiments (docs/results.md)
+MINI_PROMPTS, GROUP = 8, 16  # one mini-batch: 8 prompts x 16 responses = 128 responses
+OPT_STEPS = 160  # optimizer steps per run, for every N (divisible by 1, 2, 4, 8)
+EVAL_OPT_STEPS = 20  # evaluate every this many optimizer steps
+STRESS_LR = 2e-4  # calibrated once for all experiments (docs/results.md)
 
 # dose-response: the inference engine's discrepancy, from none to beyond FP8 W8A8 (a fixed
 # perturbation of the engine's weights on top of it, rollout.weight_noise)
@@ -41,8 +41,16 @@ DOSE_LEVELS: dict[str, list[str]] = {
 }
 DOSE_N = 4  # the off-policy ablations of the dose-response run at this N
 
-COMMON = ["rollout.precision=fp8_w8a8", f"batch.group_size={GROUP}", "log.progress=false",
-          "task.eval_size=200", "eval.samples=2", "eval.greedy=false", "checkpoint.keep_last=1", f"optim.lr={STRESS_LR}"]
+COMMON = [
+    "rollout.precision=fp8_w8a8",
+    f"batch.group_size={GROUP}",
+    "log.progress=false",
+    "task.eval_size=200",
+    "eval.samples=2",
+    "eval.greedy=false",
+    "checkpoint.keep_last=1",
+    f"optim.lr={STRESS_LR}",
+]
 
 NO_IS = ["loss.is_mode=none"]
 LEN_NORM = ["loss.aggregation=seq_mean_token_mean"]
@@ -56,8 +64,13 @@ def schedule(n: int, opt_steps: int = OPT_STEPS, eval_opt_steps: int = EVAL_OPT_
     """N mini-batches of the fixed size per rollout batch; the same optimizer steps for every N."""
     steps = opt_steps // n
     every = max(1, eval_opt_steps // n)
-    return [f"batch.prompts_per_step={n * MINI_PROMPTS}", f"batch.minibatches_per_step={n}",
-            f"train.steps={steps}", f"eval.every={every}", f"checkpoint.every={every}"]
+    return [
+        f"batch.prompts_per_step={n * MINI_PROMPTS}",
+        f"batch.minibatches_per_step={n}",
+        f"train.steps={steps}",
+        f"eval.every={every}",
+        f"checkpoint.every={every}",
+    ]
 
 
 def _off_policy_variants() -> dict[str, list[str]]:
@@ -92,31 +105,50 @@ _DOSE = _dose_variants()
 # (pi_old := mu). Only the evaluation is thinned (every 100 steps instead of 50; evaluation uses
 # its own seeds and never changes training).
 STALENESS_ETAS = (0, 1, 2, 4)
-_STALE = {f"eta{eta}{suffix}": [f"rollout.max_staleness={eta}", f"loss.proximal={proximal}"]
-          for eta in STALENESS_ETAS for suffix, proximal in (("", "recompute"), ("_bypass", "rollout"))}
+_STALE = {
+    f"eta{eta}{suffix}": [f"rollout.max_staleness={eta}", f"loss.proximal={proximal}"]
+    for eta in STALENESS_ETAS
+    for suffix, proximal in (("", "recompute"), ("_bypass", "rollout"))
+}
 
 # the calibration grid and the recipes that must stay stable at the chosen learning rate
 CALIBRATION_LRS = (5e-5, 1e-4, 2e-4, 4e-4)
-_CAL = {f"lr{lr:g}/{name}": [f"optim.lr={lr}"] + v for lr in CALIBRATION_LRS
-        for name, v in (("on_minirl", schedule(1)), ("off8_r3", schedule(8) + R3))}
+_CAL = {
+    f"lr{lr:g}/{name}": [f"optim.lr={lr}"] + v
+    for lr in CALIBRATION_LRS
+    for name, v in (("on_minirl", schedule(1)), ("off8_r3", schedule(8) + R3))
+}
 
 # ---------------------------------------------------------------------------------------------
 # The next set (docs/preregistration.md): the long-reasoning task, the numerics ladder up to NVFP4.
 # Its reading was fixed before any of its runs; the constants below were set by its calibration
 # (section 2 there; docs/results.md "The next set") before any reported run.
 # ---------------------------------------------------------------------------------------------
-LONG_TASK = ["task.style=noisy_columns", "task.levels=[2]", "task.max_operand=999999999",
-             "rollout.max_new_tokens=112", "sft.steps=1500"]
-LONG_OPT_STEPS = 100                 # optimizer steps per run, for every N
-LONG_EVAL_OPT_STEPS = 20             # held-out evaluation (500 problems x 4 samples) every this many
-LONG_LR = 2e-4                       # long-calibration (docs/results.md "The next set"): no collapse on either seed
-LADDER: dict[str, list[str]] = {     # the dose, in decreasing order: what the budget cuts is the low end
+LONG_TASK = [
+    "task.style=noisy_columns",
+    "task.levels=[2]",
+    "task.max_operand=999999999",
+    "rollout.max_new_tokens=112",
+    "sft.steps=1500",
+]
+LONG_OPT_STEPS = 100  # optimizer steps per run, for every N
+LONG_EVAL_OPT_STEPS = 20  # held-out evaluation (500 problems x 4 samples) every this many
+LONG_LR = 2e-4  # long-calibration (docs/results.md "The next set"): no collapse on either seed
+LADDER: dict[str, list[str]] = {  # the dose, in decreasing order: what the budget cuts is the low end
     rung: [f"rollout.precision={rung}"] for rung in ("nvfp4_w4a4", "nvfp4", "fp8_w8a8", "fp8", "bf16", "fp32")
 }
 # everything but the task: the same for both lengths (experiment 2 changes only the task)
-LONG_RUN = [f"batch.group_size={GROUP}", "log.progress=false", "task.eval_size=500", "eval.samples=4",
-            "eval.greedy=false", "checkpoint.keep_last=1", "batch.max_tokens_per_micro_batch=4096",
-            "batch.packing=true", "rollout.precision=fp8_w8a8"]
+LONG_RUN = [
+    f"batch.group_size={GROUP}",
+    "log.progress=false",
+    "task.eval_size=500",
+    "eval.samples=4",
+    "eval.greedy=false",
+    "checkpoint.keep_last=1",
+    "batch.max_tokens_per_micro_batch=4096",
+    "batch.packing=true",
+    "rollout.precision=fp8_w8a8",
+]
 LONG_COMMON = [*LONG_TASK, *LONG_RUN]
 LONG_CALIBRATION_LRS = (5e-5, 1e-4, 2e-4)
 
@@ -126,27 +158,44 @@ def long_schedule(n: int) -> list[str]:
 
 
 _LONG_CAL = {f"lr{lr:g}": [f"optim.lr={lr}"] + long_schedule(1) for lr in LONG_CALIBRATION_LRS}
-_LONG_DOSE = {f"{rung}/{name}": engine + variant
-              for rung, engine in LADDER.items()
-              for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS),
-                                    ("on_r3", long_schedule(1) + R3), ("off_noreplay", long_schedule(DOSE_N)),
-                                    ("off_r2", long_schedule(DOSE_N) + R2), ("off_r3", long_schedule(DOSE_N) + R3))}
+_LONG_DOSE = {
+    f"{rung}/{name}": engine + variant
+    for rung, engine in LADDER.items()
+    for name, variant in (
+        ("on_minirl", long_schedule(1)),
+        ("on_no_is", long_schedule(1) + NO_IS),
+        ("on_r3", long_schedule(1) + R3),
+        ("off_noreplay", long_schedule(DOSE_N)),
+        ("off_r2", long_schedule(DOSE_N) + R2),
+        ("off_r3", long_schedule(DOSE_N) + R3),
+    )
+}
 
 # experiments 3 and 4 of the set run at the rung where experiment 1 finds IS starting to matter,
 # which is not known before it: every rung is a row, and `--variants` picks the rung's.
 OFF_NS = (2, 4, 8)
 LAG_ETAS = (1, 2, 4)
 _OFF_FOUR = {"noclip_noreplay": NO_CLIP, "noclip_r2": NO_CLIP + R2, "clip_r2": R2, "clip_r3": R3}
-_LONG_OFF = {f"{rung}/n{n}/{name}": engine + long_schedule(n) + v
-             for rung, engine in LADDER.items() for n in OFF_NS for name, v in _OFF_FOUR.items()}
+_LONG_OFF = {
+    f"{rung}/n{n}/{name}": engine + long_schedule(n) + v
+    for rung, engine in LADDER.items()
+    for n in OFF_NS
+    for name, v in _OFF_FOUR.items()
+}
 # the lag: on-policy mini-batches sampled eta versions back; the decoupled correction (pi_old
 # recomputed) for the four variants, the bypass (pi_old := mu) beside the two it allows (R2
 # replays the recomputed pi_old's routes, which the bypass skips: rejected by the config)
-_LONG_LAG = {f"{rung}/eta{eta}/{name}{suffix}": engine + long_schedule(1) + [f"rollout.max_staleness={eta}",
-                                                                          f"loss.proximal={proximal}"] + v
-             for rung, engine in LADDER.items() for eta in LAG_ETAS for name, v in _OFF_FOUR.items()
-             for suffix, proximal in (("", "recompute"), ("_bypass", "rollout"))
-             if not (proximal == "rollout" and "r2" in name)}
+_LONG_LAG = {
+    f"{rung}/eta{eta}/{name}{suffix}": engine
+    + long_schedule(1)
+    + [f"rollout.max_staleness={eta}", f"loss.proximal={proximal}"]
+    + v
+    for rung, engine in LADDER.items()
+    for eta in LAG_ETAS
+    for name, v in _OFF_FOUR.items()
+    for suffix, proximal in (("", "recompute"), ("_bypass", "rollout"))
+    if not (proximal == "rollout" and "r2" in name)
+}
 
 # experiment 2, the sequence length (docs/preregistration.md Amendment 8): the on-policy pair
 # (MiniRL, no IS) down the same ladder at twice the length. Three 18-digit numbers instead of three
@@ -157,12 +206,20 @@ _LONG_LAG = {f"{rung}/eta{eta}/{name}{suffix}": engine + long_schedule(1) + [f"r
 # they give (docs/results.md "Experiment 2"). A 58-token prompt and 224 new tokens overflow the default
 # model's 256-token context, so the model declares 512 (Amendment 10: rotary positions have no weights,
 # and the cold start trained at 512 equals the one trained at 256 weight for weight).
-LONG2_TASK = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}",
-              "rollout.max_new_tokens=224", "sft.steps=3000", "model.max_positions=512"]
+LONG2_TASK = [
+    "task.style=noisy_columns",
+    "task.levels=[2]",
+    f"task.max_operand={10**18 - 1}",
+    "rollout.max_new_tokens=224",
+    "sft.steps=3000",
+    "model.max_positions=512",
+]
 LONG2_COMMON = [*LONG2_TASK, *LONG_RUN]
-_LONG_LENGTH = {f"{rung}/{name}": engine + variant
-                for rung, engine in LADDER.items()
-                for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS))}
+_LONG_LENGTH = {
+    f"{rung}/{name}": engine + variant
+    for rung, engine in LADDER.items()
+    for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS))
+}
 
 EXPERIMENTS: dict[str, dict] = {
     "calibration": {
@@ -175,13 +232,17 @@ EXPERIMENTS: dict[str, dict] = {
     },
     "on-policy": {
         "title": "On-policy (N = 1): MiniRL, + length normalization, without IS, each with and without R3; "
-                 "GRPO and CISPO",
+        "GRPO and CISPO",
         "base": COMMON + schedule(1),
         "variants": {
-            "minirl": [], "minirl_r3": R3,
-            "minirl_lennorm": LEN_NORM, "minirl_lennorm_r3": LEN_NORM + R3,
-            "minirl_no_is": NO_IS, "minirl_no_is_r3": NO_IS + R3,
-            "grpo": GRPO, "cispo": CISPO,
+            "minirl": [],
+            "minirl_r3": R3,
+            "minirl_lennorm": LEN_NORM,
+            "minirl_lennorm_r3": LEN_NORM + R3,
+            "minirl_no_is": NO_IS,
+            "minirl_no_is_r3": NO_IS + R3,
+            "grpo": GRPO,
+            "cispo": CISPO,
         },
     },
     "off-policy": {
@@ -193,15 +254,21 @@ EXPERIMENTS: dict[str, dict] = {
     "cold-start": {
         "title": "Cold start: three teacher styles, then the paper's recipe (N = 2, MiniRL + R2)",
         "base": COMMON + schedule(2, opt_steps=2 * OPT_STEPS) + R2,
-        "variants": {"teacher_steps": ["task.style=steps"], "teacher_direct": ["task.style=direct"],
-                     "teacher_noisy": ["task.style=noisy"]},
+        "variants": {
+            "teacher_steps": ["task.style=steps"],
+            "teacher_direct": ["task.style=direct"],
+            "teacher_noisy": ["task.style=noisy"],
+        },
     },
     "staleness": {
-        "title": "Staleness from lag: the default run at eta = 0, 1, 2, 4; decoupled (recompute pi_old) vs bypass (pi_old = mu)",
+        "title": "Staleness from lag: the default run at eta = 0, 1, 2, 4; "
+        "decoupled (recompute pi_old) vs bypass (pi_old = mu)",
         "base": ["log.progress=false", "checkpoint.keep_last=1", "eval.every=100"],
         "variants": _STALE,
         "reference": "eta0",  # paired per-seed differences against the synchronous run (report paired.md)
-        "rows": {f"eta = {eta}": [v for v in _STALE if v in (f"eta{eta}", f"eta{eta}_bypass")] for eta in STALENESS_ETAS},
+        "rows": {
+            f"eta = {eta}": [v for v in _STALE if v in (f"eta{eta}", f"eta{eta}_bypass")] for eta in STALENESS_ETAS
+        },
         "in_all": False,
     },
     "dose-response": {
@@ -216,7 +283,7 @@ EXPERIMENTS: dict[str, dict] = {
         "variants": _LONG_CAL,
         "seed_offset": 100,
         "in_all": False,
-        "preregistered": True,   # readings.md: C1 decides (the run is its own reference)
+        "preregistered": True,  # readings.md: C1 decides (the run is its own reference)
     },
     "long-dose": {
         "title": f"The next set, experiment 1: the numerics ladder vs on-policy IS / R3 and N = {DOSE_N} replay",
@@ -224,11 +291,17 @@ EXPERIMENTS: dict[str, dict] = {
         "variants": _LONG_DOSE,
         # the pre-registered readings, within each rung: IS (no IS vs MiniRL), R3 on-policy, and
         # replay at N = 4 (R2, R3 vs no replay)
-        "reference": {"on_no_is": "on_minirl", "on_r3": "on_minirl", "off_r2": "off_noreplay", "off_r3": "off_noreplay"},
+        "reference": {
+            "on_no_is": "on_minirl",
+            "on_r3": "on_minirl",
+            "off_r2": "off_noreplay",
+            "off_r3": "off_noreplay",
+        },
         "rows": {rung: [v for v in _LONG_DOSE if v.startswith(f"{rung}/")] for rung in LADDER},
         "in_all": False,
         # readings.md: C3 compares each run's entropy with the same seed and rung's on-policy MiniRL
-        "preregistered": True, "c3_reference": "on_minirl",
+        "preregistered": True,
+        "c3_reference": "on_minirl",
     },
     "long-length": {
         "title": "The next set, experiment 2: the numerics ladder vs on-policy IS at twice the length (~200 tokens)",
@@ -237,18 +310,22 @@ EXPERIMENTS: dict[str, dict] = {
         "reference": {"on_no_is": "on_minirl"},
         "rows": {rung: [v for v in _LONG_LENGTH if v.startswith(f"{rung}/")] for rung in LADDER},
         "in_all": False,
-        "preregistered": True, "c3_reference": "on_minirl",
+        "preregistered": True,
+        "c3_reference": "on_minirl",
     },
     "long-offpolicy": {
         "title": "The next set, experiment 3: off-policy by mini-batches (N = 2, 4, 8), at one rung",
         "base": [*LONG_COMMON, f"optim.lr={LONG_LR}"],
         "variants": _LONG_OFF,
         "reference": {name: "noclip_noreplay" for name in _OFF_FOUR if name != "noclip_noreplay"},
-        "rows": {f"{rung} N={n}": [v for v in _LONG_OFF if v.startswith(f"{rung}/n{n}/")]
-                 for rung in LADDER for n in OFF_NS},
+        "rows": {
+            f"{rung} N={n}": [v for v in _LONG_OFF if v.startswith(f"{rung}/n{n}/")] for rung in LADDER for n in OFF_NS
+        },
         "in_all": False,
         # C3's reference is experiment 1's run (same seed and rung, on-policy MiniRL)
-        "preregistered": True, "c3_reference": "on_minirl", "c3_from": "long-dose",
+        "preregistered": True,
+        "c3_reference": "on_minirl",
+        "c3_from": "long-dose",
     },
     "long-lag": {
         "title": "The next set, experiment 4: off-policy by lag (eta = 1, 2, 4), decoupled and bypass, at one rung",
@@ -258,9 +335,14 @@ EXPERIMENTS: dict[str, dict] = {
         | {"noclip_noreplay_bypass": "noclip_noreplay"},
         # Amendment 6's second comparison of the bypass: against its decoupled twin
         "also_compare": {"clip_r3_bypass": "clip_r3"},
-        "rows": {f"{rung} eta={eta}": [v for v in _LONG_LAG if v.startswith(f"{rung}/eta{eta}/")]
-                 for rung in LADDER for eta in LAG_ETAS},
+        "rows": {
+            f"{rung} eta={eta}": [v for v in _LONG_LAG if v.startswith(f"{rung}/eta{eta}/")]
+            for rung in LADDER
+            for eta in LAG_ETAS
+        },
         "in_all": False,
-        "preregistered": True, "c3_reference": "on_minirl", "c3_from": "long-dose",
+        "preregistered": True,
+        "c3_reference": "on_minirl",
+        "c3_from": "long-dose",
     },
 }

@@ -13,7 +13,7 @@ from stablerl import metrics as M
 from stablerl.repro.experiments import EXPERIMENTS
 from stablerl.repro.stats import collapse_c3, collapse_preregistered, metric_mean, paired_interval, run_stats
 
-Runs = dict[str, dict[int, tuple[dict, list[dict], int]]]   # variant -> seed -> (summary, rows, N)
+Runs = dict[str, dict[int, tuple[dict, list[dict], int]]]  # variant -> seed -> (summary, rows, N)
 
 
 def c3_reference_of(variant: str, c3_reference: str | None) -> str | None:
@@ -33,11 +33,18 @@ def run_reading(rows: list[dict], n: int, aborted: bool, reference_rows: list[di
     c3, direction = collapse_c3(rows, reference_rows, n) if reference_rows is not None else (None, "")
     step, how = collapse_preregistered(rows, reference_rows, aborted, n)
     return {
-        "c3": c3, "c3_direction": direction, "prereg_step": step, "prereg_how": how,
-        "kl_k1": metric_mean(rows, M.TRAIN_INFER_KL_K1), "staleness_kl": metric_mean(rows, M.STALENESS_KL),
-        "clip_low": metric_mean(rows, "clip_frac_low"), "clip_high": metric_mean(rows, M.CLIP_FRAC_HIGH),
-        "stale_agreement": metric_mean(rows, M.ROUTE_STALE), "seq_log_w": metric_mean(rows, "seq_log_w/mean"),
-        "seq_log_w_p01": metric_mean(rows, M.SEQ_LOG_W_P01), "seq_log_w_p05": metric_mean(rows, "seq_log_w/p05"),
+        "c3": c3,
+        "c3_direction": direction,
+        "prereg_step": step,
+        "prereg_how": how,
+        "kl_k1": metric_mean(rows, M.TRAIN_INFER_KL_K1),
+        "staleness_kl": metric_mean(rows, M.STALENESS_KL),
+        "clip_low": metric_mean(rows, "clip_frac_low"),
+        "clip_high": metric_mean(rows, M.CLIP_FRAC_HIGH),
+        "stale_agreement": metric_mean(rows, M.ROUTE_STALE),
+        "seq_log_w": metric_mean(rows, "seq_log_w/mean"),
+        "seq_log_w_p01": metric_mean(rows, M.SEQ_LOG_W_P01),
+        "seq_log_w_p05": metric_mean(rows, "seq_log_w/p05"),
         "entropy": metric_mean(rows, M.ENTROPY),
     }
 
@@ -74,9 +81,26 @@ def readings_table(read: dict[str, dict[int, dict]], reference: str | dict[str, 
     an R3 variant, 1 minus it is the share of the KL that R3 removes)."""
     from stablerl.repro.report import reference_of
 
-    head = ["variant", "seed", "acc step 0", "final acc", "peak acc", "C1", "C2", "C3 (vs)", "collapsed (pre-registered)",
-            "collapsed (old definition)", "k1 KL", "k1 KL / reference's", "staleness KL", "clip low / high",
-            "stale routing agreement", "seq log w mean / p05 / p01", "entropy", "KL spikes / opt step"]
+    head = [
+        "variant",
+        "seed",
+        "acc step 0",
+        "final acc",
+        "peak acc",
+        "C1",
+        "C2",
+        "C3 (vs)",
+        "collapsed (pre-registered)",
+        "collapsed (old definition)",
+        "k1 KL",
+        "k1 KL / reference's",
+        "staleness KL",
+        "clip low / high",
+        "stale routing agreement",
+        "seq log w mean / p05 / p01",
+        "entropy",
+        "KL spikes / opt step",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, seeds in read.items():
         ref_name = reference_of(variant, reference) if reference else None
@@ -84,13 +108,33 @@ def readings_table(read: dict[str, dict[int, dict]], reference: str | dict[str, 
             ref = read.get(ref_name, {}).get(seed) if ref_name else None
             ratio = f"{r['kl_k1'] / ref['kl_k1']:.2f}" if ref and ref["kl_k1"] > 0 else "-"
             c3 = "-" if r["c3_reference"] is None else _step(r["c3"], r["c3_direction"])
-            lines.append("| " + " | ".join([
-                variant, str(seed), _g(r["initial_acc"], ".3f"), _g(r["final_acc"], ".3f"), _g(r["peak_acc"], ".3f"),
-                _step(r["c1_step"]), _step(r["c2_step"]), c3, _step(r["prereg_step"], r["prereg_how"]),
-                _step(r["collapse_step"], r["collapse_how"]), _g(r["kl_k1"]), ratio, _g(r["staleness_kl"]),
-                f"{_g(r['clip_low'], '.1e')} / {_g(r['clip_high'], '.1e')}", _g(r["stale_agreement"], ".4f"),
-                f"{_g(r['seq_log_w'], '.2f')} / {_g(r['seq_log_w_p05'], '.2f')} / {_g(r['seq_log_w_p01'], '.2f')}",
-                _g(r["entropy"], ".3f"), _g(r["kl_spikes_per_opt_step"], ".3f")]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        variant,
+                        str(seed),
+                        _g(r["initial_acc"], ".3f"),
+                        _g(r["final_acc"], ".3f"),
+                        _g(r["peak_acc"], ".3f"),
+                        _step(r["c1_step"]),
+                        _step(r["c2_step"]),
+                        c3,
+                        _step(r["prereg_step"], r["prereg_how"]),
+                        _step(r["collapse_step"], r["collapse_how"]),
+                        _g(r["kl_k1"]),
+                        ratio,
+                        _g(r["staleness_kl"]),
+                        f"{_g(r['clip_low'], '.1e')} / {_g(r['clip_high'], '.1e')}",
+                        _g(r["stale_agreement"], ".4f"),
+                        f"{_g(r['seq_log_w'], '.2f')} / {_g(r['seq_log_w_p05'], '.2f')} / "
+                        f"{_g(r['seq_log_w_p01'], '.2f')}",
+                        _g(r["entropy"], ".3f"),
+                        _g(r["kl_spikes_per_opt_step"], ".3f"),
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -115,13 +159,18 @@ def noise_line(noise: tuple[dict[int, float], float | None]) -> str:
         return "Evaluation noise: fewer than two step-0 evaluations have finished; not measured yet.\n"
     parts = []
     if per_seed:
-        parts.append("across variants of one seed it spreads by " + ", ".join(f"{v:.3f} (seed {s})" for s, v in per_seed.items())
-                     + (" (the same evaluation seeds: no noise can show there)" if max(per_seed.values()) == 0 else ""))
+        parts.append(
+            "across variants of one seed it spreads by "
+            + ", ".join(f"{v:.3f} (seed {s})" for s, v in per_seed.items())
+            + (" (the same evaluation seeds: no noise can show there)" if max(per_seed.values()) == 0 else "")
+        )
     if across is not None:
         parts.append(f"across seeds (different sampling, the same policy) by {across:.3f}")
     worst = max([*per_seed.values(), across or 0.0])
-    return (f"Evaluation noise (s.5): the cold start's step-0 held-out accuracy {'; '.join(parts)}. No difference "
-            f"smaller than 3x the largest, {3 * worst:.3f}, is claimed.\n")
+    return (
+        f"Evaluation noise (s.5): the cold start's step-0 held-out accuracy {'; '.join(parts)}. No difference "
+        f"smaller than 3x the largest, {3 * worst:.3f}, is claimed.\n"
+    )
 
 
 def dose_points(read: dict[str, dict[int, dict]], reference: dict[str, str], dose_axis: dict[str, dict]) -> list[dict]:
@@ -140,22 +189,36 @@ def dose_points(read: dict[str, dict[int, dict]], reference: dict[str, str], dos
         if not diffs:
             continue
         ci = paired_interval(diffs)
-        points.append({"rung": rung, "variant": name, "reference": ref_name.rpartition("/")[2],
-                       "dose_k1": dose_axis[rung]["kl_k1"], "seq_log_w": dose_axis[rung].get("seq_log_w_mean"),
-                       "diffs": diffs, "mean": statistics.mean(diffs),
-                       "lo": ci[1] if ci else None, "hi": ci[2] if ci else None})
+        points.append(
+            {
+                "rung": rung,
+                "variant": name,
+                "reference": ref_name.rpartition("/")[2],
+                "dose_k1": dose_axis[rung]["kl_k1"],
+                "seq_log_w": dose_axis[rung].get("seq_log_w_mean"),
+                "diffs": diffs,
+                "mean": statistics.mean(diffs),
+                "lo": ci[1] if ci else None,
+                "hi": ci[2] if ci else None,
+            }
+        )
     return points
 
 
 def dose_markdown(points: list[dict]) -> str:
-    lines = ["Against the dose (the cold start's k1 KL per token at each rung, dose_axis.json):\n",
-             "| rung | cold start's k1 KL | cold start's sum log w / response | variant - reference | "
-             "per-seed differences | mean | 95% interval |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "Against the dose (the cold start's k1 KL per token at each rung, dose_axis.json):\n",
+        "| rung | cold start's k1 KL | cold start's sum log w / response | variant - reference | "
+        "per-seed differences | mean | 95% interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in sorted(points, key=lambda p: (-p["dose_k1"], p["variant"])):
         ci = f"[{p['lo']:+.3f}, {p['hi']:+.3f}]" if p["lo"] is not None else "n/a (< 2 seeds)"
         seq = f"{p['seq_log_w']:+.2f}" if p["seq_log_w"] is not None else "n/a"
-        lines.append(f"| {p['rung']} | {p['dose_k1']:.2e} | {seq} | {p['variant']} - {p['reference']} | "
-                     f"{', '.join(f'{d:+.3f}' for d in p['diffs'])} | {p['mean']:+.3f} | {ci} |")
+        lines.append(
+            f"| {p['rung']} | {p['dose_k1']:.2e} | {seq} | {p['variant']} - {p['reference']} | "
+            f"{', '.join(f'{d:+.3f}' for d in p['diffs'])} | {p['mean']:+.3f} | {ci} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -177,12 +240,17 @@ def plot_dose(points: list[dict], path: Path, title: str) -> Path:
         pts = sorted((p for p in points if p["variant"] == name), key=lambda p: p["dose_k1"])
         xs = [max(p["dose_k1"], DOSE_AXIS_FLOOR) for p in pts]
         ys = [p["mean"] for p in pts]
-        err = [[(p["mean"] - p["lo"]) if p["lo"] is not None else 0 for p in pts],
-               [(p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in pts]]
+        err = [
+            [(p["mean"] - p["lo"]) if p["lo"] is not None else 0 for p in pts],
+            [(p["hi"] - p["mean"]) if p["hi"] is not None else 0 for p in pts],
+        ]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=f"C{i}", label=f"{name} - {pts[0]['reference']}")
         for p, x in zip(pts, xs):
-            label = (p["rung"] if p["dose_k1"] >= DOSE_AXIS_FLOOR
-                     else f"{p['rung']} (KL {p['dose_k1']:.0e}, drawn at {DOSE_AXIS_FLOOR:.0e})")
+            label = (
+                p["rung"]
+                if p["dose_k1"] >= DOSE_AXIS_FLOOR
+                else f"{p['rung']} (KL {p['dose_k1']:.0e}, drawn at {DOSE_AXIS_FLOOR:.0e})"
+            )
             ax.annotate(label, (x, p["mean"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
@@ -205,11 +273,13 @@ def write_reading(name: str, by_seed: Runs, dest: Path, pool: Runs | None = None
     if not read:
         return {}
     paths = {"readings_md": dest / "readings.md"}
-    text = (f"Pre-registered reading (docs/preregistration.md s.3-4), one row per finished run; steps are "
-            f"optimizer steps.\n\n{noise_line(evaluation_noise(read))}\n{readings_table(read, exp.get('reference'))}")
+    text = (
+        f"Pre-registered reading (docs/preregistration.md s.3-4), one row per finished run; steps are "
+        f"optimizer steps.\n\n{noise_line(evaluation_noise(read))}\n{readings_table(read, exp.get('reference'))}"
+    )
     axis_path = dest / "dose_axis.json"
     if isinstance(exp.get("reference"), dict) and axis_path.exists():
-        measured = json.loads(axis_path.read_text())   # benchmarks/dose_axis.py --out: one entry per rung
+        measured = json.loads(axis_path.read_text())  # benchmarks/dose_axis.py --out: one entry per rung
         axis = {rung: v for rung, v in measured.items() if isinstance(v, dict) and "kl_k1" in v}
         points = dose_points(read, exp["reference"], axis)
         if points:

@@ -31,7 +31,10 @@ def is_done(run_dir: Path) -> bool:
 
 def has_record_only(out: Path, experiment: str, variant: str, seed: int) -> bool:
     """The run finished elsewhere (or on a lost machine): no run directory here, its record kept."""
-    return not run_dir_of(out, experiment, variant, seed).exists() and record_path(out, experiment, variant, seed).is_file()
+    return (
+        not run_dir_of(out, experiment, variant, seed).exists()
+        and record_path(out, experiment, variant, seed).is_file()
+    )
 
 
 def is_finished(out: Path, experiment: str, variant: str, seed: int) -> bool:
@@ -39,8 +42,9 @@ def is_finished(out: Path, experiment: str, variant: str, seed: int) -> bool:
     return is_done(run_dir_of(out, experiment, variant, seed)) or has_record_only(out, experiment, variant, seed)
 
 
-def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print,
-                   variants: list[str] | None = None) -> list[Path]:
+def run_experiment(
+    name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print, variants: list[str] | None = None
+) -> list[Path]:
     """Run every variant of ``name`` for ``seeds`` (a count: 0..K-1, or a list); returns the
     run directories. A run with a summary.json is done and skipped, and so is one whose directory
     is gone but whose record is kept (a lost machine, records copied back from docs/results/: the
@@ -74,7 +78,9 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
             log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: done (its record is kept), skipped")
             continue
         train_seed = seed + exp.get("seed_offset", 0)
-        overrides = exp["base"] + exp["variants"][variant] + [f"train.seed={train_seed}", f"run_dir={run_dir}"] + list(extra)
+        overrides = (
+            exp["base"] + exp["variants"][variant] + [f"train.seed={train_seed}", f"run_dir={run_dir}"] + list(extra)
+        )
         cfg = build_config(RunConfig, None, overrides)
         resume = is_run_dir(run_dir)  # started before: continue it (or restart it if no checkpoint was written)
         log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: {'resuming' if resume else 'starting'}")
@@ -96,7 +102,9 @@ def run_experiment(name: str, out: Path, seeds: int | list[int], extra: list[str
         ran += 1
         left = sum(not is_finished(out, name, v, s) for v, s in jobs)
         eta = (time.perf_counter() - t_start) / ran * left
-        log(f"[repro {name}] {variant} seed {seed}: sampled acc {summary.get('sampled_before', float('nan')):.3f}"
+        log(
+            f"[repro {name}] {variant} seed {seed}: sampled acc {summary.get('sampled_before', float('nan')):.3f}"
             f" -> {summary.get('sampled_after', float('nan')):.3f} ({summary['seconds']:.0f} s; {left} runs left, "
-            f"~{eta / 60:.0f} min)")
+            f"~{eta / 60:.0f} min)"
+        )
     return dirs

@@ -4,11 +4,12 @@ Collapse (the definition every table uses; it catches both directions the paper 
 collapsed at step c when, from c to its end,
 
 - its training reward (moving average over 20 optimizer steps' worth of rollouts, after the
-  first 20 optimizer steps) stays below half of its running peak — whatever its entropy does: the report says whether the entropy *dropped*
-  (below half its initial level, the paper's collapse without IS) or *blew up* (above twice it,
-  off-policy without clipping or replay) by then; or
+  first 20 optimizer steps) stays below half of its running peak — whatever its entropy does: the
+  report says whether the entropy *dropped* (below half its initial level, the paper's collapse
+  without IS) or *blew up* (above twice it, off-policy without clipping or replay) by then; or
 - its entropy (moving average over 10 optimizer steps' worth) stays above 3x its initial level
-  (the median over the first 10 optimizer steps' worth): a policy dissolving into noise, even before the reward has fallen; or
+  (the median over the first 10 optimizer steps' worth): a policy dissolving into noise, even before
+  the reward has fallen; or
 - it was stopped for non-finite steps (collapsed at the step it stopped).
 
 All steps and windows in the tables and figures are *optimizer* steps (rollout step x N), so
@@ -57,7 +58,9 @@ def _stopped(rows: list[dict], n: int) -> tuple[int, str]:
     return ((steps[-1] + 1) * n if steps else 0), "stopped: non-finite"
 
 
-def collapse(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW, n: int = 1) -> tuple[int | None, str]:
+def collapse(
+    rows: list[dict], aborted: bool = False, window: int = REWARD_WINDOW, n: int = 1
+) -> tuple[int | None, str]:
     """``(optimizer step of the collapse or None, how)`` by the module's definition; ``rows`` are
     per rollout step, ``n`` is the run's mini-batches per rollout step and ``window`` is in
     optimizer steps (steps are reported as optimizer steps)."""
@@ -101,13 +104,13 @@ def collapse(rows: list[dict], aborted: bool = False, window: int = REWARD_WINDO
 # The pre-registered collapse definition (docs/preregistration.md s.3): C1, or C2 and C3.
 # Steps in and out are optimizer steps; ``rows`` are per rollout step, ``n`` its mini-batches.
 # ---------------------------------------------------------------------------------------------
-C1_DROP, C1_HOLD = 0.15, 2            # accuracy below the running peak by this much, for this many evaluations
-C2_FACTOR, C2_WINDOW = 10.0, 10       # k1 KL's running median this many times its early median
-C3_BAND, C3_WINDOW, C3_SPAN = (0.5, 2.0), 10, 20   # entropy vs the reference run's, for this many steps
+C1_DROP, C1_HOLD = 0.15, 2  # accuracy below the running peak by this much, for this many evaluations
+C2_FACTOR, C2_WINDOW = 10.0, 10  # k1 KL's running median this many times its early median
+C3_BAND, C3_WINDOW, C3_SPAN = (0.5, 2.0), 10, 20  # entropy vs the reference run's, for this many steps
 
 
 def _running_median(values: list[float], window: int) -> list[float]:
-    return [statistics.median(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+    return [statistics.median(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
 def collapse_c1(rows: list[dict], n: int = 1) -> int | None:
@@ -154,8 +157,9 @@ def collapse_c3(rows: list[dict], reference: list[dict], n: int = 1) -> tuple[in
     return None, ""
 
 
-def collapse_preregistered(rows: list[dict], reference: list[dict] | None, aborted: bool = False,
-                           n: int = 1) -> tuple[int | None, str]:
+def collapse_preregistered(
+    rows: list[dict], reference: list[dict] | None, aborted: bool = False, n: int = 1
+) -> tuple[int | None, str]:
     """The pre-registered definition: C1, or C2 and C3 (C3 needs the reference run; without one
     only C1 can decide). A run stopped for non-finite steps collapsed there."""
     if aborted:
@@ -204,27 +208,36 @@ def finished_runs(name: str, out: Path, seeds: int) -> dict[str, list[tuple[dict
 
 def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
     evals = [r[M.EVAL_SAMPLED] for r in rows if M.EVAL_SAMPLED in r]
-    rewards = [r[M.REWARD_MEAN] for r in rows if M.REWARD_MEAN in r][-rollout_steps(REWARD_WINDOW, n):]
+    rewards = [r[M.REWARD_MEAN] for r in rows if M.REWARD_MEAN in r][-rollout_steps(REWARD_WINDOW, n) :]
 
     def mean_of(key: str) -> float:
         return metric_mean(rows, key)
 
     kls = metric_values(rows, M.TRAIN_INFER_KL)
     step, how = collapse(rows, bool(summary.get("aborted")), n=n)
-    return {"final_acc": evals[-1] if evals else float("nan"), "peak_acc": max(evals) if evals else float("nan"),
-            "initial_acc": evals[0] if evals else float("nan"),
-            "final_reward": sum(rewards) / len(rewards) if rewards else float("nan"),
-            "collapse_step": step, "collapse_how": how,
-            "mean_train_infer_kl": mean_of(M.TRAIN_INFER_KL), "mean_train_infer_kl_k1": mean_of(M.TRAIN_INFER_KL_K1),
-            "seconds": summary.get("seconds", float("nan")),
-            "max_kl": max(kls) if kls else float("nan"), "kl_spikes": sum(k > KL_SPIKE for k in kls),
-            "route_agreement": mean_of(M.ROUTE_TRAIN_INFER), "entropy": mean_of(M.ENTROPY),
-            "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG), "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED),
-            "staleness_max": max(metric_values(rows, M.STALENESS_MAX), default=float("nan")),
-            # the pre-registered reading's per-run numbers (docs/preregistration.md s.3-4)
-            "c1_step": collapse_c1(rows, n), "c2_step": collapse_c2(rows, n),
-            "seq_log_w_p01": mean_of(M.SEQ_LOG_W_P01),
-            "kl_spikes_per_opt_step": sum(k > KL_SPIKE for k in kls) / (len(kls) * n) if kls else float("nan")}
+    return {
+        "final_acc": evals[-1] if evals else float("nan"),
+        "peak_acc": max(evals) if evals else float("nan"),
+        "initial_acc": evals[0] if evals else float("nan"),
+        "final_reward": sum(rewards) / len(rewards) if rewards else float("nan"),
+        "collapse_step": step,
+        "collapse_how": how,
+        "mean_train_infer_kl": mean_of(M.TRAIN_INFER_KL),
+        "mean_train_infer_kl_k1": mean_of(M.TRAIN_INFER_KL_K1),
+        "seconds": summary.get("seconds", float("nan")),
+        "max_kl": max(kls) if kls else float("nan"),
+        "kl_spikes": sum(k > KL_SPIKE for k in kls),
+        "route_agreement": mean_of(M.ROUTE_TRAIN_INFER),
+        "entropy": mean_of(M.ENTROPY),
+        "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG),
+        "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED),
+        "staleness_max": max(metric_values(rows, M.STALENESS_MAX), default=float("nan")),
+        # the pre-registered reading's per-run numbers (docs/preregistration.md s.3-4)
+        "c1_step": collapse_c1(rows, n),
+        "c2_step": collapse_c2(rows, n),
+        "seq_log_w_p01": mean_of(M.SEQ_LOG_W_P01),
+        "kl_spikes_per_opt_step": sum(k > KL_SPIKE for k in kls) / (len(kls) * n) if kls else float("nan"),
+    }
 
 
 def metric_values(rows: list[dict], key: str) -> list[float]:

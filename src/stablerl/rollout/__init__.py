@@ -6,20 +6,39 @@ from stablerl.rollout.local import LocalEngine
 __all__ = ["RolloutBatch", "RolloutEngine", "LocalEngine", "build_engine", "concat"]
 
 
-def build_engine(cfg, model, tokenizer, *, seed: int = 0, distributed: bool = False, weights=None,
-                 version: int = 0) -> RolloutEngine:
+def build_engine(
+    cfg, model, tokenizer, *, seed: int = 0, distributed: bool = False, weights=None, version: int = 0
+) -> RolloutEngine:
     """The engine ``cfg`` (a ``RolloutConfig``) names, holding ``model``'s current weights (or
     ``weights``, a state dict or a stream of ``(name, tensor)``: ``model`` may then be a
     meta-device skeleton) as policy version ``version``: ``LocalEngine`` or
     (``rollout.engine=vllm``) ``VllmEngine``."""
     if cfg.engine == "local":
-        return LocalEngine(model, cfg.precision, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, weight_noise=cfg.weight_noise, weights=weights,
-                           version=version, drop_finished=cfg.drop_finished, compile=cfg.compile)
+        return LocalEngine(
+            model,
+            cfg.precision,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            weight_noise=cfg.weight_noise,
+            weights=weights,
+            version=version,
+            drop_finished=cfg.drop_finished,
+            compile=cfg.compile,
+        )
     if cfg.weight_noise:
-        raise ValueError("rollout.weight_noise perturbs the local engine's weights; it has no effect with "
-                         "rollout.engine=vllm (set it to 0, or use rollout.engine=local)")
+        raise ValueError(
+            "rollout.weight_noise perturbs the local engine's weights; it has no effect with "
+            "rollout.engine=vllm (set it to 0, or use rollout.engine=local)"
+        )
     from stablerl.rollout.vllm import VllmEngine  # imports vllm: only when asked for
 
-    return VllmEngine(model, tokenizer, cfg.precision, cfg=cfg.vllm, seed=seed, distributed=distributed,
-                      weights=weights, version=version)
+    return VllmEngine(
+        model,
+        tokenizer,
+        cfg.precision,
+        cfg=cfg.vllm,
+        seed=seed,
+        distributed=distributed,
+        weights=weights,
+        version=version,
+    )

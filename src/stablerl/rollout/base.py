@@ -24,19 +24,19 @@ class RolloutBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     prompt_width: int
-    response_mask: torch.Tensor          # [B, R] bool
-    rollout_logp: torch.Tensor           # [B, R] float32, log mu_old of each sampled token, 0 at padding
-    finished: torch.Tensor               # [B] bool: ended with EOS (else cut at max_new_tokens)
-    version: int                         # policy version of the engine's weights
+    response_mask: torch.Tensor  # [B, R] bool
+    rollout_logp: torch.Tensor  # [B, R] float32, log mu_old of each sampled token, 0 at padding
+    finished: torch.Tensor  # [B] bool: ended with EOS (else cut at max_new_tokens)
+    version: int  # policy version of the engine's weights
     routes: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
-    sampling: SamplingConfig | None = None   # how it was sampled (temperature, length limit, ...)
+    sampling: SamplingConfig | None = None  # how it was sampled (temperature, length limit, ...)
     extras: dict = field(default_factory=dict)
 
     @property
     def response_ids(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_width:]
+        return self.input_ids[:, self.prompt_width :]
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -45,25 +45,35 @@ class RolloutBatch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
+    def select(self, rows: torch.Tensor | list[int]) -> RolloutBatch:
         """The rollouts at ``rows`` (a mini- or micro-batch), every per-row field sliced alike."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return replace(
-            self, input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
-            response_mask=self.response_mask[rows], rollout_logp=self.rollout_logp[rows],
-            finished=self.finished[rows], routes=pick(self.routes), group_ids=pick(self.group_ids),
-            rewards=pick(self.rewards), extras=dict(self.extras),
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            rollout_logp=self.rollout_logp[rows],
+            finished=self.finished[rows],
+            routes=pick(self.routes),
+            group_ids=pick(self.group_ids),
+            rewards=pick(self.rewards),
+            extras=dict(self.extras),
         )
 
-    def trim(self) -> "RolloutBatch":
+    def trim(self) -> RolloutBatch:
         """Drop trailing response columns that are padding in every row (cheaper forwards)."""
         R = int(self.response_mask.sum(-1).max())
         end = self.prompt_width + R
         return replace(
-            self, input_ids=self.input_ids[:, :end], attention_mask=self.attention_mask[:, :end],
-            response_mask=self.response_mask[:, :R], rollout_logp=self.rollout_logp[:, :R],
-            routes=None if self.routes is None else self.routes[:, :end], extras=dict(self.extras),
+            self,
+            input_ids=self.input_ids[:, :end],
+            attention_mask=self.attention_mask[:, :end],
+            response_mask=self.response_mask[:, :R],
+            rollout_logp=self.rollout_logp[:, :R],
+            routes=None if self.routes is None else self.routes[:, :end],
+            extras=dict(self.extras),
         )
 
 
@@ -84,9 +94,10 @@ def concat(batches: list[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
     def sequence(b: RolloutBatch, t: torch.Tensor, value) -> torch.Tensor:
         """``t`` ``[B, P_b + R_b, ...]``: its prompt part left-padded to P, its response part right-padded to R."""
         x = t.movedim(1, -1)
-        prompt, response = x[..., :b.prompt_width], x[..., b.prompt_width:]
-        return torch.cat([widen(prompt, P - b.prompt_width, 0, value),
-                          widen(response, 0, R - response.shape[-1], value)], -1).movedim(-1, 1)
+        prompt, response = x[..., : b.prompt_width], x[..., b.prompt_width :]
+        return torch.cat(
+            [widen(prompt, P - b.prompt_width, 0, value), widen(response, 0, R - response.shape[-1], value)], -1
+        ).movedim(-1, 1)
 
     def responses(attr: str, value) -> torch.Tensor:
         return torch.cat([widen(getattr(b, attr), 0, R - b.response_ids.shape[1], value) for b in batches])
@@ -99,10 +110,17 @@ def concat(batches: list[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
         routes = torch.cat([sequence(b, b.routes, -1) for b in batches])
     return RolloutBatch(
         input_ids=torch.cat([sequence(b, b.input_ids, pad_token_id) for b in batches]),
-        attention_mask=torch.cat([sequence(b, b.attention_mask, 0) for b in batches]), prompt_width=P,
-        response_mask=responses("response_mask", False), rollout_logp=responses("rollout_logp", 0.0),
-        finished=rows("finished"), version=batches[0].version, routes=routes, group_ids=rows("group_ids"),
-        rewards=rows("rewards"), sampling=batches[0].sampling)
+        attention_mask=torch.cat([sequence(b, b.attention_mask, 0) for b in batches]),
+        prompt_width=P,
+        response_mask=responses("response_mask", False),
+        rollout_logp=responses("rollout_logp", 0.0),
+        finished=rows("finished"),
+        version=batches[0].version,
+        routes=routes,
+        group_ids=rows("group_ids"),
+        rewards=rows("rewards"),
+        sampling=batches[0].sampling,
+    )
 
 
 class RolloutEngine(Protocol):
@@ -110,8 +128,14 @@ class RolloutEngine(Protocol):
 
     version: int
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seeds: list[int] | None = None,
-                 capture_routes: bool = True) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        *,
+        seeds: list[int] | None = None,
+        capture_routes: bool = True,
+    ) -> RolloutBatch:
         """Sample one response per prompt (repeat a prompt G times for a group)."""
         ...
 

@@ -8,10 +8,10 @@ step, returning next-token logits and (for MoE) the routes of the fed positions.
   cache), masks and rotary tables built once per step for all layers, plain batched-matmul
   attention for single-token decode, routes recorded inline (no hooks), experts as
   capacity-padded batched matmuls or matmuls over the token-expert pairs, picked per call
-  (``stablerl.moe.grouped_experts``); bf16 matrices prepacked for oneDNN where it runs them. It reads the weights from the engine's
-  HF model when built (once per generate call), so a weight sync updates both paths. Every
-  matrix multiply runs in ``stablerl.precision.matmul_dtype`` (bf16 inputs multiplied in fp32 on
-  a CPU without native bf16 kernels), its weights cast to it once per build.
+  (``stablerl.moe.grouped_experts``); bf16 matrices prepacked for oneDNN where it runs them. It
+  reads the weights from the engine's HF model when built (once per generate call), so a weight
+  sync updates both paths. Every matrix multiply runs in ``stablerl.precision.matmul_dtype`` (bf16
+  inputs multiplied in fp32 on a CPU without native bf16 kernels), its weights cast to it once per build.
 """
 
 from __future__ import annotations
@@ -38,8 +38,14 @@ class HFDecoder:
         self.attention_mask: torch.Tensor | None = None
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kwargs = dict(input_ids=ids, attention_mask=self.attention_mask, position_ids=positions,
-                      past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=self.attention_mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         if not self.capture:
             return self.model(**kwargs).logits[:, -1], None
         with capture_routes(self.model) as cap:
@@ -88,8 +94,11 @@ def _compiled(name: str):
         # the fp32 training forward 25% smaller than eager's: not the precision it names).
         # cpp_wrapper: the graph's kernel calls and buffer allocations issued from C++, not from a
         # Python wrapper (a step of the tiny model calls ~30 kernels: 6-8% of its rollout)
-        _COMPILED[name] = torch.compile(getattr(FastQwen3MoeDecoder, name), dynamic=False,
-                                        options={"emulate_precision_casts": True, "cpp_wrapper": True})
+        _COMPILED[name] = torch.compile(
+            getattr(FastQwen3MoeDecoder, name),
+            dynamic=False,
+            options={"emulate_precision_casts": True, "cpp_wrapper": True},
+        )
     return _COMPILED[name]
 
 
@@ -97,11 +106,15 @@ class FastQwen3MoeDecoder:
     @staticmethod
     def supports(model: nn.Module) -> bool:
         cfg = model.config
-        return (cfg.model_type == "qwen3_moe" and getattr(cfg, "sliding_window", None) is None
-                and cfg.rope_parameters.get("rope_type", "default") == "default")
+        return (
+            cfg.model_type == "qwen3_moe"
+            and getattr(cfg, "sliding_window", None) is None
+            and cfg.rope_parameters.get("rope_type", "default") == "default"
+        )
 
-    def __init__(self, model: nn.Module, capture: bool, batch_size: int, max_len: int, act_quant=None,
-                 compiled: bool = False):
+    def __init__(
+        self, model: nn.Module, capture: bool, batch_size: int, max_len: int, act_quant=None, compiled: bool = False
+    ):
         cfg = model.config
         self.capture, self.compiled = capture, compiled
         if compiled:  # a few cache lengths for all prompt widths (room for the widths' bucketing)
@@ -127,6 +140,7 @@ class FastQwen3MoeDecoder:
         # the matrices, in the dtype they are multiplied in, built per decoder (i.e. per generate
         # call) from the engine's current weights: a no-op cast unless that dtype differs
         self.mm_dtype = mm = matmul_dtype(dtype, model.model.embed_tokens.weight.device)
+
         # the 2-D matrices prepacked once for oneDNN's bf16 kernel where it runs them (a no-op
         # otherwise: stablerl.precision.pack_weight); rows = a decode step's
         def pack(w):  # (the compiled step multiplies plain matrices: the compiler picks its kernels)
@@ -167,16 +181,24 @@ class FastQwen3MoeDecoder:
                     rows = batch_size * self.top_k // len(gate_up)
                     packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
                 self.packed_experts.append(packed if packed and isinstance(packed[0][0], PackedWeight) else None)
-                self.static_layouts.append(tuple(static_layout(len(gate_up), self.top_k, gate_up.shape[2], down.shape[2],
-                                                               mm, decode) for decode in (False, True)))
+                self.static_layouts.append(
+                    tuple(
+                        static_layout(len(gate_up), self.top_k, gate_up.shape[2], down.shape[2], mm, decode)
+                        for decode in (False, True)
+                    )
+                )
             else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
-                self.mlp_weights.append(tuple(pack(w) for w in (mlp.gate_proj.weight, mlp.up_proj.weight,
-                                                                mlp.down_proj.weight)))
+                self.mlp_weights.append(
+                    tuple(pack(w) for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+                )
                 self.packed_experts.append(None)
                 self.static_layouts.append(None)
             # the attention scale folded into q's norm weight (RoPE is linear, so it commutes)
-            self.qk_norm_weight.append(torch.cat([a.q_norm.weight.expand(self.n_heads, -1) * a.scaling,
-                                                  a.k_norm.weight.expand(self.n_kv, -1)])[:, None])
+            self.qk_norm_weight.append(
+                torch.cat(
+                    [a.q_norm.weight.expand(self.n_heads, -1) * a.scaling, a.k_norm.weight.expand(self.n_kv, -1)]
+                )[:, None]
+            )
 
     # -- public ------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -188,8 +210,9 @@ class FastQwen3MoeDecoder:
         extra = -P % COMPILED_WIDTH_BUCKET
         ids = torch.cat([ids.new_zeros(B, extra), ids], dim=1)
         attention_mask = torch.cat([attention_mask.new_zeros(B, extra), attention_mask], dim=1)
-        logits, routes = _compiled("_static_prefill")(self, ids, position_ids_from_mask(attention_mask),
-                                                      attention_mask.bool())
+        logits, routes = _compiled("_static_prefill")(
+            self, ids, position_ids_from_mask(attention_mask), attention_mask.bool()
+        )
         return logits, (None if routes is None else routes[:, extra:])
 
     def _static_prefill(self, ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
@@ -204,8 +227,16 @@ class FastQwen3MoeDecoder:
         self.length += 1
         return _compiled("_static_step")(self, tokens, positions, torch.tensor([slot]))
 
-    def sample_and_step(self, logits: torch.Tensor, gumbel: torch.Tensor | None, finished: torch.Tensor,
-                        positions: torch.Tensor, sampling, eos_ids: torch.Tensor, pad_token_id: int):
+    def sample_and_step(
+        self,
+        logits: torch.Tensor,
+        gumbel: torch.Tensor | None,
+        finished: torch.Tensor,
+        positions: torch.Tensor,
+        sampling,
+        eos_ids: torch.Tensor,
+        pad_token_id: int,
+    ):
         """The compiled decode's loop body (``rollout.compile``): sample the next tokens from
         ``logits`` (``stablerl.rollout.sampling.sample_next``) and feed them at ``positions``, in one
         compiled call — per step, the sampling's dozen small eager operations and a second call's
@@ -219,8 +250,9 @@ class FastQwen3MoeDecoder:
         self.length += 1
         # plain values, so that the compiled graph guards on them as constants
         sampling = Sampling(float(sampling.temperature), int(sampling.top_k), float(sampling.top_p))
-        return _compiled("_static_sample_and_step")(self, logits, gumbel, finished, positions, slot, sampling,
-                                                    eos_ids, pad_token_id)
+        return _compiled("_static_sample_and_step")(
+            self, logits, gumbel, finished, positions, slot, sampling, eos_ids, pad_token_id
+        )
 
     def _static_sample_and_step(self, logits, gumbel, finished, positions, slot, sampling, eos_ids, pad_token_id):
         tokens, logp, active, finished = sample_next(logits, gumbel, finished, sampling, eos_ids, pad_token_id)
@@ -251,9 +283,9 @@ class FastQwen3MoeDecoder:
         # query i (cache slot t0+i) sees valid keys up to itself; a padded query sees itself so
         # its (unused) softmax is never over an empty set
         slots = torch.arange(t1)
-        causal = slots[None, :] <= (t0 + torch.arange(T))[:, None]                      # [T, t1]
+        causal = slots[None, :] <= (t0 + torch.arange(T))[:, None]  # [T, t1]
         mask = (self.key_valid[:, None, :t1] & causal[None]) | (slots[None, :] == (t0 + torch.arange(T))[:, None])[None]
-        mask = mask[:, None]                                                            # [B, 1, T, t1]
+        mask = mask[:, None]  # [B, 1, T, t1]
         if T == 1:  # decode attends [B, n_kv, group, t1]: an additive mask shared by all layers
             mask = torch.zeros(mask.shape, dtype=torch.float).masked_fill_(~mask, float("-inf"))
         return self._layers(x, cos, sin, mask, slice(t0, t1), static)
@@ -311,11 +343,11 @@ class FastQwen3MoeDecoder:
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         if isinstance(slots, slice):  # read back up to the last slot written
             kc[:, :, slots] = qk[:, nq:]
-            vc[:, :, slots] = qkv[:, nq + nkv:]
-            q, k, v = qk[:, :nq], kc[:, :, :slots.stop], vc[:, :, :slots.stop]
+            vc[:, :, slots] = qkv[:, nq + nkv :]
+            q, k, v = qk[:, :nq], kc[:, :, : slots.stop], vc[:, :, : slots.stop]
         else:  # the compiled step: the whole cache, its unwritten slots masked
             kc.index_copy_(2, slots, qk[:, nq:])
-            vc.index_copy_(2, slots, qkv[:, nq + nkv:])
+            vc.index_copy_(2, slots, qkv[:, nq + nkv :])
             q, k, v = qk[:, :nq], kc, vc
         if T == 1:  # decode: three small batched matmuls beat the CPU flash kernel here
             scores = matmul(q.reshape(B, nkv, nq // nkv, hd), k.transpose(-1, -2), self.mm_dtype).float() + mask
@@ -333,7 +365,15 @@ class FastQwen3MoeDecoder:
         weights, idx = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
-        out = grouped_experts(self.quant(h), idx, weights.to(h.dtype), gate_up_proj, down_proj,
-                              self.act_fns[layer_idx], quant=self.act_quant, layout=layout,
-                              packed=self.packed_experts[layer_idx])
+        out = grouped_experts(
+            self.quant(h),
+            idx,
+            weights.to(h.dtype),
+            gate_up_proj,
+            down_proj,
+            self.act_fns[layer_idx],
+            quant=self.act_quant,
+            layout=layout,
+            packed=self.packed_experts[layer_idx],
+        )
         return out, idx

@@ -48,9 +48,20 @@ class LocalEngine:
     lean Qwen3-MoE decoder where it applies and the model's own forward elsewhere.
     """
 
-    def __init__(self, model: nn.Module, precision: str = "bf16", *, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int = 0, fast: bool | None = None, weight_noise: float = 0.0, weights=None,
-                 version: int = 0, drop_finished: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: str = "bf16",
+        *,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int = 0,
+        fast: bool | None = None,
+        weight_noise: float = 0.0,
+        weights=None,
+        version: int = 0,
+        drop_finished: bool = False,
+        compile: bool = False,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not 0 <= weight_noise < float("inf"):
@@ -69,11 +80,14 @@ class LocalEngine:
             raise ValueError(f"the fast decoder supports qwen3_moe only, not {config.model_type!r}")
         self.fast = FastQwen3MoeDecoder.supports(self.model) if fast is None else fast
         if compile and not self.fast:
-            raise ValueError(f"rollout.compile compiles the fast decoder's step, which supports qwen3_moe models only "
-                             f"(this model is {config.model_type!r}); set rollout.compile=false")
+            raise ValueError(
+                f"rollout.compile compiles the fast decoder's step, which supports qwen3_moe models only "
+                f"(this model is {config.model_type!r}); set rollout.compile=false"
+            )
         if compile and drop_finished:
-            raise ValueError("rollout.compile and rollout.drop_finished cannot be combined (a compiled step has a "
-                             "fixed batch)")
+            raise ValueError(
+                "rollout.compile and rollout.drop_finished cannot be combined (a compiled step has a fixed batch)"
+            )
         self.compile = compile
         eos = eos_token_id if eos_token_id is not None else config.eos_token_id
         self.eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long)
@@ -86,8 +100,9 @@ class LocalEngine:
         self.load_weights(model.state_dict() if weights is None else weights, version=version)
 
     @torch.no_grad()
-    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                     version: int | None = None) -> None:
+    def load_weights(
+        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int | None = None
+    ) -> None:
         """Copy trained weights in, one tensor at a time (cast to the engine's precision, plus its
         ``weight_noise``): ``weights`` may be a state dict or a stream of ``(name, tensor)``, such
         as the learner gathering one full tensor at a time from its shards."""
@@ -111,8 +126,14 @@ class LocalEngine:
             raise ValueError(f"load_weights: the weights lacked {len(missing)} tensors, e.g. {missing[:3]}")
         self.version = self.version + 1 if version is None else int(version)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seeds: list[int] | None = None,
-                 capture_routes: bool = True) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        *,
+        seeds: list[int] | None = None,
+        capture_routes: bool = True,
+    ) -> RolloutBatch:
         # inference_mode (cheaper per op than no_grad: no view/version tracking); the outputs are
         # cloned outside it so that training code may use them in autograd graphs
         with torch.inference_mode():
@@ -128,8 +149,11 @@ class LocalEngine:
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for {B} prompts")
         capture = capture_routes and is_moe(self.model)
-        decoder = (FastQwen3MoeDecoder(self.model, capture, B, P + R, act_quant=self.act_quant, compiled=self.compile)
-                   if self.fast else HFDecoder(self.model, capture))
+        decoder = (
+            FastQwen3MoeDecoder(self.model, capture, B, P + R, act_quant=self.act_quant, compiled=self.compile)
+            if self.fast
+            else HFDecoder(self.model, capture)
+        )
         noise = GumbelNoise(seeds, self.vocab_size)
 
         logits, routes = decoder.prefill(ids, attention_mask)
@@ -198,11 +222,13 @@ class LocalEngine:
         for s in range(R):
             gumbel = noise.step(s) if sampling.temperature != 0 else None
             if s == R - 1:  # the last token is sampled, never fed back
-                tok, lp, active, finished = sample_next(logits, gumbel, finished, sampling, self.eos_ids,
-                                                        self.pad_token_id)
+                tok, lp, active, finished = sample_next(
+                    logits, gumbel, finished, sampling, self.eos_ids, self.pad_token_id
+                )
             else:
                 tok, lp, active, finished, logits, routes = decoder.sample_and_step(
-                    logits, gumbel, finished, positions + s, sampling, self.eos_ids, self.pad_token_id)
+                    logits, gumbel, finished, positions + s, sampling, self.eos_ids, self.pad_token_id
+                )
             tokens.append(tok)
             logps.append(lp)
             masks.append(active)
@@ -222,8 +248,8 @@ class LocalEngine:
         ids = torch.full((len(prompts), P), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(prompts), P, dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            mask[i, P - len(p):] = 1
+            ids[i, P - len(p) :] = torch.tensor(p)
+            mask[i, P - len(p) :] = 1
         return ids, mask
 
 

@@ -50,8 +50,9 @@ class GumbelNoise:
         return self._block[:, s - self._start]
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, noise: GumbelNoise, step: int,
-           rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, cfg: SamplingConfig, noise: GumbelNoise, step: int, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled tokens ``[B]`` and their log-probs under the distribution sampled from ``[B]``;
     ``rows``: which requests of ``noise`` the B logits rows are (default: all, in order)."""
     gumbel = noise.step(step) if cfg.temperature != 0 else None
@@ -60,7 +61,9 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, noise: GumbelNoise, step: 
     return _draw(filter_logits(logits, cfg), cfg, gumbel)
 
 
-def _draw(filtered: torch.Tensor, cfg: SamplingConfig, gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(
+    filtered: torch.Tensor, cfg: SamplingConfig, gumbel: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.temperature == 0:
         tokens = filtered.argmax(-1)
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32)
@@ -69,8 +72,14 @@ def _draw(filtered: torch.Tensor, cfg: SamplingConfig, gumbel: torch.Tensor | No
     return tokens, logp
 
 
-def sample_next(logits: torch.Tensor, gumbel: torch.Tensor | None, finished: torch.Tensor, cfg,
-                eos_ids: torch.Tensor, pad_token_id: int):
+def sample_next(
+    logits: torch.Tensor,
+    gumbel: torch.Tensor | None,
+    finished: torch.Tensor,
+    cfg,
+    eos_ids: torch.Tensor,
+    pad_token_id: int,
+):
     """One decode step's sampling and bookkeeping over every row, in tensor operations only (no
     value read back, no shape that depends on data), so that the compiled decode (rollout.compile)
     runs it inside its step's graph: the tokens ``[B]`` (pad on rows that had finished), their
@@ -81,8 +90,9 @@ def sample_next(logits: torch.Tensor, gumbel: torch.Tensor | None, finished: tor
     return mark_ended(tokens, logp, finished, eos_ids, pad_token_id)
 
 
-def mark_ended(tokens: torch.Tensor, logp: torch.Tensor, finished: torch.Tensor, eos_ids: torch.Tensor,
-               pad_token_id: int):
+def mark_ended(
+    tokens: torch.Tensor, logp: torch.Tensor, finished: torch.Tensor, eos_ids: torch.Tensor, pad_token_id: int
+):
     """A decode step's bookkeeping on its sampled ``tokens`` / ``logp`` ``[B]``: rows that had
     finished get the pad token and log-prob 0; returns them, the rows active before this step, and
     the rows finished after it (an EOS among ``eos_ids``). Selections only: no value is rounded."""

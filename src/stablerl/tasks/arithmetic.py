@@ -34,8 +34,14 @@ class ArithmeticTask:
     name = "arithmetic"
     reward_fns = [ARITHMETIC]
 
-    def __init__(self, levels: list[int] = (1, 2, 3), style: str = "steps", eval_size: int = 200,
-                 seed: int = 0, max_operand: int = 99):
+    def __init__(
+        self,
+        levels: list[int] = (1, 2, 3),
+        style: str = "steps",
+        eval_size: int = 200,
+        seed: int = 0,
+        max_operand: int = 99,
+    ):
         if style not in STYLES:
             raise ValueError(f"unknown teacher style {style!r}; allowed: {', '.join(STYLES)}")
         if not levels or any(not 1 <= lv <= 6 for lv in levels):

@@ -8,10 +8,10 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: str          # the text the policy continues
-    answer: str          # the reference answer the verifier checks against
-    solution: str = ""   # a teacher solution (response text) for cold-start SFT
-    level: int = 0       # difficulty level (0 = unknown)
+    prompt: str  # the text the policy continues
+    answer: str  # the reference answer the verifier checks against
+    solution: str = ""  # a teacher solution (response text) for cold-start SFT
+    level: int = 0  # difficulty level (0 = unknown)
     fields: dict = field(default_factory=dict, compare=False)  # the row's other columns, for reward fns
     source: str = field(default="", compare=False)  # where it came from, for messages ("data.jsonl row 7")
     messages: tuple = field(default=(), compare=False)  # a chat prompt (TRL's conversational format): its turns

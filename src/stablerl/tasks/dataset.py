@@ -38,8 +38,10 @@ def check_template(template: str) -> None:
     try:
         template.format(question="")
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"task.prompt_template {template!r} is not a valid template ({type(e).__name__}: {e}); "
-                         "it may use only {question} (write {{ and }} for literal braces)") from None
+        raise ValueError(
+            f"task.prompt_template {template!r} is not a valid template ({type(e).__name__}: {e}); "
+            "it may use only {question} (write {{ and }} for literal braces)"
+        ) from None
     if "{question}" not in template:
         raise ValueError(f"task.prompt_template {template!r} must contain {{question}}")
 
@@ -52,8 +54,10 @@ def _check_jsonl(path: Path) -> None:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise MalformedDataError(f"{path}: line {n} is not valid UTF-8 (byte {raw[e.start]:#04x} at "
-                                         f"column {e.start + 1}); allowed: UTF-8 text") from None
+                raise MalformedDataError(
+                    f"{path}: line {n} is not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                    f"column {e.start + 1}); allowed: UTF-8 text"
+                ) from None
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -115,7 +119,9 @@ def load_rows(source: str, split: str = "train", config: str | None = None, key:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable data
         what = str(e).splitlines()[0] if str(e) else ""
-        raise MalformedDataError(f"{key} {source!r} (split {split!r}) cannot be read: {type(e).__name__}: {what}") from None
+        raise MalformedDataError(
+            f"{key} {source!r} (split {split!r}) cannot be read: {type(e).__name__}: {what}"
+        ) from None
 
 
 def _is_json_lines(path: Path) -> bool:
@@ -124,8 +130,14 @@ def _is_json_lines(path: Path) -> bool:
     return head[:1] == b"{"
 
 
-def load_problems(source: str, columns: Columns, prompt_template: str = "{question}\n", split: str = "train",
-                  config: str | None = None, key: str = "task.dataset") -> list[Problem]:
+def load_problems(
+    source: str,
+    columns: Columns,
+    prompt_template: str = "{question}\n",
+    split: str = "train",
+    config: str | None = None,
+    key: str = "task.dataset",
+) -> list[Problem]:
     """Every row as a Problem (every column of the row goes to the reward functions); a malformed
     row is reported with its row number (1-based); a missing column names its config key."""
     check_template(prompt_template)
@@ -136,25 +148,38 @@ def load_problems(source: str, columns: Columns, prompt_template: str = "{questi
     for role in ("question", "answer", "solution"):
         name = getattr(columns, role)
         if name is not None and name not in ds.column_names:
-            raise MalformedDataError(f"{prefix}.{role}: no column {name!r} in {source}; its columns: "
-                                     f"{', '.join(ds.column_names)}")
+            raise MalformedDataError(
+                f"{prefix}.{role}: no column {name!r} in {source}; its columns: {', '.join(ds.column_names)}"
+            )
     problems, bad = [], []
     for i, row in enumerate(ds, start=1):
         q = row.get(columns.question)
         a = row.get(columns.answer) if columns.answer else ""
-        missing = [c for c, v in ((columns.question, q), (columns.answer, a))
-                   if c and (v is None or str(v).strip() == "" or (isinstance(v, list) and not v))]
+        missing = [
+            c
+            for c, v in ((columns.question, q), (columns.answer, a))
+            if c and (v is None or str(v).strip() == "" or (isinstance(v, list) and not v))
+        ]
         messages = chat_messages(q)
         if missing or not (isinstance(q, str) or messages):
-            bad.append(f"row {i}: missing or empty {', '.join(missing) or columns.question}"
-                       + ("" if missing else " (a prompt is text, or a list of {role, content} chat turns)"))
+            bad.append(
+                f"row {i}: missing or empty {', '.join(missing) or columns.question}"
+                + ("" if missing else " (a prompt is text, or a list of {role, content} chat turns)")
+            )
             continue
         sol = str(row.get(columns.solution) or "") if columns.solution else ""
         # a chat prompt is given to reward functions as its last user turn; its turns are encoded
         text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") if messages else q
-        problems.append(Problem(prompt=text if messages else prompt_template.format(question=q),
-                                answer=reference_answer(a), solution=sol, fields=dict(row),
-                                source=f"{source} row {i}", messages=messages))
+        problems.append(
+            Problem(
+                prompt=text if messages else prompt_template.format(question=q),
+                answer=reference_answer(a),
+                solution=sol,
+                fields=dict(row),
+                source=f"{source} row {i}",
+                messages=messages,
+            )
+        )
     if bad:
         raise MalformedDataError(f"{source}: {len(bad)} malformed rows: " + "; ".join(bad[:10]))
     if not problems:
@@ -167,8 +192,9 @@ def chat_messages(value) -> tuple:
     tuple of plain dicts; ``()`` for anything else (a text prompt)."""
     if not isinstance(value, list) or not value:
         return ()
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               for m in value):
+    if not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
         return ()
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
@@ -191,27 +217,44 @@ class DatasetTask:
     name = "dataset"
     reward_fns = [MATH]
 
-    def __init__(self, dataset: str, *, columns: Columns = Columns(), split: str = "train", config: str | None = None,
-                 eval_dataset: str | None = None, eval_split: str = "train", eval_size: int = 200, seed: int = 0,
-                 prompt_template: str = "{question}\n", eval_size_set: bool = False):
+    def __init__(
+        self,
+        dataset: str,
+        *,
+        columns: Columns = Columns(),
+        split: str = "train",
+        config: str | None = None,
+        eval_dataset: str | None = None,
+        eval_split: str = "train",
+        eval_size: int = 200,
+        seed: int = 0,
+        prompt_template: str = "{question}\n",
+        eval_size_set: bool = False,
+    ):
         self.warnings: list[str] = []
         self._train = load_problems(dataset, columns, prompt_template, split, config)
         if eval_dataset:
-            self._eval = load_problems(eval_dataset, columns, prompt_template, eval_split, config,
-                                       key="task.eval_dataset")
+            self._eval = load_problems(
+                eval_dataset, columns, prompt_template, eval_split, config, key="task.eval_dataset"
+            )
             if eval_size_set:
-                self.warnings.append(f"task.eval_size={eval_size} is ignored: task.eval_dataset supplies the "
-                                     f"held-out set ({len(self._eval)} problems, all evaluated)")
+                self.warnings.append(
+                    f"task.eval_size={eval_size} is ignored: task.eval_dataset supplies the "
+                    f"held-out set ({len(self._eval)} problems, all evaluated)"
+                )
         else:  # hold out a seeded slice of the training data, at most a fifth of it
             n = len(self._train)
             n_eval = min(eval_size, n // 5)
             if n_eval == 0:
                 raise MalformedDataError(
                     f"{dataset}: {n} rows are too few to hold out an evaluation split (at most a fifth of the "
-                    "rows is held out, so at least 5 are needed); add rows or set task.eval_dataset")
+                    "rows is held out, so at least 5 are needed); add rows or set task.eval_dataset"
+                )
             if n_eval < eval_size:
-                self.warnings.append(f"task.eval_size={eval_size} capped to {n_eval}: the held-out split is at "
-                                     f"most a fifth of the {n} rows of {dataset} (set task.eval_dataset for more)")
+                self.warnings.append(
+                    f"task.eval_size={eval_size} capped to {n_eval}: the held-out split is at "
+                    f"most a fifth of the {n} rows of {dataset} (set task.eval_dataset for more)"
+                )
             order = list(range(n))
             random.Random(seed).shuffle(order)
             held = set(order[:n_eval])
@@ -230,7 +273,10 @@ class DatasetTask:
         train = [p for p in self._train if not unwanted(p)]
         held = [p for p in self._eval if not unwanted(p)]
         if not train or not held:
-            raise MalformedDataError(f"skipping the rows task.long_prompts=skip drops leaves no {'training' if not train else 'held-out'} problems")
+            raise MalformedDataError(
+                "skipping the rows task.long_prompts=skip drops leaves no "
+                f"{'training' if not train else 'held-out'} problems"
+            )
         gone = (len(self._train) - len(train), len(self._eval) - len(held))
         self._train, self._eval = train, held
         self._order = (-1, [])

@@ -63,8 +63,10 @@ def reward_value(raw) -> float:
     else:
         raise ValueError(f"returned a {type(raw).__name__}, not a number; return a float")
     if not (math.isfinite(value) and abs(value) <= MAX_ABS_REWARD):
-        raise ValueError(f"returned {value:g}, outside the allowed range [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}] "
-                         "(rewards beyond it overflow the float32 maths of the advantages)")
+        raise ValueError(
+            f"returned {value:g}, outside the allowed range [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}] "
+            "(rewards beyond it overflow the float32 maths of the advantages)"
+        )
     return value
 
 
@@ -88,11 +90,10 @@ class RewardStats:
         self.first_error = self.first_error or f"{fn}: {detail}"
 
     def metrics(self, prefix: str = "reward_") -> dict[str, float]:
-        return {f"{prefix}errors": self.errors, f"{prefix}timeouts": self.timeouts,
-                f"{prefix}crashes": self.crashes}
+        return {f"{prefix}errors": self.errors, f"{prefix}timeouts": self.timeouts, f"{prefix}crashes": self.crashes}
 
     @classmethod
-    def merge(cls, parts: list["RewardStats"]) -> "RewardStats":
+    def merge(cls, parts: list[RewardStats]) -> RewardStats:
         """The failures of several scoring calls (or ranks) together."""
         total = cls()
         for s in parts:
@@ -105,8 +106,11 @@ class RewardStats:
         return total
 
     def summary(self) -> str:
-        parts = [f"{n} {k}" for k, n in (("errors", self.errors), ("timeouts", self.timeouts),
-                                          ("crashes", self.crashes)) if n]
+        parts = [
+            f"{n} {k}"
+            for k, n in (("errors", self.errors), ("timeouts", self.timeouts), ("crashes", self.crashes))
+            if n
+        ]
         names = ", ".join(f"{fn} x{n}" for fn, n in sorted(self.by_fn.items()))
         return f"{', '.join(parts)} ({names}); reward 0 for each. First: {self.first_error}"
 
@@ -214,8 +218,10 @@ def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
             elif job_id[1] == -1:  # TRL-style: every response at once, columns as lists
                 out = fns[fn_index](completions=completion, prompts=prompt, **fields)
                 if not isinstance(out, (list, tuple)) or len(out) != len(completion):
-                    raise ValueError(f"returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}"
-                                     f", not a list of {len(completion)} rewards (one per completion)")
+                    raise ValueError(
+                        f"returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}"
+                        f", not a list of {len(completion)} rewards (one per completion)"
+                    )
                 reply = (job_id, "ok", [_item(v) for v in out])
             else:
                 reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
@@ -248,9 +254,17 @@ class _Worker:
         mine, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stablerl.tasks.reward_worker", str(theirs.fileno()),
-             json.dumps({"specs": specs, "memory_mb": memory_mb})],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+            [
+                sys.executable,
+                "-m",
+                "stablerl.tasks.reward_worker",
+                str(theirs.fileno()),
+                json.dumps({"specs": specs, "memory_mb": memory_mb}),
+            ],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
         theirs.close()  # so that the worker's death reads as EOF here
         self.conn = Connection(mine.detach())
         self.job: tuple | None = None
@@ -281,8 +295,15 @@ class RewardPool:
     ``close()``; workers start on first use.
     """
 
-    def __init__(self, specs: list[str], weights: list[float] | None = None, *, workers: int = 2,
-                 timeout_s: float = 10.0, memory_mb: int | None = None):
+    def __init__(
+        self,
+        specs: list[str],
+        weights: list[float] | None = None,
+        *,
+        workers: int = 2,
+        timeout_s: float = 10.0,
+        memory_mb: int | None = None,
+    ):
         if not specs:
             raise ValueError("at least one reward function is needed")
         weights = [1.0] * len(specs) if weights is None else list(weights)
@@ -310,8 +331,10 @@ class RewardPool:
             for k, spec in enumerate(self.specs):
                 worker.conn.send(((-1, k), k, None, None, None))
                 if not worker.conn.poll(min(limit, 1e6)):
-                    raise ValueError(f"reward function {spec!r}: importing it did not finish within {limit:g} s "
-                                     "(an endless loop at import time?)")
+                    raise ValueError(
+                        f"reward function {spec!r}: importing it did not finish within {limit:g} s "
+                        "(an endless loop at import time?)"
+                    )
                 try:
                     _, status, payload = _parse_reply(worker.conn.recv_bytes())
                 except (EOFError, OSError, ValueError):
@@ -319,17 +342,22 @@ class RewardPool:
                         code = worker.process.wait(timeout=5)
                     except Exception:  # noqa: BLE001
                         code = None
-                    raise ValueError(f"reward function {spec!r}: the process importing it died (exit code {code})") from None
+                    raise ValueError(
+                        f"reward function {spec!r}: the process importing it died (exit code {code})"
+                    ) from None
                 if status != "ok":
-                    raise ValueError(payload if payload.startswith("reward function") else
-                                     f"reward function {spec!r}: importing it failed: {payload}")
+                    raise ValueError(
+                        payload
+                        if payload.startswith("reward function")
+                        else f"reward function {spec!r}: importing it failed: {payload}"
+                    )
                 self.batched[k] = payload == 1.0
         except BaseException:
             worker.kill()
             raise
         self._workers.append(worker)
 
-    def __enter__(self) -> "RewardPool":
+    def __enter__(self) -> RewardPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -373,8 +401,13 @@ class RewardPool:
                 if w.job is None and jobs:
                     k, i = jobs.popleft()
                     if i == -1:
-                        job = ((k, -1), k, [p for p, _, _ in items], [c for _, c, _ in items],
-                               _columns([dict(f) for _, _, f in items]))
+                        job = (
+                            (k, -1),
+                            k,
+                            [p for p, _, _ in items],
+                            [c for _, c, _ in items],
+                            _columns([dict(f) for _, _, f in items]),
+                        )
                         limit = self.timeout_s * len(items)  # the per-call limit, for each response it scores
                     else:
                         prompt, completion, fields = items[i]
@@ -382,7 +415,7 @@ class RewardPool:
                     try:
                         w.conn.send(job)
                     except (OSError, ValueError) as e:  # the worker died while idle
-                        for _ in (everyone if i == -1 else [i]):
+                        for _ in everyone if i == -1 else [i]:
                             stats.record("crashes", self.names[k], f"worker unavailable ({e})")
                         self._replace(idx)
                         continue
@@ -405,7 +438,7 @@ class RewardPool:
                             code = w.process.wait(timeout=1)
                         except Exception:  # noqa: BLE001
                             code = None
-                        for _ in (everyone if i == -1 else [i]):
+                        for _ in everyone if i == -1 else [i]:
                             stats.record("crashes", self.names[k], f"worker died (exit code {code})")
                         del busy[id(w)]
                         self._replace(idx)
@@ -418,12 +451,12 @@ class RewardPool:
                     elif status == "ok":
                         values[done_k][done_i] = payload
                     else:
-                        for _ in (everyone if done_i == -1 else [done_i]):
+                        for _ in everyone if done_i == -1 else [done_i]:
                             stats.record("errors", self.names[done_k], payload)
                     w.job = None
                     del busy[id(w)]
                 elif time.monotonic() >= w.deadline:
-                    for _ in (everyone if i == -1 else [i]):
+                    for _ in everyone if i == -1 else [i]:
                         stats.record("timeouts", self.names[k], f"still running after {w.limit:g} s (killed)")
                     del busy[id(w)]
                     self._replace(idx)
@@ -431,8 +464,11 @@ class RewardPool:
         total = [sum(wt * col[i] for wt, col in zip(self.weights, values)) for i in range(len(items))]
         for i, t in enumerate(total):
             if not (math.isfinite(t) and abs(t) <= MAX_ABS_REWARD):
-                stats.record("errors", "reward_weights", f"the weighted total {t:g} is outside "
-                             f"[-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]")
+                stats.record(
+                    "errors",
+                    "reward_weights",
+                    f"the weighted total {t:g} is outside [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]",
+                )
                 total[i] = 0.0
         return RewardResult(per_fn=per_fn, total=total, stats=stats)
 
@@ -458,8 +494,9 @@ def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str | list]
     if status not in ("ok", "error") or not isinstance(k, int) or not isinstance(i, int):
         raise ValueError("malformed reply")
     if status == "ok" and i == -1 and k >= 0:  # a TRL-style batch: [[value, error or None], ...]
-        if not isinstance(payload, list) or not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], (int, float))
-                                                    for x in payload):
+        if not isinstance(payload, list) or not all(
+            isinstance(x, list) and len(x) == 2 and isinstance(x[0], (int, float)) for x in payload
+        ):
             raise ValueError("malformed reply")
     elif status == "ok" and not isinstance(payload, (int, float)):
         raise ValueError("malformed reply")

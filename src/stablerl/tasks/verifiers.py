@@ -20,8 +20,8 @@ import importlib.util
 import inspect
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ARITHMETIC = "stablerl.tasks.verifiers:arithmetic_answer"
 MATH = "stablerl.tasks.verifiers:math_answer"
@@ -56,16 +56,17 @@ def check_spec(spec: str) -> tuple[str, str, bool]:
     anything: the format, and for a file path that it is an existing ``.py`` file."""
     module_part, sep, fn_name = spec.rpartition(":")
     if not sep or not module_part or not fn_name.isidentifier():
-        raise ValueError(f"reward function {spec!r}: expected 'package.module:function' or "
-                         "'path/to/file.py:function'")
+        raise ValueError(f"reward function {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
     is_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
     if is_file:
         path = Path(module_part).expanduser()
         if not path.is_file():
             raise ValueError(f"reward function {spec!r}: file {module_part!r} does not exist")
         if path.suffix != ".py":
-            raise ValueError(f"reward function {spec!r}: {module_part!r} is not a Python file; a file path must "
-                             "name a .py file ('path/to/file.py:function')")
+            raise ValueError(
+                f"reward function {spec!r}: {module_part!r} is not a Python file; a file path must "
+                "name a .py file ('path/to/file.py:function')"
+            )
     return module_part, fn_name, is_file
 
 
@@ -83,15 +84,17 @@ def resolve(spec: str) -> Callable[..., float]:
             try:
                 loader_spec.loader.exec_module(module)
             except Exception as e:  # noqa: BLE001 - a user file that fails to import is a config error
-                raise ValueError(f"reward function {spec!r}: importing {module_part} failed: "
-                                 f"{type(e).__name__}: {e}") from None
+                raise ValueError(
+                    f"reward function {spec!r}: importing {module_part} failed: {type(e).__name__}: {e}"
+                ) from None
             sys.modules[name] = module
     else:
         try:
             module = importlib.import_module(module_part)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"reward function {spec!r}: cannot import module {module_part!r} "
-                             f"({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"reward function {spec!r}: cannot import module {module_part!r} ({type(e).__name__}: {e})"
+            ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: module {module_part!r} has no function {fn_name!r}")
@@ -102,8 +105,9 @@ def resolve(spec: str) -> Callable[..., float]:
         else:
             inspect.signature(fn).bind_partial("prompt", "completion")
     except TypeError:
-        raise ValueError(f"reward function {spec!r}: it must accept (prompt, completion, **fields), or TRL's "
-                         "(completions, **kwargs)") from None
+        raise ValueError(
+            f"reward function {spec!r}: it must accept (prompt, completion, **fields), or TRL's (completions, **kwargs)"
+        ) from None
     except ValueError:  # no signature to inspect (a builtin): it is called and judged by its result
         pass
     return fn
