@@ -13,13 +13,13 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from test_memory import COMPARED, _run
 
 from stablerl.config import RolloutConfig, SamplingConfig
 from stablerl.forward import compile_router_free_parts
 from stablerl.models import build_model, position_ids_from_mask, tiny_config
 from stablerl.rollout import LocalEngine, decoders
 from stablerl.routing import moe_routers, replay_routes
-from test_memory import COMPARED, _run
 
 
 def test_compiled_parts_are_everything_but_the_routers_and_what_holds_them():
@@ -60,7 +60,11 @@ def test_replay_holds_in_a_compiled_model(family):
         lc, gc = _logits_and_grads(compiled, ids, replayed)
         assert float((le - lc).abs().max()) < 1e-5
         for n in ge:
-            assert torch.allclose(gc[n], ge[n], rtol=1e-4, atol=1e-6), (replayed is None, n)
+            # an element that sums many terms (the tied embedding's gradient reaches ~10) differs by
+            # fp32 round-off of that sum, ~1e-6 of the tensor's largest entry, when the compiled
+            # kernels add in another order: the absolute tolerance scales with the tensor
+            atol = 1e-6 * max(1.0, float(ge[n].abs().max()))
+            assert torch.allclose(gc[n], ge[n], rtol=1e-4, atol=atol), (replayed is None, n)
     live, _ = _logits_and_grads(eager, ids, None)
     assert float((live - _logits_and_grads(compiled, ids, routes)[0]).abs().max()) > 1e-2  # replay was not vacuous
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiler really ran
