@@ -33,6 +33,7 @@ from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
+from stablerl.lora import check_base, export_lora, write_base_record
 from stablerl.models import build_model, is_moe, load_model, load_policy, model_skeleton
 from stablerl.pipeline import LaggedWeights, initial_versions, send_version
 from stablerl.preflight import check_compiler, check_memory, check_prompts
@@ -153,7 +154,8 @@ class Trainer:
         # with several learner ranks only rank 0 reads the weights; the others build a meta-device
         # skeleton and receive their shards from it (Learner._place): no full copy on them
         holds_weights = world.is_main or not world.distributed
-        if ckpt is not None:
+        lora = cfg.model.lora.enabled  # its checkpoints hold the adapters: the base is read from where it came
+        if ckpt is not None and not lora:
             from transformers import AutoConfig, AutoTokenizer
 
             config = AutoConfig.from_pretrained(ckpt)
@@ -176,13 +178,19 @@ class Trainer:
         check_memory(cfg, model.config, world.size, longest)
         self.tokenizer, self.moe = tokenizer, is_moe(model)
         self.model_config = model.config
-        self.source = str(ckpt if ckpt is not None else source)  # where a rollout worker reads the model from
-        self.learner = Learner(model, cfg, world, reference=self._reference() if cfg.loss.kl_beta > 0 else None)
+        self.source = str(
+            ckpt if ckpt is not None and not lora else source
+        )  # where a rollout worker reads the model from
+        self.learner = Learner(
+            model, cfg, world, reference=self._reference() if cfg.loss.kl_beta > 0 and not lora else None
+        )
         # the fixed lag: the engine samples step s with version max(0, s - 1 - eta) (pipeline.py)
         # (with workers the learners keep the versions the workers still need, to send them)
         lagged = cfg.rollout.max_staleness or cfg.rollout.workers
         self.lag = LaggedWeights(cfg.rollout.max_staleness) if lagged else None
         if ckpt is not None:
+            if lora:
+                check_base(ckpt, self.learner.base_digest, self.source)
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
             self.state = checkpoint.load_state(ckpt)
         # the weights that sample the next step, streamed from the learner one tensor at a time
@@ -594,12 +602,19 @@ class Trainer:
                 self.state,
                 self.cfg.checkpoint.keep_last,
                 self.world,
-                extra=None if self.lag is None else (lambda d: self.lag.save(d, step)),
+                extra=lambda d: self._checkpoint_extra(d, step),
             )
         except checkpoint.NonFiniteState as e:
             raise TrainingAborted(f"step {step}: {e}; not saved. {self._advice()}") from None
         except checkpoint.CheckpointWriteError as e:
             raise TrainingAborted(str(e)) from None
+
+    def _checkpoint_extra(self, directory: Path, step: int) -> None:
+        """More files of a checkpoint: the lag's pending weights, a LoRA run's base fingerprint."""
+        if self.lag is not None:
+            self.lag.save(directory, step)
+        if self.learner.base_digest is not None:
+            write_base_record(directory, self.learner.base_digest, self.cfg.model.lora, self.source)
 
     def export(self, step: int) -> Path:
         """An HF checkpoint of the current weights in RUN_DIR/export/step_N (from_pretrained loads it)."""
@@ -608,9 +623,14 @@ class Trainer:
         error = ""
         if self.world.is_main:
             try:
-                checkpoint.save_model_dir(path, model, self.tokenizer, weights)
+                if self.learner.lora:  # the peft adapter (and, on request, the merged model)
+                    export_lora(path, model, weights, self.tokenizer, self.cfg.model.lora.export_merged, self.source)
+                else:
+                    checkpoint.save_model_dir(path, model, self.tokenizer, weights)
             except checkpoint.CheckpointWriteError as e:
                 error = str(e)
+            except OSError as e:
+                error = f"writing {path} failed: {e}"
         error = D.broadcast_object(error)
         if error:
             raise TrainingAborted(error)
