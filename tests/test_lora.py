@@ -214,3 +214,32 @@ def test_a_resumed_lora_run_equals_the_uninterrupted_one_and_refuses_another_bas
     model.save_pretrained(base)
     with pytest.raises(ValueError, match="adapters for the base .*digest .*has digest"):
         trainer(base, tmp_path / "cut", "train.steps=5", resume=True)
+
+
+@pytest.mark.slow
+def test_a_two_rank_fsdp2_lora_run_equals_the_one_rank_run(sft_ckpt, tmp_path):
+    from test_distributed import assert_metrics_close, assert_weights_close, base_args, one_rank, torchrun
+
+    # FSDP2 with the frozen base sharded too, off-policy with R2, checkpointed layers, packed
+    # micro-batches by tokens and the KL reference (the base, adapters off)
+    mode = [
+        "model.lora.enabled=true",
+        "model.lora.rank=4",
+        "optim.lr=1e-2",
+        "batch.minibatches_per_step=2",
+        "train.routing_replay=R2",
+        "train.activation_checkpointing=true",
+        "batch.max_tokens_per_micro_batch=40",
+        "batch.packing=true",
+        "loss.kl_beta=0.1",
+    ]
+    one_rank(sft_ckpt, tmp_path / "k1", *mode)
+    rc, out = torchrun(base_args(sft_ckpt, tmp_path / "k2", *mode))
+    assert rc == 0, out[-3000:]
+    ma, mb = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
+    assert_metrics_close(ma, mb)
+    assert all(m["grad_norm"] > 0 for m in ma[1:])
+    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k1"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k2"))
+    assert all(".lora_" in k for k in wa)
+    assert_weights_close(wa, wb)
