@@ -100,7 +100,7 @@ def _dose_variants() -> dict[str, list[str]]:
 _OFF = _off_policy_variants()
 _DOSE = _dose_variants()
 
-# staleness from lag (issue 20's study, docs/training.md): the default run (`stablerl train` with no
+# staleness from lag (docs/notebook/staleness.md): the default run (`stablerl train` with no
 # overrides) at a fixed lag eta, with the decoupled correction (pi_old recomputed) and with bypass
 # (pi_old := mu). Only the evaluation is thinned (every 100 steps instead of 50; evaluation uses
 # its own seeds and never changes training).
@@ -346,3 +346,15 @@ EXPERIMENTS: dict[str, dict] = {
         "c3_from": "long-dose",
     },
 }
+
+
+def reference_of(variant: str, reference: str | dict[str, str]) -> str | None:
+    """The variant ``variant`` is compared with: ``reference`` itself (one reference for all), or,
+    given a mapping of variant names within a row (``"rung/name"``), the same row's
+    ``reference[name]`` (None: not compared)."""
+    if isinstance(reference, str):
+        return None if variant == reference else reference
+    row, _, name = variant.rpartition("/")
+    if name not in reference:
+        return None
+    return f"{row}/{reference[name]}" if row else reference[name]
