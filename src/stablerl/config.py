@@ -436,7 +436,7 @@ class RolloutConfig(SamplingConfig):
         le=1,
         description="A controlled extra discrepancy: every weight matrix "
         "of the engine's copy (never the trained weights) gets Gaussian noise of this "
-        "size relative to its rows' RMS, a fixed pattern (docs/results.md dose-response).",
+        "size relative to its rows' RMS, a fixed pattern (docs/notebook/first-set.md, dose-response).",
     )
     vllm: VllmConfig = VllmConfig()
 

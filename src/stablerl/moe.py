@@ -304,7 +304,7 @@ def static_layout(experts: int, top_k: int, hidden: int, width: int, dtype: torc
     """The experts' layout of the compiled, static-shape decode (``rollout.compile``), where the
     padded block cannot go (its capacity depends on the data): for a decode step on small experts,
     the dense one while it costs at most 4x the pairs' arithmetic (E <= 4k; there one matrix
-    multiply beats grouped matmuls' per-expert loop: docs/performance.md); for the prefill (tens of
+    multiply beats grouped matmuls' per-expert loop: docs/notebook/performance-log.md); for the prefill (tens of
     rows per expert), above 4k and from experts of 512 x 512 up (where arithmetic, not overhead,
     bounds the decode: ``pairs_can_pay``'s line), the pairs through ``F.grouped_mm``, where its rows
     are whole 16-byte multiples (dense otherwise)."""
@@ -317,7 +317,7 @@ def pick_layout(
     pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> str:
     """``grouped_experts``'s layout for one call, by what was measured on CPU
-    (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout once padding at
+    (``benchmarks/decode_experts.py``, docs/notebook/performance-log.md): the pairs layout once padding at
     least doubles the rows on experts where it can pay (``pairs_can_pay``)."""
     return "pairs" if padded_rows >= 2 * pairs and pairs_can_pay(hidden, width, dtype, device) else "padded"
 

@@ -1,4 +1,4 @@
-"""The pre-registered reading of the next set (docs/preregistration.md s.3-5), from finished runs:
+"""The pre-registered reading of the next set (docs/notebook/preregistration.md s.3-5), from finished runs:
 one row per run with the collapse definition's parts and the quantities every run reports, the
 evaluation noise of the cold start, and the dose figure (paired differences against the *cold
 start's* mismatch at each rung, from ``benchmarks/dose_axis.py``)."""
@@ -272,7 +272,7 @@ def write_reading(name: str, by_seed: Runs, dest: Path, pool: Runs | None = None
         return {}
     paths = {"readings_md": dest / "readings.md"}
     text = (
-        f"Pre-registered reading (docs/preregistration.md s.3-4), one row per finished run; steps are "
+        f"Pre-registered reading (docs/notebook/preregistration.md s.3-4), one row per finished run; steps are "
         f"optimizer steps.\n\n{noise_line(evaluation_noise(read))}\n{readings_table(read, exp.get('reference'))}"
     )
     axis_path = dest / "dose_axis.json"
