@@ -30,6 +30,7 @@ from stablerl import metrics as M
 from stablerl.config import RunConfig
 from stablerl.diagnostics import k3
 from stablerl.evaluation import build_eval_sets, evaluate
+from stablerl.families import replay_refusal
 from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
@@ -73,10 +74,7 @@ def check_model(cfg: RunConfig, model) -> list[str]:
     """Errors for settings that cannot work on this model; warnings for those that do nothing."""
     mode, warnings = cfg.train.routing_replay, []
     if mode != "none" and not is_moe(model):
-        raise ValueError(
-            f"train.routing_replay={mode} needs a Mixture-of-Experts model, but "
-            f"{model.config.model_type!r} is dense; use train.routing_replay=none"
-        )
+        raise ValueError(replay_refusal(mode, model.config))
     if mode == "R2" and cfg.batch.minibatches_per_step == 1:
         warnings.append(
             "train.routing_replay=R2 does nothing on-policy (batch.minibatches_per_step=1): it replays "
