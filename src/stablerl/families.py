@@ -89,9 +89,11 @@ def _qwen_moe(moe: dict) -> dict:
 
 
 def _linear_attention(common: dict) -> dict:
-    # Gated DeltaNet layers (every fourth layer full attention, as the real models): small heads
-    h = common["hidden_size"]
+    # Gated DeltaNet layers, every fourth layer full attention as in the real models, and the last
+    # one too (HF's cache needs at least one attention layer)
+    h, n = common["hidden_size"], common["num_hidden_layers"]
     return dict(
+        layer_types=["full_attention" if i % 4 == 3 or i == n - 1 else "linear_attention" for i in range(n)],
         head_dim=h // 4,
         linear_key_head_dim=h // 8,
         linear_value_head_dim=h // 8,
@@ -146,7 +148,9 @@ def _deepseek_style(common: dict, moe: dict) -> dict:
 def _deepseek_v3(common: dict, moe: dict) -> PretrainedConfig:
     from transformers import DeepseekV3Config
 
+    # multi-head latent attention: keys and values per query head (no grouped KV heads)
     h = common["hidden_size"]
+    common = {**common, "num_key_value_heads": common["num_attention_heads"]}
     mla = dict(kv_lora_rank=h // 2, q_lora_rank=h // 2, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
     return DeepseekV3Config(**common, **_deepseek_style(common, moe), **mla)
 
