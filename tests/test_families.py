@@ -230,7 +230,7 @@ def test_r2_and_r3_train_every_family(family_ckpts, family, tmp_path):
 def test_an_uncovered_moe_is_refused_naming_it_and_the_supported_families(tmp_path):
     from transformers import PhimoeConfig
 
-    from stablerl.loop import check_model
+    from stablerl.build import check_model
 
     config = PhimoeConfig(
         vocab_size=64,
