@@ -147,19 +147,21 @@ def delta_weight(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Te
     from peft.tuners.lora import ParamWrapper
 
     scaling = layer.scaling[ADAPTER]
+    dtype = torch.promote_types(A.dtype, torch.float32)
+    A, B = A.to(dtype), B.to(dtype)
     if not isinstance(layer, ParamWrapper) or layer.num_experts == 1:
-        return (B.double() @ A.double() * scaling).reshape(B.shape[0], A.shape[1])
+        return (B @ A * scaling).reshape(B.shape[0], A.shape[1])
     E = layer.num_experts
-    A3 = A.double().reshape(E, -1, A.shape[-1])  # [E, r, in]
-    B3 = B.double().reshape(B.shape[0], -1, E)  # [out, r, E]
-    pattern = "o r e, e r i -> e o i" if layer._did_swap_in_out_features else "o r e, e r i -> e i o"
-    return torch.einsum(pattern, B3, A3) * scaling
+    A3 = A.reshape(E, -1, A.shape[-1])  # [E, r, in]
+    B3 = B.reshape(B.shape[0], -1, E).permute(2, 0, 1)  # [E, out, r]
+    delta = torch.bmm(B3, A3) * scaling  # [E, out, in]
+    return delta if layer._did_swap_in_out_features else delta.transpose(1, 2)
 
 
 def merged_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """The stream ``tensors`` (``(name, full tensor)`` of the LoRA model's state dict, e.g.
-    ``fsdp.iter_full_tensors``) as the plain model's: every adapted weight W + scaling x B A (added
-    in fp64, returned in W's dtype), under the base model's names; the adapters themselves dropped.
+    ``fsdp.iter_full_tensors``) as the plain model's: every adapted weight W + scaling x B A (in
+    fp32, returned in W's dtype), under the base model's names; the adapters themselves dropped.
     A LoRA layer's tensors are held until its last one has arrived, then released."""
     layers = _lora_layers(model)
     owners = sorted(layers, key=len)
@@ -193,7 +195,8 @@ def _merge_group(owner: str, group: dict[str, torch.Tensor], layers: dict[str, n
         A, B = group[f"{name}.lora_A.{ADAPTER}.weight"], group[f"{name}.lora_B.{ADAPTER}.weight"]
         target = _base_name(name) + "." + (layer.parameter_name if isinstance(layer, ParamWrapper) else "weight")
         W = merged[target]
-        merged[target] = (W.double() + delta_weight(layer, A, B).to(W.device)).to(W.dtype)
+        delta = delta_weight(layer, A, B).to(W.device)
+        merged[target] = (W.to(delta.dtype) + delta).to(W.dtype)
     yield from merged.items()
 
 
