@@ -243,3 +243,19 @@ def test_a_two_rank_fsdp2_lora_run_equals_the_one_rank_run(sft_ckpt, tmp_path):
     wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k2"))
     assert all(".lora_" in k for k in wa)
     assert_weights_close(wa, wb)
+
+
+def test_train_router_trains_the_routers_whole_and_exports_them_beside_the_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    from stablerl.lora import save_adapter
+    from stablerl.routing import moe_routers
+
+    _, model = lora_model(train_router=True)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    routers = {n for n, p in model.named_parameters() if any(p is r.weight for r in moe_routers(model))}
+    assert routers and routers <= trained
+    save_adapter(tmp_path / "a", model, model.state_dict())
+    assert set(load_file(tmp_path / "a" / "routers.safetensors")) == routers
+    with pytest.raises(ValueError, match="no MoE routers"):
+        lora_model("qwen3", train_router=True)

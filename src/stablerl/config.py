@@ -780,8 +780,9 @@ class RunConfig(StrictModel):
                 )
         if self.model.lora.enabled and self.rollout.engine == "vllm":
             raise ValueError(
-                "model.lora.enabled with rollout.engine=vllm: adapter-only syncs to vLLM are not supported; "
-                "use rollout.engine=local (it samples with the merged weights)"
+                "model.lora.enabled with rollout.engine=vllm: adapter-only syncs to vLLM are not supported "
+                "(vLLM's CPU build cannot run LoRA on MoE models: its fused-MoE LoRA kernels are Triton's); "
+                "use rollout.engine=local, which samples with the merged weights"
             )
         RoutingPlan(self.train.routing_replay, True, self.batch.minibatches_per_step, self.loss.proximal == "rollout")
         return self
