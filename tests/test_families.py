@@ -249,3 +249,20 @@ def test_an_uncovered_moe_is_refused_naming_it_and_the_supported_families(tmp_pa
     assert "'phimoe' is a Mixture-of-Experts family routing replay does not support yet" in message
     assert "supported: qwen3_moe, qwen2_moe, olmoe, mixtral, qwen3_5_moe" in message and "gpt_oss" in message
     assert "dense" not in message
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "gpt_oss", "deepseek_v3"])
+def test_dropping_finished_rows_changes_no_token_route_or_logp(models, family):
+    """Rows leave the decode as they end (the cache, recurrent linear-attention state included,
+    keeps the live rows only); what is sampled is what the full batch samples."""
+    model = models[family]
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 64, (int(n),), generator=g).tolist() for n in (3, 7, 5, 4, 6, 2, 8, 5)]
+    sampling, eos = SamplingConfig(max_new_tokens=10), list(range(1, 20))
+    full = LocalEngine(model, "fp32", eos_token_id=eos).generate(prompts, sampling, seeds=list(range(8)))
+    dropped = LocalEngine(model, "fp32", eos_token_id=eos, drop_finished=True).generate(
+        prompts, sampling, seeds=list(range(8))
+    )
+    assert len(set(full.response_mask.sum(1).tolist())) > 2  # rows end at different steps
+    assert torch.equal(full.input_ids, dropped.input_ids) and torch.equal(full.routes, dropped.routes)
+    torch.testing.assert_close(full.rollout_logp, dropped.rollout_logp, rtol=0, atol=1e-5)
