@@ -266,3 +266,18 @@ def test_dropping_finished_rows_changes_no_token_route_or_logp(models, family):
     assert len(set(full.response_mask.sum(1).tolist())) > 2  # rows end at different steps
     assert torch.equal(full.input_ids, dropped.input_ids) and torch.equal(full.routes, dropped.routes)
     torch.testing.assert_close(full.rollout_logp, dropped.rollout_logp, rtol=0, atol=1e-5)
+
+
+def test_model_family_picks_the_tiny_model_and_keys_its_cold_start():
+    from stablerl.models import build_default_policy
+    from stablerl.sft import _sft_key, sft_output_dir
+
+    default = build_config(RunConfig, None, [])
+    gpt = build_config(RunConfig, None, ["model.family=gpt_oss", "model.hidden_size=32"])
+    assert build_default_policy(gpt.model, build_tokenizer()).config.model_type == "gpt_oss"
+    assert sft_output_dir(default) != sft_output_dir(build_config(RunConfig, None, ["model.family=gpt_oss"]))
+    assert '"family"' not in _sft_key(default)  # the default model's cold starts keep their key
+    with pytest.raises(ValueError, match="unknown model family 'llama4'; allowed: qwen3_moe, .*gpt_oss"):
+        build_config(RunConfig, None, ["model.family=llama4"])
+    with pytest.raises(ValueError, match="num_experts must be even"):
+        build_config(RunConfig, None, ["model.family=deepseek_v3", "model.num_experts=7"])
