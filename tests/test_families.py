@@ -281,3 +281,29 @@ def test_model_family_picks_the_tiny_model_and_keys_its_cold_start():
         build_config(RunConfig, None, ["model.family=llama4"])
     with pytest.raises(ValueError, match="num_experts must be even"):
         build_config(RunConfig, None, ["model.family=deepseek_v3", "model.num_experts=7"])
+
+
+def test_activation_quantized_experts_of_another_layout_are_the_module_maths_with_rounded_inputs():
+    """gpt-oss experts (transposed, biased, gate/up interleaved): with an identity rounding the
+    engine's W8A8 expert path equals the experts' maths written out; with fp8 rounding it moves off it."""
+    from stablerl.moe import _quantized_experts_any_layout
+    from stablerl.precision import quantize_activations_fp8
+
+    experts = make("gpt_oss").model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(10, experts.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(10)])
+    w = torch.softmax(torch.randn(10, 2, generator=g), -1)
+    with torch.no_grad():
+        exact = _quantized_experts_any_layout(experts, h, idx, w, lambda x: x)
+        rounded = _quantized_experts_any_layout(experts, h, idx, w, quantize_activations_fp8)
+    reference = torch.zeros_like(h)  # written out: gpt-oss's clamped SwiGLU with biases
+    for t in range(10):
+        for j in range(2):
+            e = int(idx[t, j])
+            gu = h[t] @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+            gate, up = gu[::2].clamp(max=experts.limit), gu[1::2].clamp(-experts.limit, experts.limit)
+            act = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+            reference[t] += w[t, j] * (act @ experts.down_proj[e] + experts.down_proj_bias[e])
+    torch.testing.assert_close(exact, reference, rtol=1e-5, atol=1e-6)
+    assert 0 < float((rounded - exact).abs().max()) < 0.1 * float(exact.abs().max())
