@@ -559,6 +559,15 @@ class OptimConfig(StrictModel):
     )
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    skip_empty_steps: bool = Field(
+        True,
+        description="A mini-batch without learning signal (every advantage zero on its response tokens, over "
+        "all ranks, and no KL penalty) takes no optimizer step: its gradient is exactly zero, yet an AdamW step "
+        "would still move every weight (Adam's first step is lr x sign(g) and its momentum keeps moving "
+        "weights after g = 0) and decay the moments. Counted per step as steps_skipped. The learning-rate "
+        "schedule counts mini-batches, taken or skipped, so it follows the run's progress; Adam's bias "
+        "correction counts the steps it took. false: step on every mini-batch.",
+    )
 
 
 class EvalSetConfig(StrictModel):

@@ -33,6 +33,7 @@ from stablerl.evaluation import build_eval_sets, evaluate
 from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
+from stablerl.learning_signal import groups_without_signal
 from stablerl.models import build_model, is_moe, load_model, load_policy, model_skeleton
 from stablerl.pipeline import LaggedWeights, initial_versions, send_version
 from stablerl.preflight import check_compiler, check_memory, check_prompts
@@ -291,6 +292,7 @@ class Trainer:
             "reward_std": float(R.std()),
             "groups_all_correct": float((per_group.min(1).values == 1).float().mean()),
             M.GROUPS_ALL_WRONG: float((per_group.max(1).values == 0).float().mean()),
+            M.GROUPS_WITHOUT_SIGNAL: float(groups_without_signal(R, G).float().mean()),
             M.RESPONSE_LEN_MEAN: float(lengths.float().mean()),
             "finished_frac": float(finished.float().mean()),
             **all_stats.metrics(),
@@ -430,6 +432,7 @@ class Trainer:
         if cfg.log.lag_kl:
             metrics.update(self._lag_split(batch, metrics))
         skipped = metrics.pop("nonfinite", False)
+        self.state.steps_skipped += metrics.get(M.STEPS_SKIPPED, 0)
         self._count_nonfinite(step, skipped, logger)
         self._sync_weights(step)
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
@@ -531,7 +534,9 @@ class Trainer:
                 if not finished and self.state.aborted is None and unstarted:
                     self._discard_run_dir()
                 else:
-                    write_summary(self.run_dir, self.state)
+                    summary = write_summary(self.run_dir, self.state)
+                    if "no_signal_warning" in summary:
+                        logger.print(f"[yellow]WARNING[/yellow] {summary['no_signal_warning']}")
         except Exception as e:  # noqa: BLE001 - the run's own error (if any) is the one to see
             self.log(f"[warning] could not write the summary of {self.run_dir}: {type(e).__name__}: {e}")
         finally:
