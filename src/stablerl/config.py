@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Algorithm = Literal["minirl", "grpo", "cispo", "gspo", "reinforce"]
+Algorithm = Literal["minirl", "grpo", "cispo", "gspo", "reinforce", "dppo"]
 ISMode = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 Aggregation = Literal["token_sum", "token_mean", "seq_mean_token_mean"]
 
@@ -45,7 +45,9 @@ class LossConfig(StrictModel):
         "minirl",
         description="minirl: sum_t M*w*r*A (docs/formulation.md s.6); grpo: w*min(rA, clip(r)A); "
         "cispo: sg[clip(r)]*w*A*log pi; gspo: sequence (geometric-mean) ratio with clipping; "
-        "reinforce: sg[w]*A*log pi.",
+        "reinforce: sg[w]*A*log pi; dppo: M*sg[w]*r*A with DPPO's trust-region mask on the probability "
+        "difference pi_theta - mu (or its binary KL) in the advantage's direction instead of the ratio clip "
+        "(prime-rl's default loss; loss.dppo_*).",
     )
     is_mode: ISMode = Field(
         "token_truncate",
@@ -59,7 +61,26 @@ class LossConfig(StrictModel):
     is_low: float = Field(0.5, ge=0, description="Lower bound of the IS weight for the *_mask modes.")
     eps_low: float = Field(0.2, ge=0, lt=1, description="Clip bound: r < 1 - eps_low stops A<0 tokens.")
     eps_high: float = Field(0.27, ge=0, description="Clip bound: r > 1 + eps_high stops A>0 tokens (the paper: 0.27).")
-    clip: bool = Field(True, description="Apply the clip bounds (minirl, grpo, cispo, gspo).")
+    clip: bool = Field(True, description="Apply the clip bounds (minirl, grpo, cispo, gspo; dppo masks by its own).")
+    dppo_divergence: Literal["tv", "binary_kl"] = Field(
+        "tv",
+        description="loss.algorithm=dppo's divergence of a sampled token between pi_theta and mu (the engine): "
+        "tv = the probability difference pi_theta - mu; binary_kl = the KL between Bernoulli(mu) and "
+        "Bernoulli(pi_theta) of that token, signed by the difference.",
+    )
+    dppo_delta_low: float = Field(
+        0.2,
+        gt=0,
+        description="dppo: a token with A < 0 is masked once its divergence moved past this downwards "
+        "(pi_theta - mu < -delta for tv); prime-rl's default 0.2. On binary_kl's scale (a KL) the DPPO paper "
+        "uses ~0.05.",
+    )
+    dppo_delta_high: float = Field(
+        0.2,
+        gt=0,
+        description="dppo: a token with A > 0 is masked once its divergence moved past this upwards "
+        "(pi_theta - mu > delta for tv); prime-rl's default 0.2.",
+    )
     aggregation: Aggregation = Field(
         "token_sum",
         description="token_sum: sum of token terms / a constant for the whole batch (MiniRL; "
