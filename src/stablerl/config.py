@@ -457,6 +457,13 @@ class RolloutConfig(SamplingConfig):
         "of the engine's copy (never the trained weights) gets Gaussian noise of this "
         "size relative to its rows' RMS, a fixed pattern (docs/results.md dose-response).",
     )
+    weight_noise_redraw: bool = Field(
+        False,
+        description="Draw rollout.weight_noise's pattern anew at every weight sync, seeded by (train.seed, "
+        "policy version) (the same on every rank, worker and resume): a mismatch that moves with every "
+        "version and that the learner cannot learn around, unlike a fixed pattern or a deterministic "
+        "quantizer (a labelled control; docs/rollout.md).",
+    )
     vllm: VllmConfig = VllmConfig()
 
     def sampling(self) -> SamplingConfig:
@@ -465,6 +472,11 @@ class RolloutConfig(SamplingConfig):
 
     @model_validator(mode="after")
     def _check_rollout(self) -> RolloutConfig:
+        if self.weight_noise_redraw and not self.weight_noise:
+            raise ValueError(
+                "rollout.weight_noise_redraw re-draws rollout.weight_noise's pattern, which is 0: set "
+                "rollout.weight_noise (e.g. 0.05) or rollout.weight_noise_redraw=false"
+            )
         if self.temperature == 0:
             raise ValueError(
                 "rollout.temperature must be > 0: RL samples its rollouts (greedy decoding gives "
