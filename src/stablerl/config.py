@@ -557,6 +557,19 @@ class BatchConfig(StrictModel):
         "tokens. Needs batch.max_tokens_per_micro_batch (the packed length: attention over it is "
         "quadratic). Equal to the padded forward up to float round-off.",
     )
+    filter_groups: bool = Field(
+        False,
+        description="Dynamic sampling (DAPO): drop the groups whose rewards are all equal (zero advantages) "
+        "and sample more prompts from the stream until prompts_per_step groups with signal are in hand, "
+        "at most batch.filter_max_rounds extra rounds; then the batch is filled up with groups without "
+        "signal (counted as filter/groups_short). Costs the extra rounds' sampling; the reward metrics "
+        'describe the first round (docs/training.md "Dynamic sampling").',
+    )
+    filter_max_rounds: int = Field(
+        4,
+        ge=0,
+        description="batch.filter_groups: extra sampling rounds (each prompts_per_step prompts) a step may take.",
+    )
 
     @property
     def rollout_batch(self) -> int:

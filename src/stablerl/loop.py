@@ -30,6 +30,7 @@ from stablerl import metrics as M
 from stablerl.config import RunConfig
 from stablerl.diagnostics import k3
 from stablerl.evaluation import build_eval_sets, evaluate
+from stablerl.filtering import fill_batch
 from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
 from stablerl.learner import Learner
@@ -244,24 +245,8 @@ class Trainer:
         """This rank's groups of step ``step``, sampled and scored; metrics over all ranks."""
         P, G, K, r = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size, self.world.size, self.world.rank
         mine = D.share(r, K, P)  # global prompt indices of this rank
-        waits: dict = {}
-        if self.world.workers:
-            batch, texts, stats, per_fn, waits = self._receive_rollout()
-        else:
-            problems = [self.task.train_problem(step * P + i) for i in mine]
-            seeds = rollout_seeds(self.cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
-            scored = sample_and_score(
-                self.engine,
-                self.tokenizer,
-                problems,
-                G,
-                self.rewards,
-                self.sampling,
-                seeds,
-                self.cfg.task,
-                capture_routes=self.moe,
-            )
-            batch, texts, stats, per_fn = scored.batch, scored.texts, scored.result.stats, scored.result.per_fn
+        base = step * P + self.state.extra_prompts  # the stream's index of the step's first prompt
+        batch, texts, stats, per_fn, waits = self._sample_round(step, 0, base)
         batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
         # metrics over the global batch: every rank's rewards, lengths, finished flags and failures
         parts = D.all_gather_objects(
@@ -301,8 +286,22 @@ class Trainer:
         if len(per_fn) > 1:  # each reward function's own mean, beside the weighted total
             for name in per_fn:
                 metrics[f"reward/{name}"] = sum(sum(p[4][name]) for p in parts) / len(R)
+        if self.cfg.batch.filter_groups:  # dynamic sampling: metrics above are of round 0, as drawn
+            batch, extra, filtered = fill_batch(
+                batch,
+                lambda rd: self._sample_round(step, rd, base)[0],
+                P,
+                G,
+                self.cfg.batch.filter_max_rounds,
+                mine,
+                self.tokenizer.pad_token_id,
+                announce=D.transfer_object if self.world.workers and self.world.is_main else None,
+            )
+            batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
+            self.state.extra_prompts += extra * P
+            metrics.update(filtered)
         if self.cfg.log.rollouts and self.world.is_main:
-            all_problems = [self.task.train_problem(step * P + i) for i in range(P)]
+            all_problems = [self.task.train_problem(base + i) for i in range(P)]
             record = {
                 "step": step,
                 "prompts": [p.prompt for p in all_problems],
@@ -311,6 +310,29 @@ class Trainer:
             }
             append_line(self.files.rollouts, json.dumps(record))
         return batch, metrics
+
+    def _sample_round(self, step: int, rd: int, base: int):
+        """This rank's groups of sampling round ``rd`` of step ``step`` (round 0 is the step's own
+        prompts; batch.filter_groups samples more): prompts ``base + rd*P ..`` of the stream, a
+        seed per response by its index ``rd*P*G + ..`` in the step; or received from the workers."""
+        if self.world.workers:
+            return self._receive_rollout()
+        P, G = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size
+        mine = D.share(self.world.rank, self.world.size, P)
+        problems = [self.task.train_problem(base + rd * P + i) for i in mine]
+        seeds = rollout_seeds(self.cfg.train.seed, step, [(rd * P + i) * G + g for i in mine for g in range(G)])
+        scored = sample_and_score(
+            self.engine,
+            self.tokenizer,
+            problems,
+            G,
+            self.rewards,
+            self.sampling,
+            seeds,
+            self.cfg.task,
+            capture_routes=self.moe,
+        )
+        return scored.batch, scored.texts, scored.result.stats, scored.result.per_fn, {}
 
     def _receive_rollout(self):
         """This rank's groups of the step from every rollout worker (pipeline.run_worker), in order."""
@@ -345,7 +367,15 @@ class Trainer:
             return
         start, eta = self.state.step, self.cfg.rollout.max_staleness
         needed = initial_versions(start, eta)
-        D.transfer_object({"source": self.source, "start_step": start, "initial": len(needed)}, long=True)
+        D.transfer_object(
+            {
+                "source": self.source,
+                "start_step": start,
+                "initial": len(needed),
+                "extra_prompts": self.state.extra_prompts,
+            },
+            long=True,
+        )
         for v in needed:
             send_version(v, self.lag.versions[v], self.world.device)
 
