@@ -4,7 +4,7 @@ hand from docs/formulation.md s.5, not derived from the code."""
 
 import pytest
 import torch
-from runs import args, cli_error
+from tinyrun import args, cli_error
 
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
