@@ -192,6 +192,13 @@ def test_a_lora_run_trains_adapters_only_and_syncs_merged_weights(sft_ckpt, tmp_
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(adapted(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+    # `stablerl export` rebuilds the same from the checkpoint (adapters + the base at model.path)
+    from stablerl.cli import main
+
+    assert main(["export", str(tmp_path / "r"), "--merged", "--out", str(tmp_path / "again")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again" / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, merged(ids).logits, rtol=0, atol=0)
 
 
 def test_a_resumed_lora_run_equals_the_uninterrupted_one_and_refuses_another_base(sft_ckpt, tmp_path):
