@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from runs import FNS, args, cli_error, config, train
+from tinyrun import FNS, args, cli_error, config, train
 
 from stablerl import checkpoint
 from stablerl.cli import main
