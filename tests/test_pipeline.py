@@ -286,7 +286,9 @@ def test_a_run_with_rollout_workers_resumes_with_any_number_of_them_exactly(sft_
     extra = ["rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=2"]
     ref = run(sft_ckpt, tmp_path / "ref", "train.steps=4", *extra)
     w = tmp_path / "w"
-    rc, out = torchrun_train(_cli_args(sft_ckpt, w, "train.steps=2", *extra, f"rollout.workers={before}"), nproc=1 + before)
+    rc, out = torchrun_train(
+        _cli_args(sft_ckpt, w, "train.steps=2", *extra, f"rollout.workers={before}"), nproc=1 + before
+    )
     assert rc == 0, out[-3000:]
     rc, out = torchrun_train(
         ["--resume", str(w), "train.steps=4", f"rollout.workers={after}"], nproc=1 + after, timeout=300
