@@ -27,7 +27,7 @@ def resolve_run(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> tuple[RunConfig, Path]:
     """The validated config and the run directory a ``train`` call would use."""
-    from stablerl.rundir import resume_config
+    from stablerl.resume import resume_config
 
     if resume is not None:
         if isinstance(config, (RunConfig, dict)):

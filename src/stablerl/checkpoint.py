@@ -10,7 +10,8 @@
 
 Reading a checkpoint never runs code: DCP's metadata is unpickled with an allow-list of its own
 classes (``SafeReader``), tensors with ``torch.load(weights_only=True)``. A checkpoint whose
-files do not match their checksums, or whose state.json is damaged, is never trained on: a
+files do not match their checksums (or that has no checksum table, or files outside it), or whose
+state.json is damaged or invalid (each field checked: ``rundir.StateRecord``), is never trained on: a
 resume falls back to the newest good one and says which it skipped and why (``latest_good``).
 
 A checkpoint is written into ``step_000123.tmp`` and renamed when complete, so a kill at any
@@ -321,20 +322,27 @@ def _checksums(root: Path) -> dict[str, str]:
 
 
 def damage(ckpt: Path) -> str | None:
-    """Why the checkpoint ``ckpt`` cannot be trusted (a damaged state.json, a missing or changed
-    file), or None when it is intact. Checkpoints written before checksums existed are checked
-    for a readable state.json only."""
+    """Why the checkpoint ``ckpt`` cannot be trusted (a damaged or invalid state.json, a step
+    that is not its folder's, no checksum table, a missing or changed file), or None when it is
+    intact."""
     ckpt = Path(ckpt)
     try:
         data = json.loads((ckpt / STATE_FILE).read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("step"), int):
-            return f"{ckpt / STATE_FILE} does not hold a checkpoint state"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"{ckpt / STATE_FILE} is unreadable ({type(e).__name__})"
+    try:
+        state = RunState.from_checkpoint(data)
+    except ValueError as e:
+        return f"{ckpt / STATE_FILE} does not hold a valid checkpoint state ({e})"
+    if ckpt.name != RunDir(ckpt.parent.parent).checkpoint(state.step).name:
+        return f"{ckpt / STATE_FILE} records step {state.step}, not the step of its folder {ckpt.name}"
     expected = data.get("files")
-    if expected is None:
-        return None
+    if expected is None:  # without its table nothing in it can be checked: not trusted
+        return f"{ckpt / STATE_FILE} has no checksum table ('files')"
     actual = _checksums(ckpt)
+    unlisted = sorted(set(actual) - set(expected))
+    if unlisted:  # every file a checkpoint writes is in its table
+        return f"{ckpt / unlisted[0]} is not in the checkpoint's checksum table ({ckpt / STATE_FILE})"
     for name, digest in expected.items():
         if name not in actual:
             return f"{ckpt / name} is missing"

@@ -36,8 +36,9 @@ from stablerl.learner import Learner
 from stablerl.models import build_model, is_moe, load_model, load_policy, model_skeleton
 from stablerl.pipeline import LaggedWeights, initial_versions, send_version
 from stablerl.preflight import check_compiler, check_memory, check_prompts
+from stablerl.resume import check_reference, saved_changes
 from stablerl.rollout import LocalEngine, RolloutBatch, RolloutEngine, build_engine, concat
-from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config, saved_changes
+from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, append_line, record_config
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
 from stablerl.seeds import eval_seed, rollout_seeds
 from stablerl.sft import cold_start, sft_output_dir
@@ -134,9 +135,9 @@ class Trainer:
         self.changes: dict = {}
         ckpt = None
         if resume:
-            self.changes = saved_changes(self.run_dir, cfg)
+            self.changes, notes = saved_changes(self.run_dir, cfg)
             ckpt, damaged = checkpoint.latest_good(self.run_dir)
-            for w in damaged:
+            for w in damaged + notes:
                 self.log(f"[warning] {w}")
             if ckpt is None and damaged:
                 raise ValueError(
@@ -156,6 +157,7 @@ class Trainer:
         if ckpt is not None:
             from transformers import AutoConfig, AutoTokenizer
 
+            self.state = checkpoint.load_state(ckpt)
             config = AutoConfig.from_pretrained(ckpt)
             model = build_model(config) if holds_weights else model_skeleton(config)
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
@@ -184,7 +186,6 @@ class Trainer:
         self.lag = LaggedWeights(cfg.rollout.max_staleness) if lagged else None
         if ckpt is not None:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
-            self.state = checkpoint.load_state(ckpt)
         # the weights that sample the next step, streamed from the learner one tensor at a time
         # (a collective when sharded) — once: into the lag's versions, or straight into the engine
         if self.lag is None:
@@ -223,6 +224,7 @@ class Trainer:
                 f"loss.kl_beta > 0: the reference policy (the run's starting weights) is not at {path} "
                 "any more; restore it there, or set loss.kl_beta=0"
             )
+        self.state.reference_digest = check_reference(path, self.state.reference_digest)
         if self.world.distributed and not self.world.is_main:  # rank 0 sends the shards (Learner._place)
             return load_policy(path, weights=False)[0]
         return load_model(path)
