@@ -1,4 +1,4 @@
-"""The dose axis of the pre-registered set (docs/preregistration.md s.1): the *cold start's*
+"""The dose axis of the pre-registered set (docs/notebook/preregistration.md s.1): the *cold start's*
 training-inference mismatch at each rung of the numerics ladder, measured once on held-out
 prompts before any RL.
 

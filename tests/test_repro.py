@@ -216,7 +216,7 @@ def test_preregistered_collapse_parts_on_hand_made_curves():
 
 
 def test_paired_references_within_a_row():
-    from stablerl.repro.report import reference_of
+    from stablerl.repro.experiments import reference_of
 
     pairs = {"on_no_is": "on_minirl", "off_r2": "off_noreplay"}
     assert reference_of("nvfp4/on_no_is", pairs) == "nvfp4/on_minirl"

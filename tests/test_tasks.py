@@ -83,7 +83,7 @@ def test_column_style_needs_room_for_its_solutions():
         None,
         ["task.style=columns", "task.levels=[5]", "task.max_operand=999999", "rollout.max_new_tokens=110"],
     )
-    # the ~200-token length of docs/preregistration.md's experiment 2: three 18-digit numbers
+    # the ~200-token length of docs/notebook/preregistration.md's experiment 2: three 18-digit numbers
     eighteen = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}"]
     with pytest.raises(ValueError, match="up to 218 tokens, more than rollout.max_new_tokens=112"):
         build_config(RunConfig, None, [*eighteen, "rollout.max_new_tokens=112"])

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stablerl.replay import RoutingPlan
+
 Algorithm = Literal["minirl", "grpo", "cispo", "gspo", "reinforce"]
 ISMode = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 Aggregation = Literal["token_sum", "token_mean", "seq_mean_token_mean"]
@@ -189,8 +191,8 @@ class LabConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # The training run (`stablerl train` / `stablerl sft`).
 # --------------------------------------------------------------------------------------------
-# the default tiny model's context; a cold start of this context is keyed as before the setting
-# existed, so the cold starts already trained keep their cache directories (stablerl.sft._sft_key)
+# the default tiny model's context; a cold start of this context leaves the context out of its cache
+# key, so the cold starts already trained keep their cache directories (stablerl.sft._sft_key)
 DEFAULT_CONTEXT = 256
 
 
@@ -397,7 +399,7 @@ class RolloutConfig(SamplingConfig):
     drop_finished: bool = Field(
         False,
         description="local engine: ended responses leave the decode (their cache rows "
-        "are cut away), 1.22x faster at 160-token responses on the deep shape. The same tokens, "
+        "are cut away), which pays on long responses of uneven length (docs/performance.md). The same tokens, "
         "but mu then differs at float round-off (~1e-6) with the batch's composition, so runs "
         "with other rank or worker layouts stop being equal to the last digit.",
     )
@@ -406,8 +408,8 @@ class RolloutConfig(SamplingConfig):
         description="local engine (qwen3_moe's fast decoder): the prefill and the decode "
         "step each compiled whole by torch.compile with static shapes (prompt widths bucketed to 8, "
         "the cache's length to 64, the experts in layouts of fixed shape), once per batch size, "
-        "width and length (~15-30 s). 1.5-1.7x faster rollouts on the default tiny MoE, 1.2x on "
-        "the deep shape (docs/performance.md); sums in other orders, so mu differs from the eager "
+        "width and length (tens of seconds; the gain is in docs/performance.md); "
+        "sums in other orders, so mu differs from the eager "
         "decode's at round-off. Needs a C++ compiler; not with drop_finished.",
     )
     workers: int = Field(
@@ -434,7 +436,7 @@ class RolloutConfig(SamplingConfig):
         le=1,
         description="A controlled extra discrepancy: every weight matrix "
         "of the engine's copy (never the trained weights) gets Gaussian noise of this "
-        "size relative to its rows' RMS, a fixed pattern (docs/results.md dose-response).",
+        "size relative to its rows' RMS, a fixed pattern (docs/notebook/first-set.md, dose-response).",
     )
     vllm: VllmConfig = VllmConfig()
 
@@ -728,11 +730,7 @@ class RunConfig(StrictModel):
                     f"rollout.max_new_tokens={self.rollout.max_new_tokens}: every response would be cut "
                     f"before its answer; set rollout.max_new_tokens>={longest}"
                 )
-        if self.loss.proximal == "rollout" and self.train.routing_replay == "R2":
-            raise ValueError(
-                "loss.proximal=rollout (bypass) with train.routing_replay=R2: R2 replays the routes of "
-                "the recomputed pi_old, which the bypass skips; use loss.proximal=recompute, or R3"
-            )
+        RoutingPlan(self.train.routing_replay, True, self.batch.minibatches_per_step, self.loss.proximal == "rollout")
         return self
 
 

@@ -21,8 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stablerl import distributed as D
+from stablerl import metrics as M
+from stablerl.diagnostics import k3
+from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
-from stablerl.models import is_moe, load_policy
+from stablerl.models import build_model, is_moe, load_policy
 from stablerl.rollout import build_engine
 from stablerl.seeds import rollout_seeds
 from stablerl.tasks import build_task, reward_pool
@@ -102,6 +105,58 @@ def send_version(version: int, weights: dict, device) -> None:
     D.transfer_object((version, [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in weights.items()]))
     for t in weights.values():
         D.transfer_tensor(t.to(device).contiguous())
+
+
+def start_workers(world: D.World, start: int, eta: int, source: str, lag: LaggedWeights) -> None:
+    """The handshake every rollout worker waits for: the model, the step to start after, the
+    versions it needs first (learner rank 0 sends; run_worker receives)."""
+    if not world.workers or not world.is_main:
+        return
+    needed = initial_versions(start, eta)
+    D.transfer_object({"source": source, "start_step": start, "initial": len(needed)}, long=True)
+    for v in needed:
+        send_version(v, lag.versions[v], world.device)
+
+
+def send_to_workers(world: D.World, step: int, eta: int, last_step: int, lag: LaggedWeights | None, trained: bool):
+    """Learner rank 0's weight messages of step ``step``: with eta >= 1 version step - 1 as soon
+    as the step's rollouts are in (the workers sample on meanwhile); with eta = 0 version
+    ``step`` once trained (``trained``), unless it is the last step."""
+    if not world.workers or not world.is_main:
+        return
+    if not trained and eta >= 1 and step >= 2:
+        send_version(step - 1, lag.versions[step - 1], world.device)
+    elif trained and eta == 0 and step < last_step:
+        send_version(step, lag.versions[step], world.device)
+
+
+class LagSplit:
+    """The training-inference mismatch split (``log.lag_kl``): the engine's part, mu against the
+    training policy of the version that sampled (pi_v, its weights kept for the lag), and the
+    lag's, pi_v against pi_old. In k1 the split is exact on the same tokens:
+    E_mu[log mu - log pi_old] = E_mu[log mu - log pi_v] + E_mu[log pi_v - log pi_old]. pi_v is
+    routed as pi_old is (R3: the rollout's routes)."""
+
+    def __init__(self, model_config, replay_rollout: bool, recompute: bool):
+        self.model_config, self.replay_rollout, self.recompute = model_config, replay_rollout, recompute
+        self.model = None  # one more full copy of the weights, on every learner rank, built on first use
+
+    def __call__(self, lag: LaggedWeights | None, batch, metrics: dict) -> dict:
+        weights = lag.versions.get(batch.version) if lag is not None else None
+        if weights is None:
+            return {}
+        if self.model is None:
+            self.model = build_model(self.model_config).eval().requires_grad_(False)
+        self.model.load_state_dict(weights)
+        replay = batch.routes if self.replay_rollout else None
+        with torch.no_grad():
+            out = response_logp(self.model, batch, replay=replay, temperature=batch.sampling.temperature)
+        d = (out["logp"] - batch.rollout_logp)[batch.response_mask].double()
+        k1_sum, k3_sum, n = D.all_reduce_sum([float(-d.sum()), float(k3(d).sum()), float(d.numel())]).tolist()
+        split = {M.LAG_ENGINE_KL: k3_sum / max(n, 1.0), M.LAG_ENGINE_KL_K1: k1_sum / max(n, 1.0)}
+        if self.recompute and M.TRAIN_INFER_KL_K1 in metrics:
+            split[M.LAG_KL_K1] = metrics[M.TRAIN_INFER_KL_K1] - split[M.LAG_ENGINE_KL_K1]
+        return split
 
 
 def receive_version(device) -> tuple[int, dict]:

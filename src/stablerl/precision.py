@@ -21,7 +21,7 @@ Gaussian pattern, relative to each row's RMS, on the engine's copy of the weight
 How the engine *multiplies* bf16 / fp16 numbers is the hardware's business (``matmul_dtype``): a
 GPU's half-precision GEMM takes half-precision inputs, accumulates in fp32 and rounds the product
 once. So does oneDNN on a CPU with native bf16 kernels; on one without (AVX2-only x86) PyTorch's
-fallback is 7-47x slower than fp32, so there the fast decoder multiplies the same half-precision
+fallback is many times slower than fp32, so there the fast decoder multiplies the same half-precision
 inputs in fp32 and rounds once — the same numbers but for summation order (docs/performance.md).
 """
 
@@ -65,7 +65,7 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     but fp32 for bf16 / fp16 on a CPU without native kernels for them, where the inputs (already
     rounded to ``dtype``) are multiplied in fp32 and the product rounded once to ``dtype`` by
     ``linear`` / ``matmul`` — what a native half-precision GEMM computes, in another summation
-    order, 5-20x faster than PyTorch's fallback there."""
+    order, and much faster than PyTorch's fallback there."""
     if (
         dtype in (torch.bfloat16, torch.float16)
         and torch.device(device).type == "cpu"
@@ -78,9 +78,8 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
 @dataclass(frozen=True)
 class PackedWeight:
     """A bf16 ``[out, in]`` matrix reordered once into the blocked layout oneDNN's bf16 kernel reads
-    (``pack_weight``), as inference engines do at load. ``F.linear`` on the plain weight measured
-    1.04-1.9x slower per call (64-1024 inputs, 16-64 rows; slowest on the largest matrices;
-    docs/performance.md)."""
+    (``pack_weight``), as inference engines do at load. ``F.linear`` on the plain weight is
+    slower per call, most on the largest matrices (docs/performance.md)."""
 
     packed: torch.Tensor
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -240,68 +238,3 @@ def replay_router_hooks(model: nn.Module, routes: torch.Tensor) -> Iterator[None
     finally:
         for h in handles:
             h.remove()
-
-
-# --------------------------------------------------------------------------------------------
-# The replay decision: which routes each forward of a training step replays and records.
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Forward:
-    """One training forward's routing: ``replay`` ``"old"`` (the training routes recorded in the
-    pi_old pass: R2) or ``"rollout"`` (the inference engine's: R3) or None (route live);
-    ``capture`` records this forward's live routes for a diagnostic: ``"train_infer"`` (they are
-    pi_old's routes, compared with the rollout's) or ``"stale"`` (current routes, compared with
-    pi_old's)."""
-
-    replay: Literal["old", "rollout"] | None = None
-    capture: Literal["train_infer", "stale"] | None = None
-
-
-@dataclass(frozen=True)
-class RoutingPlan:
-    """What ``train.routing_replay`` means for every forward of one training step.
-
-    A step is: (N > 1) one no-grad pass for pi_old, then N mini-batches, one gradient forward
-    each. With N = 1 there is no pi_old pass: pi_old is ``sg[pi_theta]`` of the gradient forward.
-
-    - none: every forward routes live.
-    - R2 replays pi_old's training routes, so it needs the pi_old pass; with N = 1 the gradient
-      forward *is* pi_old's and there is nothing to replay (it changes nothing on-policy).
-    - R3 replays the rollout's routes in every forward, the pi_old pass included (under R3 pi_old
-      is the training engine's policy on the inference engine's routes).
-    - With the bypass (``loss.proximal=rollout``) there is no pi_old pass at all: pi_old is mu.
-    """
-
-    mode: Literal["none", "R2", "R3"]
-    moe: bool
-    minibatches: int
-    bypass: bool = False  # loss.proximal=rollout: pi_old := mu, never recomputed (no R2 with it)
-
-    def old_pass(self) -> Forward | None:
-        """The pi_old pass before any update (None when N = 1, or with the bypass)."""
-        if self.minibatches == 1 or self.bypass:
-            return None
-        if self.mode == "R3":
-            return Forward(replay="rollout")
-        return Forward(capture="train_infer" if self.moe else None)
-
-    @property
-    def diagnostic_pass(self) -> bool:
-        """Whether one extra no-grad forward records the live training routes: under R3 every
-        other forward replays, and the train-vs-infer agreement needs the training engine's own."""
-        return self.moe and self.mode == "R3"
-
-    def minibatch(self, k: int) -> Forward:
-        """The gradient forward of mini-batch ``k`` (0-based)."""
-        if not self.moe:
-            return Forward()
-        if self.mode == "R3":
-            return Forward(replay="rollout")
-        if self.mode == "R2" and self.minibatches > 1:
-            return Forward(replay="old")
-        if self.minibatches == 1:  # this forward is pi_old's (R2 included: nothing to replay)
-            return Forward(capture="train_infer")
-        if self.bypass:  # no pi_old pass: the first gradient forward routes as pi_old would
-            return Forward(capture="train_infer" if k == 0 else None)
-        # mini-batch 0 routes exactly as the pi_old pass did; later ones have moved
-        return Forward(capture="stale" if k > 0 else None)

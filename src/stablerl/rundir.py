@@ -79,7 +79,7 @@ class RunDir:
         return self.config.is_file()
 
     def looks_like_run(self) -> bool:
-        """A run directory, even one whose config was lost (used to refuse it as a model path: an
+        """A run directory, even one whose config was lost (what refuses it as a model path: an
         HF model directory has a config.json too, so that alone does not tell)."""
         return self.checkpoints.is_dir() or self.metrics.is_file()
 
@@ -353,3 +353,28 @@ def record_config(run_dir: Path, cfg: RunConfig, step: int, changes: dict | None
             "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
         }
         append_line(run_dir.changes, json.dumps(line))
+
+
+def discard_unstarted(files: RunDir, lock: RunLock | None) -> None:
+    """Remove what a run wrote before completing anything while still holding the lock, then the
+    lock file (only its holder ever removes it), then the directory if nothing else is in it."""
+    files.remove_unstarted()
+    if lock is not None:
+        lock.release(remove=True)
+    try:
+        files.path.rmdir()
+    except OSError:
+        pass
+
+
+def prepare(files: RunDir, cfg: RunConfig, state: RunState, changes: dict, log) -> None:
+    """Record the config (and any change a resume makes); a run without a checkpoint starts clean."""
+    files.path.mkdir(parents=True, exist_ok=True)
+    if state.step == 0:  # a fresh run, or a resumed one killed before its first checkpoint
+        files.start_fresh()
+    else:
+        files.cut_logs_to(state)
+    record_config(files.path, cfg, state.step, changes)
+    if changes:
+        described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        log(f"[resume] config changes from step {state.step + 1}: {described}")

@@ -16,7 +16,7 @@ The design follows the paper:
 - GRPO and CISPO as the paper's appendix defines them: std-normalized advantages, their own length
   normalization (GRPO: per response; CISPO: per token of the batch), no training-inference IS.
 
-Learning rate and steps are calibrated once per experiment, never per variant (docs/results.md
+Learning rate and steps are calibrated once per experiment, never per variant (docs/notebook/first-set.md
 "Calibration"): the stress learning rate ``STRESS_LR`` is the largest of a grid at which the
 paper's recommended recipe for the experiment stays stable over ``OPT_STEPS`` on a calibration
 seed outside the reported ones, so that what separates the variants is the practice they drop.
@@ -27,7 +27,7 @@ from __future__ import annotations
 MINI_PROMPTS, GROUP = 8, 16  # one mini-batch: 8 prompts x 16 responses = 128 responses
 OPT_STEPS = 160  # optimizer steps per run, for every N (divisible by 1, 2, 4, 8)
 EVAL_OPT_STEPS = 20  # evaluate every this many optimizer steps
-STRESS_LR = 2e-4  # calibrated once for all experiments (docs/results.md)
+STRESS_LR = 2e-4  # calibrated once for all experiments (docs/notebook/first-set.md)
 
 # dose-response: the inference engine's discrepancy, from none to beyond FP8 W8A8 (a fixed
 # perturbation of the engine's weights on top of it, rollout.weight_noise)
@@ -100,7 +100,7 @@ def _dose_variants() -> dict[str, list[str]]:
 _OFF = _off_policy_variants()
 _DOSE = _dose_variants()
 
-# staleness from lag (issue 20's study, docs/training.md): the default run (`stablerl train` with no
+# staleness from lag (docs/notebook/staleness.md): the default run (`stablerl train` with no
 # overrides) at a fixed lag eta, with the decoupled correction (pi_old recomputed) and with bypass
 # (pi_old := mu). Only the evaluation is thinned (every 100 steps instead of 50; evaluation uses
 # its own seeds and never changes training).
@@ -120,9 +120,9 @@ _CAL = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The next set (docs/preregistration.md): the long-reasoning task, the numerics ladder up to NVFP4.
+# The next set (docs/notebook/preregistration.md): the long-reasoning task, the numerics ladder up to NVFP4.
 # Its reading was fixed before any of its runs; the constants below were set by its calibration
-# (section 2 there; docs/results.md "The next set") before any reported run.
+# (section 2 there; docs/notebook/long-reasoning.md) before any reported run.
 # ---------------------------------------------------------------------------------------------
 LONG_TASK = [
     "task.style=noisy_columns",
@@ -133,7 +133,7 @@ LONG_TASK = [
 ]
 LONG_OPT_STEPS = 100  # optimizer steps per run, for every N
 LONG_EVAL_OPT_STEPS = 20  # held-out evaluation (500 problems x 4 samples) every this many
-LONG_LR = 2e-4  # long-calibration (docs/results.md "The next set"): no collapse on either seed
+LONG_LR = 2e-4  # long-calibration (docs/notebook/long-reasoning.md): no collapse on either seed
 LADDER: dict[str, list[str]] = {  # the dose, in decreasing order: what the budget cuts is the low end
     rung: [f"rollout.precision={rung}"] for rung in ("nvfp4_w4a4", "nvfp4", "fp8_w8a8", "fp8", "bf16", "fp32")
 }
@@ -197,13 +197,13 @@ _LONG_LAG = {
     if not (proximal == "rollout" and "r2" in name)
 }
 
-# experiment 2, the sequence length (docs/preregistration.md Amendment 8): the on-policy pair
+# experiment 2, the sequence length (docs/notebook/preregistration.md Amendment 8): the on-policy pair
 # (MiniRL, no IS) down the same ladder at twice the length. Three 18-digit numbers instead of three
 # 9-digit ones: the same column step (three digits and a carry), twice as many of them, ~200-token
 # solutions. Its own cold start with the same SFT budget; the learning rate, run length, batch and
 # evaluation are the ~100-token set's, so the length is the one thing that changes. The SFT budget
 # follows the amendment's rule: 1500 steps gave sampled accuracy 0.214 < 0.3, so 3000 steps, whatever
-# they give (docs/results.md "Experiment 2"). A 58-token prompt and 224 new tokens overflow the default
+# they give (docs/notebook/long-length.md). A 58-token prompt and 224 new tokens overflow the default
 # model's 256-token context, so the model declares 512 (Amendment 10: rotary positions have no weights,
 # and the cold start trained at 512 equals the one trained at 256 weight for weight).
 LONG2_TASK = [
@@ -346,3 +346,15 @@ EXPERIMENTS: dict[str, dict] = {
         "c3_from": "long-dose",
     },
 }
+
+
+def reference_of(variant: str, reference: str | dict[str, str]) -> str | None:
+    """The variant ``variant`` is compared with: ``reference`` itself (one reference for all), or,
+    given a mapping of variant names within a row (``"rung/name"``), the same row's
+    ``reference[name]`` (None: not compared)."""
+    if isinstance(reference, str):
+        return None if variant == reference else reference
+    row, _, name = variant.rpartition("/")
+    if name not in reference:
+        return None
+    return f"{row}/{reference[name]}" if row else reference[name]
