@@ -4,8 +4,12 @@ hand from docs/formulation.md s.5, not derived from the code."""
 
 import pytest
 import torch
+from runs import args, cli_error
 
 from stablerl.config import RunConfig
+from stablerl.config_io import build_config
+from stablerl.loop import Trainer
+from stablerl.models import build_tokenizer
 from stablerl.replay import Forward, RoutingPlan
 
 TI, ST = "train_infer", "stale"
@@ -67,3 +71,31 @@ def test_a_forward_replays_pi_olds_rows_trimmed_or_the_parts_own_rollout_routes(
     assert Forward(replay="old").routes(None, rows, rollout, width=5) is None
     assert Forward(replay="rollout").routes(old, rows, rollout, width=5) is rollout
     assert Forward().routes(old, rows, rollout, width=5) is None
+
+
+def test_routing_replay_that_cannot_or_does_nothing(tmp_path, capsys):
+    from stablerl.checkpoint import save_model_dir
+    from stablerl.models import build_model, tiny_config
+
+    tok = build_tokenizer()
+    dense = build_model(
+        tiny_config(
+            "qwen3",
+            len(tok),
+            hidden_size=32,
+            num_layers=2,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    path = save_model_dir(tmp_path / "dense", dense, tok)
+    err = cli_error(capsys, ["train", *args(path, tmp_path / "r3"), "train.routing_replay=R3"])
+    assert "needs a Mixture-of-Experts model" in err and "train.routing_replay=none" in err
+
+
+def test_r2_on_policy_warns(sft_ckpt, tmp_path):
+    logs = []
+    cfg = build_config(RunConfig, None, args(sft_ckpt, tmp_path / "r2", "train.steps=1", "train.routing_replay=R2"))
+    Trainer(cfg, tmp_path / "r2", log=logs.append).run()
+    assert any("R2 does nothing on-policy" in line for line in logs)

@@ -1,11 +1,24 @@
 """The run directory's owner: paths, atomic writes, the typed run state and its checkpoint form."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from runs import args, cli_error, config
 
-from stablerl.rundir import RunDir, RunState, atomic_write_text, truncate_lines
+from stablerl.cli import main
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
+from stablerl.loop import Trainer
+from stablerl.models import build_tokenizer, default_model_config
+from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, atomic_write_text, truncate_lines
+from stablerl.runlog import read_metrics
+from stablerl.tasks import build_task
 
 
 def test_run_state_round_trips_through_a_checkpoint_and_ignores_unknown_keys():
@@ -36,10 +49,7 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
 
 
 def _cold_start_in_child(overrides, messages):
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import cold_start
-    from stablerl.tasks import build_task
 
     cfg = build_config(RunConfig, None, overrides)
     messages.put(("returned", str(cold_start(cfg, build_task(cfg.task), log=lambda m: messages.put(("log", m))))))
@@ -50,11 +60,8 @@ def test_a_cold_start_two_processes_need_is_trained_once(tmp_path):
     first's and reuses it (it used to train its own into the same temporary directory)."""
     import multiprocessing as mp
 
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.rundir import waiting_lock
     from stablerl.sft import _train_cold_start
-    from stablerl.tasks import build_task
 
     out = tmp_path / "sft" / "ckpt"
     overrides = [
@@ -107,10 +114,7 @@ def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
     and the partial state is gone once the checkpoint is published."""
     from safetensors.torch import load_file
 
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _train_cold_start, sft_state_path
-    from stablerl.tasks import build_task
 
     base = [
         "model.hidden_size=32",
@@ -139,10 +143,7 @@ def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_a_partial_cold_start_of_other_settings_is_refused(tmp_path):
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _train_cold_start, sft_state_path
-    from stablerl.tasks import build_task
 
     out = tmp_path / "ckpt"
     base = [
@@ -166,10 +167,7 @@ def test_a_cold_start_checks_the_model_context_before_any_step(tmp_path):
     """Prompts + rollout.max_new_tokens over the context (what a run of these settings refuses) and
     teacher rows over it (what the SFT would train at positions the model does not declare) stop
     the cold start before its first step, naming model.max_positions; nothing is written."""
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _train_cold_start, sft_state_path
-    from stablerl.tasks import build_task
 
     out = tmp_path / "ckpt"
     long = [
@@ -242,10 +240,7 @@ def test_a_longer_context_changes_no_weight_of_the_cold_start(tmp_path):
     256), and only a non-default context gets a cache key of its own."""
     from safetensors.torch import load_file
 
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _sft_key, _train_cold_start, sft_output_dir
-    from stablerl.tasks import build_task
 
     base = ["model.hidden_size=32", "model.num_layers=2", "sft.steps=6", "sft.batch_size=4", "task.levels=[1]"]
     weights = []
@@ -268,7 +263,7 @@ def test_a_longer_context_changes_no_weight_of_the_cold_start(tmp_path):
 
 def test_run_sft_refuses_a_batch_longer_than_the_context():
     # the guard inside the loop (a stream whose later rows grow past the context): named, no step
-    from stablerl.models import build_model, build_tokenizer, default_model_config
+    from stablerl.models import build_model
     from stablerl.sft import run_sft
     from stablerl.tasks import ArithmeticTask
 
@@ -284,120 +279,48 @@ def test_run_sft_refuses_a_batch_longer_than_the_context():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-# ---------------------------------------------------------------------------------------------
-# Nothing in a run directory changes what a resume trains on, or runs code (stablerl.resume)
-# ---------------------------------------------------------------------------------------------
-TINY = [
-    "batch.prompts_per_step=2",
-    "batch.group_size=4",
-    "rollout.max_new_tokens=12",
-    "task.levels=[1]",
-    "task.eval_size=4",
-    "eval.every=100",
-    "log.progress=false",
-    "log.tensorboard=false",
-]
+def test_a_second_writer_fails_at_once(sft_ckpt, tmp_path, capsys):
+    run_dir = tmp_path / "busy"
+    with RunLock(run_dir):  # another process training here
+        t0 = time.monotonic()
+        err = cli_error(capsys, ["train", *args(sft_ckpt, run_dir, "train.steps=1")])
+        assert "in use by pid" in err and str(run_dir) in err and time.monotonic() - t0 < 30
+    assert main(["train", *args(sft_ckpt, run_dir, "train.steps=1")]) == 0  # released: it works
+    capsys.readouterr()
+    with RunLock(run_dir):
+        err = cli_error(capsys, ["train", "--resume", str(run_dir), "train.steps=2"])
+        assert "in use" in err
+    assert read_metrics(run_dir)[-1]["step"] == 1  # the refused resume wrote nothing
 
 
-def _train(ckpt, run_dir, *extra, resume=False):
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
-    from stablerl.loop import Trainer
-
-    cfg = build_config(RunConfig, None, [f"model.path={ckpt}", f"run_dir={run_dir}", *TINY, *extra])
-    return Trainer(cfg, run_dir, resume=resume, log=lambda *_: None).run()
-
-
-def test_a_planted_config_json_changes_nothing_a_resume_trains_on(sft_ckpt, tmp_path, capsys):
-    """RUN/config.json rewritten (another task seed, a reward module elsewhere): the resume
-    continues the checkpoint's checksummed record, names the keys where config.json differs, never
-    imports the planted module, and a typed change of the seed is still refused."""
-    from stablerl.cli import main
-
-    run = tmp_path / "run"
-    _train(sft_ckpt, run, "train.steps=1")
-    marker = tmp_path / "evil_ran"
-    evil = tmp_path / "evil.py"
-    evil.write_text(f"open({str(marker)!r}, 'w').write('x')\ndef f(prompt, completion):\n    return 1.0\n")
-    saved = json.loads((run / "config.json").read_text())
-    saved["task"]["seed"], saved["task"]["reward_fns"] = 7, [f"{evil}:f"]
-    (run / "config.json").write_text(json.dumps(saved))
-    assert main(["train", "--resume", str(run), "train.steps=2"]) == 0
-    out = capsys.readouterr()
-    warning = next(line for line in (out.out + out.err).splitlines() if "differs from the checksummed record" in line)
-    assert "task.seed" in warning and "task.reward_fns" in warning
-    assert not marker.exists()
-    now = json.loads((run / "config.json").read_text())
-    assert now["task"]["seed"] == 0 and now["task"]["reward_fns"] != [f"{evil}:f"] and now["train"]["steps"] == 2
-    changes = [json.loads(x) for x in (run / "config_changes.jsonl").read_text().splitlines()]
-    assert list(changes[-1]["changes"]) == ["train.steps"]
-    assert main(["train", "--resume", str(run), "task.seed=7", "train.steps=3"]) == 2
-    assert "task.seed" in capsys.readouterr().err
+def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path):
+    code = (
+        f"from stablerl.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+        "import time; time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"pid {proc.pid}"):
+            RunLock(tmp_path).acquire()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        RunLock(tmp_path).acquire().release()  # the kernel dropped the dead holder's lock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
-def _two_checkpoints(sft_ckpt, tmp_path):
-    run = tmp_path / "run"
-    _train(sft_ckpt, run, "train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=2")
-    return run
-
-
-@pytest.mark.parametrize(
-    "edit, named",
-    [
-        (lambda s: s.update(step=-3), "step"),
-        (lambda s: s.update(step=999), "records step 999"),
-        (lambda s: s.update(step=1), "records step 1"),
-        (lambda s: s.update(metrics_lines=-1), "metrics_lines"),
-        (lambda s: s.update(collapse="x"), "collapse"),
-        (lambda s: s.update(reward_errors="3"), "reward_errors"),
-        (lambda s: s.pop("files"), "no checksum table"),
-        (lambda s: s.update(files={}), "not in the checkpoint's checksum table"),
-    ],
-    ids=[
-        "negative-step",
-        "step-beyond",
-        "step-not-its-folder",
-        "negative-lines",
-        "str-collapse",
-        "str-count",
-        "no-table",
-        "empty-table",
-    ],
-)
-def test_a_state_json_out_of_its_bounds_is_damage_and_the_resume_falls_back(sft_ckpt, tmp_path, edit, named):
-    from stablerl import checkpoint
-    from stablerl.runlog import read_metrics
-
-    run = _two_checkpoints(sft_ckpt, tmp_path)
-    newest = checkpoint.latest(run)
-    state = json.loads((newest / "state.json").read_text())
-    edit(state)
-    (newest / "state.json").write_text(json.dumps(state))
-    why = checkpoint.damage(newest)
-    assert why is not None and named in why and str(newest / "state.json") in why
-    good, skipped = checkpoint.latest_good(run)
-    assert good.name == "step_000001" and newest.name in skipped[0]
-    _train(sft_ckpt, run, "train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=2", resume=True)
-    assert [r["step"] for r in read_metrics(run)] == [0, 1, 2, 3]
-
-
-def test_a_replaced_kl_reference_is_refused_naming_both_digests(sft_ckpt, tmp_path):
-    import shutil
-
-    from stablerl.checkpoint import save_model_dir
-    from stablerl.models import load_policy
-    from stablerl.resume import weights_digest
-
-    start = tmp_path / "start"
-    shutil.copytree(sft_ckpt, start)
-    run = tmp_path / "run"
-    _train(start, run, "train.steps=1", "loss.kl_beta=0.1")
-    before = weights_digest(start)
-    model, tok = load_policy(start)
-    with torch.no_grad():
-        next(model.parameters()).add_(0.01)
-    save_model_dir(start, model, tok)  # the same folder, other weights
-    after = weights_digest(start)
-    with pytest.raises(ValueError, match="reference policy") as e:
-        _train(start, run, "train.steps=2", "loss.kl_beta=0.1", resume=True)
-    assert before in str(e.value) and after in str(e.value) and before != after
+def test_the_lock_loser_leaves_the_winners_lock_in_place(sft_ckpt, tmp_path):
+    run_dir = tmp_path / "r"
+    winner = RunLock(run_dir).acquire()
+    inode = os.stat(run_dir / ".lock").st_ino
+    with pytest.raises(RunLocked):
+        Trainer(config(sft_ckpt, run_dir), run_dir, log=lambda *_: None)
+    assert os.stat(run_dir / ".lock").st_ino == inode
+    with pytest.raises(RunLocked):  # still held
+        RunLock(run_dir).acquire()
+    winner.release(remove=True)
+    assert not (run_dir / ".lock").exists()
+    RunLock(run_dir).acquire().release()

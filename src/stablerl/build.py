@@ -11,6 +11,7 @@ import torch
 from stablerl import checkpoint
 from stablerl import distributed as D
 from stablerl.config import RunConfig
+from stablerl.families import replay_refusal
 from stablerl.models import build_model, is_moe, load_model, load_policy, model_skeleton
 from stablerl.pipeline import LaggedWeights
 from stablerl.replay import RoutingPlan
@@ -37,7 +38,10 @@ def check_layout(cfg: RunConfig, world: D.World) -> None:
 
 def check_model(cfg: RunConfig, model) -> list[str]:
     """Errors for settings that cannot work on this model; warnings for those that do nothing."""
-    return RoutingPlan.of(cfg, is_moe(model)).check(model.config.model_type)
+    moe = is_moe(model)
+    if cfg.train.routing_replay != "none" and not moe:  # dense, or an MoE family replay does not cover
+        raise ValueError(replay_refusal(cfg.train.routing_replay, model.config))
+    return RoutingPlan.of(cfg, moe).check(model.config.model_type)
 
 
 def resume_point(cfg: RunConfig, files: RunDir, resume: bool, log) -> tuple[Path | None, dict]:

@@ -202,6 +202,12 @@ class ModelConfig(StrictModel):
         description="HF checkpoint dir (model + tokenizer) to start from; "
         "none = the default tiny Qwen3-MoE, cold-started by SFT.",
     )
+    family: str = Field(
+        "qwen3_moe",
+        description="Default model only: its Mixture-of-Experts family, a tiny random model of any family "
+        "routing replay supports (docs/routing.md): qwen3_moe, qwen2_moe, olmoe, mixtral, qwen3_5_moe, "
+        "qwen3_next, deepseek_v3, glm4_moe, gpt_oss.",
+    )
     hidden_size: int = Field(96, ge=16, description="Default model only: hidden size (4 attention heads).")
     expert_size: int | None = Field(
         None, ge=8, description="Default model only: each expert's intermediate size (none = hidden_size)."
@@ -222,6 +228,9 @@ class ModelConfig(StrictModel):
     def _check(self) -> ModelConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        from stablerl.families import check_tiny_family
+
+        check_tiny_family(self.family, self.num_experts, self.top_k)
         return self
 
 
