@@ -18,8 +18,9 @@ A checkpoint is written into ``step_000123.tmp`` and renamed when complete, so a
 moment leaves the previous checkpoint or the new one, never a half-written one taken as the
 latest. Before anything is written, every parameter and optimizer tensor is checked: a
 non-finite state is never saved as a checkpoint (``NonFiniteState``). A write that fails (a full
-disk: ENOSPC) removes the partial directory and says which directory and why
-(``CheckpointWriteError``); the previous checkpoint stays intact.
+disk: ENOSPC, also inside DCP's shard write) removes the partial directory and says in one line
+which directory, why and, for a full disk, the space it needs and has (``CheckpointWriteError``);
+the previous checkpoint stays intact.
 
 ``RUN_DIR/export/step_000123/`` is an HF checkpoint (safetensors + tokenizer) that
 ``AutoModelForCausalLM.from_pretrained`` loads: written at the end of a run and every
@@ -117,12 +118,35 @@ class CheckpointWriteError(RuntimeError):
     pass
 
 
-def _write_error(path: Path, e: OSError) -> CheckpointWriteError:
+def _write_error(path: Path, e: OSError, needed: int | None = None) -> CheckpointWriteError:
+    """One line: the path, the errno and, for a full disk, the space the write needs and has."""
     name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
-    hint = " (the disk is full: free space there, then --resume)" if e.errno == errno.ENOSPC else ""
+    hint = ""
+    if e.errno == errno.ENOSPC:
+        where = next((p for p in Path(path).parents if p.exists()), Path("/"))
+        size = f"the checkpoint needs about {needed / 2**20:.1f} MiB, " if needed else ""
+        free = shutil.disk_usage(where).free / 2**20
+        hint = f" (the disk is full: {size}{free:.1f} MiB are free at {where}; free space there, then --resume)"
     return CheckpointWriteError(
         f"writing {path} failed: {name}: {e.strerror or e}{hint}; the previous checkpoint is intact"
     )
+
+
+def _failure(path: Path, e: BaseException, needed: int) -> str:
+    """A failed checkpoint write as one line (DCP's own exception holds every rank's traceback)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    os_error = _os_error(e)
+    if os_error is not None:
+        return str(_write_error(path, os_error, needed))
+    inner = [x for x in _causes(e) if not isinstance(x, CheckpointException)] or [e]
+    first = (str(inner[0]).strip().splitlines() or [""])[0][:300]
+    return f"writing {path} failed: {type(inner[0]).__name__}: {first}; the previous checkpoint is intact"
+
+
+def _state_bytes(model, optimizer) -> int:
+    """Bytes of this rank's weights and optimizer state: what its DCP shards hold."""
+    return sum(t.numel() * t.element_size() for _, t in _named_state(model, optimizer))
 
 
 def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
@@ -205,6 +229,7 @@ def save(
     """A checkpoint of ``step`` (every rank calls it; rank 0 publishes it). ``extra(dir)``, on rank
     0, writes more files into it before it is checksummed and published."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     world = world or D.World()
     check_finite(model, optimizer)
@@ -243,10 +268,10 @@ def save(
                 ),
             )
             publish_dir(tmp, final)
-    except Exception as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
         if _collective_failure(e):  # a rank stopped answering: not a write error (api.train names the rank)
             raise
-        failure = str(_write_error(final, _os_error(e))) if _os_error(e) else f"writing {final} failed: {e}"
+        failure = _failure(final, e, _state_bytes(model, optimizer) * world.size)
     failures = [f for f in D.all_gather_objects(failure) if f]
     if failures:
         if world.is_main:
