@@ -29,6 +29,13 @@ def resolve_run(
     """The validated config and the run directory a ``train`` call would use."""
     from stablerl.resume import resume_config
 
+    if not (config is None or isinstance(config, (RunConfig, dict, str, Path))):
+        raise ValueError(
+            f"config {config!r} (a {type(config).__name__}) is not a config: give a RunConfig, a dict of its sections, "
+            "the path of a YAML/TOML file, or nothing for the defaults"
+        )
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError(f"overrides {overrides!r}: give a list of 'key=value' strings")
     if resume is not None:
         if isinstance(config, (RunConfig, dict)):
             raise ValueError(

@@ -143,6 +143,8 @@ def _repro(args: argparse.Namespace) -> int:
     names = (
         [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
     )
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: the number of seeds per configuration must be at least 1")
     out = Path(args.out)
     if args.report_only:
         for name in names:
