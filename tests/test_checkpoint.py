@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import train
+from tinyrun import train
 
 from stablerl import checkpoint
 from stablerl.generation import encode_prompt

@@ -1,7 +1,7 @@
 """The command line: versions, printed configs, model paths, hub ids."""
 
 import pytest
-from runs import cli_error, train
+from tinyrun import cli_error, train
 
 from stablerl.cli import main
 from stablerl.config import RunConfig

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from runs import args, cli_error
+from tinyrun import args, cli_error
 
 from stablerl.cli import main
 from stablerl.config import RunConfig

@@ -249,3 +249,61 @@ def test_an_uncovered_moe_is_refused_naming_it_and_the_supported_families(tmp_pa
     assert "'phimoe' is a Mixture-of-Experts family routing replay does not support yet" in message
     assert "supported: qwen3_moe, qwen2_moe, olmoe, mixtral, qwen3_5_moe" in message and "gpt_oss" in message
     assert "dense" not in message
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "gpt_oss", "deepseek_v3"])
+def test_dropping_finished_rows_changes_no_token_route_or_logp(models, family):
+    """Rows leave the decode as they end (the cache, recurrent linear-attention state included,
+    keeps the live rows only); what is sampled is what the full batch samples."""
+    model = models[family]
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 64, (int(n),), generator=g).tolist() for n in (3, 7, 5, 4, 6, 2, 8, 5)]
+    sampling, eos = SamplingConfig(max_new_tokens=10), list(range(1, 20))
+    full = LocalEngine(model, "fp32", eos_token_id=eos).generate(prompts, sampling, seeds=list(range(8)))
+    dropped = LocalEngine(model, "fp32", eos_token_id=eos, drop_finished=True).generate(
+        prompts, sampling, seeds=list(range(8))
+    )
+    assert len(set(full.response_mask.sum(1).tolist())) > 2  # rows end at different steps
+    assert torch.equal(full.input_ids, dropped.input_ids) and torch.equal(full.routes, dropped.routes)
+    torch.testing.assert_close(full.rollout_logp, dropped.rollout_logp, rtol=0, atol=1e-5)
+
+
+def test_model_family_picks_the_tiny_model_and_keys_its_cold_start():
+    from stablerl.models import build_default_policy
+    from stablerl.sft import _sft_key, sft_output_dir
+
+    default = build_config(RunConfig, None, [])
+    gpt = build_config(RunConfig, None, ["model.family=gpt_oss", "model.hidden_size=32"])
+    assert build_default_policy(gpt.model, build_tokenizer()).config.model_type == "gpt_oss"
+    assert sft_output_dir(default) != sft_output_dir(build_config(RunConfig, None, ["model.family=gpt_oss"]))
+    assert '"family"' not in _sft_key(default)  # the default model's cold starts keep their key
+    with pytest.raises(ValueError, match="unknown model family 'llama4'; allowed: qwen3_moe, .*gpt_oss"):
+        build_config(RunConfig, None, ["model.family=llama4"])
+    with pytest.raises(ValueError, match="num_experts must be even"):
+        build_config(RunConfig, None, ["model.family=deepseek_v3", "model.num_experts=7"])
+
+
+def test_activation_quantized_experts_of_another_layout_are_the_module_maths_with_rounded_inputs():
+    """gpt-oss experts (transposed, biased, gate/up interleaved): with an identity rounding the
+    engine's W8A8 expert path equals the experts' maths written out; with fp8 rounding it moves off it."""
+    from stablerl.moe import _quantized_experts_any_layout
+    from stablerl.precision import quantize_activations_fp8
+
+    experts = make("gpt_oss").model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(10, experts.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(10)])
+    w = torch.softmax(torch.randn(10, 2, generator=g), -1)
+    with torch.no_grad():
+        exact = _quantized_experts_any_layout(experts, h, idx, w, lambda x: x)
+        rounded = _quantized_experts_any_layout(experts, h, idx, w, quantize_activations_fp8)
+    reference = torch.zeros_like(h)  # written out: gpt-oss's clamped SwiGLU with biases
+    for t in range(10):
+        for j in range(2):
+            e = int(idx[t, j])
+            gu = h[t] @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+            gate, up = gu[::2].clamp(max=experts.limit), gu[1::2].clamp(-experts.limit, experts.limit)
+            act = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+            reference[t] += w[t, j] * (act @ experts.down_proj[e] + experts.down_proj_bias[e])
+    torch.testing.assert_close(exact, reference, rtol=1e-5, atol=1e-6)
+    assert 0 < float((rounded - exact).abs().max()) < 0.1 * float(exact.abs().max())

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from runs import FNS, cli_error, config
+from tinyrun import FNS, cli_error, config
 
 from stablerl.cli import main
 from stablerl.config import RunConfig

@@ -4,7 +4,7 @@ hand from docs/formulation.md s.5, not derived from the code."""
 
 import pytest
 import torch
-from runs import args, cli_error
+from tinyrun import args, cli_error
 
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
@@ -90,6 +90,7 @@ def test_routing_replay_that_cannot_or_does_nothing(tmp_path, capsys):
         )
     )
     path = save_model_dir(tmp_path / "dense", dense, tok)
+    capsys.readouterr()  # the save's own progress output is not the CLI's
     err = cli_error(capsys, ["train", *args(path, tmp_path / "r3"), "train.routing_replay=R3"])
     assert "needs a Mixture-of-Experts model" in err and "train.routing_replay=none" in err
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from runs import FNS, args, cli_error, config, train
+from tinyrun import FNS, args, cli_error, config, train
 
 from stablerl import checkpoint
 from stablerl.cli import main

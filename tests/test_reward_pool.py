@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import config, train
+from tinyrun import config, train
 
 from stablerl.cli import main
 from stablerl.config import RunConfig

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from runs import args, cli_error, config
+from tinyrun import args, cli_error, config
 
 from stablerl.cli import main
 from stablerl.config import RunConfig

@@ -2,7 +2,7 @@
 
 import json
 
-from runs import cli_error, train
+from tinyrun import cli_error, train
 
 from stablerl.cli import main
 from stablerl.rundir import RunDir, RunState

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from runs import SAMPLE
+from tinyrun import SAMPLE
 
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config

@@ -6,7 +6,7 @@ from importlib.resources import files
 
 import pytest
 import torch
-from runs import cli_error
+from tinyrun import cli_error
 
 from stablerl.checkpoint import save_model_dir
 from stablerl.config import RunConfig

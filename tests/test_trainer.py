@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from runs import config as shared_config
+from tinyrun import config as shared_config
 
 from stablerl import checkpoint
 from stablerl.checkpoint import save_model_dir

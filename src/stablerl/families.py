@@ -172,7 +172,16 @@ def _gpt_oss(common: dict, moe: dict) -> PretrainedConfig:
         intermediate_size=moe["expert_size"],
         head_dim=common["hidden_size"] // 4,
         sliding_window=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+        # YaRN as the release (vLLM's gpt-oss reads its parameters), at factor 1 over the tiny context
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 1.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": common["max_position_embeddings"],
+        },
         output_router_logits=False,
     )
 

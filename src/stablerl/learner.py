@@ -20,7 +20,8 @@ One step's update, in the order ``Learner.update`` runs it (docs/training.md "Th
 2. ``_minibatches``: the seeded split of the rollout batch into N mini-batches;
 3. per mini-batch, ``_micro_step`` over its micro-batches (forward, loss, backward: gradients
    accumulate), then ``_optimizer_step`` (clip, learning rate, AdamW) — or nothing, on every
-   rank, when any rank saw a non-finite loss or gradient.
+   rank, when any rank saw a non-finite loss or gradient, or (``optim.skip_empty_steps``) when no
+   rank holds a non-zero advantage in the mini-batch.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from stablerl.distributed.fsdp import (
     shard_from_rank0,
 )
 from stablerl.forward import compile_router_free_parts, enable_activation_checkpointing, response_logp
+from stablerl.learning_signal import has_signal
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
 from stablerl.replay import RoutingPlan
@@ -148,6 +150,7 @@ class Learner:
             fused=_can_fuse(self.model),
         )
         self.optimizer_steps = 0
+        self.steps_skipped = 0  # mini-batches of the current step that took no optimizer step
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` on this rank's device, sharded over the learner ranks when there are several."""
@@ -225,6 +228,7 @@ class Learner:
             )
         adv = group_advantages(batch.rewards, batch.group_ids, std_normalize=self.cfg.loss.std_normalize)
         record = StepRecord()
+        self.steps_skipped = 0
         self.model.eval()  # no dropout in the tiny models; eval() also keeps HF MoE jitter off
         old = self._old_pass(batch, record)
         skipped = False
@@ -311,9 +315,21 @@ class Learner:
         if D.any_true(bad) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        self._optimizer_step()
         record.add(M.GRAD_NORM, grad_norm, 1.0)
+        if self._without_signal(mb, batch, adv):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_steps += 1  # the schedule counts mini-batches, taken or skipped
+            self.steps_skipped += 1
+            return True
+        self._optimizer_step()
         return True
+
+    def _without_signal(self, mb: MiniBatch, batch: RolloutBatch, adv: torch.Tensor) -> bool:
+        """``optim.skip_empty_steps``: no rank holds a non-zero advantage in the mini-batch (a
+        gradient of exactly zero) and no KL penalty pulls the weights: the same answer on every rank."""
+        if not self.cfg.optim.skip_empty_steps or self.cfg.loss.kl_beta > 0:
+            return False
+        return not D.any_true(has_signal(adv[mb.rows], batch.response_mask[mb.rows]))
 
     def _m2_mask(self, mb: MiniBatch, batch: RolloutBatch, old: OldPolicy) -> torch.Tensor:
         """M2PO's token mask ``[B_local, R]`` for this rank's rows of mini-batch ``mb``, decided over
@@ -458,6 +474,7 @@ class Learner:
                 }
             )
         metrics["lr"] = self.lr(self.optimizer_steps)
+        metrics[M.STEPS_SKIPPED] = self.steps_skipped  # decided on every rank alike
         metrics[M.TRAIN_TOKENS] = int(D.all_reduce_sum([record.train_tokens])[0])
         if skipped:
             metrics["nonfinite"] = True

@@ -143,7 +143,9 @@ class Trainer:
                 logger = RunLogger(self.run_dir, cfg.log, cfg.train.steps, self.state.step, cfg.model_dump(mode="json"))
                 replay_history(logger, self.run_dir)
             D.barrier()
-            start_workers(world, self.state.step, cfg.rollout.max_staleness, self.source, self.lag)
+            start_workers(
+                world, self.state.step, cfg.rollout.max_staleness, self.source, self.lag, self.state.extra_prompts
+            )
             if self.state.step == 0:
                 self._log(logger, 0, self.evaluate(0))
             self.nonfinite_streak = 0
@@ -177,6 +179,7 @@ class Trainer:
         if cfg.log.lag_kl:
             metrics.update(self.lag_split(self.lag, batch, metrics))
         skipped = metrics.pop("nonfinite", False)
+        self.state.steps_skipped += metrics.get(M.STEPS_SKIPPED, 0)
         self._count_nonfinite(step, skipped, logger)
         self._sync_weights(step)
         if step % cfg.eval.every == 0 or step == cfg.train.steps:
@@ -248,7 +251,9 @@ class Trainer:
                 if not finished and self.state.aborted is None and unstarted:
                     self._discard_run_dir()
                 else:
-                    write_summary(self.run_dir, self.state)
+                    summary = write_summary(self.run_dir, self.state)
+                    if "no_signal_warning" in summary:
+                        logger.print(f"[yellow]WARNING[/yellow] {summary['no_signal_warning']}")
         except Exception as e:  # noqa: BLE001 - the run's own error (if any) is the one to see
             self.log(f"[warning] could not write the summary of {self.run_dir}: {type(e).__name__}: {e}")
         finally:

@@ -144,7 +144,7 @@ def quantized_activations_experts(precision: str, quant):
         self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if not _standard_layout(self):
-            raise ValueError(f"{precision} supports experts in HF's standard layout only, not {type(self).__name__}")
+            return _quantized_experts_any_layout(self, hidden_states, top_k_index, top_k_weights, quant)
         return grouped_experts(
             quant(hidden_states),
             top_k_index,
@@ -156,6 +156,26 @@ def quantized_activations_experts(precision: str, quant):
         )
 
     return forward
+
+
+def _quantized_experts_any_layout(self: nn.Module, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, quant):
+    """Experts in another HF layout (transposed, biased, gate/up interleaved: gpt-oss), one expert
+    at a time through the module's own ``_apply_gate``, the input of both projections rounded."""
+    if getattr(self, "has_post_expert_norm", False) or not getattr(self, "has_gate", False):
+        raise ValueError(f"activation-quantized experts support gated experts only, not {type(self).__name__}")
+    transposed, biased = bool(getattr(self, "is_transposed", False)), bool(getattr(self, "has_bias", False))
+    out = torch.zeros_like(h)
+    for e in idx.unique().tolist():
+        tokens, slot = torch.where(idx == e)
+        w_gu, w_down = self.gate_up_proj[e], self.down_proj[e]
+        gate_up = quant(h[tokens]) @ (w_gu if transposed else w_gu.T).to(h.dtype)
+        if biased:
+            gate_up = gate_up + self.gate_up_proj_bias[e].to(h.dtype)
+        y = quant(self._apply_gate(gate_up)) @ (w_down if transposed else w_down.T).to(h.dtype)
+        if biased:
+            y = y + self.down_proj_bias[e].to(h.dtype)
+        out.index_add_(0, tokens, y * weights[tokens, slot, None].to(h.dtype))
+    return out
 
 
 W8A8_NAME, W4A4_NAME = "stablerl_fp8_w8a8", "stablerl_nvfp4_w4a4"

@@ -138,6 +138,7 @@ class _Ctx:
     is_weight: torch.Tensor  # [B, T], no grad
     mask: torch.Tensor  # [B, T] bool
     cfg: LossConfig
+    rollout_logp: torch.Tensor | None = None  # [B, T] log mu_old, no grad (DPPO's anchor)
 
     @property
     def lo(self) -> float:
@@ -208,6 +209,36 @@ def _reinforce(ctx: _Ctx) -> Terms:
     term = ctx.is_weight * ctx.adv * ctx.logp
     no = torch.zeros_like(ctx.mask)
     return torch.where(ctx.mask, term, torch.zeros_like(term)), no, no, ctx.mask & (ctx.is_weight != 0)
+
+
+def dppo_divergence(logp: torch.Tensor, rollout_logp: torch.Tensor, divergence: str) -> torch.Tensor:
+    """DPPO's signed divergence of each sampled token between pi_theta and mu (no gradient): tv is
+    the probability difference p - q (p = pi_theta, q = mu); binary_kl is KL(Bernoulli(q) ||
+    Bernoulli(p)) of the token, with the sign of p - q (the direction it moved)."""
+    p, q = logp.detach().exp(), rollout_logp.detach().exp()
+    if divergence == "tv":
+        return p - q
+    if divergence == "binary_kl":
+        # q log(q/p) + (1-q) log((1-q)/(1-p)); log1p(-x) keeps 1 - p accurate near p = 0
+        one_minus = torch.log1p(-q.clamp(max=1 - 1e-7)) - torch.log1p(-p.clamp(max=1 - 1e-7))
+        kl = q * (rollout_logp.detach() - logp.detach()) + (1 - q) * one_minus
+        return torch.sign(p - q) * kl.clamp(min=0)
+    raise ValueError(f"unknown dppo_divergence {divergence!r}; allowed: tv, binary_kl")
+
+
+def _dppo(ctx: _Ctx) -> Terms:
+    """DPPO: M * sg[w] * r * A, where M drops a token whose divergence from mu (``dppo_divergence``)
+    moved past the threshold in its advantage's direction — pi_theta - mu > delta_high for A > 0,
+    < -delta_low for A < 0 — in place of PPO's ratio clip. Gradient of a kept token: w r A grad log
+    pi (with w = pi_old/mu uncapped, that is pi_theta/mu A grad log pi, prime-rl's)."""
+    cfg = ctx.cfg
+    d = dppo_divergence(ctx.logp, ctx.rollout_logp, cfg.dppo_divergence)
+    low = (ctx.adv < 0) & (d < -cfg.dppo_delta_low) & ctx.mask
+    high = (ctx.adv > 0) & (d > cfg.dppo_delta_high) & ctx.mask
+    r = ctx.log_r.exp()
+    keep = ctx.mask & ~low & ~high
+    term = torch.where(keep, ctx.is_weight * r * ctx.adv, torch.zeros_like(r))
+    return term, low, high, keep & (ctx.is_weight != 0)
 
 
 # the registry: algorithm ``name`` is the function ``_name`` of this module; the names themselves
@@ -287,7 +318,15 @@ def policy_loss(
     present, kept = _present_and_kept(mask, removed, dropped)
     removed["is"] = dropped
     is_weight = torch.where(kept, is_weight, torch.zeros_like(is_weight))
-    ctx = _Ctx(logp=logp, log_r=logp - old_logp, adv=adv, is_weight=is_weight, mask=present, cfg=cfg)
+    ctx = _Ctx(
+        logp=logp,
+        log_r=logp - old_logp,
+        adv=adv,
+        is_weight=is_weight,
+        mask=present,
+        cfg=cfg,
+        rollout_logp=rollout_logp,
+    )
     term, clip_low, clip_high, active = _algorithm(cfg.algorithm)(ctx)
     # where, not the zero weight alone: an overflowing ratio of a dropped token must not become 0 * inf
     term = torch.where(kept, term, torch.zeros_like(term))

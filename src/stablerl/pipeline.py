@@ -107,13 +107,17 @@ def send_version(version: int, weights: dict, device) -> None:
         D.transfer_tensor(t.to(device).contiguous())
 
 
-def start_workers(world: D.World, start: int, eta: int, source: str, lag: LaggedWeights) -> None:
+def start_workers(
+    world: D.World, start: int, eta: int, source: str, lag: LaggedWeights, extra_prompts: int = 0
+) -> None:
     """The handshake every rollout worker waits for: the model, the step to start after, the
-    versions it needs first (learner rank 0 sends; run_worker receives)."""
+    versions it needs first, the prompts batch.filter_groups' extra rounds consumed so far
+    (learner rank 0 sends; run_worker receives)."""
     if not world.workers or not world.is_main:
         return
     needed = initial_versions(start, eta)
-    D.transfer_object({"source": source, "start_step": start, "initial": len(needed)}, long=True)
+    hello = {"source": source, "start_step": start, "initial": len(needed), "extra_prompts": extra_prompts}
+    D.transfer_object(hello, long=True)
     for v in needed:
         send_version(v, lag.versions[v], world.device)
 
@@ -180,13 +184,7 @@ def run_worker(cfg, world, log=print) -> None:
     # checkpoint, which holds DCP shards and no HF weights)
     model, tokenizer = load_policy(hello["source"], weights=False)
     task = build_task(cfg.task)
-    eta, P, G, K, R = (
-        cfg.rollout.max_staleness,
-        cfg.batch.prompts_per_step,
-        cfg.batch.group_size,
-        world.size,
-        world.workers,
-    )
+    eta, P, K, R = cfg.rollout.max_staleness, cfg.batch.prompts_per_step, world.size, world.workers
     versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
     first = sampling_version(hello["start_step"] + 1, eta)
     # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
@@ -195,8 +193,8 @@ def run_worker(cfg, world, log=print) -> None:
         cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=True, weights=versions[first], version=first
     )
     moe = is_moe(model)
-    sampling = cfg.rollout.sampling()
     mine = D.share(world.worker_index, R, P)
+    extra_prompts = hello.get("extra_prompts", 0)  # the prompts extra filter rounds consumed before
     with reward_pool(task, cfg.task) as rewards:
         for step in range(hello["start_step"] + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
@@ -208,25 +206,39 @@ def run_worker(cfg, world, log=print) -> None:
             if engine.version != target:
                 engine.load_weights(versions[target], version=target)
             versions = {v: w for v, w in versions.items() if v >= target}
-            problems = [task.train_problem(step * P + i) for i in mine]
-            seeds = rollout_seeds(cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
-            scored = sample_and_score(
-                engine, tokenizer, problems, G, rewards, sampling, seeds, cfg.task, capture_routes=moe
-            )
-            for r in range(K):  # every learner gets one message per step and worker, maybe empty
-                theirs = [j for j, i in enumerate(mine) if i in D.share(r, K, P)]
-                rows = [j * G + g for j in theirs for g in range(G)]
-                part = None
-                if rows:
-                    part = {
-                        "batch": scored.batch.select(rows),
-                        "texts": [scored.texts[i] for i in rows],
-                        "per_fn": {n: [vals[i] for i in rows] for n, vals in scored.result.per_fn.items()},
-                    }
-                D.send_object(
-                    {"part": part, "stats": scored.result.stats if r == 0 else RewardStats(), "worker_wait_s": waited},
-                    dst=r,
-                )
+            base, rd = step * P + extra_prompts, 0
+            _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited)
+            # batch.filter_groups: learner rank 0 says whether the step samples another round
+            while cfg.batch.filter_groups and D.transfer_object():
+                rd += 1
+                _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, 0.0)
+            extra_prompts += rd * P
             if eta >= 1 and step >= 2:
                 v, w = receive_version(world.device)
                 versions[v] = w
+
+
+def _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited) -> None:
+    """A worker's share ``mine`` of sampling round ``rd`` of step ``step`` (prompts ``base + rd*P ..``,
+    seeds as the learners' own sampling derives them), sampled, scored and sent: every learner gets
+    one message per round and worker, maybe empty."""
+    P, G = cfg.batch.prompts_per_step, cfg.batch.group_size
+    problems = [task.train_problem(base + rd * P + i) for i in mine]
+    seeds = rollout_seeds(cfg.train.seed, step, [(rd * P + i) * G + g for i in mine for g in range(G)])
+    scored = sample_and_score(
+        engine, tokenizer, problems, G, rewards, cfg.rollout.sampling(), seeds, cfg.task, capture_routes=moe
+    )
+    for r in range(K):
+        theirs = [j for j, i in enumerate(mine) if i in D.share(r, K, P)]
+        rows = [j * G + g for j in theirs for g in range(G)]
+        part = None
+        if rows:
+            part = {
+                "batch": scored.batch.select(rows),
+                "texts": [scored.texts[i] for i in rows],
+                "per_fn": {n: [vals[i] for i in rows] for n, vals in scored.result.per_fn.items()},
+            }
+        D.send_object(
+            {"part": part, "stats": scored.result.stats if r == 0 else RewardStats(), "worker_wait_s": waited},
+            dst=r,
+        )

@@ -208,14 +208,16 @@ def cast_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
 def perturb_weight(name: str, weight: torch.Tensor, size: float, seed: int = 0) -> torch.Tensor:
     """``weight + size * rms(row) * z`` with z ~ N(0, 1) for a matrix (2-D+); others unchanged.
 
-    The pattern z is fixed per tensor name (seeded by ``seed`` and the name), so the perturbation
-    behaves like a kernel's systematic numeric difference, not like fresh noise at every sync.
+    The pattern z is fixed per tensor name and ``seed``: with one seed the perturbation behaves
+    like a kernel's systematic numeric difference, not like fresh noise at every sync; a new seed
+    per policy version (``rollout.weight_noise_redraw``) makes it a mismatch that moves with every
+    version.
     """
     import zlib
 
     if size == 0 or weight.dim() < 2 or not weight.is_floating_point():
         return weight
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     wf = weight.detach().float()
     rms = wf.pow(2).mean(-1, keepdim=True).sqrt()
     return (wf + size * rms * torch.randn(wf.shape, generator=g)).to(weight.dtype)

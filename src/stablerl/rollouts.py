@@ -12,7 +12,9 @@ from stablerl import distributed as D
 from stablerl import metrics as M
 from stablerl.config import RunConfig
 from stablerl.errors import TrainingAborted
+from stablerl.filtering import fill_batch
 from stablerl.generation import sample_and_score
+from stablerl.learning_signal import groups_without_signal
 from stablerl.rollout import RolloutBatch, concat
 from stablerl.rundir import RunDir, RunState, append_line
 from stablerl.seeds import rollout_seeds
@@ -32,24 +34,8 @@ class Rollouts:
         """This rank's groups of step ``step``, sampled and scored; metrics over all ranks."""
         P, G, K = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size, self.world.size
         mine = D.share(self.world.rank, K, P)  # global prompt indices of this rank
-        waits: dict = {}
-        if self.world.workers:
-            batch, texts, stats, per_fn, waits = self._receive()
-        else:
-            problems = [self.task.train_problem(step * P + i) for i in mine]
-            seeds = rollout_seeds(self.cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
-            scored = sample_and_score(
-                self.engine,
-                self.tokenizer,
-                problems,
-                G,
-                self.rewards,
-                self.sampling,
-                seeds,
-                self.cfg.task,
-                capture_routes=self.moe,
-            )
-            batch, texts, stats, per_fn = scored.batch, scored.texts, scored.result.stats, scored.result.per_fn
+        base = step * P + state.extra_prompts  # the stream's index of the step's first prompt
+        batch, texts, stats, per_fn, waits = self._round(step, 0, base)
         batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
         # metrics over the global batch: every rank's rewards, lengths, finished flags and failures
         parts = D.all_gather_objects(
@@ -62,9 +48,47 @@ class Rollouts:
                 texts if self.cfg.log.rollouts else None,
             )
         )
-        return batch, {**self._metrics(step, parts, state), **waits}
+        metrics = {**self._metrics(step, parts, state, base), **waits}
+        if self.cfg.batch.filter_groups:  # dynamic sampling: the metrics above are round 0's, as drawn
+            batch, extra, filtered = fill_batch(
+                batch,
+                lambda rd: self._round(step, rd, base)[0],
+                P,
+                G,
+                self.cfg.batch.filter_max_rounds,
+                mine,
+                self.tokenizer.pad_token_id,
+                announce=D.transfer_object if self.world.workers and self.world.is_main else None,
+            )
+            batch.group_ids = torch.tensor(list(mine)).repeat_interleave(G)
+            state.extra_prompts += extra * P
+            metrics.update(filtered)
+        return batch, metrics
 
-    def _metrics(self, step: int, parts: list, state: RunState) -> dict:
+    def _round(self, step: int, rd: int, base: int):
+        """This rank's groups of sampling round ``rd`` of step ``step`` (round 0 is the step's own
+        prompts; batch.filter_groups samples more): prompts ``base + rd*P ..`` of the stream, a seed
+        per response by its index ``rd*P*G + ..`` in the step; or received from the workers."""
+        if self.world.workers:
+            return self._receive()
+        P, G = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size
+        mine = D.share(self.world.rank, self.world.size, P)
+        problems = [self.task.train_problem(base + rd * P + i) for i in mine]
+        seeds = rollout_seeds(self.cfg.train.seed, step, [(rd * P + i) * G + g for i in mine for g in range(G)])
+        scored = sample_and_score(
+            self.engine,
+            self.tokenizer,
+            problems,
+            G,
+            self.rewards,
+            self.sampling,
+            seeds,
+            self.cfg.task,
+            capture_routes=self.moe,
+        )
+        return scored.batch, scored.texts, scored.result.stats, scored.result.per_fn, {}
+
+    def _metrics(self, step: int, parts: list, state: RunState, base: int) -> dict:
         """The step's rollout metrics from every rank's part; reward failures counted into the
         run's state (a reward function failing on every response of step 1 stops the run)."""
         P, G = self.cfg.batch.prompts_per_step, self.cfg.batch.group_size
@@ -87,6 +111,7 @@ class Rollouts:
             "reward_std": float(R.std()),
             "groups_all_correct": float((per_group.min(1).values == 1).float().mean()),
             M.GROUPS_ALL_WRONG: float((per_group.max(1).values == 0).float().mean()),
+            M.GROUPS_WITHOUT_SIGNAL: float(groups_without_signal(R, G).float().mean()),
             M.RESPONSE_LEN_MEAN: float(lengths.float().mean()),
             "finished_frac": float(finished.float().mean()),
             **all_stats.metrics(),
@@ -95,13 +120,12 @@ class Rollouts:
             for name in per_fn:
                 metrics[f"reward/{name}"] = sum(sum(p[4][name]) for p in parts) / len(R)
         if self.cfg.log.rollouts and self.world.is_main:
-            self._record(step, parts, R)
+            self._record(step, parts, R, base)
         return metrics
 
-    def _record(self, step: int, parts: list, R: torch.Tensor) -> None:
-        """The step's prompts, completions and rewards as one line of rollouts.jsonl."""
-        P = self.cfg.batch.prompts_per_step
-        all_problems = [self.task.train_problem(step * P + i) for i in range(P)]
+    def _record(self, step: int, parts: list, R: torch.Tensor, base: int) -> None:
+        """The step's prompts, completions and rewards (round 0's) as one line of rollouts.jsonl."""
+        all_problems = [self.task.train_problem(base + i) for i in range(self.cfg.batch.prompts_per_step)]
         record = {
             "step": step,
             "prompts": [p.prompt for p in all_problems],

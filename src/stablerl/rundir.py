@@ -177,6 +177,8 @@ def publish_dir(tmp: Path, final: Path) -> Path:
 class RunState:
     step: int = 0  # the last completed step (its weights are the policy version)
     nonfinite_total: int = 0  # updates skipped for a non-finite loss or gradient
+    steps_skipped: int = 0  # mini-batches without signal that took no optimizer step (optim.skip_empty_steps)
+    extra_prompts: int = 0  # prompts of the stream that batch.filter_groups' extra rounds consumed
     metrics_lines: int = 0  # lines of metrics.jsonl this state covers
     reward_errors: int = 0
     reward_timeouts: int = 0

@@ -41,7 +41,12 @@ DOSE_LEVELS: dict[str, list[str]] = {
 }
 DOSE_N = 4  # the off-policy ablations of the dose-response run at this N
 
+# the experiments below were run before optim.skip_empty_steps existed: they step on every
+# mini-batch, so that their committed records (docs/results/) stay reproducible
+STEP_ALWAYS = ["optim.skip_empty_steps=false"]
+
 COMMON = [
+    *STEP_ALWAYS,
     "rollout.precision=fp8_w8a8",
     f"batch.group_size={GROUP}",
     "log.progress=false",
@@ -139,6 +144,7 @@ LADDER: dict[str, list[str]] = {  # the dose, in decreasing order: what the budg
 }
 # everything but the task: the same for both lengths (experiment 2 changes only the task)
 LONG_RUN = [
+    *STEP_ALWAYS,
     f"batch.group_size={GROUP}",
     "log.progress=false",
     "task.eval_size=500",
@@ -221,6 +227,29 @@ _LONG_LENGTH = {
     for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS))
 }
 
+# Why IS lost at 4 bits (docs/notebook/signal-preregistration.md, its reading committed before any run).
+# A, the mechanism at nvfp4 and ~215 tokens: on-policy MiniRL vs no IS, at the long set's rate
+# stepping on every mini-batch (the long-length runs' own configuration: seeds 0-2 repeat them), and
+# at the next rate down of the long calibration grid with optim.skip_empty_steps.
+SIGNAL_LOW_LR = 1e-4
+_SIGNAL_ARMS = {
+    "lr2e-4": [f"optim.lr={LONG_LR}"],
+    "lr1e-4_skip": [f"optim.lr={SIGNAL_LOW_LR}", "optim.skip_empty_steps=true"],
+}
+_ON_PAIR = (("on_minirl", []), ("on_no_is", NO_IS))
+_SIGNAL_MECHANISM = {f"{arm}/{name}": v + alg for arm, v in _SIGNAL_ARMS.items() for name, alg in _ON_PAIR}
+# B, a mismatch the learner cannot learn around: an fp32 engine whose only mismatch is weight noise
+# of a paper-like dose (k1 ~ 1e-3 per token on the ~100-token cold start: the size below, checked with
+# benchmarks/dose_axis.py --weight-noise before any run), a fixed pattern vs one re-drawn at every
+# weight sync; MiniRL vs no IS. Steps without signal take no optimizer step (the default), so
+# what A may find about them cannot decide B.
+SIGNAL_NOISE = 0.05
+_SIGNAL_NOISE = {
+    f"{kind}/{name}": [f"rollout.weight_noise_redraw={'true' if kind == 'redrawn' else 'false'}"] + alg
+    for kind in ("fixed", "redrawn")
+    for name, alg in _ON_PAIR
+}
+
 EXPERIMENTS: dict[str, dict] = {
     "calibration": {
         "title": "Calibration: the recommended recipes (on-policy MiniRL; N = 8 MiniRL + R3) over learning rates",
@@ -263,7 +292,7 @@ EXPERIMENTS: dict[str, dict] = {
     "staleness": {
         "title": "Staleness from lag: the default run at eta = 0, 1, 2, 4; "
         "decoupled (recompute pi_old) vs bypass (pi_old = mu)",
-        "base": ["log.progress=false", "checkpoint.keep_last=1", "eval.every=100"],
+        "base": [*STEP_ALWAYS, "log.progress=false", "checkpoint.keep_last=1", "eval.every=100"],
         "variants": _STALE,
         "reference": "eta0",  # paired per-seed differences against the synchronous run (report paired.md)
         "rows": {
@@ -326,6 +355,34 @@ EXPERIMENTS: dict[str, dict] = {
         "preregistered": True,
         "c3_reference": "on_minirl",
         "c3_from": "long-dose",
+    },
+    "signal-mechanism": {
+        "title": "Why IS lost at 4 bits, A: nvfp4 at ~215 tokens, MiniRL vs no IS, at lr 2e-4 stepping on every "
+        "mini-batch and at lr 1e-4 skipping steps without signal",
+        "base": [*LONG2_COMMON, "rollout.precision=nvfp4", *long_schedule(1)],
+        "variants": _SIGNAL_MECHANISM,
+        "reference": {"on_no_is": "on_minirl"},
+        "rows": {arm: [v for v in _SIGNAL_MECHANISM if v.startswith(f"{arm}/")] for arm in _SIGNAL_ARMS},
+        "in_all": False,
+        "preregistered": True,
+        "c3_reference": "on_minirl",
+    },
+    "signal-noise": {
+        "title": "Why IS lost at 4 bits, B: fixed vs re-drawn weight noise (fp32 engine, ~100 tokens), MiniRL vs no IS",
+        "base": [
+            *LONG_COMMON,
+            f"optim.lr={LONG_LR}",
+            "optim.skip_empty_steps=true",
+            "rollout.precision=fp32",
+            f"rollout.weight_noise={SIGNAL_NOISE}",
+            *long_schedule(1),
+        ],
+        "variants": _SIGNAL_NOISE,
+        "reference": {"on_no_is": "on_minirl"},
+        "rows": {kind: [v for v in _SIGNAL_NOISE if v.startswith(f"{kind}/")] for kind in ("fixed", "redrawn")},
+        "in_all": False,
+        "preregistered": True,
+        "c3_reference": "on_minirl",
     },
     "long-lag": {
         "title": "The next set, experiment 4: off-policy by lag (eta = 1, 2, 4), decoupled and bypass, at one rung",

@@ -62,7 +62,10 @@ class HFDecoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Decode only ``rows`` (indices into the current batch) from now on."""
-        self.cache.batch_select_indices(rows)
+        # every cache layer kind can reorder along the batch, the recurrent state of a linear
+        # attention layer included (its batch_select_indices does not exist); a subset of rows is a
+        # reorder to fewer rows
+        self.cache.reorder_cache(rows)
         self.attention_mask = self.attention_mask[rows]
 
 
