@@ -39,3 +39,19 @@ def test_the_api_names_a_config_or_overrides_of_the_wrong_type(config, overrides
     with pytest.raises(ValueError, match=re.escape(named)) as e:
         stablerl.train(config, overrides=overrides, log=lambda *_: None)
     assert "does not exist" not in str(e.value)
+
+
+def test_the_api_and_the_cli_leave_the_same_run_directory(sft_ckpt, tmp_path, capsys):
+    from tinyrun import args
+
+    import stablerl
+    from stablerl.cli import main
+
+    stablerl.train(overrides=args(sft_ckpt, tmp_path / "api", "train.steps=1"), log=lambda *_: None)
+    assert main(["train", *args(sft_ckpt, tmp_path / "cli", "train.steps=1")]) == 0
+
+    def files(run):
+        return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tb" not in p.parts)
+
+    assert "plots/curves.png" in files(tmp_path / "api")
+    assert files(tmp_path / "api") == files(tmp_path / "cli")

@@ -103,4 +103,9 @@ def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=p
     finally:
         D.shutdown_world(broken)
     files = RunDir(run_dir)
-    return json.loads(files.summary.read_text()) if world.is_main and files.summary.is_file() else {}
+    if not (world.is_main and files.summary.is_file()):
+        return {}
+    from stablerl.plot import plot_runs
+
+    plot_runs([run_dir], files.plots / "curves.png")  # the same run directory from the CLI or from here
+    return json.loads(files.summary.read_text())

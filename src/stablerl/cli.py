@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from stablerl.api import resolve_run, train_resolved
     from stablerl.loop import RankStopped, TrainingAborted
-    from stablerl.plot import plot_runs, reward_is_accuracy
+    from stablerl.plot import reward_is_accuracy
     from stablerl.rundir import RunDir
 
     cfg, run_dir = resolve_run(args.config, resume=args.resume, overrides=args.overrides)
@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     if not summary:  # a rank other than 0: rank 0 reports
         return 0
     files = RunDir(run_dir)
-    plots = plot_runs([run_dir], files.plots / "curves.png")
+    plots = files.plots / "curves.png"  # drawn by train_resolved, as for the Python API
     lines = [f"\nrun: {run_dir}  ({summary['steps']} steps, {time.perf_counter() - t0:.0f} s this invocation)"]
     accuracy = reward_is_accuracy(run_dir)  # a weighted reward of your functions can exceed 1: no percent
     for mode in ("greedy", "sampled"):
