@@ -73,6 +73,7 @@ def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=p
     import json
 
     from stablerl import distributed as D
+    from stablerl.errors import sigterm_as_interrupt
     from stablerl.loop import RankStopped, Trainer
     from stablerl.rundir import RunDir
 
@@ -89,7 +90,8 @@ def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=p
     try:
         run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all
         cfg.run_dir = str(run_dir)
-        Trainer(cfg, run_dir, resume=resume, log=log, world=world).run()
+        with sigterm_as_interrupt():  # a run stopped by SIGTERM is written up as one stopped by Ctrl-C
+            Trainer(cfg, run_dir, resume=resume, log=log, world=world).run()
     except Exception as e:
         if not (world.distributed and D.is_collective_failure(e)):
             raise

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from stablerl.config import LabConfig, RunConfig
 from stablerl.config_io import build_config, describe
+from stablerl.errors import Terminated
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -299,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_hf()
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (a run's summary says it was interrupted)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, no traceback (the summary says interrupted)
         hint = f"; continue with: stablerl train --resume {args.resume}" if getattr(args, "resume", None) else ""
-        print(f"stablerl {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print(
+            f"stablerl {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr
+        )
+        return 143 if terminated else 130
     except ValueError as e:  # every user error (config, data, paths) is a ValueError with a clear message
         print(f"stablerl {args.command}: error: {e}", file=sys.stderr)
         return 2
