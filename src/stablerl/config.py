@@ -795,6 +795,13 @@ class RunConfig(StrictModel):
                     f"before its answer; set rollout.max_new_tokens>={longest}"
                 )
         RoutingPlan(self.train.routing_replay, True, self.batch.minibatches_per_step, self.loss.proximal == "rollout")
+        eta, steps = self.rollout.max_staleness, self.train.steps
+        if eta and eta >= steps:  # the lag is never reached, and every version would be kept for it
+            raise ValueError(
+                f"rollout.max_staleness={eta} is not below train.steps={steps}: step s is sampled by "
+                f"version max(0, s - 1 - eta), so every step would be sampled by the starting policy; "
+                f"use a lag below train.steps (at most {steps - 1})"
+            )
         return self
 
 

@@ -98,12 +98,13 @@ class Trainer:
         check_memory(cfg, model.config, world.size, longest)
         self.tokenizer, self.model_config = tokenizer, model.config
         self.source = str(source)  # where a rollout worker reads the model from
-        reference = build.reference_policy(cfg, world) if cfg.loss.kl_beta > 0 else None
+        if ckpt is not None:
+            self.state = checkpoint.load_state(ckpt)
+        reference = build.reference_policy(cfg, world, self.state) if cfg.loss.kl_beta > 0 else None
         self.learner = Learner(model, cfg, world, reference=reference)
         self.lag = build.fixed_lag(cfg)
         if ckpt is not None:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
-            self.state = checkpoint.load_state(ckpt)
         version, weights = build.first_weights(self.lag, self.state, ckpt, self.learner.full_weights)
         self.rollouts = Rollouts(cfg, world, self.task, self.rewards, tokenizer, self.files, self.log, is_moe(model))
         self.engine = self.rollouts.engine = build.rollout_engine(cfg, world, model, tokenizer, weights, version)
