@@ -74,7 +74,7 @@ def starting_policy(cfg: RunConfig, task, world: D.World, ckpt: Path | None, log
     reads the weights; the others build a meta-device skeleton and receive their shards from it
     (Learner._place): no full copy on them."""
     holds_weights = world.is_main or not world.distributed
-    if ckpt is not None:
+    if ckpt is not None and not cfg.model.lora.enabled:  # a LoRA checkpoint holds the adapters only
         from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(ckpt)
