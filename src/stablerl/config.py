@@ -511,6 +511,12 @@ class RolloutConfig(SamplingConfig):
                 "rollout.temperature must be > 0: RL samples its rollouts (greedy decoding gives "
                 "every response of a group the same tokens and log-prob 0)"
             )
+        if self.engine == "vllm" and self.vllm.sleep_level == 2 and self.max_staleness:
+            raise ValueError(
+                "rollout.vllm.sleep_level=2 discards vLLM's weights at every sleep, but with "
+                f"rollout.max_staleness={self.max_staleness} the engine keeps a version across steps "
+                "without a sync to refill them; use sleep_level=1"
+            )
         if self.compile and self.engine != "local":
             raise ValueError(
                 "rollout.compile compiles the local engine's decode step; vLLM compiles its own "

@@ -208,6 +208,8 @@ class Trainer:
                 distributed=world.distributed,
                 weights=weights,
                 version=version,
+                log_dir=self.run_dir / "vllm_servers",
+                timeout_s=cfg.distributed.timeout_s,
             )
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self._eval: LocalEngine | None = None  # built on first use when eval.precision differs

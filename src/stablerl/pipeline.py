@@ -133,7 +133,15 @@ def run_worker(cfg, world, log=print) -> None:
     versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
     # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
     # never the learners' (distributed/world.py)
-    engine = build_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=True)
+    engine = build_engine(
+        cfg.rollout,
+        model,
+        tokenizer,
+        seed=cfg.train.seed,
+        distributed=True,
+        log_dir=Path(cfg.run_dir) / "vllm_servers" if cfg.run_dir else None,
+        timeout_s=cfg.distributed.timeout_s,
+    )
     moe = is_moe(model)
     sampling = cfg.rollout.sampling()
     mine = D.share(world.worker_index, R, P)

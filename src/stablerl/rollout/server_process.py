@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from stablerl.rollout.vllm_plugin import ROUTES_ENV
+
 READY_POLL_S = 0.5
 STOP_GRACE_S = 15.0
 
@@ -45,8 +47,8 @@ def server_command(
     config, tokenizer, cfg, *, seed, max_model_len, dtype_args, backend, on_cuda, routes, log_dir
 ) -> ServerCommand:
     """How to start one server of this model (``config`` names its architecture): its directory
-    (config and tokenizer; the weights
-    arrive by weight transfer, so vLLM builds the model with dummy ones), flags and environment."""
+    (config and tokenizer; the weights arrive by weight transfer, so vLLM builds the model with
+    dummy ones), flags and environment. ``routes``: None, or the MoE layers and top-k to report."""
     log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="stablerl-vllm-servers-"))
     model_dir = log_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,11 @@ def server_command(
         argv += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     else:
         argv += ["--kv-cache-memory-bytes", str(int(cfg.kv_cache_gb * 2**30))]
-    if routes:
-        argv.append("--enable-return-routed-experts")
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    if routes is not None and on_cuda:
+        argv.append("--enable-return-routed-experts")
+    elif routes is not None:  # stablerl's recorder, loaded by its vLLM plugin (vllm_plugin.py)
+        env[ROUTES_ENV] = json.dumps(routes)
     if not on_cuda:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return ServerCommand(argv, env, log_dir, cfg.tensor_parallel_size)

@@ -173,9 +173,13 @@ class _RouteRecorder:
     def stop(self) -> dict[str, np.ndarray]:
         """``{external request id: [positions, moe_layers, top_k]}`` (-1 where nothing was routed)."""
         self.active = False
+        return self.collect({})
+
+    def collect(self, seqs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The steps recorded since the last call, added into ``seqs`` (by request and position)."""
         n_layers = len(self.layer_of)
-        seqs: dict[str, np.ndarray] = {}
-        for step in self.steps:
+        steps, self.steps = self.steps, []
+        for step in steps:
             if len(step["ids"]) != n_layers:
                 raise ValueError(f"vLLM route capture: a step reported {len(step['ids'])} of {n_layers} MoE layers")
             owners = [step["req_ids"][r].rsplit("-", 1)[0] for r in step["rows"]]  # vLLM suffixes internal ids
@@ -191,7 +195,6 @@ class _RouteRecorder:
                         grown[: arr.shape[0]] = arr
                     arr = seqs[rid] = grown
                 arr[pos] = ids[sel]
-        self.steps = []
         return seqs
 
 

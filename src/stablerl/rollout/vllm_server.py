@@ -18,9 +18,7 @@ behind the same ``RolloutEngine`` protocol and batch layout as the in-process en
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 import json
 import urllib.error
 import urllib.parse
@@ -38,6 +36,7 @@ from stablerl.config import SamplingConfig, VllmConfig
 from stablerl.models import is_moe
 from stablerl.rollout.base import RolloutBatch
 from stablerl.rollout.server_process import ServerProcess, free_port, server_command
+from stablerl.rollout.vllm_plugin import ROUTES_RPC, decode_routes
 from stablerl.rollout.weight_transfer import GLOO_BACKEND, WeightMeta, WeightSender
 from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_shape
 
@@ -82,7 +81,14 @@ class VllmServerClient:
         return self._request("GET", route)
 
     def complete(self, model: str, prompt: list[int], params: dict) -> dict:
-        return self.post("v1/completions", {"model": model, "prompt": prompt, **params})["choices"][0]
+        """The one choice of a completion, with ``request_id``: vLLM's id of the request."""
+        out = self.post("v1/completions", {"model": model, "prompt": prompt, **params})
+        return {**out["choices"][0], "request_id": f"{out['id']}-0"}
+
+    def recorded_routes(self, request_ids: list[str]) -> dict[str, str]:
+        """Routes stablerl's plugin recorded in a CPU server (vllm_plugin.py), by request id."""
+        body = {"method": ROUTES_RPC, "kwargs": {"request_ids": json.dumps(request_ids)}}
+        return self.post("collective_rpc", body)["results"][0]
 
 
 def _wire_dtype(precision: str) -> torch.dtype:
@@ -161,7 +167,7 @@ class VllmServerEngine:
                 dtype_args=dtype_args,
                 backend=GLOO_BACKEND if backend == "gloo" else "nccl",
                 on_cuda=on_cuda,
-                routes=self.moe and on_cuda,
+                routes={"layers": self.moe_layers, "top_k": self.top_k} if self.moe else None,
                 log_dir=log_dir,
             )
             self.processes = [ServerProcess.start(command, i, cfg, on_cuda) for i in range(cfg.servers)]
@@ -220,23 +226,30 @@ class VllmServerEngine:
             "skip_special_tokens": False,
         }
         M, offset = len(self.clients), self.rank * len(prompts)
+        served_by = [self.clients[(offset + i) % M] for i in range(len(prompts))]
         with ThreadPoolExecutor(min(64, len(prompts))) as pool:
             calls = [
-                pool.submit(
-                    self.clients[(offset + i) % M].complete,
-                    self.served_model,
-                    list(p),
-                    {**params, "seed": int(s) % 2**63},
-                )
+                pool.submit(served_by[i].complete, self.served_model, list(p), {**params, "seed": int(s) % 2**63})
                 for i, (p, s) in enumerate(zip(prompts, seeds))
             ]
             choices = [c.result() for c in calls]
         if capture and any(c.get("routed_experts") is None for c in choices):
-            raise ValueError(
-                "rollout.engine=vllm_server returned no routed_experts: R3 with a server needs vLLM's route "
-                "capture (--enable-return-routed-experts, GPUs); on CPU use rollout.engine=vllm"
-            )
+            self._recorded_routes(choices, served_by)
         return self._batch(prompts, choices, greedy, capture)
+
+    def _recorded_routes(self, choices: list[dict], served_by: list) -> None:
+        """Routes from stablerl's recorder in each CPU server, put where vLLM's own would be."""
+        for client in {id(c): c for c in served_by}.values():
+            mine = [c for c, s in zip(choices, served_by) if s is client]
+            got = client.recorded_routes([c["request_id"] for c in mine])
+            for c in mine:
+                if c["request_id"] not in got:
+                    raise ValueError(
+                        f"vLLM server {client.url} reported no routes for request {c['request_id']}: it was not "
+                        "started by stablerl with route recording (an MoE model on CPU needs that; on GPUs "
+                        "start it with --enable-return-routed-experts)"
+                    )
+                c["routed_experts"] = got[c["request_id"]]
 
     def _batch(self, prompts, choices, greedy: bool, capture: bool) -> RolloutBatch:
         B, P = len(prompts), max(len(p) for p in prompts)
@@ -258,7 +271,8 @@ class VllmServerEngine:
                 logp[i, :n] = torch.tensor(c["logprobs"]["token_logprobs"], dtype=torch.float32)
             finished[i] = c["finish_reason"] == "stop"
             if capture:
-                seq = np.load(io.BytesIO(base64.b64decode(c["routed_experts"])))[:, self.moe_layers]
+                seq = decode_routes(c["routed_experts"])
+                seq = seq[:, self.moe_layers] if seq.shape[1] != self.n_moe else seq  # vLLM's: every layer
                 expected = len(prompt) + n - 1
                 if seq.shape[0] < expected:
                     raise ValueError(f"vLLM server returned routes for {seq.shape[0]} of {expected} fed tokens")

@@ -1,0 +1,153 @@
+"""The vLLM server engine (rollout.engine=vllm_server) on CPU, against the in-process vLLM engine
+and the fp32 training model.
+
+One server is started for the module (a start takes about a minute on a loaded CPU) and shared;
+the tests that break a server (killed, never ready) use their own processes, and the last test
+kills the shared one. Every test checks that the processes it started are gone.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_vllm import HAVE_VLLM, prompts, tiny, training_logp
+
+from stablerl.config import SamplingConfig, VllmConfig
+from stablerl.diagnostics import route_agreement
+from stablerl.forward import response_logp
+from stablerl.routing import NO_ROUTE
+
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here")]
+CPU = VllmConfig(kv_cache_gb=0.25)
+SAMPLING = SamplingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20)
+
+
+def gone(pid: int) -> bool:
+    """Whether process group ``pid`` (a server and everything vLLM started in it) has ended."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from stablerl.rollout.vllm import VllmEngine
+    from stablerl.rollout.vllm_server import VllmServerEngine
+
+    model, tok = tiny()
+    log_dir = tmp_path_factory.mktemp("servers")
+    server = VllmServerEngine(model, tok, "fp32", cfg=CPU, max_model_len=256, eos_token_id=[], log_dir=log_dir)
+    local = VllmEngine(model, tok, "fp32", cfg=CPU, max_model_len=256, eos_token_id=[])
+    pids = [p.popen.pid for p in server.processes]
+    yield server, local, model, log_dir
+    local.close()
+    server.close()
+    assert all(gone(p) for p in pids)
+
+
+def test_server_samples_what_the_in_process_engine_samples(served):
+    server, local, _, log_dir = served
+    ps = prompts(12, seed=5)
+    a = server.generate(ps, SAMPLING, seeds=list(range(100, 112)))
+    b = local.generate(ps, SAMPLING, seeds=list(range(100, 112)))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+    # the same fp32 kernels in another process: equal up to the batch's summation order
+    assert float((a.rollout_logp - b.rollout_logp).abs().max()) < 1e-5
+    assert torch.equal(a.routes, b.routes)
+    assert (log_dir / "vllm_server_0.log").stat().st_size > 0
+
+
+def test_server_routes_align_and_replay(served):
+    server, _, model, _ = served
+    batch = server.generate(prompts(), SamplingConfig(max_new_tokens=16), seeds=list(range(12)))
+    real = batch.attention_mask.bool()
+    assert bool((batch.routes[~real] == NO_ROUTE).all())
+    with torch.no_grad():
+        live = response_logp(model, batch, capture=True)
+        replayed = response_logp(model, batch, replay=batch.routes)
+    assert bool((route_agreement(live["routes"], batch.routes) == 1.0).all())
+    assert float((replayed["logp"] - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
+
+
+def test_after_a_weight_sync_server_logprobs_equal_the_trainer_s(served):
+    """vLLM's weight-transfer protocol (stablerl's gloo engine on CPU) carries every layer: the
+    server's processed log-probs of its samples equal the new model's fp32 ones, not the old's."""
+    server, _, model, _ = served
+    trained, _ = tiny(seed=123)
+    try:
+        server.load_weights(iter(list(trained.state_dict().items())), version=7)
+        batch = server.generate(prompts(), SAMPLING, seeds=list(range(12)))
+        assert batch.version == 7
+        new = (training_logp(trained, batch, SAMPLING) - batch.rollout_logp)[batch.response_mask].abs().max()
+        old = (training_logp(model, batch, SAMPLING) - batch.rollout_logp)[batch.response_mask].abs().max()
+        assert float(new) < 1e-4 and float(old) > 1e-2
+        assert server.clients[0].get("weight_info")["weight_version"] == "7"
+    finally:
+        server.load_weights(model.state_dict(), version=0)
+
+
+def test_a_paused_server_holds_requests_until_resumed(served):
+    server, _, _, _ = served
+    server.pause()
+    try:
+        assert server.clients[0].get("is_paused")["is_paused"] is True
+        out = {}
+        t = threading.Thread(target=lambda: out.update(b=server.generate(prompts(2), SAMPLING, seeds=[1, 2])))
+        t.start()
+        t.join(3.0)
+        assert t.is_alive() and "b" not in out
+    finally:
+        server.resume()
+    t.join(60)
+    assert len(out["b"]) == 2 and server.clients[0].get("is_paused")["is_paused"] is False
+
+
+def test_bad_server_settings_are_one_line_errors(tmp_path):
+    from stablerl.rollout.server_process import ServerCommand, ServerProcess, free_port
+    from stablerl.rollout.vllm_server import VllmServerEngine
+
+    model, tok = tiny()
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RuntimeError, match=f"vLLM server {url} did not answer /v1/models"):
+        VllmServerEngine(model, tok, "fp32", cfg=VllmConfig(urls=[url]), timeout_s=5)
+    # a server that fails at start-up: its reason, read from its log
+    crash = ServerCommand(
+        [sys.executable, "-c", "print('OSError: [Errno 98] Address already in use'); raise SystemExit(1)"],
+        {},
+        tmp_path,
+        1,
+    )
+    p = ServerProcess.start(crash, 0, VllmConfig(), on_cuda=False)
+    with pytest.raises(ValueError, match=rf"exited with code 1 while starting: port {p.port} is in use"):
+        p.wait_ready(60)
+    # one that never answers: stopped (its whole process group) after the timeout
+    hang = ServerCommand([sys.executable, "-c", "import time; time.sleep(600)"], {}, tmp_path, 1)
+    p = ServerProcess.start(hang, 1, VllmConfig(), on_cuda=False)
+    with pytest.raises(ValueError, match=r"was not ready within 1 s \(rollout.vllm.server_start_timeout_s\)"):
+        p.wait_ready(1)
+    assert gone(p.popen.pid)
+    with pytest.raises(ValueError, match="sleep mode"):
+        from stablerl.rollout.vllm import resolve_sleep_level
+
+        resolve_sleep_level(1, on_cuda=False)
+
+
+def test_a_killed_server_ends_sampling_with_an_error_naming_it(served):
+    """(Last: it kills the module's server.)"""
+    server, _, _, _ = served
+    process = server.processes[0]
+    os.killpg(process.popen.pid, signal.SIGKILL)
+    process.popen.wait(30)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"vLLM server {process.url} did not answer .*exited with code -9"):
+        server.generate(prompts(2), SAMPLING, seeds=[1, 2])
+    assert time.monotonic() - start < 10
+    with pytest.raises(RuntimeError, match=str(Path(process.log_path).name)):
+        server.check_alive()
