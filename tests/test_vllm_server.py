@@ -27,13 +27,22 @@ CPU = VllmConfig(kv_cache_gb=0.25)
 SAMPLING = SamplingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20)
 
 
-def gone(pid: int) -> bool:
-    """Whether process group ``pid`` (a server and everything vLLM started in it) has ended."""
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def gone(pgid: int, wait_s: float = 10.0) -> bool:
+    """Whether process group ``pgid`` (a server and everything vLLM started in it) has ended: no
+    process of it left but zombies (a container's init may reap them late)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(stat.parent.name)
+        if not alive or time.monotonic() > deadline:
+            return not alive
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +148,61 @@ def test_bad_server_settings_are_one_line_errors(tmp_path):
         resolve_sleep_level(1, on_cuda=False)
 
 
+def run_args(tmp_path, url: str, steps: int) -> list[str]:
+    from test_vllm import VLLM_RUN, _vllm_ckpt
+
+    ckpt = _vllm_ckpt(tmp_path)
+    swap = {"rollout.engine=vllm": "rollout.engine=vllm_server", "train.steps=3": f"train.steps={steps}"}
+    return [f"model.path={ckpt}", *[swap.get(a, a) for a in VLLM_RUN], f'rollout.vllm.urls=["{url}"]']
+
+
+def test_a_run_trains_with_r3_through_an_attached_server(served, tmp_path):
+    """The loop with rollout.engine=vllm_server (attached by URL): the server's samples, routes and
+    log-probs are the policy's at every step (its weights synced after each)."""
+    from stablerl.cli import main
+    from stablerl.runlog import read_metrics
+
+    server, _, model, _ = served
+    try:
+        assert main(["train", f"run_dir={tmp_path / 'run'}", *run_args(tmp_path, server.clients[0].url, 3)]) == 0
+    finally:
+        server.connect()  # the run took the server's weight-transfer group over
+        server.load_weights(model.state_dict(), version=0)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["rollout_version"] for r in rows[1:]] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["train_infer_kl"] < 1e-4 and r["route_agreement/train_infer"] > 0.99 and r["grad_norm"] > 0
+
+
+def test_a_server_killed_mid_run_ends_the_run_naming_it(served, tmp_path):
+    """(Kills the module's server: the tests after it need none.)"""
+    import subprocess
+
+    server, _, _, _ = served
+    url, run = server.clients[0].url, tmp_path / "run"
+    args = [sys.executable, "-m", "stablerl", "train", f"run_dir={run}", *run_args(tmp_path, url, 50)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(server.processes[0].popen.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.monotonic() - killed < 60
+    assert f"vLLM server {url} did not answer" in out, out[-3000:]
+
+
 def test_a_killed_server_ends_sampling_with_an_error_naming_it(served):
     """(Last: it kills the module's server.)"""
     server, _, _, _ = served
     process = server.processes[0]
-    os.killpg(process.popen.pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.popen.pid, signal.SIGKILL)
     process.popen.wait(30)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=rf"vLLM server {process.url} did not answer .*exited with code -9"):

@@ -142,8 +142,8 @@ class VllmServerEngine:
             self.clients = [VllmServerClient(u, timeout_s, p, cfg.tensor_parallel_size) for u, p in urls]
             self.served_model = self.clients[0].get("v1/models")["data"][0]["id"] if self.rank == 0 else None
             self.served_model = D.broadcast_object(self.served_model) if distributed else self.served_model
-            if self.rank == 0:
-                self.sender = WeightSender(self.clients, backend, timeout_s=timeout_s)
+            self.backend = backend
+            self.connect()
             self.load_weights(model.state_dict() if weights is None else weights, version=version)
         except BaseException:
             self.close()
@@ -287,6 +287,14 @@ class VllmServerEngine:
             version=self.version,
             routes=routes,
         )
+
+    def connect(self) -> None:
+        """(Re)join the servers' weight-transfer group (rank 0): at start, and after anyone else
+        joined it (a server keeps the last trainer that initialised its transfer engine)."""
+        if self.rank == 0:
+            if self.sender is not None:
+                self.sender.close()
+            self.sender = WeightSender(self.clients, self.backend, timeout_s=self.timeout_s)
 
     # ---------------------------------------------------------------------------------------
     def pause(self) -> None:
