@@ -1,8 +1,9 @@
-"""The dose axis of the pre-registered set (docs/preregistration.md s.1): the *cold start's*
+"""The dose axis of the pre-registered set (docs/notebook/preregistration.md s.1): the *cold start's*
 training-inference mismatch at each rung of the numerics ladder, measured once on held-out
 prompts before any RL.
 
     .venv/bin/python benchmarks/dose_axis.py CHECKPOINT [key=value ...] [--prompts 128] [--samples 4]
+        [--weight-noise 0.03,0.05,0.07]
 
 The key=value overrides are those of the run (the task: style, levels, max_operand, max_new_tokens).
 For every rung (fp32, bf16, fp8, fp8_w8a8, nvfp4, nvfp4_w4a4) the engine samples ``--samples``
@@ -10,6 +11,8 @@ responses to each of the first ``--prompts`` held-out problems at the rollout te
 fp32 training model scores the same tokens. Reported per rung: k1 KL(mu || pi) per token (the
 mean of log mu - log pi over sampled tokens: the axis), k3 per token, the per-sequence sum of
 log w = log pi - log mu (mean and 1st percentile), routing agreement, and the mean response length.
+With ``--weight-noise``, also an fp32 engine with each ``rollout.weight_noise`` size (rung
+``noise<size>``): how a weight-noise control's size is matched to a target KL.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument(
+        "--weight-noise", default="", help="comma-separated rollout.weight_noise sizes, each an fp32 engine's rung"
+    )
     args = ap.parse_args()
 
     from stablerl.config import RunConfig
@@ -55,8 +61,16 @@ def main() -> None:
         "prompts": len(problems),
         "samples": args.samples,
     }
-    for rung in LADDER:
-        engine = LocalEngine(model, rung, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    noise = {f"noise{x}": float(x) for x in args.weight_noise.split(",") if x}
+    rungs = (*LADDER, *noise)
+    for rung in rungs:
+        engine = LocalEngine(
+            model,
+            "fp32" if rung in noise else rung,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            weight_noise=noise.get(rung, 0.0),
+        )
         batch = engine.generate(prompts, sampling, seeds=seeds)
         with torch.no_grad():
             train = response_logp(model, batch, capture=batch.routes is not None, temperature=sampling.temperature)
@@ -80,7 +94,7 @@ def main() -> None:
         "| routing agreement | mean length |"
     )
     print("|---|---|---|---|---|---|---|")
-    for rung in LADDER:
+    for rung in rungs:
         r = report[rung]
         print(
             f"| {rung} | {r['kl_k1']:.2e} | {r['kl_k3']:.2e} | {r['seq_log_w_mean']:+.3f} | "

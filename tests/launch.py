@@ -69,7 +69,7 @@ def torchrun_start(args: list[str], *, nproc: int = 2) -> subprocess.Popen:
 
 def rank_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of the torchrun worker with ``RANK=rank`` below the launcher, if running."""
-    from stablerl.tasks.reward import descendants
+    from stablerl.tasks.process_tree import descendants
 
     for pid in descendants(launcher_pid):
         try:
@@ -85,7 +85,7 @@ def end_session(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and every process below it, if anything is left. torchrun starts each rank
     in a session of its own, so its process group alone would leave them behind: the ranks (and
     their reward workers) are found by ancestry first."""
-    from stablerl.tasks.reward import kill_tree
+    from stablerl.tasks.process_tree import kill_tree
 
     kill_tree(proc.pid)
     try:

@@ -43,3 +43,12 @@ def test_kl_and_is_weight_stats():
     s = is_weight_stats(old, roll, mask, cap=1.5)
     assert (s["is_weight_min"], s["is_weight_max"], s["is_weight_mean"]) == pytest.approx((0.5, 2.0, 1.125))
     assert s["is_weight_frac_above_cap"] == 0.25 and s["is_weight_frac_below_inv_cap"] == 0.25
+
+
+def test_k3_measures_small_log_ratios_instead_of_rounding_them_away():
+    x = torch.tensor([1e-4, -3e-5, 2e-3], dtype=torch.float32)
+    exact = [float(v) ** 2 / 2 + float(v) ** 3 / 6 for v in x.double()]  # the series to third order
+    got = k3(x)
+    for g, e in zip(got.tolist(), exact):
+        assert g == pytest.approx(e, rel=1e-4)
+    assert float((x.exp() - 1 - x)[1]) != pytest.approx(exact[1], rel=0.1)  # what float32 used to give

@@ -117,7 +117,7 @@ def test_bypass_makes_pi_old_the_sampler_and_refuses_r2(sft_ckpt, tmp_path):
 
 
 def test_the_bypass_has_no_pi_old_pass_and_routes_mini_batch_0_as_pi_old():
-    from stablerl.routing import RoutingPlan
+    from stablerl.replay import RoutingPlan
 
     plan = RoutingPlan("none", True, 4, bypass=True)
     assert plan.old_pass() is None

@@ -33,18 +33,19 @@ def test_each_experiment_configuration_runs(name, tmp_path, sft_ckpt_for_repro, 
         tiny = [t for t in tiny if not t.startswith("sft.output_dir")]
         monkeypatch.chdir(tmp_path)  # ... at its default path, runs/sft/<hash>: here, not in the checkout
     variants = None
-    if name.startswith("long-"):
+    if name.startswith(("long-", "signal-")):
         # every variant's real configuration is valid (the long task's length check included) ...
         exp = EXPERIMENTS[name]
         for v in exp["variants"]:
             build_config(RunConfig, None, exp["base"] + exp["variants"][v] + ["train.seed=0", f"run_dir={tmp_path}/x"])
         # ... and the machinery runs on the short task, one rung of the ladder
         tiny += ["task.style=steps", "task.max_operand=99"]
-        # (experiments 3 and 4: their smallest N / lag only)
+        # (experiments 3 and 4: their smallest N / lag only; the signal experiments: all four)
         variants = [
             v
             for v in exp["variants"]
             if "/" not in v
+            or name.startswith("signal-")
             or (v.startswith("fp8_w8a8/") and v.count("/") == 1)
             or v.startswith(("fp8_w8a8/n2/", "fp8_w8a8/eta1/"))
         ]
@@ -216,7 +217,7 @@ def test_preregistered_collapse_parts_on_hand_made_curves():
 
 
 def test_paired_references_within_a_row():
-    from stablerl.repro.report import reference_of
+    from stablerl.repro.experiments import reference_of
 
     pairs = {"on_no_is": "on_minirl", "off_r2": "off_noreplay"}
     assert reference_of("nvfp4/on_no_is", pairs) == "nvfp4/on_minirl"

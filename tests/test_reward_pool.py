@@ -4,18 +4,26 @@ Each failure mode is a real misbehaving function (tests/data/reward_fns.py) run 
 same pool the trainer and `stablerl eval` use.
 """
 
+import json
+import os
+import subprocess
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import torch
+from tinyrun import config, train
 
+from stablerl.cli import main
 from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.evaluation import evaluate
+from stablerl.loop import Trainer, TrainingAborted
 from stablerl.models import build_tokenizer
 from stablerl.rollout import RolloutBatch
+from stablerl.runlog import read_metrics
 from stablerl.tasks import Columns, DatasetTask, RewardPool, build_task, reward_pool
 
 FNS = str(Path(__file__).parent / "data" / "reward_fns.py")
@@ -152,8 +160,6 @@ def test_config_rejects_non_finite_values():
 def test_pool_works_from_an_unguarded_script(tmp_path):
     """Workers do not re-import the parent's __main__ (as multiprocessing's spawn would): a user's
     training script without an `if __name__ == "__main__"` guard runs once, not once per worker."""
-    import subprocess
-    import sys
 
     script = tmp_path / "train.py"
     script.write_text(
@@ -165,3 +171,147 @@ def test_pool_works_from_an_unguarded_script(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("total") == 1 and "total [1.0, 0.0]" in out.stdout
+
+
+def test_a_hanging_verifier_costs_its_timeout_not_the_run(sft_ckpt, tmp_path):
+    t0 = time.monotonic()
+    # every response has digits, so every call of step 1 times out: going on with 0 is the opt-out
+    # now (task.reward_fail_fast=false; by default such a function stops the run at step 1)
+    state = train(
+        sft_ckpt,
+        tmp_path / "r",
+        "train.steps=2",
+        f"task.reward_fns=[{FNS}:hang_on_digits]",
+        "task.reward_fail_fast=false",
+        "task.reward_timeout_s=0.5",
+        "task.reward_workers=2",
+        "eval.every=10",
+        "task.eval_size=2",
+    )
+    rows = read_metrics(tmp_path / "r")
+    assert rows[-1]["step"] == 2 and state.reward_timeouts > 0
+    assert rows[1]["reward_timeouts"] > 0
+    # every hung call cost at most its 0.5 s timeout on 2 workers (plus a worker restart)
+    assert time.monotonic() - t0 < 60
+
+
+def test_eval_counts_verifier_failures(sft_ckpt, tmp_path, capsys):
+    rc = main(
+        [
+            "eval",
+            str(sft_ckpt),
+            "task.levels=[1]",
+            "task.eval_size=4",
+            "eval.samples=1",
+            f"task.reward_fns=[{FNS}:boom_always]",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["eval/reward_failures"] == 8  # 4 greedy + 4 sampled calls, each raised
+    assert "boom_always x8" in out["eval/reward_failures_detail"]
+
+
+@pytest.mark.parametrize(
+    "fn,value,error",
+    [
+        ("string_reward", 0.0, "returned a str ('0.75'), not a number"),
+        ("huge", 0.0, "outside the allowed range"),
+        ("overflowing", 0.0, "outside the allowed range"),
+        ("not_a_number", 0.0, "outside the allowed range"),
+        ("numpy_reward", 0.5, None),
+        ("bool_reward", 1.0, None),
+    ],
+)
+def test_reward_values_are_numbers_in_range(fn, value, error):
+    with RewardPool([f"{FNS}:{fn}"], workers=1, timeout_s=10) as pool:
+        result = pool.score([("1+1=", "a2", {"answer": "2"})])
+    assert result.total == [value]
+    if error is None:
+        assert result.stats.failures == 0
+    else:
+        assert result.stats.errors == 1 and fn in result.stats.first_error and error in result.stats.first_error
+
+
+def test_a_weighted_total_out_of_range_is_an_error_not_an_overflow():
+    with RewardPool([f"{FNS}:numpy_reward"], weights=[1e7], workers=1, timeout_s=10) as pool:
+        result = pool.score([("1+1=", "2", {"answer": "2"})])
+    assert result.total == [0.0] and result.stats.errors == 1 and "reward_weights" in result.stats.first_error
+
+
+EFFECTS = Path(__file__).parent / "data" / "import_effects"
+
+
+def test_reward_modules_are_imported_in_a_worker_never_in_the_trainer(tmp_path, monkeypatch):
+    marker = tmp_path / "pids"
+    monkeypatch.setenv("STABLERL_TEST_MARKER", str(marker))
+    with RewardPool([f"{EFFECTS / 'marks_at_import.py'}:reward"], workers=1, timeout_s=10) as pool:
+        assert pool.score([("p", "c", {})]).total == [1.0]
+    assert "STABLERL_TEST_IMPORTED_IN_TRAINER" not in os.environ
+    assert str(os.getpid()) not in marker.read_text().split()
+
+
+@pytest.mark.parametrize(
+    "module,match",
+    [
+        ("exits_at_import.py", r"importing it failed: SystemExit: 4"),
+        ("interrupts_at_import.py", r"importing it failed: KeyboardInterrupt"),
+    ],
+)
+def test_import_time_exits_and_interrupts_are_one_line_errors(module, match):
+    with pytest.raises(ValueError, match=match):
+        RewardPool([f"{EFFECTS / module}:reward"], workers=1)
+
+
+def test_an_endless_loop_at_import_times_out(monkeypatch):
+    import stablerl.tasks.reward as reward
+
+    monkeypatch.setattr(reward, "IMPORT_TIMEOUT_S", 1.0)
+    with pytest.raises(ValueError, match=r"did not finish within 1 s"):
+        RewardPool([f"{EFFECTS / 'loops_at_import.py'}:reward"], workers=1, timeout_s=0.5)
+
+
+def test_a_function_that_cannot_take_prompt_and_completion_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("STABLERL_TEST_MARKER", str(tmp_path / "m"))
+    with pytest.raises(ValueError, match=r"must accept \(prompt, completion, \*\*fields\)"):
+        RewardPool([f"{EFFECTS / 'marks_at_import.py'}:wrong_signature"], workers=1)
+
+
+def test_a_non_python_file_is_a_one_line_error(capsys):
+    from stablerl.cli import main
+
+    rc = main(["train", "task.reward_fns=[/etc/passwd:x]", "run_dir=/tmp/never-made"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not a Python file" in err and "Traceback" not in err
+
+
+def test_a_timed_out_calls_children_die_with_it(tmp_path, monkeypatch):
+    marker = tmp_path / "child_pid"
+    monkeypatch.setenv("STABLERL_TEST_MARKER", str(marker))
+    with RewardPool([f"{FNS}:spawns_and_hangs"], workers=1, timeout_s=2) as pool:
+        result = pool.score([("p", "c", {})])
+    assert result.stats.timeouts == 1
+    pid = int(marker.read_text())
+    deadline = __import__("time").monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and __import__("time").monotonic() < deadline:
+        state = (
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if Path(f"/proc/{pid}/stat").exists()
+            else "X"
+        )
+        if state == "Z":  # reaped by nobody yet, but dead
+            break
+        __import__("time").sleep(0.1)
+    alive = (
+        Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    )
+    assert not alive, "the grandchild in its own session outlived the timed-out call"
+
+
+def test_a_reward_function_failing_on_every_first_step_call_stops_the_run(sft_ckpt, tmp_path):
+
+    with pytest.raises(TrainingAborted, match=r"boom_always failed on every response of the first step"):
+        Trainer(
+            config(sft_ckpt, tmp_path / "r", "train.steps=2", f"task.reward_fns=[{FNS}:boom_always]"),
+            tmp_path / "r",
+            log=lambda *_: None,
+        ).run()

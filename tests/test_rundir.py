@@ -1,11 +1,24 @@
 """The run directory's owner: paths, atomic writes, the typed run state and its checkpoint form."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from tinyrun import args, cli_error, config
 
-from stablerl.rundir import RunDir, RunState, atomic_write_text, truncate_lines
+from stablerl.cli import main
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
+from stablerl.loop import Trainer
+from stablerl.models import build_tokenizer, default_model_config
+from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, atomic_write_text, truncate_lines
+from stablerl.runlog import read_metrics
+from stablerl.tasks import build_task
 
 
 def test_run_state_round_trips_through_a_checkpoint_and_ignores_unknown_keys():
@@ -36,10 +49,7 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
 
 
 def _cold_start_in_child(overrides, messages):
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import cold_start
-    from stablerl.tasks import build_task
 
     cfg = build_config(RunConfig, None, overrides)
     messages.put(("returned", str(cold_start(cfg, build_task(cfg.task), log=lambda m: messages.put(("log", m))))))
@@ -50,11 +60,8 @@ def test_a_cold_start_two_processes_need_is_trained_once(tmp_path):
     first's and reuses it (it used to train its own into the same temporary directory)."""
     import multiprocessing as mp
 
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.rundir import waiting_lock
     from stablerl.sft import _train_cold_start
-    from stablerl.tasks import build_task
 
     out = tmp_path / "sft" / "ckpt"
     overrides = [
@@ -107,10 +114,7 @@ def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
     and the partial state is gone once the checkpoint is published."""
     from safetensors.torch import load_file
 
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _train_cold_start, sft_state_path
-    from stablerl.tasks import build_task
 
     base = [
         "model.hidden_size=32",
@@ -139,10 +143,7 @@ def test_a_killed_cold_start_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_a_partial_cold_start_of_other_settings_is_refused(tmp_path):
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _train_cold_start, sft_state_path
-    from stablerl.tasks import build_task
 
     out = tmp_path / "ckpt"
     base = [
@@ -166,10 +167,7 @@ def test_a_cold_start_checks_the_model_context_before_any_step(tmp_path):
     """Prompts + rollout.max_new_tokens over the context (what a run of these settings refuses) and
     teacher rows over it (what the SFT would train at positions the model does not declare) stop
     the cold start before its first step, naming model.max_positions; nothing is written."""
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _train_cold_start, sft_state_path
-    from stablerl.tasks import build_task
 
     out = tmp_path / "ckpt"
     long = [
@@ -242,10 +240,7 @@ def test_a_longer_context_changes_no_weight_of_the_cold_start(tmp_path):
     256), and only a non-default context gets a cache key of its own."""
     from safetensors.torch import load_file
 
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
     from stablerl.sft import _sft_key, _train_cold_start, sft_output_dir
-    from stablerl.tasks import build_task
 
     base = ["model.hidden_size=32", "model.num_layers=2", "sft.steps=6", "sft.batch_size=4", "task.levels=[1]"]
     weights = []
@@ -268,7 +263,7 @@ def test_a_longer_context_changes_no_weight_of_the_cold_start(tmp_path):
 
 def test_run_sft_refuses_a_batch_longer_than_the_context():
     # the guard inside the loop (a stream whose later rows grow past the context): named, no step
-    from stablerl.models import build_model, build_tokenizer, default_model_config
+    from stablerl.models import build_model
     from stablerl.sft import run_sft
     from stablerl.tasks import ArithmeticTask
 
@@ -282,3 +277,50 @@ def test_run_sft_refuses_a_batch_longer_than_the_context():
     ):
         run_sft(model, tok, ArithmeticTask(levels=[3]), steps=2, batch_size=2, lr=1e-3, seed=0, log=None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_second_writer_fails_at_once(sft_ckpt, tmp_path, capsys):
+    run_dir = tmp_path / "busy"
+    with RunLock(run_dir):  # another process training here
+        t0 = time.monotonic()
+        err = cli_error(capsys, ["train", *args(sft_ckpt, run_dir, "train.steps=1")])
+        assert "in use by pid" in err and str(run_dir) in err and time.monotonic() - t0 < 30
+    assert main(["train", *args(sft_ckpt, run_dir, "train.steps=1")]) == 0  # released: it works
+    capsys.readouterr()
+    with RunLock(run_dir):
+        err = cli_error(capsys, ["train", "--resume", str(run_dir), "train.steps=2"])
+        assert "in use" in err
+    assert read_metrics(run_dir)[-1]["step"] == 1  # the refused resume wrote nothing
+
+
+def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path):
+    code = (
+        f"from stablerl.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+        "import time; time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"pid {proc.pid}"):
+            RunLock(tmp_path).acquire()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        RunLock(tmp_path).acquire().release()  # the kernel dropped the dead holder's lock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_the_lock_loser_leaves_the_winners_lock_in_place(sft_ckpt, tmp_path):
+    run_dir = tmp_path / "r"
+    winner = RunLock(run_dir).acquire()
+    inode = os.stat(run_dir / ".lock").st_ino
+    with pytest.raises(RunLocked):
+        Trainer(config(sft_ckpt, run_dir), run_dir, log=lambda *_: None)
+    assert os.stat(run_dir / ".lock").st_ino == inode
+    with pytest.raises(RunLocked):  # still held
+        RunLock(run_dir).acquire()
+    winner.release(remove=True)
+    assert not (run_dir / ".lock").exists()
+    RunLock(run_dir).acquire().release()

@@ -1,12 +1,17 @@
 """Tasks, verifiers, reward failures, and cold-start SFT."""
 
 import json
+import time
 from importlib.resources import files
 
 import pytest
 import torch
+from tinyrun import cli_error
 
 from stablerl.checkpoint import save_model_dir
+from stablerl.config import RunConfig
+from stablerl.config_io import build_config
+from stablerl.generation import encode_prompt
 from stablerl.models import build_model, build_tokenizer, default_model_config
 from stablerl.sft import run_sft, sft_batch
 from stablerl.tasks import ArithmeticTask, Columns, DatasetTask, MalformedDataError, Problem
@@ -70,8 +75,6 @@ def test_column_solutions_hand_worked_and_always_right():
 
 
 def test_column_style_needs_room_for_its_solutions():
-    from stablerl.config import RunConfig
-    from stablerl.config_io import build_config
 
     with pytest.raises(ValueError, match="up to 110 tokens, more than rollout.max_new_tokens=40"):
         build_config(RunConfig, None, ["task.style=columns", "task.levels=[5]", "task.max_operand=999999"])
@@ -83,7 +86,7 @@ def test_column_style_needs_room_for_its_solutions():
         None,
         ["task.style=columns", "task.levels=[5]", "task.max_operand=999999", "rollout.max_new_tokens=110"],
     )
-    # the ~200-token length of docs/preregistration.md's experiment 2: three 18-digit numbers
+    # the ~200-token length of docs/notebook/preregistration.md's experiment 2: three 18-digit numbers
     eighteen = ["task.style=noisy_columns", "task.levels=[2]", f"task.max_operand={10**18 - 1}"]
     with pytest.raises(ValueError, match="up to 218 tokens, more than rollout.max_new_tokens=112"):
         build_config(RunConfig, None, [*eighteen, "rollout.max_new_tokens=112"])
@@ -175,3 +178,43 @@ def test_sft_learns_and_saves_a_loadable_checkpoint(tmp_path):
     # the text round-trips; a plain tok2(text) also starts with BOS now, as training encodes prompts
     assert tok2.decode(tok2("7+8=15#15", add_special_tokens=False).input_ids) == "7+8=15#15"
     assert tok2("7+8=15#15").input_ids[0] == tok2.bos_token_id
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        (b"", "empty"),
+        (b"  \n\n \t\n", "empty"),
+        (b'{"question": "1+1?", "answer": "2"}\n{"question": "caf\xe9", "answer": "1"}\n', "line 2 is not valid UTF-8"),
+    ],
+)
+def test_bad_data_files(tmp_path, capsys, content, expect):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'r'}", "task.name=dataset", f"task.dataset={data}"])
+    assert str(data) in err and expect in err
+
+
+def test_data_too_small_for_a_held_out_split_fails_before_sft(tmp_path, capsys):
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    t0 = time.monotonic()
+    err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'r'}", "task.name=dataset", f"task.dataset={data}"])
+    assert "too few" in err and "task.eval_dataset" in err and time.monotonic() - t0 < 20
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_file_warnings(tmp_path):
+    from stablerl.tasks import DatasetTask
+
+    task = DatasetTask(SAMPLE, eval_size=500)
+    assert any("capped to 4" in w for w in task.warnings)
+    task = DatasetTask(SAMPLE, eval_dataset=SAMPLE, eval_size=50, eval_size_set=True)
+    assert any("task.eval_size=50 is ignored" in w for w in task.warnings)
+
+
+def test_a_tokenizer_without_bos_encodes_the_prompt_alone():
+    tok = build_tokenizer()
+    tok.bos_token = None
+    assert tok.bos_token_id is None
+    assert encode_prompt(tok, "1+2=") == tok("1+2=", add_special_tokens=False).input_ids

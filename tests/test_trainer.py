@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tinyrun import config as shared_config
 
 from stablerl import checkpoint
 from stablerl.checkpoint import save_model_dir
@@ -12,6 +13,7 @@ from stablerl.config import RunConfig
 from stablerl.config_io import build_config
 from stablerl.loop import Trainer, TrainingAborted
 from stablerl.models import build_model, build_tokenizer, tiny_config
+from stablerl.repro.runner import is_done
 from stablerl.rundir import RunDir
 from stablerl.runlog import CollapseDetector, read_metrics
 
@@ -221,3 +223,37 @@ def test_per_sequence_log_w_tail(sft_ckpt, tmp_path):
         assert (
             r["seq_log_w/min"] < 0 < r["train_infer_kl"]
         )  # an fp8 engine: some responses are far less likely under pi
+
+
+def test_the_first_error_survives_a_failing_summary_and_the_run_can_be_rerun(sft_ckpt, tmp_path, monkeypatch):
+    import stablerl.loop as loop
+
+    def boom(*_a, **_k):
+        raise RuntimeError("the real error")
+
+    monkeypatch.setattr(loop.Learner, "update", boom)
+    monkeypatch.setattr(loop, "write_summary", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(RuntimeError, match="the real error"):
+        Trainer(shared_config(sft_ckpt, tmp_path / "r", "train.steps=2"), tmp_path / "r", log=lambda *_: None).run()
+    assert not RunDir(tmp_path / "r").is_run()  # nothing completed: nothing left that refuses a re-run
+    monkeypatch.undo()
+    Trainer(shared_config(sft_ckpt, tmp_path / "r", "train.steps=1"), tmp_path / "r", log=lambda *_: None).run()
+    assert read_metrics(tmp_path / "r")[-1]["step"] == 1
+
+
+def test_ctrl_c_writes_an_interrupted_summary_that_repro_does_not_count_as_done(sft_ckpt, tmp_path, monkeypatch):
+    import stablerl.loop as loop
+
+    real = loop.Learner.update
+
+    def interrupt_at_2(self, step, batch, first_row):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step, batch, first_row)
+
+    monkeypatch.setattr(loop.Learner, "update", interrupt_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(shared_config(sft_ckpt, tmp_path / "r", "train.steps=3"), tmp_path / "r", log=lambda *_: None).run()
+    summary = json.loads(RunDir(tmp_path / "r").summary.read_text())
+    assert summary["interrupted"] is True and summary["steps"] == 1
+    assert not is_done(tmp_path / "r")

@@ -17,7 +17,7 @@ from stablerl.generation import encode_prompt
 from stablerl.loop import Trainer
 from stablerl.models import build_tokenizer
 from stablerl.runlog import read_metrics
-from stablerl.tasks import Columns, DatasetTask
+from stablerl.tasks import Columns, DatasetTask, RewardPool
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "your_task"
@@ -210,3 +210,51 @@ def test_the_shipped_example_runs(tmp_path, monkeypatch):
     assert main(cfg_args) == 0
     rows = read_metrics(run_dir)
     assert "eval/test/avg@8" in rows[0] and "reward/correct" in rows[1] and "reward/well_formed" in rows[1]
+
+
+def test_trl_reward_signature_beside_stablerls_own():
+    items = [("p1", "1", {"answer": "1"}), ("p2", "2", {"answer": "1"}), ("p3", "3", {"answer": None})]
+    with RewardPool([f"{FNS}:trl_length", f"{FNS}:numpy_reward"], workers=2, timeout_s=10) as pool:
+        assert pool.batched == [True, False]
+        result = pool.score(items)
+    assert result.per_fn == {"trl_length": [1.0, 0.0, 0.0], "numpy_reward": [0.5, 0.5, 0.5]}
+    assert result.stats.failures == 0  # None is TRL's "does not apply": 0, not an error
+    with RewardPool([f"{FNS}:trl_bad_item"], workers=1, timeout_s=10) as pool:
+        result = pool.score(items)
+    assert result.total == [1.0, 0.0, 0.0] and result.stats.errors == 2 and "not a number" in result.stats.first_error
+    with RewardPool([f"{FNS}:trl_wrong_length"], workers=1, timeout_s=10) as pool:
+        result = pool.score(items)
+    assert result.stats.errors == 3 and "not a list of 3 rewards" in result.stats.first_error
+
+
+def test_trl_dataset_formats_and_gsm8k_answers(tmp_path):
+    from stablerl.generation import encode_problem
+    from stablerl.tasks import Columns, load_problems
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n")
+    p = load_problems(str(plain), Columns())[0]
+    assert p.prompt == "What is 2+2?\n" and p.answer == "4" and not p.messages
+
+    chat = tmp_path / "chat.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    chat.write_text(json.dumps({"prompt": turns, "answer": "Natalia sold 48/2 = 24 clips.\\n#### 1,072"}) + "\n")
+    p = load_problems(str(chat), Columns())[0]
+    assert p.answer == "1072" and p.prompt == "What is 2+2?" and [m["role"] for m in p.messages] == ["system", "user"]
+    tok = build_tokenizer()
+    text = tok.decode(encode_problem(tok, p, RunConfig().task))
+    assert text == "<bos>[system] Be brief.\n[user] What is 2+2?\n[assistant] "
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user"}], "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1.*chat turns"):
+        load_problems(str(bad), Columns())
+
+
+def test_an_eval_set_does_not_inherit_the_tasks_solution_column(tmp_path):
+    from stablerl.evaluation import EvalSet
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")  # no solution column
+    cfg = build_config(RunConfig, None, ["task.columns.solution=solution", f"eval.sets=[{{name: e, dataset: {data}}}]"])
+    with RewardPool([f"{FNS}:exact"], workers=1) as pool:
+        assert len(EvalSet(cfg.eval.sets[0], cfg.task, pool).problems) == 1

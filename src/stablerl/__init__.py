@@ -9,7 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "train": "stablerl.api",
     "Trainer": "stablerl.loop",
-    "TrainingAborted": "stablerl.loop",
+    "TrainingAborted": "stablerl.errors",
     "RunConfig": "stablerl.config",
     "LossConfig": "stablerl.config",
     "policy_loss": "stablerl.objectives",

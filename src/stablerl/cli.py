@@ -181,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablerl", description=__doc__ and "stable RL for LLMs (MoE first)")
     parser.add_argument("--version", action="version", version=f"stablerl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_lab(sub)
+    _add_train_and_sft(sub)
+    _add_eval(sub)
+    _add_repro(sub)
+    pl = sub.add_parser("plot", help="PNG curves comparing runs")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", help="PNG path (default: FIRST_RUN/plots/curves.png)")
+    pl.set_defaults(func=_plot)
+    return parser
+
+
+def _add_lab(sub) -> None:
     lab = sub.add_parser(
         "lab",
         help="exact first-order lab: surrogate gradients vs the true gradient, by enumeration",
@@ -193,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
     lab.set_defaults(func=_lab)
 
+
+def _add_train_and_sft(sub) -> None:
     keys = "config keys (set with section.key=value):\n" + "\n".join(describe(RunConfig))
     train = sub.add_parser(
         "train",
@@ -221,12 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("overrides", nargs="*", metavar="key=value")
     sft.set_defaults(func=_sft)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="held-out accuracy (greedy and sampled) of an HF checkpoint")
     ev.add_argument("checkpoint", help="HF checkpoint dir (model + tokenizer)")
     ev.add_argument("--config")
     ev.add_argument("overrides", nargs="*", metavar="key=value")
     ev.set_defaults(func=_eval)
 
+
+def _add_repro(sub) -> None:
     rp = sub.add_parser("repro", help="the paper's experiments in miniature (docs/results.md)")
     from stablerl.repro.experiments import EXPERIMENTS
 
@@ -251,12 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run (after the experiment's)")
     rp.set_defaults(func=_repro)
-
-    pl = sub.add_parser("plot", help="PNG curves comparing runs")
-    pl.add_argument("run_dirs", nargs="+")
-    pl.add_argument("--out", help="PNG path (default: FIRST_RUN/plots/curves.png)")
-    pl.set_defaults(func=_plot)
-    return parser
 
 
 def _quiet_hf() -> None:

@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Algorithm = Literal["minirl", "grpo", "cispo", "gspo", "reinforce"]
+from stablerl.replay import RoutingPlan
+
+Algorithm = Literal["minirl", "grpo", "cispo", "gspo", "reinforce", "dppo"]
 ISMode = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 Aggregation = Literal["token_sum", "token_mean", "seq_mean_token_mean"]
 
@@ -45,7 +47,9 @@ class LossConfig(StrictModel):
         "minirl",
         description="minirl: sum_t M*w*r*A (docs/formulation.md s.6); grpo: w*min(rA, clip(r)A); "
         "cispo: sg[clip(r)]*w*A*log pi; gspo: sequence (geometric-mean) ratio with clipping; "
-        "reinforce: sg[w]*A*log pi.",
+        "reinforce: sg[w]*A*log pi; dppo: M*sg[w]*r*A with DPPO's trust-region mask on the probability "
+        "difference pi_theta - mu (or its binary KL) in the advantage's direction instead of the ratio clip "
+        "(prime-rl's default loss; loss.dppo_*).",
     )
     is_mode: ISMode = Field(
         "token_truncate",
@@ -59,7 +63,26 @@ class LossConfig(StrictModel):
     is_low: float = Field(0.5, ge=0, description="Lower bound of the IS weight for the *_mask modes.")
     eps_low: float = Field(0.2, ge=0, lt=1, description="Clip bound: r < 1 - eps_low stops A<0 tokens.")
     eps_high: float = Field(0.27, ge=0, description="Clip bound: r > 1 + eps_high stops A>0 tokens (the paper: 0.27).")
-    clip: bool = Field(True, description="Apply the clip bounds (minirl, grpo, cispo, gspo).")
+    clip: bool = Field(True, description="Apply the clip bounds (minirl, grpo, cispo, gspo; dppo masks by its own).")
+    dppo_divergence: Literal["tv", "binary_kl"] = Field(
+        "tv",
+        description="loss.algorithm=dppo's divergence of a sampled token between pi_theta and mu (the engine): "
+        "tv = the probability difference pi_theta - mu; binary_kl = the KL between Bernoulli(mu) and "
+        "Bernoulli(pi_theta) of that token, signed by the difference.",
+    )
+    dppo_delta_low: float = Field(
+        0.2,
+        gt=0,
+        description="dppo: a token with A < 0 is masked once its divergence moved past this downwards "
+        "(pi_theta - mu < -delta for tv); prime-rl's default 0.2. On binary_kl's scale (a KL) the DPPO paper "
+        "uses ~0.05.",
+    )
+    dppo_delta_high: float = Field(
+        0.2,
+        gt=0,
+        description="dppo: a token with A > 0 is masked once its divergence moved past this upwards "
+        "(pi_theta - mu > delta for tv); prime-rl's default 0.2.",
+    )
     aggregation: Aggregation = Field(
         "token_sum",
         description="token_sum: sum of token terms / a constant for the whole batch (MiniRL; "
@@ -189,8 +212,8 @@ class LabConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # The training run (`stablerl train` / `stablerl sft`).
 # --------------------------------------------------------------------------------------------
-# the default tiny model's context; a cold start of this context is keyed as before the setting
-# existed, so the cold starts already trained keep their cache directories (stablerl.sft._sft_key)
+# the default tiny model's context; a cold start of this context leaves the context out of its cache
+# key, so the cold starts already trained keep their cache directories (stablerl.sft._sft_key)
 DEFAULT_CONTEXT = 256
 
 
@@ -199,6 +222,12 @@ class ModelConfig(StrictModel):
         None,
         description="HF checkpoint dir (model + tokenizer) to start from; "
         "none = the default tiny Qwen3-MoE, cold-started by SFT.",
+    )
+    family: str = Field(
+        "qwen3_moe",
+        description="Default model only: its Mixture-of-Experts family, a tiny random model of any family "
+        "routing replay supports (docs/routing.md): qwen3_moe, qwen2_moe, olmoe, mixtral, qwen3_5_moe, "
+        "qwen3_next, deepseek_v3, glm4_moe, gpt_oss.",
     )
     hidden_size: int = Field(96, ge=16, description="Default model only: hidden size (4 attention heads).")
     expert_size: int | None = Field(
@@ -220,6 +249,9 @@ class ModelConfig(StrictModel):
     def _check(self) -> ModelConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        from stablerl.families import check_tiny_family
+
+        check_tiny_family(self.family, self.num_experts, self.top_k)
         return self
 
 
@@ -459,7 +491,7 @@ class RolloutConfig(SamplingConfig):
     drop_finished: bool = Field(
         False,
         description="local engine: ended responses leave the decode (their cache rows "
-        "are cut away), 1.22x faster at 160-token responses on the deep shape. The same tokens, "
+        "are cut away), which pays on long responses of uneven length (docs/performance.md). The same tokens, "
         "but mu then differs at float round-off (~1e-6) with the batch's composition, so runs "
         "with other rank or worker layouts stop being equal to the last digit.",
     )
@@ -468,8 +500,8 @@ class RolloutConfig(SamplingConfig):
         description="local engine (qwen3_moe's fast decoder): the prefill and the decode "
         "step each compiled whole by torch.compile with static shapes (prompt widths bucketed to 8, "
         "the cache's length to 64, the experts in layouts of fixed shape), once per batch size, "
-        "width and length (~15-30 s). 1.5-1.7x faster rollouts on the default tiny MoE, 1.2x on "
-        "the deep shape (docs/performance.md); sums in other orders, so mu differs from the eager "
+        "width and length (tens of seconds; the gain is in docs/performance.md); "
+        "sums in other orders, so mu differs from the eager "
         "decode's at round-off. Needs a C++ compiler; not with drop_finished.",
     )
     workers: int = Field(
@@ -496,7 +528,14 @@ class RolloutConfig(SamplingConfig):
         le=1,
         description="A controlled extra discrepancy: every weight matrix "
         "of the engine's copy (never the trained weights) gets Gaussian noise of this "
-        "size relative to its rows' RMS, a fixed pattern (docs/results.md dose-response).",
+        "size relative to its rows' RMS, a fixed pattern (docs/notebook/first-set.md, dose-response).",
+    )
+    weight_noise_redraw: bool = Field(
+        False,
+        description="Draw rollout.weight_noise's pattern anew at every weight sync, seeded by (train.seed, "
+        "policy version) (the same on every rank, worker and resume): a mismatch that moves with every "
+        "version and that the learner cannot learn around, unlike a fixed pattern or a deterministic "
+        "quantizer (a labelled control; docs/rollout.md).",
     )
     vllm: VllmConfig = VllmConfig()
 
@@ -506,6 +545,11 @@ class RolloutConfig(SamplingConfig):
 
     @model_validator(mode="after")
     def _check_rollout(self) -> RolloutConfig:
+        if self.weight_noise_redraw and not self.weight_noise:
+            raise ValueError(
+                "rollout.weight_noise_redraw re-draws rollout.weight_noise's pattern, which is 0: set "
+                "rollout.weight_noise (e.g. 0.05) or rollout.weight_noise_redraw=false"
+            )
         if self.temperature == 0:
             raise ValueError(
                 "rollout.temperature must be > 0: RL samples its rollouts (greedy decoding gives "
@@ -592,6 +636,19 @@ class BatchConfig(StrictModel):
         "tokens. Needs batch.max_tokens_per_micro_batch (the packed length: attention over it is "
         "quadratic). Equal to the padded forward up to float round-off.",
     )
+    filter_groups: bool = Field(
+        False,
+        description="Dynamic sampling (DAPO): drop the groups whose rewards are all equal (zero advantages) "
+        "and sample more prompts from the stream until prompts_per_step groups with signal are in hand, "
+        "at most batch.filter_max_rounds extra rounds; then the batch is filled up with groups without "
+        "signal (counted as filter/groups_short). Costs the extra rounds' sampling; the reward metrics "
+        'describe the first round (docs/training.md "Dynamic sampling").',
+    )
+    filter_max_rounds: int = Field(
+        4,
+        ge=0,
+        description="batch.filter_groups: extra sampling rounds (each prompts_per_step prompts) a step may take.",
+    )
 
     @property
     def rollout_batch(self) -> int:
@@ -627,6 +684,15 @@ class OptimConfig(StrictModel):
     )
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    skip_empty_steps: bool = Field(
+        True,
+        description="A mini-batch without learning signal (every advantage zero on its response tokens, over "
+        "all ranks, and no KL penalty) takes no optimizer step: its gradient is exactly zero, yet an AdamW step "
+        "would still move every weight (Adam's first step is lr x sign(g) and its momentum keeps moving "
+        "weights after g = 0) and decay the moments. Counted per step as steps_skipped. The learning-rate "
+        "schedule counts mini-batches, taken or skipped, so it follows the run's progress; Adam's bias "
+        "correction counts the steps it took. false: step on every mini-batch.",
+    )
 
 
 class EvalSetConfig(StrictModel):
@@ -796,11 +862,7 @@ class RunConfig(StrictModel):
                     f"rollout.max_new_tokens={self.rollout.max_new_tokens}: every response would be cut "
                     f"before its answer; set rollout.max_new_tokens>={longest}"
                 )
-        if self.loss.proximal == "rollout" and self.train.routing_replay == "R2":
-            raise ValueError(
-                "loss.proximal=rollout (bypass) with train.routing_replay=R2: R2 replays the routes of "
-                "the recomputed pi_old, which the bypass skips; use loss.proximal=recompute, or R3"
-            )
+        RoutingPlan(self.train.routing_replay, True, self.batch.minibatches_per_step, self.loss.proximal == "rollout")
         return self
 
 

@@ -13,6 +13,8 @@ from dataclasses import replace
 from stablerl import distributed as D
 from stablerl.config import EvalSetConfig, RunConfig
 from stablerl.generation import sample_and_score
+from stablerl.models import model_skeleton
+from stablerl.rollout import LocalEngine, RolloutEngine
 from stablerl.tasks import Problem, RewardPool, RewardStats, columns_of, load_problems
 
 
@@ -152,3 +154,32 @@ def build_eval_sets(cfg: RunConfig, task_rewards: RewardPool) -> list[EvalSet]:
             s.close()
         raise
     return out
+
+
+class EvalEngine:
+    """The engine held-out evaluation samples with: the rollout engine itself when it computes as
+    ``eval.precision`` asks (its weights are current), else one cached engine in
+    ``eval.precision`` synced to the policy. Evaluation never sees the rollout engine's
+    ``weight_noise``, nor a lagged engine's old weights: it measures the current policy."""
+
+    def __init__(self, cfg: RunConfig, model_config, tokenizer):
+        self.cfg, self.model_config, self.tokenizer = cfg, model_config, tokenizer
+        self.own: LocalEngine | None = None  # built on first use
+
+    def get(self, rollout_engine: RolloutEngine | None, lagged: bool, weights, version: int) -> RolloutEngine:
+        """``weights``: a callable streaming the current policy (only called when needed)."""
+        r = self.cfg.rollout
+        if rollout_engine is not None and self.cfg.eval.precision == r.precision and not r.weight_noise and not lagged:
+            return rollout_engine
+        if self.own is None:  # from a meta-device skeleton: the engine's copy is its only one
+            self.own = LocalEngine(
+                model_skeleton(self.model_config),
+                self.cfg.eval.precision,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                weights=weights(),
+                version=version,
+            )
+        else:
+            self.own.load_weights(weights(), version=version)
+        return self.own

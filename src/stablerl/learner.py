@@ -16,11 +16,12 @@ K-rank update equal to the 1-rank update of the same rollout batch is decided he
 One step's update, in the order ``Learner.update`` runs it (docs/training.md "The loop"):
 
 1. ``_old_pass``: pi_old's log-probs before any update (N > 1; with N = 1 they are ``sg[logp]``
-   of the gradient forward) and the routes the routing plan records (``routing.RoutingPlan``);
+   of the gradient forward) and the routes the routing plan records (``replay.RoutingPlan``);
 2. ``_minibatches``: the seeded split of the rollout batch into N mini-batches;
 3. per mini-batch, ``_micro_step`` over its micro-batches (forward, loss, backward: gradients
    accumulate), then ``_optimizer_step`` (clip, learning rate, AdamW) — or nothing, on every
-   rank, when any rank saw a non-finite loss or gradient.
+   rank, when any rank saw a non-finite loss or gradient, or (``optim.skip_empty_steps``) when no
+   rank holds a non-zero advantage in the mini-batch.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ from stablerl.distributed.fsdp import (
     shard_from_rank0,
 )
 from stablerl.forward import compile_router_free_parts, enable_activation_checkpointing, response_logp
+from stablerl.learning_signal import has_signal
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
+from stablerl.replay import RoutingPlan
 from stablerl.rollout import RolloutBatch
-from stablerl.routing import RoutingPlan
 from stablerl.seeds import shuffle_seed
 
 # the learner's own metrics (policy_loss declares its own: objectives.METRIC_REDUCTION)
@@ -71,8 +73,8 @@ def learning_rate(step: int, optim, total_steps: int) -> float:
 
 
 def _can_fuse(model: torch.nn.Module) -> bool:
-    # the fused AdamW kernel (one pass over all tensors) is ~3x faster than the per-tensor loop on
-    # CPU for the tiny default model; it needs plain float params on CPU or CUDA
+    # the fused AdamW kernel (one pass over all tensors) is much faster than the per-tensor loop on
+    # CPU for small models; it needs plain float params on CPU or CUDA
     return not is_sharded(model) and all(
         p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()
     )
@@ -123,9 +125,7 @@ class Learner:
     ):
         self.cfg, self.world = cfg, world or D.World()
         self.moe = is_moe(model)
-        self.plan = RoutingPlan(
-            cfg.train.routing_replay, self.moe, cfg.batch.minibatches_per_step, bypass=cfg.loss.proximal == "rollout"
-        )
+        self.plan = RoutingPlan.of(cfg, self.moe)
         self.model_config = model.config
         dtype = cfg.train.dtype
         self.dtype = ("bf16" if self.world.device.type == "cuda" else "fp32") if dtype == "auto" else dtype
@@ -150,6 +150,7 @@ class Learner:
             fused=_can_fuse(self.model),
         )
         self.optimizer_steps = 0
+        self.steps_skipped = 0  # mini-batches of the current step that took no optimizer step
 
     def _place(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` on this rank's device, sharded over the learner ranks when there are several."""
@@ -227,6 +228,7 @@ class Learner:
             )
         adv = group_advantages(batch.rewards, batch.group_ids, std_normalize=self.cfg.loss.std_normalize)
         record = StepRecord()
+        self.steps_skipped = 0
         self.model.eval()  # no dropout in the tiny models; eval() also keeps HF MoE jitter off
         old = self._old_pass(batch, record)
         skipped = False
@@ -250,7 +252,7 @@ class Learner:
                     self.model,
                     batch,
                     capture=plan.capture is not None,
-                    replay=batch.routes if plan.replay == "rollout" else None,
+                    replay=plan.routes(None, None, batch.routes, batch.input_ids.shape[1]),
                     temperature=temperature,
                 )
                 old.logp, old.routes = out["logp"], out.get("routes")
@@ -313,9 +315,21 @@ class Learner:
         if D.any_true(bad) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        self._optimizer_step()
         record.add(M.GRAD_NORM, grad_norm, 1.0)
+        if self._without_signal(mb, batch, adv):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_steps += 1  # the schedule counts mini-batches, taken or skipped
+            self.steps_skipped += 1
+            return True
+        self._optimizer_step()
         return True
+
+    def _without_signal(self, mb: MiniBatch, batch: RolloutBatch, adv: torch.Tensor) -> bool:
+        """``optim.skip_empty_steps``: no rank holds a non-zero advantage in the mini-batch (a
+        gradient of exactly zero) and no KL penalty pulls the weights: the same answer on every rank."""
+        if not self.cfg.optim.skip_empty_steps or self.cfg.loss.kl_beta > 0:
+            return False
+        return not D.any_true(has_signal(adv[mb.rows], batch.response_mask[mb.rows]))
 
     def _m2_mask(self, mb: MiniBatch, batch: RolloutBatch, old: OldPolicy) -> torch.Tensor:
         """M2PO's token mask ``[B_local, R]`` for this rank's rows of mini-batch ``mb``, decided over
@@ -328,7 +342,7 @@ class Learner:
             logp = old.logp[mb.rows]
         else:
             part = batch.select(mb.rows).trim()
-            replay = _replayed(self.plan.minibatch(mb.k), old, mb.rows, part)
+            replay = self.plan.minibatch(mb.k).routes(old.routes, mb.rows, part.routes, part.input_ids.shape[1])
             with torch.no_grad():
                 logp = self._logp(self.model, part, replay=replay, temperature=batch.sampling.temperature)["logp"]
             logp = torch.nn.functional.pad(logp, (0, R - logp.shape[1]))
@@ -367,7 +381,7 @@ class Learner:
         collectives must line up on every rank."""
         micro = batch.select(idx).trim()
         plan = self.plan.minibatch(mb.k)
-        replay = _replayed(plan, old, idx, micro)
+        replay = plan.routes(old.routes, idx, micro.routes, micro.input_ids.shape[1])
         out = self._logp(
             self.model,
             micro,
@@ -460,6 +474,7 @@ class Learner:
                 }
             )
         metrics["lr"] = self.lr(self.optimizer_steps)
+        metrics[M.STEPS_SKIPPED] = self.steps_skipped  # decided on every rank alike
         metrics[M.TRAIN_TOKENS] = int(D.all_reduce_sum([record.train_tokens])[0])
         if skipped:
             metrics["nonfinite"] = True
@@ -508,14 +523,6 @@ def micro_batches(
     if current:
         pieces.append(torch.tensor(current, dtype=rows.dtype))
     return pieces
-
-
-def _replayed(plan, old: OldPolicy, rows: torch.Tensor, part: RolloutBatch) -> torch.Tensor | None:
-    """The routes a forward over ``part`` (rows ``rows`` of the rank's batch, trimmed) replays:
-    pi_old's training routes (R2), the rollout's (R3), or none."""
-    if plan.replay == "old":
-        return None if old.routes is None else old.routes[rows][:, : part.input_ids.shape[1]]
-    return part.routes if plan.replay == "rollout" else None
 
 
 def _prompt_lengths(batch: RolloutBatch) -> torch.Tensor:

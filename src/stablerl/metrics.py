@@ -37,6 +37,10 @@ CLIP_FRAC_HIGH = "clip_frac_high"
 IS_FRAC_TRUNCATED = "is_frac_truncated"
 RESPONSE_LEN_MEAN = "response_len_mean"
 GROUPS_ALL_WRONG = "groups_all_wrong"
+# learning signal: groups whose rewards are all equal (zero advantages), and mini-batches without
+# any non-zero advantage that took no optimizer step (optim.skip_empty_steps)
+GROUPS_WITHOUT_SIGNAL = "groups_without_signal"
+STEPS_SKIPPED = "steps_skipped"
 ROUTE_TRAIN_INFER = "route_agreement/train_infer"  # training vs inference routes of the same tokens
 ROUTE_STALE = "route_agreement/stale"  # current vs pi_old's training routes
 EVAL_GREEDY = "eval/greedy_acc"

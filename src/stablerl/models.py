@@ -1,7 +1,7 @@
 """Tiny model configurations built locally (nothing is downloaded), and model helpers.
 
-The default is a tiny Qwen3-MoE; tiny Qwen2-MoE, Mixtral, OLMoE and dense Qwen3 configs exist so
-routing and the engines are tested on every supported family.
+The default is a tiny Qwen3-MoE; a tiny config of every MoE family routing replay supports
+(``stablerl.families``) and a dense Qwen3 exist so routing and the engines are tested on each.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from stablerl.config import DEFAULT_CONTEXT
+from stablerl.families import FAMILIES as MOE_FAMILIES
+from stablerl.families import tiny_family_config
 from stablerl.moe import use_fast_experts
 from stablerl.routing import moe_routers
 from stablerl.rundir import RunDir
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "qwen3")
+# every MoE family of stablerl.families, and a dense Qwen3
+FAMILIES = (*MOE_FAMILIES, "qwen3")
 
 
 def tiny_config(
@@ -30,42 +33,32 @@ def tiny_config(
     **overrides,
 ) -> PretrainedConfig:
     """A tiny HF config of ``family``; ``overrides`` are passed to the config class."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    if family == "qwen3":
+        from transformers import Qwen3Config
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    )
-    moe = dict(
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        moe_intermediate_size=expert_size,
-        intermediate_size=2 * expert_size,
-        output_router_logits=False,
-    )
-    if family == "qwen3_moe":
-        cfg = Qwen3MoeConfig(**common, **moe, head_dim=hidden_size // 4, norm_topk_prob=True)
-    elif family == "qwen2_moe":
-        cfg = Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=expert_size, norm_topk_prob=True)
-    elif family == "olmoe":
-        moe.pop("moe_intermediate_size")
-        cfg = OlmoeConfig(**common, **{**moe, "intermediate_size": expert_size}, norm_topk_prob=False)
-    elif family == "mixtral":
-        cfg = MixtralConfig(
-            **common,
-            num_local_experts=num_experts,
-            num_experts_per_tok=top_k,
-            intermediate_size=expert_size,
-            output_router_logits=False,
+        cfg = Qwen3Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max_positions,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            intermediate_size=2 * expert_size,
+            head_dim=hidden_size // 4,
         )
-    elif family == "qwen3":
-        cfg = Qwen3Config(**common, intermediate_size=2 * expert_size, head_dim=hidden_size // 4)
+    elif family in FAMILIES:
+        cfg = tiny_family_config(
+            family,
+            vocab_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_experts=num_experts,
+            top_k=top_k,
+            expert_size=expert_size,
+            max_positions=max_positions,
+        )
     else:
         raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(FAMILIES)}")
     for k, v in overrides.items():
@@ -248,6 +241,7 @@ def build_default_policy(model_cfg, tokenizer):
     m = model_cfg
     config = default_model_config(
         tokenizer,
+        family=m.family,
         hidden_size=m.hidden_size,
         num_layers=m.num_layers,
         num_experts=m.num_experts,
@@ -259,11 +253,21 @@ def build_default_policy(model_cfg, tokenizer):
 
 
 def default_model_config(tokenizer, **overrides) -> PretrainedConfig:
-    """The default policy: a tiny Qwen3-MoE (4 layers, 8 experts, top-2) over ``tokenizer``."""
-    settings = dict(hidden_size=96, num_layers=4, num_experts=8, top_k=2, expert_size=96, max_positions=DEFAULT_CONTEXT)
+    """The default policy: a tiny Qwen3-MoE (4 layers, 8 experts, top-2; ``family`` another MoE family)
+    over ``tokenizer``."""
+    settings = dict(
+        family="qwen3_moe",
+        hidden_size=96,
+        num_layers=4,
+        num_experts=8,
+        top_k=2,
+        expert_size=96,
+        max_positions=DEFAULT_CONTEXT,
+    )
     settings.update(overrides)
+    family = settings.pop("family")
     return tiny_config(
-        "qwen3_moe",
+        family,
         len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -5,9 +5,8 @@ token-expert pairs, whichever pays for the call's shape).
 transformers runs the experts of Qwen3-MoE / Qwen2-MoE / Mixtral / OLMoE through a pluggable
 "experts implementation" (default ``grouped_mm``): sort the token-expert pairs by expert, one
 grouped matmul per projection, then restore the order. Its two row gathers use advanced
-indexing (``x[idx]``), whose backward is an accumulating ``index_put_`` — on CPU ~10x slower
-than the ``index_add_`` behind ``index_select`` (2.0 ms vs 0.14 ms forward + backward for a
-[7168, 96] gather of the default tiny MoE; ``benchmarks/experts_kernel.py``). This module registers
+indexing (``x[idx]``), whose backward is an accumulating ``index_put_`` — on CPU much slower
+than the ``index_add_`` behind ``index_select`` (``benchmarks/experts_kernel.py`` measures both). This module registers
 the same maths with ``index_select`` gathers as the ``"stablerl_grouped_mm"`` implementation
 and ``use_fast_experts`` switches a model to it; the routing weights are applied after the
 order is restored, so no weight gather is needed at all.
@@ -84,7 +83,7 @@ grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    # eager: torch's own op (and its autograd), bit for bit as before; compiled: the opaque op
+    # eager: torch's own op (and its autograd), bit for bit HF's; compiled: the opaque op
     return grouped_mm_op(x, w, offs) if torch.compiler.is_compiling() else F.grouped_mm(x, w, offs=offs)
 
 
@@ -145,7 +144,7 @@ def quantized_activations_experts(precision: str, quant):
         self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if not _standard_layout(self):
-            raise ValueError(f"{precision} supports experts in HF's standard layout only, not {type(self).__name__}")
+            return _quantized_experts_any_layout(self, hidden_states, top_k_index, top_k_weights, quant)
         return grouped_experts(
             quant(hidden_states),
             top_k_index,
@@ -157,6 +156,26 @@ def quantized_activations_experts(precision: str, quant):
         )
 
     return forward
+
+
+def _quantized_experts_any_layout(self: nn.Module, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, quant):
+    """Experts in another HF layout (transposed, biased, gate/up interleaved: gpt-oss), one expert
+    at a time through the module's own ``_apply_gate``, the input of both projections rounded."""
+    if getattr(self, "has_post_expert_norm", False) or not getattr(self, "has_gate", False):
+        raise ValueError(f"activation-quantized experts support gated experts only, not {type(self).__name__}")
+    transposed, biased = bool(getattr(self, "is_transposed", False)), bool(getattr(self, "has_bias", False))
+    out = torch.zeros_like(h)
+    for e in idx.unique().tolist():
+        tokens, slot = torch.where(idx == e)
+        w_gu, w_down = self.gate_up_proj[e], self.down_proj[e]
+        gate_up = quant(h[tokens]) @ (w_gu if transposed else w_gu.T).to(h.dtype)
+        if biased:
+            gate_up = gate_up + self.gate_up_proj_bias[e].to(h.dtype)
+        y = quant(self._apply_gate(gate_up)) @ (w_down if transposed else w_down.T).to(h.dtype)
+        if biased:
+            y = y + self.down_proj_bias[e].to(h.dtype)
+        out.index_add_(0, tokens, y * weights[tokens, slot, None].to(h.dtype))
+    return out
 
 
 W8A8_NAME, W4A4_NAME = "stablerl_fp8_w8a8", "stablerl_nvfp4_w4a4"
@@ -186,8 +205,8 @@ def grouped_experts(
 
     - ``"padded"``: token-expert pairs sorted by expert into a zero-padded [E, C, H] block (C = the
       busiest expert's load), both projections one batched matmul each. On CPU this beats per-
-      expert matmuls at small sizes (~1.7x on the default tiny MoE at batch 64), but it computes
-      E * C rows for N * k pairs: a trained router's uneven loads make that 3-4x at decode.
+      expert matmuls at small sizes, but it computes E * C rows for N * k pairs: a trained
+      router's uneven loads make that several times the pairs' arithmetic at decode.
     - ``"pairs"``: one ``F.grouped_mm`` per projection over the pairs themselves (no padding).
     - ``"dense"``: every expert on every token (E / k times the pairs' arithmetic), the results
       combined with the routing weights (zero for the experts a token did not pick). No sort,
@@ -219,6 +238,13 @@ def grouped_experts(
         return _pairs_experts(h, order, counts, weights, gate_up_proj, down_proj, act_fn, quant, packed)
     if layout != "padded":
         raise ValueError(f"layout must be 'padded', 'pairs', 'dense' or None (pick), not {layout!r}")
+    return _padded_experts(h, expert, order, counts, C, weights, gate_up_proj, down_proj, act_fn, quant)
+
+
+def _padded_experts(h, expert, order, counts, C: int, weights, gate_up_proj, down_proj, act_fn, quant) -> torch.Tensor:
+    """The padded layout: pairs sorted by expert into a zero-padded [E, C, H] block."""
+    N, k = weights.shape
+    E, _, H = gate_up_proj.shape
     # slot[p]: the row of the [E * C] block that holds pair p = token * k + j
     slot = torch.empty_like(order)
     slot[order] = expert * C + (torch.arange(N * k, device=h.device) - (counts.cumsum(0) - counts)[expert])
@@ -298,7 +324,7 @@ def static_layout(experts: int, top_k: int, hidden: int, width: int, dtype: torc
     """The experts' layout of the compiled, static-shape decode (``rollout.compile``), where the
     padded block cannot go (its capacity depends on the data): for a decode step on small experts,
     the dense one while it costs at most 4x the pairs' arithmetic (E <= 4k; there one matrix
-    multiply beats grouped matmuls' per-expert loop: docs/performance.md); for the prefill (tens of
+    multiply beats grouped matmuls' per-expert loop: docs/notebook/performance-log.md); for the prefill (tens of
     rows per expert), above 4k and from experts of 512 x 512 up (where arithmetic, not overhead,
     bounds the decode: ``pairs_can_pay``'s line), the pairs through ``F.grouped_mm``, where its rows
     are whole 16-byte multiples (dense otherwise)."""
@@ -311,17 +337,17 @@ def pick_layout(
     pairs: int, padded_rows: int, hidden: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> str:
     """``grouped_experts``'s layout for one call, by what was measured on CPU
-    (``benchmarks/decode_experts.py``, docs/performance.md): the pairs layout once padding at
+    (``benchmarks/decode_experts.py``, docs/notebook/performance-log.md): the pairs layout once padding at
     least doubles the rows on experts where it can pay (``pairs_can_pay``)."""
     return "pairs" if padded_rows >= 2 * pairs and pairs_can_pay(hidden, width, dtype, device) else "padded"
 
 
 def pairs_can_pay(hidden: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether experts of this shape may run in the pairs layout: at least 512 x 512 (there it
-    measured 1.2-1.9x faster than the padded block under uneven loads, fp32 and bf16). Smaller
-    experts keep the padded block: in bf16 it is faster there, in fp32 the pairs gain 1.1-1.3x on
-    the experts alone, and keeping it leaves every small model's engine numbers (the default
-    run's, the tests', the experiments') exactly as before. ``F.grouped_mm`` needs rows of whole
+    beats the padded block under uneven loads, fp32 and bf16; docs/performance.md). Smaller
+    experts keep the padded block: in bf16 it is faster there, in fp32 the pairs gain little on
+    the experts alone, and keeping it keeps every small model's engine numbers (the default
+    run's, the tests', the experiments') unchanged by the layout choice. ``F.grouped_mm`` needs rows of whole
     16-byte multiples; and only the CPU was measured (other devices keep the padded block)."""
     return (
         torch.device(device).type == "cpu"

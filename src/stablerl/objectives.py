@@ -138,6 +138,7 @@ class _Ctx:
     is_weight: torch.Tensor  # [B, T], no grad
     mask: torch.Tensor  # [B, T] bool
     cfg: LossConfig
+    rollout_logp: torch.Tensor | None = None  # [B, T] log mu_old, no grad (DPPO's anchor)
 
     @property
     def lo(self) -> float:
@@ -210,6 +211,36 @@ def _reinforce(ctx: _Ctx) -> Terms:
     return torch.where(ctx.mask, term, torch.zeros_like(term)), no, no, ctx.mask & (ctx.is_weight != 0)
 
 
+def dppo_divergence(logp: torch.Tensor, rollout_logp: torch.Tensor, divergence: str) -> torch.Tensor:
+    """DPPO's signed divergence of each sampled token between pi_theta and mu (no gradient): tv is
+    the probability difference p - q (p = pi_theta, q = mu); binary_kl is KL(Bernoulli(q) ||
+    Bernoulli(p)) of the token, with the sign of p - q (the direction it moved)."""
+    p, q = logp.detach().exp(), rollout_logp.detach().exp()
+    if divergence == "tv":
+        return p - q
+    if divergence == "binary_kl":
+        # q log(q/p) + (1-q) log((1-q)/(1-p)); log1p(-x) keeps 1 - p accurate near p = 0
+        one_minus = torch.log1p(-q.clamp(max=1 - 1e-7)) - torch.log1p(-p.clamp(max=1 - 1e-7))
+        kl = q * (rollout_logp.detach() - logp.detach()) + (1 - q) * one_minus
+        return torch.sign(p - q) * kl.clamp(min=0)
+    raise ValueError(f"unknown dppo_divergence {divergence!r}; allowed: tv, binary_kl")
+
+
+def _dppo(ctx: _Ctx) -> Terms:
+    """DPPO: M * sg[w] * r * A, where M drops a token whose divergence from mu (``dppo_divergence``)
+    moved past the threshold in its advantage's direction — pi_theta - mu > delta_high for A > 0,
+    < -delta_low for A < 0 — in place of PPO's ratio clip. Gradient of a kept token: w r A grad log
+    pi (with w = pi_old/mu uncapped, that is pi_theta/mu A grad log pi, prime-rl's)."""
+    cfg = ctx.cfg
+    d = dppo_divergence(ctx.logp, ctx.rollout_logp, cfg.dppo_divergence)
+    low = (ctx.adv < 0) & (d < -cfg.dppo_delta_low) & ctx.mask
+    high = (ctx.adv > 0) & (d > cfg.dppo_delta_high) & ctx.mask
+    r = ctx.log_r.exp()
+    keep = ctx.mask & ~low & ~high
+    term = torch.where(keep, ctx.is_weight * r * ctx.adv, torch.zeros_like(r))
+    return term, low, high, keep & (ctx.is_weight != 0)
+
+
 # the registry: algorithm ``name`` is the function ``_name`` of this module; the names themselves
 # are defined once, in ``stablerl.config.ALGORITHMS`` (which the config validates against)
 ALGORITHMS: dict[str, Callable[[_Ctx], Terms]] = {name: globals()[f"_{name}"] for name in ALGORITHM_NAMES}
@@ -276,51 +307,34 @@ def policy_loss(
         ref_logp: ``[B, T]`` log pi_ref of the frozen reference policy; required when
             ``cfg.kl_beta > 0`` (the KL penalty), reported as ``kl_ref`` whenever given.
 
-    Metrics: ``n_tokens``, ``n_tokens_contrib`` (tokens whose gradient weight is non-zero),
-    ``clip_frac_low``/``clip_frac_high``, ``is_weight_mean/min/max`` (raw w over response tokens,
-    per-response geometric means in the sequence modes), ``is_frac_truncated``/``is_frac_masked``,
-    ``train_infer_kl`` (k3 estimate of KL(mu_old || pi_old)), ``train_infer_kl_k1`` (its k1
-    estimate, mean of log mu_old - log pi_old, as the paper plots it), ``staleness_kl`` (k3 estimate of
-    KL(pi_old || pi_theta)), ``ratio_mean``/``ratio_max`` (r). Token fractions are over the
-    response tokens of this call.
+    Metrics: see ``METRICS_DOC``; token fractions are over the response tokens of this call.
     """
-    if not isinstance(cfg, LossConfig):
-        raise ValueError(f"cfg must be a stablerl LossConfig, got {type(cfg).__name__}")
-    mask, adv = _validate(logp, old_logp, rollout_logp, advantages, mask)
-    if normalizer is None:
-        normalizer = aggregation_normalizer(mask, cfg.aggregation)
-    if not (isinstance(normalizer, (int, float)) and normalizer > 0 and normalizer != float("inf")):
-        raise ValueError(f"normalizer must be a positive finite number, got {normalizer!r}")
-
-    zeros = torch.zeros_like(logp)
-    logp = torch.where(mask, logp, zeros)
-    old_logp = torch.where(mask, old_logp.detach(), zeros)
-    rollout_logp = torch.where(mask, rollout_logp.detach(), zeros)
-    adv = torch.where(mask, adv.detach().to(logp.dtype), zeros)
+    logp, old_logp, rollout_logp, adv, mask, normalizer = _inputs(
+        logp, old_logp, rollout_logp, advantages, mask, cfg, normalizer
+    )
 
     is_weight, truncated, dropped = importance_weights(old_logp, rollout_logp, mask, cfg)
     removed = _corrections(logp, old_logp, rollout_logp, adv, mask, cfg, m2_mask)
     present, kept = _present_and_kept(mask, removed, dropped)
     removed["is"] = dropped
     is_weight = torch.where(kept, is_weight, torch.zeros_like(is_weight))
-    ctx = _Ctx(logp=logp, log_r=logp - old_logp, adv=adv, is_weight=is_weight, mask=present, cfg=cfg)
-    try:
-        algorithm = ALGORITHMS[cfg.algorithm]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {cfg.algorithm!r}; allowed: {', '.join(ALGORITHMS)}") from None
-    term, clip_low, clip_high, active = algorithm(ctx)
+    ctx = _Ctx(
+        logp=logp,
+        log_r=logp - old_logp,
+        adv=adv,
+        is_weight=is_weight,
+        mask=present,
+        cfg=cfg,
+        rollout_logp=rollout_logp,
+    )
+    term, clip_low, clip_high, active = _algorithm(cfg.algorithm)(ctx)
     # where, not the zero weight alone: an overflowing ratio of a dropped token must not become 0 * inf
     term = torch.where(kept, term, torch.zeros_like(term))
     loss = -_aggregate(term, mask, cfg.aggregation, normalizer)
     kl = _reference_kl(logp, ref_logp, mask, cfg)
     if kl is not None and cfg.kl_beta > 0:  # every response token, dropped or clipped or not: a regularizer
         loss = loss + cfg.kl_beta * _aggregate(kl, mask, cfg.aggregation, normalizer)
-    if not bool(torch.isfinite(loss.detach())):
-        # Inputs were finite, so the ratio overflowed (log r > ~88 in fp32): say so, loudly.
-        raise FloatingPointError(
-            f"policy_loss is not finite ({float(loss)}): max log-ratio log(pi_theta/pi_old) = "
-            f"{float(ctx.log_r.detach()[mask].max()):.3g}; enable clipping or lower the learning rate"
-        )
+    _check_finite(loss, ctx.log_r, mask)
     metrics = _metrics(
         loss, replace(ctx, mask=mask), old_logp, rollout_logp, truncated, dropped, clip_low, clip_high, active
     )
@@ -328,6 +342,49 @@ def policy_loss(
     if kl is not None:
         metrics["kl_ref"] = float(kl.detach()[mask].mean())
     return loss, metrics
+
+
+METRICS_DOC = """``n_tokens``, ``n_tokens_contrib`` (tokens whose gradient weight is non-zero),
+``clip_frac_low``/``clip_frac_high``, ``is_weight_mean/min/max`` (raw w over response tokens,
+per-response geometric means in the sequence modes), ``is_frac_truncated``/``is_frac_masked``,
+``train_infer_kl`` (k3 estimate of KL(mu_old || pi_old)), ``train_infer_kl_k1`` (its k1
+estimate, mean of log mu_old - log pi_old, as the paper plots it), ``staleness_kl`` (k3 estimate of
+KL(pi_old || pi_theta)), ``ratio_mean``/``ratio_max`` (r)."""
+
+
+def _inputs(logp, old_logp, rollout_logp, advantages, mask, cfg, normalizer):
+    """The checked inputs with every non-response position zeroed (so NaN/inf there is harmless),
+    the log-probs of pi_old and mu and the advantages detached, and the aggregation's normalizer."""
+    if not isinstance(cfg, LossConfig):
+        raise ValueError(f"cfg must be a stablerl LossConfig, got {type(cfg).__name__}")
+    mask, adv = _validate(logp, old_logp, rollout_logp, advantages, mask)
+    if normalizer is None:
+        normalizer = aggregation_normalizer(mask, cfg.aggregation)
+    if not (isinstance(normalizer, (int, float)) and normalizer > 0 and normalizer != float("inf")):
+        raise ValueError(f"normalizer must be a positive finite number, got {normalizer!r}")
+    zeros = torch.zeros_like(logp)
+    logp = torch.where(mask, logp, zeros)
+    old_logp = torch.where(mask, old_logp.detach(), zeros)
+    rollout_logp = torch.where(mask, rollout_logp.detach(), zeros)
+    adv = torch.where(mask, adv.detach().to(logp.dtype), zeros)
+    return logp, old_logp, rollout_logp, adv, mask, normalizer
+
+
+def _algorithm(name: str):
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(ALGORITHMS)}") from None
+
+
+def _check_finite(loss: torch.Tensor, log_r: torch.Tensor, mask: torch.Tensor) -> None:
+    """Inputs were finite, so a non-finite loss means the ratio overflowed (log r > ~88 in fp32):
+    say so, loudly."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise FloatingPointError(
+            f"policy_loss is not finite ({float(loss)}): max log-ratio log(pi_theta/pi_old) = "
+            f"{float(log_r.detach()[mask].max()):.3g}; enable clipping or lower the learning rate"
+        )
 
 
 def _present_and_kept(mask, removed: dict, is_dropped) -> tuple[torch.Tensor, torch.Tensor]:

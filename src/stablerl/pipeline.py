@@ -21,8 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stablerl import distributed as D
+from stablerl import metrics as M
+from stablerl.diagnostics import k3
+from stablerl.forward import response_logp
 from stablerl.generation import sample_and_score
-from stablerl.models import is_moe, load_policy
+from stablerl.models import build_model, is_moe, load_policy
 from stablerl.rollout import build_engine
 from stablerl.seeds import rollout_seeds
 from stablerl.tasks import build_task, reward_pool
@@ -104,6 +107,62 @@ def send_version(version: int, weights: dict, device) -> None:
         D.transfer_tensor(t.to(device).contiguous())
 
 
+def start_workers(
+    world: D.World, start: int, eta: int, source: str, lag: LaggedWeights, extra_prompts: int = 0
+) -> None:
+    """The handshake every rollout worker waits for: the model, the step to start after, the
+    versions it needs first, the prompts batch.filter_groups' extra rounds consumed so far
+    (learner rank 0 sends; run_worker receives)."""
+    if not world.workers or not world.is_main:
+        return
+    needed = initial_versions(start, eta)
+    hello = {"source": source, "start_step": start, "initial": len(needed), "extra_prompts": extra_prompts}
+    D.transfer_object(hello, long=True)
+    for v in needed:
+        send_version(v, lag.versions[v], world.device)
+
+
+def send_to_workers(world: D.World, step: int, eta: int, last_step: int, lag: LaggedWeights | None, trained: bool):
+    """Learner rank 0's weight messages of step ``step``: with eta >= 1 version step - 1 as soon
+    as the step's rollouts are in (the workers sample on meanwhile); with eta = 0 version
+    ``step`` once trained (``trained``), unless it is the last step."""
+    if not world.workers or not world.is_main:
+        return
+    if not trained and eta >= 1 and step >= 2:
+        send_version(step - 1, lag.versions[step - 1], world.device)
+    elif trained and eta == 0 and step < last_step:
+        send_version(step, lag.versions[step], world.device)
+
+
+class LagSplit:
+    """The training-inference mismatch split (``log.lag_kl``): the engine's part, mu against the
+    training policy of the version that sampled (pi_v, its weights kept for the lag), and the
+    lag's, pi_v against pi_old. In k1 the split is exact on the same tokens:
+    E_mu[log mu - log pi_old] = E_mu[log mu - log pi_v] + E_mu[log pi_v - log pi_old]. pi_v is
+    routed as pi_old is (R3: the rollout's routes)."""
+
+    def __init__(self, model_config, replay_rollout: bool, recompute: bool):
+        self.model_config, self.replay_rollout, self.recompute = model_config, replay_rollout, recompute
+        self.model = None  # one more full copy of the weights, on every learner rank, built on first use
+
+    def __call__(self, lag: LaggedWeights | None, batch, metrics: dict) -> dict:
+        weights = lag.versions.get(batch.version) if lag is not None else None
+        if weights is None:
+            return {}
+        if self.model is None:
+            self.model = build_model(self.model_config).eval().requires_grad_(False)
+        self.model.load_state_dict(weights)
+        replay = batch.routes if self.replay_rollout else None
+        with torch.no_grad():
+            out = response_logp(self.model, batch, replay=replay, temperature=batch.sampling.temperature)
+        d = (out["logp"] - batch.rollout_logp)[batch.response_mask].double()
+        k1_sum, k3_sum, n = D.all_reduce_sum([float(-d.sum()), float(k3(d).sum()), float(d.numel())]).tolist()
+        split = {M.LAG_ENGINE_KL: k3_sum / max(n, 1.0), M.LAG_ENGINE_KL_K1: k1_sum / max(n, 1.0)}
+        if self.recompute and M.TRAIN_INFER_KL_K1 in metrics:
+            split[M.LAG_KL_K1] = metrics[M.TRAIN_INFER_KL_K1] - split[M.LAG_ENGINE_KL_K1]
+        return split
+
+
 def receive_version(device) -> tuple[int, dict]:
     version, spec = D.transfer_object()
     weights = {}
@@ -123,13 +182,7 @@ def run_worker(cfg, world, log=print) -> None:
         return
     model, tokenizer = load_policy(hello["source"])
     task = build_task(cfg.task)
-    eta, P, G, K, R = (
-        cfg.rollout.max_staleness,
-        cfg.batch.prompts_per_step,
-        cfg.batch.group_size,
-        world.size,
-        world.workers,
-    )
+    eta, P, K, R = cfg.rollout.max_staleness, cfg.batch.prompts_per_step, world.size, world.workers
     versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
     # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
     # never the learners' (distributed/world.py)
@@ -143,8 +196,8 @@ def run_worker(cfg, world, log=print) -> None:
         timeout_s=cfg.distributed.timeout_s,
     )
     moe = is_moe(model)
-    sampling = cfg.rollout.sampling()
     mine = D.share(world.worker_index, R, P)
+    extra_prompts = hello.get("extra_prompts", 0)  # the prompts extra filter rounds consumed before
     with reward_pool(task, cfg.task) as rewards:
         for step in range(hello["start_step"] + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
@@ -156,25 +209,39 @@ def run_worker(cfg, world, log=print) -> None:
             if engine.version != target or step == hello["start_step"] + 1:
                 engine.load_weights(versions[target], version=target)
             versions = {v: w for v, w in versions.items() if v >= target}
-            problems = [task.train_problem(step * P + i) for i in mine]
-            seeds = rollout_seeds(cfg.train.seed, step, [i * G + g for i in mine for g in range(G)])
-            scored = sample_and_score(
-                engine, tokenizer, problems, G, rewards, sampling, seeds, cfg.task, capture_routes=moe
-            )
-            for r in range(K):  # every learner gets one message per step and worker, maybe empty
-                theirs = [j for j, i in enumerate(mine) if i in D.share(r, K, P)]
-                rows = [j * G + g for j in theirs for g in range(G)]
-                part = None
-                if rows:
-                    part = {
-                        "batch": scored.batch.select(rows),
-                        "texts": [scored.texts[i] for i in rows],
-                        "per_fn": {n: [vals[i] for i in rows] for n, vals in scored.result.per_fn.items()},
-                    }
-                D.send_object(
-                    {"part": part, "stats": scored.result.stats if r == 0 else RewardStats(), "worker_wait_s": waited},
-                    dst=r,
-                )
+            base, rd = step * P + extra_prompts, 0
+            _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited)
+            # batch.filter_groups: learner rank 0 says whether the step samples another round
+            while cfg.batch.filter_groups and D.transfer_object():
+                rd += 1
+                _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, 0.0)
+            extra_prompts += rd * P
             if eta >= 1 and step >= 2:
                 v, w = receive_version(world.device)
                 versions[v] = w
+
+
+def _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited) -> None:
+    """A worker's share ``mine`` of sampling round ``rd`` of step ``step`` (prompts ``base + rd*P ..``,
+    seeds as the learners' own sampling derives them), sampled, scored and sent: every learner gets
+    one message per round and worker, maybe empty."""
+    P, G = cfg.batch.prompts_per_step, cfg.batch.group_size
+    problems = [task.train_problem(base + rd * P + i) for i in mine]
+    seeds = rollout_seeds(cfg.train.seed, step, [(rd * P + i) * G + g for i in mine for g in range(G)])
+    scored = sample_and_score(
+        engine, tokenizer, problems, G, rewards, cfg.rollout.sampling(), seeds, cfg.task, capture_routes=moe
+    )
+    for r in range(K):
+        theirs = [j for j, i in enumerate(mine) if i in D.share(r, K, P)]
+        rows = [j * G + g for j in theirs for g in range(G)]
+        part = None
+        if rows:
+            part = {
+                "batch": scored.batch.select(rows),
+                "texts": [scored.texts[i] for i in rows],
+                "per_fn": {n: [vals[i] for i in rows] for n, vals in scored.result.per_fn.items()},
+            }
+        D.send_object(
+            {"part": part, "stats": scored.result.stats if r == 0 else RewardStats(), "worker_wait_s": waited},
+            dst=r,
+        )

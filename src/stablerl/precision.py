@@ -21,7 +21,7 @@ Gaussian pattern, relative to each row's RMS, on the engine's copy of the weight
 How the engine *multiplies* bf16 / fp16 numbers is the hardware's business (``matmul_dtype``): a
 GPU's half-precision GEMM takes half-precision inputs, accumulates in fp32 and rounds the product
 once. So does oneDNN on a CPU with native bf16 kernels; on one without (AVX2-only x86) PyTorch's
-fallback is 7-47x slower than fp32, so there the fast decoder multiplies the same half-precision
+fallback is many times slower than fp32, so there the fast decoder multiplies the same half-precision
 inputs in fp32 and rounds once — the same numbers but for summation order (docs/performance.md).
 """
 
@@ -65,7 +65,7 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     but fp32 for bf16 / fp16 on a CPU without native kernels for them, where the inputs (already
     rounded to ``dtype``) are multiplied in fp32 and the product rounded once to ``dtype`` by
     ``linear`` / ``matmul`` — what a native half-precision GEMM computes, in another summation
-    order, 5-20x faster than PyTorch's fallback there."""
+    order, and much faster than PyTorch's fallback there."""
     if (
         dtype in (torch.bfloat16, torch.float16)
         and torch.device(device).type == "cpu"
@@ -78,9 +78,8 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
 @dataclass(frozen=True)
 class PackedWeight:
     """A bf16 ``[out, in]`` matrix reordered once into the blocked layout oneDNN's bf16 kernel reads
-    (``pack_weight``), as inference engines do at load. ``F.linear`` on the plain weight measured
-    1.04-1.9x slower per call (64-1024 inputs, 16-64 rows; slowest on the largest matrices;
-    docs/performance.md)."""
+    (``pack_weight``), as inference engines do at load. ``F.linear`` on the plain weight is
+    slower per call, most on the largest matrices (docs/performance.md)."""
 
     packed: torch.Tensor
 
@@ -209,14 +208,16 @@ def cast_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
 def perturb_weight(name: str, weight: torch.Tensor, size: float, seed: int = 0) -> torch.Tensor:
     """``weight + size * rms(row) * z`` with z ~ N(0, 1) for a matrix (2-D+); others unchanged.
 
-    The pattern z is fixed per tensor name (seeded by ``seed`` and the name), so the perturbation
-    behaves like a kernel's systematic numeric difference, not like fresh noise at every sync.
+    The pattern z is fixed per tensor name and ``seed``: with one seed the perturbation behaves
+    like a kernel's systematic numeric difference, not like fresh noise at every sync; a new seed
+    per policy version (``rollout.weight_noise_redraw``) makes it a mismatch that moves with every
+    version.
     """
     import zlib
 
     if size == 0 or weight.dim() < 2 or not weight.is_floating_point():
         return weight
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     wf = weight.detach().float()
     rms = wf.pow(2).mean(-1, keepdim=True).sqrt()
     return (wf + size * rms * torch.randn(wf.shape, generator=g)).to(weight.dtype)

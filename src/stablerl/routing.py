@@ -5,8 +5,8 @@ Routes are one integer tensor ``[B, T, num_moe_layers, top_k]`` (int16) aligned 
 engine could not report), and such positions fall back to live routing on replay.
 
 Routing Replay fixes *which* experts a token uses, not *how much* it trusts them: under replay
-the routing weights are recomputed from the current router logits (softmax, gather at the
-replayed indices, then the model's own top-k renormalization), so the router keeps its gradient.
+the routing weights are recomputed from the current router logits by the family's own scoring at
+the replayed indices (e.g. softmax, gather, renormalise), so the router keeps its gradient.
 
 - **R2** (vanilla routing replay) replays the routes the training engine chose while computing
   ``old_logp``: it removes the staleness part of routing drift and changes nothing on the first
@@ -17,8 +17,9 @@ replayed indices, then the model's own top-k renormalization), so the router kee
 The paper (s.7): on-policy, R3 brought no gain; off-policy, R2 was best with few mini-batches
 per step and R3 with many.
 
-Implementation: every supported family has a router module returning
-``(router_logits, routing_weights, expert_indices)``; capture and replay are forward hooks on it.
+Implementation: every supported family (``stablerl.families.FAMILIES``) has a router module
+returning ``(router_logits, routing_weights, expert_indices)``; capture and replay are forward
+hooks on it, and replay recomputes the weights with the family's own scoring.
 """
 
 from __future__ import annotations
@@ -26,25 +27,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
+from stablerl.families import family_of, softmax_weights, unsupported_error
+from stablerl.families import replay_weights as family_weights
+
 ROUTE_DTYPE = torch.int16
 NO_ROUTE = -1
-
-# model_type -> (router class name, whether top-k weights are always renormalized)
-# For the qwen/olmoe families the router's own ``norm_topk_prob`` decides; Mixtral always
-# renormalizes over the chosen experts.
-SUPPORTED_ROUTERS: dict[str, tuple[str, bool | None]] = {
-    "qwen3_moe": ("Qwen3MoeTopKRouter", None),
-    "qwen2_moe": ("Qwen2MoeTopKRouter", None),
-    "olmoe": ("OlmoeTopKRouter", None),
-    "mixtral": ("MixtralTopKRouter", True),
-}
-
 
 _ROUTER_CACHE: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
 
@@ -56,16 +47,13 @@ def moe_routers(model: nn.Module) -> list[nn.Module]:
     cached = _ROUTER_CACHE.get(model)
     if cached is not None:
         return cached
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_ROUTERS:
-        raise ValueError(
-            f"routing capture/replay does not support model_type={model_type!r}; "
-            f"supported: {', '.join(SUPPORTED_ROUTERS)}"
-        )
-    cls_name = SUPPORTED_ROUTERS[model_type][0]
-    routers = [m for m in model.modules() if type(m).__name__ == cls_name]
+    config = getattr(model, "config", None)
+    family = family_of(config)
+    if family is None:
+        raise ValueError(unsupported_error(config))
+    routers = [m for m in model.modules() if type(m).__name__ == family.router]
     if not routers:
-        raise ValueError(f"{type(model).__name__} ({model_type}) has no MoE layers ({cls_name} modules)")
+        raise ValueError(f"{type(model).__name__} ({config.model_type}) has no MoE layers ({family.router} modules)")
     _ROUTER_CACHE[model] = routers
     return routers
 
@@ -83,11 +71,6 @@ def route_shape(model: nn.Module) -> tuple[int, int, int]:
     """(num_moe_layers, top_k, num_experts) of ``model``."""
     routers = moe_routers(model)
     return len(routers), int(routers[0].top_k), int(routers[0].num_experts)
-
-
-def _normalizes(model: nn.Module, router: nn.Module) -> bool:
-    fixed = SUPPORTED_ROUTERS[model.config.model_type][1]
-    return bool(router.norm_topk_prob) if fixed is None else fixed
 
 
 def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int]:
@@ -168,15 +151,9 @@ def validate_routes(model: nn.Module, routes: torch.Tensor) -> None:
 def replay_weights(
     router_logits: torch.Tensor, indices: torch.Tensor, normalize: bool, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Routing weights over fixed experts, recomputed from live logits so the router has a gradient.
-
-    The softmax runs in fp32 as in HF's routers (fp64 for an fp64 model, so gradients can be
-    checked exactly)."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.promote_types(router_logits.dtype, torch.float32))
-    weights = probs.gather(-1, indices)
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(dtype)
+    """Softmax routing weights over fixed experts, recomputed from live logits so the router has a
+    gradient (``stablerl.families.softmax_weights``; every family's scoring: ``family_weights``)."""
+    return softmax_weights(router_logits, indices, normalize).to(dtype)
 
 
 @contextmanager
@@ -224,13 +201,14 @@ def replay_router_hooks(model: nn.Module, routes: torch.Tensor) -> Iterator[None
     where the model-level input check does not run."""
     routers = moe_routers(model)
     layer_of = {id(r): i for i, r in enumerate(routers)}
+    family = family_of(model.config)
 
     def router_hook(module, _args, output):
         logits, live_weights, live_indices = output
         idx = routes[:, :, layer_of[id(module)]].reshape(-1, routes.shape[-1]).to(live_indices.device)
         missing = idx[:, :1] < 0
         idx = torch.where(missing, live_indices, idx)
-        weights = replay_weights(logits, idx, _normalizes(model, module), live_weights.dtype)
+        weights = family_weights(family, module, logits, idx, live_weights.dtype)
         return logits, weights, idx
 
     # prepend: replay rewrites the router output before any capture hook reads it
@@ -240,68 +218,3 @@ def replay_router_hooks(model: nn.Module, routes: torch.Tensor) -> Iterator[None
     finally:
         for h in handles:
             h.remove()
-
-
-# --------------------------------------------------------------------------------------------
-# The replay decision: which routes each forward of a training step replays and records.
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Forward:
-    """One training forward's routing: ``replay`` ``"old"`` (the training routes recorded in the
-    pi_old pass: R2) or ``"rollout"`` (the inference engine's: R3) or None (route live);
-    ``capture`` records this forward's live routes for a diagnostic: ``"train_infer"`` (they are
-    pi_old's routes, compared with the rollout's) or ``"stale"`` (current routes, compared with
-    pi_old's)."""
-
-    replay: Literal["old", "rollout"] | None = None
-    capture: Literal["train_infer", "stale"] | None = None
-
-
-@dataclass(frozen=True)
-class RoutingPlan:
-    """What ``train.routing_replay`` means for every forward of one training step.
-
-    A step is: (N > 1) one no-grad pass for pi_old, then N mini-batches, one gradient forward
-    each. With N = 1 there is no pi_old pass: pi_old is ``sg[pi_theta]`` of the gradient forward.
-
-    - none: every forward routes live.
-    - R2 replays pi_old's training routes, so it needs the pi_old pass; with N = 1 the gradient
-      forward *is* pi_old's and there is nothing to replay (it changes nothing on-policy).
-    - R3 replays the rollout's routes in every forward, the pi_old pass included (under R3 pi_old
-      is the training engine's policy on the inference engine's routes).
-    - With the bypass (``loss.proximal=rollout``) there is no pi_old pass at all: pi_old is mu.
-    """
-
-    mode: Literal["none", "R2", "R3"]
-    moe: bool
-    minibatches: int
-    bypass: bool = False  # loss.proximal=rollout: pi_old := mu, never recomputed (no R2 with it)
-
-    def old_pass(self) -> Forward | None:
-        """The pi_old pass before any update (None when N = 1, or with the bypass)."""
-        if self.minibatches == 1 or self.bypass:
-            return None
-        if self.mode == "R3":
-            return Forward(replay="rollout")
-        return Forward(capture="train_infer" if self.moe else None)
-
-    @property
-    def diagnostic_pass(self) -> bool:
-        """Whether one extra no-grad forward records the live training routes: under R3 every
-        other forward replays, and the train-vs-infer agreement needs the training engine's own."""
-        return self.moe and self.mode == "R3"
-
-    def minibatch(self, k: int) -> Forward:
-        """The gradient forward of mini-batch ``k`` (0-based)."""
-        if not self.moe:
-            return Forward()
-        if self.mode == "R3":
-            return Forward(replay="rollout")
-        if self.mode == "R2" and self.minibatches > 1:
-            return Forward(replay="old")
-        if self.minibatches == 1:  # this forward is pi_old's (R2 included: nothing to replay)
-            return Forward(capture="train_infer")
-        if self.bypass:  # no pi_old pass: the first gradient forward routes as pi_old would
-            return Forward(capture="train_infer" if k == 0 else None)
-        # mini-batch 0 routes exactly as the pi_old pass did; later ones have moved
-        return Forward(capture="stale" if k > 0 else None)

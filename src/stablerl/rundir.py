@@ -78,7 +78,7 @@ class RunDir:
         return self.config.is_file()
 
     def looks_like_run(self) -> bool:
-        """A run directory, even one whose config was lost (used to refuse it as a model path: an
+        """A run directory, even one whose config was lost (what refuses it as a model path: an
         HF model directory has a config.json too, so that alone does not tell)."""
         return self.checkpoints.is_dir() or self.metrics.is_file()
 
@@ -176,6 +176,8 @@ def publish_dir(tmp: Path, final: Path) -> Path:
 class RunState:
     step: int = 0  # the last completed step (its weights are the policy version)
     nonfinite_total: int = 0  # updates skipped for a non-finite loss or gradient
+    steps_skipped: int = 0  # mini-batches without signal that took no optimizer step (optim.skip_empty_steps)
+    extra_prompts: int = 0  # prompts of the stream that batch.filter_groups' extra rounds consumed
     metrics_lines: int = 0  # lines of metrics.jsonl this state covers
     reward_errors: int = 0
     reward_timeouts: int = 0
@@ -349,3 +351,28 @@ def record_config(run_dir: Path, cfg: RunConfig, step: int, changes: dict | None
             "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
         }
         append_line(run_dir.changes, json.dumps(line))
+
+
+def discard_unstarted(files: RunDir, lock: RunLock | None) -> None:
+    """Remove what a run wrote before completing anything while still holding the lock, then the
+    lock file (only its holder ever removes it), then the directory if nothing else is in it."""
+    files.remove_unstarted()
+    if lock is not None:
+        lock.release(remove=True)
+    try:
+        files.path.rmdir()
+    except OSError:
+        pass
+
+
+def prepare(files: RunDir, cfg: RunConfig, state: RunState, changes: dict, log) -> None:
+    """Record the config (and any change a resume makes); a run without a checkpoint starts clean."""
+    files.path.mkdir(parents=True, exist_ok=True)
+    if state.step == 0:  # a fresh run, or a resumed one killed before its first checkpoint
+        files.start_fresh()
+    else:
+        files.cut_logs_to(state)
+    record_config(files.path, cfg, state.step, changes)
+    if changes:
+        described = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        log(f"[resume] config changes from step {state.step + 1}: {described}")

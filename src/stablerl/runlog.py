@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stablerl import metrics as M
 from stablerl.config import LogConfig
+from stablerl.learning_signal import no_signal_warning
 from stablerl.rundir import RunDir, RunState, append_line, write_json_atomic
 
 # the figures shown on the progress line, in order
@@ -243,8 +244,14 @@ def summarize(run_dir: Path, state: RunState | None = None) -> dict:
     warnings = list(state.collapse) if state else []
     out["collapsed"] = bool(warnings)
     out["collapse_warnings"] = warnings
+    shares = [r[M.GROUPS_WITHOUT_SIGNAL] for r in rows if M.GROUPS_WITHOUT_SIGNAL in r]
+    if shares:
+        out[M.GROUPS_WITHOUT_SIGNAL] = sum(shares) / len(shares)
+        warning = no_signal_warning(shares)
+        if warning:
+            out["no_signal_warning"] = warning
     if state:
-        for key in ("nonfinite_total", "reward_errors", "reward_timeouts", "reward_crashes"):
+        for key in ("nonfinite_total", "steps_skipped", "reward_errors", "reward_timeouts", "reward_crashes"):
             out[key] = getattr(state, key)
         if state.aborted is not None:
             out["aborted"] = state.aborted

@@ -20,6 +20,7 @@ class Purpose(IntEnum):
     ROLLOUT = 0  # the sampling noise of a step's rollouts (one stream per global response index)
     SHUFFLE = 1  # the order in which a step's rollout batch is split into mini-batches
     EVAL = 2  # the sampling noise of held-out evaluation
+    WEIGHT_NOISE = 3  # the engine's weight-noise pattern of one policy version (rollout.weight_noise_redraw)
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -41,3 +42,9 @@ def shuffle_seed(seed: int, step: int) -> int:
 
 def eval_seed(seed: int, step: int, *parts: int) -> int:
     return derive_seed(seed, step, Purpose.EVAL, *parts)
+
+
+def weight_noise_seed(seed: int, version: int) -> int:
+    """The engine's weight-noise pattern for policy version ``version``: the same on every rank,
+    worker and resume, different for every version."""
+    return derive_seed(seed, version, Purpose.WEIGHT_NOISE)

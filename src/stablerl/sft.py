@@ -211,9 +211,10 @@ def _sft_key(cfg) -> str:
     for key in ("dataset", "eval_dataset"):
         if task.get(key):
             task[key] = _data_digest(task[key])
-    # the default context is left out, so cold starts trained before model.max_positions existed
-    # keep their keys; any other context is a different model and gets its own cold start
-    model = cfg.model.model_dump(exclude={"max_positions"} if cfg.model.max_positions == DEFAULT_CONTEXT else None)
+    # the default context and family are left out, so cold starts trained before model.max_positions
+    # and model.family existed keep their keys; any other is a different model and gets its own
+    defaults = {"max_positions": DEFAULT_CONTEXT, "family": "qwen3_moe"}
+    model = cfg.model.model_dump(exclude={k for k, v in defaults.items() if getattr(cfg.model, k) == v})
     return json.dumps([model, task, cfg.sft.model_dump(exclude=SFT_NOT_IN_KEY)], sort_keys=True)
 
 
@@ -265,7 +266,8 @@ def _train_cold_start(cfg, task: Task, out: Path, log) -> Path:
     if finite:
         check_sft_rows(finite(), tokenizer, cfg, model.config)
     log(
-        f"[cold start] SFT of the default tiny MoE ({sum(p.numel() for p in model.parameters()):,} parameters) "
+        f"[cold start] SFT of the tiny {cfg.model.family} model "
+        f"({sum(p.numel() for p in model.parameters()):,} parameters) "
         f"for {cfg.sft.steps} steps -> {out}"
     )
     state = sft_state_path(out)

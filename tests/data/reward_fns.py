@@ -131,3 +131,18 @@ def trl_bad_item(completions, **kwargs):
 
 def trl_wrong_length(completions, **kwargs):
     return [1.0]
+
+
+def graded_if_listed(prompt, completion, **_):
+    """digit_fraction on the prompts listed (one per line) in the file $STABLERL_TEST_SIGNAL_PROMPTS,
+    0 elsewhere: a run whose reward has signal only at the steps that sample those prompts."""
+    listed = open(os.environ["STABLERL_TEST_SIGNAL_PROMPTS"]).read().split("\n\x00\n")
+    return digit_fraction(prompt, completion) if prompt in listed else 0.0
+
+
+def graded_on_half(prompt, completion, **_):
+    """digit_fraction on about half of the prompts (by a hash of the prompt), 0 on the rest: groups
+    of the rest have no learning signal (batch.filter_groups drops them)."""
+    import zlib
+
+    return digit_fraction(prompt, completion) if zlib.crc32(prompt.encode()) % 2 else 0.0

@@ -1,7 +1,7 @@
 """The one room that knows about processes: world set-up, the few collectives the loop needs,
 and FSDP2 wrapping (``fsdp.py``). The maths (objectives, advantages, diagnostics) never imports
 ``torch.distributed``; the learner and the loop call these functions, which are plain no-ops in
-a single process, so a run without torchrun behaves exactly as before.
+a single process, so a run without torchrun needs none of it.
 """
 
 from stablerl.distributed.world import (

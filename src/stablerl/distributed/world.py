@@ -66,7 +66,7 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
         backend, device = "gloo", torch.device("cpu")
     # torchrun sets OMP_NUM_THREADS=1 per rank; share the machine's cores out explicitly instead
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_size))
-    global _MONITOR, _LONG, _JOB, _TRANSFER, _TRANSFER_LONG, _TRANSFER_TENSORS
+    global _MONITOR, _LONG
     K = size - workers
     timeout = datetime.timedelta(seconds=timeout_s)
     device_id = {"device_id": device} if backend == "nccl" else {}
@@ -74,35 +74,7 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timeout, **device_id)
     else:
-        # Learners and workers each get a default process group of their own, made over torchrun's
-        # store under a prefix per role; the job's groups across the roles are made beside them.
-        # Why not one default group over the whole job: an engine that joins torch.distributed
-        # itself (vLLM builds its groups with new_group over every rank of the default group) would
-        # wait forever on the ranks of the other role. Each role's collectives stay in its own group.
-        if dist.is_initialized():
-            raise RuntimeError(
-                "rollout.workers: torch.distributed was initialized before stablerl could lay out "
-                "the learners' and the workers' process groups"
-            )
-        store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
-        role, role_rank, role_size = ("learners", rank, K) if rank < K else ("workers", rank - K, workers)
-        dist.init_process_group(
-            backend,
-            store=dist.PrefixStore(f"stablerl/{role}", store),
-            rank=role_rank,
-            world_size=role_size,
-            timeout=timeout,
-            **device_id,
-        )
-        # every rank of the job, by its global rank: the batches, worker -> learner (pickled objects)
-        _JOB = _group_outside_default(store, "job", rank, size, "gloo", timeout)
-        transfer = [0, *range(K, size)]  # learner rank 0 and the workers: weights out, the handshake
-        if rank in transfer:
-            i = transfer.index(rank)
-            # the weights' tensors on the device's backend (NCCL on GPU); what describes them, on gloo
-            _TRANSFER_TENSORS = _group_outside_default(store, "transfer_tensors", i, len(transfer), backend, timeout)
-            _TRANSFER = _group_outside_default(store, "transfer", i, len(transfer), "gloo", timeout)
-            _TRANSFER_LONG = _group_outside_default(store, "transfer_long", i, len(transfer), "gloo", LONG_WORK_TIMEOUT)
+        _init_roles(rank, size, K, workers, backend, timeout, device_id)
     if rank < K:
         # a gloo group only for naming the ranks that stopped answering when a collective fails
         # (monitored_barrier is gloo-only; NCCL runs get it too)
@@ -117,6 +89,40 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
         workers=workers,
         worker_index=rank - K if rank >= K else None,
     )
+
+
+def _init_roles(rank: int, size: int, K: int, workers: int, backend: str, timeout, device_id: dict) -> None:
+    """The process groups of a job with rollout workers (the first K ranks learn, the rest sample)."""
+    global _JOB, _TRANSFER, _TRANSFER_LONG, _TRANSFER_TENSORS
+    # Learners and workers each get a default process group of their own, made over torchrun's
+    # store under a prefix per role; the job's groups across the roles are made beside them.
+    # Why not one default group over the whole job: an engine that joins torch.distributed
+    # itself (vLLM builds its groups with new_group over every rank of the default group) would
+    # wait forever on the ranks of the other role. Each role's collectives stay in its own group.
+    if dist.is_initialized():
+        raise RuntimeError(
+            "rollout.workers: torch.distributed was initialized before stablerl could lay out "
+            "the learners' and the workers' process groups"
+        )
+    store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
+    role, role_rank, role_size = ("learners", rank, K) if rank < K else ("workers", rank - K, workers)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"stablerl/{role}", store),
+        rank=role_rank,
+        world_size=role_size,
+        timeout=timeout,
+        **device_id,
+    )
+    # every rank of the job, by its global rank: the batches, worker -> learner (pickled objects)
+    _JOB = _group_outside_default(store, "job", rank, size, "gloo", timeout)
+    transfer = [0, *range(K, size)]  # learner rank 0 and the workers: weights out, the handshake
+    if rank in transfer:
+        i = transfer.index(rank)
+        # the weights' tensors on the device's backend (NCCL on GPU); what describes them, on gloo
+        _TRANSFER_TENSORS = _group_outside_default(store, "transfer_tensors", i, len(transfer), backend, timeout)
+        _TRANSFER = _group_outside_default(store, "transfer", i, len(transfer), "gloo", timeout)
+        _TRANSFER_LONG = _group_outside_default(store, "transfer_long", i, len(transfer), "gloo", LONG_WORK_TIMEOUT)
 
 
 _MONITOR = None

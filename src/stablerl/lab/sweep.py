@@ -46,6 +46,9 @@ SURROGATES: dict[str, LossConfig] = {
     "reject_geo": LossConfig(reject="sequence_geo"),
     "opsm": LossConfig(opsm_delta=0.05),
     "m2po": LossConfig(m2_threshold=0.04),
+    # prime-rl's default loss: the uncapped ratio pi_theta/mu on the tokens its probability-difference
+    # mask (0.2 each way) keeps, in place of the ratio clip
+    "dppo": LossConfig(algorithm="dppo", is_cap=1e9),
 }
 
 

@@ -16,7 +16,7 @@ The design follows the paper:
 - GRPO and CISPO as the paper's appendix defines them: std-normalized advantages, their own length
   normalization (GRPO: per response; CISPO: per token of the batch), no training-inference IS.
 
-Learning rate and steps are calibrated once per experiment, never per variant (docs/results.md
+Learning rate and steps are calibrated once per experiment, never per variant (docs/notebook/first-set.md
 "Calibration"): the stress learning rate ``STRESS_LR`` is the largest of a grid at which the
 paper's recommended recipe for the experiment stays stable over ``OPT_STEPS`` on a calibration
 seed outside the reported ones, so that what separates the variants is the practice they drop.
@@ -27,7 +27,7 @@ from __future__ import annotations
 MINI_PROMPTS, GROUP = 8, 16  # one mini-batch: 8 prompts x 16 responses = 128 responses
 OPT_STEPS = 160  # optimizer steps per run, for every N (divisible by 1, 2, 4, 8)
 EVAL_OPT_STEPS = 20  # evaluate every this many optimizer steps
-STRESS_LR = 2e-4  # calibrated once for all experiments (docs/results.md)
+STRESS_LR = 2e-4  # calibrated once for all experiments (docs/notebook/first-set.md)
 
 # dose-response: the inference engine's discrepancy, from none to beyond FP8 W8A8 (a fixed
 # perturbation of the engine's weights on top of it, rollout.weight_noise)
@@ -41,7 +41,12 @@ DOSE_LEVELS: dict[str, list[str]] = {
 }
 DOSE_N = 4  # the off-policy ablations of the dose-response run at this N
 
+# the experiments below were run before optim.skip_empty_steps existed: they step on every
+# mini-batch, so that their committed records (docs/results/) stay reproducible
+STEP_ALWAYS = ["optim.skip_empty_steps=false"]
+
 COMMON = [
+    *STEP_ALWAYS,
     "rollout.precision=fp8_w8a8",
     f"batch.group_size={GROUP}",
     "log.progress=false",
@@ -100,7 +105,7 @@ def _dose_variants() -> dict[str, list[str]]:
 _OFF = _off_policy_variants()
 _DOSE = _dose_variants()
 
-# staleness from lag (issue 20's study, docs/training.md): the default run (`stablerl train` with no
+# staleness from lag (docs/notebook/staleness.md): the default run (`stablerl train` with no
 # overrides) at a fixed lag eta, with the decoupled correction (pi_old recomputed) and with bypass
 # (pi_old := mu). Only the evaluation is thinned (every 100 steps instead of 50; evaluation uses
 # its own seeds and never changes training).
@@ -120,9 +125,9 @@ _CAL = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The next set (docs/preregistration.md): the long-reasoning task, the numerics ladder up to NVFP4.
+# The next set (docs/notebook/preregistration.md): the long-reasoning task, the numerics ladder up to NVFP4.
 # Its reading was fixed before any of its runs; the constants below were set by its calibration
-# (section 2 there; docs/results.md "The next set") before any reported run.
+# (section 2 there; docs/notebook/long-reasoning.md) before any reported run.
 # ---------------------------------------------------------------------------------------------
 LONG_TASK = [
     "task.style=noisy_columns",
@@ -133,12 +138,13 @@ LONG_TASK = [
 ]
 LONG_OPT_STEPS = 100  # optimizer steps per run, for every N
 LONG_EVAL_OPT_STEPS = 20  # held-out evaluation (500 problems x 4 samples) every this many
-LONG_LR = 2e-4  # long-calibration (docs/results.md "The next set"): no collapse on either seed
+LONG_LR = 2e-4  # long-calibration (docs/notebook/long-reasoning.md): no collapse on either seed
 LADDER: dict[str, list[str]] = {  # the dose, in decreasing order: what the budget cuts is the low end
     rung: [f"rollout.precision={rung}"] for rung in ("nvfp4_w4a4", "nvfp4", "fp8_w8a8", "fp8", "bf16", "fp32")
 }
 # everything but the task: the same for both lengths (experiment 2 changes only the task)
 LONG_RUN = [
+    *STEP_ALWAYS,
     f"batch.group_size={GROUP}",
     "log.progress=false",
     "task.eval_size=500",
@@ -197,13 +203,13 @@ _LONG_LAG = {
     if not (proximal == "rollout" and "r2" in name)
 }
 
-# experiment 2, the sequence length (docs/preregistration.md Amendment 8): the on-policy pair
+# experiment 2, the sequence length (docs/notebook/preregistration.md Amendment 8): the on-policy pair
 # (MiniRL, no IS) down the same ladder at twice the length. Three 18-digit numbers instead of three
 # 9-digit ones: the same column step (three digits and a carry), twice as many of them, ~200-token
 # solutions. Its own cold start with the same SFT budget; the learning rate, run length, batch and
 # evaluation are the ~100-token set's, so the length is the one thing that changes. The SFT budget
 # follows the amendment's rule: 1500 steps gave sampled accuracy 0.214 < 0.3, so 3000 steps, whatever
-# they give (docs/results.md "Experiment 2"). A 58-token prompt and 224 new tokens overflow the default
+# they give (docs/notebook/long-length.md). A 58-token prompt and 224 new tokens overflow the default
 # model's 256-token context, so the model declares 512 (Amendment 10: rotary positions have no weights,
 # and the cold start trained at 512 equals the one trained at 256 weight for weight).
 LONG2_TASK = [
@@ -219,6 +225,29 @@ _LONG_LENGTH = {
     f"{rung}/{name}": engine + variant
     for rung, engine in LADDER.items()
     for name, variant in (("on_minirl", long_schedule(1)), ("on_no_is", long_schedule(1) + NO_IS))
+}
+
+# Why IS lost at 4 bits (docs/notebook/signal-preregistration.md, its reading committed before any run).
+# A, the mechanism at nvfp4 and ~215 tokens: on-policy MiniRL vs no IS, at the long set's rate
+# stepping on every mini-batch (the long-length runs' own configuration: seeds 0-2 repeat them), and
+# at the next rate down of the long calibration grid with optim.skip_empty_steps.
+SIGNAL_LOW_LR = 1e-4
+_SIGNAL_ARMS = {
+    "lr2e-4": [f"optim.lr={LONG_LR}"],
+    "lr1e-4_skip": [f"optim.lr={SIGNAL_LOW_LR}", "optim.skip_empty_steps=true"],
+}
+_ON_PAIR = (("on_minirl", []), ("on_no_is", NO_IS))
+_SIGNAL_MECHANISM = {f"{arm}/{name}": v + alg for arm, v in _SIGNAL_ARMS.items() for name, alg in _ON_PAIR}
+# B, a mismatch the learner cannot learn around: an fp32 engine whose only mismatch is weight noise
+# of a paper-like dose (k1 ~ 1e-3 per token on the ~100-token cold start: the size below, checked with
+# benchmarks/dose_axis.py --weight-noise before any run), a fixed pattern vs one re-drawn at every
+# weight sync; MiniRL vs no IS. Steps without signal take no optimizer step (the default), so
+# what A may find about them cannot decide B.
+SIGNAL_NOISE = 0.05
+_SIGNAL_NOISE = {
+    f"{kind}/{name}": [f"rollout.weight_noise_redraw={'true' if kind == 'redrawn' else 'false'}"] + alg
+    for kind in ("fixed", "redrawn")
+    for name, alg in _ON_PAIR
 }
 
 EXPERIMENTS: dict[str, dict] = {
@@ -263,7 +292,7 @@ EXPERIMENTS: dict[str, dict] = {
     "staleness": {
         "title": "Staleness from lag: the default run at eta = 0, 1, 2, 4; "
         "decoupled (recompute pi_old) vs bypass (pi_old = mu)",
-        "base": ["log.progress=false", "checkpoint.keep_last=1", "eval.every=100"],
+        "base": [*STEP_ALWAYS, "log.progress=false", "checkpoint.keep_last=1", "eval.every=100"],
         "variants": _STALE,
         "reference": "eta0",  # paired per-seed differences against the synchronous run (report paired.md)
         "rows": {
@@ -327,6 +356,34 @@ EXPERIMENTS: dict[str, dict] = {
         "c3_reference": "on_minirl",
         "c3_from": "long-dose",
     },
+    "signal-mechanism": {
+        "title": "Why IS lost at 4 bits, A: nvfp4 at ~215 tokens, MiniRL vs no IS, at lr 2e-4 stepping on every "
+        "mini-batch and at lr 1e-4 skipping steps without signal",
+        "base": [*LONG2_COMMON, "rollout.precision=nvfp4", *long_schedule(1)],
+        "variants": _SIGNAL_MECHANISM,
+        "reference": {"on_no_is": "on_minirl"},
+        "rows": {arm: [v for v in _SIGNAL_MECHANISM if v.startswith(f"{arm}/")] for arm in _SIGNAL_ARMS},
+        "in_all": False,
+        "preregistered": True,
+        "c3_reference": "on_minirl",
+    },
+    "signal-noise": {
+        "title": "Why IS lost at 4 bits, B: fixed vs re-drawn weight noise (fp32 engine, ~100 tokens), MiniRL vs no IS",
+        "base": [
+            *LONG_COMMON,
+            f"optim.lr={LONG_LR}",
+            "optim.skip_empty_steps=true",
+            "rollout.precision=fp32",
+            f"rollout.weight_noise={SIGNAL_NOISE}",
+            *long_schedule(1),
+        ],
+        "variants": _SIGNAL_NOISE,
+        "reference": {"on_no_is": "on_minirl"},
+        "rows": {kind: [v for v in _SIGNAL_NOISE if v.startswith(f"{kind}/")] for kind in ("fixed", "redrawn")},
+        "in_all": False,
+        "preregistered": True,
+        "c3_reference": "on_minirl",
+    },
     "long-lag": {
         "title": "The next set, experiment 4: off-policy by lag (eta = 1, 2, 4), decoupled and bypass, at one rung",
         "base": [*LONG_COMMON, f"optim.lr={LONG_LR}"],
@@ -346,3 +403,15 @@ EXPERIMENTS: dict[str, dict] = {
         "c3_from": "long-dose",
     },
 }
+
+
+def reference_of(variant: str, reference: str | dict[str, str]) -> str | None:
+    """The variant ``variant`` is compared with: ``reference`` itself (one reference for all), or,
+    given a mapping of variant names within a row (``"rung/name"``), the same row's
+    ``reference[name]`` (None: not compared)."""
+    if isinstance(reference, str):
+        return None if variant == reference else reference
+    row, _, name = variant.rpartition("/")
+    if name not in reference:
+        return None
+    return f"{row}/{reference[name]}" if row else reference[name]

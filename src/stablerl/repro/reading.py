@@ -1,4 +1,4 @@
-"""The pre-registered reading of the next set (docs/preregistration.md s.3-5), from finished runs:
+"""The pre-registered reading of the next set (docs/notebook/preregistration.md s.3-5), from finished runs:
 one row per run with the collapse definition's parts and the quantities every run reports, the
 evaluation noise of the cold start, and the dose figure (paired differences against the *cold
 start's* mismatch at each rung, from ``benchmarks/dose_axis.py``)."""
@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 
 from stablerl import metrics as M
-from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.experiments import EXPERIMENTS, reference_of
 from stablerl.repro.stats import collapse_c3, collapse_preregistered, metric_mean, paired_interval, run_stats
 
 Runs = dict[str, dict[int, tuple[dict, list[dict], int]]]  # variant -> seed -> (summary, rows, N)
@@ -79,7 +79,6 @@ def readings_table(read: dict[str, dict[int, dict]], reference: str | dict[str, 
     """Markdown: one row per run; C3 is '-' where its reference run has not finished (then only C1
     decides). ``k1 KL / reference's``: the run's mean k1 KL over its reference's, same seed (for
     an R3 variant, 1 minus it is the share of the KL that R3 removes)."""
-    from stablerl.repro.report import reference_of
 
     head = [
         "variant",
@@ -176,7 +175,6 @@ def noise_line(noise: tuple[dict[int, float], float | None]) -> str:
 def dose_points(read: dict[str, dict[int, dict]], reference: dict[str, str], dose_axis: dict[str, dict]) -> list[dict]:
     """Per rung and compared variant: the cold start's k1 KL at the rung (the axis), the paired
     final-accuracy differences against the variant's reference, their mean and 95% interval."""
-    from stablerl.repro.report import reference_of
 
     points = []
     for variant, seeds in read.items():
@@ -274,7 +272,7 @@ def write_reading(name: str, by_seed: Runs, dest: Path, pool: Runs | None = None
         return {}
     paths = {"readings_md": dest / "readings.md"}
     text = (
-        f"Pre-registered reading (docs/preregistration.md s.3-4), one row per finished run; steps are "
+        f"Pre-registered reading (docs/notebook/preregistration.md s.3-4), one row per finished run; steps are "
         f"optimizer steps.\n\n{noise_line(evaluation_noise(read))}\n{readings_table(read, exp.get('reference'))}"
     )
     axis_path = dest / "dose_axis.json"

@@ -2,8 +2,8 @@
 metrics rows and its N), in one small gzipped JSON file per run, kept beside the report
 (``<out>/<experiment>/records/<variant>/seed<k>.json.gz``).
 
-Why: a run directory holds checkpoints and weights (tens of MB) and is never committed, so a lost
-machine used to lose every finished run and the report could not be regenerated. The records are
+Why: a run directory holds checkpoints and weights (tens of MB) and is never committed, so without
+records a lost machine loses every finished run and the report cannot be regenerated. The records are
 small enough to commit with the report (docs/results/), and the report reads a run from its
 record when its directory is gone — so a report is always regenerable from what is committed.
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 from stablerl import metrics as M
 from stablerl.plot import moving_average
 from stablerl.repro.dose import dose_points, dose_table, plot_dose_response
-from stablerl.repro.experiments import EXPERIMENTS
+from stablerl.repro.experiments import EXPERIMENTS, reference_of
 from stablerl.repro.reading import write_reading
 from stablerl.repro.records import record_path, write_record
 from stablerl.repro.stats import (
@@ -69,18 +69,6 @@ def experiment_table(runs: dict[str, list[tuple[dict, list[dict], int]]]) -> lis
             }
         )
     return table
-
-
-def reference_of(variant: str, reference: str | dict[str, str]) -> str | None:
-    """The variant ``variant`` is compared with: ``reference`` itself (one reference for all), or,
-    given a mapping of variant names within a row (``"rung/name"``), the same row's
-    ``reference[name]`` (None: not compared)."""
-    if isinstance(reference, str):
-        return None if variant == reference else reference
-    row, _, name = variant.rpartition("/")
-    if name not in reference:
-        return None
-    return f"{row}/{reference[name]}" if row else reference[name]
 
 
 def paired_table(

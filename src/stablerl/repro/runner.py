@@ -42,6 +42,36 @@ def is_finished(out: Path, experiment: str, variant: str, seed: int) -> bool:
     return is_done(run_dir_of(out, experiment, variant, seed)) or has_record_only(out, experiment, variant, seed)
 
 
+def _run_one(exp: dict, name: str, variant: str, seed: int, run_dir: Path, extra, log) -> dict | None:
+    """Train (or resume) one run of an experiment; its summary, with the variant, seed, abort
+    reason and wall time added (None: another process holds it)."""
+    # the trainer (torch, transformers) only when runs are made: `stablerl repro --help` and the
+    # report stay light
+    from stablerl.loop import Trainer, TrainingAborted
+    from stablerl.runlog import summarize
+
+    train_seed = seed + exp.get("seed_offset", 0)
+    run_keys = [f"train.seed={train_seed}", f"run_dir={run_dir}"]
+    overrides = exp["base"] + exp["variants"][variant] + run_keys + list(extra)
+    cfg = build_config(RunConfig, None, overrides)
+    t0 = time.perf_counter()
+    aborted = None
+    try:
+        trainer = Trainer(cfg, run_dir, resume=is_run_dir(run_dir), log=lambda *_: None)
+    except RunLocked:  # another `stablerl repro` process is running it: share the work
+        log(f"[repro {name}] {variant} seed {seed}: running in another process, skipped")
+        return None
+    try:
+        trainer.run()
+    except TrainingAborted as e:
+        aborted = str(e)
+    summary_path = RunDir(run_dir).summary
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(run_dir)
+    summary.update({"variant": variant, "seed": seed, "aborted": aborted, "seconds": time.perf_counter() - t0})
+    write_json_atomic(summary_path, summary)
+    return summary
+
+
 def run_experiment(
     name: str, out: Path, seeds: int | list[int], extra: list[str] = (), log=print, variants: list[str] | None = None
 ) -> list[Path]:
@@ -55,11 +85,6 @@ def run_experiment(
     on the same --out share the work."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}, all")
-    # the trainer (torch, transformers) only when runs are made: `stablerl repro --help` and the
-    # report stay light
-    from stablerl.loop import Trainer, TrainingAborted
-    from stablerl.runlog import summarize
-
     exp = EXPERIMENTS[name]
     unknown = sorted(set(variants or ()) - set(exp["variants"]))
     if unknown:
@@ -77,28 +102,11 @@ def run_experiment(
         if has_record_only(out, name, variant, seed):
             log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: done (its record is kept), skipped")
             continue
-        train_seed = seed + exp.get("seed_offset", 0)
-        overrides = (
-            exp["base"] + exp["variants"][variant] + [f"train.seed={train_seed}", f"run_dir={run_dir}"] + list(extra)
-        )
-        cfg = build_config(RunConfig, None, overrides)
         resume = is_run_dir(run_dir)  # started before: continue it (or restart it if no checkpoint was written)
         log(f"[repro {name}] {i}/{len(jobs)} {variant} seed {seed}: {'resuming' if resume else 'starting'}")
-        t0 = time.perf_counter()
-        aborted = None
-        try:
-            trainer = Trainer(cfg, run_dir, resume=resume, log=lambda *_: None)
-        except RunLocked:  # another `stablerl repro` process is running it: share the work
-            log(f"[repro {name}] {variant} seed {seed}: running in another process, skipped")
+        summary = _run_one(exp, name, variant, seed, run_dir, extra, log)
+        if summary is None:
             continue
-        try:
-            trainer.run()
-        except TrainingAborted as e:
-            aborted = str(e)
-        summary_path = RunDir(run_dir).summary
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(run_dir)
-        summary.update({"variant": variant, "seed": seed, "aborted": aborted, "seconds": time.perf_counter() - t0})
-        write_json_atomic(summary_path, summary)
         ran += 1
         left = sum(not is_finished(out, name, v, s) for v, s in jobs)
         eta = (time.perf_counter() - t_start) / ran * left

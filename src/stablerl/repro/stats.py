@@ -101,7 +101,7 @@ def collapse(
 
 
 # ---------------------------------------------------------------------------------------------
-# The pre-registered collapse definition (docs/preregistration.md s.3): C1, or C2 and C3.
+# The pre-registered collapse definition (docs/notebook/preregistration.md s.3): C1, or C2 and C3.
 # Steps in and out are optimizer steps; ``rows`` are per rollout step, ``n`` its mini-batches.
 # ---------------------------------------------------------------------------------------------
 C1_DROP, C1_HOLD = 0.15, 2  # accuracy below the running peak by this much, for this many evaluations
@@ -232,7 +232,7 @@ def run_stats(summary: dict, rows: list[dict], n: int = 1) -> dict:
         "groups_all_wrong": mean_of(M.GROUPS_ALL_WRONG),
         "is_frac_truncated": mean_of(M.IS_FRAC_TRUNCATED),
         "staleness_max": max(metric_values(rows, M.STALENESS_MAX), default=float("nan")),
-        # the pre-registered reading's per-run numbers (docs/preregistration.md s.3-4)
+        # the pre-registered reading's per-run numbers (docs/notebook/preregistration.md s.3-4)
         "c1_step": collapse_c1(rows, n),
         "c2_step": collapse_c2(rows, n),
         "seq_log_w_p01": mean_of(M.SEQ_LOG_W_P01),

@@ -1,7 +1,10 @@
 """Rollout engines: the inference policy mu_old that samples responses."""
 
+from functools import partial
+
 from stablerl.rollout.base import RolloutBatch, RolloutEngine, concat
 from stablerl.rollout.local import LocalEngine
+from stablerl.seeds import weight_noise_seed
 
 __all__ = ["RolloutBatch", "RolloutEngine", "LocalEngine", "build_engine", "concat"]
 
@@ -30,6 +33,7 @@ def build_engine(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             weight_noise=cfg.weight_noise,
+            noise_seed=partial(weight_noise_seed, seed) if cfg.weight_noise_redraw else None,
             weights=weights,
             version=version,
             drop_finished=cfg.drop_finished,

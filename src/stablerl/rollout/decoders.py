@@ -62,7 +62,10 @@ class HFDecoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Decode only ``rows`` (indices into the current batch) from now on."""
-        self.cache.batch_select_indices(rows)
+        # every cache layer kind can reorder along the batch, the recurrent state of a linear
+        # attention layer included (its batch_select_indices does not exist); a subset of rows is a
+        # reorder to fewer rows
+        self.cache.reorder_cache(rows)
         self.attention_mask = self.attention_mask[rows]
 
 
@@ -160,45 +163,49 @@ class FastQwen3MoeDecoder:
         self.embed_weight, self.final_norm_weight = model.model.embed_tokens.weight, model.model.norm.weight
         self.norm_weights, self.act_fns, self.is_moe_layer = [], [], []
         for layer in layers:
-            self.norm_weights.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
-            a = layer.self_attn
-            if a.q_proj.bias is not None:
-                raise ValueError("the fast decoder does not support attention biases")
-            self.qkv_weight.append(pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])))
-            self.o_weight.append(pack(a.o_proj.weight))
-            mlp = layer.mlp
-            self.is_moe_layer.append(hasattr(mlp, "experts"))
-            act = mlp.experts.act_fn if hasattr(mlp, "experts") else mlp.act_fn
-            # transformers' SiLUActivation (nn.SiLU in older versions) is F.silu
-            self.act_fns.append(F.silu if type(act).__name__ in ("SiLUActivation", "SiLU") else act)
-            if hasattr(mlp, "experts"):  # router, experts' gate/up and down projections
-                gate_up, down = (w.detach().to(mm) for w in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
-                self.mlp_weights.append((pack(mlp.gate.weight), gate_up, down))
-                # each expert's matrices packed too, where the pairs layout may run them
-                # (stablerl.moe.grouped_experts)
-                packed = None
-                if not compiled and pairs_can_pay(gate_up.shape[2], down.shape[2], mm, gate_up.device):
-                    rows = batch_size * self.top_k // len(gate_up)
-                    packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
-                self.packed_experts.append(packed if packed and isinstance(packed[0][0], PackedWeight) else None)
-                self.static_layouts.append(
-                    tuple(
-                        static_layout(len(gate_up), self.top_k, gate_up.shape[2], down.shape[2], mm, decode)
-                        for decode in (False, True)
-                    )
+            self._add_layer(layer, pack, mm, batch_size, compiled)
+
+    def _add_layer(self, layer: nn.Module, pack, mm: torch.dtype, batch_size: int, compiled: bool) -> None:
+        """One decoder layer's norms, attention and MLP (dense, or the router and the experts)."""
+        self.norm_weights.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
+        a = layer.self_attn
+        if a.q_proj.bias is not None:
+            raise ValueError("the fast decoder does not support attention biases")
+        self.qkv_weight.append(pack(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])))
+        self.o_weight.append(pack(a.o_proj.weight))
+        mlp = layer.mlp
+        self.is_moe_layer.append(hasattr(mlp, "experts"))
+        act = mlp.experts.act_fn if hasattr(mlp, "experts") else mlp.act_fn
+        # transformers' SiLUActivation (nn.SiLU in older versions) is F.silu
+        self.act_fns.append(F.silu if type(act).__name__ in ("SiLUActivation", "SiLU") else act)
+        if hasattr(mlp, "experts"):  # router, experts' gate/up and down projections
+            gate_up, down = (w.detach().to(mm) for w in (mlp.experts.gate_up_proj, mlp.experts.down_proj))
+            self.mlp_weights.append((pack(mlp.gate.weight), gate_up, down))
+            # each expert's matrices packed too, where the pairs layout may run them
+            # (stablerl.moe.grouped_experts)
+            packed = None
+            if not compiled and pairs_can_pay(gate_up.shape[2], down.shape[2], mm, gate_up.device):
+                rows = batch_size * self.top_k // len(gate_up)
+                packed = ([pack_weight(w, rows) for w in gate_up], [pack_weight(w, rows) for w in down])
+            self.packed_experts.append(packed if packed and isinstance(packed[0][0], PackedWeight) else None)
+            self.static_layouts.append(
+                tuple(
+                    static_layout(len(gate_up), self.top_k, gate_up.shape[2], down.shape[2], mm, decode)
+                    for decode in (False, True)
                 )
-            else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
-                self.mlp_weights.append(
-                    tuple(pack(w) for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
-                )
-                self.packed_experts.append(None)
-                self.static_layouts.append(None)
-            # the attention scale folded into q's norm weight (RoPE is linear, so it commutes)
-            self.qk_norm_weight.append(
-                torch.cat(
-                    [a.q_norm.weight.expand(self.n_heads, -1) * a.scaling, a.k_norm.weight.expand(self.n_kv, -1)]
-                )[:, None]
             )
+        else:  # a dense layer (mlp_only_layers / decoder_sparse_step)
+            self.mlp_weights.append(
+                tuple(pack(w) for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))
+            )
+            self.packed_experts.append(None)
+            self.static_layouts.append(None)
+        # the attention scale folded into q's norm weight (RoPE is linear, so it commutes)
+        self.qk_norm_weight.append(
+            torch.cat([a.q_norm.weight.expand(self.n_heads, -1) * a.scaling, a.k_norm.weight.expand(self.n_kv, -1)])[
+                :, None
+            ]
+        )
 
     # -- public ------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor):

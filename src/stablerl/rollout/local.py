@@ -57,6 +57,7 @@ class LocalEngine:
         pad_token_id: int = 0,
         fast: bool | None = None,
         weight_noise: float = 0.0,
+        noise_seed=None,
         weights=None,
         version: int = 0,
         drop_finished: bool = False,
@@ -67,6 +68,9 @@ class LocalEngine:
         if not 0 <= weight_noise < float("inf"):
             raise ValueError(f"weight_noise must be a finite number >= 0, got {weight_noise}")
         self.precision, self.weight_noise, self.drop_finished = precision, float(weight_noise), drop_finished
+        # noise_seed(version) -> the noise pattern's seed for that policy version (a re-drawn
+        # mismatch); None: one fixed pattern for every version
+        self.noise_seed = noise_seed
         # a copy: from_config shares the config object, and what the engine sets on its own model
         # (the W8A8 experts implementation) must never reach the training model
         config = copy.deepcopy(model.config)
@@ -113,18 +117,20 @@ class LocalEngine:
                 raise ValueError(f"load_weights: state dict lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
             weights = weights.items()
         seen = set()
+        version = self.version + 1 if version is None else int(version)
+        seed = 0 if self.noise_seed is None else self.noise_seed(version)
         for name, tensor in weights:
             if name not in own:
                 continue
             # the noise is on the engine's copy only; embeddings and LM head (tied here) stay exact
             if "embed" not in name and "lm_head" not in name:
-                tensor = perturb_weight(name, tensor, self.weight_noise)
+                tensor = perturb_weight(name, tensor, self.weight_noise, seed)
             own[name].copy_(cast_named(name, tensor, self.precision, self._fp8_exempt))  # in place: decoders hold these
             seen.add(name)
         if len(seen) != len(own):
             missing = sorted(set(own) - seen)
             raise ValueError(f"load_weights: the weights lacked {len(missing)} tensors, e.g. {missing[:3]}")
-        self.version = self.version + 1 if version is None else int(version)
+        self.version = version
 
     def generate(
         self,

@@ -30,6 +30,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
+from stablerl.tasks.process_tree import (
+    MAX_WORKER_PROCESSES,
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_PDEATHSIG,
+    kill_tree,
+    owner_uid,
+    prctl,
+)
 from stablerl.tasks.verifiers import check_spec, is_batched, resolve, spec_name
 
 # one wait slice: deadlines are checked at least this often, and no OS wait call ever gets a
@@ -124,71 +132,14 @@ class RewardResult:
     stats: RewardStats
 
 
-def _prctl(option: int, value: int) -> None:
-    """A Linux prctl(2) call; elsewhere nothing (the closed pipe ends a worker, and a timed-out
-    call's process group is what gets killed)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
-    except Exception:  # noqa: BLE001 - not Linux
-        pass
-
-
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-
-
-# how many more processes a reward worker's user may start (RLIMIT_NPROC; root is exempt)
-MAX_WORKER_PROCESSES = 512
-
-
-def _uid(pid: str) -> int:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        return -1
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, theirs, ...), from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL every descendant of ``pid`` (a worker is their subreaper, so a grandchild that
-    double-forked or started a new session is still one)."""
-    for child in descendants(pid):
-        try:
-            os.kill(child, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
     """A worker's loop (``stablerl.tasks.reward_worker``): call, reply, repeat, until told to stop.
 
     A job ``((-1, k), k, None, None, None)`` only imports and checks function k (the pool does this
     at start-up, so a user's module is never imported in the trainer's process)."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
     # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     import resource  # POSIX only: imported here, where the worker (Linux) needs it
 
     if memory_mb:
@@ -196,7 +147,7 @@ def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more processes (the kernel exempts root)
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and _uid(e) == os.getuid())
+        mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and owner_uid(e) == os.getuid())
         cap = mine + MAX_WORKER_PROCESSES
         resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     except (OSError, ValueError):
@@ -392,76 +343,92 @@ class RewardPool:
         # a TRL-style function is one job for every item (i = -1), the others one job per item
         jobs = deque((k, -1) for k in range(len(self.specs)) if self.batched[k] and items)
         jobs.extend((k, i) for i in range(len(items)) for k in range(len(self.specs)) if not self.batched[k])
-        everyone = range(len(items))
         while len(self._workers) < min(self.n_workers, len(jobs)):
             self._workers.append(_Worker(self.specs, self.memory_mb))
         busy: dict[int, _Worker] = {}
         while jobs or busy:
-            for idx, w in enumerate(self._workers):
-                if w.job is None and jobs:
-                    k, i = jobs.popleft()
-                    if i == -1:
-                        job = (
-                            (k, -1),
-                            k,
-                            [p for p, _, _ in items],
-                            [c for _, c, _ in items],
-                            _columns([dict(f) for _, _, f in items]),
-                        )
-                        limit = self.timeout_s * len(items)  # the per-call limit, for each response it scores
-                    else:
-                        prompt, completion, fields = items[i]
-                        job, limit = ((k, i), k, prompt, completion, dict(fields)), self.timeout_s
-                    try:
-                        w.conn.send(job)
-                    except (OSError, ValueError) as e:  # the worker died while idle
-                        for _ in everyone if i == -1 else [i]:
-                            stats.record("crashes", self.names[k], f"worker unavailable ({e})")
-                        self._replace(idx)
-                        continue
-                    w.job, w.deadline, w.limit = (k, i), time.monotonic() + limit, limit
-                    busy[id(w)] = w
-            if not busy:
+            self._dispatch(jobs, items, busy, stats)
+            if busy:
+                self._collect(busy, values, stats, len(items))
+        per_fn = dict(zip(self.names, values))
+        return RewardResult(per_fn=per_fn, total=self._weighted_total(values, stats, len(items)), stats=stats)
+
+    def _dispatch(self, jobs: deque, items: list, busy: dict, stats: RewardStats) -> None:
+        """Give every idle worker the next job (a worker found dead while idle is replaced)."""
+        for idx, w in enumerate(self._workers):
+            if w.job is not None or not jobs:
                 continue
-            now = time.monotonic()
-            wait_s = max(0.0, min(_SLICE_S, min(w.deadline for w in busy.values()) - now))
-            ready = wait([w.conn for w in busy.values()], timeout=wait_s)
-            for idx, w in enumerate(list(self._workers)):
-                if id(w) not in busy:
-                    continue
-                k, i = w.job
-                if w.conn in ready:
+            k, i = jobs.popleft()
+            if i == -1:
+                job = (
+                    (k, -1),
+                    k,
+                    [p for p, _, _ in items],
+                    [c for _, c, _ in items],
+                    _columns([dict(f) for _, _, f in items]),
+                )
+                limit = self.timeout_s * len(items)  # the per-call limit, for each response it scores
+            else:
+                prompt, completion, fields = items[i]
+                job, limit = ((k, i), k, prompt, completion, dict(fields)), self.timeout_s
+            try:
+                w.conn.send(job)
+            except (OSError, ValueError) as e:  # the worker died while idle
+                for _ in range(len(items)) if i == -1 else [i]:
+                    stats.record("crashes", self.names[k], f"worker unavailable ({e})")
+                self._replace(idx)
+                continue
+            w.job, w.deadline, w.limit = (k, i), time.monotonic() + limit, limit
+            busy[id(w)] = w
+
+    def _collect(self, busy: dict, values: list, stats: RewardStats, n_items: int) -> None:
+        """Wait (at most one slice) for replies; record results, crashes and timeouts."""
+        everyone = range(n_items)
+        now = time.monotonic()
+        wait_s = max(0.0, min(_SLICE_S, min(w.deadline for w in busy.values()) - now))
+        ready = wait([w.conn for w in busy.values()], timeout=wait_s)
+        for idx, w in enumerate(list(self._workers)):
+            if id(w) not in busy:
+                continue
+            k, i = w.job
+            if w.conn in ready:
+                try:
+                    (done_k, done_i), status, payload = _parse_reply(w.conn.recv_bytes())
+                except (EOFError, OSError, ValueError):
                     try:
-                        (done_k, done_i), status, payload = _parse_reply(w.conn.recv_bytes())
-                    except (EOFError, OSError, ValueError):
-                        try:
-                            code = w.process.wait(timeout=1)
-                        except Exception:  # noqa: BLE001
-                            code = None
-                        for _ in everyone if i == -1 else [i]:
-                            stats.record("crashes", self.names[k], f"worker died (exit code {code})")
-                        del busy[id(w)]
-                        self._replace(idx)
-                        continue
-                    if status == "ok" and done_i == -1:
-                        for j, (value, error) in enumerate(payload):
-                            values[done_k][j] = value
-                            if error:
-                                stats.record("errors", self.names[done_k], error)
-                    elif status == "ok":
-                        values[done_k][done_i] = payload
-                    else:
-                        for _ in everyone if done_i == -1 else [done_i]:
-                            stats.record("errors", self.names[done_k], payload)
-                    w.job = None
-                    del busy[id(w)]
-                elif time.monotonic() >= w.deadline:
+                        code = w.process.wait(timeout=1)
+                    except Exception:  # noqa: BLE001
+                        code = None
                     for _ in everyone if i == -1 else [i]:
-                        stats.record("timeouts", self.names[k], f"still running after {w.limit:g} s (killed)")
+                        stats.record("crashes", self.names[k], f"worker died (exit code {code})")
                     del busy[id(w)]
                     self._replace(idx)
-        per_fn = dict(zip(self.names, values))
-        total = [sum(wt * col[i] for wt, col in zip(self.weights, values)) for i in range(len(items))]
+                    continue
+                self._record_reply(done_k, done_i, status, payload, values, stats, everyone)
+                w.job = None
+                del busy[id(w)]
+            elif time.monotonic() >= w.deadline:
+                for _ in everyone if i == -1 else [i]:
+                    stats.record("timeouts", self.names[k], f"still running after {w.limit:g} s (killed)")
+                del busy[id(w)]
+                self._replace(idx)
+
+    def _record_reply(self, k: int, i: int, status: str, payload, values: list, stats: RewardStats, everyone) -> None:
+        if status == "ok" and i == -1:
+            for j, (value, error) in enumerate(payload):
+                values[k][j] = value
+                if error:
+                    stats.record("errors", self.names[k], error)
+        elif status == "ok":
+            values[k][i] = payload
+        else:
+            for _ in everyone if i == -1 else [i]:
+                stats.record("errors", self.names[k], payload)
+
+    def _weighted_total(self, values: list, stats: RewardStats, n_items: int) -> list[float]:
+        """Each item's weighted total over the reward functions; one out of bounds counts as an
+        error and scores 0."""
+        total = [sum(wt * col[i] for wt, col in zip(self.weights, values)) for i in range(n_items)]
         for i, t in enumerate(total):
             if not (math.isfinite(t) and abs(t) <= MAX_ABS_REWARD):
                 stats.record(
@@ -470,7 +437,7 @@ class RewardPool:
                     f"the weighted total {t:g} is outside [-{MAX_ABS_REWARD:g}, {MAX_ABS_REWARD:g}]",
                 )
                 total[i] = 0.0
-        return RewardResult(per_fn=per_fn, total=total, stats=stats)
+        return total
 
     def _replace(self, idx: int) -> None:
         self._workers[idx].kill()

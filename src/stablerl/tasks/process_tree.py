@@ -1,0 +1,64 @@
+"""The reward workers' processes: Linux prctl calls, and finding and killing a process tree from
+/proc (a verifier may start children of its own; none may outlive its worker)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def prctl(option: int, value: int) -> None:
+    """A Linux prctl(2) call; elsewhere nothing (the closed pipe ends a worker, and a timed-out
+    call's process group is what gets killed)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
+    except Exception:  # noqa: BLE001 - not Linux
+        pass
+
+
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+# how many more processes a reward worker's user may start (RLIMIT_NPROC; root is exempt)
+MAX_WORKER_PROCESSES = 512
+
+
+def owner_uid(pid: str) -> int:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return -1
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL every descendant of ``pid`` (a worker is their subreaper, so a grandchild that
+    double-forked or started a new session is still one)."""
+    for child in descendants(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except OSError:
+            pass
