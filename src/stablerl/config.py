@@ -398,13 +398,13 @@ class VllmConfig(StrictModel):
     ``rollout.engine=vllm_server`` as separate servers; docs/rollout.md)."""
 
     gpu_memory_utilization: float = Field(
-        0.5,
+        0.3,
         gt=0,
         le=1,
         description="Fraction of each GPU's memory vLLM may take (weights + KV cache). Colocated, "
-        "the trainer's shards and optimizer state share the GPU, and sleep mode hands vLLM's part "
-        "back during the update (the memory plan: docs/distributed.md); a server owns its GPUs "
-        "(0.9 is usual there). On CPU the KV cache is sized by vllm.kv_cache_gb instead.",
+        "it must fit beside the trainer's resident shards and optimizer state, and sleep mode hands "
+        "it back during the update (the memory plan: docs/distributed.md); a server with GPUs of "
+        "its own can take 0.9. On CPU the KV cache is sized by vllm.kv_cache_gb instead.",
     )
     kv_cache_gb: float = Field(1.0, gt=0, description="CPU only: KV-cache space in GiB.")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences vLLM runs at once.")
