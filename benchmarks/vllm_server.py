@@ -3,7 +3,8 @@ sync seconds per GB, the same model and prompts in one run (medians of --repeats
 
     OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/vllm_server.py [--prompts 64] [--new-tokens 32]
 
-The model is the default tiny Qwen3-MoE (random weights, so responses run to --new-tokens); the
+The model is the tiny Qwen3-MoE of the vLLM tests, or wider and deeper (--hidden-size, --layers;
+random weights, so responses run to --new-tokens); the
 server is one started by stablerl (`rollout.engine=vllm_server`), weights over stablerl's gloo
 transfer engine; the in-process engine reloads from the same state dict. Prints one JSON line.
 """
@@ -49,14 +50,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden-size", type=int, default=128, help="the model's width (heads of 32)")
+    ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args()
     from stablerl.rollout.vllm import VllmEngine
     from stablerl.rollout.vllm_server import VllmServerEngine
 
     tok = build_tokenizer()
-    model = build_model(
-        default_model_config(tok, hidden_size=128, num_layers=2, num_experts=8, top_k=2, expert_size=64)
-    )
+    size = dict(hidden_size=args.hidden_size, num_layers=args.layers, expert_size=args.hidden_size // 2)
+    model = build_model(default_model_config(tok, num_experts=8, top_k=2, **size))
     state = model.state_dict()
     cfg, ps = VllmConfig(kv_cache_gb=0.25), prompts(args.prompts)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)

@@ -210,3 +210,19 @@ def test_a_killed_server_ends_sampling_with_an_error_naming_it(served):
     assert time.monotonic() - start < 10
     with pytest.raises(RuntimeError, match=str(Path(process.log_path).name)):
         server.check_alive()
+
+
+def test_vllm_options_that_cannot_work_are_one_line_errors():
+    from stablerl.config import RolloutConfig
+
+    with pytest.raises(ValueError, match="sleep_level=2 discards vLLM's weights"):
+        RolloutConfig(engine="vllm", max_staleness=1, vllm={"sleep_level": 2})
+    with pytest.raises(ValueError, match="is not a base URL"):
+        VllmConfig(urls=["localhost:8000"])
+    with pytest.raises(ValueError, match="sleep_level"):
+        VllmConfig(sleep_level=3)
+    from stablerl.rollout.vllm import VllmEngine
+
+    model, tok = tiny()
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with rollout.engine=vllm spans"):
+        VllmEngine(model, tok, "fp32", cfg=VllmConfig(tensor_parallel_size=2))
