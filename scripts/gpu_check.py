@@ -139,14 +139,16 @@ def check_vllm_inprocess_r3(work: Path) -> str:
     return f"fp32 |dlogp| {d:.1e}, route agreement {agree:.4f}, {tok_s:.0f} tok/s"
 
 
-def check_vllm_server_nccl_r3(work: Path) -> str:
-    """A server on this GPU (beside the trainer's copy), weights over vLLM's NCCL transfer, routes
-    from vLLM's routed_experts."""
+def check_vllm_server_r3(work: Path) -> str:
+    """A server with routes from vLLM's routed_experts, weights over vLLM's NCCL transfer when a
+    second GPU holds the server (NCCL refuses two ranks of one communicator on one device), else
+    over stablerl's gloo transfer into a server on this GPU."""
     from stablerl.config import SamplingConfig, VllmConfig
     from stablerl.rollout.vllm_server import VllmServerEngine
 
     model, tok = tiny()
-    cfg = VllmConfig(gpu_memory_utilization=0.25, server_gpus=[0], weight_transfer="nccl", enforce_eager=True)
+    transfer, gpu = ("nccl", 1) if torch.cuda.device_count() >= 2 else ("gloo", 0)
+    cfg = VllmConfig(gpu_memory_utilization=0.25, server_gpus=[gpu], weight_transfer=transfer, enforce_eager=True)
     torch.cuda.set_device(0)
     engine = VllmServerEngine(
         model, tok, "fp32", cfg=cfg, max_model_len=256, eos_token_id=[], log_dir=work / "server", timeout_s=120
@@ -164,7 +166,9 @@ def check_vllm_server_nccl_r3(work: Path) -> str:
     finally:
         engine.close()
     assert d < 1e-3 and agree > 0.99, (d, agree)
-    return f"after NCCL sync |dlogp| {d:.1e}, route agreement {agree:.4f}, sync {sync_s:.2f} s ({gb * 1e3:.1f} MB)"
+    return (
+        f"after {transfer} sync |dlogp| {d:.1e}, route agreement {agree:.4f}, sync {sync_s:.2f} s ({gb * 1e3:.1f} MB)"
+    )
 
 
 def check_fp8_rollouts(work: Path) -> str:

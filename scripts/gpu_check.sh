@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# What the CPU test suite cannot run, on one GPU with no network, in under 8 minutes:
+# What the CPU test suite cannot run, on one GPU with no network, in under 8 minutes (the server's
+# weight transfer runs over NCCL only with a second GPU for the server: NCCL refuses two ranks of
+# one communicator on one device; on one GPU it goes over stablerl's gloo engine, and says so):
 #   bash scripts/gpu_check.sh            (in the environment with stablerl[vllm] installed)
 # Each check runs in its own process under its own timeout (a failure or hang in one never stops
 # the others) and the script ends with one pass/fail table with the figures each check measured.
@@ -16,7 +18,7 @@ CHECKS=(
   "nccl 30"
   "fsdp2_bf16 45"
   "vllm_inprocess_r3 90"
-  "vllm_server_nccl_r3 120"
+  "vllm_server_r3 120"
   "fp8_rollouts 60"
   "sleep_wake 90"
   "train_compile 120"

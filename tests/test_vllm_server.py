@@ -156,22 +156,30 @@ def run_args(tmp_path, url: str, steps: int) -> list[str]:
     return [f"model.path={ckpt}", *[swap.get(a, a) for a in VLLM_RUN], f'rollout.vllm.urls=["{url}"]']
 
 
-def test_a_run_trains_with_r3_through_an_attached_server(served, tmp_path):
+def test_runs_on_one_and_two_ranks_train_with_r3_through_an_attached_server(served, tmp_path):
     """The loop with rollout.engine=vllm_server (attached by URL): the server's samples, routes and
-    log-probs are the policy's at every step (its weights synced after each)."""
+    log-probs are the policy's at every step (its weights synced after each); on 2 gloo ranks
+    (rank 0 sends the weights, both sample) the run trains exactly as on 1."""
+    from launch import torchrun_train
+
     from stablerl.cli import main
     from stablerl.runlog import read_metrics
 
     server, _, model, _ = served
+    args = run_args(tmp_path, server.clients[0].url, 3)
     try:
-        assert main(["train", f"run_dir={tmp_path / 'run'}", *run_args(tmp_path, server.clients[0].url, 3)]) == 0
+        assert main(["train", f"run_dir={tmp_path / 'k1'}", *args]) == 0
+        rc, out = torchrun_train([f"run_dir={tmp_path / 'k2'}", *args], nproc=2, timeout=300)
+        assert rc == 0, out[-3000:]
     finally:
-        server.connect()  # the run took the server's weight-transfer group over
+        server.connect()  # the runs took the server's weight-transfer group over
         server.load_weights(model.state_dict(), version=0)
-    rows = read_metrics(tmp_path / "run")
-    assert [r["rollout_version"] for r in rows[1:]] == [0, 1, 2]
-    for r in rows[1:]:
-        assert r["train_infer_kl"] < 1e-4 and r["route_agreement/train_infer"] > 0.99 and r["grad_norm"] > 0
+    one, two = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
+    assert [r["rollout_version"] for r in one[1:]] == [0, 1, 2] == [r["rollout_version"] for r in two[1:]]
+    for a, b in zip(one[1:], two[1:]):
+        assert a["train_infer_kl"] < 1e-4 and a["route_agreement/train_infer"] > 0.99 and a["grad_norm"] > 0
+        assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
 def test_a_server_killed_mid_run_ends_the_run_naming_it(served, tmp_path):

@@ -173,7 +173,9 @@ class WeightSender:
         """One sync: the servers paused, the tensors (in ``meta``'s order, cast to its dtypes)
         broadcast, the update finished with ``version``, the servers resumed; under a deadline."""
         done: dict = {}
-        worker = threading.Thread(target=self._send, args=(meta, tensors, version, done), daemon=True)
+        # the caller's CUDA device: the stream's gathers and the sends run on it, not on the thread's default
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        worker = threading.Thread(target=self._send, args=(meta, tensors, version, done, device), daemon=True)
         worker.start()
         worker.join(self.timeout_s)
         if worker.is_alive():
@@ -184,8 +186,10 @@ class WeightSender:
         if "error" in done:
             raise done["error"]
 
-    def _send(self, meta, tensors, version, done) -> None:
+    def _send(self, meta, tensors, version, done, device) -> None:
         try:
+            if device is not None:
+                torch.cuda.set_device(device)
             info = {
                 "names": [m.name for m in meta],
                 "dtype_names": [str(m.dtype).removeprefix("torch.") for m in meta],
