@@ -318,15 +318,7 @@ def policy_loss(
     present, kept = _present_and_kept(mask, removed, dropped)
     removed["is"] = dropped
     is_weight = torch.where(kept, is_weight, torch.zeros_like(is_weight))
-    ctx = _Ctx(
-        logp=logp,
-        log_r=logp - old_logp,
-        adv=adv,
-        is_weight=is_weight,
-        mask=present,
-        cfg=cfg,
-        rollout_logp=rollout_logp,
-    )
+    ctx = _Ctx(logp, logp - old_logp, adv, is_weight, mask=present, cfg=cfg, rollout_logp=rollout_logp)
     term, clip_low, clip_high, active = _algorithm(cfg.algorithm)(ctx)
     # where, not the zero weight alone: an overflowing ratio of a dropped token must not become 0 * inf
     term = torch.where(kept, term, torch.zeros_like(term))
