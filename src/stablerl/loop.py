@@ -111,7 +111,9 @@ class Trainer:
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
         version, weights = build.first_weights(self.lag, self.state, ckpt, self.learner.full_weights)
         self.rollouts = Rollouts(cfg, world, self.task, self.rewards, tokenizer, self.files, self.log, is_moe(model))
-        self.engine = self.rollouts.engine = build.rollout_engine(cfg, world, model, tokenizer, weights, version)
+        self.engine = self.rollouts.engine = build.rollout_engine(
+            cfg, world, model, tokenizer, weights, version, log_dir=self.run_dir / "vllm_servers"
+        )
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self.eval_engine = EvalEngine(cfg, self.model_config, tokenizer)
         replay_rollout = self.learner.plan.replays_rollout
