@@ -433,29 +433,91 @@ class SFTConfig(StrictModel):
 
 
 class VllmConfig(StrictModel):
-    """Options of the vLLM engine (``rollout.engine=vllm``; docs/rollout.md)."""
+    """Options of the vLLM engines (``rollout.engine=vllm`` in the trainer's processes,
+    ``rollout.engine=vllm_server`` as separate servers; docs/rollout.md)."""
 
     gpu_memory_utilization: float = Field(
         0.3,
         gt=0,
         le=1,
-        description="Fraction of the GPU's memory vLLM may "
-        "take (weights + KV cache); the trainer shares the GPU. On CPU: the "
-        "KV cache is sized by vllm.kv_cache_gb instead.",
+        description="Fraction of each GPU's memory vLLM may take (weights + KV cache). Colocated, "
+        "it must fit beside the trainer's resident shards and optimizer state, and sleep mode hands "
+        "it back during the update (the memory plan: docs/distributed.md); a server with GPUs of "
+        "its own can take 0.9. On CPU the KV cache is sized by vllm.kv_cache_gb instead.",
     )
     kv_cache_gb: float = Field(1.0, gt=0, description="CPU only: KV-cache space in GiB.")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences vLLM runs at once.")
-    enforce_eager: bool = Field(True, description="No CUDA graphs (faster start-up, slower decoding).")
+    enforce_eager: bool | None = Field(
+        None,
+        description="No CUDA graphs / compilation (faster start-up, slower decoding). Default: "
+        "CUDA graphs on a GPU; eager on CPU, where vLLM's compilation takes minutes at start-up.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs one vLLM instance spans. Colocated: that many consecutive torchrun ranks "
+        "form one instance (vLLM's external_launcher), sample their prompts together and each keeps "
+        "its own rows; must divide the learner ranks. Server mode: GPUs per server.",
+    )
+    sleep_level: Literal[0, 1, 2] | None = Field(
+        None,
+        description="Colocated on GPUs: vLLM sleeps while the trainer updates, and wakes to take "
+        "the new weights. 1 moves its weights to CPU memory and frees the KV cache; 2 frees both "
+        "(the weight sync that follows refills them); 0 keeps everything on the GPU. Default: 1 on "
+        "a GPU, 0 on CPU (vLLM's CPU build has no sleep mode).",
+    )
+    servers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="rollout.engine=vllm_server: how many vLLM servers stablerl starts (each "
+        "tensor_parallel_size GPUs); requests are spread over them. Ignored when vllm.urls is set.",
+    )
+    server_gpus: list[int] = Field(
+        [],
+        description="rollout.engine=vllm_server: the GPU indices the started servers use, "
+        "tensor_parallel_size each, in order (they may share the trainer's GPUs, with "
+        "gpu_memory_utilization leaving the trainer its part). Default: the node's GPUs after the "
+        "trainer's ranks.",
+    )
+    urls: list[str] = Field(
+        [],
+        description="rollout.engine=vllm_server: attach to servers already running at these base "
+        "URLs (http://host:port) instead of starting them; each must run stablerl's model with "
+        "VLLM_SERVER_DEV_MODE=1 and a weight-transfer backend (docs/rollout.md).",
+    )
+    weight_transfer: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="rollout.engine=vllm_server: how trained weights reach the servers, through "
+        "vLLM's weight-transfer protocol. nccl: vLLM's NCCL engine (GPUs); gloo: stablerl's engine "
+        "over torch.distributed gloo (CPU, or GPUs without NCCL between trainer and servers); "
+        "auto: nccl on a GPU, gloo on CPU.",
+    )
+    server_start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="rollout.engine=vllm_server: how long a server may take to become ready "
+        "(model load, compilation, CUDA graphs) before the run ends naming it.",
+    )
+
+    @model_validator(mode="after")
+    def _check_vllm(self) -> VllmConfig:
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"rollout.vllm.urls: {url!r} is not a base URL like http://host:8000")
+        return self
 
 
 class RolloutConfig(SamplingConfig):
     """The inference engine that samples the rollouts (mu_old) and how it samples: the sampling
     keys are ``SamplingConfig``'s (defined once, there)."""
 
-    engine: Literal["local", "vllm"] = Field(
+    engine: Literal["local", "vllm", "vllm_server"] = Field(
         "local",
         description="local: stablerl's PyTorch engine (any HF "
-        "causal LM, emulated precisions); vllm: a colocated vLLM instance "
+        "causal LM, emulated precisions); vllm: a colocated vLLM instance in each trainer "
+        "process; vllm_server: vLLM OpenAI servers, started by stablerl or given by "
+        "rollout.vllm.urls, synced through vLLM's weight-transfer protocol "
         "(pip install 'stablerl[vllm]'; docs/rollout.md).",
     )
     precision: Precision = Field(
@@ -531,6 +593,12 @@ class RolloutConfig(SamplingConfig):
             raise ValueError(
                 "rollout.temperature must be > 0: RL samples its rollouts (greedy decoding gives "
                 "every response of a group the same tokens and log-prob 0)"
+            )
+        if self.engine == "vllm" and self.vllm.sleep_level == 2 and self.max_staleness:
+            raise ValueError(
+                "rollout.vllm.sleep_level=2 discards vLLM's weights at every sleep, but with "
+                f"rollout.max_staleness={self.max_staleness} the engine keeps a version across steps "
+                "without a sync to refill them; use sleep_level=1"
             )
         if self.compile and self.engine != "local":
             raise ValueError(
@@ -840,6 +908,13 @@ class RunConfig(StrictModel):
                 "use rollout.engine=local, which samples with the merged weights"
             )
         RoutingPlan(self.train.routing_replay, True, self.batch.minibatches_per_step, self.loss.proximal == "rollout")
+        eta, steps = self.rollout.max_staleness, self.train.steps
+        if eta and eta >= steps:  # the lag is never reached, and every version would be kept for it
+            raise ValueError(
+                f"rollout.max_staleness={eta} is not below train.steps={steps}: step s is sampled by "
+                f"version max(0, s - 1 - eta), so every step would be sampled by the starting policy; "
+                f"use a lag below train.steps (at most {steps - 1})"
+            )
         return self
 
 

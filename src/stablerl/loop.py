@@ -99,18 +99,21 @@ class Trainer:
         check_memory(cfg, model.config, world.size, longest)
         self.tokenizer, self.model_config = tokenizer, model.config
         self.source = str(source)  # where a rollout worker reads the model from
+        if ckpt is not None:
+            self.state = checkpoint.load_state(ckpt)
         lora = cfg.model.lora.enabled  # the KL reference is then the base itself, adapters off
-        reference = build.reference_policy(cfg, world) if cfg.loss.kl_beta > 0 and not lora else None
+        reference = build.reference_policy(cfg, world, self.state) if cfg.loss.kl_beta > 0 and not lora else None
         self.learner = Learner(model, cfg, world, reference=reference)
         self.lag = build.fixed_lag(cfg)
         if ckpt is not None:
             if lora:
                 check_base(ckpt, self.learner.base_digest, self.source)
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
-            self.state = checkpoint.load_state(ckpt)
         version, weights = build.first_weights(self.lag, self.state, ckpt, self.learner.full_weights)
         self.rollouts = Rollouts(cfg, world, self.task, self.rewards, tokenizer, self.files, self.log, is_moe(model))
-        self.engine = self.rollouts.engine = build.rollout_engine(cfg, world, model, tokenizer, weights, version)
+        self.engine = self.rollouts.engine = build.rollout_engine(
+            cfg, world, model, tokenizer, weights, version, log_dir=self.run_dir / "vllm_servers"
+        )
         self.learner.optimizer_steps = self.state.step * cfg.batch.minibatches_per_step
         self.eval_engine = EvalEngine(cfg, self.model_config, tokenizer)
         replay_rollout = self.learner.plan.replays_rollout
