@@ -74,7 +74,7 @@ def starting_policy(cfg: RunConfig, task, world: D.World, ckpt: Path | None, log
     reads the weights; the others build a meta-device skeleton and receive their shards from it
     (Learner._place): no full copy on them."""
     holds_weights = world.is_main or not world.distributed
-    if ckpt is not None:
+    if ckpt is not None and not cfg.model.lora.enabled:  # a LoRA checkpoint holds the adapters only
         from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(ckpt)
@@ -127,15 +127,23 @@ def first_weights(lag: LaggedWeights | None, state: RunState, ckpt: Path | None,
 
 
 def rollout_engine(
-    cfg: RunConfig, world: D.World, model: torch.nn.Module, tokenizer, weights, version: int
+    cfg: RunConfig, world: D.World, model: torch.nn.Module, tokenizer, weights, version: int, log_dir=None
 ) -> RolloutEngine | None:
     """The learner's own rollout engine; with rollout workers the learners sample nothing (no
     engine here: evaluation builds its own). When sharded, the model object is the learner's, so
-    the engine reads a skeleton."""
+    the engine reads a skeleton. vLLM servers (rollout.engine=vllm_server) log into ``log_dir``."""
     if cfg.rollout.workers:
         return None
     structure = model_skeleton(model.config) if world.distributed else model
     seed, distributed = cfg.train.seed, world.distributed
     return build_engine(
-        cfg.rollout, structure, tokenizer, seed=seed, distributed=distributed, weights=weights, version=version
+        cfg.rollout,
+        structure,
+        tokenizer,
+        seed=seed,
+        distributed=distributed,
+        weights=weights,
+        version=version,
+        log_dir=log_dir,
+        timeout_s=cfg.distributed.timeout_s,
     )

@@ -208,10 +208,18 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _dcp_state(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+# a checkpoint holds what is trained: with LoRA (model.lora) the adapters, never the frozen base
+_OPTIONS = dict(ignore_frozen_params=True)
 
-    msd, osd = get_state_dict(model, optimizer)
+
+def _dcp_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(**_OPTIONS))
+    # a tied weight's second name (lm_head.weight) escapes ignore_frozen_params
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            msd.pop(name, None)
     return {"model": msd, "optim": osd}
 
 
@@ -311,13 +319,20 @@ def _os_error(e: BaseException) -> OSError | None:
 def load(ckpt: Path, model, optimizer) -> None:
     """Load model and optimizer state (sharded or not, from a run on any number of ranks)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     sd = _dcp_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=sd["model"],
+        optim_state_dict=sd["optim"],
+        # the frozen base is not in it: strict only when every parameter is trained
+        options=StateDictOptions(**_OPTIONS, strict=all(p.requires_grad for p in model.parameters())),
+    )
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -105,6 +105,13 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from stablerl.export import export_run
+
+    print(export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.step, args.merged))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from stablerl.evaluation import build_eval_sets, evaluate
     from stablerl.models import check_model_dir, load_policy
@@ -188,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_and_sft(sub)
     _add_eval(sub)
     _add_repro(sub)
+    ex = sub.add_parser("export", help="a run's checkpoint as an HF model, or a LoRA run's as a peft adapter")
+    ex.add_argument("run_dir")
+    ex.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest intact one)")
+    ex.add_argument("--merged", action="store_true", help="LoRA runs: also the merged model, in OUT/merged")
+    ex.add_argument("--out", help="output directory (default: RUN_DIR/export/step_N)")
+    ex.set_defaults(func=_export)
     pl = sub.add_parser("plot", help="PNG curves comparing runs")
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", help="PNG path (default: FIRST_RUN/plots/curves.png)")

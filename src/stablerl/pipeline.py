@@ -190,7 +190,15 @@ def run_worker(cfg, world, log=print) -> None:
     # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
     # never the learners' (distributed/world.py)
     engine = build_engine(
-        cfg.rollout, model, tokenizer, seed=cfg.train.seed, distributed=True, weights=versions[first], version=first
+        cfg.rollout,
+        model,
+        tokenizer,
+        seed=cfg.train.seed,
+        distributed=True,
+        weights=versions[first],
+        version=first,
+        log_dir=Path(cfg.run_dir) / "vllm_servers" if cfg.run_dir else None,
+        timeout_s=cfg.distributed.timeout_s,
     )
     moe = is_moe(model)
     mine = D.share(world.worker_index, R, P)
