@@ -328,3 +328,34 @@ def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(t
         for k in ("reward_mean", "train_infer_kl", "route_agreement/train_infer"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-9), k
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+
+
+@needs_vllm
+def test_a_bf16_weight_sync_does_not_warn_for_the_cast_it_asks_for(engine_and_model):
+    """vLLM warns for every float32 tensor loaded into a bfloat16 parameter (dozens per sync):
+    rollout.precision=bf16 asks for exactly that cast, so those records are dropped; any other
+    dtype mismatch still warns."""
+    from stablerl.rollout.vllm import VllmEngine
+
+    _, model, tok = engine_and_model
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("vllm.model_executor.models.utils")
+    log.addHandler(handler)
+    try:
+        engine = VllmEngine(model, tok, "bf16", max_model_len=256, eos_token_id=[])
+        try:
+            engine.load_weights(model.state_dict(), version=1)
+            engine.load_weights(model.state_dict(), version=2)
+        finally:
+            engine.close()
+        assert not [r for r in records if "Attempted to load weight" in r.getMessage()]
+        log.warning(
+            "Attempted to load weight %s with dtype %s into parameter with dtype %s", "w", torch.float32, torch.int8
+        )
+        assert [r.getMessage() for r in records] == [
+            "Attempted to load weight w with dtype torch.float32 into parameter with dtype torch.int8"
+        ]
+    finally:
+        log.removeHandler(handler)

@@ -78,10 +78,32 @@ class _QuietReload(logging.Filter):
         return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
 
 
+class _QuietPrecisionCast(logging.Filter):
+    """vLLM warns for every float32 tensor it loads into a bfloat16 / float16 parameter (dozens per
+    weight sync): that rounding is what ``rollout.precision`` asks for, done as ``LocalEngine``
+    does it. Exactly those records are dropped; any other dtype mismatch still warns."""
+
+    MESSAGE = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        expected = (
+            record.msg == self.MESSAGE
+            and len(args) == 3
+            and args[1] == torch.float32
+            and args[2] in (torch.bfloat16, torch.float16)
+        )
+        return not expected
+
+
 def _quiet_weight_sync() -> None:
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _QuietReload) for f in log.filters):
-        log.addFilter(_QuietReload())
+    for name, quiet in (
+        ("vllm.model_executor.model_loader.reload.layerwise", _QuietReload),
+        ("vllm.model_executor.models.utils", _QuietPrecisionCast),
+    ):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, quiet) for f in log.filters):
+            log.addFilter(quiet())
 
 
 def import_vllm():
