@@ -164,3 +164,30 @@ def test_an_exported_tokenizer_encodes_prompts_as_training_did(sft_ckpt, tmp_pat
     fresh = build_tokenizer()
     assert fresh("1+2=").input_ids == encode_prompt(fresh, "1+2=")
     assert fresh.decode(fresh("1+2=").input_ids, skip_special_tokens=True) == "1+2="
+
+
+def test_a_full_disk_inside_dcps_shard_write_is_one_line_naming_the_path_and_the_space(sft_ckpt, tmp_path, monkeypatch):
+    """DCP wraps a shard write's OSError in its CheckpointException, a BaseException: still one
+    line naming the checkpoint, the errno and the space it needs; the partial step is removed."""
+    import errno
+
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    real, calls = _FileSystemWriter.write_data, {"n": 0}
+
+    def write_data(self, plan, planner):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: half a shard on disk, then the disk is full
+            (Path(self.path) / "__0_0.distcp").write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", write_data)
+    run_dir = tmp_path / "full"
+    with pytest.raises(TrainingAborted) as e:
+        train(sft_ckpt, run_dir, "train.steps=3", "checkpoint.every=1")
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert str(run_dir / "checkpoints" / "step_000002") in message and "ENOSPC" in message
+    assert "needs about" in message and "free" in message and "intact" in message
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000001"]  # no partial one left

@@ -217,6 +217,44 @@ class LabConfig(StrictModel):
 DEFAULT_CONTEXT = 256
 
 
+class LoraConfig(StrictModel):
+    """LoRA adapters through `peft` (docs/lora.md): the base model frozen in ``train.dtype``, only the
+    adapters trained and in the optimizer, the checkpoints and the weight syncs."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters on a frozen base instead of every weight.")
+    rank: int = Field(16, ge=1, description="r: the adapters' rank (per expert for the experts' adapters).")
+    alpha: float = Field(32.0, gt=0, description="The adapters' output is scaled by alpha / rank.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input (attention and dense MLP projections only: peft's "
+        "adapters on packed expert weights take none, so > 0 needs model.lora.experts=false on a MoE).",
+    )
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layers adapted, by their last name: the attention projections and the dense "
+        "MLPs' (a dense model's MLP, Qwen2-MoE's shared expert) in every supported family; a name the "
+        "model lacks is skipped, one that matches nothing at all is an error.",
+    )
+    experts: bool = Field(
+        True,
+        description="MoE models: also adapt every routed expert's packed gate_up_proj and down_proj "
+        "(peft's target_parameters: one rank-r adapter per expert).",
+    )
+    train_router: bool = Field(
+        False,
+        description="MoE models: also train the routers' weights in full (they are small, [experts, hidden] "
+        "per layer); frozen by default, so the base's routing changes only through the adapted hidden states.",
+    )
+    export_merged: bool = Field(
+        False,
+        description="Exports also write the merged model (base + adapters, an HF checkpoint that plain "
+        "transformers loads) beside the peft adapter.",
+    )
+
+
 class ModelConfig(StrictModel):
     path: str | None = Field(
         None,
@@ -244,6 +282,7 @@ class ModelConfig(StrictModel):
         "(the longest prompt + response it accepts). Rotary positions have no weights, so "
         "a longer context changes no number, only what fits.",
     )
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -394,29 +433,91 @@ class SFTConfig(StrictModel):
 
 
 class VllmConfig(StrictModel):
-    """Options of the vLLM engine (``rollout.engine=vllm``; docs/rollout.md)."""
+    """Options of the vLLM engines (``rollout.engine=vllm`` in the trainer's processes,
+    ``rollout.engine=vllm_server`` as separate servers; docs/rollout.md)."""
 
     gpu_memory_utilization: float = Field(
         0.3,
         gt=0,
         le=1,
-        description="Fraction of the GPU's memory vLLM may "
-        "take (weights + KV cache); the trainer shares the GPU. On CPU: the "
-        "KV cache is sized by vllm.kv_cache_gb instead.",
+        description="Fraction of each GPU's memory vLLM may take (weights + KV cache). Colocated, "
+        "it must fit beside the trainer's resident shards and optimizer state, and sleep mode hands "
+        "it back during the update (the memory plan: docs/distributed.md); a server with GPUs of "
+        "its own can take 0.9. On CPU the KV cache is sized by vllm.kv_cache_gb instead.",
     )
     kv_cache_gb: float = Field(1.0, gt=0, description="CPU only: KV-cache space in GiB.")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences vLLM runs at once.")
-    enforce_eager: bool = Field(True, description="No CUDA graphs (faster start-up, slower decoding).")
+    enforce_eager: bool | None = Field(
+        None,
+        description="No CUDA graphs / compilation (faster start-up, slower decoding). Default: "
+        "CUDA graphs on a GPU; eager on CPU, where vLLM's compilation takes minutes at start-up.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs one vLLM instance spans. Colocated: that many consecutive torchrun ranks "
+        "form one instance (vLLM's external_launcher), sample their prompts together and each keeps "
+        "its own rows; must divide the learner ranks. Server mode: GPUs per server.",
+    )
+    sleep_level: Literal[0, 1, 2] | None = Field(
+        None,
+        description="Colocated on GPUs: vLLM sleeps while the trainer updates, and wakes to take "
+        "the new weights. 1 moves its weights to CPU memory and frees the KV cache; 2 frees both "
+        "(the weight sync that follows refills them); 0 keeps everything on the GPU. Default: 1 on "
+        "a GPU, 0 on CPU (vLLM's CPU build has no sleep mode).",
+    )
+    servers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="rollout.engine=vllm_server: how many vLLM servers stablerl starts (each "
+        "tensor_parallel_size GPUs); requests are spread over them. Ignored when vllm.urls is set.",
+    )
+    server_gpus: list[int] = Field(
+        [],
+        description="rollout.engine=vllm_server: the GPU indices the started servers use, "
+        "tensor_parallel_size each, in order (they may share the trainer's GPUs, with "
+        "gpu_memory_utilization leaving the trainer its part). Default: the node's GPUs after the "
+        "trainer's ranks.",
+    )
+    urls: list[str] = Field(
+        [],
+        description="rollout.engine=vllm_server: attach to servers already running at these base "
+        "URLs (http://host:port) instead of starting them; each must run stablerl's model with "
+        "VLLM_SERVER_DEV_MODE=1 and a weight-transfer backend (docs/rollout.md).",
+    )
+    weight_transfer: Literal["auto", "nccl", "gloo"] = Field(
+        "auto",
+        description="rollout.engine=vllm_server: how trained weights reach the servers, through "
+        "vLLM's weight-transfer protocol. nccl: vLLM's NCCL engine (GPUs); gloo: stablerl's engine "
+        "over torch.distributed gloo (CPU, or GPUs without NCCL between trainer and servers); "
+        "auto: nccl on a GPU, gloo on CPU.",
+    )
+    server_start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="rollout.engine=vllm_server: how long a server may take to become ready "
+        "(model load, compilation, CUDA graphs) before the run ends naming it.",
+    )
+
+    @model_validator(mode="after")
+    def _check_vllm(self) -> VllmConfig:
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"rollout.vllm.urls: {url!r} is not a base URL like http://host:8000")
+        return self
 
 
 class RolloutConfig(SamplingConfig):
     """The inference engine that samples the rollouts (mu_old) and how it samples: the sampling
     keys are ``SamplingConfig``'s (defined once, there)."""
 
-    engine: Literal["local", "vllm"] = Field(
+    engine: Literal["local", "vllm", "vllm_server"] = Field(
         "local",
         description="local: stablerl's PyTorch engine (any HF "
-        "causal LM, emulated precisions); vllm: a colocated vLLM instance "
+        "causal LM, emulated precisions); vllm: a colocated vLLM instance in each trainer "
+        "process; vllm_server: vLLM OpenAI servers, started by stablerl or given by "
+        "rollout.vllm.urls, synced through vLLM's weight-transfer protocol "
         "(pip install 'stablerl[vllm]'; docs/rollout.md).",
     )
     precision: Precision = Field(
@@ -492,6 +593,12 @@ class RolloutConfig(SamplingConfig):
             raise ValueError(
                 "rollout.temperature must be > 0: RL samples its rollouts (greedy decoding gives "
                 "every response of a group the same tokens and log-prob 0)"
+            )
+        if self.engine == "vllm" and self.vllm.sleep_level == 2 and self.max_staleness:
+            raise ValueError(
+                "rollout.vllm.sleep_level=2 discards vLLM's weights at every sleep, but with "
+                f"rollout.max_staleness={self.max_staleness} the engine keeps a version across steps "
+                "without a sync to refill them; use sleep_level=1"
             )
         if self.compile and self.engine != "local":
             raise ValueError(
@@ -794,7 +901,20 @@ class RunConfig(StrictModel):
                     f"rollout.max_new_tokens={self.rollout.max_new_tokens}: every response would be cut "
                     f"before its answer; set rollout.max_new_tokens>={longest}"
                 )
+        if self.model.lora.enabled and self.rollout.engine == "vllm":
+            raise ValueError(
+                "model.lora.enabled with rollout.engine=vllm: adapter-only syncs to vLLM are not supported "
+                "(vLLM's CPU build cannot run LoRA on MoE models: its fused-MoE LoRA kernels are Triton's); "
+                "use rollout.engine=local, which samples with the merged weights"
+            )
         RoutingPlan(self.train.routing_replay, True, self.batch.minibatches_per_step, self.loss.proximal == "rollout")
+        eta, steps = self.rollout.max_staleness, self.train.steps
+        if eta and eta >= steps:  # the lag is never reached, and every version would be kept for it
+            raise ValueError(
+                f"rollout.max_staleness={eta} is not below train.steps={steps}: step s is sampled by "
+                f"version max(0, s - 1 - eta), so every step would be sampled by the starting policy; "
+                f"use a lag below train.steps (at most {steps - 1})"
+            )
         return self
 
 
@@ -827,4 +947,5 @@ RESUMABLE_KEYS = (
     "distributed.timeout_s",
     "distributed.threads",
     "sft.checkpoint_every",
+    "model.lora.export_merged",
 )

@@ -123,6 +123,8 @@ def _is_text_field(model: type[BaseModel], path: list[str]) -> bool:
         if field is None:
             return False
         ann = field.annotation
+    if typing.get_origin(ann) is list:  # list[str]: its args are (str,), but the value is a YAML list
+        return False
     args = typing.get_args(ann) or (ann,)
     return str in args and not any(a not in (str, type(None)) for a in args)
 

@@ -292,3 +292,31 @@ def recv_object(src: int):
     data = torch.empty(int(size.item()), dtype=torch.uint8)
     _JOB.recv([data], src, 1).wait()
     return _from_bytes(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor-parallel inference groups (a colocated vLLM instance spanning k consecutive ranks).
+# --------------------------------------------------------------------------------------------
+def tensor_parallel_group(k: int):
+    """The group of this rank's k consecutive ranks (every rank must call it: it makes all the
+    groups). The run's ranks must divide into whole groups."""
+    size = dist.get_world_size()
+    if size % k:
+        raise ValueError(
+            f"rollout.vllm.tensor_parallel_size={k} must divide the {size} ranks that sample (each "
+            "vLLM instance spans that many consecutive ranks)"
+        )
+    mine, _ = dist.new_subgroups_by_enumeration([list(range(g * k, g * k + k)) for g in range(size // k)])
+    return mine
+
+
+def gather_in_group(obj, group) -> tuple[int, list]:
+    """``(this rank's index in group, [obj of each rank of group, in rank order])``."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return dist.get_group_rank(group, dist.get_rank()), out
+
+
+def group_rank() -> int:
+    """This process's rank in its default group (its role's: learners or rollout workers); 0 alone."""
+    return dist.get_rank() if _active() else 0

@@ -10,12 +10,22 @@ __all__ = ["RolloutBatch", "RolloutEngine", "LocalEngine", "build_engine", "conc
 
 
 def build_engine(
-    cfg, model, tokenizer, *, seed: int = 0, distributed: bool = False, weights=None, version: int = 0
+    cfg,
+    model,
+    tokenizer,
+    *,
+    seed: int = 0,
+    distributed: bool = False,
+    weights=None,
+    version: int = 0,
+    log_dir=None,
+    timeout_s: float = 1800.0,
 ) -> RolloutEngine:
     """The engine ``cfg`` (a ``RolloutConfig``) names, holding ``model``'s current weights (or
     ``weights``, a state dict or a stream of ``(name, tensor)``: ``model`` may then be a
     meta-device skeleton) as policy version ``version``: ``LocalEngine`` or
-    (``rollout.engine=vllm``) ``VllmEngine``."""
+    (``rollout.engine=vllm``) ``VllmEngine`` or (``vllm_server``) ``VllmServerEngine``, whose
+    servers log into ``log_dir`` and answer within ``timeout_s``."""
     if cfg.engine == "local":
         return LocalEngine(
             model,
@@ -32,7 +42,22 @@ def build_engine(
     if cfg.weight_noise:
         raise ValueError(
             "rollout.weight_noise perturbs the local engine's weights; it has no effect with "
-            "rollout.engine=vllm (set it to 0, or use rollout.engine=local)"
+            f"rollout.engine={cfg.engine} (set it to 0, or use rollout.engine=local)"
+        )
+    if cfg.engine == "vllm_server":
+        from stablerl.rollout.vllm_server import VllmServerEngine  # imports vllm: only when asked for
+
+        return VllmServerEngine(
+            model,
+            tokenizer,
+            cfg.precision,
+            cfg=cfg.vllm,
+            seed=seed,
+            distributed=distributed,
+            weights=weights,
+            version=version,
+            log_dir=log_dir,
+            timeout_s=timeout_s,
         )
     from stablerl.rollout.vllm import VllmEngine  # imports vllm: only when asked for
 

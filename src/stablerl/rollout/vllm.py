@@ -14,7 +14,12 @@
 - Weight sync in place (``load_weights``): vLLM's ``reload_weights`` from a stream of
   ``(name, tensor)``; on CPU the MoE experts' packed copies are rebuilt afterwards (vLLM's reload
   refreshes the plain weights but not the CPU grouped-gemm packing).
-- Under torchrun each rank runs its own instance (``external_launcher``, as TRL's colocate mode).
+- Under torchrun each rank runs its own instance (``external_launcher``, as TRL's colocate mode);
+  with ``tensor_parallel_size`` k, k consecutive ranks form one instance: they gather their
+  prompts, sample them together, and each keeps its own rows.
+- Sleep mode (GPUs): after sampling, vLLM sleeps (level 1: weights to CPU memory, KV cache freed;
+  level 2: both freed), so the trainer has the GPU for the update; the next weight sync wakes the
+  weights, loads the new ones, then wakes the KV cache.
 
 ``import stablerl`` never imports vllm; this module imports it when an engine is built.
 """
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from stablerl.config import SamplingConfig, VllmConfig
+from stablerl.distributed.world import gather_in_group, tensor_parallel_group
 from stablerl.models import is_moe
 from stablerl.rollout.base import RolloutBatch
 from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_shape
@@ -136,6 +142,18 @@ def check_vllm_model(config, on_cuda: bool, precision: str = "bf16") -> None:
         )
 
 
+def resolve_sleep_level(level: int | None, on_cuda: bool) -> int:
+    """``rollout.vllm.sleep_level`` on this platform: 1 on a GPU unless set; on CPU only 0."""
+    if level is None:
+        return 1 if on_cuda else 0
+    if level and not on_cuda:
+        raise ValueError(
+            f"rollout.vllm.sleep_level={level}: vLLM's CPU build has no sleep mode (it would keep every "
+            "byte while claiming to sleep); use sleep_level=0 on CPU"
+        )
+    return level
+
+
 def vllm_dtype_args(precision: str, on_cuda: bool) -> dict:
     """``rollout.precision`` as vLLM's dtype / quantization (the same meaning as for LocalEngine)."""
     if precision == "fp32":
@@ -213,10 +231,14 @@ class _RouteRecorder:
     def stop(self) -> dict[str, np.ndarray]:
         """``{external request id: [positions, moe_layers, top_k]}`` (-1 where nothing was routed)."""
         self.active = False
+        return self.collect({})
+
+    def collect(self, seqs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The steps recorded since the last call, added into ``seqs`` (by request and position)."""
         n_layers = len(self.layer_of)
-        seqs: dict[str, np.ndarray] = {}
-        for step in self.steps:
-            if not step["ids"]:  # PROBE
+        steps, self.steps = self.steps, []
+        for step in steps:
+            if not step["ids"]:  # a forward in which no MoE layer routed (e.g. a hybrid model's warm-up)
                 continue
             if len(step["ids"]) != n_layers:
                 raise ValueError(f"vLLM route capture: a step reported {len(step['ids'])} of {n_layers} MoE layers")
@@ -233,7 +255,6 @@ class _RouteRecorder:
                         grown[: arr.shape[0]] = arr
                     arr = seqs[rid] = grown
                 arr[pos] = ids[sel]
-        self.steps = []
         return seqs
 
 
@@ -281,19 +302,30 @@ class VllmEngine:
             model=self._dir.name,
             load_format="dummy",
             seed=seed,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=(not on_cuda) if cfg.enforce_eager is None else cfg.enforce_eager,
             max_model_len=max_model_len or getattr(config, "max_position_embeddings", 2048),
             max_num_seqs=cfg.max_num_seqs,
             enable_prefix_caching=False,
             logprobs_mode="processed_logprobs",
             **vllm_dtype_args(precision, on_cuda),
         )
+        self.sleep_level = resolve_sleep_level(cfg.sleep_level, on_cuda)
         if on_cuda:
             args.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_return_routed_experts=self.moe)
+            args.update(enable_sleep_mode=self.sleep_level > 0)
         else:
             args.update(kv_cache_memory_bytes=int(cfg.kv_cache_gb * 2**30))
+        self.tp_group = None
         if distributed:
-            args.update(distributed_executor_backend="external_launcher")
+            args.update(distributed_executor_backend="external_launcher", tensor_parallel_size=cfg.tensor_parallel_size)
+            if cfg.tensor_parallel_size > 1:
+                self.tp_group = tensor_parallel_group(cfg.tensor_parallel_size)
+        elif cfg.tensor_parallel_size > 1:
+            raise ValueError(
+                f"rollout.vllm.tensor_parallel_size={cfg.tensor_parallel_size} with rollout.engine=vllm spans "
+                "that many torchrun ranks; launch with torchrun (or use rollout.engine=vllm_server)"
+            )
+        self.asleep, self._weights_discarded = False, False
         self.llm = self._start(vllm, args, on_cuda)
         self._runner = self.llm.collective_rpc(lambda worker: worker.model_runner)[0]
         self._recorder = _RouteRecorder(self._runner, self.moe_layers, self.top_k) if self.moe and not on_cuda else None
@@ -326,6 +358,8 @@ class VllmEngine:
     ) -> None:
         """Load trained weights in place (a state dict or a stream of ``(name, tensor)``)."""
         items = weights.items() if isinstance(weights, Mapping) else weights
+        if self.asleep:  # the weights' memory first (level 2: uninitialised until loaded below)
+            self.llm.wake_up(tags=["weights"])
         # vLLM casts each tensor to its dtype as it loads it: stream them one at a time
         _quiet_weight_sync()
         if self.model_type in PER_EXPERT_NAMES:
@@ -336,7 +370,27 @@ class VllmEngine:
         )
         if not self.on_cuda:
             self.llm.apply_model(_repack_cpu_experts)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep, self._weights_discarded = False, False
         self.version = self.version + 1 if version is None else int(version)
+
+    def sleep(self) -> None:
+        """Hand the GPU memory back to the trainer until the next sampling or weight sync."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep, self._weights_discarded = True, self.sleep_level == 2
+
+    def _wake(self) -> None:
+        if not self.asleep:
+            return
+        if self._weights_discarded:
+            raise ValueError(
+                "rollout.vllm.sleep_level=2 discarded vLLM's weights and no weight sync came before this "
+                "sampling (a lagged engine keeps a version across steps); use sleep_level=1"
+            )
+        self.llm.wake_up()
+        self.asleep = False
 
     def generate(
         self,
@@ -372,13 +426,27 @@ class VllmEngine:
             for s in seeds
         ]
         capture = capture_routes and self.moe
+        self._wake()
         if capture and self._recorder is not None:
             self._recorder.start()
         try:
-            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+            outputs = self._generate_in_group([{"prompt_token_ids": list(p)} for p in prompts], params)
         finally:
             captured = self._recorder.stop() if capture and self._recorder is not None else None
+        self.sleep()
         return self._batch(prompts, outputs, greedy, captured if capture else None, capture)
+
+    def _generate_in_group(self, requests: list[dict], params: list) -> list:
+        """This rank's outputs; with tensor parallelism the ranks of the instance sample every
+        rank's requests together (one vLLM call on identical inputs), each keeping its own."""
+        if self.tp_group is None:
+            return self.llm.generate(requests, params, use_tqdm=False)
+        mine, everyone = gather_in_group((requests, params), self.tp_group)
+        outputs = self.llm.generate(
+            [r for rs, _ in everyone for r in rs], [p for _, ps in everyone for p in ps], use_tqdm=False
+        )
+        start = sum(len(rs) for rs, _ in everyone[:mine])
+        return outputs[start : start + len(requests)]
 
     def _batch(self, prompts, outputs, greedy: bool, captured, capture: bool) -> RolloutBatch:
         B, P = len(prompts), max(len(p) for p in prompts)

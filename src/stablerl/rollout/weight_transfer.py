@@ -1,0 +1,232 @@
+"""Trained weights into vLLM servers through vLLM's weight-transfer protocol (docs/rollout.md).
+
+The protocol (vLLM's RL routes, served with ``VLLM_SERVER_DEV_MODE=1``): ``/init_weight_transfer_engine``
+once, joining the trainer (rank 0) and every server's workers (ranks after it) in one group; then
+per sync ``/pause`` -> ``/start_weight_update`` -> ``/update_weights`` (the names, dtypes and
+shapes; the workers then receive each tensor by broadcast from rank 0, concurrently with the
+trainer's sends) -> ``/finish_weight_update`` (with the policy version) -> ``/resume``.
+
+Two data planes behind the same control plane:
+- ``nccl``: vLLM's own NCCL engine in the servers (GPUs); the trainer's end is vLLM's
+  ``PyNcclCommunicator`` from the same rendezvous helper vLLM's trainer engine uses.
+- ``gloo``: ``GlooWeightTransferEngine`` below, registered in the servers by stablerl's vLLM plugin
+  (``stablerl.rollout.vllm_plugin``), over a torch.distributed gloo group outside any default
+  group. It runs where NCCL does not (CPU).
+
+NCCL has no timeout of its own, so every sync runs under a deadline here: a transfer that stalls
+ends the run naming the servers instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+GLOO_BACKEND = "stablerl_gloo"
+
+
+# --------------------------------------------------------------------------------------------
+# The servers' end (gloo), built inside vLLM's worker by WeightTransferEngineFactory.
+# --------------------------------------------------------------------------------------------
+def _gloo_group(address: str, port: int, rank: int, size: int, timeout_s: float, is_master: bool):
+    """A gloo group of ``size`` ranks over its own TCP store, outside any default process group."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address, port, size, is_master, timeout=timeout, wait_for_workers=False)
+    return dist.ProcessGroupGloo(dist.PrefixStore("stablerl/weights", store), rank, size, timeout), store
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    group.broadcast([tensor], dist.BroadcastOptions()).wait()
+
+
+def make_gloo_engine_class():
+    """``GlooWeightTransferEngine`` (built on first use: it subclasses vLLM's classes, and
+    ``import stablerl`` never imports vLLM)."""
+    from vllm.distributed.weight_transfer.base import (
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
+
+    @dataclass
+    class GlooInitInfo(WeightTransferInitInfo):
+        master_address: str
+        master_port: int
+        rank_offset: int
+        world_size: int
+        timeout_s: float = 1800.0
+
+    @dataclass
+    class GlooUpdateInfo(WeightTransferUpdateInfo):
+        names: list[str]
+        dtype_names: list[str]
+        shapes: list[list[int]]
+
+    class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+        """Receives checkpoint-format tensors broadcast by the trainer over gloo and loads them
+        layer by layer (vLLM's layerwise reload, as its NCCL engine does)."""
+
+        init_info_cls = GlooInitInfo
+        update_info_cls = GlooUpdateInfo
+
+        def __init__(self, config, vllm_config, device, model):
+            super().__init__(config, vllm_config, device, model)
+            self.group, self._store = None, None
+
+        def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+            pc = self.parallel_config
+            rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
+            self.group, self._store = _gloo_group(
+                init_info.master_address,
+                init_info.master_port,
+                rank,
+                init_info.world_size,
+                init_info.timeout_s,
+                is_master=False,
+            )
+
+        def start_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            initialize_layerwise_reload(self.model)
+
+        def finish_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            finalize_layerwise_reload(self.model, self.model_config)
+            if self.device.type == "cpu":  # the CPU MoE kernels keep packed copies of the experts
+                from stablerl.rollout.vllm import _repack_cpu_experts
+
+                _repack_cpu_experts(self.model)
+
+        def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+            if self.group is None:
+                raise RuntimeError("gloo weight transfer not initialised: call /init_weight_transfer_engine first")
+            for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
+                weight = torch.empty(shape, dtype=getattr(torch, dtype_name))
+                _broadcast(self.group, weight)
+                self.model.load_weights([(name, weight.to(self.device))])
+
+        def update_weights(self, update_info: dict) -> None:
+            self.receive_weights(self.parse_update_info(update_info))
+
+        def shutdown(self) -> None:
+            self.group, self._store = None, None
+
+    return GlooWeightTransferEngine
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's end: one sender (rank 0 of the sampling ranks) for every server.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightMeta:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class WeightSender:
+    """Rank 0 of the group: the trainer. ``servers``: the clients (``VllmServerClient``), each with
+    ``world_size`` workers; their ranks follow one another after the trainer's."""
+
+    def __init__(self, servers: list, backend: str, *, timeout_s: float, address: str = "127.0.0.1"):
+        from stablerl.rollout.server_process import free_port
+
+        self.servers, self.backend, self.timeout_s = servers, backend, timeout_s
+        self.world_size = 1 + sum(s.world_size for s in servers)
+        port = free_port()
+        offsets = [1 + sum(s.world_size for s in servers[:i]) for i in range(len(servers))]
+        infos = [
+            {"master_address": address, "master_port": port, "rank_offset": o, "world_size": self.world_size}
+            for o in offsets
+        ]
+        for info in infos:
+            if backend == "nccl":
+                info["packed"] = False
+            else:
+                info["timeout_s"] = timeout_s
+        # the servers' workers block in the rendezvous until the trainer joins it: all at once
+        with ThreadPoolExecutor(len(servers)) as pool:
+            calls = [
+                pool.submit(s.post, "init_weight_transfer_engine", {"init_info": i}) for s, i in zip(servers, infos)
+            ]
+            self.group, self._store = self._open(address, port)
+            for call in calls:
+                call.result()
+
+    def _open(self, address: str, port: int):
+        if self.backend == "gloo":
+            return _gloo_group(address, port, 0, self.world_size, self.timeout_s, is_master=True)
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+        comm = trainer_init({"master_address": address, "master_port": port, "world_size": self.world_size})
+        return comm, None
+
+    def send(self, meta: list[WeightMeta], tensors: Iterable[torch.Tensor], version: int) -> None:
+        """One sync: the servers paused, the tensors (in ``meta``'s order, cast to its dtypes)
+        broadcast, the update finished with ``version``, the servers resumed; under a deadline."""
+        done: dict = {}
+        # the caller's CUDA device: the stream's gathers and the sends run on it, not on the thread's default
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        worker = threading.Thread(target=self._send, args=(meta, tensors, version, done, device), daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise TimeoutError(
+                f"weight transfer to the vLLM servers ({', '.join(s.url for s in self.servers)}) stalled for "
+                f"{self.timeout_s:.0f} s (distributed.timeout_s); see their logs"
+            )
+        if "error" in done:
+            raise done["error"]
+
+    def _send(self, meta, tensors, version, done, device) -> None:
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            info = {
+                "names": [m.name for m in meta],
+                "dtype_names": [str(m.dtype).removeprefix("torch.") for m in meta],
+                "shapes": [list(m.shape) for m in meta],
+            }
+            self._each("pause", query={"mode": "wait"})
+            self._each("start_weight_update")
+            with ThreadPoolExecutor(len(self.servers)) as pool:
+                receiving = [pool.submit(s.post, "update_weights", {"update_info": info}) for s in self.servers]
+                self._broadcast_all(meta, tensors)
+                for r in receiving:
+                    r.result()
+            self._each("finish_weight_update", {"weight_version": str(version)})
+            self._each("resume")
+        except BaseException as e:  # handed to the caller's thread
+            done["error"] = e
+
+    def _broadcast_all(self, meta: list[WeightMeta], tensors: Iterable[torch.Tensor]) -> None:
+        n = 0
+        for m, t in zip(meta, tensors):
+            if tuple(t.shape) != m.shape:
+                raise ValueError(f"weight {m.name}: the trainer sent shape {tuple(t.shape)}, declared {m.shape}")
+            if self.backend == "gloo":
+                _broadcast(self.group, t.detach().to("cpu", m.dtype).contiguous())
+            else:
+                send = t.detach().to(torch.device("cuda", torch.cuda.current_device()), m.dtype).contiguous()
+                self.group.broadcast(send, src=0, stream=torch.cuda.current_stream())
+            n += 1
+        if n != len(meta):
+            raise ValueError(f"the trainer sent {n} weights of the {len(meta)} declared")
+        if self.backend == "nccl":
+            torch.cuda.synchronize()
+
+    def _each(self, route: str, body: dict | None = None, query: dict | None = None) -> None:
+        with ThreadPoolExecutor(len(self.servers)) as pool:
+            for call in [pool.submit(s.post, route, body, query) for s in self.servers]:
+                call.result()
+
+    def close(self) -> None:
+        self.group, self._store = None, None

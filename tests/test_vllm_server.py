@@ -1,0 +1,236 @@
+"""The vLLM server engine (rollout.engine=vllm_server) on CPU, against the in-process vLLM engine
+and the fp32 training model.
+
+One server is started for the module (a start takes about a minute on a loaded CPU) and shared;
+the tests that break a server (killed, never ready) use their own processes, and the last test
+kills the shared one. Every test checks that the processes it started are gone.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_vllm import HAVE_VLLM, prompts, tiny, training_logp
+
+from stablerl.config import SamplingConfig, VllmConfig
+from stablerl.diagnostics import route_agreement
+from stablerl.forward import response_logp
+from stablerl.routing import NO_ROUTE
+
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here")]
+CPU = VllmConfig(kv_cache_gb=0.25)
+SAMPLING = SamplingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20)
+
+
+def gone(pgid: int, wait_s: float = 10.0) -> bool:
+    """Whether process group ``pgid`` (a server and everything vLLM started in it) has ended: no
+    process of it left but zombies (a container's init may reap them late)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(stat.parent.name)
+        if not alive or time.monotonic() > deadline:
+            return not alive
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from stablerl.rollout.vllm import VllmEngine
+    from stablerl.rollout.vllm_server import VllmServerEngine
+
+    model, tok = tiny()
+    log_dir = tmp_path_factory.mktemp("servers")
+    server = VllmServerEngine(model, tok, "fp32", cfg=CPU, max_model_len=256, eos_token_id=[], log_dir=log_dir)
+    local = VllmEngine(model, tok, "fp32", cfg=CPU, max_model_len=256, eos_token_id=[])
+    pids = [p.popen.pid for p in server.processes]
+    yield server, local, model, log_dir
+    local.close()
+    server.close()
+    assert all(gone(p) for p in pids)
+
+
+def test_server_samples_what_the_in_process_engine_samples(served):
+    server, local, _, log_dir = served
+    ps = prompts(12, seed=5)
+    a = server.generate(ps, SAMPLING, seeds=list(range(100, 112)))
+    b = local.generate(ps, SAMPLING, seeds=list(range(100, 112)))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+    # the same fp32 kernels in another process: equal up to the batch's summation order
+    assert float((a.rollout_logp - b.rollout_logp).abs().max()) < 1e-5
+    assert torch.equal(a.routes, b.routes)
+    assert (log_dir / "vllm_server_0.log").stat().st_size > 0
+
+
+def test_server_routes_align_and_replay(served):
+    server, _, model, _ = served
+    batch = server.generate(prompts(), SamplingConfig(max_new_tokens=16), seeds=list(range(12)))
+    real = batch.attention_mask.bool()
+    assert bool((batch.routes[~real] == NO_ROUTE).all())
+    with torch.no_grad():
+        live = response_logp(model, batch, capture=True)
+        replayed = response_logp(model, batch, replay=batch.routes)
+    assert bool((route_agreement(live["routes"], batch.routes) == 1.0).all())
+    assert float((replayed["logp"] - batch.rollout_logp)[batch.response_mask].abs().max()) < 1e-4
+
+
+def test_after_a_weight_sync_server_logprobs_equal_the_trainer_s(served):
+    """vLLM's weight-transfer protocol (stablerl's gloo engine on CPU) carries every layer: the
+    server's processed log-probs of its samples equal the new model's fp32 ones, not the old's."""
+    server, _, model, _ = served
+    trained, _ = tiny(seed=123)
+    try:
+        server.load_weights(iter(list(trained.state_dict().items())), version=7)
+        batch = server.generate(prompts(), SAMPLING, seeds=list(range(12)))
+        assert batch.version == 7
+        new = (training_logp(trained, batch, SAMPLING) - batch.rollout_logp)[batch.response_mask].abs().max()
+        old = (training_logp(model, batch, SAMPLING) - batch.rollout_logp)[batch.response_mask].abs().max()
+        assert float(new) < 1e-4 and float(old) > 1e-2
+        assert server.clients[0].get("weight_info")["weight_version"] == "7"
+    finally:
+        server.load_weights(model.state_dict(), version=0)
+
+
+def test_a_paused_server_holds_requests_until_resumed(served):
+    server, _, _, _ = served
+    server.pause()
+    try:
+        assert server.clients[0].get("is_paused")["is_paused"] is True
+        out = {}
+        t = threading.Thread(target=lambda: out.update(b=server.generate(prompts(2), SAMPLING, seeds=[1, 2])))
+        t.start()
+        t.join(3.0)
+        assert t.is_alive() and "b" not in out
+    finally:
+        server.resume()
+    t.join(60)
+    assert len(out["b"]) == 2 and server.clients[0].get("is_paused")["is_paused"] is False
+
+
+def test_bad_server_settings_are_one_line_errors(tmp_path):
+    from stablerl.rollout.server_process import ServerCommand, ServerProcess, free_port
+    from stablerl.rollout.vllm_server import VllmServerEngine
+
+    model, tok = tiny()
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RuntimeError, match=f"vLLM server {url} did not answer /v1/models"):
+        VllmServerEngine(model, tok, "fp32", cfg=VllmConfig(urls=[url]), timeout_s=5)
+    # a server that fails at start-up: its reason, read from its log
+    crash = ServerCommand(
+        [sys.executable, "-c", "print('OSError: [Errno 98] Address already in use'); raise SystemExit(1)"],
+        {},
+        tmp_path,
+        1,
+    )
+    p = ServerProcess.start(crash, 0, VllmConfig(), on_cuda=False)
+    with pytest.raises(ValueError, match=rf"exited with code 1 while starting: port {p.port} is in use"):
+        p.wait_ready(60)
+    # one that never answers: stopped (its whole process group) after the timeout
+    hang = ServerCommand([sys.executable, "-c", "import time; time.sleep(600)"], {}, tmp_path, 1)
+    p = ServerProcess.start(hang, 1, VllmConfig(), on_cuda=False)
+    with pytest.raises(ValueError, match=r"was not ready within 1 s \(rollout.vllm.server_start_timeout_s\)"):
+        p.wait_ready(1)
+    assert gone(p.popen.pid)
+    with pytest.raises(ValueError, match="sleep mode"):
+        from stablerl.rollout.vllm import resolve_sleep_level
+
+        resolve_sleep_level(1, on_cuda=False)
+
+
+def run_args(tmp_path, url: str, steps: int) -> list[str]:
+    from test_vllm import VLLM_RUN, _vllm_ckpt
+
+    ckpt = _vllm_ckpt(tmp_path)
+    swap = {"rollout.engine=vllm": "rollout.engine=vllm_server", "train.steps=3": f"train.steps={steps}"}
+    return [f"model.path={ckpt}", *[swap.get(a, a) for a in VLLM_RUN], f'rollout.vllm.urls=["{url}"]']
+
+
+def test_runs_on_one_and_two_ranks_train_with_r3_through_an_attached_server(served, tmp_path):
+    """The loop with rollout.engine=vllm_server (attached by URL): the server's samples, routes and
+    log-probs are the policy's at every step (its weights synced after each); on 2 gloo ranks
+    (rank 0 sends the weights, both sample) the run trains exactly as on 1."""
+    from launch import torchrun_train
+
+    from stablerl.cli import main
+    from stablerl.runlog import read_metrics
+
+    server, _, model, _ = served
+    args = run_args(tmp_path, server.clients[0].url, 3)
+    try:
+        assert main(["train", f"run_dir={tmp_path / 'k1'}", *args]) == 0
+        rc, out = torchrun_train([f"run_dir={tmp_path / 'k2'}", *args], nproc=2, timeout=300)
+        assert rc == 0, out[-3000:]
+    finally:
+        server.connect()  # the runs took the server's weight-transfer group over
+        server.load_weights(model.state_dict(), version=0)
+    one, two = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
+    assert [r["rollout_version"] for r in one[1:]] == [0, 1, 2] == [r["rollout_version"] for r in two[1:]]
+    for a, b in zip(one[1:], two[1:]):
+        assert a["train_infer_kl"] < 1e-4 and a["route_agreement/train_infer"] > 0.99 and a["grad_norm"] > 0
+        assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_a_server_killed_mid_run_ends_the_run_naming_it(served, tmp_path):
+    """(Kills the module's server: the tests after it need none.)"""
+    import subprocess
+
+    server, _, _, _ = served
+    url, run = server.clients[0].url, tmp_path / "run"
+    args = [sys.executable, "-m", "stablerl", "train", f"run_dir={run}", *run_args(tmp_path, url, 50)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(server.processes[0].popen.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.monotonic() - killed < 60
+    assert f"vLLM server {url} did not answer" in out, out[-3000:]
+
+
+def test_a_killed_server_ends_sampling_with_an_error_naming_it(served):
+    """(Last: it kills the module's server.)"""
+    server, _, _, _ = served
+    process = server.processes[0]
+    if process.poll() is None:
+        os.killpg(process.popen.pid, signal.SIGKILL)
+    process.popen.wait(30)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"vLLM server {process.url} did not answer .*exited with code -9"):
+        server.generate(prompts(2), SAMPLING, seeds=[1, 2])
+    assert time.monotonic() - start < 10
+    with pytest.raises(RuntimeError, match=str(Path(process.log_path).name)):
+        server.check_alive()
+
+
+def test_vllm_options_that_cannot_work_are_one_line_errors():
+    from stablerl.config import RolloutConfig
+
+    with pytest.raises(ValueError, match="sleep_level=2 discards vLLM's weights"):
+        RolloutConfig(engine="vllm", max_staleness=1, vllm={"sleep_level": 2})
+    with pytest.raises(ValueError, match="is not a base URL"):
+        VllmConfig(urls=["localhost:8000"])
+    with pytest.raises(ValueError, match="sleep_level"):
+        VllmConfig(sleep_level=3)
+    from stablerl.rollout.vllm import VllmEngine
+
+    model, tok = tiny()
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 with rollout.engine=vllm spans"):
+        VllmEngine(model, tok, "fp32", cfg=VllmConfig(tensor_parallel_size=2))
