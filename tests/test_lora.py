@@ -135,8 +135,9 @@ def test_lora_config_errors_name_the_setting():
         lora_model("qwen3_moe", target_modules=["nope"], experts=False)
     with pytest.raises(ValueError, match="dropout"):
         lora_model("qwen3_moe", dropout=0.1)
-    with pytest.raises(ValueError, match="rollout.engine=local"):
-        RunConfig.model_validate({"model": {"lora": {"enabled": True}}, "rollout": {"engine": "vllm"}})
+    for engine in ("vllm", "vllm_server"):
+        with pytest.raises(ValueError, match=f"rollout.engine={engine}: .*use rollout.engine=local"):
+            RunConfig.model_validate({"model": {"lora": {"enabled": True}}, "rollout": {"engine": engine}})
 
 
 # --------------------------------------------------------------------------------------------

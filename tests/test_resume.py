@@ -24,6 +24,7 @@ def test_killed_before_the_first_checkpoint_resumes_cleanly(sft_ckpt, tmp_path, 
 
         shutil.rmtree(ckpt)
     (run_dir / "summary.json").unlink()
+    capsys.readouterr()  # the in-process run's own output is not the CLI's
     assert "already holds a run" in cli_error(capsys, ["train", *args(sft_ckpt, run_dir, "train.steps=2")])
     assert main(["train", "--resume", str(run_dir), "train.steps=2"]) == 0
     steps = [r["step"] for r in read_metrics(run_dir)]
@@ -33,6 +34,7 @@ def test_killed_before_the_first_checkpoint_resumes_cleanly(sft_ckpt, tmp_path, 
 def test_resume_overrides_are_checked_and_recorded(sft_ckpt, tmp_path, capsys):
     run_dir = tmp_path / "rec"
     train(sft_ckpt, run_dir, "train.steps=1")
+    capsys.readouterr()  # the in-process run's own output is not the CLI's
     for bad, key in (
         ("model.hidden_size=64", "model.hidden_size"),
         ("batch.group_size=8", "batch.group_size"),

@@ -901,9 +901,10 @@ class RunConfig(StrictModel):
                     f"rollout.max_new_tokens={self.rollout.max_new_tokens}: every response would be cut "
                     f"before its answer; set rollout.max_new_tokens>={longest}"
                 )
-        if self.model.lora.enabled and self.rollout.engine == "vllm":
+        if self.model.lora.enabled and self.rollout.engine != "local":
             raise ValueError(
-                "model.lora.enabled with rollout.engine=vllm: adapter-only syncs to vLLM are not supported "
+                f"model.lora.enabled with rollout.engine={self.rollout.engine}: adapter-only syncs to vLLM are "
+                "not supported "
                 "(vLLM's CPU build cannot run LoRA on MoE models: its fused-MoE LoRA kernels are Triton's); "
                 "use rollout.engine=local, which samples with the merged weights"
             )

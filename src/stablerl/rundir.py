@@ -220,6 +220,8 @@ class StateRecord(BaseModel):
 
     step: int = Field(ge=1)  # a checkpoint is written after a completed step
     nonfinite_total: int = Field(0, ge=0)
+    steps_skipped: int = Field(0, ge=0)
+    extra_prompts: int = Field(0, ge=0)  # the prompt stream's cursor beyond step x prompts_per_step
     metrics_lines: int = Field(ge=0)
     reward_errors: int = Field(0, ge=0)
     reward_timeouts: int = Field(0, ge=0)
