@@ -60,6 +60,7 @@ def test_qwen3_next_in_bf16_samples_with_routes_for_every_moe_layer():
     "family,precision,missing",
     [
         ("gpt_oss", "fp32", "computes gpt-oss differently"),
+        ("deepseek_v3", "fp32", "decode kernel rejects"),
         ("qwen3_next", "fp32", "Gated DeltaNet layers in bf16 only"),
         ("qwen3_5_moe", "bf16", "needs torchvision"),
     ],
@@ -76,3 +77,22 @@ def test_families_vllm_cpu_cannot_run_are_refused_naming_what_is_missing(family,
         check_vllm_model(model.config, on_cuda=False, precision=precision)
     if family != "qwen3_5_moe":  # a GPU build has what the CPU one lacks
         check_vllm_model(model.config, on_cuda=True, precision=precision)
+
+
+def test_packed_experts_sync_under_per_expert_names_that_compute_the_same_experts():
+    """vLLM's DeepSeek loader reads per-expert checkpoint names: the unpacked gate, up and down
+    matrices of expert e compute what transformers' packed experts module computes for it."""
+    from stablerl.rollout.vllm import per_expert_weights
+
+    model, _ = tiny("deepseek_v3", hidden_size=32)
+    named = dict(per_expert_weights(model.state_dict().items()))
+    experts = model.model.layers[1].mlp.experts
+    assert "model.layers.1.mlp.experts.gate_up_proj" not in named
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in named  # other tensors pass through
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    for e in (0, 5):
+        gate, up, down = (named[f"model.layers.1.mlp.experts.{e}.{p}_proj.weight"] for p in ("gate", "up", "down"))
+        ours = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+        with torch.no_grad():
+            theirs = experts(x, torch.full((3, 1), e), torch.ones(3, 1))
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -233,10 +233,11 @@ def declares_experts(config: PretrainedConfig) -> bool:
     """Whether ``config`` describes a Mixture-of-Experts, supported or not (for the error that
     tells an unsupported MoE from a dense model)."""
     text = getattr(config, "text_config", None) or config
-    return any((getattr(text, k, None) or 0) > 1 for k in _EXPERT_COUNTS)
+    return any(isinstance(n := getattr(text, k, None), int) and n > 1 for k in _EXPERT_COUNTS)
 
 
 def supported_list() -> str:
+    """The model_types routing replay covers, in the table's order."""
     return ", ".join(list(FAMILIES) + list(ALIASES))
 
 

@@ -64,9 +64,41 @@ def _family_error(model_type: str | None, on_cuda: bool, precision: str) -> str 
             "and routes past the first layer disagree with the model's), so its rollouts would not be this "
             "policy's"
         )
+    if model_type == "deepseek_v3":
+        return (
+            "deepseek_v3: vLLM's CPU build loads it but its multi-latent-attention decode kernel rejects the "
+            "KV-cache block size it runs with (Unsupported block size: 16)"
+        )
     if model_type in ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text") and precision != "bf16":
         return f"{model_type}: vLLM's CPU build runs Gated DeltaNet layers in bf16 only; use rollout.precision=bf16"
     return None
+
+
+# keys vLLM reads that transformers' config of the family does not keep, with the values that
+# make vLLM route as transformers does (DeepSeek-V3's released config.json has them; without them
+# vLLM's DeepSeek router would be a softmax with no correction bias)
+VLLM_CONFIG_KEYS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
+# families whose vLLM loader reads experts under their checkpoints' per-expert names only, not
+# transformers' packed in-memory ones
+PER_EXPERT_NAMES = {"deepseek_v3"}
+
+
+def per_expert_weights(items: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    """transformers' packed experts (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, gate rows first;
+    ``mlp.experts.down_proj`` ``[E, H, I]``) as the per-expert checkpoint names
+    ``mlp.experts.{e}.{gate,up,down}_proj.weight``; every other tensor as it is."""
+    for name, tensor in items:
+        prefix, _, leaf = name.rpartition(".")
+        if not prefix.endswith("mlp.experts") or leaf not in ("gate_up_proj", "down_proj") or tensor.dim() != 3:
+            yield name, tensor
+        elif leaf == "down_proj":
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", tensor[e]
+        else:
+            gate, up = tensor.chunk(2, dim=1)
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", gate[e]
+                yield f"{prefix}.{e}.up_proj.weight", up[e]
 
 
 class _QuietReload(logging.Filter):
@@ -270,7 +302,7 @@ class VllmEngine:
         on_cuda = torch.cuda.is_available()
         config = model.config
         check_vllm_model(config, on_cuda, precision)
-        self.precision, self.moe = precision, is_moe(model)
+        self.precision, self.moe, self.model_type = precision, is_moe(model), config.model_type
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -284,6 +316,8 @@ class VllmEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="stablerl-vllm-")
         saved = copy.deepcopy(config)
         saved.architectures = [type(model).__name__]  # what vLLM picks its implementation by
+        for key, value in VLLM_CONFIG_KEYS.get(config.model_type, {}).items():
+            setattr(saved, key, value)
         saved.save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
         args = dict(
@@ -350,6 +384,8 @@ class VllmEngine:
             self.llm.wake_up(tags=["weights"])
         # vLLM casts each tensor to its dtype as it loads it: stream them one at a time
         _quiet_weight_sync()
+        if self.model_type in PER_EXPERT_NAMES:
+            items = per_expert_weights(items)
         self.llm.collective_rpc(
             "reload_weights",
             kwargs={"weights_iterator": ((n, t.detach()) for n, t in items), "is_checkpoint_format": True},

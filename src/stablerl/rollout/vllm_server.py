@@ -120,7 +120,7 @@ class VllmServerEngine:
         cfg = cfg or VllmConfig()
         on_cuda = torch.cuda.is_available()
         config = model.config
-        check_vllm_model(config, on_cuda)
+        check_vllm_model(config, on_cuda, precision)
         dtype_args = vllm_dtype_args(precision, on_cuda)
         self.precision, self.moe, self.timeout_s = precision, is_moe(model), timeout_s
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
