@@ -19,13 +19,15 @@ from stablerl.runlog import read_metrics
 def test_absurd_learning_rate_never_leaves_a_non_finite_checkpoint(sft_ckpt, tmp_path):
     run_dir = tmp_path / "lr"
     with pytest.raises(TrainingAborted, match="no longer finite") as e:
-        train(sft_ckpt, run_dir, "train.steps=3", "optim.lr=3e38")
+        # every mini-batch steps (a tiny cold start's groups may all lack signal; AdamW's weight decay
+        # at this rate is what overflows then)
+        train(sft_ckpt, run_dir, "train.steps=3", "optim.lr=3e38", "optim.skip_empty_steps=false")
     for ckpt in checkpoint.complete_checkpoints(run_dir):
         weights = checkpoint.load_model_weights(ckpt)
         assert all(bool(torch.isfinite(t).all()) for t in weights.values()), ckpt
     # the advice works: lower the learning rate and resume
     assert "optim.lr" in str(e.value) and "--resume" in str(e.value)
-    train(sft_ckpt, run_dir, "train.steps=3", "optim.lr=1e-5", resume=True)
+    train(sft_ckpt, run_dir, "train.steps=3", "optim.lr=1e-5", "optim.skip_empty_steps=false", resume=True)
     assert read_metrics(run_dir)[-1]["step"] == 3
     weights = checkpoint.load_model_weights(checkpoint.latest(run_dir))
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
@@ -164,3 +166,30 @@ def test_an_exported_tokenizer_encodes_prompts_as_training_did(sft_ckpt, tmp_pat
     fresh = build_tokenizer()
     assert fresh("1+2=").input_ids == encode_prompt(fresh, "1+2=")
     assert fresh.decode(fresh("1+2=").input_ids, skip_special_tokens=True) == "1+2="
+
+
+def test_a_full_disk_inside_dcps_shard_write_is_one_line_naming_the_path_and_the_space(sft_ckpt, tmp_path, monkeypatch):
+    """DCP wraps a shard write's OSError in its CheckpointException, a BaseException: still one
+    line naming the checkpoint, the errno and the space it needs; the partial step is removed."""
+    import errno
+
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    real, calls = _FileSystemWriter.write_data, {"n": 0}
+
+    def write_data(self, plan, planner):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: half a shard on disk, then the disk is full
+            (Path(self.path) / "__0_0.distcp").write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", write_data)
+    run_dir = tmp_path / "full"
+    with pytest.raises(TrainingAborted) as e:
+        train(sft_ckpt, run_dir, "train.steps=3", "checkpoint.every=1")
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert str(run_dir / "checkpoints" / "step_000002") in message and "ENOSPC" in message
+    assert "needs about" in message and "free" in message and "intact" in message
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000001"]  # no partial one left

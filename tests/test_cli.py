@@ -71,3 +71,24 @@ def test_hub_ids_are_accepted_and_offline_says_how_to_download(monkeypatch, caps
         from stablerl.tasks import Columns, load_problems
 
         load_problems("stablerl-test/no-such-data", Columns())
+
+
+def test_eval_of_a_training_checkpoint_points_to_the_runs_export_of_that_step(sft_ckpt, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(sft_ckpt, run_dir, "train.steps=2", "checkpoint.every=1")
+    capsys.readouterr()  # the run's own output
+    err = cli_error(capsys, ["eval", str(run_dir / "checkpoints" / "step_000002")])
+    assert "training checkpoint" in err and str(run_dir / "export" / "step_000002") in err
+    err = cli_error(capsys, ["eval", str(run_dir / "checkpoints" / "step_000001")])  # no export of step 1
+    assert "training checkpoint" in err and f"e.g. {run_dir / 'export' / 'step_000002'}" in err
+    err = cli_error(
+        capsys, ["train", f"run_dir={tmp_path / 'r2'}", f"model.path={run_dir / 'checkpoints' / 'step_000001'}"]
+    )
+    assert "model.path" in err and "training checkpoint" in err
+
+
+@pytest.mark.parametrize("seeds", ["0", "-1"])
+def test_repro_with_no_seeds_is_refused_not_a_silent_success(capsys, tmp_path, seeds):
+    err = cli_error(capsys, ["repro", "staleness", "--seeds", seeds, "--out", str(tmp_path)])
+    assert f"--seeds {seeds}" in err and "at least 1" in err
+    assert not any(tmp_path.iterdir())

@@ -39,3 +39,12 @@ def test_overrides_after_config(sft_ckpt, tmp_path):
     assert main(["train", "train.steps=1", "--config", str(cfg_file), *args(sft_ckpt, run_dir)]) == 0
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 1
     assert read_metrics(run_dir)[-1]["step"] == 1
+
+
+def test_a_lag_at_or_beyond_the_run_is_refused_naming_both_keys(capsys):
+    for eta in (4, 5, 10**9):
+        with pytest.raises(ValueError, match=rf"rollout.max_staleness={eta} is not below train.steps=4.*at most 3"):
+            build_config(RunConfig, None, ["train.steps=4", f"rollout.max_staleness={eta}"])
+    assert build_config(RunConfig, None, ["train.steps=4", "rollout.max_staleness=3"]).rollout.max_staleness == 3
+    err = cli_error(capsys, ["train", "train.steps=4", "rollout.max_staleness=1000000000"])
+    assert "rollout.max_staleness" in err and "train.steps" in err

@@ -1,6 +1,6 @@
 """Dynamic sampling (batch.filter_groups): the selection rules by hand, and in training every
 trained group has signal while the batch keeps its size, a resume draws the prompts an
-uninterrupted run does, and (slow) two learner ranks with a rollout worker equal one process."""
+uninterrupted run does, and (slow) learner ranks with a rollout worker equal one process."""
 
 import json
 from pathlib import Path
@@ -100,16 +100,17 @@ def test_a_filtered_run_resumes_exactly(sft_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_learners_and_a_worker_filter_as_one_process(sft_ckpt, tmp_path):
+@pytest.mark.parametrize("eta,learners", [(1, 2), (0, 1)], ids=["eta1-L2-R1", "eta0-L1-R1"])
+def test_learners_and_a_worker_filter_as_one_process(sft_ckpt, tmp_path, eta, learners):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from launch import torchrun_train
 
-    extra = ["train.steps=3", "rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=3"]
+    extra = ["train.steps=3", "rollout.precision=fp32", f"rollout.max_staleness={eta}", "checkpoint.every=3"]
     _, ref = run(sft_ckpt, tmp_path / "ref", *extra)
     args = [f"model.path={sft_ckpt}", f"run_dir={tmp_path / 'w'}", *BASE, *extra, "rollout.workers=1"]
-    rc, out = torchrun_train(args, nproc=3, timeout=300)
+    rc, out = torchrun_train(args, nproc=learners + 1, timeout=300)
     assert rc == 0, out[-3000:]
     got = read_metrics(tmp_path / "w")
     keys = ("filter/extra_rounds", "filter/groups_dropped", "reward_mean", "groups_without_signal")

@@ -92,3 +92,13 @@ def test_the_warning_names_the_share_and_what_to_do():
     assert no_signal_warning([]) is None
     text = no_signal_warning([0.9, 1.0, 0.95])
     assert "95%" in text and "3 steps" in text and "batch.group_size" in text and "cold start" in text
+
+
+def test_the_skip_count_and_the_prompt_cursor_survive_a_checkpoint():
+    from stablerl.rundir import RunState
+
+    state = RunState(step=3, metrics_lines=4, steps_skipped=2, extra_prompts=8)
+    back = RunState.from_checkpoint(state.to_checkpoint())
+    assert back.steps_skipped == 2 and back.extra_prompts == 8
+    with pytest.raises(ValueError, match="extra_prompts"):
+        RunState.from_checkpoint({**state.to_checkpoint(), "extra_prompts": -1})

@@ -252,6 +252,67 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
         assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()), k
 
 
+def _cli_args(ckpt, run_dir, *extra) -> list[str]:
+    """The arguments of ``config`` above, as a `stablerl train` command line takes them."""
+    return [
+        f"model.path={ckpt}",
+        f"run_dir={run_dir}",
+        "batch.prompts_per_step=2",
+        "batch.group_size=4",
+        "rollout.max_new_tokens=12",
+        "task.levels=[1]",
+        "task.eval_size=4",
+        "eval.every=100",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.rollouts=true",
+        f"task.reward_fns=[{REWARD}]",
+        "optim.lr=1e-3",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(1, 1), (1, 2), (2, 1)], ids=["same", "more", "fewer"])
+def test_a_run_with_rollout_workers_resumes_with_any_number_of_them_exactly(sft_ckpt, tmp_path, before, after):
+    """A finished 2-step run with ``before`` workers, resumed to 4 steps with ``after``: the same
+    samples, metrics and weights as the uninterrupted run with none (the workers change the speed,
+    never the maths; a resume's worker is handed the checkpoint, which holds no HF weights)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launch import torchrun_train
+
+    extra = ["rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=2"]
+    ref = run(sft_ckpt, tmp_path / "ref", "train.steps=4", *extra)
+    w = tmp_path / "w"
+    rc, out = torchrun_train(
+        _cli_args(sft_ckpt, w, "train.steps=2", *extra, f"rollout.workers={before}"), nproc=1 + before
+    )
+    assert rc == 0, out[-3000:]
+    rc, out = torchrun_train(
+        ["--resume", str(w), "train.steps=4", f"rollout.workers={after}"], nproc=1 + after, timeout=300
+    )
+    assert rc == 0, out[-3000:]
+    got = read_metrics(w)
+    a = [json.loads(x) for x in (tmp_path / "ref" / "rollouts.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (w / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["completions"] for r in a] == [r["completions"] for r in b]
+    assert [r["rollout_version"] for r in got[1:]] == [0, 0, 1, 2]
+    tol = {f"seq_log_w/{s}": 12 * 4.8e-7 for s in ("mean", "p01", "p05", "min")}  # see above
+    assert len(ref) == len(got)
+    for x, y in zip(_comparable(ref), _comparable(got)):
+        # the first run evaluated at its own end (step 2)
+        x, y = ({k: v for k, v in r.items() if not k.startswith("eval/")} for r in (x, y))
+        assert x.keys() == y.keys()
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=tol.get(k, 1e-7)), k
+    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "ref"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(w))
+    for k in wa:
+        assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()), k
+
+
 def test_lag_kl_splits_the_mismatch_into_engine_and_lag(sft_ckpt, tmp_path):
     """log.lag_kl: k1(mu || pi_old) = k1(mu || pi_v) + k1(pi_v || pi_old) on the same tokens. At
     the first steps the sampler's version is the learner's (v = s - 1): no lag; later the lag

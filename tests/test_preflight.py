@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tinyrun import FNS, config
+from tinyrun import FNS, cli_error, config
 
 from stablerl.cli import main
 from stablerl.config import RunConfig
@@ -75,3 +75,27 @@ def test_a_trainer_on_a_10mb_row_stops_at_start_up_and_leaves_nothing(sft_ckpt, 
     with pytest.raises(ValueError, match="row 4"):
         Trainer(cfg, tmp_path / "run", log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cxx_compiler_that_answers_but_cannot_build_is_one_line_naming_it_and_the_way_out(
+    tmp_path, capsys, monkeypatch
+):
+    """A compiler that passes torch's `--version` check but fails every build: refused before any
+    work (no run directory), naming the compiler, its error and the option to turn off."""
+    import torch._inductor.config as inductor
+
+    from stablerl.preflight import compiler_error
+
+    fake = tmp_path / "cxx"
+    script = [
+        '[ "$1" = "--version" ] && { echo "g++ (fake) 12"; exit 0; }',
+        'echo "fatal: broken install" >&2',
+        "exit 1",
+    ]
+    fake.write_text("#!/bin/sh\n" + "\n".join(script) + "\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(fake)))
+    err = cli_error(capsys, ["train", f"run_dir={tmp_path / 'r'}", "train.compile=true"])
+    assert str(fake) in err and "fatal: broken install" in err and "train.compile=false" in err
+    assert not (tmp_path / "r").exists()
+    assert compiler_error("g++") == ""  # a working compiler passes the probe

@@ -315,3 +315,24 @@ def test_a_reward_function_failing_on_every_first_step_call_stops_the_run(sft_ck
             tmp_path / "r",
             log=lambda *_: None,
         ).run()
+
+
+def test_trl_functions_get_conversational_completions_where_the_prompt_was_a_chat():
+    """TRL passes ``completions[i]`` as ``[{"role": "assistant", "content": text}]`` and
+    ``prompts[i]`` as the chat turns when the prompt was a conversation: so does the pool, for a
+    prompt under task.chat_template (a system turn from task.system_prompt) or a chat-turn row;
+    plain-text prompts stay strings."""
+    from stablerl.config import TaskConfig
+    from stablerl.generation import prompt_turns
+    from stablerl.tasks import Problem
+
+    text = Problem(prompt="1+1=", answer="2")
+    chat = Problem(prompt="2+2?", answer="4", messages=({"role": "user", "content": "2+2?"},))
+    on, off = TaskConfig(chat_template=True, system_prompt="Be brief."), TaskConfig()
+    assert prompt_turns(text, off) == ()
+    assert prompt_turns(text, on) == ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1="})
+    with RewardPool([f"{FNS}:trl_conversational"], workers=1, timeout_s=10) as pool:
+        assert pool.score([(text.prompt, "abc", {}, prompt_turns(text, on))]).total == [3.5]
+        assert pool.score([(chat.prompt, "abcd", {}, prompt_turns(chat, off))]).total == [4.0]
+        assert pool.score([(text.prompt, "abc", {}, prompt_turns(text, off))]).total == [-1.0]
+        assert pool.score([(text.prompt, "abc", {})]).total == [-1.0]

@@ -218,3 +218,51 @@ def test_a_tokenizer_without_bos_encodes_the_prompt_alone():
     tok.bos_token = None
     assert tok.bos_token_id is None
     assert encode_prompt(tok, "1+2=") == tok("1+2=", add_special_tokens=False).input_ids
+
+
+def _rows(tmp_path, rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "turns, named",
+    [
+        ([{"role": "hacker", "content": "2+2?"}], "role 'hacker' is not one of system, developer, user"),
+        ([{"role": "assistant", "content": "4"}], "no 'user' turn (its roles: assistant)"),
+        ([{"role": "system", "content": "be brief"}], "no 'user' turn (its roles: system)"),
+    ],
+)
+def test_a_chat_prompt_without_a_user_turn_is_refused_naming_the_row(tmp_path, turns, named):
+    ok = {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"}
+    rows = [ok] * 6 + [{"prompt": turns, "answer": "4"}]
+    with pytest.raises(MalformedDataError, match="row 7: .*" + named.replace("(", r"\(").replace(")", r"\)")):
+        DatasetTask(_rows(tmp_path, rows))
+    task = DatasetTask(_rows(tmp_path, [ok] * 7))  # with a user turn: its content is the prompt
+    assert task.train_problem(0).prompt == "1+1?"
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        ("She sold 24.\n#### 72", "72"),
+        ("#### 1,072", "1072"),  # thousands separators
+        ("#### -1,234.5", "-1234.5"),
+        ("text #### 1,0,7,2", "1,0,7,2"),  # not a number's grouping: a list, kept as written
+        ("#### 12 #### 13", "13"),  # the last '####' holds the final answer
+        ("no marker, 1,072", "no marker, 1,072"),  # anything else as is
+        ("#### ", None),
+        ("#### 12 #### ", None),
+        ("work\n####", None),
+    ],
+)
+def test_gsm8k_answers_take_what_follows_the_last_marker_and_refuse_an_empty_one(tmp_path, answer, reference):
+    rows = [{"question": f"q{i}", "answer": "1"} for i in range(6)] + [{"question": "last", "answer": answer}]
+    if reference is None:
+        with pytest.raises(MalformedDataError, match="row 7: nothing follows the last '####'"):
+            DatasetTask(_rows(tmp_path, rows))
+        return
+    task = DatasetTask(_rows(tmp_path, rows), eval_size=1)
+    problems = task.train_problems() + task.eval_problems()
+    assert next(p.answer for p in problems if p.prompt.startswith("last")) == reference

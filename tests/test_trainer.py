@@ -257,3 +257,44 @@ def test_ctrl_c_writes_an_interrupted_summary_that_repro_does_not_count_as_done(
     summary = json.loads(RunDir(tmp_path / "r").summary.read_text())
     assert summary["interrupted"] is True and summary["steps"] == 1
     assert not is_done(tmp_path / "r")
+
+
+@pytest.mark.parametrize("sig, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"), ("SIGINT", 130, "interrupted")])
+def test_sigterm_writes_the_same_interrupted_summary_as_ctrl_c(sft_ckpt, tmp_path, sig, code, said):
+    """What `timeout`, Slurm and Kubernetes send ends a run as Ctrl-C does: a summary marked
+    interrupted at the last completed step, one line on stderr, and a resume continues it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tinyrun import args
+
+    from stablerl import checkpoint
+
+    run = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stablerl", "train", *args(sft_ckpt, run, "train.steps=500", "checkpoint.every=1")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while checkpoint.latest(run) is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, err[-2000:]
+    lines = [x for x in err.strip().splitlines() if x.startswith("stablerl")]
+    assert lines == [f"stablerl train: {said}"], err[-2000:]
+    summary = json.loads(RunDir(run).summary.read_text())
+    assert summary["interrupted"] is True and 1 <= summary["steps"] < 500
+    assert not is_done(run)

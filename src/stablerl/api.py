@@ -27,8 +27,15 @@ def resolve_run(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> tuple[RunConfig, Path]:
     """The validated config and the run directory a ``train`` call would use."""
-    from stablerl.rundir import resume_config
+    from stablerl.resume import resume_config
 
+    if not (config is None or isinstance(config, (RunConfig, dict, str, Path))):
+        raise ValueError(
+            f"config {config!r} (a {type(config).__name__}) is not a config: give a RunConfig, a dict of its sections, "
+            "the path of a YAML/TOML file, or nothing for the defaults"
+        )
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError(f"overrides {overrides!r}: give a list of 'key=value' strings")
     if resume is not None:
         if isinstance(config, (RunConfig, dict)):
             raise ValueError(
@@ -66,6 +73,7 @@ def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=p
     import json
 
     from stablerl import distributed as D
+    from stablerl.errors import sigterm_as_interrupt
     from stablerl.loop import RankStopped, Trainer
     from stablerl.rundir import RunDir
 
@@ -82,7 +90,8 @@ def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=p
     try:
         run_dir = Path(D.broadcast_object(str(run_dir)))  # rank 0's timestamp names the run for all
         cfg.run_dir = str(run_dir)
-        Trainer(cfg, run_dir, resume=resume, log=log, world=world).run()
+        with sigterm_as_interrupt():  # a run stopped by SIGTERM is written up as one stopped by Ctrl-C
+            Trainer(cfg, run_dir, resume=resume, log=log, world=world).run()
     except Exception as e:
         if not (world.distributed and D.is_collective_failure(e)):
             raise
@@ -96,4 +105,9 @@ def train_resolved(cfg: RunConfig, run_dir: Path, *, resume: bool = False, log=p
     finally:
         D.shutdown_world(broken)
     files = RunDir(run_dir)
-    return json.loads(files.summary.read_text()) if world.is_main and files.summary.is_file() else {}
+    if not (world.is_main and files.summary.is_file()):
+        return {}
+    from stablerl.plot import plot_runs
+
+    plot_runs([run_dir], files.plots / "curves.png")  # the same run directory from the CLI or from here
+    return json.loads(files.summary.read_text())

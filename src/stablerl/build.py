@@ -15,8 +15,9 @@ from stablerl.families import replay_refusal
 from stablerl.models import build_model, is_moe, load_model, load_policy, model_skeleton
 from stablerl.pipeline import LaggedWeights
 from stablerl.replay import RoutingPlan
+from stablerl.resume import check_reference, saved_changes
 from stablerl.rollout import RolloutEngine, build_engine
-from stablerl.rundir import RunDir, RunState, saved_changes
+from stablerl.rundir import RunDir, RunState
 from stablerl.sft import cold_start, sft_output_dir
 
 
@@ -53,9 +54,9 @@ def resume_point(cfg: RunConfig, files: RunDir, resume: bool, log) -> tuple[Path
                 f"run_dir {run_dir} already holds a run; resume it with --resume {run_dir} or pick another run_dir"
             )
         return None, {}
-    changes = saved_changes(run_dir, cfg)
+    changes, notes = saved_changes(run_dir, cfg)
     ckpt, damaged = checkpoint.latest_good(run_dir)
-    for w in damaged:
+    for w in damaged + notes:
         log(f"[warning] {w}")
     if ckpt is None and damaged:
         raise ValueError(
@@ -73,7 +74,7 @@ def starting_policy(cfg: RunConfig, task, world: D.World, ckpt: Path | None, log
     reads the weights; the others build a meta-device skeleton and receive their shards from it
     (Learner._place): no full copy on them."""
     holds_weights = world.is_main or not world.distributed
-    if ckpt is not None:
+    if ckpt is not None and not cfg.model.lora.enabled:  # a LoRA checkpoint holds the adapters only
         from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(ckpt)
@@ -90,15 +91,17 @@ def starting_policy(cfg: RunConfig, task, world: D.World, ckpt: Path | None, log
     return model, tokenizer, source
 
 
-def reference_policy(cfg: RunConfig, world: D.World):
+def reference_policy(cfg: RunConfig, world: D.World, state: RunState):
     """The KL penalty's frozen reference: the run's starting weights (model.path, or the cold
-    start), read again from where they came from — on a resume too."""
+    start), read again from where they came from — on a resume too, where they must be the weights
+    ``state`` recorded (their digest, kept in ``state``)."""
     path = Path(cfg.model.path) if cfg.model.path else sft_output_dir(cfg)
     if not (path / "config.json").is_file():
         raise ValueError(
             f"loss.kl_beta > 0: the reference policy (the run's starting weights) is not at {path} "
             "any more; restore it there, or set loss.kl_beta=0"
         )
+    state.reference_digest = check_reference(path, state.reference_digest)
     if world.distributed and not world.is_main:  # rank 0 sends the shards (Learner._place)
         return load_policy(path, weights=False)[0]
     return load_model(path)

@@ -10,15 +10,17 @@
 
 Reading a checkpoint never runs code: DCP's metadata is unpickled with an allow-list of its own
 classes (``SafeReader``), tensors with ``torch.load(weights_only=True)``. A checkpoint whose
-files do not match their checksums, or whose state.json is damaged, is never trained on: a
+files do not match their checksums (or that has no checksum table, or files outside it), or whose
+state.json is damaged or invalid (each field checked: ``rundir.StateRecord``), is never trained on: a
 resume falls back to the newest good one and says which it skipped and why (``latest_good``).
 
 A checkpoint is written into ``step_000123.tmp`` and renamed when complete, so a kill at any
 moment leaves the previous checkpoint or the new one, never a half-written one taken as the
 latest. Before anything is written, every parameter and optimizer tensor is checked: a
 non-finite state is never saved as a checkpoint (``NonFiniteState``). A write that fails (a full
-disk: ENOSPC) removes the partial directory and says which directory and why
-(``CheckpointWriteError``); the previous checkpoint stays intact.
+disk: ENOSPC, also inside DCP's shard write) removes the partial directory and says in one line
+which directory, why and, for a full disk, the space it needs and has (``CheckpointWriteError``);
+the previous checkpoint stays intact.
 
 ``RUN_DIR/export/step_000123/`` is an HF checkpoint (safetensors + tokenizer) that
 ``AutoModelForCausalLM.from_pretrained`` loads: written at the end of a run and every
@@ -116,12 +118,35 @@ class CheckpointWriteError(RuntimeError):
     pass
 
 
-def _write_error(path: Path, e: OSError) -> CheckpointWriteError:
+def _write_error(path: Path, e: OSError, needed: int | None = None) -> CheckpointWriteError:
+    """One line: the path, the errno and, for a full disk, the space the write needs and has."""
     name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
-    hint = " (the disk is full: free space there, then --resume)" if e.errno == errno.ENOSPC else ""
+    hint = ""
+    if e.errno == errno.ENOSPC:
+        where = next((p for p in Path(path).parents if p.exists()), Path("/"))
+        size = f"the checkpoint needs about {needed / 2**20:.1f} MiB, " if needed else ""
+        free = shutil.disk_usage(where).free / 2**20
+        hint = f" (the disk is full: {size}{free:.1f} MiB are free at {where}; free space there, then --resume)"
     return CheckpointWriteError(
         f"writing {path} failed: {name}: {e.strerror or e}{hint}; the previous checkpoint is intact"
     )
+
+
+def _failure(path: Path, e: BaseException, needed: int) -> str:
+    """A failed checkpoint write as one line (DCP's own exception holds every rank's traceback)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    os_error = _os_error(e)
+    if os_error is not None:
+        return str(_write_error(path, os_error, needed))
+    inner = [x for x in _causes(e) if not isinstance(x, CheckpointException)] or [e]
+    first = (str(inner[0]).strip().splitlines() or [""])[0][:300]
+    return f"writing {path} failed: {type(inner[0]).__name__}: {first}; the previous checkpoint is intact"
+
+
+def _state_bytes(model, optimizer) -> int:
+    """Bytes of this rank's weights and optimizer state: what its DCP shards hold."""
+    return sum(t.numel() * t.element_size() for _, t in _named_state(model, optimizer))
 
 
 def save_model_dir(path: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
@@ -183,10 +208,18 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _dcp_state(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+# a checkpoint holds what is trained: with LoRA (model.lora) the adapters, never the frozen base
+_OPTIONS = dict(ignore_frozen_params=True)
 
-    msd, osd = get_state_dict(model, optimizer)
+
+def _dcp_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(**_OPTIONS))
+    # a tied weight's second name (lm_head.weight) escapes ignore_frozen_params
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            msd.pop(name, None)
     return {"model": msd, "optim": osd}
 
 
@@ -204,6 +237,7 @@ def save(
     """A checkpoint of ``step`` (every rank calls it; rank 0 publishes it). ``extra(dir)``, on rank
     0, writes more files into it before it is checksummed and published."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     world = world or D.World()
     check_finite(model, optimizer)
@@ -242,10 +276,10 @@ def save(
                 ),
             )
             publish_dir(tmp, final)
-    except Exception as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
         if _collective_failure(e):  # a rank stopped answering: not a write error (api.train names the rank)
             raise
-        failure = str(_write_error(final, _os_error(e))) if _os_error(e) else f"writing {final} failed: {e}"
+        failure = _failure(final, e, _state_bytes(model, optimizer) * world.size)
     failures = [f for f in D.all_gather_objects(failure) if f]
     if failures:
         if world.is_main:
@@ -285,13 +319,20 @@ def _os_error(e: BaseException) -> OSError | None:
 def load(ckpt: Path, model, optimizer) -> None:
     """Load model and optimizer state (sharded or not, from a run on any number of ranks)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     sd = _dcp_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(sd, storage_reader=_safe_reader(Path(ckpt) / DCP_DIR))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=sd["model"],
+        optim_state_dict=sd["optim"],
+        # the frozen base is not in it: strict only when every parameter is trained
+        options=StateDictOptions(**_OPTIONS, strict=all(p.requires_grad for p in model.parameters())),
+    )
 
 
 def load_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -321,20 +362,27 @@ def _checksums(root: Path) -> dict[str, str]:
 
 
 def damage(ckpt: Path) -> str | None:
-    """Why the checkpoint ``ckpt`` cannot be trusted (a damaged state.json, a missing or changed
-    file), or None when it is intact. Checkpoints written before checksums existed are checked
-    for a readable state.json only."""
+    """Why the checkpoint ``ckpt`` cannot be trusted (a damaged or invalid state.json, a step
+    that is not its folder's, no checksum table, a missing or changed file), or None when it is
+    intact."""
     ckpt = Path(ckpt)
     try:
         data = json.loads((ckpt / STATE_FILE).read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("step"), int):
-            return f"{ckpt / STATE_FILE} does not hold a checkpoint state"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return f"{ckpt / STATE_FILE} is unreadable ({type(e).__name__})"
+    try:
+        state = RunState.from_checkpoint(data)
+    except ValueError as e:
+        return f"{ckpt / STATE_FILE} does not hold a valid checkpoint state ({e})"
+    if ckpt.name != RunDir(ckpt.parent.parent).checkpoint(state.step).name:
+        return f"{ckpt / STATE_FILE} records step {state.step}, not the step of its folder {ckpt.name}"
     expected = data.get("files")
-    if expected is None:
-        return None
+    if expected is None:  # without its table nothing in it can be checked: not trusted
+        return f"{ckpt / STATE_FILE} has no checksum table ('files')"
     actual = _checksums(ckpt)
+    unlisted = sorted(set(actual) - set(expected))
+    if unlisted:  # every file a checkpoint writes is in its table
+        return f"{ckpt / unlisted[0]} is not in the checkpoint's checksum table ({ckpt / STATE_FILE})"
     for name, digest in expected.items():
         if name not in actual:
             return f"{ckpt / name} is missing"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from stablerl.config import LabConfig, RunConfig
 from stablerl.config_io import build_config, describe
+from stablerl.errors import Terminated
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from stablerl.api import resolve_run, train_resolved
     from stablerl.loop import RankStopped, TrainingAborted
-    from stablerl.plot import plot_runs, reward_is_accuracy
+    from stablerl.plot import reward_is_accuracy
     from stablerl.rundir import RunDir
 
     cfg, run_dir = resolve_run(args.config, resume=args.resume, overrides=args.overrides)
@@ -54,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
     if not summary:  # a rank other than 0: rank 0 reports
         return 0
     files = RunDir(run_dir)
-    plots = plot_runs([run_dir], files.plots / "curves.png")
+    plots = files.plots / "curves.png"  # drawn by train_resolved, as for the Python API
     lines = [f"\nrun: {run_dir}  ({summary['steps']} steps, {time.perf_counter() - t0:.0f} s this invocation)"]
     accuracy = reward_is_accuracy(run_dir)  # a weighted reward of your functions can exceed 1: no percent
     for mode in ("greedy", "sampled"):
@@ -104,6 +105,13 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from stablerl.export import export_run
+
+    print(export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.step, args.merged))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from stablerl.evaluation import build_eval_sets, evaluate
     from stablerl.models import check_model_dir, load_policy
@@ -143,6 +151,8 @@ def _repro(args: argparse.Namespace) -> int:
     names = (
         [n for n, e in EXPERIMENTS.items() if e.get("in_all", True)] if args.experiment == "all" else [args.experiment]
     )
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: the number of seeds per configuration must be at least 1")
     out = Path(args.out)
     if args.report_only:
         for name in names:
@@ -185,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_and_sft(sub)
     _add_eval(sub)
     _add_repro(sub)
+    ex = sub.add_parser("export", help="a run's checkpoint as an HF model, or a LoRA run's as a peft adapter")
+    ex.add_argument("run_dir")
+    ex.add_argument("--step", type=int, help="the checkpoint of this step (default: the latest intact one)")
+    ex.add_argument("--merged", action="store_true", help="LoRA runs: also the merged model, in OUT/merged")
+    ex.add_argument("--out", help="output directory (default: RUN_DIR/export/step_N)")
+    ex.set_defaults(func=_export)
     pl = sub.add_parser("plot", help="PNG curves comparing runs")
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", help="PNG path (default: FIRST_RUN/plots/curves.png)")
@@ -297,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_hf()
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (a run's summary says it was interrupted)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, no traceback (the summary says interrupted)
         hint = f"; continue with: stablerl train --resume {args.resume}" if getattr(args, "resume", None) else ""
-        print(f"stablerl {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print(
+            f"stablerl {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}", file=sys.stderr
+        )
+        return 143 if terminated else 130
     except ValueError as e:  # every user error (config, data, paths) is a ValueError with a clear message
         print(f"stablerl {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -217,6 +217,44 @@ class LabConfig(StrictModel):
 DEFAULT_CONTEXT = 256
 
 
+class LoraConfig(StrictModel):
+    """LoRA adapters through `peft` (docs/lora.md): the base model frozen in ``train.dtype``, only the
+    adapters trained and in the optimizer, the checkpoints and the weight syncs."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters on a frozen base instead of every weight.")
+    rank: int = Field(16, ge=1, description="r: the adapters' rank (per expert for the experts' adapters).")
+    alpha: float = Field(32.0, gt=0, description="The adapters' output is scaled by alpha / rank.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input (attention and dense MLP projections only: peft's "
+        "adapters on packed expert weights take none, so > 0 needs model.lora.experts=false on a MoE).",
+    )
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layers adapted, by their last name: the attention projections and the dense "
+        "MLPs' (a dense model's MLP, Qwen2-MoE's shared expert) in every supported family; a name the "
+        "model lacks is skipped, one that matches nothing at all is an error.",
+    )
+    experts: bool = Field(
+        True,
+        description="MoE models: also adapt every routed expert's packed gate_up_proj and down_proj "
+        "(peft's target_parameters: one rank-r adapter per expert).",
+    )
+    train_router: bool = Field(
+        False,
+        description="MoE models: also train the routers' weights in full (they are small, [experts, hidden] "
+        "per layer); frozen by default, so the base's routing changes only through the adapted hidden states.",
+    )
+    export_merged: bool = Field(
+        False,
+        description="Exports also write the merged model (base + adapters, an HF checkpoint that plain "
+        "transformers loads) beside the peft adapter.",
+    )
+
+
 class ModelConfig(StrictModel):
     path: str | None = Field(
         None,
@@ -244,6 +282,7 @@ class ModelConfig(StrictModel):
         "(the longest prompt + response it accepts). Rotary positions have no weights, so "
         "a longer context changes no number, only what fits.",
     )
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -862,7 +901,21 @@ class RunConfig(StrictModel):
                     f"rollout.max_new_tokens={self.rollout.max_new_tokens}: every response would be cut "
                     f"before its answer; set rollout.max_new_tokens>={longest}"
                 )
+        if self.model.lora.enabled and self.rollout.engine != "local":
+            raise ValueError(
+                f"model.lora.enabled with rollout.engine={self.rollout.engine}: adapter-only syncs to vLLM are "
+                "not supported "
+                "(vLLM's CPU build cannot run LoRA on MoE models: its fused-MoE LoRA kernels are Triton's); "
+                "use rollout.engine=local, which samples with the merged weights"
+            )
         RoutingPlan(self.train.routing_replay, True, self.batch.minibatches_per_step, self.loss.proximal == "rollout")
+        eta, steps = self.rollout.max_staleness, self.train.steps
+        if eta and eta >= steps:  # the lag is never reached, and every version would be kept for it
+            raise ValueError(
+                f"rollout.max_staleness={eta} is not below train.steps={steps}: step s is sampled by "
+                f"version max(0, s - 1 - eta), so every step would be sampled by the starting policy; "
+                f"use a lag below train.steps (at most {steps - 1})"
+            )
         return self
 
 
@@ -895,4 +948,5 @@ RESUMABLE_KEYS = (
     "distributed.timeout_s",
     "distributed.threads",
     "sft.checkpoint_every",
+    "model.lora.export_merged",
 )

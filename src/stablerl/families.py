@@ -95,8 +95,8 @@ def _linear_attention(common: dict) -> dict:
     return dict(
         layer_types=["full_attention" if i % 4 == 3 or i == n - 1 else "linear_attention" for i in range(n)],
         head_dim=h // 4,
-        linear_key_head_dim=h // 8,
-        linear_value_head_dim=h // 8,
+        linear_key_head_dim=64,  # vLLM's CPU Gated DeltaNet kernels take 64 (not 16 or 32)
+        linear_value_head_dim=64,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
         linear_conv_kernel_dim=4,

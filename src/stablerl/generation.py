@@ -65,6 +65,18 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool = False, system_pr
     return encode_messages(tokenizer, [{"role": "user", "content": prompt}], system_prompt)
 
 
+def prompt_turns(problem, task: TaskConfig) -> tuple:
+    """The chat turns the model saw, when its prompt went through a chat template (chat-turn
+    prompts, or ``task.chat_template``); ``()`` for a plain-text prompt. TRL-style reward
+    functions get them as ``prompts`` and their completions as turns too (reward.py)."""
+    if not (problem.messages or task.chat_template):
+        return ()
+    turns = list(problem.messages) or [{"role": "user", "content": problem.prompt}]
+    if task.system_prompt and not any(m["role"] == "system" for m in turns):
+        turns = [{"role": "system", "content": task.system_prompt}, *turns]
+    return tuple(turns)
+
+
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
     return [
         tokenizer.decode(batch.response_ids[i][batch.response_mask[i]], skip_special_tokens=True)
@@ -102,8 +114,12 @@ def sample_and_score(
     )
     batch.sampling = sampling  # the learner reads temperature and length limit from the batch
     texts = decode_responses(tokenizer, batch)
+    turns = [prompt_turns(p, task) for p in problems]
     result = rewards.score(
-        [(p.prompt, t, p.reward_fields()) for p, t in zip((p for p in problems for _ in range(n)), texts)]
+        [
+            (p.prompt, t, p.reward_fields(), c)
+            for (p, c), t in zip(((p, c) for p, c in zip(problems, turns) for _ in range(n)), texts)
+        ]
     )
     batch.rewards = torch.tensor(result.total)
     return Scored(batch, texts, result)

@@ -48,6 +48,7 @@ from stablerl.distributed.fsdp import (
 )
 from stablerl.forward import compile_router_free_parts, enable_activation_checkpointing, response_logp
 from stablerl.learning_signal import has_signal
+from stablerl.lora import adapters_off, is_lora, lora_policy, merged_weights, trainable_parameters
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
 from stablerl.replay import RoutingPlan
@@ -129,21 +130,26 @@ class Learner:
         self.model_config = model.config
         dtype = cfg.train.dtype
         self.dtype = ("bf16" if self.world.device.type == "cuda" else "fp32") if dtype == "auto" else dtype
+        self.base_digest = None  # model.lora: the frozen base's fingerprint (checkpoints name it)
+        if cfg.model.lora.enabled:
+            model, self.base_digest = lora_policy(model, cfg.model.lora, cfg.train.seed, self.dtype)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.model = self._place(model)
         if cfg.train.compile:
             compile_router_free_parts(self.model)
         self.model.train()
-        # the frozen reference of the KL penalty (loss.kl_beta): one more model copy, sharded alike
+        # the frozen reference of the KL penalty (loss.kl_beta): one more model copy, sharded alike;
+        # with LoRA the base itself, adapters off (no copy)
+        self.lora = is_lora(model)
         self.reference = None
-        if cfg.loss.kl_beta > 0:
+        if cfg.loss.kl_beta > 0 and not self.lora:
             if reference is None:
                 raise ValueError("loss.kl_beta > 0 needs the reference policy (the run's starting weights)")
             self.reference = self._place(reference.eval().requires_grad_(False))
         opt = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            trainable_parameters(self.model),
             lr=opt.lr,
             betas=(0.9, 0.99),
             weight_decay=opt.weight_decay,
@@ -206,12 +212,15 @@ class Learner:
     def full_weights(self):
         """Full weights for an engine's ``load_weights``, streamed one tensor at a time (a
         collective when sharded: every rank consumes it to the end)."""
-        return iter_full_tensors(self.model)
+        stream = iter_full_tensors(self.model)
+        return merged_weights(self.model, stream) if self.lora else stream
 
     def export_model(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """An unsharded model object to call ``save_pretrained`` on, and the full weights to save
         with it (a collective when sharded)."""
         weights = self.full_state_dict()
+        if self.lora:  # the LoRA model's own tensors: lora.export_lora writes the adapter from them
+            return self.model, weights
         return (build_model(self.model_config) if is_sharded(self.model) else self.model), weights
 
     # ---------------------------------------------------------------------------------------
@@ -396,9 +405,11 @@ class Learner:
         else:
             old_logp = logp.detach() if old.logp is None else old.logp[idx][:, : mask.shape[1]]
         ref_logp = None
-        if self.reference is not None:  # the reference routes live: it is the starting policy as it was
-            with torch.no_grad():
-                ref_logp = self._logp(self.reference, micro, temperature=batch.sampling.temperature)["logp"]
+        if self.reference is not None or (self.lora and self.cfg.loss.kl_beta > 0):
+            # the reference routes live: it is the starting policy as it was
+            with torch.no_grad(), adapters_off(self.model) if self.lora else nullcontext():
+                reference = self.model if self.lora else self.reference
+                ref_logp = self._logp(reference, micro, temperature=batch.sampling.temperature)["logp"]
         loss, m = logp.sum() * 0.0, None  # what a bad micro-batch backpropagates (no update follows)
         finite = bool(torch.isfinite(logp.detach()[mask]).all())
         if finite:

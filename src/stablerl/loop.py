@@ -28,6 +28,7 @@ from stablerl.config import RunConfig
 from stablerl.errors import RankStopped, TrainingAborted
 from stablerl.evaluation import EvalEngine, build_eval_sets, evaluate
 from stablerl.learner import Learner
+from stablerl.lora import check_base, export_lora, write_base_record
 from stablerl.models import is_moe
 from stablerl.pipeline import LagSplit, send_to_workers, start_workers
 from stablerl.preflight import check_compiler, check_memory, check_prompts
@@ -98,12 +99,16 @@ class Trainer:
         check_memory(cfg, model.config, world.size, longest)
         self.tokenizer, self.model_config = tokenizer, model.config
         self.source = str(source)  # where a rollout worker reads the model from
-        reference = build.reference_policy(cfg, world) if cfg.loss.kl_beta > 0 else None
+        if ckpt is not None:
+            self.state = checkpoint.load_state(ckpt)
+        lora = cfg.model.lora.enabled  # the KL reference is then the base itself, adapters off
+        reference = build.reference_policy(cfg, world, self.state) if cfg.loss.kl_beta > 0 and not lora else None
         self.learner = Learner(model, cfg, world, reference=reference)
         self.lag = build.fixed_lag(cfg)
         if ckpt is not None:
+            if lora:
+                check_base(ckpt, self.learner.base_digest, self.source)
             checkpoint.load(ckpt, self.learner.model, self.learner.optimizer)
-            self.state = checkpoint.load_state(ckpt)
         version, weights = build.first_weights(self.lag, self.state, ckpt, self.learner.full_weights)
         self.rollouts = Rollouts(cfg, world, self.task, self.rewards, tokenizer, self.files, self.log, is_moe(model))
         self.engine = self.rollouts.engine = build.rollout_engine(
@@ -293,12 +298,19 @@ class Trainer:
                 self.state,
                 self.cfg.checkpoint.keep_last,
                 self.world,
-                extra=None if self.lag is None else (lambda d: self.lag.save(d, step)),
+                extra=lambda d: self._checkpoint_extra(d, step),
             )
         except checkpoint.NonFiniteState as e:
             raise TrainingAborted(f"step {step}: {e}; not saved. {self._advice()}") from None
         except checkpoint.CheckpointWriteError as e:
             raise TrainingAborted(str(e)) from None
+
+    def _checkpoint_extra(self, directory: Path, step: int) -> None:
+        """More files of a checkpoint: the lag's pending weights, a LoRA run's base fingerprint."""
+        if self.lag is not None:
+            self.lag.save(directory, step)
+        if self.learner.base_digest is not None:
+            write_base_record(directory, self.learner.base_digest, self.cfg.model.lora, self.source)
 
     def export(self, step: int) -> Path:
         """An HF checkpoint of the current weights in RUN_DIR/export/step_N (from_pretrained loads it)."""
@@ -307,9 +319,14 @@ class Trainer:
         error = ""
         if self.world.is_main:
             try:
-                checkpoint.save_model_dir(path, model, self.tokenizer, weights)
+                if self.learner.lora:  # the peft adapter (and, on request, the merged model)
+                    export_lora(path, model, weights, self.tokenizer, self.cfg.model.lora.export_merged, self.source)
+                else:
+                    checkpoint.save_model_dir(path, model, self.tokenizer, weights)
             except checkpoint.CheckpointWriteError as e:
                 error = str(e)
+            except OSError as e:
+                error = f"writing {path} failed: {e}"
         error = D.broadcast_object(error)
         if error:
             raise TrainingAborted(error)

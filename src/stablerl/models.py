@@ -137,7 +137,7 @@ def hub_error(key: str, repo: str, e: BaseException, repo_type: str = "model") -
     )
 
 
-def check_model_dir(path, key: str = "model.path") -> None:
+def check_model_dir(path, key: str = "model.path", weights: bool = True) -> None:
     """A clear error unless ``path`` is a local HF model directory or a hub id (which
     ``from_pretrained`` resolves from the HF cache or, where the network allows, the hub)."""
     from pathlib import Path
@@ -152,14 +152,30 @@ def check_model_dir(path, key: str = "model.path") -> None:
         )
     run = RunDir(p)
     if run.looks_like_run():
-        exports = sorted(run.exports.glob("step_*")) if run.exports.is_dir() else []
-        hint = f"e.g. {exports[-1]}" if exports else "it has none yet: runs export at their end"
         raise ValueError(
             f"{key} {str(path)!r} is a stablerl run directory, not a model; give one of its HF "
-            f"exports, RUN_DIR/export/step_N ({hint})"
+            f"exports, RUN_DIR/export/step_N ({_export_hint(run, None)})"
+        )
+    # RUN_DIR/checkpoints/step_N: its structure and tokenizer serve (a rollout worker's), not its weights
+    if weights and (p / "state.json").is_file() and (p / "dcp").is_dir():
+        step = int(p.name.removeprefix("step_")) if p.name.removeprefix("step_").isdigit() else None
+        raise ValueError(
+            f"{key} {str(path)!r} is a training checkpoint (sharded weights and optimizer state for "
+            f"--resume), not an HF model; give the run's HF export, RUN_DIR/export/step_N "
+            f"({_export_hint(RunDir(p.parent.parent), step)})"
         )
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ValueError(f"{key} {str(path)!r} is not an HF model directory (no config.json)")
+
+
+def _export_hint(run: RunDir, step: int | None) -> str:
+    """Which export of ``run`` to give instead: the one of ``step`` when it exists, else the newest."""
+    exports = sorted(run.exports.glob("step_*")) if run.exports.is_dir() else []
+    if step is not None and run.export(step).is_dir():
+        return f"{run.export(step)}"
+    if exports:
+        return f"e.g. {exports[-1]}"
+    return "it has none yet: runs export at their end and every checkpoint.export_every steps"
 
 
 def load_policy(path, weights: bool = True):
@@ -171,7 +187,7 @@ def load_policy(path, weights: bool = True):
     if weights:
         model = load_model(path)
     else:
-        check_model_dir(path)
+        check_model_dir(path, weights=False)
         model = model_skeleton(AutoConfig.from_pretrained(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -89,7 +89,12 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 def compilable(module: nn.Module) -> bool:
     """Whether ``torch.compile`` can trace ``module``'s experts: HF experts in a layout other than
-    the standard one run HF's ``grouped_mm`` (traced, and refused in fp32), so they stay eager."""
+    the standard one run HF's ``grouped_mm`` (traced, and refused in fp32), so they stay eager, as
+    do experts under peft's LoRA (model.lora)."""
+    from peft.tuners.lora import ParamWrapper
+
+    if isinstance(module, ParamWrapper):  # LoRA on packed experts: a new parametrization per forward,
+        return False  # which would invalidate the compiled code at every call
     is_experts = isinstance(getattr(module, "down_proj", None), nn.Parameter)  # a dense MLP's is a Linear
     return not is_experts or _standard_layout(module)
 

@@ -180,10 +180,13 @@ def run_worker(cfg, world, log=print) -> None:
     hello = D.transfer_object(long=True)  # waits out rank 0's set-up (a cold start included)
     if hello is None:  # the learners failed to start: nothing to do
         return
-    model, tokenizer = load_policy(hello["source"])
+    # the structure only: the weights are the learners' versions (a resumed run's source is a
+    # checkpoint, which holds DCP shards and no HF weights)
+    model, tokenizer = load_policy(hello["source"], weights=False)
     task = build_task(cfg.task)
     eta, P, K, R = cfg.rollout.max_staleness, cfg.batch.prompts_per_step, world.size, world.workers
     versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
+    first = sampling_version(hello["start_step"] + 1, eta)
     # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
     # never the learners' (distributed/world.py)
     engine = build_engine(
@@ -192,6 +195,8 @@ def run_worker(cfg, world, log=print) -> None:
         tokenizer,
         seed=cfg.train.seed,
         distributed=True,
+        weights=versions[first],
+        version=first,
         log_dir=Path(cfg.run_dir) / "vllm_servers" if cfg.run_dir else None,
         timeout_s=cfg.distributed.timeout_s,
     )
@@ -206,7 +211,7 @@ def run_worker(cfg, world, log=print) -> None:
                 versions[v] = w
             waited = time.perf_counter() - t0
             target = sampling_version(step, eta)
-            if engine.version != target or step == hello["start_step"] + 1:
+            if engine.version != target:
                 engine.load_weights(versions[target], version=target)
             versions = {v: w for v, w in versions.items() if v >= target}
             base, rd = step * P + extra_prompts, 0

@@ -5,6 +5,8 @@ the C++ compiler it needs on CPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from stablerl.config import RunConfig
@@ -184,12 +186,41 @@ def check_compiler(cfg: RunConfig, device: torch.device) -> None:
     from torch._inductor import cpp_builder
     from torch._inductor.exc import InvalidCxxCompiler
 
+    on, off = " and ".join(f"{k}=true" for k in keys), " and ".join(f"{k}=false" for k in keys)
     try:
-        cpp_builder.get_cpp_compiler()
+        compiler = cpp_builder.get_cpp_compiler()
     except InvalidCxxCompiler:
-        on = " and ".join(f"{k}=true" for k in keys)
         raise ValueError(
             f"{on} needs a C++ compiler on CPU (torch.compile builds its kernels with one) and none "
-            "works here (torch looked for $CXX, then g++); install g++ (e.g. apt-get install g++) or "
-            f"set {' and '.join(f'{k}=false' for k in keys)}"
+            f"works here (torch looked for $CXX, then g++); install g++ (e.g. apt-get install g++) or set {off}"
         ) from None
+    error = compiler_error(compiler)
+    if error:
+        raise ValueError(
+            f"{on}: the C++ compiler {compiler} cannot build a shared library ({error}), which torch.compile "
+            f"needs on CPU; fix it (or point $CXX at one that works) or set {off}"
+        )
+
+
+def compiler_error(compiler: str) -> str:
+    """'' when ``compiler`` builds a tiny shared library as inductor builds its kernels, else the
+    first line of what it printed (a compiler that answers --version may still fail to build)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text('extern "C" int stablerl_probe(int x) { return x + 1; }\n')
+        try:
+            done = subprocess.run(
+                [compiler, "-shared", "-fPIC", "-O0", str(src), "-o", str(Path(tmp) / "probe.so")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{type(e).__name__}: {e}"
+    if done.returncode == 0:
+        return ""
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return (lines[0][:200] if lines else "") or f"exit status {done.returncode}"

@@ -27,8 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from stablerl.config import RunConfig
-from stablerl.config_io import build_config, resume_changes
 
 CONFIG = "config.json"
 CONFIG_COPY = "run_config.json"  # a checkpoint's copy of the run's config, checksummed with it
@@ -183,6 +184,7 @@ class RunState:
     reward_timeouts: int = 0
     reward_crashes: int = 0
     collapse: list[str] = field(default_factory=list)  # collapse warnings, in order
+    reference_digest: str | None = None  # SHA-256 of the KL reference's weight files (loss.kl_beta > 0)
     aborted: str | None = None  # why the run stopped early (never checkpointed)
     interrupted: bool = False  # stopped by Ctrl-C / SIGINT (never checkpointed): resumable, not done
 
@@ -193,14 +195,41 @@ class RunState:
         return out
 
     @classmethod
-    def from_checkpoint(cls, data: dict) -> RunState:
-        """A state from a checkpoint's state.json (keys this version does not know are ignored)."""
+    def from_checkpoint(cls, data) -> RunState:
+        """A state from a checkpoint's state.json, every field checked (``StateRecord``; keys this
+        version does not know are ignored); a ValueError naming the first bad field."""
+        try:
+            record = StateRecord.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "the file"
+            raise ValueError(f"{where}: {first['msg']}") from None
         names = {f.name for f in dataclasses.fields(cls)} - {"aborted", "interrupted"}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in record.model_dump().items() if k in names})
 
     def add_reward_failures(self, stats) -> None:
         for kind in ("errors", "timeouts", "crashes"):
             setattr(self, f"reward_{kind}", getattr(self, f"reward_{kind}") + getattr(stats, kind))
+
+
+class StateRecord(BaseModel):
+    """What a checkpoint's state.json must hold, strictly typed: a resume takes its step, counters
+    and log length from it, so a value out of range is damage, never something to act on."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    step: int = Field(ge=1)  # a checkpoint is written after a completed step
+    nonfinite_total: int = Field(0, ge=0)
+    steps_skipped: int = Field(0, ge=0)
+    extra_prompts: int = Field(0, ge=0)  # the prompt stream's cursor beyond step x prompts_per_step
+    metrics_lines: int = Field(ge=0)
+    reward_errors: int = Field(0, ge=0)
+    reward_timeouts: int = Field(0, ge=0)
+    reward_crashes: int = Field(0, ge=0)
+    collapse: list[str] = []
+    reference_digest: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+    world_size: int = Field(1, ge=1)
+    files: dict[str, str] | None = None  # the checksum table (checkpoint.damage requires it)
 
 
 @contextmanager
@@ -315,29 +344,6 @@ def read_config(run_dir: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a config object, so the run cannot be resumed; {restore}")
     return data
-
-
-def _saved_config(run_dir: Path) -> tuple[dict, RunConfig]:
-    data = read_config(run_dir)
-    try:
-        return data, RunConfig.model_validate(data)
-    except ValueError as e:
-        raise ValueError(f"{RunDir(run_dir).config} is not a valid config for this version of stablerl: {e}") from None
-
-
-def resume_config(run_dir: Path, config_file: str | None, overrides: list[str]) -> RunConfig:
-    """The saved config with ``--config FILE`` and overrides applied (what a resume may change
-    is checked once, by the trainer: ``saved_changes``)."""
-    data, saved = _saved_config(run_dir)
-    cfg = build_config(RunConfig, config_file, overrides, base=data)
-    cfg.run_dir = saved.run_dir
-    return cfg
-
-
-def saved_changes(run_dir: Path, cfg: RunConfig) -> dict[str, tuple]:
-    """``{key: (saved, new)}`` of what resuming ``run_dir`` with ``cfg`` changes; a ValueError
-    naming every key that may not change on a resume (``stablerl.config.RESUMABLE_KEYS``)."""
-    return resume_changes(_saved_config(run_dir)[1], cfg)
 
 
 def record_config(run_dir: Path, cfg: RunConfig, step: int, changes: dict | None = None) -> None:

@@ -244,6 +244,7 @@ def cold_start(cfg, task: Task, log=print) -> Path:
     if (out / "config.json").is_file():
         log(f"[cold start] reusing {out}")
         return out
+    check_teacher_solutions(cfg, task)
     # several processes may need the same cold start at once (`stablerl repro` side by side): one
     # trains it, the others wait for it and reuse it
     with waiting_lock(
@@ -256,7 +257,22 @@ def cold_start(cfg, task: Task, log=print) -> Path:
         return _train_cold_start(cfg, task, out, log)
 
 
+def check_teacher_solutions(cfg, task: Task) -> None:
+    """Every training row of a finite task has a teacher solution, or a one-line error naming
+    task.columns.solution and model.path: checked before anything is built or written (the SFT
+    would stop at its first batch)."""
+    finite = getattr(task, "train_problems", None)
+    unsolved = [p for p in finite() if not p.solution] if finite else []
+    if unsolved:
+        raise ValueError(
+            f"the cold start (no model.path) fine-tunes on teacher solutions, but {len(unsolved)} training "
+            f"rows have none in task.columns.solution={cfg.task.columns.solution!r} (e.g. {unsolved[0].source}); "
+            "set task.columns.solution to your data's solution column, or model.path to a model to train"
+        )
+
+
 def _train_cold_start(cfg, task: Task, out: Path, log) -> Path:
+    log(f"[cold start] building the tiny {cfg.model.family} model and checking the task's rows")
     tokenizer = build_tokenizer()
     model = build_default_policy(cfg.model, tokenizer)
     # before any step: the prompts a run of these settings would refuse, and a dataset's teacher rows

@@ -125,6 +125,19 @@ def trl_length(completions, **kwargs):
     return [float(c == a) if a is not None else None for c, a in zip(completions, kwargs["answer"])]
 
 
+def trl_conversational(completions, prompts, **kwargs):
+    """TRL's conversational form: each completion ``[{"role": "assistant", "content": ...}]``, each
+    prompt its chat turns; the reward says which form it got."""
+    out = []
+    for c, p in zip(completions, prompts):
+        if isinstance(c, str):
+            out.append(-1.0 if isinstance(p, str) else -2.0)
+        else:
+            assert [m["role"] for m in c] == ["assistant"] and p[-1]["role"] == "user"
+            out.append(float(len(c[0]["content"])) + 0.5 * (p[0]["role"] == "system"))
+    return out
+
+
 def trl_bad_item(completions, **kwargs):
     return [1.0] + ["oops"] * (len(completions) - 1)
 

@@ -46,6 +46,29 @@ from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_sha
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
+def _family_error(model_type: str | None, on_cuda: bool, precision: str) -> str | None:
+    """What vLLM lacks for this MoE family here, or None (families checked against transformers'
+    forward in tests/test_vllm_families.py)."""
+    import importlib.util
+
+    if model_type in ("qwen3_5_moe", "qwen3_5_moe_text") and importlib.util.find_spec("torchvision") is None:
+        return (
+            f"{model_type}: vLLM's Qwen3.5 implementation needs torchvision (its image processor), which "
+            "is not installed (vLLM's CPU build is set up without it: scripts/setup_vllm.sh)"
+        )
+    if on_cuda:
+        return None
+    if model_type == "gpt_oss":
+        return (
+            "gpt_oss: vLLM's CPU build computes gpt-oss differently from transformers (its fp32 log-probs "
+            "and routes past the first layer disagree with the model's), so its rollouts would not be this "
+            "policy's"
+        )
+    if model_type in ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text") and precision != "bf16":
+        return f"{model_type}: vLLM's CPU build runs Gated DeltaNet layers in bf16 only; use rollout.precision=bf16"
+    return None
+
+
 class _QuietReload(logging.Filter):
     """vLLM's layer-wise reload warns at every weight sync that rotary embeddings "failed to load
     weights": they have none (their tables are computed, not loaded). Harmless, and once per sync
@@ -73,8 +96,11 @@ def import_vllm():
     return vllm
 
 
-def check_vllm_model(config, on_cuda: bool) -> None:
+def check_vllm_model(config, on_cuda: bool, precision: str = "bf16") -> None:
     """A clear error for a model vLLM cannot run here (the constraint named)."""
+    family_error = _family_error(getattr(config, "model_type", None), on_cuda, precision)
+    if family_error:
+        raise ValueError(f"{family_error}; use rollout.engine=local (the local engine runs every family)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if not on_cuda and head_dim not in CPU_HEAD_DIMS:
         raise ValueError(
@@ -180,6 +206,8 @@ class _RouteRecorder:
         n_layers = len(self.layer_of)
         steps, self.steps = self.steps, []
         for step in steps:
+            if not step["ids"]:  # a forward in which no MoE layer routed (e.g. a hybrid model's warm-up)
+                continue
             if len(step["ids"]) != n_layers:
                 raise ValueError(f"vLLM route capture: a step reported {len(step['ids'])} of {n_layers} MoE layers")
             owners = [step["req_ids"][r].rsplit("-", 1)[0] for r in step["rows"]]  # vLLM suffixes internal ids
@@ -219,7 +247,7 @@ class VllmEngine:
         vllm = import_vllm()
         on_cuda = torch.cuda.is_available()
         config = model.config
-        check_vllm_model(config, on_cuda)
+        check_vllm_model(config, on_cuda, precision)
         self.precision, self.moe = precision, is_moe(model)
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

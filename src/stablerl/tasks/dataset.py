@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from stablerl.tasks.base import Problem
 from stablerl.tasks.verifiers import MATH, math_answer
 
 # file extension -> the `datasets` builder that reads it
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # what chat templates render
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -167,6 +169,10 @@ def load_problems(
                 + ("" if missing else " (a prompt is text, or a list of {role, content} chat turns)")
             )
             continue
+        problem = chat_problem(messages) or answer_problem(a if columns.answer else "")
+        if problem:
+            bad.append(f"row {i}: {problem}")
+            continue
         sol = str(row.get(columns.solution) or "") if columns.solution else ""
         # a chat prompt is given to reward functions as its last user turn; its turns are encoded
         text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") if messages else q
@@ -199,13 +205,42 @@ def chat_messages(value) -> tuple:
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
+def chat_problem(messages: tuple) -> str:
+    """What is wrong with a chat prompt ('' when nothing): every turn needs a role a chat template
+    knows, and one of them must be the user's (the prompt reward functions see and the log shows)."""
+    if not messages:
+        return ""
+    roles = [m["role"] for m in messages]
+    unknown = [r for r in roles if r not in CHAT_ROLES]
+    if unknown:
+        return f"chat turn role {unknown[0]!r} is not one of {', '.join(CHAT_ROLES)}"
+    if "user" not in roles:
+        return f"the chat prompt has no 'user' turn (its roles: {', '.join(roles)})"
+    return ""
+
+
+def answer_problem(value) -> str:
+    """What is wrong with a reference answer ('' when nothing): GSM8K's ``####`` must be followed
+    by the final answer."""
+    text = str(value)
+    if "####" in text and not text.rsplit("####", 1)[1].strip():
+        return f"nothing follows the last '####' of the answer {text[-60:]!r} (GSM8K writes '#### <final answer>')"
+    return ""
+
+
+THOUSANDS = re.compile(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?")
+
+
 def reference_answer(value) -> str:
     """The reference answer of a row: GSM8K writes its worked solution, then ``#### 72``; the final
-    answer is what follows the last ``####`` (thousands separators dropped). Anything else as is."""
+    answer is what follows the last ``####``, its thousands separators dropped when they group
+    thousands (``1,072`` -> ``1072``; ``1,0,7,2`` stays as written: a list, not a number).
+    Anything else as is."""
     text = str(value)
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().replace(",", "")
-    return text
+    if "####" not in text:
+        return text
+    final = text.rsplit("####", 1)[1].strip()
+    return final.replace(",", "") if THOUSANDS.fullmatch(final) else final
 
 
 class DatasetTask:

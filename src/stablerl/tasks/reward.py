@@ -241,7 +241,7 @@ class _Worker:
 class RewardPool:
     """Worker processes that call reward functions named by ``specs`` (see ``verifiers``).
 
-    ``score(items)`` with ``items`` = ``[(prompt, completion, fields), ...]`` returns every
+    ``score(items)`` with ``items`` = ``[(prompt, completion, fields[, turns]), ...]`` returns every
     function's reward per item and the weighted total. Use as a context manager or call
     ``close()``; workers start on first use.
     """
@@ -337,7 +337,7 @@ class RewardPool:
             pass
 
     # ------------------------------------------------------------------------------------
-    def score(self, items: list[tuple[str, str, dict]]) -> RewardResult:
+    def score(self, items: list[tuple]) -> RewardResult:
         stats = RewardStats()
         values = [[0.0] * len(items) for _ in self.specs]
         # a TRL-style function is one job for every item (i = -1), the others one job per item
@@ -360,16 +360,10 @@ class RewardPool:
                 continue
             k, i = jobs.popleft()
             if i == -1:
-                job = (
-                    (k, -1),
-                    k,
-                    [p for p, _, _ in items],
-                    [c for _, c, _ in items],
-                    _columns([dict(f) for _, _, f in items]),
-                )
+                job = ((k, -1), k, *_trl_batch(items))
                 limit = self.timeout_s * len(items)  # the per-call limit, for each response it scores
             else:
-                prompt, completion, fields = items[i]
+                prompt, completion, fields = items[i][:3]
                 job, limit = ((k, i), k, prompt, completion, dict(fields)), self.timeout_s
             try:
                 w.conn.send(job)
@@ -468,6 +462,17 @@ def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str | list]
     elif status == "ok" and not isinstance(payload, (int, float)):
         raise ValueError("malformed reply")
     return (k, i), status, payload
+
+
+def _trl_batch(items: list) -> tuple[list, list, dict]:
+    """A TRL-style call's prompts, completions and columns. Items are ``(prompt, completion,
+    fields[, turns])``; where the prompt went through a chat template (``turns``, the chat turns
+    the model saw), TRL's conversational form: each prompt its turns, each completion
+    ``[{"role": "assistant", "content": text}]``."""
+    chat = any(len(item) > 3 and item[3] for item in items)
+    prompts = [list(item[3]) if chat else item[0] for item in items]
+    completions = [[{"role": "assistant", "content": item[1]}] if chat else item[1] for item in items]
+    return prompts, completions, _columns([dict(item[2]) for item in items])
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:

