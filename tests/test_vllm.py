@@ -301,6 +301,33 @@ def test_two_gloo_ranks_each_with_its_own_vllm(tmp_path):
 
 
 @needs_vllm
+def test_two_ranks_sharing_one_tensor_parallel_vllm_sample_what_one_rank_samples(tmp_path):
+    """rollout.vllm.tensor_parallel_size=2: the 2 ranks form one vLLM instance (external_launcher,
+    TP over gloo), sample both ranks' prompts together and each keeps its own: the same samples
+    and training as 1 rank with its own vLLM."""
+    from stablerl.runlog import read_metrics
+
+    ckpt = _vllm_ckpt(tmp_path)
+    extra = [f"model.path={ckpt}", *VLLM_RUN, "log.rollouts=true"]
+    one = subprocess.run(
+        [sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'k1'}", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    rc, out = torchrun_train([f"run_dir={tmp_path / 'tp'}", *extra, "rollout.vllm.tensor_parallel_size=2"], timeout=600)
+    assert rc == 0, out[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "k1" / "rollouts.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "tp" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["completions"] for r in a] == [r["completions"] for r in b]
+    for ra, rb in zip(read_metrics(tmp_path / "k1")[1:], read_metrics(tmp_path / "tp")[1:]):
+        assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-6)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
+        assert rb["route_agreement/train_infer"] == 1.0
+
+
+@needs_vllm
 def test_a_vllm_engine_in_a_rollout_worker_samples_what_the_learner_s_own_does(tmp_path):
     """1 learner + 2 rollout workers running vLLM (the workers' own default process group: the
     two vLLMs' groups span the workers only) at eta = 1, against the same config with no worker

@@ -182,6 +182,32 @@ def test_runs_on_one_and_two_ranks_train_with_r3_through_an_attached_server(serv
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+def test_a_rollout_worker_as_the_server_s_client_keeps_the_fixed_lag(served, tmp_path):
+    """1 learner + 1 rollout worker (the server's client, which sends it the versions it loads) at
+    eta = 1, against the learner alone at eta = 1: the same versions sample the same steps, the
+    same training."""
+    from launch import torchrun_train
+
+    from stablerl.cli import main
+    from stablerl.runlog import read_metrics
+
+    server, _, model, _ = served
+    args = [*run_args(tmp_path, server.clients[0].url, 3), "rollout.max_staleness=1"]
+    try:
+        assert main(["train", f"run_dir={tmp_path / 'w0'}", *args]) == 0
+        rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *args, "rollout.workers=1"], nproc=2, timeout=300)
+        assert rc == 0, out[-3000:]
+    finally:
+        server.connect()
+        server.load_weights(model.state_dict(), version=0)
+    alone, worker = read_metrics(tmp_path / "w0"), read_metrics(tmp_path / "w1")
+    assert [r["rollout_version"] for r in worker[1:]] == [0, 0, 1] == [r["rollout_version"] for r in alone[1:]]
+    for a, b in zip(alone[1:], worker[1:]):
+        for k in ("reward_mean", "train_infer_kl", "route_agreement/train_infer"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-9), k
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
 def test_a_server_killed_mid_run_ends_the_run_naming_it(served, tmp_path):
     """(Kills the module's server: the tests after it need none.)"""
     import subprocess

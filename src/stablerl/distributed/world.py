@@ -73,6 +73,7 @@ def init_world(timeout_s: float = 1800.0, threads: int | None = None, workers: i
     if not workers:
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timeout, **device_id)
+            _owned()
     else:
         _init_roles(rank, size, K, workers, backend, timeout, device_id)
     if rank < K:
@@ -106,6 +107,7 @@ def _init_roles(rank: int, size: int, K: int, workers: int, backend: str, timeou
         )
     store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
     role, role_rank, role_size = ("learners", rank, K) if rank < K else ("workers", rank - K, workers)
+    _owned()
     dist.init_process_group(
         backend,
         store=dist.PrefixStore(f"stablerl/{role}", store),
@@ -173,8 +175,18 @@ def shutdown_world(broken: bool = False) -> None:
     """Leave the process group; after a failed collective (``broken``) only what cannot hang."""
     global _MONITOR, _LONG, _JOB, _TRANSFER, _TRANSFER_LONG, _TRANSFER_TENSORS
     _MONITOR = _LONG = _JOB = _TRANSFER = _TRANSFER_LONG = _TRANSFER_TENSORS = None
-    if dist.is_initialized() and not broken:
+    global _OWNS_DEFAULT
+    if dist.is_initialized() and not broken and _OWNS_DEFAULT:
         dist.destroy_process_group()
+    _OWNS_DEFAULT = False
+
+
+_OWNS_DEFAULT = False  # whether init_world made the default group (an in-process vLLM may have)
+
+
+def _owned() -> None:
+    global _OWNS_DEFAULT
+    _OWNS_DEFAULT = True
 
 
 def share(index: int, count: int, total: int) -> range:

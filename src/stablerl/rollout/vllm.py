@@ -332,6 +332,18 @@ class VllmEngine:
             **vllm_dtype_args(precision, on_cuda),
         )
         self.sleep_level = resolve_sleep_level(cfg.sleep_level, on_cuda)
+        args.update(self._placement_args(cfg, on_cuda, distributed))
+        self.asleep, self._weights_discarded = False, False
+        self.llm = self._start(vllm, args, on_cuda)
+        self._runner = self.llm.collective_rpc(lambda worker: worker.model_runner)[0]
+        self._recorder = _RouteRecorder(self._runner, self.moe_layers, self.top_k) if self.moe and not on_cuda else None
+        self.on_cuda = on_cuda
+        self.load_weights(model.state_dict() if weights is None else weights, version=version)
+
+    def _placement_args(self, cfg: VllmConfig, on_cuda: bool, distributed: bool) -> dict:
+        """vLLM's memory, sleep-mode and parallelism arguments (and this rank's tensor-parallel
+        group, when the instance spans several ranks)."""
+        args = {}
         if on_cuda:
             args.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_return_routed_experts=self.moe)
             args.update(enable_sleep_mode=self.sleep_level > 0)
@@ -347,12 +359,7 @@ class VllmEngine:
                 f"rollout.vllm.tensor_parallel_size={cfg.tensor_parallel_size} with rollout.engine=vllm spans "
                 "that many torchrun ranks; launch with torchrun (or use rollout.engine=vllm_server)"
             )
-        self.asleep, self._weights_discarded = False, False
-        self.llm = self._start(vllm, args, on_cuda)
-        self._runner = self.llm.collective_rpc(lambda worker: worker.model_runner)[0]
-        self._recorder = _RouteRecorder(self._runner, self.moe_layers, self.top_k) if self.moe and not on_cuda else None
-        self.on_cuda = on_cuda
-        self.load_weights(model.state_dict() if weights is None else weights, version=version)
+        return args
 
     @staticmethod
     def _start(vllm, args: dict, on_cuda: bool):

@@ -29,10 +29,12 @@ ROUTES_RPC = "stablerl_routes"
 def register() -> None:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    from stablerl.rollout.weight_transfer import GLOO_BACKEND, make_gloo_engine_class
+    from stablerl.rollout.weight_transfer import GLOO_BACKEND
 
     if GLOO_BACKEND not in WeightTransferEngineFactory._registry:  # vLLM may load a plugin twice
-        WeightTransferEngineFactory.register_engine(GLOO_BACKEND, make_gloo_engine_class())
+        WeightTransferEngineFactory.register_engine(
+            GLOO_BACKEND, "stablerl.rollout.gloo_transfer", "GlooWeightTransferEngine"
+        )
     if os.environ.get(ROUTES_ENV):
         _record_routes_in_cpu_workers(json.loads(os.environ[ROUTES_ENV]))
 

@@ -9,7 +9,7 @@ trainer's sends) -> ``/finish_weight_update`` (with the policy version) -> ``/re
 Two data planes behind the same control plane:
 - ``nccl``: vLLM's own NCCL engine in the servers (GPUs); the trainer's end is vLLM's
   ``PyNcclCommunicator`` from the same rendezvous helper vLLM's trainer engine uses.
-- ``gloo``: ``GlooWeightTransferEngine`` below, registered in the servers by stablerl's vLLM plugin
+- ``gloo``: ``GlooWeightTransferEngine`` (``gloo_transfer.py``), registered in the servers by stablerl's vLLM plugin
   (``stablerl.rollout.vllm_plugin``), over a torch.distributed gloo group outside any default
   group. It runs where NCCL does not (CPU).
 
@@ -32,7 +32,7 @@ GLOO_BACKEND = "stablerl_gloo"
 
 
 # --------------------------------------------------------------------------------------------
-# The servers' end (gloo), built inside vLLM's worker by WeightTransferEngineFactory.
+# The gloo group both ends join (the servers' end: gloo_transfer.py).
 # --------------------------------------------------------------------------------------------
 def _gloo_group(address: str, port: int, rank: int, size: int, timeout_s: float, is_master: bool):
     """A gloo group of ``size`` ranks over its own TCP store, outside any default process group."""
@@ -43,83 +43,6 @@ def _gloo_group(address: str, port: int, rank: int, size: int, timeout_s: float,
 
 def _broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], dist.BroadcastOptions()).wait()
-
-
-def make_gloo_engine_class():
-    """``GlooWeightTransferEngine`` (built on first use: it subclasses vLLM's classes, and
-    ``import stablerl`` never imports vLLM)."""
-    from vllm.distributed.weight_transfer.base import (
-        WeightTransferEngine,
-        WeightTransferInitInfo,
-        WeightTransferUpdateInfo,
-    )
-
-    @dataclass
-    class GlooInitInfo(WeightTransferInitInfo):
-        master_address: str
-        master_port: int
-        rank_offset: int
-        world_size: int
-        timeout_s: float = 1800.0
-
-    @dataclass
-    class GlooUpdateInfo(WeightTransferUpdateInfo):
-        names: list[str]
-        dtype_names: list[str]
-        shapes: list[list[int]]
-
-    class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
-        """Receives checkpoint-format tensors broadcast by the trainer over gloo and loads them
-        layer by layer (vLLM's layerwise reload, as its NCCL engine does)."""
-
-        init_info_cls = GlooInitInfo
-        update_info_cls = GlooUpdateInfo
-
-        def __init__(self, config, vllm_config, device, model):
-            super().__init__(config, vllm_config, device, model)
-            self.group, self._store = None, None
-
-        def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-            pc = self.parallel_config
-            rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
-            self.group, self._store = _gloo_group(
-                init_info.master_address,
-                init_info.master_port,
-                rank,
-                init_info.world_size,
-                init_info.timeout_s,
-                is_master=False,
-            )
-
-        def start_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-            initialize_layerwise_reload(self.model)
-
-        def finish_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-            finalize_layerwise_reload(self.model, self.model_config)
-            if self.device.type == "cpu":  # the CPU MoE kernels keep packed copies of the experts
-                from stablerl.rollout.vllm import _repack_cpu_experts
-
-                _repack_cpu_experts(self.model)
-
-        def receive_weights(self, update_info: GlooUpdateInfo) -> None:
-            if self.group is None:
-                raise RuntimeError("gloo weight transfer not initialised: call /init_weight_transfer_engine first")
-            for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
-                weight = torch.empty(shape, dtype=getattr(torch, dtype_name))
-                _broadcast(self.group, weight)
-                self.model.load_weights([(name, weight.to(self.device))])
-
-        def update_weights(self, update_info: dict) -> None:
-            self.receive_weights(self.parse_update_info(update_info))
-
-        def shutdown(self) -> None:
-            self.group, self._store = None, None
-
-    return GlooWeightTransferEngine
 
 
 # --------------------------------------------------------------------------------------------
