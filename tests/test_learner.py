@@ -8,7 +8,7 @@ import pytest
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_learning_rate_schedules_by_hand(schedule):
     from stablerl.config import OptimConfig
-    from stablerl.learner import learning_rate
+    from stablerl.optimizer import learning_rate
 
     optim = OptimConfig(lr=1.0, warmup_steps=2, schedule=schedule, min_lr_ratio=0.1)
     lrs = [learning_rate(s, optim, total_steps=12) for s in range(12)]

@@ -298,3 +298,38 @@ def _recompute_contexts(model: nn.Module):
     forward replayed."""
     routes = active_replay(model)
     return nullcontext(), (replay_router_hooks(model, routes) if routes is not None else nullcontext())
+
+
+def micro_batches(
+    rows: torch.Tensor,
+    response_lengths: torch.Tensor,
+    prompt_width: int,
+    max_rows: int,
+    max_tokens: int | None = None,
+    prompt_lengths: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """``rows`` cut, in order, into micro-batches of at most ``max_rows`` rows and, with
+    ``max_tokens``, at most that many tokens in the padded forward a micro-batch runs (its rows x
+    (``prompt_width`` + its longest response); ``RolloutBatch.trim``) or, given ``prompt_lengths``
+    (packed forwards, ``batch.packing``), in its real tokens (the sum of its prompts' and responses'
+    lengths). A row that alone exceeds ``max_tokens`` is a micro-batch of its own. The cut never
+    changes the update: the loss's normalizer is the mini-batch's and gradients accumulate
+    (objectives.py)."""
+    if max_tokens is None:
+        return list(rows.split(max_rows))
+    pieces, current, longest, total = [], [], 0, 0
+    for r in rows.tolist():
+        if prompt_lengths is None:  # padded: every row as wide as the longest
+            width = prompt_width + int(response_lengths[r])
+            size = (len(current) + 1) * max(longest, width)
+        else:  # packed: the real tokens only
+            width = int(prompt_lengths[r]) + int(response_lengths[r])
+            size = total + width
+        if current and (len(current) == max_rows or size > max_tokens):
+            pieces.append(torch.tensor(current, dtype=rows.dtype))
+            current, longest, total = [], 0, 0
+        current.append(r)
+        longest, total = max(longest, width), total + width
+    if current:
+        pieces.append(torch.tensor(current, dtype=rows.dtype))
+    return pieces

@@ -46,39 +46,18 @@ from stablerl.distributed.fsdp import (
     set_gradient_sync,
     shard_from_rank0,
 )
-from stablerl.forward import compile_router_free_parts, enable_activation_checkpointing, response_logp
+from stablerl.forward import compile_router_free_parts, enable_activation_checkpointing, micro_batches, response_logp
 from stablerl.learning_signal import has_signal
 from stablerl.lora import adapters_off, is_lora, lora_policy, merged_weights, trainable_parameters
 from stablerl.models import build_model, is_moe
 from stablerl.objectives import METRIC_REDUCTION, aggregation_normalizer, policy_loss
+from stablerl.optimizer import adamw, learning_rate
 from stablerl.replay import RoutingPlan
 from stablerl.rollout import RolloutBatch
 from stablerl.seeds import shuffle_seed
 
 # the learner's own metrics (policy_loss declares its own: objectives.METRIC_REDUCTION)
 REDUCTION = {**METRIC_REDUCTION, M.GRAD_NORM: M.Reduce.SAME}
-
-
-def learning_rate(step: int, optim, total_steps: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over
-    ``optim.warmup_steps``, then constant, or linear / cosine decay to ``min_lr_ratio x lr`` at the
-    last step (``total_steps - 1``)."""
-    warm = optim.warmup_steps
-    factor = min(1.0, (step + 1) / warm) if warm else 1.0
-    if optim.schedule != "constant" and step >= warm:
-        span = max(1, total_steps - 1 - warm)
-        progress = min(1.0, (step - warm) / span)
-        shape = 1 - progress if optim.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-        factor = optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
-    return optim.lr * factor
-
-
-def _can_fuse(model: torch.nn.Module) -> bool:
-    # the fused AdamW kernel (one pass over all tensors) is much faster than the per-tensor loop on
-    # CPU for small models; it needs plain float params on CPU or CUDA
-    return not is_sharded(model) and all(
-        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()
-    )
 
 
 @dataclass
@@ -147,14 +126,7 @@ class Learner:
             if reference is None:
                 raise ValueError("loss.kl_beta > 0 needs the reference policy (the run's starting weights)")
             self.reference = self._place(reference.eval().requires_grad_(False))
-        opt = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            trainable_parameters(self.model),
-            lr=opt.lr,
-            betas=(0.9, 0.99),
-            weight_decay=opt.weight_decay,
-            fused=_can_fuse(self.model),
-        )
+        self.optimizer = adamw(trainable_parameters(self.model), cfg.optim, fused=not is_sharded(self.model))
         self.optimizer_steps = 0
         self.steps_skipped = 0  # mini-batches of the current step that took no optimizer step
 
@@ -499,41 +471,6 @@ class Learner:
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, self.cfg.optim.grad_clip, total)
         return float(total)
-
-
-def micro_batches(
-    rows: torch.Tensor,
-    response_lengths: torch.Tensor,
-    prompt_width: int,
-    max_rows: int,
-    max_tokens: int | None = None,
-    prompt_lengths: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """``rows`` cut, in order, into micro-batches of at most ``max_rows`` rows and, with
-    ``max_tokens``, at most that many tokens in the padded forward a micro-batch runs (its rows x
-    (``prompt_width`` + its longest response); ``RolloutBatch.trim``) or, given ``prompt_lengths``
-    (packed forwards, ``batch.packing``), in its real tokens (the sum of its prompts' and responses'
-    lengths). A row that alone exceeds ``max_tokens`` is a micro-batch of its own. The cut never
-    changes the update: the loss's normalizer is the mini-batch's and gradients accumulate
-    (objectives.py)."""
-    if max_tokens is None:
-        return list(rows.split(max_rows))
-    pieces, current, longest, total = [], [], 0, 0
-    for r in rows.tolist():
-        if prompt_lengths is None:  # padded: every row as wide as the longest
-            width = prompt_width + int(response_lengths[r])
-            size = (len(current) + 1) * max(longest, width)
-        else:  # packed: the real tokens only
-            width = int(prompt_lengths[r]) + int(response_lengths[r])
-            size = total + width
-        if current and (len(current) == max_rows or size > max_tokens):
-            pieces.append(torch.tensor(current, dtype=rows.dtype))
-            current, longest, total = [], 0, 0
-        current.append(r)
-        longest, total = max(longest, width), total + width
-    if current:
-        pieces.append(torch.tensor(current, dtype=rows.dtype))
-    return pieces
 
 
 def _prompt_lengths(batch: RolloutBatch) -> torch.Tensor:
