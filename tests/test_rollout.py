@@ -477,7 +477,7 @@ def test_nvfp4_engines_raise_the_discrepancy_above_fp8(moe):
 
 
 def test_vllm_refuses_nvfp4_with_a_reason():
-    from stablerl.rollout.vllm import vllm_dtype_args
+    from stablerl.rollout.vllm_support import vllm_dtype_args
 
     with pytest.raises(ValueError, match="rollout.engine=local, which emulates it"):
         vllm_dtype_args("nvfp4", on_cuda=True)

@@ -68,7 +68,7 @@ def test_qwen3_next_in_bf16_samples_with_routes_for_every_moe_layer():
 def test_families_vllm_cpu_cannot_run_are_refused_naming_what_is_missing(family, precision, missing, monkeypatch):
     import importlib.util
 
-    from stablerl.rollout.vllm import check_vllm_model
+    from stablerl.rollout.vllm_support import check_vllm_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torchvision" else real(n, *a))
@@ -82,7 +82,7 @@ def test_families_vllm_cpu_cannot_run_are_refused_naming_what_is_missing(family,
 def test_packed_experts_sync_under_per_expert_names_that_compute_the_same_experts():
     """vLLM's DeepSeek loader reads per-expert checkpoint names: the unpacked gate, up and down
     matrices of expert e compute what transformers' packed experts module computes for it."""
-    from stablerl.rollout.vllm import per_expert_weights
+    from stablerl.rollout.vllm_support import per_expert_weights
 
     model, _ = tiny("deepseek_v3", hidden_size=32)
     named = dict(per_expert_weights(model.state_dict().items()))

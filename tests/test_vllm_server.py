@@ -143,7 +143,7 @@ def test_bad_server_settings_are_one_line_errors(tmp_path):
         p.wait_ready(1)
     assert gone(p.popen.pid)
     with pytest.raises(ValueError, match="sleep mode"):
-        from stablerl.rollout.vllm import resolve_sleep_level
+        from stablerl.rollout.vllm_support import resolve_sleep_level
 
         resolve_sleep_level(1, on_cuda=False)
 

@@ -114,7 +114,7 @@ class VllmServerEngine:
         log_dir: str | Path | None = None,
         timeout_s: float = 1800.0,
     ):
-        from stablerl.rollout.vllm import check_vllm_model, import_vllm, vllm_dtype_args
+        from stablerl.rollout.vllm_support import check_vllm_model, import_vllm, vllm_dtype_args
 
         import_vllm()
         cfg = cfg or VllmConfig()
