@@ -244,38 +244,14 @@ def save(
     root = RunDir(run_dir).checkpoints
     final = RunDir(run_dir).checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
+    _fresh_tmp(root, tmp, world)
     failure = ""
-    if world.is_main:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as e:
-            failure = str(_write_error(tmp, e))
-    failure = D.broadcast_object(failure)
-    if failure:
-        raise CheckpointWriteError(failure)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
         if world.is_main:
-            model.config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if extra is not None:  # more files of the checkpoint (the lag's pending weights), checksummed too
-                extra(tmp)
-            run_config = RunDir(run_dir).config  # a copy that outlives damage to RUN_DIR/config.json
-            if run_config.is_file():
-                shutil.copyfile(run_config, tmp / CONFIG_COPY)
-            atomic_write_text(
-                tmp / STATE_FILE,
-                json.dumps(
-                    {**state.to_checkpoint(), "step": step, "world_size": world.size, "files": _checksums(tmp)},
-                    indent=1,
-                ),
-            )
-            publish_dir(tmp, final)
+            _finish_on_main(run_dir, tmp, final, model, tokenizer, state, step, world.size, extra)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
         if _collective_failure(e):  # a rank stopped answering: not a write error (api.train names the rank)
             raise
@@ -290,6 +266,38 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return final
+
+
+def _fresh_tmp(root: Path, tmp: Path, world: D.World) -> None:
+    """An empty ``step_N.tmp`` on rank 0 (a leftover of a killed save removed); a failure is every
+    rank's error."""
+    failure = ""
+    if world.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            failure = str(_write_error(tmp, e))
+    failure = D.broadcast_object(failure)
+    if failure:
+        raise CheckpointWriteError(failure)
+
+
+def _finish_on_main(run_dir, tmp: Path, final: Path, model, tokenizer, state, step: int, world_size: int, extra):
+    """Rank 0's part after the shards: the model's config and tokenizer, ``extra``'s files, a copy of
+    the run config, the state with every file's checksum; then the directory is published."""
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if extra is not None:  # more files of the checkpoint (the lag's pending weights), checksummed too
+        extra(tmp)
+    run_config = RunDir(run_dir).config  # a copy that outlives damage to RUN_DIR/config.json
+    if run_config.is_file():
+        shutil.copyfile(run_config, tmp / CONFIG_COPY)
+    record = {**state.to_checkpoint(), "step": step, "world_size": world_size, "files": _checksums(tmp)}
+    atomic_write_text(tmp / STATE_FILE, json.dumps(record, indent=1))
+    publish_dir(tmp, final)
 
 
 def _causes(e: BaseException):

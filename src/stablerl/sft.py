@@ -105,13 +105,7 @@ def run_sft(
     for step in range(first, steps):
         problems = [task.train_problem(SFT_STREAM_OFFSET + step * batch_size + i) for i in range(batch_size)]
         batch = sft_batch(tokenizer, problems, chat_template, system_prompt)
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context and batch["input_ids"].shape[1] > context:
-            raise ValueError(
-                f"SFT step {step}: a teacher row of {batch['input_ids'].shape[1]} tokens is longer than "
-                f"the model's context ({context} tokens); raise model.max_positions (the default model) "
-                "or use shorter solutions"
-            )
+        _check_context(batch, model.config, step)
         loss = sft_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,6 +122,17 @@ def run_sft(
             _save_sft_state(Path(state_path), step + 1, losses, model, opt, schedule, settings)
     model.eval()
     return losses
+
+
+def _check_context(batch: dict, config, step: int) -> None:
+    """A teacher row longer than the model's context is an error naming the way out."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context and batch["input_ids"].shape[1] > context:
+        raise ValueError(
+            f"SFT step {step}: a teacher row of {batch['input_ids'].shape[1]} tokens is longer than "
+            f"the model's context ({context} tokens); raise model.max_positions (the default model) "
+            "or use shorter solutions"
+        )
 
 
 def _save_sft_state(path: Path, step: int, losses: list[float], model, opt, schedule, settings: dict | None) -> None:

@@ -47,27 +47,9 @@ def build_engine(
     if cfg.engine == "vllm_server":
         from stablerl.rollout.vllm_server import VllmServerEngine  # imports vllm: only when asked for
 
-        return VllmServerEngine(
-            model,
-            tokenizer,
-            cfg.precision,
-            cfg=cfg.vllm,
-            seed=seed,
-            distributed=distributed,
-            weights=weights,
-            version=version,
-            log_dir=log_dir,
-            timeout_s=timeout_s,
-        )
+        common = dict(cfg=cfg.vllm, seed=seed, distributed=distributed, weights=weights, version=version)
+        return VllmServerEngine(model, tokenizer, cfg.precision, **common, log_dir=log_dir, timeout_s=timeout_s)
     from stablerl.rollout.vllm import VllmEngine  # imports vllm: only when asked for
 
-    return VllmEngine(
-        model,
-        tokenizer,
-        cfg.precision,
-        cfg=cfg.vllm,
-        seed=seed,
-        distributed=distributed,
-        weights=weights,
-        version=version,
-    )
+    common = dict(cfg=cfg.vllm, seed=seed, distributed=distributed, weights=weights, version=version)
+    return VllmEngine(model, tokenizer, cfg.precision, **common)
