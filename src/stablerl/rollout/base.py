@@ -123,6 +123,20 @@ def concat(batches: list[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
     )
 
 
+def checked_request(prompts: list[list[int]], seeds: list[int] | None, vocab_size: int) -> list[int]:
+    """The seeds of a ``generate`` call (one per prompt; 0..n-1 when not given), after checking the
+    prompts are non-empty lists of token ids in the vocabulary."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    flat = [t for p in prompts for t in p]
+    if min(flat) < 0 or max(flat) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    return seeds
+
+
 class RolloutEngine(Protocol):
     """An inference policy mu: its own weights and numerics, sampling many responses at once."""
 

@@ -38,7 +38,7 @@ from torch import nn
 from stablerl.config import SamplingConfig, VllmConfig
 from stablerl.distributed.world import gather_in_group, tensor_parallel_group
 from stablerl.models import is_moe
-from stablerl.rollout.base import RolloutBatch
+from stablerl.rollout.base import RolloutBatch, checked_request
 from stablerl.rollout.vllm_support import (
     PER_EXPERT_NAMES,
     VLLM_CONFIG_KEYS,
@@ -283,14 +283,7 @@ class VllmEngine:
     ) -> RolloutBatch:
         from vllm import SamplingParams
 
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-        flat = [t for p in prompts for t in p]
-        if min(flat) < 0 or max(flat) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        seeds = list(range(len(prompts))) if seeds is None else seeds
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = checked_request(prompts, seeds, self.vocab_size)
         greedy = sampling.temperature == 0
         params = [
             SamplingParams(

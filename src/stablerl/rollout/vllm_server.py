@@ -34,7 +34,7 @@ from torch import nn
 from stablerl import distributed as D
 from stablerl.config import SamplingConfig, VllmConfig
 from stablerl.models import is_moe
-from stablerl.rollout.base import RolloutBatch
+from stablerl.rollout.base import RolloutBatch, checked_request
 from stablerl.rollout.server_process import ServerProcess, free_port, server_command
 from stablerl.rollout.vllm_plugin import ROUTES_RPC, decode_routes
 from stablerl.rollout.weight_transfer import GLOO_BACKEND, WeightMeta, WeightSender
@@ -204,14 +204,7 @@ class VllmServerEngine:
         seeds: list[int] | None = None,
         capture_routes: bool = True,
     ) -> RolloutBatch:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-        flat = [t for p in prompts for t in p]
-        if min(flat) < 0 or max(flat) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        seeds = list(range(len(prompts))) if seeds is None else seeds
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = checked_request(prompts, seeds, self.vocab_size)
         greedy = sampling.temperature == 0
         capture = capture_routes and self.moe
         params = {
