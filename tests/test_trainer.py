@@ -281,6 +281,9 @@ def test_sigterm_writes_the_same_interrupted_summary_as_ctrl_c(sft_ckpt, tmp_pat
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         start_new_session=True,
+        # a shell's background job inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: the run under test gets the default, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
