@@ -309,6 +309,20 @@ def check_tiny_family(family: str, num_experts: int, top_k: int) -> None:
         )
 
 
+def tiny_common(vocab_size: int, hidden_size: int, num_layers: int, max_positions: int) -> dict:
+    """The config fields every tiny model shares, MoE or dense (four attention heads, two KV heads)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+
+
 def tiny_family_config(
     family: str,
     vocab_size: int,
@@ -322,14 +336,5 @@ def tiny_family_config(
 ) -> PretrainedConfig:
     """A tiny random-weight config of an MoE family of the table (four attention heads)."""
     check_tiny_family(family, num_experts, top_k)
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    )
+    common = tiny_common(vocab_size, hidden_size, num_layers, max_positions)
     return FAMILIES[family].tiny(common, dict(num_experts=num_experts, top_k=top_k, expert_size=expert_size))

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from stablerl.config import DEFAULT_CONTEXT
 from stablerl.families import FAMILIES as MOE_FAMILIES
-from stablerl.families import tiny_family_config
+from stablerl.families import tiny_common, tiny_family_config
 from stablerl.moe import use_fast_experts
 from stablerl.routing import moe_routers
 from stablerl.rundir import RunDir
@@ -36,18 +36,8 @@ def tiny_config(
     if family == "qwen3":
         from transformers import Qwen3Config
 
-        cfg = Qwen3Config(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=max_positions,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-            intermediate_size=2 * expert_size,
-            head_dim=hidden_size // 4,
-        )
+        common = tiny_common(vocab_size, hidden_size, num_layers, max_positions)
+        cfg = Qwen3Config(**common, intermediate_size=2 * expert_size, head_dim=hidden_size // 4)
     elif family in FAMILIES:
         cfg = tiny_family_config(
             family,
