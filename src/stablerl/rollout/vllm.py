@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -41,13 +40,14 @@ from stablerl.models import is_moe
 from stablerl.rollout.base import RolloutBatch, checked_request
 from stablerl.rollout.vllm_support import (
     PER_EXPERT_NAMES,
-    VLLM_CONFIG_KEYS,
     check_vllm_model,
     import_vllm,
     per_expert_weights,
     quiet_weight_sync,
     resolve_sleep_level,
+    stop_ids,
     vllm_dtype_args,
+    vllm_model_config,
 )
 from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_shape
 
@@ -155,8 +155,7 @@ class VllmEngine:
         config = model.config
         check_vllm_model(config, on_cuda, precision)
         self.precision, self.moe, self.model_type = precision, is_moe(model), config.model_type
-        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = stop_ids(tokenizer, eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.vocab_size = config.vocab_size
         self.version = 0
@@ -166,11 +165,7 @@ class VllmEngine:
         # vLLM loads from a directory: the config and tokenizer only; the weights come in through
         # load_weights below (load_format="dummy" builds the model without reading any)
         self._dir = tempfile.TemporaryDirectory(prefix="stablerl-vllm-")
-        saved = copy.deepcopy(config)
-        saved.architectures = [type(model).__name__]  # what vLLM picks its implementation by
-        for key, value in VLLM_CONFIG_KEYS.get(config.model_type, {}).items():
-            setattr(saved, key, value)
-        saved.save_pretrained(self._dir.name)
+        vllm_model_config(config, type(model).__name__).save_pretrained(self._dir.name)
         tokenizer.save_pretrained(self._dir.name)
         args = dict(
             model=self._dir.name,

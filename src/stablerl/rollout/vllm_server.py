@@ -18,7 +18,6 @@ behind the same ``RolloutEngine`` protocol and batch layout as the in-process en
 
 from __future__ import annotations
 
-import copy
 import json
 import urllib.error
 import urllib.parse
@@ -37,6 +36,7 @@ from stablerl.models import is_moe
 from stablerl.rollout.base import RolloutBatch, checked_request
 from stablerl.rollout.server_process import ServerProcess, free_port, server_command
 from stablerl.rollout.vllm_plugin import ROUTES_RPC, decode_routes
+from stablerl.rollout.vllm_support import vllm_model_config
 from stablerl.rollout.weight_transfer import GLOO_BACKEND, WeightMeta, WeightSender
 from stablerl.routing import NO_ROUTE, ROUTE_DTYPE, moe_layer_indices, route_shape
 
@@ -114,7 +114,7 @@ class VllmServerEngine:
         log_dir: str | Path | None = None,
         timeout_s: float = 1800.0,
     ):
-        from stablerl.rollout.vllm_support import check_vllm_model, import_vllm, vllm_dtype_args
+        from stablerl.rollout.vllm_support import check_vllm_model, import_vllm, stop_ids, vllm_dtype_args
 
         import_vllm()
         cfg = cfg or VllmConfig()
@@ -123,8 +123,7 @@ class VllmServerEngine:
         check_vllm_model(config, on_cuda, precision)
         dtype_args = vllm_dtype_args(precision, on_cuda)
         self.precision, self.moe, self.timeout_s = precision, is_moe(model), timeout_s
-        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = stop_ids(tokenizer, eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.vocab_size, self.version, self.architecture = config.vocab_size, version, type(model).__name__
         if self.moe:
@@ -156,10 +155,8 @@ class VllmServerEngine:
         if cfg.urls:
             found = [(u, None) for u in cfg.urls]
         else:
-            config = copy.deepcopy(config)
-            config.architectures = [self.architecture]  # what vLLM picks its implementation by
             command = server_command(
-                config,
+                vllm_model_config(config, self.architecture),
                 tokenizer,
                 cfg,
                 seed=seed,

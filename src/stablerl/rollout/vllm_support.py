@@ -5,6 +5,7 @@ sync may drop. Importing it never imports vllm (``import_vllm`` does, when asked
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 
@@ -166,3 +167,19 @@ def vllm_dtype_args(precision: str, on_cuda: bool) -> dict:
     # vLLM's FP8 is W8A8 with dynamic per-token activation scales where the GPU computes in FP8,
     # weight-only elsewhere (older GPUs); both are what serving "FP8" means
     return {"dtype": "bfloat16", "quantization": "fp8"}
+
+
+def stop_ids(tokenizer, eos_token_id: int | list[int] | None) -> list[int]:
+    """The token ids that end a response: ``eos_token_id`` when given, else the tokenizer's."""
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def vllm_model_config(config, architecture: str):
+    """The model config vLLM reads: a copy naming the architecture vLLM picks its implementation
+    by, with the keys transformers drops that vLLM's loader needs (``VLLM_CONFIG_KEYS``)."""
+    saved = copy.deepcopy(config)
+    saved.architectures = [architecture]
+    for key, value in VLLM_CONFIG_KEYS.get(config.model_type, {}).items():
+        setattr(saved, key, value)
+    return saved
