@@ -1,9 +1,10 @@
 """The vLLM server engine (rollout.engine=vllm_server) on CPU, against the in-process vLLM engine
 and the fp32 training model.
 
-One server is started for the module (a start takes about a minute on a loaded CPU) and shared;
-the tests that break a server (killed, never ready) use their own processes, and the last test
-kills the shared one. Every test checks that the processes it started are gone.
+Two servers are started for the module (a start takes about a minute on a loaded CPU) and shared,
+so every request and weight sync goes to both; the tests that break a server (killed, never ready)
+use their own processes, and the last tests kill the shared ones. Every test checks that the
+processes it started are gone.
 """
 
 import os
@@ -24,6 +25,7 @@ from stablerl.routing import NO_ROUTE
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here")]
 CPU = VllmConfig(kv_cache_gb=0.25)
+TWO = VllmConfig(kv_cache_gb=0.25, servers=2)
 SAMPLING = SamplingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20)
 
 
@@ -52,7 +54,7 @@ def served(tmp_path_factory):
 
     model, tok = tiny()
     log_dir = tmp_path_factory.mktemp("servers")
-    server = VllmServerEngine(model, tok, "fp32", cfg=CPU, max_model_len=256, eos_token_id=[], log_dir=log_dir)
+    server = VllmServerEngine(model, tok, "fp32", cfg=TWO, max_model_len=256, eos_token_id=[], log_dir=log_dir)
     local = VllmEngine(model, tok, "fp32", cfg=CPU, max_model_len=256, eos_token_id=[])
     pids = [p.popen.pid for p in server.processes]
     yield server, local, model, log_dir
@@ -62,7 +64,9 @@ def served(tmp_path_factory):
 
 
 def test_server_samples_what_the_in_process_engine_samples(served):
+    """Two servers, requests spread over both: each sample is the in-process engine's for its seed."""
     server, local, _, log_dir = served
+    assert len(server.clients) == 2 and len({c.url for c in server.clients}) == 2
     ps = prompts(12, seed=5)
     a = server.generate(ps, SAMPLING, seeds=list(range(100, 112)))
     b = local.generate(ps, SAMPLING, seeds=list(range(100, 112)))
@@ -70,7 +74,7 @@ def test_server_samples_what_the_in_process_engine_samples(served):
     # the same fp32 kernels in another process: equal up to the batch's summation order
     assert float((a.rollout_logp - b.rollout_logp).abs().max()) < 1e-5
     assert torch.equal(a.routes, b.routes)
-    assert (log_dir / "vllm_server_0.log").stat().st_size > 0
+    assert all((log_dir / f"vllm_server_{i}.log").stat().st_size > 0 for i in (0, 1))
 
 
 def test_server_routes_align_and_replay(served):
@@ -94,10 +98,14 @@ def test_after_a_weight_sync_server_logprobs_equal_the_trainer_s(served):
         server.load_weights(iter(list(trained.state_dict().items())), version=7)
         batch = server.generate(prompts(), SAMPLING, seeds=list(range(12)))
         assert batch.version == 7
-        new = (training_logp(trained, batch, SAMPLING) - batch.rollout_logp)[batch.response_mask].abs().max()
+        gap = (training_logp(trained, batch, SAMPLING) - batch.rollout_logp).abs()
         old = (training_logp(model, batch, SAMPLING) - batch.rollout_logp)[batch.response_mask].abs().max()
-        assert float(new) < 1e-4 and float(old) > 1e-2
-        assert server.clients[0].get("weight_info")["weight_version"] == "7"
+        assert float(old) > 1e-2
+        # each server holds the new weights: the batch's rows alternate between the two
+        for half in (0, 1):
+            rows = torch.arange(len(batch)) % 2 == half
+            assert float(gap[rows][batch.response_mask[rows]].max()) < 1e-4
+        assert [c.get("weight_info")["weight_version"] for c in server.clients] == ["7", "7"]
     finally:
         server.load_weights(model.state_dict(), version=0)
 
@@ -148,33 +156,56 @@ def test_bad_server_settings_are_one_line_errors(tmp_path):
         resolve_sleep_level(1, on_cuda=False)
 
 
-def run_args(tmp_path, url: str, steps: int) -> list[str]:
-    from test_vllm import VLLM_RUN, _vllm_ckpt
+def run_args(ckpt, urls: list[str], steps: int) -> list[str]:
+    from test_vllm import VLLM_RUN
 
-    ckpt = _vllm_ckpt(tmp_path)
     swap = {"rollout.engine=vllm": "rollout.engine=vllm_server", "train.steps=3": f"train.steps={steps}"}
-    return [f"model.path={ckpt}", *[swap.get(a, a) for a in VLLM_RUN], f'rollout.vllm.urls=["{url}"]']
+    listed = ", ".join(f'"{u}"' for u in urls)
+    return [f"model.path={ckpt}", *[swap.get(a, a) for a in VLLM_RUN], f"rollout.vllm.urls=[{listed}]"]
 
 
-def test_runs_on_one_and_two_ranks_train_with_r3_through_an_attached_server(served, tmp_path):
-    """The loop with rollout.engine=vllm_server (attached by URL): the server's samples, routes and
-    log-probs are the policy's at every step (its weights synced after each); on 2 gloo ranks
-    (rank 0 sends the weights, both sample) the run trains exactly as on 1."""
-    from launch import torchrun_train
+def restored(server, model) -> None:
+    """The module's servers back to the starting weights, after a run took their weight-transfer
+    group over."""
+    server.connect()
+    server.load_weights(model.state_dict(), version=0)
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(served, tmp_path_factory):
+    """The loop on one rank through the first server (attached by URL), 3 steps: (run dir, model dir)."""
+    from test_vllm import _vllm_ckpt
 
     from stablerl.cli import main
+
+    server, _, model, _ = served
+    tmp = tmp_path_factory.mktemp("one_rank")
+    ckpt = _vllm_ckpt(tmp)
+    try:
+        assert main(["train", f"run_dir={tmp / 'k1'}", *run_args(ckpt, [server.clients[0].url], 3)]) == 0
+    finally:
+        restored(server, model)
+    return tmp / "k1", ckpt
+
+
+def test_runs_on_one_and_two_ranks_train_with_r3_through_attached_servers(served, one_rank_run, tmp_path):
+    """The loop with rollout.engine=vllm_server (attached by URL): the server's samples, routes and
+    log-probs are the policy's at every step (its weights synced after each); on 2 gloo ranks
+    through both servers (rank 0 sends the weights to both, both ranks sample from both) the run
+    trains exactly as on 1 rank through one."""
+    from launch import torchrun_train
+
     from stablerl.runlog import read_metrics
 
     server, _, model, _ = served
-    args = run_args(tmp_path, server.clients[0].url, 3)
+    k1, ckpt = one_rank_run
     try:
-        assert main(["train", f"run_dir={tmp_path / 'k1'}", *args]) == 0
-        rc, out = torchrun_train([f"run_dir={tmp_path / 'k2'}", *args], nproc=2, timeout=300)
+        urls = [c.url for c in server.clients]
+        rc, out = torchrun_train([f"run_dir={tmp_path / 'k2'}", *run_args(ckpt, urls, 3)], nproc=2, timeout=300)
         assert rc == 0, out[-3000:]
     finally:
-        server.connect()  # the runs took the server's weight-transfer group over
-        server.load_weights(model.state_dict(), version=0)
-    one, two = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
+        restored(server, model)
+    one, two = read_metrics(k1), read_metrics(tmp_path / "k2")
     assert [r["rollout_version"] for r in one[1:]] == [0, 1, 2] == [r["rollout_version"] for r in two[1:]]
     for a, b in zip(one[1:], two[1:]):
         assert a["train_infer_kl"] < 1e-4 and a["route_agreement/train_infer"] > 0.99 and a["grad_norm"] > 0
@@ -182,7 +213,33 @@ def test_runs_on_one_and_two_ranks_train_with_r3_through_an_attached_server(serv
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
-def test_a_rollout_worker_as_the_server_s_client_keeps_the_fixed_lag(served, tmp_path):
+def test_a_resumed_run_syncs_the_servers_and_goes_on_as_if_uninterrupted(served, one_rank_run, tmp_path):
+    """A run stopped after step 2 and resumed while the server holds other weights (another
+    trainer's, a restarted server's): the resume sends the checkpoint's, so step 3 samples and
+    trains as in the uninterrupted run."""
+    from stablerl.cli import main
+    from stablerl.runlog import read_metrics
+
+    server, _, model, _ = served
+    k1, ckpt = one_rank_run
+    cut = tmp_path / "cut"
+    try:
+        assert main(["train", f"run_dir={cut}", *run_args(ckpt, [server.clients[0].url], 2)]) == 0
+        server.connect()
+        server.load_weights(tiny(seed=5)[0].state_dict(), version=99)
+        assert main(["train", "--resume", str(cut), "train.steps=3"]) == 0
+    finally:
+        restored(server, model)
+    full = {r["step"]: r for r in read_metrics(k1)}
+    resumed = {r["step"]: r for r in read_metrics(cut)}
+    a, b = full[3], resumed[3]
+    assert b["rollout_version"] == 2 and b["train_infer_kl"] < 1e-4
+    for k in ("reward_mean", "train_infer_kl", "route_agreement/train_infer"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-9), k
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_a_rollout_worker_as_the_server_s_client_keeps_the_fixed_lag(served, one_rank_run, tmp_path):
     """1 learner + 1 rollout worker (the server's client, which sends it the versions it loads) at
     eta = 1, against the learner alone at eta = 1: the same versions sample the same steps, the
     same training."""
@@ -192,14 +249,14 @@ def test_a_rollout_worker_as_the_server_s_client_keeps_the_fixed_lag(served, tmp
     from stablerl.runlog import read_metrics
 
     server, _, model, _ = served
-    args = [*run_args(tmp_path, server.clients[0].url, 3), "rollout.max_staleness=1"]
+    _, ckpt = one_rank_run
+    args = [*run_args(ckpt, [server.clients[0].url], 3), "rollout.max_staleness=1"]
     try:
         assert main(["train", f"run_dir={tmp_path / 'w0'}", *args]) == 0
         rc, out = torchrun_train([f"run_dir={tmp_path / 'w1'}", *args, "rollout.workers=1"], nproc=2, timeout=300)
         assert rc == 0, out[-3000:]
     finally:
-        server.connect()
-        server.load_weights(model.state_dict(), version=0)
+        restored(server, model)
     alone, worker = read_metrics(tmp_path / "w0"), read_metrics(tmp_path / "w1")
     assert [r["rollout_version"] for r in worker[1:]] == [0, 0, 1] == [r["rollout_version"] for r in alone[1:]]
     for a, b in zip(alone[1:], worker[1:]):
@@ -208,13 +265,14 @@ def test_a_rollout_worker_as_the_server_s_client_keeps_the_fixed_lag(served, tmp
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
-def test_a_server_killed_mid_run_ends_the_run_naming_it(served, tmp_path):
+def test_a_server_killed_mid_run_ends_the_run_naming_it(served, one_rank_run, tmp_path):
     """(Kills the module's server: the tests after it need none.)"""
     import subprocess
 
     server, _, _, _ = served
     url, run = server.clients[0].url, tmp_path / "run"
-    args = [sys.executable, "-m", "stablerl", "train", f"run_dir={run}", *run_args(tmp_path, url, 50)]
+    _, ckpt = one_rank_run
+    args = [sys.executable, "-m", "stablerl", "train", f"run_dir={run}", *run_args(ckpt, [url], 50)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
