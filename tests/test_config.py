@@ -41,6 +41,24 @@ def test_overrides_after_config(sft_ckpt, tmp_path):
     assert read_metrics(run_dir)[-1]["step"] == 1
 
 
+def test_in_flight_updates_name_what_they_need_and_what_they_exclude():
+    on = ["rollout.vllm.in_flight_updates=true", "train.steps=4"]
+    server = [*on, "rollout.engine=vllm_server"]
+    cases = [
+        (on, "needs rollout.engine=vllm_server \\(not local\\)"),
+        ([*server, "rollout.max_staleness=1"], "needs exactly one rollout worker \\(rollout.workers=1, not 0\\)"),
+        ([*server, "rollout.workers=2", "rollout.max_staleness=1"], "rollout.workers=1, not 2"),
+        ([*server, "rollout.workers=1"], "needs rollout.max_staleness >= 1"),
+        ([*server, "rollout.workers=1", "rollout.max_staleness=1", "batch.filter_groups=true"], "batch.filter_groups"),
+        ([*server, "rollout.workers=1", "rollout.max_staleness=1", "log.lag_kl=true"], "log.lag_kl=false"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build_config(RunConfig, None, overrides)
+    ok = build_config(RunConfig, None, [*server, "rollout.workers=1", "rollout.max_staleness=1"])
+    assert ok.rollout.vllm.in_flight_updates
+
+
 def test_a_lag_at_or_beyond_the_run_is_refused_naming_both_keys(capsys):
     for eta in (4, 5, 10**9):
         with pytest.raises(ValueError, match=rf"rollout.max_staleness={eta} is not below train.steps=4.*at most 3"):

@@ -403,6 +403,29 @@ def test_concat_of_pieces_is_the_layout_of_one_call():
     torch.testing.assert_close(joined.rollout_logp, whole.rollout_logp, rtol=0, atol=1e-6)
 
 
+def test_per_token_versions_survive_concat_select_and_trim():
+    """In-flight batches carry each token's version: a piece without them is all its own version
+    (0 at padding), the joined batch's version is the oldest, and row and column slices keep the
+    versions aligned with their tokens."""
+    from dataclasses import replace
+
+    from stablerl.rollout import concat
+
+    tok = build_tokenizer()
+    engine = LocalEngine(build_model(default_model_config(tok), seed=0), "fp32", eos_token_id=[], pad_token_id=0)
+    sampling = SamplingConfig(max_new_tokens=6)
+    a = replace(engine.generate([[1, 5, 6], [1, 7]], sampling, seeds=[0, 1]), version=3)
+    b = engine.generate([[1, 9, 9, 9]], SamplingConfig(max_new_tokens=4), seeds=[2])
+    b = replace(b, version=2, token_version=torch.tensor([[2, 2, 3, 3]]))
+    joined = concat([a, b], tok.pad_token_id)
+    assert joined.version == 2
+    assert joined.token_version.tolist() == [[3] * 6, [3] * 6, [2, 2, 3, 3, 0, 0]]
+    assert torch.equal(joined.token_version == 0, ~joined.response_mask)
+    picked = joined.select([2])
+    assert picked.token_version.tolist() == [[2, 2, 3, 3, 0, 0]]
+    assert picked.trim().token_version.tolist() == [[2, 2, 3, 3]]
+
+
 def test_e2m1_rounding_and_nvfp4_blocks_hand_worked():
     from stablerl.precision import quantize_activations_nvfp4, quantize_nvfp4, round_e2m1
 

@@ -260,68 +260,62 @@ VLLM_RUN = [
 ]
 
 
-@needs_vllm
-def test_train_end_to_end_with_r3(tmp_path):
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The loop on one process with its own vLLM, 3 steps with R3, rollouts logged: (model dir,
+    run dir). The reference the multi-rank layouts below must equal."""
     from stablerl.cli import main
+
+    tmp = tmp_path_factory.mktemp("one_rank")
+    ckpt = _vllm_ckpt(tmp)
+    assert main(["train", f"model.path={ckpt}", f"run_dir={tmp / 'k1'}", *VLLM_RUN, "log.rollouts=true"]) == 0
+    return ckpt, tmp / "k1"
+
+
+@needs_vllm
+def test_train_end_to_end_with_r3(one_rank_run):
     from stablerl.runlog import read_metrics
 
-    ckpt = _vllm_ckpt(tmp_path)
-    run_dir = tmp_path / "run"
-    assert main(["train", f"model.path={ckpt}", f"run_dir={run_dir}", *VLLM_RUN]) == 0
-    rows = read_metrics(run_dir)
+    rows = read_metrics(one_rank_run[1])
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         assert r["train_infer_kl"] < 1e-4 and r["route_agreement/train_infer"] > 0.99 and r["grad_norm"] > 0
 
 
 @needs_vllm
-def test_two_gloo_ranks_each_with_its_own_vllm(tmp_path):
+def test_two_gloo_ranks_each_with_its_own_vllm(one_rank_run, tmp_path):
     """Under torchrun every rank runs its own colocated vLLM (external_launcher); the 2-rank run
     samples what the 1-rank run samples (per-response seeds) and trains the same."""
     from stablerl.runlog import read_metrics
 
-    ckpt = _vllm_ckpt(tmp_path)
+    ckpt, k1 = one_rank_run
     extra = [f"model.path={ckpt}", *VLLM_RUN, "log.rollouts=true"]
-    one = subprocess.run(
-        [sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'k1'}", *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
     rc, out = torchrun_train([f"run_dir={tmp_path / 'k2'}", *extra], timeout=600)
     assert rc == 0, out[-3000:]
-    a = [json.loads(x) for x in (tmp_path / "k1" / "rollouts.jsonl").read_text().splitlines()]
+    a = [json.loads(x) for x in (k1 / "rollouts.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "k2" / "rollouts.jsonl").read_text().splitlines()]
     assert [r["completions"] for r in a] == [r["completions"] for r in b]
-    ma, mb = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
+    ma, mb = read_metrics(k1), read_metrics(tmp_path / "k2")
     for ra, rb in zip(ma[1:], mb[1:]):
         assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-6)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
 
 
 @needs_vllm
-def test_two_ranks_sharing_one_tensor_parallel_vllm_sample_what_one_rank_samples(tmp_path):
+def test_two_ranks_sharing_one_tensor_parallel_vllm_sample_what_one_rank_samples(one_rank_run, tmp_path):
     """rollout.vllm.tensor_parallel_size=2: the 2 ranks form one vLLM instance (external_launcher,
     TP over gloo), sample both ranks' prompts together and each keeps its own: the same samples
     and training as 1 rank with its own vLLM."""
     from stablerl.runlog import read_metrics
 
-    ckpt = _vllm_ckpt(tmp_path)
+    ckpt, k1 = one_rank_run
     extra = [f"model.path={ckpt}", *VLLM_RUN, "log.rollouts=true"]
-    one = subprocess.run(
-        [sys.executable, "-m", "stablerl", "train", f"run_dir={tmp_path / 'k1'}", *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
     rc, out = torchrun_train([f"run_dir={tmp_path / 'tp'}", *extra, "rollout.vllm.tensor_parallel_size=2"], timeout=600)
     assert rc == 0, out[-3000:]
-    a = [json.loads(x) for x in (tmp_path / "k1" / "rollouts.jsonl").read_text().splitlines()]
+    a = [json.loads(x) for x in (k1 / "rollouts.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "tp" / "rollouts.jsonl").read_text().splitlines()]
     assert [r["completions"] for r in a] == [r["completions"] for r in b]
-    for ra, rb in zip(read_metrics(tmp_path / "k1")[1:], read_metrics(tmp_path / "tp")[1:]):
+    for ra, rb in zip(read_metrics(k1)[1:], read_metrics(tmp_path / "tp")[1:]):
         assert rb["reward_mean"] == pytest.approx(ra["reward_mean"], rel=1e-6)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
         assert rb["route_agreement/train_infer"] == 1.0

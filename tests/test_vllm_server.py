@@ -265,6 +265,92 @@ def test_a_rollout_worker_as_the_server_s_client_keeps_the_fixed_lag(served, one
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+def generated_tokens(clients) -> float:
+    """Tokens the servers have generated so far (vLLM's Prometheus counter, summed)."""
+    import urllib.request
+
+    total = 0.0
+    for c in clients:
+        for line in urllib.request.urlopen(f"{c.url}/metrics", timeout=10).read().decode().splitlines():
+            if line.startswith("vllm:generation_tokens_total"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_an_in_flight_update_switches_the_weights_mid_response_and_says_which_token_had_which(served):
+    """Long responses sampled on both servers; once they are under way, a sync in vLLM's pause mode
+    keep. Each response's tokens are version 0, then 1 from one point on, and some response has
+    both; tokens of version 0 are the old model's (fp32 log-probs within 1e-4); tokens of version
+    1 were sampled with the new weights: their log-probs are nearer the new model's than the old's
+    (not equal to either: the prefix's KV cache was computed with the old weights). The batch's
+    version is the oldest."""
+    from stablerl.rollout.vllm_server import VllmServerEngine
+
+    server, _, model, _ = served
+    long = SamplingConfig(max_new_tokens=200, temperature=1.0)
+    _, tok = tiny()
+    trained, _ = tiny(seed=123)
+    cfg = VllmConfig(urls=[c.url for c in server.clients], in_flight_updates=True)
+    flight = VllmServerEngine(model, tok, "fp32", cfg=cfg, max_model_len=256, eos_token_id=[])
+    try:
+        before, out = generated_tokens(flight.clients), {}
+        t = threading.Thread(target=lambda: out.update(b=flight.generate(prompts(4), long, seeds=[1, 2, 3, 4])))
+        t.start()
+        deadline = time.monotonic() + 120
+        while generated_tokens(flight.clients) < before + 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        flight.load_weights(trained.state_dict(), version=1, in_flight=True)
+        t.join(120)
+        batch = out["b"]
+    finally:
+        flight.close()
+        restored(server, model)
+    versions, mask = batch.token_version, batch.response_mask
+    assert batch.version == 0 and set(versions[mask].tolist()) == {0, 1}
+    for row in range(len(batch)):
+        v = versions[row][mask[row]]
+        assert bool((v[1:] >= v[:-1]).all())  # one switch at most, old to new
+    mixed = [row for row in range(len(batch)) if set(versions[row][mask[row]].tolist()) == {0, 1}]
+    assert mixed, versions
+    old = (training_logp(model, batch, long) - batch.rollout_logp).abs()
+    new = (training_logp(trained, batch, long) - batch.rollout_logp).abs()
+    assert float(old[mask & (versions == 0)].max()) < 1e-4
+    after = mask & (versions == 1)
+    assert float(new[after].mean()) < float(old[after].mean())
+
+
+def test_a_run_with_in_flight_updates_keeps_each_token_within_the_bound(served, one_rank_run, tmp_path):
+    """1 learner + 1 rollout worker with in-flight updates at eta = 1: every step is sampled by
+    versions between the fixed lag's and the learner's pi_old (staleness at most 1, per token),
+    trains, and where every token was sampled by pi_old's version the fp32 servers are the policy
+    (KL < 1e-4)."""
+    from launch import torchrun_train
+
+    from stablerl.runlog import read_metrics
+
+    server, _, model, _ = served
+    _, ckpt = one_rank_run
+    args = [
+        *run_args(ckpt, [c.url for c in server.clients], 3),
+        "rollout.max_staleness=1",
+        "rollout.workers=1",
+        "rollout.vllm.in_flight_updates=true",
+    ]
+    try:
+        rc, out = torchrun_train([f"run_dir={tmp_path / 'f'}", *args], nproc=2, timeout=300)
+        assert rc == 0, out[-3000:]
+    finally:
+        restored(server, model)
+    rows = read_metrics(tmp_path / "f")[1:]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for s, r in enumerate(rows, start=1):
+        assert max(0, s - 2) <= r["rollout_version"] <= s - 1
+        assert 0 <= r["staleness/mean"] <= r["staleness/max"] <= 1 and 0 <= r["staleness/in_flight_tokens"] <= 1
+        assert r["grad_norm"] > 0
+        if r["staleness/max"] == 0:  # every token sampled by pi_old's own weights
+            assert r["train_infer_kl"] < 1e-4
+
+
 def test_a_server_killed_mid_run_ends_the_run_naming_it(served, one_rank_run, tmp_path):
     """(Kills the module's server: the tests after it need none.)"""
     import subprocess

@@ -371,7 +371,22 @@ class RunConfig(StrictModel):
                 f"version max(0, s - 1 - eta), so every step would be sampled by the starting policy; "
                 f"use a lag below train.steps (at most {steps - 1})"
             )
+        if self.rollout.vllm.in_flight_updates:
+            self._check_in_flight()
         return self
+
+    def _check_in_flight(self) -> None:
+        """What in-flight weight updates cannot be combined with: both read one version per batch."""
+        if self.batch.filter_groups:
+            raise ValueError(
+                "rollout.vllm.in_flight_updates with batch.filter_groups: a step's extra sampling rounds "
+                "are asked for on the channel the in-flight versions arrive on; choose one"
+            )
+        if self.log.lag_kl:
+            raise ValueError(
+                "rollout.vllm.in_flight_updates with log.lag_kl: the lag split evaluates one sampling "
+                "version per batch, and in-flight batches mix versions; set log.lag_kl=false"
+            )
 
 
 # What may change when a run is resumed: keys that do not change what has been computed so far or

@@ -71,6 +71,17 @@ class VllmConfig(StrictModel):
         "over torch.distributed gloo (CPU, or GPUs without NCCL between trainer and servers); "
         "auto: nccl on a GPU, gloo on CPU.",
     )
+    in_flight_updates: bool = Field(
+        False,
+        description="rollout.engine=vllm_server with one rollout worker and rollout.max_staleness "
+        ">= 1: each version the learner finishes is loaded into the servers at once, even while "
+        "they sample (vLLM's pause mode keep: requests in flight freeze, the weights change, they "
+        "go on with the KV cache they have), so a step starts with the newest version there is "
+        "(at most max_staleness behind) and later tokens of a response may come from newer ones. "
+        "Each token's version is recorded; the IS correction uses each token's own log-prob, as "
+        "always. Not deterministic: which token gets which version depends on timing "
+        '(docs/rollout.md "In-flight weight updates").',
+    )
     server_start_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -84,6 +95,23 @@ class VllmConfig(StrictModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.vllm.urls: {url!r} is not a base URL like http://host:8000")
         return self
+
+
+def _in_flight_needs(engine: str, workers: int, eta: int) -> str | None:
+    """What rollout.vllm.in_flight_updates lacks in this layout, or None."""
+    if engine != "vllm_server":
+        return f"rollout.engine=vllm_server (not {engine}): only vLLM servers take weights while they sample"
+    if workers != 1:
+        return (
+            f"exactly one rollout worker (rollout.workers=1, not {workers}): the servers' one client, "
+            "which loads each version as it arrives"
+        )
+    if eta < 1:
+        return (
+            "rollout.max_staleness >= 1: with 0 the learner waits for every step's samples, so no "
+            "version ever arrives while the servers sample"
+        )
+    return None
 
 
 class RolloutConfig(SamplingConfig):
@@ -156,6 +184,11 @@ class RolloutConfig(SamplingConfig):
     )
     vllm: VllmConfig = VllmConfig()
 
+    def _check_in_flight(self) -> None:
+        lacks = _in_flight_needs(self.engine, self.workers, self.max_staleness)
+        if lacks:
+            raise ValueError(f"rollout.vllm.in_flight_updates needs {lacks}")
+
     def sampling(self) -> SamplingConfig:
         """The sampling keys alone, as the engines take them."""
         return SamplingConfig(**{k: getattr(self, k) for k in SamplingConfig.model_fields})
@@ -178,6 +211,8 @@ class RolloutConfig(SamplingConfig):
                 f"rollout.max_staleness={self.max_staleness} the engine keeps a version across steps "
                 "without a sync to refill them; use sleep_level=1"
             )
+        if self.vllm.in_flight_updates:
+            self._check_in_flight()
         if self.compile and self.engine != "local":
             raise ValueError(
                 "rollout.compile compiles the local engine's decode step; vLLM compiles its own "

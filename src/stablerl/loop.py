@@ -33,7 +33,7 @@ from stablerl.models import is_moe
 from stablerl.pipeline import LagSplit, send_to_workers, start_workers
 from stablerl.preflight import check_compiler, check_memory, check_prompts
 from stablerl.rollout import RolloutBatch
-from stablerl.rollouts import Rollouts
+from stablerl.rollouts import Rollouts, staleness
 from stablerl.rundir import RunDir, RunLock, RunLocked, RunState, discard_unstarted, prepare
 from stablerl.runlog import RunLogger, check_wandb, replay_history, write_summary
 from stablerl.seeds import eval_seed
@@ -150,7 +150,13 @@ class Trainer:
                 replay_history(logger, self.run_dir)
             D.barrier()
             start_workers(
-                world, self.state.step, cfg.rollout.max_staleness, self.source, self.lag, self.state.extra_prompts
+                world,
+                self.state.step,
+                cfg.rollout.max_staleness,
+                self.source,
+                self.lag,
+                self.state.extra_prompts,
+                in_flight=cfg.rollout.vllm.in_flight_updates,
             )
             if self.state.step == 0:
                 self._log(logger, 0, self.evaluate(0))
@@ -173,7 +179,8 @@ class Trainer:
         cfg, world = self.cfg, self.world
         t0 = time.perf_counter()
         batch, metrics = self.rollout(step)
-        send_to_workers(world, step, cfg.rollout.max_staleness, cfg.train.steps, self.lag, trained=False)
+        in_flight = cfg.rollout.vllm.in_flight_updates
+        send_to_workers(world, step, cfg.rollout.max_staleness, cfg.train.steps, self.lag, False, in_flight)
         t1 = time.perf_counter()
         try:
             metrics.update(self.learner.update(step, batch, first_row=len(batch) * world.rank))
@@ -197,8 +204,7 @@ class Trainer:
                 "policy_version": step,
                 # how many versions behind the learner's pi_old the batch's sampler was (the lag)
                 "rollout_version": batch.version,
-                M.STALENESS_MEAN: step - 1 - batch.version,
-                M.STALENESS_MAX: step - 1 - batch.version,
+                **staleness(step, batch),
                 "step_time": time.perf_counter() - t0,
                 "rollout_time": t1 - t0,
                 "train_time": t2 - t1,
@@ -243,7 +249,16 @@ class Trainer:
         version, weights = self.lag.advance(step)
         if self.engine is not None and version != self.engine.version:
             self.engine.load_weights(weights, version=version)
-        send_to_workers(self.world, step, self.cfg.rollout.max_staleness, self.cfg.train.steps, self.lag, trained=True)
+        cfg = self.cfg
+        send_to_workers(
+            self.world,
+            step,
+            cfg.rollout.max_staleness,
+            cfg.train.steps,
+            self.lag,
+            True,
+            cfg.rollout.vllm.in_flight_updates,
+        )
 
     def _finish(self, logger: RunLogger | None, finished: bool) -> None:
         """Close the logs and write the summary — or, for a run that failed before completing

@@ -19,6 +19,7 @@ TRAIN_INFER_KL_K1 = "train_infer_kl_k1"  # k1 estimate, as the paper plots it
 STALENESS_KL = "staleness_kl"  # k3 estimate of KL(pi_old || pi_theta) per token
 STALENESS_MEAN = "staleness/mean"  # policy versions between the sampler and pi_old (lag)
 STALENESS_MAX = "staleness/max"
+IN_FLIGHT_TOKENS = "staleness/in_flight_tokens"  # share of tokens sampled by a version newer than the step's oldest
 # log.lag_kl: the training-inference mismatch split into the engine's and the lag's parts
 LAG_ENGINE_KL = "lag/engine_kl"  # k3 of KL(mu || pi_v), v = the sampler's version
 LAG_ENGINE_KL_K1 = "lag/engine_kl_k1"

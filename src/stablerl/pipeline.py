@@ -14,6 +14,7 @@ on the CPU of every rank), and they belong to the checkpoint, so a resume contin
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -91,10 +92,15 @@ class LaggedWeights:
 #            [eta = 0: send version s]
 # With eta >= 1 the learner trains step s while the worker samples step s + 1: that is the
 # overlap, and it is why a worker is always eta versions behind.
+#
+# In-flight updates (rollout.vllm.in_flight_updates) drop the fixed lag for a bound: the learner
+# sends version s as soon as step s is trained, and the worker's InFlightFeed loads it into the
+# servers at once, while they sample if they do; a step waits only for version s - 1 - eta.
 # --------------------------------------------------------------------------------------------
-def initial_versions(start_step: int, eta: int) -> list[int]:
-    """The versions a worker needs before its first step after ``start_step``."""
-    if eta == 0:
+def initial_versions(start_step: int, eta: int, in_flight: bool = False) -> list[int]:
+    """The versions a worker needs before its first step after ``start_step`` (in flight: the
+    newest alone)."""
+    if eta == 0 or in_flight:
         return [start_step]
     return list(range(sampling_version(start_step + 1, eta), max(0, start_step - 1) + 1))
 
@@ -108,27 +114,38 @@ def send_version(version: int, weights: dict, device) -> None:
 
 
 def start_workers(
-    world: D.World, start: int, eta: int, source: str, lag: LaggedWeights, extra_prompts: int = 0
+    world: D.World,
+    start: int,
+    eta: int,
+    source: str,
+    lag: LaggedWeights,
+    extra_prompts: int = 0,
+    in_flight: bool = False,
 ) -> None:
     """The handshake every rollout worker waits for: the model, the step to start after, the
     versions it needs first, the prompts batch.filter_groups' extra rounds consumed so far
     (learner rank 0 sends; run_worker receives)."""
     if not world.workers or not world.is_main:
         return
-    needed = initial_versions(start, eta)
+    needed = initial_versions(start, eta, in_flight)
     hello = {"source": source, "start_step": start, "initial": len(needed), "extra_prompts": extra_prompts}
     D.transfer_object(hello, long=True)
     for v in needed:
         send_version(v, lag.versions[v], world.device)
 
 
-def send_to_workers(world: D.World, step: int, eta: int, last_step: int, lag: LaggedWeights | None, trained: bool):
+def send_to_workers(
+    world: D.World, step: int, eta: int, last_step: int, lag: LaggedWeights | None, trained: bool, in_flight=False
+):
     """Learner rank 0's weight messages of step ``step``: with eta >= 1 version step - 1 as soon
-    as the step's rollouts are in (the workers sample on meanwhile); with eta = 0 version
-    ``step`` once trained (``trained``), unless it is the last step."""
+    as the step's rollouts are in (the workers sample on meanwhile); with eta = 0, or in flight,
+    version ``step`` once trained (``trained``), unless it is the last step."""
     if not world.workers or not world.is_main:
         return
-    if not trained and eta >= 1 and step >= 2:
+    if in_flight:
+        if trained and step < last_step:
+            send_version(step, lag.versions[step], world.device)
+    elif not trained and eta >= 1 and step >= 2:
         send_version(step - 1, lag.versions[step - 1], world.device)
     elif trained and eta == 0 and step < last_step:
         send_version(step, lag.versions[step], world.device)
@@ -173,6 +190,75 @@ def receive_version(device) -> tuple[int, dict]:
     return version, weights
 
 
+class InFlightFeed:
+    """A worker's side of in-flight updates: a thread receives each version learner rank 0 sends
+    after a step and loads it into the servers at once, while they sample or not (the token route
+    records which version sampled each token); the worker's loop only waits for the version a
+    step needs at the least."""
+
+    def __init__(self, engine, device, count: int, timeout_s: float):
+        self.engine, self.timeout_s = engine, timeout_s
+        self.loaded, self.error = engine.version, None
+        self.ready = threading.Condition()
+        self.thread = threading.Thread(target=self._receive, args=(device, count), daemon=True)
+        self.thread.start()
+
+    def _receive(self, device, count: int) -> None:
+        try:
+            for _ in range(count):
+                version, weights = receive_version(device)
+                self.engine.load_weights(weights, version=version, in_flight=True)
+                with self.ready:
+                    self.loaded = version
+                    self.ready.notify_all()
+        except BaseException as e:  # handed to the worker's loop
+            with self.ready:
+                self.error = e
+                self.ready.notify_all()
+
+    def wait_for(self, version: int) -> float:
+        """Block until the servers hold ``version`` or a newer one; the seconds waited."""
+        t0 = time.perf_counter()
+        with self.ready:
+            self.ready.wait_for(lambda: self.loaded >= version or self.error is not None, self.timeout_s)
+        if self.error is not None:
+            raise RuntimeError(f"in-flight weight updates stopped: {self.error}") from self.error
+        if self.loaded < version:
+            raise TimeoutError(
+                f"the rollout worker waited {self.timeout_s:.0f} s (distributed.timeout_s) for policy version "
+                f"{version}; the servers hold {self.loaded}"
+            )
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.thread.join(self.timeout_s)
+
+
+class FixedLag:
+    """A worker's side of the fixed lag: the versions it was sent, loaded at step boundaries."""
+
+    def __init__(self, engine, versions: dict, eta: int, start_step: int, device):
+        self.engine, self.versions, self.eta, self.start, self.device = engine, versions, eta, start_step, device
+
+    def before(self, step: int) -> float:
+        """Load the version that samples ``step``; the seconds waited for it."""
+        t0 = time.perf_counter()
+        if self.eta == 0 and step > self.start + 1:
+            v, w = receive_version(self.device)
+            self.versions[v] = w
+        waited = time.perf_counter() - t0
+        target = sampling_version(step, self.eta)
+        if self.engine.version != target:
+            self.engine.load_weights(self.versions[target], version=target)
+        self.versions = {v: w for v, w in self.versions.items() if v >= target}
+        return waited
+
+    def after(self, step: int) -> None:
+        if self.eta >= 1 and step >= 2:
+            v, w = receive_version(self.device)
+            self.versions[v] = w
+
+
 def run_worker(cfg, world, log=print) -> None:
     """A rollout worker's whole life: the start-up handshake (which model, from which step, the
     versions it needs), then per step the weights it needs, its share of the step's groups
@@ -185,8 +271,9 @@ def run_worker(cfg, world, log=print) -> None:
     model, tokenizer = load_policy(hello["source"], weights=False)
     task = build_task(cfg.task)
     eta, P, K, R = cfg.rollout.max_staleness, cfg.batch.prompts_per_step, world.size, world.workers
+    in_flight, start = cfg.rollout.vllm.in_flight_updates, hello["start_step"]
     versions = dict(receive_version(world.device) for _ in range(hello["initial"]))
-    first = sampling_version(hello["start_step"] + 1, eta)
+    first = max(versions) if in_flight else sampling_version(start + 1, eta)
     # distributed: a vLLM engine joins the workers' own default process group (external_launcher),
     # never the learners' (distributed/world.py)
     engine = build_engine(
@@ -200,20 +287,16 @@ def run_worker(cfg, world, log=print) -> None:
         log_dir=Path(cfg.run_dir) / "vllm_servers" if cfg.run_dir else None,
         timeout_s=cfg.distributed.timeout_s,
     )
+    if in_flight:
+        feed = InFlightFeed(engine, world.device, cfg.train.steps - 1 - start, cfg.distributed.timeout_s)
+    else:
+        feed = FixedLag(engine, versions, eta, start, world.device)
     moe = is_moe(model)
     mine = D.share(world.worker_index, R, P)
     extra_prompts = hello.get("extra_prompts", 0)  # the prompts extra filter rounds consumed before
     with reward_pool(task, cfg.task) as rewards:
-        for step in range(hello["start_step"] + 1, cfg.train.steps + 1):
-            t0 = time.perf_counter()
-            if eta == 0 and step > hello["start_step"] + 1:
-                v, w = receive_version(world.device)
-                versions[v] = w
-            waited = time.perf_counter() - t0
-            target = sampling_version(step, eta)
-            if engine.version != target:
-                engine.load_weights(versions[target], version=target)
-            versions = {v: w for v, w in versions.items() if v >= target}
+        for step in range(start + 1, cfg.train.steps + 1):
+            waited = feed.wait_for(sampling_version(step, eta)) if in_flight else feed.before(step)
             base, rd = step * P + extra_prompts, 0
             _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited)
             # batch.filter_groups: learner rank 0 says whether the step samples another round
@@ -221,9 +304,10 @@ def run_worker(cfg, world, log=print) -> None:
                 rd += 1
                 _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, 0.0)
             extra_prompts += rd * P
-            if eta >= 1 and step >= 2:
-                v, w = receive_version(world.device)
-                versions[v] = w
+            if not in_flight:
+                feed.after(step)
+    if in_flight:
+        feed.close()
 
 
 def _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited) -> None:

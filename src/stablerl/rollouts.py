@@ -159,3 +159,22 @@ class Rollouts:
             "pipeline/worker_wait_s": max(m["worker_wait_s"] for m in messages),
         }
         return batch, texts, RewardStats.merge([m["stats"] for m in messages]), per_fn, waits
+
+
+def staleness(step: int, batch: RolloutBatch) -> dict:
+    """Policy versions between the sampler and pi_old (version step - 1): one number under a fixed
+    lag; per token in flight (a batch with ``token_version``), reduced over every rank, with the
+    share of tokens sampled by a version newer than the step's oldest."""
+    if batch.token_version is None:
+        lag = step - 1 - batch.version
+        return {M.STALENESS_MEAN: lag, M.STALENESS_MAX: lag}
+    versions = batch.token_version[batch.response_mask]
+    oldest = -int(D.all_reduce_max([-float(versions.min()) if versions.numel() else -float(batch.version)])[0])
+    total, n, newer = D.all_reduce_sum(
+        [float((step - 1 - versions).sum()), float(versions.numel()), float((versions > oldest).sum())]
+    ).tolist()
+    return {
+        M.STALENESS_MEAN: total / max(n, 1.0),
+        M.STALENESS_MAX: step - 1 - oldest,
+        M.IN_FLIGHT_TOKENS: newer / max(n, 1.0),
+    }

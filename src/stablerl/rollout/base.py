@@ -19,6 +19,9 @@ class RolloutBatch:
     model is MoE, is ``[B, P + R, layers, top_k]`` aligned with ``input_ids`` in the layout of
     ``stablerl.routing.capture_routes``: -1 at padding, and at a token sampled in the engine's
     final step (it was never fed back through the model; a training forward routes it live).
+    ``token_version`` ``[B, R]``, only from an engine that took weights while it sampled
+    (rollout.vllm.in_flight_updates): the policy version that sampled each response token
+    (``version``, the oldest, elsewhere; 0 at padding). None means every token is ``version``'s.
     """
 
     input_ids: torch.Tensor
@@ -27,8 +30,9 @@ class RolloutBatch:
     response_mask: torch.Tensor  # [B, R] bool
     rollout_logp: torch.Tensor  # [B, R] float32, log mu_old of each sampled token, 0 at padding
     finished: torch.Tensor  # [B] bool: ended with EOS (else cut at max_new_tokens)
-    version: int  # policy version of the engine's weights
+    version: int  # policy version of the engine's weights (the oldest, when token_version is set)
     routes: torch.Tensor | None = None
+    token_version: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     sampling: SamplingConfig | None = None  # how it was sampled (temperature, length limit, ...)
@@ -57,6 +61,7 @@ class RolloutBatch:
             rollout_logp=self.rollout_logp[rows],
             finished=self.finished[rows],
             routes=pick(self.routes),
+            token_version=pick(self.token_version),
             group_ids=pick(self.group_ids),
             rewards=pick(self.rewards),
             extras=dict(self.extras),
@@ -73,6 +78,7 @@ class RolloutBatch:
             response_mask=self.response_mask[:, :R],
             rollout_logp=self.rollout_logp[:, :R],
             routes=None if self.routes is None else self.routes[:, :end],
+            token_version=None if self.token_version is None else self.token_version[:, :R],
             extras=dict(self.extras),
         )
 
@@ -108,6 +114,12 @@ def concat(batches: list[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
     routes = None
     if all(b.routes is not None for b in batches):
         routes = torch.cat([sequence(b, b.routes, -1) for b in batches])
+    token_version = None
+    if any(b.token_version is not None for b in batches):  # a piece without one is all its version
+        per_token = [
+            b.token_version if b.token_version is not None else (b.response_mask.long() * b.version) for b in batches
+        ]
+        token_version = torch.cat([widen(t, 0, R - t.shape[1], 0) for t in per_token])
     return RolloutBatch(
         input_ids=torch.cat([sequence(b, b.input_ids, pad_token_id) for b in batches]),
         attention_mask=torch.cat([sequence(b, b.attention_mask, 0) for b in batches]),
@@ -115,8 +127,9 @@ def concat(batches: list[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
         response_mask=responses("response_mask", False),
         rollout_logp=responses("rollout_logp", 0.0),
         finished=rows("finished"),
-        version=batches[0].version,
+        version=min(b.version for b in batches),
         routes=routes,
+        token_version=token_version,
         group_ids=rows("group_ids"),
         rewards=rows("rewards"),
         sampling=batches[0].sampling,

@@ -65,6 +65,7 @@ def server_command(
     )
     if (not on_cuda) if cfg.enforce_eager is None else cfg.enforce_eager:
         argv.append("--enforce-eager")
+    argv.append("--enable-scale-out")  # the token route, which says which weight version sampled each token
     if on_cuda:
         argv += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     else:

@@ -22,6 +22,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +86,16 @@ class VllmServerClient:
         out = self.post("v1/completions", {"model": model, "prompt": prompt, **params})
         return {**out["choices"][0], "request_id": f"{out['id']}-0"}
 
+    def generate_tokens(self, model: str, prompt: list[int], params: dict) -> dict:
+        """vLLM's token-in/token-out route (``/inference/v1/generate``, served with
+        ``--enable-scale-out``), as ``complete``'s choice plus ``weight_versions``: the spans of
+        output tokens each weight version sampled."""
+        body = {"model": model, "token_ids": prompt, "request_id": f"stablerl-{uuid.uuid4().hex}"}
+        out = self.post("inference/v1/generate", {**body, "sampling_params": params})
+        choice = out["choices"][0]
+        logprobs = [c["logprob"] for c in (choice.get("logprobs") or {}).get("content") or []]
+        return {**choice, "logprobs": {"token_logprobs": logprobs}, "request_id": out["request_id"]}
+
     def recorded_routes(self, request_ids: list[str]) -> dict[str, str]:
         """Routes stablerl's plugin recorded in a CPU server (vllm_plugin.py), by request id."""
         body = {"method": ROUTES_RPC, "kwargs": {"request_ids": json.dumps(request_ids)}}
@@ -123,6 +134,7 @@ class VllmServerEngine:
         check_vllm_model(config, on_cuda, precision)
         dtype_args = vllm_dtype_args(precision, on_cuda)
         self.precision, self.moe, self.timeout_s = precision, is_moe(model), timeout_s
+        self.in_flight = cfg.in_flight_updates
         self.eos_ids = stop_ids(tokenizer, eos_token_id)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.vocab_size, self.version, self.architecture = config.vocab_size, version, type(model).__name__
@@ -178,17 +190,23 @@ class VllmServerEngine:
     # ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def load_weights(
-        self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], version: int | None = None
+        self,
+        weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        version: int | None = None,
+        *,
+        in_flight: bool = False,
     ) -> None:
         """Send trained weights to every server (rank 0; on the other ranks the stream is drained,
-        taking part in any gather it makes) and set the version; every rank returns after the sync."""
+        taking part in any gather it makes) and set the version; every rank returns after the sync.
+        ``in_flight``: requests being sampled freeze during the sync and go on with the new
+        weights (else they finish with the old ones first)."""
         version = self.version + 1 if version is None else int(version)
         items = weights.items() if isinstance(weights, Mapping) else weights
         if self.sender is None:
             for _ in items:
                 pass
         else:
-            self.sender.send(self.meta, _checked(items, self.meta), version)
+            self.sender.send(self.meta, _checked(items, self.meta), version, pause="keep" if in_flight else "wait")
         if self.distributed:
             D.barrier()  # nobody samples before the servers hold the new weights
         self.version = version
@@ -202,7 +220,7 @@ class VllmServerEngine:
         capture_routes: bool = True,
     ) -> RolloutBatch:
         seeds = checked_request(prompts, seeds, self.vocab_size)
-        greedy = sampling.temperature == 0
+        started, greedy = self.version, sampling.temperature == 0
         capture = capture_routes and self.moe
         params = {
             "temperature": sampling.temperature,
@@ -212,20 +230,24 @@ class VllmServerEngine:
             "logprobs": 0,
             "stop_token_ids": self.eos_ids,
             "ignore_eos": not self.eos_ids,
-            "return_token_ids": True,
             "skip_special_tokens": False,
         }
         M, offset = len(self.clients), self.rank * len(prompts)
         served_by = [self.clients[(offset + i) % M] for i in range(len(prompts))]
+        # the token route reports which version sampled each token; the completions route does not
+        route = "generate_tokens" if self.in_flight else "complete"
+        params = params if self.in_flight else {**params, "return_token_ids": True}
         with ThreadPoolExecutor(min(64, len(prompts))) as pool:
             calls = [
-                pool.submit(served_by[i].complete, self.served_model, list(p), {**params, "seed": int(s) % 2**63})
+                pool.submit(
+                    getattr(served_by[i], route), self.served_model, list(p), {**params, "seed": int(s) % 2**63}
+                )
                 for i, (p, s) in enumerate(zip(prompts, seeds))
             ]
             choices = [c.result() for c in calls]
         if capture and any(c.get("routed_experts") is None for c in choices):
             self._recorded_routes(choices, served_by)
-        return self._batch(prompts, choices, greedy, capture)
+        return self._batch(prompts, choices, greedy, capture, started)
 
     def _recorded_routes(self, choices: list[dict], served_by: list) -> None:
         """Routes from stablerl's recorder in each CPU server, put where vLLM's own would be."""
@@ -241,7 +263,8 @@ class VllmServerEngine:
                     )
                 c["routed_experts"] = got[c["request_id"]]
 
-    def _batch(self, prompts, choices, greedy: bool, capture: bool) -> RolloutBatch:
+    def _batch(self, prompts, choices, greedy: bool, capture: bool, started: int) -> RolloutBatch:
+        """``started``: the engine's version when the requests went out."""
         B, P = len(prompts), max(len(p) for p in prompts)
         R = max(1, max(len(c["token_ids"]) for c in choices))
         ids = torch.full((B, P + R), self.pad_token_id, dtype=torch.long)
@@ -250,6 +273,7 @@ class VllmServerEngine:
         logp = torch.zeros(B, R, dtype=torch.float32)
         finished = torch.zeros(B, dtype=torch.bool)
         routes = torch.full((B, P + R, self.n_moe, self.top_k), NO_ROUTE, dtype=ROUTE_DTYPE) if capture else None
+        token_version = _token_versions(choices, R, started) if self.in_flight else None
         for i, (prompt, c) in enumerate(zip(prompts, choices)):
             tokens = list(c["token_ids"])
             n, start = len(tokens), P - len(prompt)
@@ -274,8 +298,9 @@ class VllmServerEngine:
             response_mask=response_mask,
             rollout_logp=logp,
             finished=finished,
-            version=self.version,
+            version=started if token_version is None else _oldest(token_version, response_mask, started),
             routes=routes,
+            token_version=token_version,
         )
 
     def connect(self) -> None:
@@ -307,6 +332,24 @@ class VllmServerEngine:
         for p in self.processes:
             p.stop()
         self.processes = []
+
+
+def _token_versions(choices: list[dict], R: int, default: int) -> torch.Tensor:
+    """``[B, R]``: the policy version that sampled each response token, from vLLM's
+    ``weight_versions`` spans (``default``, the engine's version, for a response without them);
+    0 at padding."""
+    out = torch.zeros(len(choices), R, dtype=torch.long)
+    for i, c in enumerate(choices):
+        n = len(c["token_ids"])
+        out[i, :n] = default
+        for span in c.get("weight_versions") or []:
+            out[i, int(span["start"]) : min(int(span["end"]), n)] = int(span["version"])
+    return out
+
+
+def _oldest(token_version: torch.Tensor, response_mask: torch.Tensor, started: int) -> int:
+    """The oldest version that sampled any token (the batch's ``version``)."""
+    return int(token_version[response_mask].min()) if bool(response_mask.any()) else started
 
 
 def _checked(items, meta: list[WeightMeta]):

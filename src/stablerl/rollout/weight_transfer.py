@@ -92,13 +92,16 @@ class WeightSender:
         comm = trainer_init({"master_address": address, "master_port": port, "world_size": self.world_size})
         return comm, None
 
-    def send(self, meta: list[WeightMeta], tensors: Iterable[torch.Tensor], version: int) -> None:
+    def send(self, meta: list[WeightMeta], tensors: Iterable[torch.Tensor], version: int, pause: str = "wait") -> None:
         """One sync: the servers paused, the tensors (in ``meta``'s order, cast to its dtypes)
-        broadcast, the update finished with ``version``, the servers resumed; under a deadline."""
+        broadcast, the update finished with ``version``, the servers resumed; under a deadline.
+        ``pause``: vLLM's pause mode, ``wait`` (requests in flight finish with the old weights
+        first) or ``keep`` (they freeze, and go on with the new weights: in-flight updates)."""
         done: dict = {}
         # the caller's CUDA device: the stream's gathers and the sends run on it, not on the thread's default
         device = torch.cuda.current_device() if torch.cuda.is_available() else None
-        worker = threading.Thread(target=self._send, args=(meta, tensors, version, done, device), daemon=True)
+        args = (meta, tensors, version, pause, done, device)
+        worker = threading.Thread(target=self._send, args=args, daemon=True)
         worker.start()
         worker.join(self.timeout_s)
         if worker.is_alive():
@@ -109,7 +112,7 @@ class WeightSender:
         if "error" in done:
             raise done["error"]
 
-    def _send(self, meta, tensors, version, done, device) -> None:
+    def _send(self, meta, tensors, version, pause, done, device) -> None:
         try:
             if device is not None:
                 torch.cuda.set_device(device)
@@ -118,7 +121,7 @@ class WeightSender:
                 "dtype_names": [str(m.dtype).removeprefix("torch.") for m in meta],
                 "shapes": [list(m.shape) for m in meta],
             }
-            self._each("pause", query={"mode": "wait"})
+            self._each("pause", query={"mode": pause})
             self._each("start_weight_update")
             with ThreadPoolExecutor(len(self.servers)) as pool:
                 receiving = [pool.submit(s.post, "update_weights", {"update_info": info}) for s in self.servers]
