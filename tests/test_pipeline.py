@@ -55,6 +55,54 @@ def test_the_lag_is_fixed_exactly_min_eta_and_s_minus_1():
     assert [sampling_version(s, 0) for s in range(1, 4)] == [0, 1, 2]
 
 
+def test_an_in_flight_feed_loads_each_version_as_it_arrives_and_steps_wait_only_for_theirs(monkeypatch):
+    """The worker's side of in-flight updates, with the learner's messages from a queue and an
+    engine that records its loads: each version is loaded in flight the moment it arrives; a step
+    waits for the version it needs at the least, not for newer ones; a failed load surfaces in
+    the worker's loop, and at the end."""
+    import queue
+    import threading
+
+    from stablerl import pipeline
+
+    class Engine:
+        def __init__(self):
+            self.version, self.loads = 0, []
+
+        def load_weights(self, weights, version, in_flight=False):
+            if weights == "bad":
+                raise OSError("the servers went away")
+            self.loads.append((version, in_flight))
+            self.version = version
+
+    sent = queue.Queue()
+    monkeypatch.setattr(pipeline, "receive_version", lambda device: sent.get(timeout=10))
+    engine = Engine()
+    feed = pipeline.InFlightFeed(engine, "cpu", count=2, timeout_s=10)
+    assert feed.wait_for(0) < 1.0  # what the servers hold already
+    waiting = threading.Thread(target=feed.wait_for, args=(2,))
+    waiting.start()
+    sent.put((1, "weights of 1"))
+    waiting.join(0.5)
+    assert waiting.is_alive()  # version 1 is in, and loaded, but the step needs 2
+    assert engine.loads == [(1, True)]
+    sent.put((2, "weights of 2"))
+    waiting.join(10)
+    assert not waiting.is_alive() and engine.loads == [(1, True), (2, True)]
+    feed.close()
+    broken = pipeline.InFlightFeed(Engine(), "cpu", count=1, timeout_s=10)
+    sent.put((3, "bad"))
+    with pytest.raises(RuntimeError, match="in-flight weight updates stopped: the servers went away"):
+        broken.wait_for(3)
+    with pytest.raises(RuntimeError, match="the servers went away"):
+        broken.close()
+    slow = pipeline.InFlightFeed(Engine(), "cpu", count=1, timeout_s=0.2)
+    with pytest.raises(TimeoutError, match="waited 0 s .distributed.timeout_s. for policy version 1"):
+        slow.wait_for(1)
+    sent.put((1, "weights of 1"))
+    slow.close()
+
+
 def test_each_step_is_sampled_by_version_s_minus_1_minus_eta(sft_ckpt, tmp_path):
     rows = run(sft_ckpt, tmp_path / "lag", "train.steps=5", "rollout.max_staleness=2")
     steps = rows[1:]

@@ -280,10 +280,9 @@ def generated_tokens(clients) -> float:
 def test_an_in_flight_update_switches_the_weights_mid_response_and_says_which_token_had_which(served):
     """Long responses sampled on both servers; once they are under way, a sync in vLLM's pause mode
     keep. Each response's tokens are version 0, then 1 from one point on, and some response has
-    both; tokens of version 0 are the old model's (fp32 log-probs within 1e-4); tokens of version
-    1 were sampled with the new weights: their log-probs are nearer the new model's than the old's
-    (not equal to either: the prefix's KV cache was computed with the old weights). The batch's
-    version is the oldest."""
+    both; each token's log-prob is its version's model's on the whole prefix (fp32, within 1e-4:
+    the pause cleared vLLM's caches, so the prefixes were recomputed with the new weights). The
+    batch's version is the oldest."""
     from stablerl.rollout.vllm_server import VllmServerEngine
 
     server, _, model, _ = served
@@ -301,6 +300,7 @@ def test_an_in_flight_update_switches_the_weights_mid_response_and_says_which_to
             time.sleep(0.05)
         flight.load_weights(trained.state_dict(), version=1, in_flight=True)
         t.join(120)
+        assert "b" in out, "the sampling thread failed or did not end (its error is above)"
         batch = out["b"]
     finally:
         flight.close()
@@ -315,8 +315,8 @@ def test_an_in_flight_update_switches_the_weights_mid_response_and_says_which_to
     old = (training_logp(model, batch, long) - batch.rollout_logp).abs()
     new = (training_logp(trained, batch, long) - batch.rollout_logp).abs()
     assert float(old[mask & (versions == 0)].max()) < 1e-4
-    after = mask & (versions == 1)
-    assert float(new[after].mean()) < float(old[after].mean())
+    assert float(new[mask & (versions == 1)].max()) < 1e-4
+    assert float(old[mask & (versions == 1)].mean()) > 1e-2  # the two models differ there
 
 
 def test_a_run_with_in_flight_updates_keeps_each_token_within_the_bound(served, one_rank_run, tmp_path):

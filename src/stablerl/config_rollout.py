@@ -75,11 +75,12 @@ class VllmConfig(StrictModel):
         False,
         description="rollout.engine=vllm_server with one rollout worker and rollout.max_staleness "
         ">= 1: each version the learner finishes is loaded into the servers at once, even while "
-        "they sample (vLLM's pause mode keep: requests in flight freeze, the weights change, they "
-        "go on with the KV cache they have), so a step starts with the newest version there is "
-        "(at most max_staleness behind) and later tokens of a response may come from newer ones. "
-        "Each token's version is recorded; the IS correction uses each token's own log-prob, as "
-        "always. Not deterministic: which token gets which version depends on timing "
+        "they sample (vLLM's pause mode keep: requests in flight freeze, the weights change, their "
+        "prefixes are recomputed with the new weights and they go on), so a step starts with the "
+        "newest version there is (at most max_staleness behind) and later tokens of a response may "
+        "come from newer ones. Each token's version is recorded; the IS correction uses each "
+        "token's own log-prob, as always. Not deterministic: which token gets which version "
+        "depends on timing "
         '(docs/rollout.md "In-flight weight updates").',
     )
     server_start_timeout_s: float = Field(

@@ -180,7 +180,9 @@ class Trainer:
         t0 = time.perf_counter()
         batch, metrics = self.rollout(step)
         in_flight = cfg.rollout.vllm.in_flight_updates
-        send_to_workers(world, step, cfg.rollout.max_staleness, cfg.train.steps, self.lag, False, in_flight)
+        send_to_workers(
+            world, step, cfg.rollout.max_staleness, cfg.train.steps, self.lag, trained=False, in_flight=in_flight
+        )
         t1 = time.perf_counter()
         try:
             metrics.update(self.learner.update(step, batch, first_row=len(batch) * world.rank))
@@ -249,15 +251,9 @@ class Trainer:
         version, weights = self.lag.advance(step)
         if self.engine is not None and version != self.engine.version:
             self.engine.load_weights(weights, version=version)
-        cfg = self.cfg
+        cfg, in_flight = self.cfg, self.cfg.rollout.vllm.in_flight_updates
         send_to_workers(
-            self.world,
-            step,
-            cfg.rollout.max_staleness,
-            cfg.train.steps,
-            self.lag,
-            True,
-            cfg.rollout.vllm.in_flight_updates,
+            self.world, step, cfg.rollout.max_staleness, cfg.train.steps, self.lag, trained=True, in_flight=in_flight
         )
 
     def _finish(self, logger: RunLogger | None, finished: bool) -> None:

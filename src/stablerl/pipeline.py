@@ -135,7 +135,14 @@ def start_workers(
 
 
 def send_to_workers(
-    world: D.World, step: int, eta: int, last_step: int, lag: LaggedWeights | None, trained: bool, in_flight=False
+    world: D.World,
+    step: int,
+    eta: int,
+    last_step: int,
+    lag: LaggedWeights | None,
+    *,
+    trained: bool,
+    in_flight: bool = False,
 ):
     """Learner rank 0's weight messages of step ``step``: with eta >= 1 version step - 1 as soon
     as the step's rollouts are in (the workers sample on meanwhile); with eta = 0, or in flight,
@@ -231,7 +238,12 @@ class InFlightFeed:
         return time.perf_counter() - t0
 
     def close(self) -> None:
+        """After the last step: the last version's load must have ended, and well."""
         self.thread.join(self.timeout_s)
+        if self.error is not None:
+            raise RuntimeError(f"in-flight weight updates stopped: {self.error}") from self.error
+        if self.thread.is_alive():
+            raise TimeoutError(f"the last in-flight weight update did not end within {self.timeout_s:.0f} s")
 
 
 class FixedLag:

@@ -164,7 +164,8 @@ class Rollouts:
 def staleness(step: int, batch: RolloutBatch) -> dict:
     """Policy versions between the sampler and pi_old (version step - 1): one number under a fixed
     lag; per token in flight (a batch with ``token_version``), reduced over every rank, with the
-    share of tokens sampled by a version newer than the step's oldest."""
+    share of tokens sampled by a version newer than the step's oldest, which is then the step's
+    ``rollout_version``."""
     if batch.token_version is None:
         lag = step - 1 - batch.version
         return {M.STALENESS_MEAN: lag, M.STALENESS_MAX: lag}
@@ -174,6 +175,7 @@ def staleness(step: int, batch: RolloutBatch) -> dict:
         [float((step - 1 - versions).sum()), float(versions.numel()), float((versions > oldest).sum())]
     ).tolist()
     return {
+        "rollout_version": oldest,
         M.STALENESS_MEAN: total / max(n, 1.0),
         M.STALENESS_MAX: step - 1 - oldest,
         M.IN_FLIGHT_TOKENS: newer / max(n, 1.0),

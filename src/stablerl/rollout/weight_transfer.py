@@ -63,6 +63,8 @@ class WeightSender:
         from stablerl.rollout.server_process import free_port
 
         self.servers, self.backend, self.timeout_s = servers, backend, timeout_s
+        # the GPU the group was made on: a sync from another thread (in-flight updates) runs on it too
+        self.device = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.world_size = 1 + sum(s.world_size for s in servers)
         port = free_port()
         offsets = [1 + sum(s.world_size for s in servers[:i]) for i in range(len(servers))]
@@ -96,11 +98,10 @@ class WeightSender:
         """One sync: the servers paused, the tensors (in ``meta``'s order, cast to its dtypes)
         broadcast, the update finished with ``version``, the servers resumed; under a deadline.
         ``pause``: vLLM's pause mode, ``wait`` (requests in flight finish with the old weights
-        first) or ``keep`` (they freeze, and go on with the new weights: in-flight updates)."""
+        first) or ``keep`` (they freeze and go on with the new weights: in-flight updates; the
+        pause clears vLLM's caches, so their prefixes are recomputed with the new weights)."""
         done: dict = {}
-        # the caller's CUDA device: the stream's gathers and the sends run on it, not on the thread's default
-        device = torch.cuda.current_device() if torch.cuda.is_available() else None
-        args = (meta, tensors, version, pause, done, device)
+        args = (meta, tensors, version, pause, done, self.device)
         worker = threading.Thread(target=self._send, args=args, daemon=True)
         worker.start()
         worker.join(self.timeout_s)
