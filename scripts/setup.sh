@@ -11,9 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python_bin="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
-# --no-compile: pip would byte-compile every module it installs (~15,000 files); Python compiles
-# the ones a run imports, on first import, instead
-pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 quiet_pip() {  # pip with this machine's harmless "local index location is ignored" noise filtered
   "${pip[@]}" "$@" 2> >(grep -v "is ignored: it is neither" >&2)
 }

