@@ -102,6 +102,16 @@ def ckpt(sft_ckpt):
     return sft_ckpt
 
 
+@pytest.fixture(scope="module")
+def two_rank_run(ckpt, tmp_path_factory):
+    """The base configuration on 2 ranks (read only by its users): the on-policy case below and
+    the uninterrupted run the resume is compared with."""
+    run_dir = tmp_path_factory.mktemp("two_rank") / "run"
+    rc, out = torchrun(base_args(ckpt, run_dir))
+    assert rc == 0, out[-3000:]
+    return run_dir
+
+
 @pytest.mark.parametrize(
     "mode",
     [
@@ -130,21 +140,23 @@ def ckpt(sft_ckpt):
     ],
     ids=["on-policy", "N2-R2", "N2-R3-micro3", "N2-corrections-micro3", "N2-R2-memory"],
 )
-def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
+def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode, request):
     one_rank(ckpt, tmp_path / "k1", *mode)
-    rc, out = torchrun(base_args(ckpt, tmp_path / "k2", *mode))
-    assert rc == 0, out[-3000:]
-    a, b = rollouts(tmp_path / "k1"), rollouts(tmp_path / "k2")
+    k2 = request.getfixturevalue("two_rank_run") if not mode else tmp_path / "k2"
+    if mode:
+        rc, out = torchrun(base_args(ckpt, k2, *mode))
+        assert rc == 0, out[-3000:]
+    a, b = rollouts(tmp_path / "k1"), rollouts(k2)
     assert [r["completions"] for r in a] == [r["completions"] for r in b]  # the same sampled tokens
     assert [r["rewards"] for r in a] == [r["rewards"] for r in b]
     assert any(len(set(r["rewards"])) > 1 for r in a)  # a real learning signal
-    ma, mb = read_metrics(tmp_path / "k1"), read_metrics(tmp_path / "k2")
+    ma, mb = read_metrics(tmp_path / "k1"), read_metrics(k2)
     assert_metrics_close(ma, mb)
     assert all(m["grad_norm"] > 0 for m in ma[1:])
     if any("m2_threshold" in x for x in mode):  # the corrections did remove something
         assert any(m["masked/m2"] > 0 for m in ma[1:]) and any(m["masked/opsm"] > 0 for m in ma[1:])
     wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k1"))
-    wb = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "k2"))
+    wb = checkpoint.load_model_weights(checkpoint.latest(k2))
     assert_weights_close(wa, wb)
     # and the agreement is not trivial: training moved the weights far more than the runs differ
     from transformers import AutoModelForCausalLM
@@ -155,10 +167,8 @@ def test_two_ranks_equal_one_rank(ckpt, tmp_path, mode):
     assert moved > 1e-3 and gap < 1e-3 * moved
 
 
-def test_two_rank_resume_and_export(ckpt, tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    rc, out = torchrun(base_args(ckpt, full))
-    assert rc == 0, out[-3000:]
+def test_two_rank_resume_and_export(ckpt, two_rank_run, tmp_path):
+    full, cut = two_rank_run, tmp_path / "cut"
     rc, out = torchrun(base_args(ckpt, cut, "train.steps=2"))
     assert rc == 0, out[-3000:]
     # a kill during step 3: a half-written metrics line and a half-written checkpoint directory

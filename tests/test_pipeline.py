@@ -320,30 +320,56 @@ def _cli_args(ckpt, run_dir, *extra) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("before,after", [(1, 1), (1, 2), (2, 1)], ids=["same", "more", "fewer"])
-def test_a_run_with_rollout_workers_resumes_with_any_number_of_them_exactly(sft_ckpt, tmp_path, before, after):
-    """A finished 2-step run with ``before`` workers, resumed to 4 steps with ``after``: the same
-    samples, metrics and weights as the uninterrupted run with none (the workers change the speed,
-    never the maths; a resume's worker is handed the checkpoint, which holds no HF weights)."""
+WORKER_RESUME = ["rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=2"]
+
+
+@pytest.fixture(scope="module")
+def resume_runs(sft_ckpt, tmp_path_factory):
+    """The uninterrupted 4-step run with no worker, and a finished 2-step run with 1 or 2 workers
+    (made on first use, each once; a test resumes a copy of it)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from launch import torchrun_train
 
-    extra = ["rollout.precision=fp32", "rollout.max_staleness=1", "checkpoint.every=2"]
-    ref = run(sft_ckpt, tmp_path / "ref", "train.steps=4", *extra)
+    root = tmp_path_factory.mktemp("worker_resume")
+    run(sft_ckpt, root / "ref", "train.steps=4", *WORKER_RESUME)
+    stopped = {}
+
+    def stopped_run(workers: int) -> Path:
+        if workers not in stopped:
+            w = root / f"w{workers}"
+            args = _cli_args(sft_ckpt, w, "train.steps=2", *WORKER_RESUME, f"rollout.workers={workers}")
+            rc, out = torchrun_train(args, nproc=1 + workers)
+            assert rc == 0, out[-3000:]
+            stopped[workers] = w
+        return stopped[workers]
+
+    return root / "ref", stopped_run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(1, 1), (1, 2), (2, 1)], ids=["same", "more", "fewer"])
+def test_a_run_with_rollout_workers_resumes_with_any_number_of_them_exactly(resume_runs, tmp_path, before, after):
+    """A finished 2-step run with ``before`` workers, resumed to 4 steps with ``after``: the same
+    samples, metrics and weights as the uninterrupted run with none (the workers change the speed,
+    never the maths; a resume's worker is handed the checkpoint, which holds no HF weights). The
+    run resumed is a copy of the stopped one in another directory, as a user's moved run."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from launch import torchrun_train
+
+    ref_dir, stopped_run = resume_runs
     w = tmp_path / "w"
-    rc, out = torchrun_train(
-        _cli_args(sft_ckpt, w, "train.steps=2", *extra, f"rollout.workers={before}"), nproc=1 + before
-    )
-    assert rc == 0, out[-3000:]
+    shutil.copytree(stopped_run(before), w)
     rc, out = torchrun_train(
         ["--resume", str(w), "train.steps=4", f"rollout.workers={after}"], nproc=1 + after, timeout=300
     )
     assert rc == 0, out[-3000:]
-    got = read_metrics(w)
-    a = [json.loads(x) for x in (tmp_path / "ref" / "rollouts.jsonl").read_text().splitlines()]
+    got, ref = read_metrics(w), read_metrics(ref_dir)
+    a = [json.loads(x) for x in (ref_dir / "rollouts.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (w / "rollouts.jsonl").read_text().splitlines()]
     assert [r["completions"] for r in a] == [r["completions"] for r in b]
     assert [r["rollout_version"] for r in got[1:]] == [0, 0, 1, 2]
@@ -355,7 +381,7 @@ def test_a_run_with_rollout_workers_resumes_with_any_number_of_them_exactly(sft_
         assert x.keys() == y.keys()
         for k in x:
             assert y[k] == pytest.approx(x[k], rel=1e-5, abs=tol.get(k, 1e-7)), k
-    wa = checkpoint.load_model_weights(checkpoint.latest(tmp_path / "ref"))
+    wa = checkpoint.load_model_weights(checkpoint.latest(ref_dir))
     wb = checkpoint.load_model_weights(checkpoint.latest(w))
     for k in wa:
         assert float((wa[k] - wb[k]).norm()) <= 1e-5 * float(wa[k].norm()), k
