@@ -23,26 +23,7 @@ REWARD = str(Path(__file__).parent / "data" / "reward_fns.py") + ":digit_fractio
 
 
 def config(ckpt, run_dir, *extra) -> RunConfig:
-    return build_config(
-        RunConfig,
-        None,
-        [
-            f"model.path={ckpt}",
-            f"run_dir={run_dir}",
-            "batch.prompts_per_step=2",
-            "batch.group_size=4",
-            "rollout.max_new_tokens=12",
-            "task.levels=[1]",
-            "task.eval_size=4",
-            "eval.every=100",
-            "log.progress=false",
-            "log.tensorboard=false",
-            "log.rollouts=true",
-            f"task.reward_fns=[{REWARD}]",
-            "optim.lr=1e-3",
-            *extra,
-        ],
-    )
+    return build_config(RunConfig, None, _cli_args(ckpt, run_dir, *extra))
 
 
 def run(ckpt, run_dir, *extra, resume=False):
@@ -301,7 +282,7 @@ def test_a_killed_worker_ends_the_run_and_resume_continues_exactly(sft_ckpt, tmp
 
 
 def _cli_args(ckpt, run_dir, *extra) -> list[str]:
-    """The arguments of ``config`` above, as a `stablerl train` command line takes them."""
+    """The pipeline tests' run, as a `stablerl train` command line takes it (``config`` builds it)."""
     return [
         f"model.path={ckpt}",
         f"run_dir={run_dir}",

@@ -4,20 +4,13 @@ starts, naming what is missing. Skipped where vLLM is not installed (tests/test_
 
 import pytest
 import torch
+from test_vllm import needs_vllm
 
 from stablerl.config import SamplingConfig
 from stablerl.diagnostics import route_agreement
 from stablerl.forward import response_logp
 from stablerl.models import build_model, build_tokenizer, default_model_config
 
-try:
-    import vllm  # noqa: F401
-
-    HAVE_VLLM = True
-except ImportError:
-    HAVE_VLLM = False
-
-needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed here (scripts/setup_vllm.sh)")
 pytestmark = pytest.mark.vllm
 
 
