@@ -59,7 +59,7 @@ def test_an_in_flight_feed_loads_each_version_as_it_arrives_and_steps_wait_only_
     sent = queue.Queue()
     monkeypatch.setattr(pipeline, "receive_version", lambda device: sent.get(timeout=10))
     engine = Engine()
-    feed = pipeline.InFlightFeed(engine, "cpu", count=2, timeout_s=10)
+    feed = pipeline.InFlightFeed(engine, "cpu", count=2, eta=1, timeout_s=10)
     assert feed.wait_for(0) < 1.0  # what the servers hold already
     waiting = threading.Thread(target=feed.wait_for, args=(2,))
     waiting.start()
@@ -71,13 +71,13 @@ def test_an_in_flight_feed_loads_each_version_as_it_arrives_and_steps_wait_only_
     waiting.join(10)
     assert not waiting.is_alive() and engine.loads == [(1, True), (2, True)]
     feed.close()
-    broken = pipeline.InFlightFeed(Engine(), "cpu", count=1, timeout_s=10)
+    broken = pipeline.InFlightFeed(Engine(), "cpu", count=1, eta=1, timeout_s=10)
     sent.put((3, "bad"))
     with pytest.raises(RuntimeError, match="in-flight weight updates stopped: the servers went away"):
         broken.wait_for(3)
     with pytest.raises(RuntimeError, match="the servers went away"):
         broken.close()
-    slow = pipeline.InFlightFeed(Engine(), "cpu", count=1, timeout_s=0.2)
+    slow = pipeline.InFlightFeed(Engine(), "cpu", count=1, eta=1, timeout_s=0.2)
     with pytest.raises(TimeoutError, match="waited 0 s .distributed.timeout_s. for policy version 1"):
         slow.wait_for(1)
     sent.put((1, "weights of 1"))

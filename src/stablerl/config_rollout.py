@@ -98,23 +98,6 @@ class VllmConfig(StrictModel):
         return self
 
 
-def _in_flight_needs(engine: str, workers: int, eta: int) -> str | None:
-    """What rollout.vllm.in_flight_updates lacks in this layout, or None."""
-    if engine != "vllm_server":
-        return f"rollout.engine=vllm_server (not {engine}): only vLLM servers take weights while they sample"
-    if workers != 1:
-        return (
-            f"exactly one rollout worker (rollout.workers=1, not {workers}): the servers' one client, "
-            "which loads each version as it arrives"
-        )
-    if eta < 1:
-        return (
-            "rollout.max_staleness >= 1: with 0 the learner waits for every step's samples, so no "
-            "version ever arrives while the servers sample"
-        )
-    return None
-
-
 class RolloutConfig(SamplingConfig):
     """The inference engine that samples the rollouts (mu_old) and how it samples: the sampling
     keys are ``SamplingConfig``'s (defined once, there)."""
@@ -186,9 +169,22 @@ class RolloutConfig(SamplingConfig):
     vllm: VllmConfig = VllmConfig()
 
     def _check_in_flight(self) -> None:
-        lacks = _in_flight_needs(self.engine, self.workers, self.max_staleness)
-        if lacks:
-            raise ValueError(f"rollout.vllm.in_flight_updates needs {lacks}")
+        """What rollout.vllm.in_flight_updates needs of the layout."""
+        if self.engine != "vllm_server":
+            raise ValueError(
+                f"rollout.vllm.in_flight_updates needs rollout.engine=vllm_server (not {self.engine}): only vLLM "
+                "servers take weights while they sample"
+            )
+        if self.workers != 1:
+            raise ValueError(
+                f"rollout.vllm.in_flight_updates needs exactly one rollout worker (rollout.workers=1, not "
+                f"{self.workers}): the servers' one client, which loads each version as it arrives"
+            )
+        if self.max_staleness < 1:
+            raise ValueError(
+                "rollout.vllm.in_flight_updates needs rollout.max_staleness >= 1: with 0 the learner waits for "
+                "every step's samples, so no version ever arrives while the servers sample"
+            )
 
     def sampling(self) -> SamplingConfig:
         """The sampling keys alone, as the engines take them."""

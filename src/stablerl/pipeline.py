@@ -201,10 +201,11 @@ class InFlightFeed:
     """A worker's side of in-flight updates: a thread receives each version learner rank 0 sends
     after a step and loads it into the servers at once, while they sample or not (the token route
     records which version sampled each token); the worker's loop only waits for the version a
-    step needs at the least."""
+    step needs at the least. The same steps as ``FixedLag``: ``before`` a step, ``after`` it,
+    ``close`` at the end."""
 
-    def __init__(self, engine, device, count: int, timeout_s: float):
-        self.engine, self.timeout_s = engine, timeout_s
+    def __init__(self, engine, device, count: int, eta: int, timeout_s: float):
+        self.engine, self.eta, self.timeout_s = engine, eta, timeout_s
         self.loaded, self.error = engine.version, None
         self.ready = threading.Condition()
         self.thread = threading.Thread(target=self._receive, args=(device, count), daemon=True)
@@ -236,6 +237,13 @@ class InFlightFeed:
                 f"{version}; the servers hold {self.loaded}"
             )
         return time.perf_counter() - t0
+
+    def before(self, step: int) -> float:
+        """Wait for the oldest version that may sample ``step``; the seconds waited."""
+        return self.wait_for(sampling_version(step, self.eta))
+
+    def after(self, step: int) -> None:
+        """Nothing: versions arrive on the feed's thread."""
 
     def close(self) -> None:
         """After the last step: the last version's load must have ended, and well."""
@@ -270,6 +278,9 @@ class FixedLag:
             v, w = receive_version(self.device)
             self.versions[v] = w
 
+    def close(self) -> None:
+        """Nothing: every version was received in the loop."""
+
 
 def run_worker(cfg, world, log=print) -> None:
     """A rollout worker's whole life: the start-up handshake (which model, from which step, the
@@ -300,7 +311,7 @@ def run_worker(cfg, world, log=print) -> None:
         timeout_s=cfg.distributed.timeout_s,
     )
     if in_flight:
-        feed = InFlightFeed(engine, world.device, cfg.train.steps - 1 - start, cfg.distributed.timeout_s)
+        feed = InFlightFeed(engine, world.device, cfg.train.steps - 1 - start, eta, cfg.distributed.timeout_s)
     else:
         feed = FixedLag(engine, versions, eta, start, world.device)
     moe = is_moe(model)
@@ -308,7 +319,7 @@ def run_worker(cfg, world, log=print) -> None:
     extra_prompts = hello.get("extra_prompts", 0)  # the prompts extra filter rounds consumed before
     with reward_pool(task, cfg.task) as rewards:
         for step in range(start + 1, cfg.train.steps + 1):
-            waited = feed.wait_for(sampling_version(step, eta)) if in_flight else feed.before(step)
+            waited = feed.before(step)
             base, rd = step * P + extra_prompts, 0
             _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited)
             # batch.filter_groups: learner rank 0 says whether the step samples another round
@@ -316,10 +327,8 @@ def run_worker(cfg, world, log=print) -> None:
                 rd += 1
                 _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, 0.0)
             extra_prompts += rd * P
-            if not in_flight:
-                feed.after(step)
-    if in_flight:
-        feed.close()
+            feed.after(step)
+    feed.close()
 
 
 def _sample_and_send(engine, tokenizer, task, rewards, cfg, step, base, rd, mine, K, moe, waited) -> None:
