@@ -112,6 +112,20 @@ def test_each_failure_gives_zero_is_counted_and_named_and_the_pool_goes_on():
             assert pool.score(items("fine", "fine", "fine")).total == [1.0] * 3, name
 
 
+def test_a_new_worker_s_start_up_and_imports_are_not_charged_to_a_call():
+    """A module whose import takes 1.5 s under a 1 s limit: the second worker (started by the first
+    score) and the one replacing a stuck worker import it before their first call's clock starts,
+    so the stuck call is the only timeout."""
+    slow = str(Path(__file__).parent / "data" / "slow_import_fns.py") + ":fine"
+    with RewardPool([slow], workers=2, timeout_s=1.0) as pool:
+        first = pool.score(items("a", "b", "c", "d"))
+        assert first.total == [1.0] * 4 and first.stats.failures == 0, first.stats.first_error
+        stuck = pool.score(items("hang", "a", "b", "c"))
+        assert stuck.total == [0.0, 1.0, 1.0, 1.0] and stuck.stats.timeouts == stuck.stats.failures == 1
+        after = pool.score(items("a", "b", "c", "d"))
+        assert after.total == [1.0] * 4 and after.stats.failures == 0, after.stats.first_error
+
+
 def test_non_finite_reward_is_an_error():
     with RewardPool([fn("not_a_number")], workers=1) as pool:
         result = pool.score(items("x"))

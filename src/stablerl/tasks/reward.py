@@ -6,7 +6,9 @@ process or in a thread:
 - each call runs in a worker's main thread, so verifiers that rely on ``signal.alarm`` (math-verify
   bounds its parsing that way) work as they do in a script;
 - each call has a hard deadline: a worker still busy past ``timeout_s`` is killed and replaced,
-  so a function stuck forever costs one timeout, not the run;
+  so a function stuck forever costs one timeout, not the run. The clock starts once the worker
+  has started and imported the functions: a new worker's start-up and a heavy verifier's import
+  (math-verify's takes seconds) are never charged to a call;
 - a function that raises (``sys.exit`` included) gives 0 and the worker goes on; one that kills
   its interpreter (``os._exit``, a segfault, the OOM killer) gives 0 and the worker is replaced;
   ``memory_mb`` caps each worker's address space, so runaway allocation raises ``MemoryError``
@@ -24,21 +26,13 @@ import json
 import math
 import numbers
 import os
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from stablerl.tasks.process_tree import (
-    MAX_WORKER_PROCESSES,
-    PR_SET_CHILD_SUBREAPER,
-    PR_SET_PDEATHSIG,
-    kill_tree,
-    owner_uid,
-    prctl,
-)
-from stablerl.tasks.verifiers import check_spec, is_batched, resolve, spec_name
+from stablerl.tasks.process_tree import kill_tree
+from stablerl.tasks.verifiers import check_spec, spec_name
 
 # one wait slice: deadlines are checked at least this often, and no OS wait call ever gets a
 # timeout too large for it (a timeout such as 1e10 s overflows select/poll)
@@ -52,6 +46,10 @@ MAX_ABS_REWARD = 1e6
 
 # how long importing the reward functions may take at start-up (at least the per-call timeout)
 IMPORT_TIMEOUT_S = 60.0
+
+# a worker's first message: it has started and imported its functions (with preload), so the
+# clock of its first call starts after the interpreter's start-up and the verifiers' imports
+READY = b"ready"
 
 
 def reward_value(raw) -> float:
@@ -132,61 +130,6 @@ class RewardResult:
     stats: RewardStats
 
 
-def worker_main(conn, specs: list[str], memory_mb: int | None) -> None:
-    """A worker's loop (``stablerl.tasks.reward_worker``): call, reply, repeat, until told to stop.
-
-    A job ``((-1, k), k, None, None, None)`` only imports and checks function k (the pool does this
-    at start-up, so a user's module is never imported in the trainer's process)."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
-    # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
-    import resource  # POSIX only: imported here, where the worker (Linux) needs it
-
-    if memory_mb:
-        limit = memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more processes (the kernel exempts root)
-        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and owner_uid(e) == os.getuid())
-        cap = mine + MAX_WORKER_PROCESSES
-        resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    except (OSError, ValueError):
-        pass
-    fns = {}
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
-            return
-        if job is None:
-            return
-        job_id, fn_index, prompt, completion, fields = job
-        try:
-            if fn_index not in fns:
-                fns[fn_index] = resolve(specs[fn_index])
-            if job_id[0] == -1:  # an import check; the reply says whether it is TRL-style (batched)
-                reply = (job_id, "ok", float(is_batched(fns[fn_index])))
-            elif job_id[1] == -1:  # TRL-style: every response at once, columns as lists
-                out = fns[fn_index](completions=completion, prompts=prompt, **fields)
-                if not isinstance(out, (list, tuple)) or len(out) != len(completion):
-                    raise ValueError(
-                        f"returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}"
-                        f", not a list of {len(completion)} rewards (one per completion)"
-                    )
-                reply = (job_id, "ok", [_item(v) for v in out])
-            else:
-                reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
-        except ValueError as e:  # resolve's own errors are already sentences
-            reply = (job_id, "error", (str(e) if job_id[0] == -1 else f"ValueError: {e}")[:500])
-        except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
-            reply = (job_id, "error", f"{type(e).__name__}: {e}"[:500])
-        try:
-            # JSON, never pickle: the trainer must not unpickle what a process running user code sends
-            conn.send_bytes(json.dumps(reply).encode())
-        except (OSError, ValueError):
-            return
-
-
 class _Worker:
     """One worker: ``python -m stablerl.tasks.reward_worker`` over a socket pair.
 
@@ -195,7 +138,7 @@ class _Worker:
     gets the parent's ``sys.path``, so it imports reward functions exactly as the parent did.
     """
 
-    def __init__(self, specs: list[str], memory_mb: int | None):
+    def __init__(self, specs: list[str], memory_mb: int | None, preload: bool = True):
         import json
         import socket
         import subprocess
@@ -210,7 +153,7 @@ class _Worker:
                 "-m",
                 "stablerl.tasks.reward_worker",
                 str(theirs.fileno()),
-                json.dumps({"specs": specs, "memory_mb": memory_mb}),
+                json.dumps({"specs": specs, "memory_mb": memory_mb, "preload": preload}),
             ],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
@@ -220,6 +163,14 @@ class _Worker:
         self.conn = Connection(mine.detach())
         self.job: tuple | None = None
         self.deadline = 0.0
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for the worker's READY; False if it did not come (the
+        worker died or is still starting: the job paths then find it dead or time it out)."""
+        try:
+            return self.conn.poll(min(timeout_s, 1e6)) and self.conn.recv_bytes() == READY
+        except (EOFError, OSError):
+            return False
 
     def exit_code(self) -> int | None:
         return self.process.poll()
@@ -276,9 +227,13 @@ class RewardPool:
         self._check_imports()
 
     def _check_imports(self) -> None:
-        worker = _Worker(self.specs, self.memory_mb)
+        # each function imported by its own check job, so that an error names its function
+        worker = _Worker(self.specs, self.memory_mb, preload=False)
         limit = max(IMPORT_TIMEOUT_S, self.timeout_s)
         try:
+            if not worker.wait_ready(limit):
+                code = worker.exit_code()
+                raise ValueError(f"the reward worker process did not start within {limit:g} s (exit code {code})")
             for k, spec in enumerate(self.specs):
                 worker.conn.send(((-1, k), k, None, None, None))
                 if not worker.conn.poll(min(limit, 1e6)):
@@ -343,8 +298,10 @@ class RewardPool:
         # a TRL-style function is one job for every item (i = -1), the others one job per item
         jobs = deque((k, -1) for k in range(len(self.specs)) if self.batched[k] and items)
         jobs.extend((k, i) for i in range(len(items)) for k in range(len(self.specs)) if not self.batched[k])
-        while len(self._workers) < min(self.n_workers, len(jobs)):
-            self._workers.append(_Worker(self.specs, self.memory_mb))
+        new = [_Worker(self.specs, self.memory_mb) for _ in range(min(self.n_workers, len(jobs)) - len(self._workers))]
+        self._workers += new
+        for w in new:  # started side by side; no call's clock runs while they import
+            w.wait_ready(max(IMPORT_TIMEOUT_S, self.timeout_s))
         busy: dict[int, _Worker] = {}
         while jobs or busy:
             self._dispatch(jobs, items, busy, stats)
@@ -387,7 +344,10 @@ class RewardPool:
             k, i = w.job
             if w.conn in ready:
                 try:
-                    (done_k, done_i), status, payload = _parse_reply(w.conn.recv_bytes())
+                    data = w.conn.recv_bytes()
+                    if data == READY:  # a worker that started after wait_ready gave up on it
+                        continue
+                    (done_k, done_i), status, payload = _parse_reply(data)
                 except (EOFError, OSError, ValueError):
                     try:
                         code = w.process.wait(timeout=1)
@@ -436,17 +396,7 @@ class RewardPool:
     def _replace(self, idx: int) -> None:
         self._workers[idx].kill()
         self._workers[idx] = _Worker(self.specs, self.memory_mb)
-
-
-def _item(value) -> list:
-    """One reward of a TRL-style list: ``[value, None]``, or ``[0.0, error]``; None (TRL's "does
-    not apply to this sample") is a reward of 0, not an error."""
-    if value is None:
-        return [0.0, None]
-    try:
-        return [reward_value(value), None]
-    except ValueError as e:
-        return [0.0, f"ValueError: {e}"[:500]]
+        self._workers[idx].wait_ready(max(IMPORT_TIMEOUT_S, self.timeout_s))
 
 
 def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str | list]:
