@@ -124,6 +124,10 @@ def test_a_new_worker_s_start_up_and_imports_are_not_charged_to_a_call():
         assert stuck.total == [0.0, 1.0, 1.0, 1.0] and stuck.stats.timeouts == stuck.stats.failures == 1
         after = pool.score(items("a", "b", "c", "d"))
         assert after.total == [1.0] * 4 and after.stats.failures == 0, after.stats.first_error
+        # the stuck call's replacement takes 1.5 s to start; meanwhile the other worker's 0.8 s call
+        # (started at 0.3 s) ends after the stuck call's deadline and before its own: not a timeout
+        late = pool.score(items("hang", "sleep0.3", "sleep0.8"))
+        assert late.total == [0.0, 1.0, 1.0] and late.stats.timeouts == late.stats.failures == 1
 
 
 def test_non_finite_reward_is_an_error():

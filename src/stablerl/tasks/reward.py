@@ -7,8 +7,9 @@ process or in a thread:
   bounds its parsing that way) work as they do in a script;
 - each call has a hard deadline: a worker still busy past ``timeout_s`` is killed and replaced,
   so a function stuck forever costs one timeout, not the run. The clock starts once the worker
-  has started and imported the functions: a new worker's start-up and a heavy verifier's import
-  (math-verify's takes seconds) are never charged to a call;
+  has started and imported the functions (waited for up to max(60 s, ``timeout_s``) per
+  function; no call is handed out meanwhile): a new worker's start-up and a heavy
+  verifier's import (math-verify's takes seconds) are not charged to a call;
 - a function that raises (``sys.exit`` included) gives 0 and the worker goes on; one that kills
   its interpreter (``os._exit``, a segfault, the OOM killer) gives 0 and the worker is replaced;
   ``memory_mb`` caps each worker's address space, so runaway allocation raises ``MemoryError``
@@ -232,8 +233,11 @@ class RewardPool:
         limit = max(IMPORT_TIMEOUT_S, self.timeout_s)
         try:
             if not worker.wait_ready(limit):
-                code = worker.exit_code()
-                raise ValueError(f"the reward worker process did not start within {limit:g} s (exit code {code})")
+                try:
+                    code = worker.process.wait(timeout=5)
+                except Exception:  # noqa: BLE001 - still starting
+                    raise ValueError(f"the reward worker process did not start within {limit:g} s") from None
+                raise ValueError(f"the reward worker process died at start-up (exit code {code})")
             for k, spec in enumerate(self.specs):
                 worker.conn.send(((-1, k), k, None, None, None))
                 if not worker.conn.poll(min(limit, 1e6)):
@@ -301,7 +305,7 @@ class RewardPool:
         new = [_Worker(self.specs, self.memory_mb) for _ in range(min(self.n_workers, len(jobs)) - len(self._workers))]
         self._workers += new
         for w in new:  # started side by side; no call's clock runs while they import
-            w.wait_ready(max(IMPORT_TIMEOUT_S, self.timeout_s))
+            w.wait_ready(self._start_limit())
         busy: dict[int, _Worker] = {}
         while jobs or busy:
             self._dispatch(jobs, items, busy, stats)
@@ -335,9 +339,11 @@ class RewardPool:
     def _collect(self, busy: dict, values: list, stats: RewardStats, n_items: int) -> None:
         """Wait (at most one slice) for replies; record results, crashes and timeouts."""
         everyone = range(n_items)
-        now = time.monotonic()
-        wait_s = max(0.0, min(_SLICE_S, min(w.deadline for w in busy.values()) - now))
+        wait_s = max(0.0, min(_SLICE_S, min(w.deadline for w in busy.values()) - time.monotonic()))
         ready = wait([w.conn for w in busy.values()], timeout=wait_s)
+        # deadlines are judged at the wait's end, and workers are replaced after every reply is
+        # read: a replacement's start-up must not make another worker's finished call look late
+        now, dead = time.monotonic(), []
         for idx, w in enumerate(list(self._workers)):
             if id(w) not in busy:
                 continue
@@ -356,16 +362,18 @@ class RewardPool:
                     for _ in everyone if i == -1 else [i]:
                         stats.record("crashes", self.names[k], f"worker died (exit code {code})")
                     del busy[id(w)]
-                    self._replace(idx)
+                    dead.append(idx)
                     continue
                 self._record_reply(done_k, done_i, status, payload, values, stats, everyone)
                 w.job = None
                 del busy[id(w)]
-            elif time.monotonic() >= w.deadline:
+            elif now >= w.deadline:
                 for _ in everyone if i == -1 else [i]:
                     stats.record("timeouts", self.names[k], f"still running after {w.limit:g} s (killed)")
                 del busy[id(w)]
-                self._replace(idx)
+                dead.append(idx)
+        for idx in dead:
+            self._replace(idx)
 
     def _record_reply(self, k: int, i: int, status: str, payload, values: list, stats: RewardStats, everyone) -> None:
         if status == "ok" and i == -1:
@@ -396,7 +404,12 @@ class RewardPool:
     def _replace(self, idx: int) -> None:
         self._workers[idx].kill()
         self._workers[idx] = _Worker(self.specs, self.memory_mb)
-        self._workers[idx].wait_ready(max(IMPORT_TIMEOUT_S, self.timeout_s))
+        self._workers[idx].wait_ready(self._start_limit())
+
+    def _start_limit(self) -> float:
+        """How long a new worker may take to start and import every function (each import gets
+        what the start-up check gives it); past it, its first call's clock runs anyway."""
+        return max(IMPORT_TIMEOUT_S, self.timeout_s) * len(self.specs)
 
 
 def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str | list]:

@@ -30,7 +30,7 @@ def worker_main(conn, specs: list[str], memory_mb: int | None, preload: bool = F
     A job ``((-1, k), k, None, None, None)`` only imports and checks function k (the pool does this
     at start-up, so a user's module is never imported in the trainer's process). With ``preload``
     every function is imported before the worker says it is READY; an import's failure is
-    reported by the first job that needs the function."""
+    reported by the first job that needs the function, and the next one imports it again."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
     # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
     prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -65,8 +65,8 @@ def worker_main(conn, specs: list[str], memory_mb: int | None, preload: bool = F
             return
         job_id, fn_index, prompt, completion, fields = job
         try:
-            if fn_index in failed:
-                raise failed[fn_index]
+            if fn_index in failed:  # reported once; a later job imports it again
+                raise failed.pop(fn_index)
             if fn_index not in fns:
                 fns[fn_index] = resolve(specs[fn_index])
             if job_id[0] == -1:  # an import check; the reply says whether it is TRL-style (batched)
