@@ -1,5 +1,6 @@
 """Checkpoints: atomic, checksummed, never non-finite, read without running code; exports."""
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -193,3 +194,28 @@ def test_a_full_disk_inside_dcps_shard_write_is_one_line_naming_the_path_and_the
     assert str(run_dir / "checkpoints" / "step_000002") in message and "ENOSPC" in message
     assert "needs about" in message and "free" in message and "intact" in message
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000001"]  # no partial one left
+
+
+def test_sigterm_inside_dcps_shard_write_stops_the_run_as_interrupted(sft_ckpt, tmp_path, monkeypatch):
+    """A SIGTERM (or Ctrl-C) that lands while DCP writes a shard reaches the run wrapped in DCP's
+    CheckpointException: it still stops the run as interrupted (the CLI's exit 143), not as a
+    failed checkpoint write, and the previous checkpoint is the one a resume uses."""
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    from stablerl.errors import Terminated
+
+    real, calls = _FileSystemWriter.write_data, {"n": 0}
+
+    def write_data(self, plan, planner):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Terminated("SIGTERM")
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", write_data)
+    run_dir = tmp_path / "stopped"
+    with pytest.raises(Terminated):
+        train(sft_ckpt, run_dir, "train.steps=3", "checkpoint.every=1")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is True and "aborted" not in summary
+    assert checkpoint.latest(run_dir).name == "step_000001"

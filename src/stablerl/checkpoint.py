@@ -255,6 +255,9 @@ def save(
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps the OSError of any rank
         if _collective_failure(e):  # a rank stopped answering: not a write error (api.train names the rank)
             raise
+        stop = next((x for x in _causes(e) if isinstance(x, KeyboardInterrupt)), None)
+        if stop is not None:  # Ctrl-C or SIGTERM during the write, which DCP wraps: a stop, not a disk error
+            raise stop from None
         failure = _failure(final, e, _state_bytes(model, optimizer) * world.size)
     failures = [f for f in D.all_gather_objects(failure) if f]
     if failures:
