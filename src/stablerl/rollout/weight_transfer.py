@@ -126,7 +126,12 @@ class WeightSender:
             self._each("start_weight_update")
             with ThreadPoolExecutor(len(self.servers)) as pool:
                 receiving = [pool.submit(s.post, "update_weights", {"update_info": info}) for s in self.servers]
-                self._broadcast_all(meta, tensors)
+                try:
+                    self._broadcast_all(meta, tensors)
+                except RuntimeError:  # the group breaks when a server dies mid-broadcast: name the server
+                    for server in self.servers:
+                        server.get("health")  # "vLLM server URL did not answer /health (it exited with code ...)"
+                    raise
                 for r in receiving:
                     r.result()
             self._each("finish_weight_update", {"weight_version": str(version)})
