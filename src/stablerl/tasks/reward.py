@@ -230,7 +230,7 @@ class RewardPool:
     def _check_imports(self) -> None:
         # each function imported by its own check job, so that an error names its function
         worker = _Worker(self.specs, self.memory_mb, preload=False)
-        limit = max(IMPORT_TIMEOUT_S, self.timeout_s)
+        limit = self._import_limit()
         try:
             if not worker.wait_ready(limit):
                 try:
@@ -406,10 +406,14 @@ class RewardPool:
         self._workers[idx] = _Worker(self.specs, self.memory_mb)
         self._workers[idx].wait_ready(self._start_limit())
 
+    def _import_limit(self) -> float:
+        """How long importing one reward function may take (at least the per-call limit)."""
+        return max(IMPORT_TIMEOUT_S, self.timeout_s)
+
     def _start_limit(self) -> float:
         """How long a new worker may take to start and import every function (each import gets
         what the start-up check gives it); past it, its first call's clock runs anyway."""
-        return max(IMPORT_TIMEOUT_S, self.timeout_s) * len(self.specs)
+        return self._import_limit() * len(self.specs)
 
 
 def _parse_reply(data: bytes) -> tuple[tuple[int, int], str, float | str | list]:

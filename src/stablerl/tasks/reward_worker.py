@@ -31,21 +31,7 @@ def worker_main(conn, specs: list[str], memory_mb: int | None, preload: bool = F
     at start-up, so a user's module is never imported in the trainer's process). With ``preload``
     every function is imported before the worker says it is READY; an import's failure is
     reported by the first job that needs the function, and the next one imports it again."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
-    # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
-    import resource  # POSIX only: imported here, where the worker (Linux) needs it
-
-    if memory_mb:
-        limit = memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more processes (the kernel exempts root)
-        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and owner_uid(e) == os.getuid())
-        cap = mine + MAX_WORKER_PROCESSES
-        resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    except (OSError, ValueError):
-        pass
+    _confine(memory_mb)
     fns, failed = {}, {}
     for k, spec in enumerate(specs if preload else []):
         try:
@@ -63,33 +49,58 @@ def worker_main(conn, specs: list[str], memory_mb: int | None, preload: bool = F
             return
         if job is None:
             return
-        job_id, fn_index, prompt, completion, fields = job
-        try:
-            if fn_index in failed:  # reported once; a later job imports it again
-                raise failed.pop(fn_index)
-            if fn_index not in fns:
-                fns[fn_index] = resolve(specs[fn_index])
-            if job_id[0] == -1:  # an import check; the reply says whether it is TRL-style (batched)
-                reply = (job_id, "ok", float(is_batched(fns[fn_index])))
-            elif job_id[1] == -1:  # TRL-style: every response at once, columns as lists
-                out = fns[fn_index](completions=completion, prompts=prompt, **fields)
-                if not isinstance(out, (list, tuple)) or len(out) != len(completion):
-                    raise ValueError(
-                        f"returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}"
-                        f", not a list of {len(completion)} rewards (one per completion)"
-                    )
-                reply = (job_id, "ok", [_item(v) for v in out])
-            else:
-                reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
-        except ValueError as e:  # resolve's own errors are already sentences
-            reply = (job_id, "error", (str(e) if job_id[0] == -1 else f"ValueError: {e}")[:500])
-        except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
-            reply = (job_id, "error", f"{type(e).__name__}: {e}"[:500])
+        reply = _answer(job, specs, fns, failed)
         try:
             # JSON, never pickle: the trainer must not unpickle what a process running user code sends
             conn.send_bytes(json.dumps(reply).encode())
         except (OSError, ValueError):
             return
+
+
+def _confine(memory_mb: int | None) -> None:
+    """Tie the worker to its parent and cap what a call may take: memory, processes."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
+    # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    import resource  # POSIX only: imported here, where the worker (Linux) needs it
+
+    if memory_mb:
+        limit = memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more processes (the kernel exempts root)
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and owner_uid(e) == os.getuid())
+        cap = mine + MAX_WORKER_PROCESSES
+        resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    except (OSError, ValueError):
+        pass
+
+
+def _answer(job: tuple, specs: list[str], fns: dict, failed: dict) -> tuple:
+    """One job's reply: ``(job_id, "ok", value)`` or ``(job_id, "error", message)``."""
+    job_id, fn_index, prompt, completion, fields = job
+    try:
+        if fn_index in failed:  # reported once; a later job imports it again
+            raise failed.pop(fn_index)
+        if fn_index not in fns:
+            fns[fn_index] = resolve(specs[fn_index])
+        if job_id[0] == -1:  # an import check; the reply says whether it is TRL-style (batched)
+            reply = (job_id, "ok", float(is_batched(fns[fn_index])))
+        elif job_id[1] == -1:  # TRL-style: every response at once, columns as lists
+            out = fns[fn_index](completions=completion, prompts=prompt, **fields)
+            if not isinstance(out, (list, tuple)) or len(out) != len(completion):
+                raise ValueError(
+                    f"returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}"
+                    f", not a list of {len(completion)} rewards (one per completion)"
+                )
+            reply = (job_id, "ok", [_item(v) for v in out])
+        else:
+            reply = (job_id, "ok", reward_value(fns[fn_index](prompt, completion, **fields)))
+    except ValueError as e:  # resolve's own errors are already sentences
+        reply = (job_id, "error", (str(e) if job_id[0] == -1 else f"ValueError: {e}")[:500])
+    except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
+        reply = (job_id, "error", f"{type(e).__name__}: {e}"[:500])
+    return reply
 
 
 def _item(value) -> list:
@@ -105,4 +116,4 @@ def _item(value) -> list:
 
 if __name__ == "__main__":
     fd, config = int(sys.argv[1]), json.loads(sys.argv[2])
-    worker_main(Connection(fd), config["specs"], config["memory_mb"], config.get("preload", False))
+    worker_main(Connection(fd), config["specs"], config["memory_mb"], config["preload"])
