@@ -21,7 +21,7 @@ def prctl(option: int, value: int) -> None:
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
-# how many more processes a reward worker's user may start (RLIMIT_NPROC; root is exempt)
+# how many more processes or threads a reward worker's user may start (RLIMIT_NPROC; root is exempt)
 MAX_WORKER_PROCESSES = 512
 
 
@@ -30,6 +30,19 @@ def owner_uid(pid: str) -> int:
         return os.stat(f"/proc/{pid}").st_uid
     except OSError:
         return -1
+
+
+def user_tasks(uid: int) -> int:
+    """The tasks the kernel counts against ``uid``'s RLIMIT_NPROC: every thread of every process
+    it owns (a trainer's thread pools count, not only its processes)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and owner_uid(entry) == uid:
+            try:
+                total += len(os.listdir(f"/proc/{entry}/task"))
+            except OSError:  # it exited meanwhile
+                pass
+    return total
 
 
 def descendants(pid: int) -> list[int]:

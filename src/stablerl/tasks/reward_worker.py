@@ -17,8 +17,8 @@ from stablerl.tasks.process_tree import (
     MAX_WORKER_PROCESSES,
     PR_SET_CHILD_SUBREAPER,
     PR_SET_PDEATHSIG,
-    owner_uid,
     prctl,
+    user_tasks,
 )
 from stablerl.tasks.reward import READY, reward_value
 from stablerl.tasks.verifiers import is_batched, resolve
@@ -67,10 +67,9 @@ def _confine(memory_mb: int | None) -> None:
     if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more processes (the kernel exempts root)
+    try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more tasks (the kernel exempts root)
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        mine = sum(1 for e in os.listdir("/proc") if e.isdigit() and owner_uid(e) == os.getuid())
-        cap = mine + MAX_WORKER_PROCESSES
+        cap = user_tasks(os.getuid()) + MAX_WORKER_PROCESSES
         resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     except (OSError, ValueError):
         pass
