@@ -1,0 +1,58 @@
+"""The trainer's end of the weight transfer over a real gloo group, with stand-ins for the vLLM
+servers' HTTP routes: a server that dies between syncs breaks the next broadcast, and the error
+names it (as a request to it would), not gloo's "connection closed"."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stablerl.rollout.weight_transfer import WeightMeta, WeightSender
+
+# one server's worker: join the group at its rank, then exit (a server killed between syncs)
+WORKER = """
+import sys
+from stablerl.rollout.weight_transfer import _gloo_group
+address, port, rank, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+group, store = _gloo_group(address, port, rank, size, 60.0, is_master=False)
+"""
+
+
+class FakeServer:
+    """What WeightSender asks of a server: its routes (answered here; the receiving end is the
+    worker process) and /health, which fails once the worker has exited."""
+
+    def __init__(self, url: str, lives: bool):
+        self.url, self.world_size, self.lives, self.worker = url, 1, lives, None
+
+    def post(self, route: str, body=None, query=None):
+        if route == "init_weight_transfer_engine":
+            i = body["init_info"]
+            args = [i["master_address"], str(i["master_port"]), str(i["rank_offset"]), str(i["world_size"])]
+            self.worker = subprocess.Popen([sys.executable, "-c", WORKER, *args])
+
+    def get(self, route: str):
+        if not self.lives and self.worker.poll() is not None:
+            raise RuntimeError(f"vLLM server {self.url} did not answer /{route} (it exited with code 0)")
+
+
+@pytest.mark.parametrize("lives", [False, True])
+def test_a_broadcast_broken_by_a_dead_server_names_it(lives):
+    servers = [FakeServer("http://a", lives=True), FakeServer("http://b", lives=lives)]
+    sender = WeightSender(servers, "gloo", timeout_s=30.0)
+    try:
+        for s in servers:
+            s.worker.wait(timeout=60)  # both workers gone after the rendezvous; b's /health tells
+        meta = [WeightMeta("w", torch.float32, (1024, 1024))]
+        with pytest.raises(RuntimeError) as failed:
+            sender.send(meta, [torch.ones(1024, 1024)], version=1)
+        if lives:  # every server answers /health: gloo's own error stands
+            assert "did not answer" not in str(failed.value)
+        else:
+            assert str(failed.value).startswith("vLLM server http://b did not answer /health")
+    finally:
+        sender.close()
+        for s in servers:
+            if s.worker.poll() is None:
+                s.worker.kill()
