@@ -1,17 +1,20 @@
-"""A reward worker's confinement: the kernel's RLIMIT_NPROC counts threads, so the cap set on a
-worker must leave room for every thread its user already runs, and still stop a fork bomb."""
+"""A reward worker's process cap: the kernel's RLIMIT_NPROC counts threads, and a user's threads
+grow after a worker starts, so the cap set before a call must leave room for every thread the
+user runs then, and still stop a fork bomb."""
 
 import os
-import resource  # noqa: F401 - imported before the child drops to a user that may not read the interpreter's files
+import resource
+import select
 import threading
+import traceback
 
 import pytest
 
-from stablerl.tasks.process_tree import MAX_WORKER_PROCESSES, user_tasks
-from stablerl.tasks.reward_worker import _confine
+from stablerl.tasks.process_tree import MAX_WORKER_PROCESSES, TaskCap, user_tasks
 
 NOBODY = 65534
 BUSY_THREADS = 600  # more than MAX_WORKER_PROCESSES: a trainer's thread pools on a large node
+ROOT = os.geteuid() == 0
 
 
 def test_user_tasks_counts_this_process_s_threads_as_the_kernel_does():
@@ -29,44 +32,86 @@ def test_user_tasks_counts_this_process_s_threads_as_the_kernel_does():
         ev.set()
 
 
-def _confined_child(write_fd: int) -> None:
-    """In a forked child, as a user of its own: run BUSY_THREADS threads, confine, then start one
-    thread (a verifier's thread pool) and then threads without end (a fork bomb)."""
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)  # drops root's exemption from RLIMIT_NPROC
-    ev = threading.Event()
-    for _ in range(BUSY_THREADS):
-        threading.Thread(target=ev.wait, daemon=True).start()
-    _confine(None)
-    try:
-        threading.Thread(target=ev.wait, daemon=True).start()
-        first = "started"
-    except RuntimeError as e:
-        first = str(e)
-    bomb = 0
-    try:
-        while bomb < 2 * MAX_WORKER_PROCESSES:
-            threading.Thread(target=ev.wait, daemon=True).start()
-            bomb += 1
-    except RuntimeError:
-        pass
-    os.write(write_fd, f"{first}\n{bomb}".encode())
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="running a worker as a user of its own needs root")
-def test_a_confined_worker_beside_many_threads_starts_a_thread_and_a_fork_bomb_stops():
+def _in_child(fn) -> str:
+    """``fn()``'s result in a forked child: as a user of its own (nobody) where this is root, so
+    the kernel's limit applies (root is exempt) and no other process shares the count."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            _confined_child(w)
-        finally:
-            os._exit(0)
+            os.close(r)
+            if ROOT:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            out = fn()
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            out = "error\n" + traceback.format_exc()
+        os.write(w, out.encode())
+        os._exit(0)
     os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    first, bomb = out.split("\n")
-    assert first == "started"
-    # the cap is the user's tasks when confined plus MAX_WORKER_PROCESSES; one of those is taken
-    assert int(bomb) == MAX_WORKER_PROCESSES - 1
+    try:
+        ready, _, _ = select.select([r], [], [], 120)
+        assert ready, "the child did not answer in 120 s"
+        with os.fdopen(r) as f:
+            return f.read()
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+
+
+def _start_threads(n: int, ev: threading.Event) -> int:
+    """How many of ``n`` threads started before the kernel refused one."""
+    for i in range(n):
+        try:
+            threading.Thread(target=ev.wait, daemon=True).start()
+        except RuntimeError:
+            return i
+    return n
+
+
+def _busy_then_capped() -> str:
+    ev = threading.Event()
+    assert _start_threads(BUSY_THREADS, ev) == BUSY_THREADS
+    TaskCap()()
+    return f"{_start_threads(1, ev)}\n{_start_threads(2 * MAX_WORKER_PROCESSES, ev)}"
+
+
+def test_a_capped_worker_beside_many_threads_starts_a_thread_and_a_fork_bomb_stops():
+    first, bomb = _in_child(_busy_then_capped).split("\n")
+    assert first == "1"  # a verifier's thread pool starts
+    if ROOT:  # the cap is the user's tasks when counted plus MAX_WORKER_PROCESSES; one is taken
+        assert int(bomb) == MAX_WORKER_PROCESSES - 1
+    else:  # other processes of this user come and go meanwhile
+        assert int(bomb) < 2 * MAX_WORKER_PROCESSES
+
+
+def _trainer_grows_after_the_worker_starts() -> str:
+    """The worker counts, then another process of its user (a trainer) starts BUSY_THREADS
+    threads; the next call's count must include them."""
+    cap = TaskCap(min_interval_s=0)
+    cap()
+    grown_r, grown_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    trainer = os.fork()
+    if trainer == 0:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))  # the trainer is not capped
+        _start_threads(BUSY_THREADS, threading.Event())
+        os.write(grown_w, b"x")
+        os.read(stop_r, 1)
+        os._exit(0)
+    try:
+        os.read(grown_r, 1)
+        cap()
+        return str(_start_threads(1, threading.Event()))
+    finally:
+        os.write(stop_w, b"x")
+        os.waitpid(trainer, 0)
+
+
+@pytest.mark.skipif(not ROOT, reason="needs a user of its own (root runs the child as nobody)")
+def test_the_cap_is_counted_again_before_a_call_after_the_trainer_grew():
+    assert _in_child(_trainer_grows_after_the_worker_starts) == "1"

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import time
 
 
 def prctl(option: int, value: int) -> None:
@@ -43,6 +45,35 @@ def user_tasks(uid: int) -> int:
             except OSError:  # it exited meanwhile
                 pass
     return total
+
+
+class TaskCap:
+    """RLIMIT_NPROC for a reward call: MAX_WORKER_PROCESSES more tasks than the user runs when the
+    call starts, so a fork bomb in a verifier stops there. The kernel counts every thread of every
+    process of the user, and those grow after a worker starts (the trainer's thread pools, a vLLM
+    server), so the count is taken again before each call, at most every ``min_interval_s`` (a
+    count reads /proc: ~1 ms per 100 processes). Never above the limit the worker started with;
+    the kernel exempts root."""
+
+    def __init__(self, min_interval_s: float = 1.0):
+        import resource  # POSIX only: imported here, where the worker (Linux) needs it
+
+        self.resource, self.min_interval_s, self.counted_at = resource, min_interval_s, -math.inf
+        self.soft, self.hard = resource.getrlimit(resource.RLIMIT_NPROC)
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.counted_at < self.min_interval_s:
+            return
+        self.counted_at = now
+        try:
+            cap = user_tasks(os.getuid()) + MAX_WORKER_PROCESSES
+            for limit in (self.soft, self.hard):
+                if limit != self.resource.RLIM_INFINITY:
+                    cap = min(cap, limit)
+            self.resource.setrlimit(self.resource.RLIMIT_NPROC, (cap, self.hard))
+        except (OSError, ValueError):  # no /proc, or a limit the kernel refuses: no cap
+            pass
 
 
 def descendants(pid: int) -> list[int]:

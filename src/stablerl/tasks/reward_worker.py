@@ -8,18 +8,11 @@ saying it is ready. Imports no torch.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from multiprocessing.connection import Connection
 
-from stablerl.tasks.process_tree import (
-    MAX_WORKER_PROCESSES,
-    PR_SET_CHILD_SUBREAPER,
-    PR_SET_PDEATHSIG,
-    prctl,
-    user_tasks,
-)
+from stablerl.tasks.process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, TaskCap, prctl
 from stablerl.tasks.reward import READY, reward_value
 from stablerl.tasks.verifiers import is_batched, resolve
 
@@ -32,6 +25,8 @@ def worker_main(conn, specs: list[str], memory_mb: int | None, preload: bool = F
     every function is imported before the worker says it is READY; an import's failure is
     reported by the first job that needs the function, and the next one imports it again."""
     _confine(memory_mb)
+    cap_tasks = TaskCap()
+    cap_tasks()
     fns, failed = {}, {}
     for k, spec in enumerate(specs if preload else []):
         try:
@@ -49,6 +44,7 @@ def worker_main(conn, specs: list[str], memory_mb: int | None, preload: bool = F
             return
         if job is None:
             return
+        cap_tasks()
         reply = _answer(job, specs, fns, failed)
         try:
             # JSON, never pickle: the trainer must not unpickle what a process running user code sends
@@ -58,7 +54,7 @@ def worker_main(conn, specs: list[str], memory_mb: int | None, preload: bool = F
 
 
 def _confine(memory_mb: int | None) -> None:
-    """Tie the worker to its parent and cap what a call may take: memory, processes."""
+    """Tie the worker to its parent and cap the memory a call may take (its processes: TaskCap)."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
     # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
     prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -67,12 +63,6 @@ def _confine(memory_mb: int | None) -> None:
     if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:  # a fork bomb in a verifier stops at MAX_WORKER_PROCESSES more tasks (the kernel exempts root)
-        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        cap = user_tasks(os.getuid()) + MAX_WORKER_PROCESSES
-        resource.setrlimit(resource.RLIMIT_NPROC, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
-    except (OSError, ValueError):
-        pass
 
 
 def _answer(job: tuple, specs: list[str], fns: dict, failed: dict) -> tuple:
