@@ -1,9 +1,12 @@
 """The trainer's end of the weight transfer over a real gloo group, with stand-ins for the vLLM
 servers' HTTP routes: a server that dies between syncs breaks the next broadcast, and the error
-names it (as a request to it would), not gloo's "connection closed"."""
+names it (as a request to it would), not gloo's "connection closed", at once, while a surviving
+server's /update_weights still waits in the broken group."""
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -23,10 +26,12 @@ class FakeServer:
     """What WeightSender asks of a server: its routes (answered here; the receiving end is the
     worker process) and /health, which fails once the worker has exited."""
 
-    def __init__(self, url: str, lives: bool):
-        self.url, self.world_size, self.lives, self.worker = url, 1, lives, None
+    def __init__(self, url: str, lives: bool, release: threading.Event):
+        self.url, self.world_size, self.lives, self.worker, self.release = url, 1, lives, None, release
 
     def post(self, route: str, body=None, query=None):
+        if route == "update_weights" and self.lives:  # a live server receives until the group breaks
+            self.release.wait(120)
         if route == "init_weight_transfer_engine":
             i = body["init_info"]
             args = [i["master_address"], str(i["master_port"]), str(i["rank_offset"]), str(i["world_size"])]
@@ -38,21 +43,28 @@ class FakeServer:
 
 
 @pytest.mark.parametrize("lives", [False, True])
-def test_a_broadcast_broken_by_a_dead_server_names_it(lives):
-    servers = [FakeServer("http://a", lives=True), FakeServer("http://b", lives=lives)]
-    sender = WeightSender(servers, "gloo", timeout_s=30.0)
+def test_a_broadcast_broken_by_a_dead_server_names_it_at_once(lives):
+    release = threading.Event()
+    servers = [FakeServer("http://a", lives=True, release=release), FakeServer("http://b", lives, release)]
+    sender = None
     try:
+        sender = WeightSender(servers, "gloo", timeout_s=30.0)
         for s in servers:
             s.worker.wait(timeout=60)  # both workers gone after the rendezvous; b's /health tells
         meta = [WeightMeta("w", torch.float32, (1024, 1024))]
+        start = time.monotonic()
         with pytest.raises(RuntimeError) as failed:
             sender.send(meta, [torch.ones(1024, 1024)], version=1)
+        assert time.monotonic() - start < 15  # not the sync's 30 s deadline
         if lives:  # every server answers /health: gloo's own error stands
             assert "did not answer" not in str(failed.value)
         else:
             assert str(failed.value).startswith("vLLM server http://b did not answer /health")
     finally:
-        sender.close()
+        release.set()
+        if sender is not None:
+            sender.close()
         for s in servers:
-            if s.worker.poll() is None:
+            if s.worker is not None and s.worker.poll() is None:
                 s.worker.kill()
+                s.worker.wait()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,21 @@ def _gloo_group(address: str, port: int, rank: int, size: int, timeout_s: float,
 
 def _broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], dist.BroadcastOptions()).wait()
+
+
+def _in_background(fn, *args) -> Future:
+    """``fn(*args)`` in a daemon thread: a call left waiting on a broken transfer holds up neither
+    the error's report nor the process's exit."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,16 +139,16 @@ class WeightSender:
             }
             self._each("pause", query={"mode": pause})
             self._each("start_weight_update")
-            with ThreadPoolExecutor(len(self.servers)) as pool:
-                receiving = [pool.submit(s.post, "update_weights", {"update_info": info}) for s in self.servers]
-                try:
-                    self._broadcast_all(meta, tensors)
-                except RuntimeError:  # the group breaks when a server dies mid-broadcast: name the server
-                    for server in self.servers:
-                        server.get("health")  # "vLLM server URL did not answer /health (it exited with code ...)"
-                    raise
-                for r in receiving:
-                    r.result()
+            receiving = [_in_background(s.post, "update_weights", {"update_info": info}) for s in self.servers]
+            try:
+                self._broadcast_all(meta, tensors)
+            except RuntimeError:  # the group breaks when a server dies mid-broadcast: name the server
+                # (not waiting for the others' /update_weights: they wait in the broken group)
+                for server in self.servers:
+                    server.get("health")  # "vLLM server URL did not answer /health (it exited with code ...)"
+                raise
+            for r in receiving:
+                r.result()
             self._each("finish_weight_update", {"weight_version": str(version)})
             self._each("resume")
         except BaseException as e:  # handed to the caller's thread
