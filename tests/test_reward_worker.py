@@ -1,16 +1,28 @@
 """A reward worker's process cap: the kernel's RLIMIT_NPROC counts threads, and a user's threads
 grow after a worker starts, so the cap set before a call must leave room for every thread the
-user runs then, and still stop a fork bomb."""
+user runs then (in the worker and in the helpers it started), and still stop a fork bomb, one
+allowance for all workers together."""
 
+import ctypes  # noqa: F401 - imported (as resource below) before a child drops to a user that may not read them
 import os
 import resource
 import select
+import signal
 import threading
+import time
 import traceback
 
 import pytest
 
-from stablerl.tasks.process_tree import MAX_WORKER_PROCESSES, TaskCap, user_tasks
+from stablerl.tasks.process_tree import (
+    MAX_WORKER_PROCESSES,
+    PR_SET_NAME,
+    PR_SET_PDEATHSIG,
+    WORKER_NAME,
+    TaskCap,
+    prctl,
+    user_tasks,
+)
 
 NOBODY = 65534
 BUSY_THREADS = 600  # more than MAX_WORKER_PROCESSES: a trainer's thread pools on a large node
@@ -115,3 +127,64 @@ def _trainer_grows_after_the_worker_starts() -> str:
 @pytest.mark.skipif(not ROOT, reason="needs a user of its own (root runs the child as nobody)")
 def test_the_cap_is_counted_again_before_a_call_after_the_trainer_grew():
     assert _in_child(_trainer_grows_after_the_worker_starts) == "1"
+
+
+def _spawn(fn) -> int:
+    """Fork a process that writes ``fn()`` to the returned pipe, then stays (with whatever it
+    started) until its parent exits."""
+    r, w = os.pipe()
+    if os.fork() == 0:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.write(w, fn().encode())
+        while True:
+            time.sleep(3600)
+    os.close(w)
+    return r
+
+
+def _as_worker(cap: TaskCap) -> None:
+    prctl(PR_SET_NAME, WORKER_NAME.encode())
+    cap()
+
+
+def _three_workers_bomb_one_after_another() -> str:
+    def worker() -> str:
+        _as_worker(TaskCap(min_interval_s=0))
+        return str(_start_threads(2 * MAX_WORKER_PROCESSES, threading.Event()))
+
+    return " ".join(os.read(_spawn(worker), 100).decode() for _ in range(3))
+
+
+@pytest.mark.skipif(not ROOT, reason="needs a user of its own (root runs the child as nobody)")
+def test_the_workers_share_one_allowance_so_bombs_in_several_stop_at_it():
+    # each worker counts while the earlier ones' bombs still run: they are not the user's other tasks
+    counts = [int(n) for n in _in_child(_three_workers_bomb_one_after_another).split()]
+    assert counts == [MAX_WORKER_PROCESSES - 1, 0, 0]  # the first worker is one of the allowance
+
+
+def _helper_started_before_the_trainer_grew() -> str:
+    capped_r, capped_w = os.pipe()
+    grown_r, grown_w = os.pipe()
+
+    def worker() -> str:
+        cap = TaskCap(min_interval_s=0)
+        _as_worker(cap)
+        ask_r, ask_w = os.pipe()
+        helper = _spawn(lambda: (os.read(ask_r, 1), str(_start_threads(1, threading.Event())))[1])
+        os.write(capped_w, b"x")
+        os.read(grown_r, 1)
+        cap()  # the next call's count
+        os.write(ask_w, b"x")
+        return os.read(helper, 100).decode()
+
+    answer = _spawn(worker)
+    os.read(capped_r, 1)
+    trainer = _spawn(lambda: str(_start_threads(BUSY_THREADS, threading.Event())))
+    assert os.read(trainer, 100) == str(BUSY_THREADS).encode()
+    os.write(grown_w, b"x")
+    return os.read(answer, 100).decode()
+
+
+@pytest.mark.skipif(not ROOT, reason="needs a user of its own (root runs the child as nobody)")
+def test_a_helper_the_worker_started_gets_the_new_count_too():
+    assert _in_child(_helper_started_before_the_trainer_grew) == "1"

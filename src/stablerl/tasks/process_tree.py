@@ -9,7 +9,7 @@ import signal
 import time
 
 
-def prctl(option: int, value: int) -> None:
+def prctl(option: int, value: int | bytes) -> None:
     """A Linux prctl(2) call; elsewhere nothing (the closed pipe ends a worker, and a timed-out
     call's process group is what gets killed)."""
     try:
@@ -20,10 +20,13 @@ def prctl(option: int, value: int) -> None:
         pass
 
 
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+PR_SET_NAME, PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 15, 1, 36
 
+# a reward worker's name (/proc/<pid>/comm, what ps and top show); its children inherit it
+WORKER_NAME = "stablerl-reward"
 
-# how many more processes or threads a reward worker's user may start (RLIMIT_NPROC; root is exempt)
+# how many processes or threads the reward workers' trees may run together, beyond the user's
+# other tasks (RLIMIT_NPROC; root is exempt)
 MAX_WORKER_PROCESSES = 512
 
 
@@ -34,26 +37,63 @@ def owner_uid(pid: str) -> int:
         return -1
 
 
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Every process's parent and name, from /proc (empty where there is none)."""
+    table = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return table
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), stat[stat.index("(") + 1 : stat.rindex(")")])
+        except (OSError, ValueError, IndexError):  # it exited meanwhile
+            continue
+    return table
+
+
+def _below(table: dict[int, tuple[int, str]], roots: list[int]) -> list[int]:
+    """The processes below ``roots`` (children, theirs, ...), in ``table``."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, seen, stack = [], set(roots), list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                out.append(child)
+                stack.append(child)
+    return out
+
+
 def user_tasks(uid: int) -> int:
-    """The tasks the kernel counts against ``uid``'s RLIMIT_NPROC: every thread of every process
-    it owns (a trainer's thread pools count, not only its processes)."""
+    """The tasks the kernel counts against ``uid``'s RLIMIT_NPROC (every thread of every process
+    it owns: a trainer's thread pools count, not only its processes), leaving out the reward
+    workers' trees, which share MAX_WORKER_PROCESSES among themselves."""
+    table = _process_table()
+    workers = [pid for pid, (_, name) in table.items() if name == WORKER_NAME]
+    outside = table.keys() - set(workers) - set(_below(table, workers))
     total = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and owner_uid(entry) == uid:
+    for pid in outside:
+        if owner_uid(str(pid)) == uid:
             try:
-                total += len(os.listdir(f"/proc/{entry}/task"))
+                total += len(os.listdir(f"/proc/{pid}/task"))
             except OSError:  # it exited meanwhile
                 pass
     return total
 
 
 class TaskCap:
-    """RLIMIT_NPROC for a reward call: MAX_WORKER_PROCESSES more tasks than the user runs when the
-    call starts, so a fork bomb in a verifier stops there. The kernel counts every thread of every
-    process of the user, and those grow after a worker starts (the trainer's thread pools, a vLLM
-    server), so the count is taken again before each call, at most every ``min_interval_s`` (a
-    count reads /proc: ~1 ms per 100 processes). Never above the limit the worker started with;
-    the kernel exempts root."""
+    """RLIMIT_NPROC for a reward call: the user's tasks outside the reward workers' trees plus
+    MAX_WORKER_PROCESSES, so a fork bomb in a verifier stops there, whichever workers it runs in.
+    The kernel counts every thread of every process of the user, and those grow after a worker
+    starts (the trainer's thread pools, a vLLM server), so the count is taken again before each
+    call, at most every ``min_interval_s`` (a count reads /proc: ~1 ms per 100 processes), and set
+    on the worker's children too (a verifier's helper keeps the limit it was started with). Never
+    above the limit the worker started with; the kernel exempts root."""
 
     def __init__(self, min_interval_s: float = 1.0):
         import resource  # POSIX only: imported here, where the worker (Linux) needs it
@@ -66,36 +106,25 @@ class TaskCap:
         if now - self.counted_at < self.min_interval_s:
             return
         self.counted_at = now
+        limits = self.resource
         try:
             cap = user_tasks(os.getuid()) + MAX_WORKER_PROCESSES
             for limit in (self.soft, self.hard):
-                if limit != self.resource.RLIM_INFINITY:
+                if limit != limits.RLIM_INFINITY:
                     cap = min(cap, limit)
-            self.resource.setrlimit(self.resource.RLIMIT_NPROC, (cap, self.hard))
+            limits.setrlimit(limits.RLIMIT_NPROC, (cap, self.hard))
         except (OSError, ValueError):  # no /proc, or a limit the kernel refuses: no cap
-            pass
+            return
+        for child in descendants(os.getpid()):
+            try:
+                limits.prlimit(child, limits.RLIMIT_NPROC, (cap, self.hard))
+            except (OSError, ValueError):  # it exited, or is not ours to limit
+                pass
 
 
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, theirs, ...), from /proc (empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
+    return _below(_process_table(), [pid])
 
 
 def kill_tree(pid: int) -> None:
