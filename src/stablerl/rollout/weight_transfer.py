@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,7 +120,13 @@ class WeightSender:
         args = (meta, tensors, version, pause, done, self.device)
         worker = threading.Thread(target=self._send, args=args, daemon=True)
         worker.start()
-        worker.join(self.timeout_s)
+        deadline = time.monotonic() + self.timeout_s
+        while worker.is_alive() and time.monotonic() < deadline:
+            worker.join(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            # a server that refused the update never receives: its answer, not the deadline, ends the sync
+            for receiving in done.get("receiving", []):
+                if receiving.done() and receiving.exception() is not None:
+                    raise receiving.exception()
         if worker.is_alive():
             raise TimeoutError(
                 f"weight transfer to the vLLM servers ({', '.join(s.url for s in self.servers)}) stalled for "
@@ -140,6 +147,7 @@ class WeightSender:
             self._each("pause", query={"mode": pause})
             self._each("start_weight_update")
             receiving = [_in_background(s.post, "update_weights", {"update_info": info}) for s in self.servers]
+            done["receiving"] = receiving
             try:
                 self._broadcast_all(meta, tensors)
             except RuntimeError:  # the group breaks when a server dies mid-broadcast: name the server
