@@ -1,11 +1,12 @@
 """A reward worker's process cap: the kernel's RLIMIT_NPROC counts threads, and a user's threads
 grow after a worker starts, so the cap set before a call must leave room for every thread the
-user runs then (in the worker and in the helpers it started), and still stop a fork bomb, one
-allowance for all workers together."""
+user runs then (in the worker and in the helpers it started), and still stop a fork bomb: each
+worker's tree has its own allowance, which what its earlier calls left running uses up."""
 
-import ctypes  # noqa: F401 - imported (as resource below) before a child drops to a user that may not read them
+# imported before a child drops to a user that may not read the interpreter's files
+import ctypes  # noqa: F401
 import os
-import resource
+import resource  # noqa: F401
 import select
 import signal
 import threading
@@ -16,10 +17,9 @@ import pytest
 
 from stablerl.tasks.process_tree import (
     MAX_WORKER_PROCESSES,
-    PR_SET_NAME,
     PR_SET_PDEATHSIG,
-    WORKER_NAME,
     TaskCap,
+    _process_table,
     prctl,
     user_tasks,
 )
@@ -38,8 +38,10 @@ def test_user_tasks_counts_this_process_s_threads_as_the_kernel_does():
         with open("/proc/self/status") as f:
             mine = int(next(line for line in f if line.startswith("Threads:")).split()[1])
         assert mine >= 21
-        assert user_tasks(os.getuid()) >= mine
-        assert user_tasks(-7) == 0  # no process has that owner
+        table = _process_table()
+        assert user_tasks(os.getuid(), table, []) >= mine
+        assert user_tasks(os.getuid(), table, [os.getpid()]) <= user_tasks(os.getuid(), table, []) - mine
+        assert user_tasks(-7, table, []) == 0  # no process has that owner
     finally:
         ev.set()
 
@@ -47,6 +49,9 @@ def test_user_tasks_counts_this_process_s_threads_as_the_kernel_does():
 def _in_child(fn) -> str:
     """``fn()``'s result in a forked child: as a user of its own (nobody) where this is root, so
     the kernel's limit applies (root is exempt) and no other process shares the count."""
+    deadline = time.monotonic() + 30
+    while ROOT and user_tasks(NOBODY, _process_table(), []) and time.monotonic() < deadline:
+        time.sleep(0.05)  # an earlier test's processes still exiting would count against this one
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -85,43 +90,45 @@ def _start_threads(n: int, ev: threading.Event) -> int:
 
 
 def _busy_then_capped() -> str:
+    """A trainer with BUSY_THREADS threads; its worker counts, starts a thread, then bombs."""
     ev = threading.Event()
     assert _start_threads(BUSY_THREADS, ev) == BUSY_THREADS
-    TaskCap()()
-    return f"{_start_threads(1, ev)}\n{_start_threads(2 * MAX_WORKER_PROCESSES, ev)}"
+
+    def worker() -> str:
+        TaskCap()()
+        return f"{_start_threads(1, ev)} {_start_threads(2 * MAX_WORKER_PROCESSES, ev)}"
+
+    return os.read(_spawn(worker), 100).decode()
 
 
 def test_a_capped_worker_beside_many_threads_starts_a_thread_and_a_fork_bomb_stops():
-    first, bomb = _in_child(_busy_then_capped).split("\n")
+    first, bomb = _in_child(_busy_then_capped).split()
     assert first == "1"  # a verifier's thread pool starts
-    if ROOT:  # the cap is the user's tasks when counted plus MAX_WORKER_PROCESSES; one is taken
-        assert int(bomb) == MAX_WORKER_PROCESSES - 1
+    if ROOT:  # the worker's tree: itself, that thread and the bomb
+        assert int(bomb) == MAX_WORKER_PROCESSES - 2
     else:  # other processes of this user come and go meanwhile
         assert int(bomb) < 2 * MAX_WORKER_PROCESSES
 
 
 def _trainer_grows_after_the_worker_starts() -> str:
-    """The worker counts, then another process of its user (a trainer) starts BUSY_THREADS
-    threads; the next call's count must include them."""
-    cap = TaskCap(min_interval_s=0)
-    cap()
+    """The worker counts, then the trainer (its parent here) starts BUSY_THREADS threads; the
+    worker's next count must include them."""
+    capped_r, capped_w = os.pipe()
     grown_r, grown_w = os.pipe()
-    stop_r, stop_w = os.pipe()
-    trainer = os.fork()
-    if trainer == 0:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-        resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))  # the trainer is not capped
-        _start_threads(BUSY_THREADS, threading.Event())
-        os.write(grown_w, b"x")
-        os.read(stop_r, 1)
-        os._exit(0)
-    try:
-        os.read(grown_r, 1)
+
+    def worker() -> str:
+        cap = TaskCap(min_interval_s=0)
         cap()
+        os.write(capped_w, b"x")
+        os.read(grown_r, 1)
+        cap()  # the next call's count
         return str(_start_threads(1, threading.Event()))
-    finally:
-        os.write(stop_w, b"x")
-        os.waitpid(trainer, 0)
+
+    answer = _spawn(worker)
+    os.read(capped_r, 1)
+    assert _start_threads(BUSY_THREADS, threading.Event()) == BUSY_THREADS
+    os.write(grown_w, b"x")
+    return os.read(answer, 100).decode()
 
 
 @pytest.mark.skipif(not ROOT, reason="needs a user of its own (root runs the child as nobody)")
@@ -142,24 +149,41 @@ def _spawn(fn) -> int:
     return r
 
 
-def _as_worker(cap: TaskCap) -> None:
-    prctl(PR_SET_NAME, WORKER_NAME.encode())
-    cap()
-
-
 def _three_workers_bomb_one_after_another() -> str:
     def worker() -> str:
-        _as_worker(TaskCap(min_interval_s=0))
+        TaskCap(min_interval_s=0)()
         return str(_start_threads(2 * MAX_WORKER_PROCESSES, threading.Event()))
 
     return " ".join(os.read(_spawn(worker), 100).decode() for _ in range(3))
 
 
 @pytest.mark.skipif(not ROOT, reason="needs a user of its own (root runs the child as nobody)")
-def test_the_workers_share_one_allowance_so_bombs_in_several_stop_at_it():
-    # each worker counts while the earlier ones' bombs still run: they are not the user's other tasks
+def test_each_worker_s_tree_has_its_own_allowance():
+    # each worker counts while the earlier ones' bombs still run: another worker (or another run
+    # of the same user) does not starve it
     counts = [int(n) for n in _in_child(_three_workers_bomb_one_after_another).split()]
-    assert counts == [MAX_WORKER_PROCESSES - 1, 0, 0]  # the first worker is one of the allowance
+    assert counts == [MAX_WORKER_PROCESSES - 1] * 3  # each worker is one of its tree's allowance
+
+
+HELPER_THREADS = 400
+
+
+def _leftover_then_bomb() -> str:
+    def worker() -> str:
+        cap = TaskCap(min_interval_s=0)
+        cap()
+        # a call leaves a helper with HELPER_THREADS threads running (its own main thread besides)
+        os.read(_spawn(lambda: str(_start_threads(HELPER_THREADS, threading.Event()))), 100)
+        cap()  # the next call's count
+        return str(_start_threads(2 * MAX_WORKER_PROCESSES, threading.Event()))
+
+    return os.read(_spawn(worker), 100).decode()
+
+
+@pytest.mark.skipif(not ROOT, reason="needs a user of its own (root runs the child as nobody)")
+def test_what_earlier_calls_left_running_uses_up_the_worker_s_allowance():
+    left = MAX_WORKER_PROCESSES - 1 - (HELPER_THREADS + 1)  # the worker, the helper and its threads
+    assert _in_child(_leftover_then_bomb) == str(left)
 
 
 def _helper_started_before_the_trainer_grew() -> str:
@@ -168,7 +192,7 @@ def _helper_started_before_the_trainer_grew() -> str:
 
     def worker() -> str:
         cap = TaskCap(min_interval_s=0)
-        _as_worker(cap)
+        cap()
         ask_r, ask_w = os.pipe()
         helper = _spawn(lambda: (os.read(ask_r, 1), str(_start_threads(1, threading.Event())))[1])
         os.write(capped_w, b"x")

@@ -9,7 +9,7 @@ import signal
 import time
 
 
-def prctl(option: int, value: int | bytes) -> None:
+def prctl(option: int, value: int) -> None:
     """A Linux prctl(2) call; elsewhere nothing (the closed pipe ends a worker, and a timed-out
     call's process group is what gets killed)."""
     try:
@@ -20,13 +20,10 @@ def prctl(option: int, value: int | bytes) -> None:
         pass
 
 
-PR_SET_NAME, PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 15, 1, 36
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
-# a reward worker's name (/proc/<pid>/comm, what ps and top show); its children inherit it
-WORKER_NAME = "stablerl-reward"
-
-# how many processes or threads the reward workers' trees may run together, beyond the user's
-# other tasks (RLIMIT_NPROC; root is exempt)
+# how many processes or threads a reward worker's tree (itself, what its calls start) may run,
+# beyond its user's other tasks (RLIMIT_NPROC; root is exempt)
 MAX_WORKER_PROCESSES = 512
 
 
@@ -46,9 +43,10 @@ def _process_table() -> dict[int, tuple[int, str]]:
         return table
     for entry in entries:
         try:
-            with open(f"/proc/{entry}/stat") as f:
+            with open(f"/proc/{entry}/stat", "rb") as f:  # binary: a name cut mid-character is not UTF-8
                 stat = f.read()
-            table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), stat[stat.index("(") + 1 : stat.rindex(")")])
+            name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+            table[int(entry)] = (int(stat.rsplit(b")", 1)[1].split()[1]), name)
         except (OSError, ValueError, IndexError):  # it exited meanwhile
             continue
     return table
@@ -69,15 +67,12 @@ def _below(table: dict[int, tuple[int, str]], roots: list[int]) -> list[int]:
     return out
 
 
-def user_tasks(uid: int) -> int:
+def user_tasks(uid: int, table: dict[int, tuple[int, str]], outside_of: list[int]) -> int:
     """The tasks the kernel counts against ``uid``'s RLIMIT_NPROC (every thread of every process
-    it owns: a trainer's thread pools count, not only its processes), leaving out the reward
-    workers' trees, which share MAX_WORKER_PROCESSES among themselves."""
-    table = _process_table()
-    workers = [pid for pid, (_, name) in table.items() if name == WORKER_NAME]
-    outside = table.keys() - set(workers) - set(_below(table, workers))
+    it owns: a trainer's thread pools count, not only its processes), leaving out the processes
+    ``outside_of`` (from ``table``, _process_table's)."""
     total = 0
-    for pid in outside:
+    for pid in table.keys() - set(outside_of):
         if owner_uid(str(pid)) == uid:
             try:
                 total += len(os.listdir(f"/proc/{pid}/task"))
@@ -87,13 +82,14 @@ def user_tasks(uid: int) -> int:
 
 
 class TaskCap:
-    """RLIMIT_NPROC for a reward call: the user's tasks outside the reward workers' trees plus
-    MAX_WORKER_PROCESSES, so a fork bomb in a verifier stops there, whichever workers it runs in.
-    The kernel counts every thread of every process of the user, and those grow after a worker
-    starts (the trainer's thread pools, a vLLM server), so the count is taken again before each
-    call, at most every ``min_interval_s`` (a count reads /proc: ~1 ms per 100 processes), and set
-    on the worker's children too (a verifier's helper keeps the limit it was started with). Never
-    above the limit the worker started with; the kernel exempts root."""
+    """RLIMIT_NPROC for a reward call: the user's tasks outside this worker's tree plus
+    MAX_WORKER_PROCESSES, so a fork bomb in a verifier stops there, and what the worker's earlier
+    calls left running counts against it. The kernel counts every thread of every process of the
+    user, and those grow after a worker starts (the trainer's thread pools, a vLLM server, the other
+    workers), so the count is taken again before each call, at most every ``min_interval_s`` (a
+    count reads /proc: ~1 ms per 100 processes), and set on the worker's children too (a
+    verifier's helper keeps the limit it was started with). Never above the limit the worker
+    started with; the kernel exempts root."""
 
     def __init__(self, min_interval_s: float = 1.0):
         import resource  # POSIX only: imported here, where the worker (Linux) needs it
@@ -106,16 +102,17 @@ class TaskCap:
         if now - self.counted_at < self.min_interval_s:
             return
         self.counted_at = now
-        limits = self.resource
+        limits, table = self.resource, _process_table()
+        children = _below(table, [os.getpid()])
         try:
-            cap = user_tasks(os.getuid()) + MAX_WORKER_PROCESSES
+            cap = user_tasks(os.getuid(), table, [os.getpid(), *children]) + MAX_WORKER_PROCESSES
             for limit in (self.soft, self.hard):
                 if limit != limits.RLIM_INFINITY:
                     cap = min(cap, limit)
             limits.setrlimit(limits.RLIMIT_NPROC, (cap, self.hard))
         except (OSError, ValueError):  # no /proc, or a limit the kernel refuses: no cap
             return
-        for child in descendants(os.getpid()):
+        for child in children:
             try:
                 limits.prlimit(child, limits.RLIMIT_NPROC, (cap, self.hard))
             except (OSError, ValueError):  # it exited, or is not ours to limit

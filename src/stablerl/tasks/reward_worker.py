@@ -12,14 +12,7 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-from stablerl.tasks.process_tree import (
-    PR_SET_CHILD_SUBREAPER,
-    PR_SET_NAME,
-    PR_SET_PDEATHSIG,
-    WORKER_NAME,
-    TaskCap,
-    prctl,
-)
+from stablerl.tasks.process_tree import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, TaskCap, prctl
 from stablerl.tasks.reward import READY, reward_value
 from stablerl.tasks.verifiers import is_batched, resolve
 
@@ -65,7 +58,6 @@ def _confine(memory_mb: int | None) -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the kernel kills this worker when its parent dies
     # orphaned descendants of a call re-parent to this worker, so killing its tree gets them all
     prctl(PR_SET_CHILD_SUBREAPER, 1)
-    prctl(PR_SET_NAME, WORKER_NAME.encode())  # how TaskCap knows the workers' trees (and ps shows them)
     import resource  # POSIX only: imported here, where the worker (Linux) needs it
 
     if memory_mb:
