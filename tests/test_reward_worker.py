@@ -19,7 +19,7 @@ from stablerl.tasks.process_tree import (
     MAX_WORKER_PROCESSES,
     PR_SET_PDEATHSIG,
     TaskCap,
-    _process_table,
+    _parents,
     prctl,
     user_tasks,
 )
@@ -38,10 +38,10 @@ def test_user_tasks_counts_this_process_s_threads_as_the_kernel_does():
         with open("/proc/self/status") as f:
             mine = int(next(line for line in f if line.startswith("Threads:")).split()[1])
         assert mine >= 21
-        table = _process_table()
-        assert user_tasks(os.getuid(), table, []) >= mine
-        assert user_tasks(os.getuid(), table, [os.getpid()]) <= user_tasks(os.getuid(), table, []) - mine
-        assert user_tasks(-7, table, []) == 0  # no process has that owner
+        parents = _parents()
+        assert user_tasks(os.getuid(), parents, []) >= mine
+        assert user_tasks(os.getuid(), parents, [os.getpid()]) <= user_tasks(os.getuid(), parents, []) - mine
+        assert user_tasks(-7, parents, []) == 0  # no process has that owner
     finally:
         ev.set()
 
@@ -50,7 +50,7 @@ def _in_child(fn) -> str:
     """``fn()``'s result in a forked child: as a user of its own (nobody) where this is root, so
     the kernel's limit applies (root is exempt) and no other process shares the count."""
     deadline = time.monotonic() + 30
-    while ROOT and user_tasks(NOBODY, _process_table(), []) and time.monotonic() < deadline:
+    while ROOT and user_tasks(NOBODY, _parents(), []) and time.monotonic() < deadline:
         time.sleep(0.05)  # an earlier test's processes still exiting would count against this one
     r, w = os.pipe()
     pid = os.fork()

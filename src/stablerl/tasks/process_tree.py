@@ -34,28 +34,26 @@ def owner_uid(pid: str) -> int:
         return -1
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """Every process's parent and name, from /proc (empty where there is none)."""
-    table = {}
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc (empty where there is none)."""
+    parents = {}
     try:
         entries = [e for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
-        return table
+        return parents
     for entry in entries:
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:  # binary: a name cut mid-character is not UTF-8
-                stat = f.read()
-            name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
-            table[int(entry)] = (int(stat.rsplit(b")", 1)[1].split()[1]), name)
+                parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):  # it exited meanwhile
             continue
-    return table
+    return parents
 
 
-def _below(table: dict[int, tuple[int, str]], roots: list[int]) -> list[int]:
-    """The processes below ``roots`` (children, theirs, ...), in ``table``."""
+def _below(parents: dict[int, int], roots: list[int]) -> list[int]:
+    """The processes below ``roots`` (children, theirs, ...), in ``parents`` (_parents')."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
+    for pid, ppid in parents.items():
         children.setdefault(ppid, []).append(pid)
     out, seen, stack = [], set(roots), list(roots)
     while stack:
@@ -67,12 +65,12 @@ def _below(table: dict[int, tuple[int, str]], roots: list[int]) -> list[int]:
     return out
 
 
-def user_tasks(uid: int, table: dict[int, tuple[int, str]], outside_of: list[int]) -> int:
+def user_tasks(uid: int, parents: dict[int, int], leaving_out: list[int]) -> int:
     """The tasks the kernel counts against ``uid``'s RLIMIT_NPROC (every thread of every process
-    it owns: a trainer's thread pools count, not only its processes), leaving out the processes
-    ``outside_of`` (from ``table``, _process_table's)."""
+    it owns: a trainer's thread pools count, not only its processes), of the processes in
+    ``parents`` (_parents') but those ``leaving_out``."""
     total = 0
-    for pid in table.keys() - set(outside_of):
+    for pid in parents.keys() - set(leaving_out):
         if owner_uid(str(pid)) == uid:
             try:
                 total += len(os.listdir(f"/proc/{pid}/task"))
@@ -102,10 +100,10 @@ class TaskCap:
         if now - self.counted_at < self.min_interval_s:
             return
         self.counted_at = now
-        limits, table = self.resource, _process_table()
-        children = _below(table, [os.getpid()])
+        limits, parents = self.resource, _parents()
+        children = _below(parents, [os.getpid()])
         try:
-            cap = user_tasks(os.getuid(), table, [os.getpid(), *children]) + MAX_WORKER_PROCESSES
+            cap = user_tasks(os.getuid(), parents, [os.getpid(), *children]) + MAX_WORKER_PROCESSES
             for limit in (self.soft, self.hard):
                 if limit != limits.RLIM_INFINITY:
                     cap = min(cap, limit)
@@ -121,7 +119,7 @@ class TaskCap:
 
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, theirs, ...), from /proc (empty where there is none)."""
-    return _below(_process_table(), [pid])
+    return _below(_parents(), [pid])
 
 
 def kill_tree(pid: int) -> None:
